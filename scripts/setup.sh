@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what Cocoon needs on Debian 12: host packages (apt, when root) and
+# npm dependencies. Safe to run repeatedly; does nothing when all is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Host tools: QEMU (microvm machine) and qemu-img, mmdebstrap + mke2fs for the
+# base root filesystem, Go for the in-guest agent, apt-get for the guest kernel.
+PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# The guest kernel comes from apt's package lists; they must exist and be recent.
+lists_fresh=$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -1)
+if [ ${#missing[@]} -gt 0 ] || [ -z "$lists_fresh" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "[setup] apt-get update${missing:+ and install ${missing[*]}}" >&2
+    apt-get update -qq
+    [ ${#missing[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  else
+    echo "[setup] missing Debian packages: ${missing[*]:-none} (apt lists may also be stale)." >&2
+    echo "[setup] run as root: apt-get update && apt-get install -y ${PACKAGES[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "[setup] npm ci" >&2
+  npm ci --no-audit --no-fund --loglevel=error >&2
+fi

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# `npm start -- [--listen HOST:PORT] [--data-dir DIR]`: installs what is missing, then runs the server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec node bin/cocoon.js server "$@"

@@ -1,0 +1,26 @@
+import { join } from "node:path";
+import { prepareBaseImage } from "../images/base-image.ts";
+import { prepareBaseRootfs } from "../images/base-rootfs.ts";
+import type { ProgressLog } from "../util/asset-cache.ts";
+import { detectAccelerator } from "../vmm/accelerator.ts";
+import { Engine, type Snapshot } from "../vmm/engine.ts";
+import { prepareGuestAssets } from "../vmm/guest/index.ts";
+
+export interface Runtime {
+  engine: Engine;
+  baseImage: Snapshot;
+}
+
+/**
+ * Everything the server needs before it can answer: guest assets (built once,
+ * then cached), the accelerator, the engine with every surviving VM
+ * re-adopted, and the built-in `base` image.
+ */
+export async function startRuntime(opts: { dataDir: string; assetsDir: string; log: ProgressLog }): Promise<Runtime> {
+  const assets = await prepareGuestAssets(opts.assetsDir, opts.log);
+  const rootfs = await prepareBaseRootfs(opts.assetsDir, opts.log);
+  const accelerator = await detectAccelerator({ ...assets, cacheDir: opts.assetsDir, log: opts.log });
+  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, log: opts.log });
+  const baseImage = await prepareBaseImage(engine, { imagesDir: join(opts.dataDir, "images"), rootfs, assets, log: opts.log });
+  return { engine, baseImage };
+}

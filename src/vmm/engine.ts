@@ -1,0 +1,524 @@
+import { randomBytes } from "node:crypto";
+import { EventEmitter } from "node:events";
+import { chmod, mkdir, readdir, readFile, rename, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { exists, fsyncDir, fsyncFile, writeFileAtomic } from "../util/files.ts";
+import { KeyedMutex } from "../util/keyed-mutex.ts";
+import { freeLoopbackPort } from "../util/ports.ts";
+import { run } from "../util/process.ts";
+import { AgentClient } from "./agent-client.ts";
+import { Machine } from "./machine.ts";
+import { AGENT_PORT, guestCmdline, machinePaths, type Accelerator, type GuestMemory, type MachineSpec, type PortForward } from "./qemu.ts";
+
+/** Kernel and initramfs every VM boots (see vmm/guest). */
+export interface GuestBootAssets {
+  kernel: string;
+  initramfs: string;
+}
+
+export interface EngineConfig {
+  /** Holds `vms/<id>/` (one directory per VM). */
+  dataDir: string;
+  assets: GuestBootAssets;
+  accelerator: Accelerator;
+  /** Watchdog for a cold boot to agent-ready; a boot that misses it is killed and retried once. */
+  bootTimeoutMs?: number;
+  log?: (msg: string) => void;
+}
+
+/** What a snapshot directory holds, written last (its presence means the snapshot is complete). */
+export interface SnapshotManifest {
+  formatVersion: 1;
+  createdAt: string;
+  accelerator: Accelerator;
+  vcpus: number;
+  memoryMiB: number;
+  kernel: string;
+  initramfs: string;
+  cmdline: string;
+  /** The agent secret inside the snapshot's memory; each clone replaces it on restore. */
+  token: string;
+  /** Guest ports every clone forwards to a host loopback port (the app's). */
+  guestPorts: number[];
+}
+
+export interface Snapshot {
+  dir: string;
+  manifest: SnapshotManifest;
+}
+
+const snapshotFiles = (dir: string) => ({
+  disk: join(dir, "disk.qcow2"),
+  memory: join(dir, "memory"),
+  state: join(dir, "state"),
+  manifest: join(dir, "manifest.json"),
+});
+
+export type VmStatus = "starting" | "running" | "suspended" | "failed";
+
+/** A VM's runtime record, `vms/<id>/vm.json`: enough to re-adopt or resume it after a server restart. */
+export interface VmRecord {
+  id: string;
+  status: VmStatus;
+  failureReason?: string;
+  snapshotDir: string;
+  vcpus: number;
+  memoryMiB: number;
+  /** Secret of this VM's agent (mode 0600 file). */
+  token: string;
+  /** QEMU pid while running. */
+  pid?: number;
+  agentPort: number;
+  /** Guest app ports and the host loopback ports they are reachable on. */
+  forwards: PortForward[];
+  createdAt: string;
+}
+
+const vmFiles = (dir: string) => ({
+  record: join(dir, "vm.json"),
+  disk: join(dir, "disk.qcow2"),
+  suspended: join(dir, "suspended.state"),
+});
+
+/** A VM the engine manages. `agent` is usable while status is "running". */
+export class MicroVm {
+  machine: Machine | undefined;
+  agent: AgentClient;
+
+  constructor(
+    readonly dir: string,
+    public record: VmRecord,
+  ) {
+    this.agent = new AgentClient(record.agentPort, record.token);
+  }
+
+  get id(): string {
+    return this.record.id;
+  }
+
+  get status(): VmStatus {
+    return this.record.status;
+  }
+
+  /** Host loopback port where a guest port is forwarded, if it is. */
+  hostPort(guestPort: number): number | undefined {
+    return this.record.forwards.find((f) => f.guestPort === guestPort)?.hostPort;
+  }
+}
+
+/** Thrown for a request that cannot be honoured in the VM's current status. */
+export class InvalidVmStateError extends Error {
+  constructor(
+    readonly vmId: string,
+    readonly status: VmStatus,
+    action: string,
+  ) {
+    super(`cannot ${action} microVM ${vmId}: it is ${status}`);
+    this.name = "InvalidVmStateError";
+  }
+}
+
+export class VmNotFoundError extends Error {
+  constructor(readonly vmId: string) {
+    super(`microVM ${vmId} not found`);
+    this.name = "VmNotFoundError";
+  }
+}
+
+export interface BootOpts {
+  /** Directory that will become the snapshot directory. */
+  dir: string;
+  /** qcow2 the VM's disk is layered on (copy-on-write; never written). */
+  backingDisk: string;
+  vcpus: number;
+  memoryMiB: number;
+  guestPorts?: number[];
+}
+
+/** A cold-booted VM whose memory lives in a shared file: the raw material of a snapshot. */
+export interface TemplateVm {
+  dir: string;
+  machine: Machine;
+  agent: AgentClient;
+  spec: MachineSpec;
+  token: string;
+  guestPorts: number[];
+  forwards: PortForward[];
+}
+
+/**
+ * The VMM engine: cold boot, snapshot, launch from snapshot, suspend, resume,
+ * terminate, and re-adoption of VMs left running by a previous server.
+ * Operations on one VM are serialized. Emits `exit` (vm, reason) when a
+ * running VM's QEMU process dies on its own.
+ */
+export class Engine extends EventEmitter {
+  private readonly vms = new Map<string, MicroVm>();
+  private readonly locks = new KeyedMutex();
+  private readonly vmsDir: string;
+
+  private constructor(private readonly config: EngineConfig) {
+    super();
+    this.vmsDir = join(config.dataDir, "vms");
+  }
+
+  get accelerator(): Accelerator {
+    return this.config.accelerator;
+  }
+
+  /** Opens the engine over a data directory and re-adopts every VM found there. */
+  static async open(config: EngineConfig): Promise<Engine> {
+    const engine = new Engine(config);
+    await mkdir(engine.vmsDir, { recursive: true });
+    await engine.adoptAll();
+    return engine;
+  }
+
+  get(id: string): MicroVm {
+    const vm = this.vms.get(id);
+    if (!vm) throw new VmNotFoundError(id);
+    return vm;
+  }
+
+  list(): MicroVm[] {
+    return [...this.vms.values()];
+  }
+
+  // ---- snapshots -------------------------------------------------------------
+
+  /**
+   * Cold-boots a VM whose RAM is a shared file in `opts.dir`, waits for its
+   * agent, and returns it running. A boot that misses the watchdog is killed
+   * and retried once (TCG boots occasionally spin before init).
+   */
+  async bootTemplate(opts: BootOpts): Promise<TemplateVm> {
+    await mkdir(opts.dir, { recursive: true });
+    const files = snapshotFiles(opts.dir);
+    const timeoutMs = this.config.bootTimeoutMs ?? (this.accelerator === "tcg" ? 90_000 : 30_000);
+    for (let attempt = 1; ; attempt++) {
+      await rm(files.disk, { force: true });
+      await rm(files.memory, { force: true });
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", opts.backingDisk, "-F", "qcow2", files.disk]);
+      const token = randomBytes(24).toString("base64url");
+      const guestPorts = opts.guestPorts ?? [];
+      const forwards = await allocateForwards([AGENT_PORT, ...guestPorts]);
+      const spec: MachineSpec = {
+        vmDir: opts.dir,
+        name: `template-${randomBytes(3).toString("hex")}`,
+        accelerator: this.accelerator,
+        vcpus: opts.vcpus,
+        memoryMiB: opts.memoryMiB,
+        memory: { kind: "file", path: files.memory, shared: true },
+        kernel: this.config.assets.kernel,
+        initramfs: this.config.assets.initramfs,
+        cmdline: guestCmdline({ accelerator: this.accelerator, token, hostname: "cocoon" }),
+        disk: files.disk,
+        forwards,
+        incoming: false,
+      };
+      const machine = await Machine.start(spec);
+      const agent = new AgentClient(forwards[0]!.hostPort, token);
+      try {
+        await agent.waitReady(timeoutMs);
+        return { dir: opts.dir, machine, agent, spec, token, guestPorts, forwards: forwards.slice(1) };
+      } catch (err) {
+        agent.close();
+        await machine.stop(0);
+        const console = await readFile(machinePaths(opts.dir).console, "utf8").catch(() => "");
+        if (attempt >= 2) {
+          throw new Error(`cold boot failed twice: ${(err as Error).message}; console: ${console.slice(-1500)}`);
+        }
+        this.config.log?.(`cold boot attempt ${attempt} failed (${(err as Error).message}); retrying`);
+      }
+    }
+  }
+
+  /**
+   * Freezes a running template into a snapshot: flushes the guest's disk,
+   * pauses it, writes the device state, ends the process and makes the disk
+   * and memory files read-only. The manifest is written last.
+   */
+  async snapshot(template: TemplateVm): Promise<Snapshot> {
+    const files = snapshotFiles(template.dir);
+    try {
+      await template.agent.sync();
+      await template.machine.save(files.state);
+    } finally {
+      template.agent.close();
+      await template.machine.stop();
+    }
+    // The memory file is the snapshot's RAM: it must be on disk before anyone maps it.
+    await fsyncFile(files.memory);
+    await fsyncFile(files.disk);
+    await chmod(files.memory, 0o444);
+    await chmod(files.disk, 0o444);
+    for (const p of Object.values(machinePaths(template.dir))) if (!p.endsWith(".log")) await rm(p, { force: true });
+    const manifest: SnapshotManifest = {
+      formatVersion: 1,
+      createdAt: new Date().toISOString(),
+      accelerator: template.spec.accelerator,
+      vcpus: template.spec.vcpus,
+      memoryMiB: template.spec.memoryMiB,
+      kernel: template.spec.kernel,
+      initramfs: template.spec.initramfs,
+      cmdline: template.spec.cmdline,
+      token: template.token,
+      guestPorts: template.guestPorts,
+    };
+    await writeFileAtomic(files.manifest, JSON.stringify(manifest, null, 2), 0o600);
+    return { dir: template.dir, manifest };
+  }
+
+  /** Reads a snapshot written by `snapshot`; fails clearly if it is incomplete. */
+  static async loadSnapshot(dir: string): Promise<Snapshot> {
+    const files = snapshotFiles(dir);
+    if (!(await exists(files.manifest))) throw new Error(`no complete snapshot in ${dir}`);
+    return { dir, manifest: JSON.parse(await readFile(files.manifest, "utf8")) as SnapshotManifest };
+  }
+
+  // ---- VM lifecycle ----------------------------------------------------------
+
+  /**
+   * Launches a VM from a snapshot: a fresh QEMU restores the snapshot's device
+   * state over a private copy-on-write mapping of its memory file, with a
+   * qcow2 overlay on its disk; then the agent is given new entropy, the time
+   * and a secret of its own. Returns once the agent has answered.
+   */
+  async launch(snapshot: Snapshot, opts: { id?: string } = {}): Promise<MicroVm> {
+    const m = snapshot.manifest;
+    if (m.accelerator !== this.accelerator) {
+      throw new Error(`snapshot was made under ${m.accelerator} but this host runs ${this.accelerator}: rebuild the image`);
+    }
+    const id = opts.id ?? newVmId();
+    const dir = join(this.vmsDir, id);
+    const files = vmFiles(dir);
+    await mkdir(dir, { recursive: false });
+    const forwards = await allocateForwards([AGENT_PORT, ...m.guestPorts]);
+    const vm = new MicroVm(dir, {
+      id,
+      status: "starting",
+      snapshotDir: snapshot.dir,
+      vcpus: m.vcpus,
+      memoryMiB: m.memoryMiB,
+      token: randomBytes(24).toString("base64url"),
+      agentPort: forwards[0]!.hostPort,
+      forwards: forwards.slice(1),
+      createdAt: new Date().toISOString(),
+    });
+    return this.locks.run(id, async () => {
+      try {
+        // Recorded before QEMU starts, so a crash mid-launch leaves a record that
+        // adoption cleans up instead of an untracked process.
+        await this.saveRecord(vm);
+        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", files.disk]);
+        const memory: GuestMemory = { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
+        await this.restoreInto(vm, memory, snapshotFiles(snapshot.dir).state, m.token);
+        this.vms.set(id, vm);
+        return vm;
+      } catch (err) {
+        await this.destroy(vm);
+        throw err;
+      }
+    });
+  }
+
+  /**
+   * Suspends a running VM to disk: pauses it, writes its memory and device
+   * state to its directory, and ends the QEMU process (no CPU, no RAM held).
+   * The VM is recorded as suspended only once the state file is durable.
+   */
+  suspend(id: string): Promise<MicroVm> {
+    return this.locks.run(id, async () => {
+      const vm = this.get(id);
+      if (vm.status !== "running" || !vm.machine) throw new InvalidVmStateError(id, vm.status, "suspend");
+      const files = vmFiles(vm.dir);
+      const tmp = `${files.suspended}.tmp`;
+      const machine = vm.machine;
+      machine.removeAllListeners("exit");
+      try {
+        await machine.save(tmp);
+      } catch (err) {
+        // The guest is intact in the paused process: let it run on.
+        await machine.cont().catch(() => undefined);
+        this.watchExit(vm);
+        await rm(tmp, { force: true });
+        throw err;
+      }
+      await rename(tmp, files.suspended);
+      await fsyncDir(vm.dir);
+      vm.record = { ...vm.record, status: "suspended", pid: undefined };
+      await this.saveRecord(vm);
+      vm.agent.close();
+      await machine.stop();
+      vm.machine = undefined;
+      return vm;
+    });
+  }
+
+  /** Resumes a suspended VM exactly where it was paused. */
+  resume(id: string): Promise<MicroVm> {
+    return this.locks.run(id, async () => {
+      const vm = this.get(id);
+      if (vm.status !== "suspended") throw new InvalidVmStateError(id, vm.status, "resume");
+      const files = vmFiles(vm.dir);
+      // Fresh host ports: the old ones were released with the old process.
+      const forwards = await allocateForwards([AGENT_PORT, ...vm.record.forwards.map((f) => f.guestPort)]);
+      vm.record = { ...vm.record, agentPort: forwards[0]!.hostPort, forwards: forwards.slice(1) };
+      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, vm.record.token);
+      await rm(files.suspended, { force: true });
+      return vm;
+    });
+  }
+
+  /** Ends a VM: its process is gone and its directory removed. Idempotent per VM. */
+  terminate(id: string): Promise<void> {
+    return this.locks.run(id, async () => {
+      const vm = this.get(id);
+      await this.destroy(vm);
+    });
+  }
+
+  /** Detaches from every VM without stopping them (server shutdown or restart). */
+  detachAll(): void {
+    for (const vm of this.vms.values()) {
+      vm.machine?.removeAllListeners("exit");
+      vm.machine?.detach();
+      vm.agent.close();
+    }
+    this.vms.clear();
+  }
+
+  // ---- internals ---------------------------------------------------------------
+
+  /** Starts QEMU paused, streams `stateFile` in, continues, and re-keys the agent. */
+  private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, agentToken: string): Promise<void> {
+    const snapshot = await Engine.loadSnapshot(vm.record.snapshotDir);
+    const spec: MachineSpec = {
+      vmDir: vm.dir,
+      name: vm.id,
+      accelerator: this.accelerator,
+      vcpus: vm.record.vcpus,
+      memoryMiB: vm.record.memoryMiB,
+      memory,
+      kernel: snapshot.manifest.kernel,
+      initramfs: snapshot.manifest.initramfs,
+      cmdline: snapshot.manifest.cmdline,
+      disk: vmFiles(vm.dir).disk,
+      forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
+      incoming: true,
+    };
+    const machine = await Machine.start(spec);
+    vm.machine = machine;
+    try {
+      await machine.restore(stateFile);
+      await machine.cont();
+      vm.agent.close();
+      vm.agent = new AgentClient(vm.record.agentPort, agentToken);
+      await vm.agent.restore({ newToken: vm.record.token, hostname: vm.id });
+    } catch (err) {
+      await machine.stop(0);
+      vm.machine = undefined;
+      throw err;
+    }
+    vm.record = { ...vm.record, status: "running", pid: machine.pid };
+    await this.saveRecord(vm);
+    this.watchExit(vm);
+  }
+
+  private watchExit(vm: MicroVm): void {
+    vm.machine?.once("exit", () => {
+      void this.locks.run(vm.id, async () => {
+        if (vm.status !== "running") return;
+        vm.machine = undefined;
+        vm.agent.close();
+        const console = await readFile(machinePaths(vm.dir).console, "utf8").catch(() => "");
+        await this.markFailed(vm, `QEMU process exited unexpectedly${console ? `; console: ${console.slice(-300).trim()}` : ""}`);
+        this.emit("exit", vm, vm.record.failureReason);
+      });
+    });
+  }
+
+  private async markFailed(vm: MicroVm, reason: string): Promise<void> {
+    vm.record = { ...vm.record, status: "failed", failureReason: reason, pid: undefined };
+    await this.saveRecord(vm);
+  }
+
+  private async destroy(vm: MicroVm): Promise<void> {
+    vm.machine?.removeAllListeners("exit");
+    vm.agent.close();
+    await vm.machine?.stop(0);
+    vm.machine = undefined;
+    await rm(vm.dir, { recursive: true, force: true });
+    this.vms.delete(vm.id);
+  }
+
+  private saveRecord(vm: MicroVm): Promise<void> {
+    return writeFileAtomic(vmFiles(vm.dir).record, JSON.stringify(vm.record, null, 2), 0o600);
+  }
+
+  /**
+   * Rebuilds the VM table from `vms/*\/vm.json` after a (re)start:
+   * - running, process alive → re-attached (a VM paused mid-suspend is continued);
+   * - running, process gone → failed, with the reason;
+   * - suspended → kept, if its state file is there;
+   * - starting (a launch cut short) → process killed, directory removed.
+   */
+  private async adoptAll(): Promise<void> {
+    for (const id of await readdir(this.vmsDir)) {
+      const dir = join(this.vmsDir, id);
+      let record: VmRecord;
+      try {
+        record = JSON.parse(await readFile(vmFiles(dir).record, "utf8")) as VmRecord;
+      } catch {
+        await rm(dir, { recursive: true, force: true });
+        continue;
+      }
+      const vm = new MicroVm(dir, record);
+      const machine = record.pid ? await Machine.attach(dir, record.pid) : undefined;
+      switch (record.status) {
+        case "starting":
+          await machine?.stop(0);
+          await rm(dir, { recursive: true, force: true });
+          continue;
+        case "running":
+          if (machine) {
+            vm.machine = machine;
+            // Paused means a suspend was cut short before it was recorded: the
+            // guest is intact, so it runs on and the half-written state is dropped.
+            if ((await machine.runState()) !== "running") await machine.cont();
+            await rm(vmFiles(dir).suspended, { force: true });
+            this.watchExit(vm);
+          } else if (await exists(vmFiles(dir).suspended)) {
+            vm.record = { ...record, status: "suspended", pid: undefined };
+            await this.saveRecord(vm);
+          } else {
+            await this.markFailed(vm, "QEMU process was gone when the server restarted");
+          }
+          break;
+        case "suspended":
+          await machine?.stop(0);
+          if (!(await exists(vmFiles(dir).suspended))) await this.markFailed(vm, "suspended state file is missing");
+          break;
+        case "failed":
+          await machine?.stop(0);
+          break;
+        default: {
+          const never: never = record.status;
+          throw new Error(`unknown VM status ${String(never)}`);
+        }
+      }
+      this.vms.set(id, vm);
+      this.config.log?.(`adopted ${id} (${vm.status})`);
+    }
+  }
+}
+
+async function allocateForwards(guestPorts: number[]): Promise<PortForward[]> {
+  const forwards: PortForward[] = [];
+  for (const guestPort of guestPorts) forwards.push({ guestPort, hostPort: await freeLoopbackPort() });
+  return forwards;
+}
+
+export function newVmId(): string {
+  return `vm-${randomBytes(8).toString("hex")}`;
+}

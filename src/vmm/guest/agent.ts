@@ -1,0 +1,27 @@
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { cachedAsset, type ProgressLog } from "../../util/asset-cache.ts";
+import { sha256Tree } from "../../util/files.ts";
+import { run } from "../../util/process.ts";
+
+/** Source of cocoon-agent (Go, standard library only). */
+export const AGENT_SOURCE_DIR = fileURLToPath(new URL("../../../agent", import.meta.url));
+
+/** Builds the static cocoon-agent binary; rebuilt when its sources or the Go toolchain change. */
+export async function prepareAgent(assetsDir: string, log?: ProgressLog): Promise<string> {
+  const goVersion = (await run("go", ["version"])).trim();
+  const sourceDigest = await sha256Tree(AGENT_SOURCE_DIR, (name) => name.endsWith(".go") || name === "go.mod");
+  const dir = await cachedAsset({
+    assetsDir,
+    name: "agent",
+    inputs: { goVersion, sourceDigest },
+    log,
+    build: async (out) => {
+      await run("go", ["build", "-trimpath", "-ldflags", "-s -w", "-o", join(out, "cocoon-agent"), "."], {
+        cwd: AGENT_SOURCE_DIR,
+        env: { ...process.env, CGO_ENABLED: "0", GOCACHE: join(assetsDir, ".gocache") },
+      });
+    },
+  });
+  return join(dir, "cocoon-agent");
+}

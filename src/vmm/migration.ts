@@ -1,0 +1,83 @@
+import { createReadStream, createWriteStream } from "node:fs";
+import { rm } from "node:fs/promises";
+import { connect, createServer } from "node:net";
+import { pipeline } from "node:stream/promises";
+import { fsyncFile } from "../util/files.ts";
+import { sleep } from "../util/process.ts";
+import type { QmpClient } from "./qmp.ts";
+
+/*
+ * VM state moves through QEMU's migration stream over a unix socket that the
+ * server owns, rather than `exec:` URIs: no shell is spawned, and a jailed
+ * QEMU needs no access to the state file itself.
+ */
+
+interface MigrationInfo {
+  status: string;
+  "error-desc"?: string;
+}
+
+/**
+ * Ask for the same capabilities on both ends of every stream: with
+ * x-ignore-shared, RAM mapped share=on (a snapshot template's memory file) is
+ * left out of the stream, and the stream layout depends on the capability.
+ */
+async function setCapabilities(qmp: QmpClient): Promise<void> {
+  await qmp.execute("migrate-set-capabilities", {
+    capabilities: [{ capability: "x-ignore-shared", state: true }],
+  });
+}
+
+async function waitForMigration(qmp: QmpClient, pollMs: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const info = await qmp.execute<MigrationInfo>("query-migrate");
+    if (info.status === "completed") return;
+    if (info.status === "failed" || info.status === "cancelled") {
+      throw new Error(`migration ${info.status}: ${info["error-desc"] ?? "no reason given"}`);
+    }
+    if (Date.now() > deadline) throw new Error(`migration did not complete within ${timeoutMs} ms`);
+    await sleep(pollMs);
+  }
+}
+
+/**
+ * Writes the paused VM's device state (and any RAM not mapped shared) to
+ * `file`, durably. The VM must be stopped first so the stream is one pass.
+ */
+export async function saveState(qmp: QmpClient, socketPath: string, file: string, timeoutMs = 120_000): Promise<void> {
+  await rm(socketPath, { force: true });
+  const server = createServer();
+  await new Promise<void>((resolve, reject) => server.once("error", reject).listen(socketPath, resolve));
+  const received = new Promise<void>((resolve, reject) => {
+    server.once("connection", (sock) => {
+      server.close();
+      pipeline(sock, createWriteStream(file)).then(resolve, reject);
+    });
+  });
+  try {
+    await setCapabilities(qmp);
+    // The default 128 MiB/s cap exists for live migration over networks; here the
+    // VM is paused and the stream goes to a local file, so lift it.
+    await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 1024 * 1024 * 1024 });
+    await qmp.execute("migrate", { uri: `unix:${socketPath}` });
+    await waitForMigration(qmp, 5, timeoutMs);
+    await received;
+  } finally {
+    server.close();
+    await rm(socketPath, { force: true });
+  }
+  await fsyncFile(file);
+}
+
+/** Feeds a saved state into a QEMU started with `-incoming defer`; returns when the guest can be continued. */
+export async function restoreState(qmp: QmpClient, socketPath: string, file: string, timeoutMs = 120_000): Promise<void> {
+  await rm(socketPath, { force: true });
+  await setCapabilities(qmp);
+  await qmp.execute("migrate-incoming", { uri: `unix:${socketPath}` });
+  const sock = connect(socketPath);
+  await pipeline(createReadStream(file), sock);
+  // `cont` before `completed` leaves the guest's network dead (DESIGN.md).
+  await waitForMigration(qmp, 2, timeoutMs);
+  await rm(socketPath, { force: true });
+}

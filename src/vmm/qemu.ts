@@ -1,0 +1,134 @@
+import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+
+export type Accelerator = "kvm" | "tcg";
+
+/** The guest's fixed network identity: identical in every clone of a snapshot. */
+export const GUEST_NET = { ip: "10.0.2.15", prefix: 24, gateway: "10.0.2.2", dns: "10.0.2.3", mac: "52:54:00:c0:c0:01" };
+/** Port cocoon-agent listens on inside the guest. */
+export const AGENT_PORT = 10789;
+
+export interface PortForward {
+  hostPort: number;
+  guestPort: number;
+}
+
+/** Where guest RAM lives. */
+export type GuestMemory =
+  /** A file; `shared` writes go to the file (a snapshot template), otherwise a private copy-on-write mapping of it (a clone). */
+  | { kind: "file"; path: string; shared: boolean }
+  /** Anonymous RAM, filled by an incoming migration stream (a resumed VM). */
+  | { kind: "anonymous" };
+
+/** Everything that decides the QEMU command line of one VM process. */
+export interface MachineSpec {
+  vmDir: string;
+  name: string;
+  accelerator: Accelerator;
+  vcpus: number;
+  memoryMiB: number;
+  memory: GuestMemory;
+  kernel: string;
+  initramfs: string;
+  cmdline: string;
+  disk: string;
+  forwards: PortForward[];
+  /** Start paused, waiting for `migrate-incoming` (restore from a snapshot or suspend). */
+  incoming: boolean;
+}
+
+export const machinePaths = (vmDir: string) => ({
+  qmp: join(vmDir, "qmp.sock"),
+  pidfile: join(vmDir, "qemu.pid"),
+  console: join(vmDir, "console.log"),
+  migration: join(vmDir, "migration.sock"),
+});
+
+/** The kernel command line; parameters read by cocoon-agent are prefixed `cocoon.` (see agent/PROTOCOL.md). */
+export function guestCmdline(opts: { accelerator: Accelerator; token: string; hostname: string }): string {
+  const params = [
+    "console=ttyS0",
+    "quiet",
+    "loglevel=3",
+    "panic=-1", // with -no-reboot a guest panic ends the QEMU process, which the server sees
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.dumbkbd",
+    "cocoon.root=/dev/vda",
+    `cocoon.token=${opts.token}`,
+    `cocoon.ip=${GUEST_NET.ip}/${GUEST_NET.prefix}`,
+    `cocoon.gw=${GUEST_NET.gateway}`,
+    `cocoon.dns=${GUEST_NET.dns}`,
+    `cocoon.hostname=${opts.hostname}`,
+    `cocoon.port=${AGENT_PORT}`,
+  ];
+  if (opts.accelerator === "tcg") {
+    // microvm has no HPET or PM timer, and under TCG the PIT calibration of the
+    // TSC races the emulator and can hang. TCG's TSC ticks at the host TSC rate,
+    // so tell the guest that rate instead of letting it measure.
+    params.push(`tsc_early_khz=${hostTscKhz()}`, "tsc=reliable", "no_timer_check");
+  }
+  return params.join(" ");
+}
+
+function hostTscKhz(): number {
+  const mhz = /cpu MHz\s*:\s*([\d.]+)/.exec(readFileSync("/proc/cpuinfo", "utf8"))?.[1];
+  return mhz ? Math.round(Number(mhz) * 1000) : 2_000_000;
+}
+
+export function qemuArgs(spec: MachineSpec): string[] {
+  const paths = machinePaths(spec.vmDir);
+  const memory =
+    spec.memory.kind === "file"
+      ? `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${spec.memory.path},share=${spec.memory.shared ? "on" : "off"}`
+      : `memory-backend-ram,id=mem,size=${spec.memoryMiB}M`;
+  const hostfwd = spec.forwards.map((f) => `,hostfwd=tcp:127.0.0.1:${f.hostPort}-${GUEST_NET.ip}:${f.guestPort}`).join("");
+  return [
+    "-name", `${spec.name},process=cocoon-${spec.name}`,
+    // x-option-roms=off: no firmware ROMs to load; rtc=on: the guest reads wall time at boot.
+    "-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem",
+    "-accel", spec.accelerator,
+    "-cpu", spec.accelerator === "kvm" ? "host" : "max",
+    "-smp", String(spec.vcpus),
+    "-m", `${spec.memoryMiB}M`,
+    "-object", memory,
+    "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    "-chardev", `file,id=console,path=${paths.console},append=on`,
+    "-serial", "chardev:console",
+    "-kernel", spec.kernel,
+    "-initrd", spec.initramfs,
+    "-append", spec.cmdline,
+    "-drive", `id=root,file=${spec.disk},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap`,
+    "-device", "virtio-blk-device,drive=root",
+    // restrict=on: the guest cannot open connections to the host or beyond;
+    // only the explicit hostfwd rules (host loopback → guest) pass.
+    "-netdev", `user,id=net0,restrict=on,ipv6=off${hostfwd}`,
+    "-device", `virtio-net-device,netdev=net0,mac=${GUEST_NET.mac}`,
+    "-qmp", `unix:${paths.qmp},server=on,wait=off`,
+    "-pidfile", paths.pidfile,
+    // -daemonize: QEMU detaches from the server (a server crash or restart
+    // leaves the VM running) and the parent exits only once the QMP socket is ready.
+    "-daemonize",
+    ...(spec.incoming ? ["-incoming", "defer"] : []),
+  ];
+}
+
+/** Starts QEMU and returns the VM process's pid once its QMP socket is listening. */
+export async function startQemu(spec: MachineSpec): Promise<number> {
+  for (const p of Object.values(machinePaths(spec.vmDir))) {
+    if (Buffer.byteLength(p) > 107) throw new Error(`path too long for a unix socket (max 107 bytes): ${p}`);
+  }
+  const child = spawn("qemu-system-x86_64", qemuArgs(spec), { stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+  const code = await new Promise<number | null>((resolve, reject) => {
+    child.on("error", (err: NodeJS.ErrnoException) =>
+      reject(err.code === "ENOENT" ? new Error("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") : err),
+    );
+    child.on("close", resolve);
+  });
+  if (code !== 0) throw new Error(`QEMU failed to start (exit ${code}): ${stderr.trim().slice(-1000)}`);
+  return Number((await readFile(machinePaths(spec.vmDir).pidfile, "utf8")).trim());
+}
