@@ -1,0 +1,3 @@
+module cocoon/agent
+
+go 1.19

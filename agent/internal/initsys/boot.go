@@ -1,0 +1,347 @@
+package initsys
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// rootWait bounds the wait for the root block device to be probed.
+const rootWait = 10 * time.Second
+
+const (
+	ramfsMagic = 0x858458f6
+	tmpfsMagic = 0x01021994
+)
+
+func logf(format string, args ...interface{}) {
+	log.Printf("cocoon-agent: "+format, args...)
+}
+
+// HandleSignals keeps PID 1 alive. The Go runtime's default for SIGTERM,
+// SIGINT, SIGHUP, SIGQUIT, SIGABRT... is to exit, and PID 1 exiting panics
+// the kernel. They are caught and dropped rather than ignored: SIG_IGN would
+// be inherited across exec by every process we start, a caught signal is
+// reset to default.
+func HandleSignals() {
+	ch := make(chan os.Signal, 16)
+	signal.Notify(ch, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT,
+		syscall.SIGABRT, syscall.SIGTRAP, syscall.SIGSTKFLT, syscall.SIGSYS,
+		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGPIPE, syscall.SIGALRM,
+		syscall.SIGPWR, syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGVTALRM)
+	go func() {
+		for s := range ch {
+			if s != syscall.SIGPIPE {
+				logf("ignoring signal %v", s)
+			}
+		}
+	}()
+}
+
+// Boot runs the PID-1 sequence of PROTOCOL.md. Every step is attempted even
+// after an earlier one failed; failures are printed to the console and
+// returned together, for /health to report. It never panics.
+func Boot() (cfg *Config, err error) {
+	var errs []error
+	fail := func(step string, err error) {
+		if err != nil {
+			err = fmt.Errorf("%s: %w", step, err)
+			logf("boot: %v", err)
+			errs = append(errs, err)
+		}
+	}
+	defer func() {
+		if v := recover(); v != nil {
+			fail("panic", fmt.Errorf("%v", v))
+		}
+		if cfg == nil {
+			cfg = &Config{Port: DefaultPort}
+		}
+		err = joinErrors(errs...)
+	}()
+
+	fail("mount early filesystems", mountEarly())
+	fixConsole()
+
+	cmdline, rerr := os.ReadFile("/proc/cmdline")
+	fail("read /proc/cmdline", rerr)
+	var perrs []error
+	cfg, perrs = ParseCmdline(string(cmdline))
+	for _, e := range perrs {
+		fail("kernel command line", e)
+	}
+
+	fail("load modules", loadModules("/etc/cocoon/modules"))
+
+	if cfg.Root == "" {
+		fail("root", errors.New("cocoon.root is not set; staying on the initramfs"))
+	} else if err := waitFor(cfg.Root, rootWait); err != nil {
+		fail("root", err)
+	} else {
+		fail("switch root", switchRoot(cfg.Root))
+	}
+
+	fail("mount runtime filesystems", mountLate())
+	if cfg.Hostname != "" {
+		fail("hostname", syscall.Sethostname([]byte(cfg.Hostname)))
+	}
+	fail("network", ConfigureNetwork(cfg.IP, cfg.Gateway))
+	if len(cfg.DNS) > 0 {
+		fail("resolv.conf", writeResolvConf(cfg.DNS))
+	}
+	return cfg, nil
+}
+
+func mount(source, target, fstype string, flags uintptr, data string) error {
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		return err
+	}
+	if err := syscall.Mount(source, target, fstype, flags, data); err != nil {
+		return fmt.Errorf("mount %s on %s: %w", fstype, target, err)
+	}
+	return nil
+}
+
+func mountEarly() error {
+	var errs []error
+	// EBUSY: the kernel (CONFIG_DEVTMPFS_MOUNT) or a previous step got there.
+	for _, m := range []struct{ src, dst, fs string }{
+		{"devtmpfs", "/dev", "devtmpfs"},
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+	} {
+		if err := mount(m.src, m.dst, m.fs, syscall.MS_NOSUID, ""); err != nil && !errors.Is(err, syscall.EBUSY) {
+			errs = append(errs, err)
+		}
+	}
+	return joinErrors(errs...)
+}
+
+// fixConsole points fds 0-2 at /dev/console when the kernel could not (no
+// /dev/console in the initramfs), so boot messages reach the serial log.
+func fixConsole() {
+	var bad []int
+	for fd := 0; fd <= 2; fd++ {
+		if _, _, e := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFD, 0); e != 0 {
+			bad = append(bad, fd)
+		}
+	}
+	if len(bad) == 0 {
+		return
+	}
+	c, err := syscall.Open("/dev/console", syscall.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		return
+	}
+	for _, fd := range bad {
+		if fd != c {
+			_ = syscall.Dup3(c, fd, 0)
+		}
+	}
+	if c > 2 {
+		syscall.Close(c)
+	}
+}
+
+// loadModules loads, in order, the modules listed in listPath (one path per
+// line, relative to /lib/modules/). A missing list means a kernel with
+// everything built in.
+func loadModules(listPath string) error {
+	f, err := os.Open(listPath)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var errs []error
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		name := strings.TrimSpace(sc.Text())
+		if name == "" || strings.HasPrefix(name, "#") {
+			continue
+		}
+		p := name
+		if !filepath.IsAbs(p) {
+			p = filepath.Join("/lib/modules", name)
+		}
+		if err := finitModule(p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return joinErrors(errs...)
+}
+
+func finitModule(path string) error {
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	defer syscall.Close(fd)
+	params := []byte{0}
+	var flags uintptr
+	for _, ext := range []string{".xz", ".zst", ".gz"} {
+		if strings.HasSuffix(path, ext) {
+			flags |= 4 // MODULE_INIT_COMPRESSED_FILE: let the kernel decompress
+		}
+	}
+	_, _, e := syscall.Syscall(sysFinitModule, uintptr(fd), uintptr(unsafe.Pointer(&params[0])), flags)
+	if e != 0 && e != syscall.EEXIST {
+		return fmt.Errorf("finit_module %s: %w", path, e)
+	}
+	return nil
+}
+
+// switchRoot mounts dev on /newroot and makes it /, as switch_root(8) does:
+// the initramfs is emptied first (its memory is otherwise never freed),
+// then /dev, /proc and /sys move along and the new root is moved over /.
+func switchRoot(dev string) error {
+	const newRoot = "/newroot"
+	if err := mount(dev, newRoot, "ext4", 0, ""); err != nil {
+		return err
+	}
+	if err := removeInitramfs(newRoot); err != nil {
+		// Not fatal: it only wastes memory.
+		logf("boot: clean initramfs: %v", err)
+	}
+	for _, d := range []string{"/dev", "/proc", "/sys"} {
+		if err := mount(d, newRoot+d, "", syscall.MS_MOVE, ""); err != nil {
+			return err
+		}
+	}
+	if err := os.Chdir(newRoot); err != nil {
+		return err
+	}
+	if err := syscall.Mount(".", "/", "", syscall.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("move %s onto /: %w", newRoot, err)
+	}
+	if err := syscall.Chroot("."); err != nil {
+		return fmt.Errorf("chroot: %w", err)
+	}
+	return os.Chdir("/")
+}
+
+// removeInitramfs deletes the files of the initramfs, never crossing into
+// another filesystem (the mounts under it, the new root). It refuses to run
+// unless / really is a ramfs/tmpfs, as a guard against wiping a disk.
+func removeInitramfs(keep string) error {
+	var sfs syscall.Statfs_t
+	if err := syscall.Statfs("/", &sfs); err != nil {
+		return err
+	}
+	if sfs.Type != ramfsMagic && sfs.Type != tmpfsMagic {
+		return fmt.Errorf("/ is not an initramfs (fs type %#x); not deleting", sfs.Type)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Lstat("/", &st); err != nil {
+		return err
+	}
+	entries, err := os.ReadDir("/")
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		p := "/" + e.Name()
+		if p != keep {
+			removeTree(p, st.Dev)
+		}
+	}
+	return nil
+}
+
+func removeTree(p string, dev uint64) {
+	var st syscall.Stat_t
+	if err := syscall.Lstat(p, &st); err != nil || st.Dev != dev {
+		return
+	}
+	if st.Mode&syscall.S_IFMT == syscall.S_IFDIR {
+		if entries, err := os.ReadDir(p); err == nil {
+			for _, e := range entries {
+				removeTree(filepath.Join(p, e.Name()), dev)
+			}
+		}
+		_ = syscall.Rmdir(p)
+		return
+	}
+	_ = syscall.Unlink(p)
+}
+
+// mountLate sets up what the image's processes expect at runtime.
+func mountLate() error {
+	var errs []error
+	ptsOpts := "mode=0620,ptmxmode=0666"
+	if g, err := user.LookupGroup("tty"); err == nil {
+		if _, err := strconv.Atoi(g.Gid); err == nil {
+			ptsOpts += ",gid=" + g.Gid
+		}
+	}
+	for _, m := range []struct {
+		src, dst, fs string
+		flags        uintptr
+		data         string
+	}{
+		{"devpts", "/dev/pts", "devpts", syscall.MS_NOSUID | syscall.MS_NOEXEC, ptsOpts},
+		{"shm", "/dev/shm", "tmpfs", syscall.MS_NOSUID | syscall.MS_NODEV, "mode=1777"},
+		{"tmpfs", "/tmp", "tmpfs", syscall.MS_NOSUID | syscall.MS_NODEV, "mode=1777"},
+		{"tmpfs", "/run", "tmpfs", syscall.MS_NOSUID | syscall.MS_NODEV, "mode=0755"},
+	} {
+		if err := mount(m.src, m.dst, m.fs, m.flags, m.data); err != nil && !errors.Is(err, syscall.EBUSY) {
+			errs = append(errs, err)
+		}
+	}
+	// devtmpfs lacks the conventional links that shells rely on (<(...)).
+	for link, target := range map[string]string{
+		"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
+		"/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2",
+	} {
+		if err := os.Symlink(target, link); err != nil && !os.IsExist(err) {
+			errs = append(errs, err)
+		}
+	}
+	return joinErrors(errs...)
+}
+
+// writeResolvConf replaces /etc/resolv.conf, which in many images is a
+// symlink into a resolver daemon's runtime dir that will never exist here;
+// the rename replaces the link itself.
+func writeResolvConf(servers []net.IP) error {
+	var b strings.Builder
+	for _, s := range servers {
+		fmt.Fprintf(&b, "nameserver %s\n", s)
+	}
+	if err := os.MkdirAll("/etc", 0o755); err != nil {
+		return err
+	}
+	tmp := "/etc/.resolv.conf.cocoon"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, "/etc/resolv.conf")
+}
+
+// joinErrors is errors.Join, which Go 1.19 lacks: nil when there is no
+// error, the messages joined by "; " otherwise.
+func joinErrors(errs ...error) error {
+	var msgs []string
+	for _, e := range errs {
+		if e != nil {
+			msgs = append(msgs, e.Error())
+		}
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return errors.New(strings.Join(msgs, "; "))
+}

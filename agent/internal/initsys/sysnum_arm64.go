@@ -1,0 +1,3 @@
+package initsys
+
+const sysFinitModule = 273
