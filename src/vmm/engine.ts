@@ -125,6 +125,30 @@ export class VmNotFoundError extends Error {
   }
 }
 
+/** Thrown for a bad argument; names the field and the limit. */
+export class InvalidArgumentError extends Error {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = "InvalidArgumentError";
+  }
+}
+
+/** Per-VM limits (DESIGN.md). */
+export const VM_LIMITS = { vcpus: { min: 1, max: 16 }, memoryMiB: { min: 128, max: 32768 } } as const;
+
+function checkShape(shape: { vcpus: number; memoryMiB: number }): void {
+  for (const field of ["vcpus", "memoryMiB"] as const) {
+    const { min, max } = VM_LIMITS[field];
+    const value = shape[field];
+    if (!Number.isInteger(value) || value < min || value > max) {
+      throw new InvalidArgumentError(field, `${field} must be an integer between ${min} and ${max}, got ${value}`);
+    }
+  }
+}
+
 export interface BootOpts {
   /** Directory that will become the snapshot directory. */
   dir: string;
@@ -192,6 +216,8 @@ export class Engine extends EventEmitter {
    * and retried once (TCG boots occasionally spin before init).
    */
   async bootTemplate(opts: BootOpts): Promise<TemplateVm> {
+    checkShape(opts);
+    if (!(await exists(opts.backingDisk))) throw new InvalidArgumentError("backingDisk", `disk ${opts.backingDisk} does not exist`);
     await mkdir(opts.dir, { recursive: true });
     const files = snapshotFiles(opts.dir);
     const timeoutMs = this.config.bootTimeoutMs ?? (this.accelerator === "tcg" ? 90_000 : 30_000);
@@ -272,7 +298,7 @@ export class Engine extends EventEmitter {
   /** Reads a snapshot written by `snapshot`; fails clearly if it is incomplete. */
   static async loadSnapshot(dir: string): Promise<Snapshot> {
     const files = snapshotFiles(dir);
-    if (!(await exists(files.manifest))) throw new Error(`no complete snapshot in ${dir}`);
+    if (!(await exists(files.manifest))) throw new InvalidArgumentError("snapshot", `no complete snapshot in ${dir}`);
     return { dir, manifest: JSON.parse(await readFile(files.manifest, "utf8")) as SnapshotManifest };
   }
 

@@ -1,0 +1,167 @@
+import { spawn } from "node:child_process";
+import { readdirSync } from "node:fs";
+import { readdir, stat } from "node:fs/promises";
+import { join } from "node:path";
+import { describe, expect, inject, it } from "vitest";
+import { Engine, InvalidArgumentError } from "../../src/vmm/engine.ts";
+import { isAlive, processArgv } from "../../src/util/process.ts";
+import { engineConfig, useEngine } from "../support/engine-fixture.ts";
+import { TEST_ROOT } from "../support/paths.ts";
+
+const ctx = await useEngine();
+
+/** A background loop whose only state is in memory: it counts, and prints the count when asked. */
+const COUNTER = `nohup sh -c ': cocoon-counter; i=0; trap "echo \\$i > /tmp/count" USR1; while :; do i=$((i+1)); sleep 0.05; done' >/dev/null 2>&1 & echo $!`;
+
+async function readCounter(vm: Awaited<ReturnType<Engine["launch"]>>, pid: string): Promise<number> {
+  await vm.agent.exec({ command: `rm -f /tmp/count; kill -USR1 ${pid}; while [ ! -s /tmp/count ]; do sleep 0.05; done` });
+  return Number((await vm.agent.exec({ command: ["cat", "/tmp/count"] })).stdout);
+}
+
+/** Live processes whose command line mentions `dir` (a VM's QEMU names its files there). */
+function qemuProcessesOf(dir: string): number[] {
+  return readdirSync("/proc")
+    .filter((n) => /^\d+$/.test(n))
+    .map(Number)
+    .filter((pid) => isAlive(pid) && processArgv(pid)?.some((a) => a.includes(dir)));
+}
+
+describe("clones of one snapshot", () => {
+  it("are independent: a file or in-memory counter in one is absent in the other", async () => {
+    const [a, b] = await Promise.all([ctx.engine.launch(ctx.snapshot), ctx.engine.launch(ctx.snapshot)]);
+    await a!.agent.writeFile("/root/only-in-a", Buffer.from("a"));
+    const pid = (await a!.agent.exec({ command: COUNTER })).stdout.trim();
+    expect(await readCounter(a!, pid)).toBeGreaterThan(0);
+
+    expect((await b!.agent.exec({ command: "test -e /root/only-in-a" })).exitCode).toBe(1);
+    // Clones share pid numbering, so look for the counter by its marker, not its pid.
+    const counters = (vm: typeof a) => vm!.agent.exec({ command: "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c 'cocoon-count[e]r'" });
+    expect((await counters(a)).stdout.trim()).toBe("1");
+    expect((await counters(b)).stdout.trim()).toBe("0");
+    // Each clone is made unique on restore: its own hostname, machine-id and RNG output.
+    const ids = await Promise.all([a!, b!].map((vm) => vm.agent.exec({ command: "hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1" })));
+    expect(ids[0]!.stdout).not.toBe(ids[1]!.stdout);
+    expect(ids[0]!.stdout.split("\n")[0]).toBe(a!.id);
+  });
+});
+
+describe("suspend and resume", () => {
+  it("keep a running process's memory, its open files and disk writes", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot);
+    const pid = (await vm.agent.exec({ command: COUNTER })).stdout.trim();
+    // A process holding a file open and appending to it through that descriptor.
+    await vm.agent.exec({ command: `nohup sh -c 'exec 3>>/root/journal; while read line < /tmp/fifo; do echo "$line" >&3; done' >/dev/null 2>&1 & mkfifo /tmp/fifo 2>/dev/null; echo first > /tmp/fifo` });
+    await vm.agent.writeFile("/root/disk-write", Buffer.from("persisted"));
+    const before = await readCounter(vm, pid);
+
+    await ctx.engine.suspend(vm.id);
+    expect(vm.status).toBe("suspended");
+    expect(qemuProcessesOf(vm.dir)).toEqual([]);
+    expect((await stat(join(vm.dir, "suspended.state"))).size).toBeGreaterThan(0);
+
+    await ctx.engine.resume(vm.id);
+    expect(vm.status).toBe("running");
+    const after = await readCounter(vm, pid);
+    expect(after).toBeGreaterThanOrEqual(before);
+    await vm.agent.exec({ command: "echo second > /tmp/fifo" });
+    await vm.agent.exec({ command: "sleep 0.2" });
+    expect((await vm.agent.exec({ command: ["cat", "/root/journal"] })).stdout).toBe("first\nsecond\n");
+    expect((await vm.agent.exec({ command: ["cat", "/root/disk-write"] })).stdout).toBe("persisted");
+  });
+
+  it("refuse a second suspend or a resume of a running VM with the states named", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot);
+    await expect(ctx.engine.resume(vm.id)).rejects.toThrow(`cannot resume microVM ${vm.id}: it is running`);
+    await Promise.all([ctx.engine.suspend(vm.id), expect(ctx.engine.suspend(vm.id)).rejects.toThrow("it is suspended")]);
+  });
+});
+
+describe("terminate", () => {
+  it("leaves no process, socket or file behind", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot);
+    const pid = vm.machine!.pid;
+    await ctx.engine.terminate(vm.id);
+    expect(isAlive(pid)).toBe(false);
+    expect(qemuProcessesOf(vm.dir)).toEqual([]);
+    expect(await readdir(join(ctx.dataDir, "vms"))).toEqual([]);
+    expect(() => ctx.engine.get(vm.id)).toThrow("not found");
+  });
+
+  it("also cleans up a suspended VM", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot);
+    await ctx.engine.suspend(vm.id);
+    await ctx.engine.terminate(vm.id);
+    expect(await readdir(join(ctx.dataDir, "vms"))).toEqual([]);
+  });
+});
+
+describe("server restart", () => {
+  it("re-adopts running and suspended VMs after the server is killed with SIGKILL", async () => {
+    // A separate server process launches two VMs, suspends one, and is killed.
+    const script = `
+      import { Engine } from "./src/vmm/engine.ts";
+      const config = JSON.parse(process.env.CONFIG);
+      const engine = await Engine.open(config);
+      const snapshot = await Engine.loadSnapshot(process.env.SNAPSHOT);
+      const a = await engine.launch(snapshot);
+      await a.agent.writeFile("/root/marker", Buffer.from("from-a"));
+      const b = await engine.launch(snapshot);
+      await engine.suspend(b.id);
+      console.log(JSON.stringify({ running: a.id, suspended: b.id }));
+      setInterval(() => {}, 1000);
+    `;
+    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      env: { ...process.env, CONFIG: JSON.stringify(engineConfig(ctx.dataDir)), SNAPSHOT: inject("baseSnapshotDir") },
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const ids = await new Promise<{ running: string; suspended: string }>((resolve, reject) => {
+      child.stdout.on("data", (d: Buffer) => resolve(JSON.parse(d.toString())));
+      child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+    });
+    child.kill("SIGKILL");
+
+    const engine = await ctx.reopen();
+    const running = engine.get(ids.running);
+    expect(running.status).toBe("running");
+    expect((await running.agent.exec({ command: ["cat", "/root/marker"] })).stdout).toBe("from-a");
+    expect(engine.get(ids.suspended).status).toBe("suspended");
+    await engine.resume(ids.suspended);
+    expect((await engine.get(ids.suspended).agent.exec({ command: "echo back" })).stdout).toBe("back\n");
+  });
+
+  it("marks a VM failed, with the reason, when its QEMU process dies", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot);
+    const exited = new Promise((resolve) => ctx.engine.once("exit", resolve));
+    process.kill(vm.machine!.pid, "SIGKILL");
+    await exited;
+    expect(vm.status).toBe("failed");
+    expect(vm.record.failureReason).toContain("QEMU process exited unexpectedly");
+    // …and the record survives a restart.
+    const engine = await ctx.reopen();
+    expect(engine.get(vm.id).status).toBe("failed");
+  });
+});
+
+describe("bad input", () => {
+  it("names the missing snapshot", async () => {
+    await expect(Engine.loadSnapshot(join(TEST_ROOT, "no-such-image"))).rejects.toThrow(/no complete snapshot in .*no-such-image/);
+  });
+
+  it("names the field and the limit for invalid sizes", async () => {
+    const dir = join(ctx.dataDir, "never");
+    const backingDisk = inject("rootfs");
+    await expect(ctx.engine.bootTemplate({ dir, backingDisk, vcpus: 0, memoryMiB: 512 })).rejects.toThrow(
+      "vcpus must be an integer between 1 and 16, got 0",
+    );
+    await expect(ctx.engine.bootTemplate({ dir, backingDisk, vcpus: 1, memoryMiB: 64 })).rejects.toThrow(
+      "memoryMiB must be an integer between 128 and 32768, got 64",
+    );
+    await expect(ctx.engine.bootTemplate({ dir, backingDisk: "/nope.qcow2", vcpus: 1, memoryMiB: 256 })).rejects.toBeInstanceOf(
+      InvalidArgumentError,
+    );
+  });
+
+  it("refuses operations on an unknown VM", async () => {
+    await expect(ctx.engine.suspend("vm-doesnotexist")).rejects.toThrow("microVM vm-doesnotexist not found");
+  });
+});
