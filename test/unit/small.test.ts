@@ -1,0 +1,58 @@
+import { describe, expect, it } from "vitest";
+import { resolveServerConfig } from "../../src/server/config.ts";
+import { KeyedMutex } from "../../src/util/keyed-mutex.ts";
+import { buildCpio } from "../../src/vmm/guest/cpio.ts";
+
+describe("resolveServerConfig", () => {
+  it("defaults to 127.0.0.1:7070 and ~/.cocoon", () => {
+    const c = resolveServerConfig({});
+    expect([c.listenHost, c.listenPort]).toEqual(["127.0.0.1", 7070]);
+    expect(c.dataDir).toMatch(/\.cocoon$/);
+    expect(c.assetsDir).toBe(`${c.dataDir}/assets`);
+  });
+
+  it.each(["7070", "host:", "h:0", "h:70000"])("rejects --listen %s", (listen) => {
+    expect(() => resolveServerConfig({ listen })).toThrow("--listen must be HOST:PORT");
+  });
+});
+
+describe("KeyedMutex", () => {
+  it("serializes work per key and runs different keys concurrently", async () => {
+    const mutex = new KeyedMutex();
+    const log: string[] = [];
+    const step = (key: string, name: string, ms: number) =>
+      mutex.run(key, async () => {
+        log.push(`start ${name}`);
+        await new Promise((r) => setTimeout(r, ms));
+        log.push(`end ${name}`);
+      });
+    await Promise.all([step("a", "a1", 30), step("a", "a2", 1), step("b", "b1", 1)]);
+    expect(log.indexOf("end a1")).toBeLessThan(log.indexOf("start a2"));
+    expect(log.indexOf("start b1")).toBeLessThan(log.indexOf("end a1"));
+  });
+
+  it("keeps going after a failed operation", async () => {
+    const mutex = new KeyedMutex();
+    await expect(mutex.run("a", async () => Promise.reject(new Error("boom")))).rejects.toThrow("boom");
+    expect(await mutex.run("a", async () => 42)).toBe(42);
+  });
+});
+
+describe("buildCpio", () => {
+  it("writes newc headers, 4-byte alignment and the trailer", () => {
+    const archive = buildCpio([
+      { kind: "dir", path: "/etc" },
+      { kind: "file", path: "etc/x", data: Buffer.from("abc"), mode: 0o600 },
+      { kind: "chardev", path: "dev/console", major: 5, minor: 1 },
+    ]);
+    const text = archive.toString("latin1");
+    expect(text.startsWith("070701")).toBe(true);
+    expect(archive.length % 4).toBe(0);
+    expect(text).toContain("etc/x\0");
+    expect(text).toContain("abc");
+    expect(text).toContain("TRAILER!!!\0");
+    // mode of etc/x: regular file 0100600, in the second header
+    const second = text.indexOf("070701", 6);
+    expect(text.slice(second + 14, second + 22)).toBe((0o100600).toString(16).padStart(8, "0"));
+  });
+});
