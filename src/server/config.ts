@@ -7,6 +7,8 @@ export interface ServerConfig {
   dataDir: string;
   /** Kernel, initramfs, agent and root filesystem versions; shared by data dirs in tests. */
   assetsDir: string;
+  /** Restored, warmed VMs kept ready per image for instant launches (COCOON_WARM_POOL, default 1). */
+  warmPoolSize: number;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (API.md). */
@@ -23,5 +25,12 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     listenPort: port,
     dataDir,
     assetsDir: resolve(flags.assetsDir ?? process.env.COCOON_ASSETS_DIR ?? join(dataDir, "assets")),
+    warmPoolSize: parseWarmPool(process.env.COCOON_WARM_POOL ?? "1"),
   };
+}
+
+function parseWarmPool(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 16) throw new Error(`COCOON_WARM_POOL must be an integer between 0 and 16, got "${value}"`);
+  return n;
 }

@@ -14,7 +14,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string }): P
   const stop = async () => {
     // VMs outlive the server process by design; the next start re-adopts them.
     await api.close();
-    runtime.engine.detachAll();
+    await runtime.engine.close();
     process.exit(0);
   };
   process.once("SIGINT", stop);

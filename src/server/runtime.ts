@@ -9,6 +9,8 @@ import { prepareGuestAssets } from "../vmm/guest/index.ts";
 export interface Runtime {
   engine: Engine;
   baseImage: Snapshot;
+  /** The base root filesystem every image's disk is layered on. */
+  rootfs: string;
 }
 
 /**
@@ -16,11 +18,18 @@ export interface Runtime {
  * then cached), the accelerator, the engine with every surviving VM
  * re-adopted, and the built-in `base` image.
  */
-export async function startRuntime(opts: { dataDir: string; assetsDir: string; log: ProgressLog }): Promise<Runtime> {
+export async function startRuntime(opts: {
+  dataDir: string;
+  assetsDir: string;
+  /** Warm VMs kept per image (see Engine.launch). */
+  warmPoolSize: number;
+  log: ProgressLog;
+}): Promise<Runtime> {
   const assets = await prepareGuestAssets(opts.assetsDir, opts.log);
   const rootfs = await prepareBaseRootfs(opts.assetsDir, opts.log);
   const accelerator = await detectAccelerator({ ...assets, cacheDir: opts.assetsDir, log: opts.log });
-  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, log: opts.log });
+  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, log: opts.log });
   const baseImage = await prepareBaseImage(engine, { imagesDir: join(opts.dataDir, "images"), rootfs, assets, log: opts.log });
-  return { engine, baseImage };
+  void engine.prewarm(baseImage);
+  return { engine, baseImage, rootfs };
 }

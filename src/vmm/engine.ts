@@ -23,6 +23,8 @@ export interface EngineConfig {
   accelerator: Accelerator;
   /** Watchdog for a cold boot to agent-ready; a boot that misses it is killed and retried once. */
   bootTimeoutMs?: number;
+  /** VMs per snapshot kept restored and warm for instant launches (0: none). */
+  warmPoolSize?: number;
   log?: (msg: string) => void;
 }
 
@@ -64,6 +66,8 @@ export interface VmRecord {
   snapshotDir: string;
   vcpus: number;
   memoryMiB: number;
+  /** A warm-pool VM not yet handed out; discarded on restart. */
+  pooled?: boolean;
   /** Secret of this VM's agent (mode 0600 file). */
   token: string;
   /** QEMU pid while running. */
@@ -177,7 +181,12 @@ export interface TemplateVm {
  * running VM's QEMU process dies on its own.
  */
 export class Engine extends EventEmitter {
+  /** VMs handed out (running, suspended or failed); pooled VMs are not here. */
   private readonly vms = new Map<string, MicroVm>();
+  /** Warm VMs per snapshot directory, and the fill in progress for each. */
+  private readonly warm = new Map<string, MicroVm[]>();
+  private readonly filling = new Map<string, Promise<void>>();
+  private closing = false;
   private readonly locks = new KeyedMutex();
   private readonly vmsDir: string;
 
@@ -225,7 +234,7 @@ export class Engine extends EventEmitter {
       await rm(files.disk, { force: true });
       await rm(files.memory, { force: true });
       await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", opts.backingDisk, "-F", "qcow2", files.disk]);
-      const token = randomBytes(24).toString("base64url");
+      const token = newToken();
       const guestPorts = opts.guestPorts ?? [];
       const forwards = await allocateForwards([AGENT_PORT, ...guestPorts]);
       const spec: MachineSpec = {
@@ -305,17 +314,79 @@ export class Engine extends EventEmitter {
   // ---- VM lifecycle ----------------------------------------------------------
 
   /**
-   * Launches a VM from a snapshot: a fresh QEMU restores the snapshot's device
-   * state over a private copy-on-write mapping of its memory file, with a
-   * qcow2 overlay on its disk; then the agent is given new entropy, the time
+   * Launches a VM from a snapshot: a QEMU process restores the snapshot's
+   * device state over a private copy-on-write mapping of its memory file, with
+   * a qcow2 overlay on its disk; then the agent is given new entropy, the time
    * and a secret of its own. Returns once the agent has answered.
+   *
+   * With a warm pool (`warmPoolSize`), the restore has already happened in the
+   * background and the VM has served one exec (under TCG a fresh process must
+   * translate every guest code path once, ~200 ms); launching then only
+   * re-keys it. A caller-chosen `id` always takes the direct path.
    */
   async launch(snapshot: Snapshot, opts: { id?: string } = {}): Promise<MicroVm> {
     const m = snapshot.manifest;
     if (m.accelerator !== this.accelerator) {
       throw new Error(`snapshot was made under ${m.accelerator} but this host runs ${this.accelerator}: rebuild the image`);
     }
-    const id = opts.id ?? newVmId();
+    const warm = opts.id ? undefined : await this.takeWarm(snapshot);
+    void this.prewarm(snapshot);
+    if (warm) return warm;
+    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false);
+    this.vms.set(vm.id, vm);
+    return vm;
+  }
+
+  /**
+   * Fills the snapshot's warm pool up to `warmPoolSize`; resolves when it is
+   * full (or the engine closes). One fill runs per snapshot at a time.
+   */
+  prewarm(snapshot: Snapshot): Promise<void> {
+    const size = this.config.warmPoolSize ?? 0;
+    const running = this.filling.get(snapshot.dir);
+    if (running || size === 0) return running ?? Promise.resolve();
+    const pool = this.warm.get(snapshot.dir) ?? [];
+    this.warm.set(snapshot.dir, pool);
+    const fill = (async () => {
+      try {
+        while (pool.length < size && !this.closing) {
+          const vm = await this.clone(snapshot, newVmId(), true);
+          await vm.agent.exec({ command: ["true"] });
+          pool.push(vm);
+        }
+      } catch (err) {
+        this.config.log?.(`warm pool for ${snapshot.dir}: ${(err as Error).message}`);
+      }
+    })().finally(() => this.filling.delete(snapshot.dir)); // a microtask: runs after the set below
+    this.filling.set(snapshot.dir, fill);
+    return fill;
+  }
+
+  /** Hands out a pooled VM, re-keyed as if just restored; undefined if none is ready. */
+  private async takeWarm(snapshot: Snapshot): Promise<MicroVm | undefined> {
+    const pool = this.warm.get(snapshot.dir) ?? [];
+    for (let vm = pool.shift(); vm; vm = pool.shift()) {
+      const candidate = vm;
+      try {
+        return await this.locks.run(candidate.id, async () => {
+          const token = newToken();
+          await candidate.agent.restore({ newToken: token, hostname: candidate.id });
+          candidate.record = { ...candidate.record, token, pooled: undefined, createdAt: new Date().toISOString() };
+          await this.saveRecord(candidate);
+          this.vms.set(candidate.id, candidate);
+          return candidate;
+        });
+      } catch (err) {
+        this.config.log?.(`warm VM ${candidate.id} unusable (${(err as Error).message}); discarding it`);
+        await this.destroy(candidate);
+      }
+    }
+    return undefined;
+  }
+
+  /** Restores a new VM from a snapshot (the direct launch path). */
+  private async clone(snapshot: Snapshot, id: string, pooled: boolean): Promise<MicroVm> {
+    const m = snapshot.manifest;
     const dir = join(this.vmsDir, id);
     const files = vmFiles(dir);
     await mkdir(dir, { recursive: false });
@@ -323,10 +394,11 @@ export class Engine extends EventEmitter {
     const vm = new MicroVm(dir, {
       id,
       status: "starting",
+      pooled: pooled || undefined,
       snapshotDir: snapshot.dir,
       vcpus: m.vcpus,
       memoryMiB: m.memoryMiB,
-      token: randomBytes(24).toString("base64url"),
+      token: newToken(),
       agentPort: forwards[0]!.hostPort,
       forwards: forwards.slice(1),
       createdAt: new Date().toISOString(),
@@ -339,7 +411,6 @@ export class Engine extends EventEmitter {
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", files.disk]);
         const memory: GuestMemory = { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
         await this.restoreInto(vm, memory, snapshotFiles(snapshot.dir).state, m.token);
-        this.vms.set(id, vm);
         return vm;
       } catch (err) {
         await this.destroy(vm);
@@ -404,8 +475,14 @@ export class Engine extends EventEmitter {
     });
   }
 
-  /** Detaches from every VM without stopping them (server shutdown or restart). */
-  detachAll(): void {
+  /**
+   * Stops the warm pools and detaches from every VM without stopping it
+   * (server shutdown or restart): the next engine re-adopts them.
+   */
+  async close(): Promise<void> {
+    this.closing = true;
+    await Promise.all(this.filling.values());
+    for (const pool of this.warm.values()) for (const vm of pool.splice(0)) await this.destroy(vm);
     for (const vm of this.vms.values()) {
       vm.machine?.removeAllListeners("exit");
       vm.machine?.detach();
@@ -454,6 +531,12 @@ export class Engine extends EventEmitter {
   private watchExit(vm: MicroVm): void {
     vm.machine?.once("exit", () => {
       void this.locks.run(vm.id, async () => {
+        if (vm.record.pooled) {
+          const pool = this.warm.get(vm.record.snapshotDir) ?? [];
+          if (pool.includes(vm)) pool.splice(pool.indexOf(vm), 1);
+          await this.destroy(vm);
+          return;
+        }
         if (vm.status !== "running") return;
         vm.machine = undefined;
         vm.agent.close();
@@ -501,6 +584,7 @@ export class Engine extends EventEmitter {
       }
       const vm = new MicroVm(dir, record);
       const machine = record.pid ? await Machine.attach(dir, record.pid) : undefined;
+      if (record.pooled) record.status = "starting"; // a warm VM is rebuilt, not adopted
       switch (record.status) {
         case "starting":
           await machine?.stop(0);
@@ -544,6 +628,8 @@ async function allocateForwards(guestPorts: number[]): Promise<PortForward[]> {
   for (const guestPort of guestPorts) forwards.push({ guestPort, hostPort: await freeLoopbackPort() });
   return forwards;
 }
+
+const newToken = () => randomBytes(24).toString("base64url");
 
 export function newVmId(): string {
   return `vm-${randomBytes(8).toString("hex")}`;

@@ -165,3 +165,32 @@ describe("bad input", () => {
     await expect(ctx.engine.suspend("vm-doesnotexist")).rejects.toThrow("microVM vm-doesnotexist not found");
   });
 });
+
+describe("warm pool", () => {
+  it("hands out a restored, re-keyed VM and keeps pool VMs out of sight", async () => {
+    const dataDir = join(ctx.dataDir, "..", `${ctx.dataDir.split("/").pop()}-pool`);
+    const engine = await Engine.open({ ...engineConfig(dataDir), warmPoolSize: 1 });
+    try {
+      await engine.prewarm(ctx.snapshot);
+      expect(engine.list()).toEqual([]);
+      const [pooledDir] = await readdir(join(dataDir, "vms"));
+      const vm = await engine.launch(ctx.snapshot);
+      expect(vm.id).toBe(pooledDir);
+      expect(engine.list().map((v) => v.id)).toEqual([vm.id]);
+      const identity = await vm.agent.exec({ command: "hostname" });
+      expect(identity.stdout.trim()).toBe(vm.id);
+      // The pool refills in the background; the next VM is a different one.
+      await engine.prewarm(ctx.snapshot);
+      const next = await engine.launch(ctx.snapshot);
+      expect(next.id).not.toBe(vm.id);
+      await engine.terminate(vm.id);
+      await engine.terminate(next.id);
+    } finally {
+      await engine.prewarm(ctx.snapshot);
+      await engine.close();
+    }
+    // Closing discards the warm VMs: nothing is left running or on disk.
+    expect(await readdir(join(dataDir, "vms"))).toEqual([]);
+    expect(qemuProcessesOf(dataDir)).toEqual([]);
+  });
+});

@@ -30,7 +30,7 @@ export async function useEngine(): Promise<EngineContext> {
     dataDir,
     snapshot: await Engine.loadSnapshot(inject("baseSnapshotDir")),
     reopen: async () => {
-      ctx.engine.detachAll();
+      await ctx.engine.close();
       ctx.engine = await Engine.open(engineConfig(dataDir));
       return ctx.engine;
     },
