@@ -19,13 +19,12 @@ export interface RunOpts {
   /** Called with each chunk of combined output, for progress reporting. */
   onOutput?: (chunk: string) => void;
   timeoutMs?: number;
-  input?: string | Buffer;
 }
 
 /** Runs a host tool to completion and returns its stdout. */
 export function run(cmd: string, args: string[], opts: RunOpts = {}): Promise<string> {
   return new Promise((resolve, reject) => {
-    const spawnOpts: SpawnOptions = { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ["pipe", "pipe", "pipe"] };
+    const spawnOpts: SpawnOptions = { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ["ignore", "pipe", "pipe"] };
     const child = spawn(cmd, args, spawnOpts);
     let stdout = "";
     let stderr = "";
@@ -47,7 +46,6 @@ export function run(cmd: string, args: string[], opts: RunOpts = {}): Promise<st
       if (code === 0) resolve(stdout);
       else reject(new CommandFailedError(`${cmd} ${args.slice(0, 3).join(" ")}`, code, stderr.slice(-1500)));
     });
-    child.stdin!.end(opts.input ?? "");
   });
 }
 
