@@ -1,11 +1,100 @@
-import Fastify, { type FastifyInstance } from "fastify";
+import swagger from "@fastify/swagger";
+import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
+import { Ajv } from "ajv";
+import Fastify, { type FastifyError } from "fastify";
+import { ApiError, InvalidArgumentError, type ErrorCode } from "../errors.ts";
+import type { MicroVmService } from "../lifecycle/microvms.ts";
+import type { Db } from "../store/db.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
+import { authenticate } from "./auth.ts";
+import { registerKeyRoutes } from "./routes/keys.ts";
+import { registerMicroVmRoutes } from "./routes/microvms.ts";
 
 export const VERSION = "0.1.0";
 
-/** The HTTP API (API.md). For now: health, which also reports the accelerator in use. */
-export function buildApi(opts: { accelerator: Accelerator; logger?: boolean }): FastifyInstance {
-  const app = Fastify({ logger: opts.logger ?? false });
-  app.get("/v1/health", async () => ({ status: "ok", accelerator: opts.accelerator, version: VERSION }));
+export interface ApiDeps {
+  db: Db;
+  microvms: MicroVmService;
+  accelerator: Accelerator;
+  logger?: boolean;
+}
+
+export type Api = ReturnType<typeof createFastify>;
+
+function createFastify(logger: boolean) {
+  return Fastify({
+    logger: logger ? { level: "info" } : false,
+    // 1 MiB for JSON; file uploads stream and are not bound by it.
+    bodyLimit: 1024 * 1024,
+    requestIdHeader: "x-request-id",
+  }).withTypeProvider<TypeBoxTypeProvider>();
+}
+
+/** The HTTP API of API.md: routes only translate HTTP to lifecycle calls and back. */
+export async function buildApi(deps: ApiDeps): Promise<Api> {
+  const app = createFastify(deps.logger ?? false);
+  await app.register(swagger, {
+    openapi: {
+      info: { title: "Cocoon API", version: VERSION },
+      components: { securitySchemes: { apiKey: { type: "http", scheme: "bearer" } } },
+      security: [{ apiKey: [] }],
+    },
+  });
+  // Query strings and params arrive as text and are coerced ("10" → 10); JSON
+  // bodies are not: coercion would turn ["ls"] into "ls" (argv into a shell string).
+  const coercing = new Ajv({ coerceTypes: true, useDefaults: true, removeAdditional: false });
+  const strict = new Ajv({ coerceTypes: false, useDefaults: true, removeAdditional: false });
+  app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === "body" ? strict : coercing).compile(schema));
+  app.setErrorHandler((err: FastifyError, request, reply) => {
+    const { status, body } = toErrorResponse(err);
+    if (status >= 500) request.log.error({ err }, "request failed");
+    void reply.status(status).send(body);
+  });
+  app.setNotFoundHandler((request, reply) => {
+    void reply.status(404).send(errorBody("NotFound", `no route ${request.method} ${request.url.split("?")[0]}`));
+  });
+  // Uploads (PUT …/files) arrive as a stream of any content type.
+  app.addContentTypeParser("*", (_request, payload, done) => done(null, payload));
+  app.decorateRequest("tenantId", "");
+  app.addHook("onRequest", async (request) => {
+    const permission = (request.routeOptions.config as { permission?: string }).permission;
+    if (permission) request.tenantId = await authenticate(deps.db, request.headers.authorization, permission);
+  });
+
+  app.get("/v1/health", { schema: { security: [] } }, async () => ({ status: "ok", accelerator: deps.accelerator, version: VERSION }));
+  app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
+  registerKeyRoutes(app, deps.db);
+  registerMicroVmRoutes(app, deps.microvms);
   return app;
+}
+
+declare module "fastify" {
+  interface FastifyRequest {
+    /** The tenant of the API key that authenticated the request. */
+    tenantId: string;
+  }
+  interface FastifyContextConfig {
+    /** Permission the route needs, e.g. "microvm:create"; absent: no authentication. */
+    permission?: string;
+  }
+}
+
+export function errorBody(code: ErrorCode, message: string, details?: Record<string, unknown>) {
+  return { error: { code, message, ...(details ? { details } : {}) } };
+}
+
+/** Maps any thrown error to a registered code; only ApiError and client errors keep their message. */
+function toErrorResponse(err: FastifyError): { status: number; body: ReturnType<typeof errorBody> } {
+  if (err instanceof ApiError) return { status: err.status, body: errorBody(err.code, err.message, err.details) };
+  if (err instanceof InvalidArgumentError) return { status: 400, body: errorBody("ValidationError", err.message, { field: err.field }) };
+  if (err.validation) {
+    const first = err.validation[0];
+    const field = `${err.validationContext ?? "body"}${first?.instancePath?.replace(/\//g, ".") ?? ""}`;
+    return { status: 400, body: errorBody("ValidationError", `${field} ${first?.message ?? "is invalid"}`, { field }) };
+  }
+  if (err.statusCode === 413) return { status: 413, body: errorBody("PayloadTooLarge", err.message) };
+  if (err.statusCode && err.statusCode >= 400 && err.statusCode < 500) {
+    return { status: 400, body: errorBody("ValidationError", err.message) };
+  }
+  return { status: 500, body: errorBody("Internal", "internal error; see the server log") };
 }

@@ -1,25 +1,40 @@
 import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
 import { Engine, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
 
-/** Size of the built-in `base` image's VMs (clones inherit the snapshot's size). */
-export const BASE_IMAGE_SHAPE = { vcpus: 1, memoryMiB: 512 } as const;
+/** vCPUs and memory of a snapshot; every clone of it has the same. */
+export interface VmShape {
+  vcpus: number;
+  memoryMiB: number;
+}
+
+/** The shape of VMs created without one (API.md defaults). */
+export const DEFAULT_SHAPE: VmShape = { vcpus: 1, memoryMiB: 512 };
 
 /**
  * The built-in `base` image: the bookworm root filesystem booted once with the
- * agent, then snapshotted. Rebuilt when the disk, kernel, initramfs or
+ * agent, then snapshotted, one snapshot per VM shape (memory size and vCPUs
+ * are fixed in a snapshot). Rebuilt when the disk, kernel, initramfs or
  * accelerator changes.
  */
 export async function prepareBaseImage(
   engine: Engine,
-  opts: { imagesDir: string; rootfs: string; assets: GuestBootAssets; log?: ProgressLog },
+  opts: { imagesDir: string; rootfs: string; assets: GuestBootAssets; shape?: VmShape; log?: ProgressLog },
 ): Promise<Snapshot> {
+  const shape = opts.shape ?? DEFAULT_SHAPE;
   const dir = await cachedAsset({
     assetsDir: opts.imagesDir,
     name: "base",
-    inputs: { rootfs: opts.rootfs, ...opts.assets, accelerator: engine.accelerator, ...BASE_IMAGE_SHAPE },
+    inputs: {
+      rootfs: opts.rootfs,
+      kernel: opts.assets.kernel,
+      initramfs: opts.assets.initramfs,
+      accelerator: engine.accelerator,
+      vcpus: shape.vcpus,
+      memoryMiB: shape.memoryMiB,
+    },
     log: opts.log,
     build: async (dir) => {
-      const template = await engine.bootTemplate({ dir, backingDisk: opts.rootfs, ...BASE_IMAGE_SHAPE });
+      const template = await engine.bootTemplate({ dir, backingDisk: opts.rootfs, ...shape });
       await engine.snapshot(template);
     },
   });

@@ -1,4 +1,10 @@
+import { mkdir } from "node:fs/promises";
+import { join } from "node:path";
 import { buildApi } from "../api/server.ts";
+import { ImageCatalog } from "../images/catalog.ts";
+import { MicroVmService } from "../lifecycle/microvms.ts";
+import { openDatabase } from "../store/db.ts";
+import { bootstrapAdminKey } from "./bootstrap.ts";
 import { resolveServerConfig } from "./config.ts";
 import { startRuntime } from "./runtime.ts";
 
@@ -7,14 +13,23 @@ export async function runServer(flags: { listen?: string; dataDir?: string }): P
   const config = resolveServerConfig(flags);
   const log = (line: string) => console.error(`[cocoon] ${line}`);
   log(`data directory ${config.dataDir}`);
+  await mkdir(config.dataDir, { recursive: true });
+  const db = await openDatabase(config.dataDir);
+  const adminKey = await bootstrapAdminKey(db, config.dataDir);
+  if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
   const runtime = await startRuntime({ ...config, log });
-  const api = buildApi({ accelerator: runtime.engine.accelerator });
+  const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, log });
+  const microvms = new MicroVmService(db, runtime.engine, images, undefined, log);
+  await microvms.start();
+  const api = await buildApi({ db, microvms, accelerator: runtime.engine.accelerator });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   const stop = async () => {
     // VMs outlive the server process by design; the next start re-adopts them.
+    microvms.stop();
     await api.close();
     await runtime.engine.close();
+    await db.destroy();
     process.exit(0);
   };
   process.once("SIGINT", stop);

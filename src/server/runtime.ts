@@ -3,7 +3,7 @@ import { prepareBaseImage } from "../images/base-image.ts";
 import { prepareBaseRootfs } from "../images/base-rootfs.ts";
 import type { ProgressLog } from "../util/asset-cache.ts";
 import { detectAccelerator } from "../vmm/accelerator.ts";
-import { Engine, type Snapshot } from "../vmm/engine.ts";
+import { Engine, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
 import { prepareGuestAssets } from "../vmm/guest/index.ts";
 
 export interface Runtime {
@@ -11,6 +11,7 @@ export interface Runtime {
   baseImage: Snapshot;
   /** The base root filesystem every image's disk is layered on. */
   rootfs: string;
+  assets: GuestBootAssets;
 }
 
 /**
@@ -31,5 +32,5 @@ export async function startRuntime(opts: {
   const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, log: opts.log });
   const baseImage = await prepareBaseImage(engine, { imagesDir: join(opts.dataDir, "images"), rootfs, assets, log: opts.log });
   void engine.prewarm(baseImage);
-  return { engine, baseImage, rootfs };
+  return { engine, baseImage, rootfs, assets };
 }

@@ -2,6 +2,7 @@ import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import { chmod, mkdir, readdir, readFile, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
+import { checkIntRange, InvalidArgumentError } from "../errors.ts";
 import { exists, fsyncDir, fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
@@ -129,28 +130,12 @@ export class VmNotFoundError extends Error {
   }
 }
 
-/** Thrown for a bad argument; names the field and the limit. */
-export class InvalidArgumentError extends Error {
-  constructor(
-    readonly field: string,
-    message: string,
-  ) {
-    super(message);
-    this.name = "InvalidArgumentError";
-  }
-}
-
 /** Per-VM limits (DESIGN.md). */
 export const VM_LIMITS = { vcpus: { min: 1, max: 16 }, memoryMiB: { min: 128, max: 32768 } } as const;
 
 function checkShape(shape: { vcpus: number; memoryMiB: number }): void {
-  for (const field of ["vcpus", "memoryMiB"] as const) {
-    const { min, max } = VM_LIMITS[field];
-    const value = shape[field];
-    if (!Number.isInteger(value) || value < min || value > max) {
-      throw new InvalidArgumentError(field, `${field} must be an integer between ${min} and ${max}, got ${value}`);
-    }
-  }
+  checkIntRange("vcpus", shape.vcpus, VM_LIMITS.vcpus);
+  checkIntRange("memoryMiB", shape.memoryMiB, VM_LIMITS.memoryMiB);
 }
 
 export interface BootOpts {

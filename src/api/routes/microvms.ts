@@ -1,0 +1,201 @@
+import { Type } from "@fastify/type-provider-typebox";
+import type { Readable } from "node:stream";
+import { ApiError } from "../../errors.ts";
+import { LIMITS, type MicroVmService } from "../../lifecycle/microvms.ts";
+import type { MicroVmRow } from "../../store/schema.ts";
+import { AgentError } from "../../vmm/agent-client.ts";
+import type { Api } from "../server.ts";
+
+const int = (limits: { min: number; max: number }, description: string) =>
+  Type.Integer({ minimum: limits.min, maximum: limits.max, description });
+
+const CreateBody = Type.Object(
+  {
+    image: Type.String({ minLength: 1, maxLength: 128, description: "image name or id" }),
+    vcpus: Type.Optional(int(LIMITS.vcpus, "vCPUs (default 1)")),
+    memoryMiB: Type.Optional(int(LIMITS.memoryMiB, "memory in MiB (default 512)")),
+    diskGiB: Type.Optional(int(LIMITS.diskGiB, "disk in GiB (default: the image's)")),
+    env: Type.Optional(Type.Record(Type.String({ pattern: "^[A-Za-z_][A-Za-z0-9_]*$", maxLength: 256 }), Type.String({ maxLength: 32768 }), { maxProperties: 256 })),
+    idlePolicy: Type.Optional(
+      Type.Object(
+        {
+          suspendAfterSeconds: Type.Optional(int(LIMITS.suspendAfterSeconds, "suspend after this many idle seconds; 0 disables (default 900)")),
+          autoResume: Type.Optional(Type.Boolean({ description: "resume on the next request or exec (default true)" })),
+        },
+        { additionalProperties: false },
+      ),
+    ),
+    maxRuntimeSeconds: Type.Optional(int(LIMITS.maxRuntimeSeconds, "the VM ends this long after creation (default and ceiling 28800)")),
+    network: Type.Optional(
+      Type.Object(
+        {
+          egress: Type.Optional(
+            Type.Union([
+              Type.Literal("none"),
+              Type.Literal("internet"),
+              Type.Object({ allow: Type.Array(Type.String({ minLength: 1, maxLength: 253 }), { maxItems: 256 }) }, { additionalProperties: false }),
+            ]),
+          ),
+        },
+        { additionalProperties: false },
+      ),
+    ),
+    endpoint: Type.Optional(Type.Object({ public: Type.Optional(Type.Boolean()) }, { additionalProperties: false })),
+    metadata: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.Unknown(), { maxProperties: 64 })),
+  },
+  { additionalProperties: false },
+);
+
+const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 64 }) });
+
+const ExecBody = Type.Object(
+  {
+    command: Type.Union([Type.String({ minLength: 1, maxLength: 65536 }), Type.Array(Type.String({ maxLength: 65536 }), { minItems: 1, maxItems: 4096 })]),
+    env: Type.Optional(Type.Record(Type.String({ maxLength: 256 }), Type.String({ maxLength: 32768 }), { maxProperties: 256 })),
+    cwd: Type.Optional(Type.String({ minLength: 1, maxLength: 4096 })),
+    user: Type.Optional(Type.String({ minLength: 1, maxLength: 64 })),
+    stdin: Type.Optional(Type.String({ maxLength: 512 * 1024 })),
+    timeoutSeconds: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 28800, description: "default 60" })),
+  },
+  { additionalProperties: false },
+);
+
+const PathQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4096, pattern: "^/" }) });
+
+/** MicroVM lifecycle, exec, files and events (API.md). */
+export function registerMicroVmRoutes(app: Api, microvms: MicroVmService): void {
+  app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody } }, async (req, reply) => {
+    const row = await microvms.create(req.tenantId, req.body);
+    return reply.status(201).send(toView(row));
+  });
+
+  app.get(
+    "/v1/microvms",
+    {
+      config: { permission: "microvm:read" },
+      schema: {
+        querystring: Type.Object(
+          {
+            state: Type.Optional(Type.String({ maxLength: 32 })),
+            image: Type.Optional(Type.String({ maxLength: 128 })),
+            limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
+            nextToken: Type.Optional(Type.String({ maxLength: 64 })),
+          },
+          { additionalProperties: false },
+        ),
+      },
+    },
+    async (req) => {
+      const page = await microvms.list(req.tenantId, { state: req.query.state, image: req.query.image, limit: req.query.limit ?? 100, after: req.query.nextToken });
+      return { microVms: page.items.map(toView), ...(page.nextToken ? { nextToken: page.nextToken } : {}) };
+    },
+  );
+
+  app.get("/v1/microvms/:id", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) =>
+    toView(await microvms.get(req.tenantId, req.params.id)),
+  );
+  app.post("/v1/microvms/:id/suspend", { config: { permission: "microvm:suspend" }, schema: { params: IdParams } }, async (req) =>
+    toView(await microvms.suspend(req.tenantId, req.params.id)),
+  );
+  app.post("/v1/microvms/:id/resume", { config: { permission: "microvm:resume" }, schema: { params: IdParams } }, async (req) =>
+    toView(await microvms.resume(req.tenantId, req.params.id)),
+  );
+  app.delete("/v1/microvms/:id", { config: { permission: "microvm:terminate" }, schema: { params: IdParams } }, async (req) =>
+    toView(await microvms.terminate(req.tenantId, req.params.id)),
+  );
+  app.get("/v1/microvms/:id/events", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) => ({
+    events: await microvms.events(req.tenantId, req.params.id),
+  }));
+
+  app.post("/v1/microvms/:id/exec", { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: ExecBody } }, async (req, reply) => {
+    const body = req.body;
+    const abort = new AbortController();
+    // The response closing before it finished means the client went away: kill the command.
+    reply.raw.on("close", () => {
+      if (!reply.raw.writableFinished) abort.abort();
+    });
+    const events = microvms.exec(
+      req.tenantId,
+      req.params.id,
+      { command: body.command, env: body.env, cwd: body.cwd, user: body.user, stdin: body.stdin, timeoutMs: Math.round((body.timeoutSeconds ?? 60) * 1000) },
+      abort.signal,
+    );
+    if (String(req.headers.accept).includes("application/x-ndjson")) {
+      // Start the command before committing to a 200, so a missing command is still a 400.
+      const first = await events.next();
+      reply.raw.writeHead(200, { "content-type": "application/x-ndjson" });
+      for (let ev = first; !ev.done; ev = await events.next()) {
+        const e = ev.value;
+        if (e.type === "stdout" || e.type === "stderr") reply.raw.write(`${JSON.stringify({ [e.type]: e.data.toString() })}\n`);
+        else if (e.type === "exit") reply.raw.write(`${JSON.stringify({ exitCode: e.exitCode, durationMs: e.durationMs, ...(e.timedOut ? { timedOut: true } : {}) })}\n`);
+      }
+      reply.raw.end();
+      return reply;
+    }
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    for await (const e of events) {
+      if (e.type === "stdout") out.push(e.data);
+      else if (e.type === "stderr") err.push(e.data);
+      else if (e.type === "exit") {
+        return { exitCode: e.exitCode, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString(), durationMs: e.durationMs, ...(e.timedOut ? { timedOut: true } : {}) };
+      }
+    }
+    throw new ApiError("Internal", "the command's output ended before it exited");
+  });
+
+  app.get("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req, reply) => {
+    const vm = await microvms.runningVm(req.tenantId, req.params.id, "read files in");
+    const stat = await guestCall(() => vm.agent.stat(req.query.path));
+    if (stat.type === "dir") return { path: req.query.path, entries: await guestCall(() => vm.agent.list(req.query.path)) };
+    const file = await guestCall(() => vm.agent.readFile(req.query.path));
+    return reply.header("content-type", "application/octet-stream").header("content-length", file.headers["content-length"]).send(file);
+  });
+
+  app.put("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery }, bodyLimit: 8 * 2 ** 30 }, async (req) => {
+    const vm = await microvms.runningVm(req.tenantId, req.params.id, "write files in");
+    const body = req.body as Readable | Buffer | undefined;
+    return guestCall(() => vm.agent.writeFile(req.query.path, body ?? Buffer.alloc(0)));
+  });
+
+  app.delete("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req) => {
+    const vm = await microvms.runningVm(req.tenantId, req.params.id, "remove files in");
+    await guestCall(() => vm.agent.remove(req.query.path, true));
+    return { path: req.query.path, removed: true };
+  });
+}
+
+/** Guest-side refusals (no such file, a directory where a file was expected…) become 4xx with the agent's message. */
+async function guestCall<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof AgentError && err.status < 500) {
+      const code = err.status === 404 ? "NotFound" : err.status === 409 ? "Conflict" : "ValidationError";
+      throw new ApiError(code, err.message);
+    }
+    throw err;
+  }
+}
+
+function toView(row: MicroVmRow) {
+  return {
+    microVmId: row.id,
+    image: row.image_name,
+    imageId: row.image_id,
+    state: row.state,
+    ...(row.state_reason ? { stateReason: row.state_reason } : {}),
+    vcpus: row.vcpus,
+    memoryMiB: row.memory_mib,
+    diskGiB: row.disk_gib,
+    createdAt: row.created_at,
+    expiresAt: row.expires_at,
+    lastActivityAt: row.last_activity_at,
+    ...(row.terminated_at ? { terminatedAt: row.terminated_at } : {}),
+    idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1 },
+    maxRuntimeSeconds: row.max_runtime_seconds,
+    network: { egress: JSON.parse(row.egress) as unknown },
+    endpoint: { public: row.endpoint_public === 1, token: row.endpoint_token },
+    metadata: JSON.parse(row.metadata) as Record<string, unknown>,
+  };
+}

@@ -1,0 +1,53 @@
+/**
+ * The one registry of error codes the API returns: each with its HTTP status
+ * and when it is used. Bodies are `{"error": {code, message, details?}}`;
+ * 5xx details are logged with the request id, never sent.
+ */
+export const ERROR_CODES = {
+  ValidationError: { status: 400, doc: "The request is malformed or a field is out of range; the message names the field and the limit." },
+  CommandNotFound: { status: 400, doc: "exec: the program does not exist in the VM." },
+  Unauthorized: { status: 401, doc: "No API key, or an unknown or revoked one." },
+  Forbidden: { status: 403, doc: "The key lacks the permission the route needs." },
+  NotFound: { status: 404, doc: "No such resource in the caller's tenant (another tenant's resources do not exist)." },
+  InvalidState: { status: 409, doc: "The resource is in a state that does not allow the action; the message names both." },
+  Conflict: { status: 409, doc: "The resource already exists or is in use." },
+  PayloadTooLarge: { status: 413, doc: "The request body exceeds its limit." },
+  CapacityExceeded: { status: 503, doc: "The host has no capacity for the VM right now; retry later." },
+  Internal: { status: 500, doc: "A server fault; details are in the server log under the request id." },
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+/** Thrown anywhere below the API to produce a registered error response. */
+export class ApiError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly details?: Record<string, unknown>,
+  ) {
+    super(message);
+    this.name = "ApiError";
+  }
+
+  get status(): number {
+    return ERROR_CODES[this.code].status;
+  }
+}
+
+/** Thrown below the API for a bad argument; names the field and the limit. The API answers it as ValidationError. */
+export class InvalidArgumentError extends Error {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = "InvalidArgumentError";
+  }
+}
+
+/** Throws InvalidArgumentError unless `value` is an integer in [min, max]. */
+export function checkIntRange(field: string, value: number, limits: { min: number; max: number }): void {
+  if (!Number.isInteger(value) || value < limits.min || value > limits.max) {
+    throw new InvalidArgumentError(field, `${field} must be an integer between ${limits.min} and ${limits.max}, got ${value}`);
+  }
+}

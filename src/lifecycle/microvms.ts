@@ -1,0 +1,312 @@
+import { randomBytes } from "node:crypto";
+import { cpus, totalmem } from "node:os";
+import { ApiError, checkIntRange } from "../errors.ts";
+import type { ImageCatalog } from "../images/catalog.ts";
+import type { Db } from "../store/db.ts";
+import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
+import { KeyedMutex } from "../util/keyed-mutex.ts";
+import { AgentError, type ExecEvent, type ExecRequest } from "../vmm/agent-client.ts";
+import { VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
+import { checkTransition, holdsHostResources, type MicroVmState } from "./states.ts";
+
+export type Egress = "none" | "internet" | { allow: string[] };
+
+/** A create request after validation by the API's schema (ranges are checked here). */
+export interface CreateMicroVmRequest {
+  image: string;
+  vcpus?: number;
+  memoryMiB?: number;
+  diskGiB?: number;
+  env?: Record<string, string>;
+  idlePolicy?: { suspendAfterSeconds?: number; autoResume?: boolean };
+  maxRuntimeSeconds?: number;
+  network?: { egress?: Egress };
+  endpoint?: { public?: boolean };
+  metadata?: Record<string, unknown>;
+}
+
+export const LIMITS = {
+  ...VM_LIMITS,
+  diskGiB: { min: 1, max: 32 },
+  maxRuntimeSeconds: { min: 1, max: 28_800 },
+  suspendAfterSeconds: { min: 0, max: 28_800 },
+} as const;
+
+export interface HostCapacity {
+  /** vCPUs the host admits across live VMs (cores × overcommit). */
+  vcpus: number;
+  memoryMiB: number;
+}
+
+/** Default capacity: 4 vCPUs per core, and memory up to 90 % of the host's. */
+export function defaultCapacity(): HostCapacity {
+  return { vcpus: cpus().length * 4, memoryMiB: Math.floor((totalmem() / 2 ** 20) * 0.9) };
+}
+
+export interface MicroVmEvent {
+  type: string;
+  message: string;
+  at: string;
+}
+
+/**
+ * The MicroVM lifecycle: every state change goes through here, serialized per
+ * VM, and is recorded only once what it depends on is done (the engine has
+ * finished and its files are durable). Also runs the idle-suspend and
+ * max-runtime policies, and reconciles the database with the engine at start.
+ */
+export class MicroVmService {
+  private readonly locks = new KeyedMutex();
+  /** Resources promised to creates still in flight (admission is checked against these too). */
+  private reserved = { vcpus: 0, memoryMiB: 0 };
+  private policyTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly db: Db,
+    private readonly engine: Engine,
+    private readonly images: ImageCatalog,
+    private readonly capacity: HostCapacity = defaultCapacity(),
+    private readonly log: (line: string) => void = () => undefined,
+  ) {
+    engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));
+  }
+
+  /** Brings the database in line with the VMs the engine re-adopted, then starts the policy loop. */
+  async start(policyIntervalMs = 1000): Promise<void> {
+    const rows = await this.db.selectFrom("microvms").selectAll().where("state", "not in", ["TERMINATED", "FAILED"]).execute();
+    const known = new Set(rows.map((r) => r.id));
+    for (const row of rows) {
+      const vm = this.engine.list().find((v) => v.id === row.id);
+      const state: MicroVmState = !vm ? "FAILED" : vm.status === "running" ? "RUNNING" : vm.status === "suspended" ? "SUSPENDED" : "FAILED";
+      if (state !== row.state) {
+        const reason = !vm ? "the VM was lost while the server was down" : vm.record.failureReason ?? `found ${vm.status} after a restart`;
+        await this.record(row.id, row.tenant_id, { state, state_reason: state === "FAILED" ? reason : null }, "reconciled", `${row.state} → ${state}: ${reason}`);
+      }
+    }
+    // A VM the engine has but the database does not was launched by a server
+    // that died before recording it: nobody owns it.
+    for (const vm of this.engine.list()) if (!known.has(vm.id)) await this.engine.terminate(vm.id);
+    this.policyTimer = setInterval(() => void this.applyPolicies(), policyIntervalMs);
+  }
+
+  stop(): void {
+    clearInterval(this.policyTimer);
+  }
+
+  async create(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
+    const image = this.images.resolve(tenantId, req.image);
+    const shape = { vcpus: req.vcpus ?? 1, memoryMiB: req.memoryMiB ?? 512 };
+    const diskGiB = req.diskGiB ?? image.diskGiB;
+    checkRange("vcpus", shape.vcpus);
+    checkRange("memoryMiB", shape.memoryMiB);
+    checkRange("diskGiB", diskGiB);
+    const maxRuntimeSeconds = req.maxRuntimeSeconds ?? LIMITS.maxRuntimeSeconds.max;
+    checkRange("maxRuntimeSeconds", maxRuntimeSeconds);
+    const suspendAfterSeconds = req.idlePolicy?.suspendAfterSeconds ?? 900;
+    checkRange("suspendAfterSeconds", suspendAfterSeconds, "idlePolicy.suspendAfterSeconds");
+    const egress = req.network?.egress ?? "none";
+    if (egress !== "none") {
+      throw new ApiError("ValidationError", `network.egress "${JSON.stringify(egress)}" is not available yet: only "none" is supported`, { field: "network.egress" });
+    }
+
+    await this.admit(shape);
+    this.reserved.vcpus += shape.vcpus;
+    this.reserved.memoryMiB += shape.memoryMiB;
+    let vm: MicroVm | undefined;
+    try {
+      vm = await this.engine.launch(await image.snapshotFor(shape));
+      if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv(req.env);
+      const now = new Date();
+      const row: MicroVmRow = {
+        id: vm.id,
+        tenant_id: tenantId,
+        image_name: image.name,
+        image_id: image.imageId,
+        state: "RUNNING",
+        state_reason: null,
+        vcpus: shape.vcpus,
+        memory_mib: shape.memoryMiB,
+        disk_gib: diskGiB,
+        env: JSON.stringify(req.env ?? {}),
+        suspend_after_seconds: suspendAfterSeconds,
+        auto_resume: req.idlePolicy?.autoResume === false ? 0 : 1,
+        max_runtime_seconds: maxRuntimeSeconds,
+        egress: JSON.stringify(egress),
+        endpoint_public: req.endpoint?.public ? 1 : 0,
+        endpoint_token: `et_${randomBytes(24).toString("base64url")}`,
+        metadata: JSON.stringify(req.metadata ?? {}),
+        created_at: now.toISOString(),
+        expires_at: new Date(now.getTime() + maxRuntimeSeconds * 1000).toISOString(),
+        last_activity_at: now.toISOString(),
+        terminated_at: null,
+      };
+      await this.db.transaction().execute(async (tx) => {
+        await tx.insertInto("microvms").values(row).execute();
+        await tx.insertInto("events").values(event(row.id, tenantId, "created", `launched from image ${image.name} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`)).execute();
+      });
+      return row;
+    } catch (err) {
+      // No partial state: a VM that was launched but not recorded is ended.
+      if (vm) await this.engine.terminate(vm.id).catch(() => undefined);
+      throw err;
+    } finally {
+      this.reserved.vcpus -= shape.vcpus;
+      this.reserved.memoryMiB -= shape.memoryMiB;
+    }
+  }
+
+  /** The VM if it belongs to the tenant; another tenant's VM is NotFound. */
+  async get(tenantId: string, id: string): Promise<MicroVmRow> {
+    const row = await this.db.selectFrom("microvms").selectAll().where("id", "=", id).where("tenant_id", "=", tenantId).executeTakeFirst();
+    if (!row) throw new ApiError("NotFound", `microVM ${id} not found`);
+    return row;
+  }
+
+  async list(tenantId: string, filter: { state?: string; image?: string; limit: number; after?: string }): Promise<{ items: MicroVmRow[]; nextToken?: string }> {
+    let q = this.db.selectFrom("microvms").selectAll().where("tenant_id", "=", tenantId);
+    if (filter.state) q = q.where("state", "=", filter.state);
+    if (filter.image) q = q.where((eb) => eb.or([eb("image_name", "=", filter.image!), eb("image_id", "=", filter.image!)]));
+    if (filter.after) q = q.where("id", ">", filter.after);
+    const rows = await q.orderBy("id").limit(filter.limit + 1).execute();
+    const items = rows.slice(0, filter.limit);
+    return { items, nextToken: rows.length > filter.limit ? items.at(-1)?.id : undefined };
+  }
+
+  async events(tenantId: string, id: string): Promise<MicroVmEvent[]> {
+    await this.get(tenantId, id);
+    return this.db.selectFrom("events").select(["type", "message", "at"]).where("microvm_id", "=", id).orderBy("id").execute();
+  }
+
+  suspend(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
+    return this.locks.run(id, async () => {
+      const row = await this.get(tenantId, id);
+      checkTransition(id, row.state as MicroVmState, "SUSPENDING", "suspend");
+      await this.record(id, tenantId, { state: "SUSPENDING" });
+      try {
+        await this.engine.suspend(id);
+      } catch (err) {
+        await this.record(id, tenantId, { state: "RUNNING" }, "suspend-failed", (err as Error).message);
+        throw err;
+      }
+      return this.record(id, tenantId, { state: "SUSPENDED" }, "suspended", `suspended (${cause})`);
+    });
+  }
+
+  resume(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
+    return this.locks.run(id, () => this.resumeLocked(tenantId, id, cause));
+  }
+
+  private async resumeLocked(tenantId: string, id: string, cause: string): Promise<MicroVmRow> {
+    const row = await this.get(tenantId, id);
+    checkTransition(id, row.state as MicroVmState, "RESUMING", "resume");
+    await this.admit({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+    await this.record(id, tenantId, { state: "RESUMING" });
+    try {
+      await this.engine.resume(id);
+    } catch (err) {
+      await this.record(id, tenantId, { state: "SUSPENDED" }, "resume-failed", (err as Error).message);
+      throw err;
+    }
+    return this.record(id, tenantId, { state: "RUNNING", last_activity_at: new Date().toISOString() }, "resumed", `resumed (${cause})`);
+  }
+
+  terminate(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
+    return this.locks.run(id, async () => {
+      const row = await this.get(tenantId, id);
+      if (row.state === "TERMINATED") return row; // idempotent, like DELETE should be
+      checkTransition(id, row.state as MicroVmState, "TERMINATING", "terminate");
+      await this.record(id, tenantId, { state: "TERMINATING" });
+      await this.engine.terminate(id).catch((err: Error) => {
+        if (err.name !== "VmNotFoundError") throw err;
+      });
+      return this.record(id, tenantId, { state: "TERMINATED", terminated_at: new Date().toISOString() }, "terminated", `terminated (${cause})`);
+    });
+  }
+
+  /**
+   * Runs a command; a SUSPENDED VM with autoResume is resumed first, one
+   * without it is a 409. Counts as activity.
+   */
+  async *exec(tenantId: string, id: string, req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {
+    const vm = await this.runningVm(tenantId, id, "exec in");
+    try {
+      yield* vm.agent.execStream(req, signal);
+    } catch (err) {
+      if (err instanceof AgentError && (err.code === "CommandNotFound" || err.code === "BadRequest")) {
+        throw new ApiError(err.code === "CommandNotFound" ? "CommandNotFound" : "ValidationError", err.message);
+      }
+      throw err;
+    }
+  }
+
+  /** The engine VM of a RUNNING VM (resuming it if allowed); marks activity. */
+  async runningVm(tenantId: string, id: string, action: string): Promise<MicroVm> {
+    return this.locks.run(id, async () => {
+      let row = await this.get(tenantId, id);
+      if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
+      if (row.state !== "RUNNING") throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${row.state}`, { state: row.state });
+      await this.db.updateTable("microvms").set({ last_activity_at: new Date().toISOString() }).where("id", "=", id).execute();
+      return this.engine.get(id);
+    });
+  }
+
+  /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight. */
+  private async admit(shape: { vcpus: number; memoryMiB: number }): Promise<void> {
+    const live = await this.db.selectFrom("microvms").select(["state", "vcpus", "memory_mib"]).execute();
+    const used = { vcpus: this.reserved.vcpus, memoryMiB: this.reserved.memoryMiB };
+    for (const r of live) {
+      if (!holdsHostResources(r.state as MicroVmState)) continue;
+      used.vcpus += r.vcpus;
+      used.memoryMiB += r.memory_mib;
+    }
+    for (const key of ["vcpus", "memoryMiB"] as const) {
+      if (used[key] + shape[key] > this.capacity[key]) {
+        throw new ApiError("CapacityExceeded", `host is at capacity: ${used[key]} of ${this.capacity[key]} ${key} in use, ${shape[key]} more requested`, {
+          resource: key,
+          used: used[key],
+          capacity: this.capacity[key],
+        });
+      }
+    }
+  }
+
+  /** Idle suspend and max runtime, checked once per interval. */
+  private async applyPolicies(): Promise<void> {
+    const now = Date.now();
+    const rows = await this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"]).execute();
+    for (const row of rows) {
+      try {
+        if (Date.parse(row.expires_at) <= now) {
+          await this.terminate(row.tenant_id, row.id, `max runtime of ${row.max_runtime_seconds} s reached`);
+        } else if (row.state === "RUNNING" && row.suspend_after_seconds > 0 && Date.parse(row.last_activity_at) + row.suspend_after_seconds * 1000 <= now) {
+          await this.suspend(row.tenant_id, row.id, `idle for ${row.suspend_after_seconds} s`);
+        }
+      } catch (err) {
+        if (!(err instanceof ApiError && err.code === "InvalidState")) this.log(`policy on ${row.id}: ${(err as Error).message}`);
+      }
+    }
+  }
+
+  private async onEngineExit(id: string, reason: string): Promise<void> {
+    const row = await this.db.selectFrom("microvms").selectAll().where("id", "=", id).executeTakeFirst();
+    if (!row || row.state === "TERMINATED") return;
+    await this.record(id, row.tenant_id, { state: "FAILED", state_reason: reason }, "failed", reason);
+  }
+
+  /** Writes a state change (and optionally an event) in one transaction. */
+  private async record(id: string, tenantId: string, update: MicroVmUpdate, eventType?: string, message = ""): Promise<MicroVmRow> {
+    return this.db.transaction().execute(async (tx) => {
+      const row = await tx.updateTable("microvms").set(update).where("id", "=", id).returningAll().executeTakeFirstOrThrow();
+      if (eventType) await tx.insertInto("events").values(event(id, tenantId, eventType, message)).execute();
+      return row;
+    });
+  }
+}
+
+function event(microvmId: string, tenantId: string, type: string, message: string) {
+  return { microvm_id: microvmId, tenant_id: tenantId, type, message, at: new Date().toISOString() };
+}
+
+function checkRange(field: keyof typeof LIMITS, value: number, name: string = field): void {
+  checkIntRange(name, value, LIMITS[field]);
+}

@@ -1,0 +1,17 @@
+import { join } from "node:path";
+import type { Db } from "../store/db.ts";
+import { createApiKey, createTenant, findTenant, hasAdminKey } from "../store/tenants.ts";
+import { writeFileAtomic } from "../util/files.ts";
+
+/**
+ * On first start (no live admin key), creates the `admin` tenant and an admin
+ * key, writes it to `<dataDir>/admin.key` (0600) and returns it to be printed
+ * once. Returns undefined when an admin key already exists.
+ */
+export async function bootstrapAdminKey(db: Db, dataDir: string): Promise<string | undefined> {
+  if (await hasAdminKey(db)) return undefined;
+  const tenant = (await findTenant(db, "admin")) ?? (await createTenant(db, "admin"));
+  const { apiKey } = await createApiKey(db, { tenantId: tenant.id, permissions: ["admin:*"], description: "bootstrap admin key" });
+  await writeFileAtomic(join(dataDir, "admin.key"), `${apiKey}\n`, 0o600);
+  return apiKey;
+}

@@ -1,0 +1,64 @@
+import type { Kysely, Migration } from "kysely";
+
+/**
+ * Versioned schema migrations, applied in name order and recorded by Kysely's
+ * Migrator. Only portable DDL is used, so a PostgreSQL dialect can run them too.
+ * Never edit a released migration: add a new one.
+ */
+export const migrations: Record<string, Migration> = {
+  "0001_tenants_keys_microvms": {
+    async up(db: Kysely<unknown>) {
+      await db.schema
+        .createTable("tenants")
+        .addColumn("id", "text", (c) => c.primaryKey())
+        .addColumn("name", "text", (c) => c.notNull().unique())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .execute();
+      await db.schema
+        .createTable("api_keys")
+        .addColumn("id", "text", (c) => c.primaryKey())
+        .addColumn("tenant_id", "text", (c) => c.notNull().references("tenants.id"))
+        .addColumn("secret_hash", "text", (c) => c.notNull().unique())
+        .addColumn("permissions", "text", (c) => c.notNull())
+        .addColumn("description", "text")
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .addColumn("revoked_at", "text")
+        .execute();
+      await db.schema
+        .createTable("microvms")
+        .addColumn("id", "text", (c) => c.primaryKey())
+        .addColumn("tenant_id", "text", (c) => c.notNull().references("tenants.id"))
+        .addColumn("image_name", "text", (c) => c.notNull())
+        .addColumn("image_id", "text", (c) => c.notNull())
+        .addColumn("state", "text", (c) => c.notNull())
+        .addColumn("state_reason", "text")
+        .addColumn("vcpus", "integer", (c) => c.notNull())
+        .addColumn("memory_mib", "integer", (c) => c.notNull())
+        .addColumn("disk_gib", "integer", (c) => c.notNull())
+        .addColumn("env", "text", (c) => c.notNull())
+        .addColumn("suspend_after_seconds", "integer", (c) => c.notNull())
+        .addColumn("auto_resume", "integer", (c) => c.notNull())
+        .addColumn("max_runtime_seconds", "integer", (c) => c.notNull())
+        .addColumn("egress", "text", (c) => c.notNull())
+        .addColumn("endpoint_public", "integer", (c) => c.notNull())
+        .addColumn("endpoint_token", "text", (c) => c.notNull())
+        .addColumn("metadata", "text", (c) => c.notNull())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .addColumn("expires_at", "text", (c) => c.notNull())
+        .addColumn("last_activity_at", "text", (c) => c.notNull())
+        .addColumn("terminated_at", "text")
+        .execute();
+      await db.schema.createIndex("microvms_tenant_created").on("microvms").columns(["tenant_id", "created_at", "id"]).execute();
+      await db.schema
+        .createTable("events")
+        .addColumn("id", "integer", (c) => c.primaryKey().autoIncrement())
+        .addColumn("microvm_id", "text", (c) => c.notNull())
+        .addColumn("tenant_id", "text", (c) => c.notNull())
+        .addColumn("type", "text", (c) => c.notNull())
+        .addColumn("message", "text", (c) => c.notNull())
+        .addColumn("at", "text", (c) => c.notNull())
+        .execute();
+      await db.schema.createIndex("events_microvm").on("events").columns(["microvm_id", "id"]).execute();
+    },
+  },
+};

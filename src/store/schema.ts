@@ -1,0 +1,70 @@
+import type { Generated, Insertable, Selectable, Updateable } from "kysely";
+
+/** Table types for Kysely. Times are ISO-8601 strings; JSON columns are TEXT. */
+export interface Database {
+  tenants: TenantsTable;
+  api_keys: ApiKeysTable;
+  microvms: MicroVmsTable;
+  events: EventsTable;
+}
+
+export interface TenantsTable {
+  id: string;
+  name: string;
+  created_at: string;
+}
+
+export interface ApiKeysTable {
+  id: string;
+  tenant_id: string;
+  /** sha256 of the secret; the secret itself is shown once and never stored. */
+  secret_hash: string;
+  /** JSON array of permission strings, e.g. ["microvm:*", "image:read"]. */
+  permissions: string;
+  description: string | null;
+  created_at: string;
+  revoked_at: string | null;
+}
+
+export interface MicroVmsTable {
+  id: string;
+  tenant_id: string;
+  image_name: string;
+  image_id: string;
+  state: string;
+  state_reason: string | null;
+  vcpus: number;
+  memory_mib: number;
+  disk_gib: number;
+  /** JSON object of environment variables. */
+  env: string;
+  suspend_after_seconds: number;
+  auto_resume: number;
+  max_runtime_seconds: number;
+  /** JSON: "none" | "internet" | {allow: [...]} */
+  egress: string;
+  endpoint_public: number;
+  endpoint_token: string;
+  /** JSON object supplied by the caller. */
+  metadata: string;
+  created_at: string;
+  expires_at: string;
+  last_activity_at: string;
+  terminated_at: string | null;
+}
+
+export interface EventsTable {
+  id: Generated<number>;
+  microvm_id: string;
+  tenant_id: string;
+  type: string;
+  message: string;
+  at: string;
+}
+
+export type Tenant = Selectable<TenantsTable>;
+export type ApiKey = Selectable<ApiKeysTable>;
+export type MicroVmRow = Selectable<MicroVmsTable>;
+export type NewMicroVmRow = Insertable<MicroVmsTable>;
+export type MicroVmUpdate = Updateable<MicroVmsTable>;
+export type EventRow = Selectable<EventsTable>;

@@ -1,0 +1,56 @@
+import { createHash, randomBytes } from "node:crypto";
+import type { Db } from "./db.ts";
+import type { ApiKey, Tenant } from "./schema.ts";
+
+export const hashSecret = (secret: string) => createHash("sha256").update(secret).digest("hex");
+
+export function createTenant(db: Db, name: string): Promise<Tenant> {
+  const tenant = { id: `tnt-${randomBytes(6).toString("hex")}`, name, created_at: new Date().toISOString() };
+  return db.insertInto("tenants").values(tenant).returningAll().executeTakeFirstOrThrow();
+}
+
+export function findTenant(db: Db, idOrName: string): Promise<Tenant | undefined> {
+  return db.selectFrom("tenants").selectAll().where((eb) => eb.or([eb("id", "=", idOrName), eb("name", "=", idOrName)])).executeTakeFirst();
+}
+
+/** Creates a key and returns its secret (`ck_…`), which is never stored: only its hash is. */
+export async function createApiKey(
+  db: Db,
+  opts: { tenantId: string; permissions: string[]; description?: string },
+): Promise<{ key: ApiKey; apiKey: string }> {
+  const apiKey = `ck_${randomBytes(24).toString("base64url")}`;
+  const key = await db
+    .insertInto("api_keys")
+    .values({
+      id: `key-${randomBytes(6).toString("hex")}`,
+      tenant_id: opts.tenantId,
+      secret_hash: hashSecret(apiKey),
+      permissions: JSON.stringify(opts.permissions),
+      description: opts.description ?? null,
+      created_at: new Date().toISOString(),
+      revoked_at: null,
+    })
+    .returningAll()
+    .executeTakeFirstOrThrow();
+  return { key, apiKey };
+}
+
+/** The live (not revoked) key whose secret is `apiKey`. Looked up per request: revocation is immediate. */
+export function findLiveKey(db: Db, apiKey: string): Promise<ApiKey | undefined> {
+  return db.selectFrom("api_keys").selectAll().where("secret_hash", "=", hashSecret(apiKey)).where("revoked_at", "is", null).executeTakeFirst();
+}
+
+export function listKeys(db: Db): Promise<ApiKey[]> {
+  return db.selectFrom("api_keys").selectAll().orderBy("created_at").execute();
+}
+
+/** Returns false if there is no such live key. */
+export async function revokeKey(db: Db, keyId: string): Promise<boolean> {
+  const res = await db.updateTable("api_keys").set({ revoked_at: new Date().toISOString() }).where("id", "=", keyId).where("revoked_at", "is", null).executeTakeFirst();
+  return res.numUpdatedRows > 0n;
+}
+
+export async function hasAdminKey(db: Db): Promise<boolean> {
+  const row = await db.selectFrom("api_keys").select("id").where("permissions", "like", '%"admin:*"%').where("revoked_at", "is", null).executeTakeFirst();
+  return row !== undefined;
+}

@@ -1,0 +1,81 @@
+import { mkdtemp, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { afterAll, inject } from "vitest";
+import { buildApi, type Api } from "../../src/api/server.ts";
+import { ImageCatalog } from "../../src/images/catalog.ts";
+import { MicroVmService, type HostCapacity } from "../../src/lifecycle/microvms.ts";
+import { openDatabase, type Db } from "../../src/store/db.ts";
+import { bootstrapAdminKey } from "../../src/server/bootstrap.ts";
+import { Engine } from "../../src/vmm/engine.ts";
+import { engineConfig } from "./engine-fixture.ts";
+import { TEST_IMAGES, TEST_ROOT } from "./paths.ts";
+
+export interface ApiContext {
+  url: string;
+  adminKey: string;
+  db: Db;
+  engine: Engine;
+  microvms: MicroVmService;
+  /** Sends a request; JSON bodies are encoded, JSON answers decoded. */
+  call(method: string, path: string, opts?: { key?: string; body?: unknown; raw?: string | Buffer; headers?: Record<string, string> }): Promise<{ status: number; body: any; text: string }>;
+  /** Creates a tenant and a key for it with the given permissions. */
+  tenantKey(name: string, permissions?: string[]): Promise<string>;
+}
+
+/**
+ * The real API over real HTTP on a loopback port, with a real database and
+ * engine (the shared base snapshot as the `base` image). Everything is
+ * terminated and removed after the file.
+ */
+export async function useApi(opts: { capacity?: HostCapacity; policyIntervalMs?: number } = {}): Promise<ApiContext> {
+  const dataDir = await mkdtemp(join(TEST_ROOT, "api-"));
+  const db = await openDatabase(dataDir);
+  const adminKey = (await bootstrapAdminKey(db, dataDir))!;
+  const engine = await Engine.open(engineConfig(dataDir));
+  const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
+  // The shared images directory: the default shape's snapshot is already built there.
+  const images = new ImageCatalog(engine, { imagesDir: TEST_IMAGES, rootfs: inject("rootfs"), assets });
+  const microvms = new MicroVmService(db, engine, images, opts.capacity);
+  await microvms.start(opts.policyIntervalMs ?? 250);
+  const app: Api = await buildApi({ db, microvms, accelerator: engine.accelerator, logger: process.env.COCOON_TEST_LOG === "1" });
+  const address = await app.listen({ host: "127.0.0.1", port: 0 });
+  const ctx: ApiContext = {
+    url: address,
+    adminKey,
+    db,
+    engine,
+    microvms,
+    async call(method, path, o = {}) {
+      const headers: Record<string, string> = { ...o.headers };
+      if (o.key) headers.authorization = `Bearer ${o.key}`;
+      let body: string | Buffer | undefined = o.raw;
+      if (o.body !== undefined) {
+        body = JSON.stringify(o.body);
+        headers["content-type"] = "application/json";
+      }
+      const res = await fetch(`${address}${path}`, { method, headers, body: body as BodyInit | undefined });
+      const text = await res.text();
+      let parsed: unknown = text;
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        // not JSON
+      }
+      return { status: res.status, body: parsed, text };
+    },
+    async tenantKey(name, permissions = ["microvm:*", "image:read"]) {
+      await ctx.call("POST", "/v1/tenants", { key: adminKey, body: { name } });
+      const res = await ctx.call("POST", "/v1/keys", { key: adminKey, body: { tenant: name, permissions } });
+      return res.body.apiKey as string;
+    },
+  };
+  afterAll(async () => {
+    microvms.stop();
+    await app.close();
+    for (const vm of engine.list()) await engine.terminate(vm.id).catch(() => undefined);
+    await engine.close();
+    await db.destroy();
+    await rm(dataDir, { recursive: true, force: true });
+  });
+  return ctx;
+}
