@@ -93,6 +93,14 @@ export class MicroVmService {
     clearInterval(this.policyTimer);
   }
 
+  /** Suspends every RUNNING VM to disk (graceful server shutdown); they resume on their next request. */
+  async suspendAll(cause: string): Promise<void> {
+    const rows = await this.db.selectFrom("microvms").select(["id", "tenant_id"]).where("state", "=", "RUNNING").execute();
+    for (const row of rows) {
+      await this.suspend(row.tenant_id, row.id, cause).catch((err: Error) => this.log(`suspending ${row.id} at shutdown: ${err.message}`));
+    }
+  }
+
   async create(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
     const image = this.images.resolve(tenantId, req.image);
     const shape = { vcpus: req.vcpus ?? 1, memoryMiB: req.memoryMiB ?? 512 };

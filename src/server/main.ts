@@ -24,10 +24,14 @@ export async function runServer(flags: { listen?: string; dataDir?: string }): P
   const api = await buildApi({ db, microvms, accelerator: runtime.engine.accelerator });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
+  // SIGTERM/SIGINT: stop taking requests, suspend every running VM to disk,
+  // then exit; the next start finds them SUSPENDED and resumes each on its next
+  // request. (After SIGKILL, VMs simply keep running and are re-adopted.)
   const stop = async () => {
-    // VMs outlive the server process by design; the next start re-adopts them.
+    log("shutting down: suspending running VMs");
     microvms.stop();
     await api.close();
+    await microvms.suspendAll("server shutdown");
     await runtime.engine.close();
     await db.destroy();
     process.exit(0);
