@@ -60,7 +60,7 @@ describe("server restart without loss", () => {
     await new Promise((r) => child.once("exit", r));
     child = await startServer();
     expect((await call("GET", `/v1/microvms/${id}`)).body.state).toBe("RUNNING");
-    const afterKill = await call("POST", `/v1/microvms/${id}/exec`, { command: "cat /root/state; pgrep -c sleep || ls /proc | grep -c '^[0-9]'" });
+    const afterKill = await call("POST", `/v1/microvms/${id}/exec`, { command: "cat /root/state" });
     expect(afterKill.body.stdout).toContain("kept");
 
     child.kill("SIGTERM");
