@@ -48,8 +48,7 @@ async function main(): Promise<void> {
         engine.bootTemplate({ dir, backingDisk: rootfs, vcpus: 1, memoryMiB: baseImage.manifest.memoryMiB }),
       );
       cold.push(ms);
-      template.agent.close();
-      await template.machine.stop(0);
+      await engine.discardTemplate(template);
       await rm(dir, { recursive: true, force: true });
     }
 

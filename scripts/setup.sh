@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Host tools: QEMU (microvm machine) and qemu-img, mmdebstrap + mke2fs for the
-# base root filesystem, Go for the in-guest agent, apt-get for the guest kernel.
-PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates)
+# base root filesystem, Go for the in-guest agent, apt-get for the guest kernel;
+# passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md).
+PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -9,6 +9,7 @@ import { freeLoopbackPort } from "../util/ports.ts";
 import { run } from "../util/process.ts";
 import { AgentClient } from "./agent-client.ts";
 import { Machine } from "./machine.ts";
+import { NetworkManager, type Egress, type VmNetworkRecord } from "./network/index.ts";
 import { AGENT_PORT, guestCmdline, machinePaths, type Accelerator, type GuestMemory, type MachineSpec, type PortForward } from "./qemu.ts";
 
 /** Kernel and initramfs every VM boots (see vmm/guest). */
@@ -76,6 +77,8 @@ export interface VmRecord {
   agentPort: number;
   /** Guest app ports and the host loopback ports they are reachable on. */
   forwards: PortForward[];
+  /** Egress policy and its host-side identity; absent in older records (= egress "none"). */
+  network?: VmNetworkRecord;
   createdAt: string;
 }
 
@@ -146,6 +149,8 @@ export interface BootOpts {
   vcpus: number;
   memoryMiB: number;
   guestPorts?: number[];
+  /** Egress while the template runs (image builds install packages): default "internet". */
+  egress?: Egress;
 }
 
 /** A cold-booted VM whose memory lives in a shared file: the raw material of a snapshot. */
@@ -157,6 +162,7 @@ export interface TemplateVm {
   token: string;
   guestPorts: number[];
   forwards: PortForward[];
+  network: VmNetworkRecord;
 }
 
 /**
@@ -174,10 +180,12 @@ export class Engine extends EventEmitter {
   private closing = false;
   private readonly locks = new KeyedMutex();
   private readonly vmsDir: string;
+  private readonly network: NetworkManager;
 
   private constructor(private readonly config: EngineConfig) {
     super();
     this.vmsDir = join(config.dataDir, "vms");
+    this.network = new NetworkManager(config.log);
   }
 
   get accelerator(): Accelerator {
@@ -222,6 +230,7 @@ export class Engine extends EventEmitter {
       const token = newToken();
       const guestPorts = opts.guestPorts ?? [];
       const forwards = await allocateForwards([AGENT_PORT, ...guestPorts]);
+      const network = this.network.allocate(opts.egress ?? "internet", this.passtUids());
       const spec: MachineSpec = {
         vmDir: opts.dir,
         name: `template-${randomBytes(3).toString("hex")}`,
@@ -236,14 +245,19 @@ export class Engine extends EventEmitter {
         forwards,
         incoming: false,
       };
-      const machine = await Machine.start(spec);
+      spec.net = await this.network.start(network, forwards);
+      const machine = await Machine.start(spec).catch(async (err: unknown) => {
+        await this.network.stop(network);
+        throw err;
+      });
       const agent = new AgentClient(forwards[0]!.hostPort, token);
       try {
         await agent.waitReady(timeoutMs);
-        return { dir: opts.dir, machine, agent, spec, token, guestPorts, forwards: forwards.slice(1) };
+        return { dir: opts.dir, machine, agent, spec, token, guestPorts, forwards: forwards.slice(1), network };
       } catch (err) {
         agent.close();
         await machine.stop(0);
+        await this.network.stop(network);
         const console = await readFile(machinePaths(opts.dir).console, "utf8").catch(() => "");
         if (attempt >= 2) {
           throw new Error(`cold boot failed twice: ${(err as Error).message}; console: ${console.slice(-1500)}`);
@@ -266,6 +280,7 @@ export class Engine extends EventEmitter {
     } finally {
       template.agent.close();
       await template.machine.stop();
+      await this.network.stop(template.network);
     }
     // The memory file is the snapshot's RAM: it must be on disk before anyone maps it.
     await fsyncFile(files.memory);
@@ -289,6 +304,13 @@ export class Engine extends EventEmitter {
     return { dir: template.dir, manifest };
   }
 
+  /** Ends a template without snapshotting it (its process and its network are gone). */
+  async discardTemplate(template: TemplateVm): Promise<void> {
+    template.agent.close();
+    await template.machine.stop(0);
+    await this.network.stop(template.network);
+  }
+
   /** Reads a snapshot written by `snapshot`; fails clearly if it is incomplete. */
   static async loadSnapshot(dir: string): Promise<Snapshot> {
     const files = snapshotFiles(dir);
@@ -309,15 +331,17 @@ export class Engine extends EventEmitter {
    * translate every guest code path once, ~200 ms); launching then only
    * re-keys it. A caller-chosen `id` always takes the direct path.
    */
-  async launch(snapshot: Snapshot, opts: { id?: string } = {}): Promise<MicroVm> {
+  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress } = {}): Promise<MicroVm> {
     const m = snapshot.manifest;
     if (m.accelerator !== this.accelerator) {
       throw new Error(`snapshot was made under ${m.accelerator} but this host runs ${this.accelerator}: rebuild the image`);
     }
-    const warm = opts.id ? undefined : await this.takeWarm(snapshot);
+    // Validates the policy before anything starts. Warm VMs have egress "none" (a netdev is fixed per process).
+    const network = this.network.allocate(opts.egress ?? "none", this.passtUids());
+    const warm = opts.id || network.egress !== "none" ? undefined : await this.takeWarm(snapshot);
     void this.prewarm(snapshot);
     if (warm) return warm;
-    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false);
+    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false, network);
     this.vms.set(vm.id, vm);
     return vm;
   }
@@ -370,7 +394,7 @@ export class Engine extends EventEmitter {
   }
 
   /** Restores a new VM from a snapshot (the direct launch path). */
-  private async clone(snapshot: Snapshot, id: string, pooled: boolean): Promise<MicroVm> {
+  private async clone(snapshot: Snapshot, id: string, pooled: boolean, network: VmNetworkRecord = { egress: "none" }): Promise<MicroVm> {
     const m = snapshot.manifest;
     const dir = join(this.vmsDir, id);
     const files = vmFiles(dir);
@@ -386,6 +410,7 @@ export class Engine extends EventEmitter {
       token: newToken(),
       agentPort: forwards[0]!.hostPort,
       forwards: forwards.slice(1),
+      network,
       createdAt: new Date().toISOString(),
     });
     return this.locks.run(id, async () => {
@@ -432,6 +457,7 @@ export class Engine extends EventEmitter {
       await this.saveRecord(vm);
       vm.agent.close();
       await machine.stop();
+      await this.network.stop(vm.record.network);
       vm.machine = undefined;
       return vm;
     });
@@ -472,11 +498,17 @@ export class Engine extends EventEmitter {
       vm.machine?.removeAllListeners("exit");
       vm.machine?.detach();
       vm.agent.close();
+      this.network.detach(vm.record.network);
     }
     this.vms.clear();
   }
 
   // ---- internals ---------------------------------------------------------------
+
+  /** passt uids held by this engine's VMs (warm-pool VMs have none: their egress is "none"). */
+  private passtUids(): number[] {
+    return this.list().flatMap((vm) => (vm.record.network?.uid === undefined ? [] : [vm.record.network.uid]));
+  }
 
   /** Starts QEMU paused, streams `stateFile` in, continues, and re-keys the agent. */
   private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, agentToken: string): Promise<void> {
@@ -495,7 +527,11 @@ export class Engine extends EventEmitter {
       forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
       incoming: true,
     };
-    const machine = await Machine.start(spec);
+    spec.net = await this.network.start(vm.record.network ?? { egress: "none" }, spec.forwards);
+    const machine = await Machine.start(spec).catch(async (err: unknown) => {
+      await this.network.stop(vm.record.network);
+      throw err;
+    });
     vm.machine = machine;
     try {
       await machine.restore(stateFile);
@@ -505,6 +541,7 @@ export class Engine extends EventEmitter {
       await vm.agent.restore({ newToken: vm.record.token, hostname: vm.id });
     } catch (err) {
       await machine.stop(0);
+      await this.network.stop(vm.record.network);
       vm.machine = undefined;
       throw err;
     }
@@ -525,6 +562,7 @@ export class Engine extends EventEmitter {
         if (vm.status !== "running") return;
         vm.machine = undefined;
         vm.agent.close();
+        await this.network.stop(vm.record.network);
         const console = await readFile(machinePaths(vm.dir).console, "utf8").catch(() => "");
         await this.markFailed(vm, `QEMU process exited unexpectedly${console ? `; console: ${console.slice(-300).trim()}` : ""}`);
         this.emit("exit", vm, vm.record.failureReason);
@@ -542,6 +580,7 @@ export class Engine extends EventEmitter {
     vm.agent.close();
     await vm.machine?.stop(0);
     vm.machine = undefined;
+    await this.network.stop(vm.record.network);
     await rm(vm.dir, { recursive: true, force: true });
     this.vms.delete(vm.id);
   }
@@ -573,6 +612,7 @@ export class Engine extends EventEmitter {
       switch (record.status) {
         case "starting":
           await machine?.stop(0);
+          await this.network.stop(record.network);
           await rm(dir, { recursive: true, force: true });
           continue;
         case "running":
@@ -582,20 +622,25 @@ export class Engine extends EventEmitter {
             // guest is intact, so it runs on and the half-written state is dropped.
             if ((await machine.runState()) !== "running") await machine.cont();
             await rm(vmFiles(dir).suspended, { force: true });
+            await this.network.adopt(record.network ?? { egress: "none" });
             this.watchExit(vm);
           } else if (await exists(vmFiles(dir).suspended)) {
             vm.record = { ...record, status: "suspended", pid: undefined };
             await this.saveRecord(vm);
+            await this.network.stop(record.network);
           } else {
             await this.markFailed(vm, "QEMU process was gone when the server restarted");
+            await this.network.stop(record.network);
           }
           break;
         case "suspended":
           await machine?.stop(0);
+          await this.network.stop(record.network);
           if (!(await exists(vmFiles(dir).suspended))) await this.markFailed(vm, "suspended state file is missing");
           break;
         case "failed":
           await machine?.stop(0);
+          await this.network.stop(record.network);
           break;
         default: {
           const never: never = record.status;

@@ -2,6 +2,7 @@ import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { NetBackend } from "./network/index.ts";
 
 export type Accelerator = "kvm" | "tcg";
 
@@ -35,6 +36,8 @@ export interface MachineSpec {
   cmdline: string;
   disk: string;
   forwards: PortForward[];
+  /** How `net0` reaches the host (default user-mode, restrict=on); with passt, `forwards` are passt's and ignored here. */
+  net?: NetBackend;
   /** Start paused, waiting for `migrate-incoming` (restore from a snapshot or suspend). */
   incoming: boolean;
 }
@@ -104,9 +107,17 @@ export function qemuArgs(spec: MachineSpec): string[] {
     "-drive", `id=root,file=${spec.disk},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap`,
     "-device", "virtio-blk-device,drive=root",
     // restrict=on: the guest cannot open connections to the host or beyond;
-    // only the explicit hostfwd rules (host loopback → guest) pass.
-    "-netdev", `user,id=net0,restrict=on,ipv6=off${hostfwd}`,
+    // only the explicit hostfwd rules (host loopback → guest) pass. With egress,
+    // net0 is a stream to the VM's passt (src/vmm/network); the device is the same,
+    // so snapshots and suspended states restore under either backend.
+    "-netdev",
+    spec.net?.kind === "passt"
+      ? `stream,id=net0,server=off,addr.type=unix,addr.path=${spec.net.socket}`
+      : `user,id=net0,restrict=on,ipv6=off${hostfwd}`,
     "-device", `virtio-net-device,netdev=net0,mac=${GUEST_NET.mac}`,
+    // slirp has a migration section of its own ('slirp' 0): a passt VM keeps an
+    // idle, unconnected user-mode netdev so states move between the two backends.
+    ...(spec.net?.kind === "passt" ? ["-netdev", "user,id=slirp0,restrict=on,ipv6=off"] : []),
     "-qmp", `unix:${paths.qmp},server=on,wait=off`,
     "-pidfile", paths.pidfile,
     // -daemonize: QEMU detaches from the server (a server crash or restart
