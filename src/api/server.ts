@@ -1,14 +1,19 @@
 import swagger from "@fastify/swagger";
+import websocket from "@fastify/websocket";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import { Ajv } from "ajv";
 import Fastify, { type FastifyError } from "fastify";
 import { ApiError, InvalidArgumentError, type ErrorCode } from "../errors.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
+import type { ServerMetrics } from "../telemetry/metrics.ts";
+import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { authenticate } from "./auth.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
 import { registerMicroVmRoutes } from "./routes/microvms.ts";
+import { registerObserveRoutes } from "./routes/observe.ts";
+import { registerTerminalRoute } from "./routes/terminal.ts";
 
 export const VERSION = "0.1.0";
 
@@ -16,6 +21,10 @@ export interface ApiDeps {
   db: Db;
   microvms: MicroVmService;
   accelerator: Accelerator;
+  metrics: ServerMetrics;
+  sampler: VmSampler;
+  /** Serve /metrics without an admin key (--metrics-public). */
+  metricsPublic?: boolean;
   logger?: boolean;
 }
 
@@ -56,15 +65,21 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   // Uploads (PUT …/files) arrive as a stream of any content type.
   app.addContentTypeParser("*", (_request, payload, done) => done(null, payload));
   app.decorateRequest("tenantId", "");
+  await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
   app.addHook("onRequest", async (request) => {
     const permission = (request.routeOptions.config as { permission?: string }).permission;
-    if (permission) request.tenantId = await authenticate(deps.db, request.headers.authorization, permission);
+    if (!permission) return;
+    // Browsers cannot set headers on a WebSocket: those upgrades may carry the key as ?access_token=.
+    const token = request.headers.upgrade === "websocket" ? (request.query as { access_token?: string }).access_token : undefined;
+    request.tenantId = await authenticate(deps.db, request.headers.authorization ?? (token ? `Bearer ${token}` : undefined), permission);
   });
 
   app.get("/v1/health", { schema: { security: [] } }, async () => ({ status: "ok", accelerator: deps.accelerator, version: VERSION }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db);
   registerMicroVmRoutes(app, deps.microvms);
+  registerTerminalRoute(app, deps.microvms);
+  registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   return app;
 }
 

@@ -7,9 +7,9 @@ import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { AgentError, type ExecEvent, type ExecRequest } from "../vmm/agent-client.ts";
 import { VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
+import { parseEgress, type Egress } from "../vmm/network/policy.ts";
+import type { LifecycleObserver } from "../telemetry/metrics.ts";
 import { checkTransition, holdsHostResources, type MicroVmState } from "./states.ts";
-
-export type Egress = "none" | "internet" | { allow: string[] };
 
 /** A create request after validation by the API's schema (ranges are checked here). */
 export interface CreateMicroVmRequest {
@@ -61,14 +61,30 @@ export class MicroVmService {
   private reserved = { vcpus: 0, memoryMiB: 0 };
   private policyTimer: NodeJS.Timeout | undefined;
 
-  constructor(
-    private readonly db: Db,
-    private readonly engine: Engine,
-    private readonly images: ImageCatalog,
-    private readonly capacity: HostCapacity = defaultCapacity(),
-    private readonly log: (line: string) => void = () => undefined,
-  ) {
-    engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));
+  private readonly db: Db;
+  private readonly engine: Engine;
+  private readonly images: ImageCatalog;
+  private readonly capacity: HostCapacity;
+  private readonly observer: LifecycleObserver | undefined;
+  private readonly log: (line: string) => void;
+
+  constructor(opts: {
+    db: Db;
+    engine: Engine;
+    images: ImageCatalog;
+    /** Default: defaultCapacity() of this host. */
+    capacity?: HostCapacity;
+    /** Receives launch/suspend/resume latencies (telemetry). */
+    observer?: LifecycleObserver;
+    log?: (line: string) => void;
+  }) {
+    this.db = opts.db;
+    this.engine = opts.engine;
+    this.images = opts.images;
+    this.capacity = opts.capacity ?? defaultCapacity();
+    this.observer = opts.observer;
+    this.log = opts.log ?? (() => undefined);
+    this.engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));
   }
 
   /** Brings the database in line with the VMs the engine re-adopted, then starts the policy loop. */
@@ -112,17 +128,15 @@ export class MicroVmService {
     checkRange("maxRuntimeSeconds", maxRuntimeSeconds);
     const suspendAfterSeconds = req.idlePolicy?.suspendAfterSeconds ?? 900;
     checkRange("suspendAfterSeconds", suspendAfterSeconds, "idlePolicy.suspendAfterSeconds");
-    const egress = req.network?.egress ?? "none";
-    if (egress !== "none") {
-      throw new ApiError("ValidationError", `network.egress "${JSON.stringify(egress)}" is not available yet: only "none" is supported`, { field: "network.egress" });
-    }
+    const egress = parseEgress(req.network?.egress);
 
     await this.admit(shape);
     this.reserved.vcpus += shape.vcpus;
     this.reserved.memoryMiB += shape.memoryMiB;
     let vm: MicroVm | undefined;
+    const started = performance.now();
     try {
-      vm = await this.engine.launch(await image.snapshotFor(shape));
+      vm = await this.engine.launch(await image.snapshotFor(shape), { egress });
       if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv(req.env);
       const now = new Date();
       const row: MicroVmRow = {
@@ -152,6 +166,7 @@ export class MicroVmService {
         await tx.insertInto("microvms").values(row).execute();
         await tx.insertInto("events").values(event(row.id, tenantId, "created", `launched from image ${image.name} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`)).execute();
       });
+      this.observer?.observe("launch", (performance.now() - started) / 1000);
       return row;
     } catch (err) {
       // No partial state: a VM that was launched but not recorded is ended.
@@ -190,8 +205,10 @@ export class MicroVmService {
       const row = await this.get(tenantId, id);
       checkTransition(id, row.state as MicroVmState, "SUSPENDING", "suspend");
       await this.record(id, tenantId, { state: "SUSPENDING" });
+      const started = performance.now();
       try {
         await this.engine.suspend(id);
+        this.observer?.observe("suspend", (performance.now() - started) / 1000);
       } catch (err) {
         await this.record(id, tenantId, { state: "RUNNING" }, "suspend-failed", (err as Error).message);
         throw err;
@@ -209,8 +226,10 @@ export class MicroVmService {
     checkTransition(id, row.state as MicroVmState, "RESUMING", "resume");
     await this.admit({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
     await this.record(id, tenantId, { state: "RESUMING" });
+    const started = performance.now();
     try {
       await this.engine.resume(id);
+      this.observer?.observe("resume", (performance.now() - started) / 1000);
     } catch (err) {
       await this.record(id, tenantId, { state: "SUSPENDED" }, "resume-failed", (err as Error).message);
       throw err;
@@ -253,13 +272,13 @@ export class MicroVmService {
       let row = await this.get(tenantId, id);
       if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
       if (row.state !== "RUNNING") throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${row.state}`, { state: row.state });
-      await this.db.updateTable("microvms").set({ last_activity_at: new Date().toISOString() }).where("id", "=", id).execute();
+      await this.touch(id);
       return this.engine.get(id);
     });
   }
 
-  /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight. */
-  private async admit(shape: { vcpus: number; memoryMiB: number }): Promise<void> {
+  /** Host capacity and what live VMs and creates in flight hold of it. */
+  async usage(): Promise<{ vcpus: number; memoryMiB: number; usedVcpus: number; usedMemoryMiB: number }> {
     const live = await this.db.selectFrom("microvms").select(["state", "vcpus", "memory_mib"]).execute();
     const used = { vcpus: this.reserved.vcpus, memoryMiB: this.reserved.memoryMiB };
     for (const r of live) {
@@ -267,6 +286,32 @@ export class MicroVmService {
       used.vcpus += r.vcpus;
       used.memoryMiB += r.memory_mib;
     }
+    return { ...this.capacity, usedVcpus: used.vcpus, usedMemoryMiB: used.memoryMiB };
+  }
+
+  async countByState(): Promise<Record<string, number>> {
+    const rows = await this.db.selectFrom("microvms").select(["state", (eb) => eb.fn.countAll<number>().as("n")]).groupBy("state").execute();
+    return Object.fromEntries(rows.map((r) => [r.state, Number(r.n)]));
+  }
+
+  /**
+   * The VM's record and its engine handle while the engine has it (not after
+   * terminate); neither resumes it nor counts as activity (metrics, logs).
+   */
+  async peek(tenantId: string, id: string): Promise<{ row: MicroVmRow; vm?: MicroVm }> {
+    const row = await this.get(tenantId, id);
+    return { row, vm: this.engine.list().find((v) => v.id === id) };
+  }
+
+  /** Records activity (terminal input, endpoint traffic) for the idle policy. */
+  async touch(id: string): Promise<void> {
+    await this.db.updateTable("microvms").set({ last_activity_at: new Date().toISOString() }).where("id", "=", id).execute();
+  }
+
+  /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight. */
+  private async admit(shape: { vcpus: number; memoryMiB: number }): Promise<void> {
+    const u = await this.usage();
+    const used = { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB };
     for (const key of ["vcpus", "memoryMiB"] as const) {
       if (used[key] + shape[key] > this.capacity[key]) {
         throw new ApiError("CapacityExceeded", `host is at capacity: ${used[key]} of ${this.capacity[key]} ${key} in use, ${shape[key]} more requested`, {

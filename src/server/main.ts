@@ -4,12 +4,14 @@ import { buildApi } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
 import { MicroVmService } from "../lifecycle/microvms.ts";
 import { openDatabase } from "../store/db.ts";
+import { ServerMetrics } from "../telemetry/metrics.ts";
+import { VmSampler } from "../telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "./bootstrap.ts";
 import { resolveServerConfig } from "./config.ts";
 import { startRuntime } from "./runtime.ts";
 
 /** `cocoon server`: prepares assets, re-adopts VMs, serves the API until SIGINT/SIGTERM. */
-export async function runServer(flags: { listen?: string; dataDir?: string }): Promise<void> {
+export async function runServer(flags: { listen?: string; dataDir?: string; metricsPublic?: boolean }): Promise<void> {
   const config = resolveServerConfig(flags);
   const log = (line: string) => console.error(`[cocoon] ${line}`);
   log(`data directory ${config.dataDir}`);
@@ -19,9 +21,13 @@ export async function runServer(flags: { listen?: string; dataDir?: string }): P
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
   const runtime = await startRuntime({ ...config, log });
   const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, log });
-  const microvms = new MicroVmService(db, runtime.engine, images, undefined, log);
+  let microvms: MicroVmService | undefined;
+  const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
+  microvms = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
   await microvms.start();
-  const api = await buildApi({ db, microvms, accelerator: runtime.engine.accelerator });
+  const sampler = new VmSampler();
+  sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
+  const api = await buildApi({ db, microvms, accelerator: runtime.engine.accelerator, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   // SIGTERM/SIGINT: stop taking requests, suspend every running VM to disk,
@@ -29,9 +35,10 @@ export async function runServer(flags: { listen?: string; dataDir?: string }): P
   // request. (After SIGKILL, VMs simply keep running and are re-adopted.)
   const stop = async () => {
     log("shutting down: suspending running VMs");
-    microvms.stop();
+    microvms!.stop();
+    sampler.stop();
     await api.close();
-    await microvms.suspendAll("server shutdown");
+    await microvms!.suspendAll("server shutdown");
     await runtime.engine.close();
     await db.destroy();
     process.exit(0);

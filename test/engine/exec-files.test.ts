@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { AgentError } from "../../src/vmm/agent-client.ts";
+import { PTY_FRAME, PtyFrameDecoder } from "../../src/vmm/pty-frames.ts";
 import { useEngine } from "../support/engine-fixture.ts";
 
 const ctx = await useEngine();
@@ -74,17 +75,13 @@ describe("terminal", () => {
   it("runs a shell on a PTY and reports its exit code", async () => {
     const vm = await ctx.engine.launch(ctx.snapshot);
     const socket = await vm.agent.pty({ cmd: "echo on-a-tty:$(tty); exit 3", cols: 80, rows: 24 });
-    let buf = Buffer.alloc(0);
+    const decoder = new PtyFrameDecoder();
     let output = "";
     const exitCode = await new Promise<number>((resolve, reject) => {
       socket.on("data", (chunk: Buffer) => {
-        buf = Buffer.concat([buf, chunk]);
-        while (buf.length >= 5 && buf.length >= 5 + buf.readUInt32BE(1)) {
-          const type = buf[0];
-          const payload = buf.subarray(5, 5 + buf.readUInt32BE(1));
-          buf = buf.subarray(5 + payload.length);
-          if (type === 0) output += payload.toString();
-          if (type === 2) resolve(payload.readInt32BE(0));
+        for (const frame of decoder.push(chunk)) {
+          if (frame.type === PTY_FRAME.data) output += frame.payload.toString();
+          if (frame.type === PTY_FRAME.exit) resolve(frame.payload.readInt32BE(0));
         }
       });
       socket.on("error", reject);

@@ -5,6 +5,8 @@ import { buildApi, type Api } from "../../src/api/server.ts";
 import { ImageCatalog } from "../../src/images/catalog.ts";
 import { MicroVmService, type HostCapacity } from "../../src/lifecycle/microvms.ts";
 import { openDatabase, type Db } from "../../src/store/db.ts";
+import { ServerMetrics } from "../../src/telemetry/metrics.ts";
+import { VmSampler } from "../../src/telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "../../src/server/bootstrap.ts";
 import { Engine } from "../../src/vmm/engine.ts";
 import { engineConfig } from "./engine-fixture.ts";
@@ -35,16 +37,25 @@ export async function useApi(opts: { capacity?: HostCapacity; policyIntervalMs?:
   const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
   // The shared images directory: the default shape's snapshot is already built there.
   const images = new ImageCatalog(engine, { imagesDir: TEST_IMAGES, rootfs: inject("rootfs"), assets });
-  const microvms = new MicroVmService(db, engine, images, opts.capacity);
+  let microvms: MicroVmService | undefined;
+  const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
+  microvms = new MicroVmService({ db, engine, images, capacity: opts.capacity, observer: metrics });
   await microvms.start(opts.policyIntervalMs ?? 250);
-  const app: Api = await buildApi({ db, microvms, accelerator: engine.accelerator, logger: process.env.COCOON_TEST_LOG === "1" });
+  const app: Api = await buildApi({
+    db,
+    microvms,
+    accelerator: engine.accelerator,
+    metrics,
+    sampler: new VmSampler(),
+    logger: process.env.COCOON_TEST_LOG === "1",
+  });
   const address = await app.listen({ host: "127.0.0.1", port: 0 });
   const ctx: ApiContext = {
     url: address,
     adminKey,
     db,
     engine,
-    microvms,
+    microvms: microvms!,
     async call(method, path, o = {}) {
       const headers: Record<string, string> = { ...o.headers };
       if (o.key) headers.authorization = `Bearer ${o.key}`;
@@ -70,7 +81,7 @@ export async function useApi(opts: { capacity?: HostCapacity; policyIntervalMs?:
     },
   };
   afterAll(async () => {
-    microvms.stop();
+    microvms!.stop();
     await app.close();
     for (const vm of engine.list()) await engine.terminate(vm.id).catch(() => undefined);
     await engine.close();

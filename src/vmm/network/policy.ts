@@ -1,4 +1,5 @@
 import { isIPv4 } from "node:net";
+import { InvalidArgumentError } from "../../errors.ts";
 
 /**
  * A VM's egress policy (API.md `network.egress`):
@@ -21,9 +22,9 @@ export interface AllowList {
   suffixes: string[];
 }
 
-export class InvalidEgressError extends Error {
+export class InvalidEgressError extends InvalidArgumentError {
   constructor(message: string) {
-    super(message);
+    super("network.egress", message);
     this.name = "InvalidEgressError";
   }
 }

@@ -1,0 +1,74 @@
+import { Type } from "@fastify/type-provider-typebox";
+import type { Socket } from "node:net";
+import type { MicroVmService } from "../../lifecycle/microvms.ts";
+import { encodePtyFrame, PTY_FRAME, PtyFrameDecoder, resizeFrame } from "../../vmm/pty-frames.ts";
+import type { Api } from "../server.ts";
+
+const TerminalQuery = Type.Object({
+  cols: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 80 })),
+  rows: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 24 })),
+  access_token: Type.Optional(Type.String({ maxLength: 256, description: "API key, for clients that cannot set headers (browsers)" })),
+});
+
+/**
+ * GET /v1/microvms/{id}/terminal (WebSocket): an interactive shell on a PTY.
+ * Binary messages carry keystrokes in and terminal output out; a text message
+ * `{"type":"resize","cols":N,"rows":N}` resizes; the server's last message is
+ * `{"type":"exit","exitCode":N}`. A SUSPENDED VM is resumed first; input
+ * counts as activity.
+ */
+export function registerTerminalRoute(app: Api, microvms: MicroVmService): void {
+  app.get(
+    "/v1/microvms/:id/terminal",
+    { websocket: true, config: { permission: "microvm:exec" }, schema: { params: Type.Object({ id: Type.String({ maxLength: 64 }) }), querystring: TerminalQuery } },
+    async (socket, req) => {
+      const { cols = 80, rows = 24 } = req.query as { cols?: number; rows?: number };
+      const id = (req.params as { id: string }).id;
+      // Listen at once: messages sent right after the upgrade would otherwise be
+      // lost while the VM resumes. They are forwarded once the PTY is open.
+      const pending: Buffer[] = [];
+      let pty: Socket | undefined;
+      socket.on("message", (msg: Buffer, isBinary: boolean) => {
+        void microvms.touch(id);
+        const frame = toPtyFrame(msg, isBinary);
+        if (pty) pty.write(frame);
+        else pending.push(frame);
+      });
+      try {
+        const vm = await microvms.runningVm(req.tenantId, id, "open a terminal in");
+        pty = await vm.agent.pty({ cols, rows });
+      } catch (err) {
+        socket.send(JSON.stringify({ type: "error", message: (err as Error).message }));
+        socket.close(1011, "terminal unavailable");
+        return;
+      }
+      for (const frame of pending.splice(0)) pty.write(frame);
+      const decoder = new PtyFrameDecoder();
+      pty.on("data", (chunk: Buffer) => {
+        for (const frame of decoder.push(chunk)) {
+          if (frame.type === PTY_FRAME.data) socket.send(frame.payload);
+          else if (frame.type === PTY_FRAME.exit) {
+            socket.send(JSON.stringify({ type: "exit", exitCode: frame.payload.readInt32BE(0) }));
+            socket.close(1000);
+          }
+        }
+      });
+      pty.on("close", () => socket.close(1000));
+      pty.on("error", () => socket.close(1011));
+      socket.on("close", () => pty?.destroy());
+    },
+  );
+}
+
+/** A client message as an agent frame: binary is keystrokes; text is a JSON control message, or typed text. */
+function toPtyFrame(msg: Buffer, isBinary: boolean): Buffer {
+  if (!isBinary) {
+    try {
+      const ctl = JSON.parse(msg.toString()) as { type?: string; cols?: number; rows?: number };
+      if (ctl.type === "resize" && ctl.cols && ctl.rows) return resizeFrame(ctl.cols, ctl.rows);
+    } catch {
+      // not JSON: plain text typed by a simple client
+    }
+  }
+  return encodePtyFrame(PTY_FRAME.data, msg);
+}
