@@ -9,6 +9,7 @@ import type { Db } from "../store/db.ts";
 import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
+import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { authenticate } from "./auth.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
 import { registerMicroVmRoutes } from "./routes/microvms.ts";
@@ -25,6 +26,8 @@ export interface ApiDeps {
   sampler: VmSampler;
   /** Serve /metrics without an admin key (--metrics-public). */
   metricsPublic?: boolean;
+  /** Endpoints are `http://{id}.{endpointDomain}:{port}/` (default vm.localhost). */
+  endpointDomain?: string;
   logger?: boolean;
 }
 
@@ -77,7 +80,13 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   app.get("/v1/health", { schema: { security: [] } }, async () => ({ status: "ok", accelerator: deps.accelerator, version: VERSION }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db);
-  registerMicroVmRoutes(app, deps.microvms);
+  const domain = deps.endpointDomain ?? "vm.localhost";
+  const endpointUrl = (id: string) => {
+    const address = app.server.address();
+    return `http://${id}.${domain}:${typeof address === "object" && address ? address.port : 7070}/`;
+  };
+  registerMicroVmRoutes(app, deps.microvms, endpointUrl);
+  await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms), domain);
   registerTerminalRoute(app, deps.microvms);
   registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   return app;

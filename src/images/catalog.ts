@@ -9,6 +9,8 @@ export interface ImageRef {
   name: string;
   /** Disk size of the image's filesystem. */
   diskGiB: number;
+  /** The app's port (Dockerfile EXPOSE), if the image runs an app. */
+  appPort?: number;
   /** The snapshot for VMs of this shape (built once per shape, then cached). */
   snapshotFor(shape: VmShape): Promise<Snapshot>;
 }

@@ -22,6 +22,8 @@ export interface CreateMicroVmRequest {
   maxRuntimeSeconds?: number;
   network?: { egress?: Egress };
   endpoint?: { public?: boolean };
+  /** Guest port the VM's endpoint forwards to (default: the image's EXPOSE). */
+  appPort?: number;
   metadata?: Record<string, unknown>;
 }
 
@@ -30,6 +32,7 @@ export const LIMITS = {
   diskGiB: { min: 1, max: 32 },
   maxRuntimeSeconds: { min: 1, max: 28_800 },
   suspendAfterSeconds: { min: 0, max: 28_800 },
+  appPort: { min: 1, max: 65_535 },
 } as const;
 
 export interface HostCapacity {
@@ -129,6 +132,8 @@ export class MicroVmService {
     const suspendAfterSeconds = req.idlePolicy?.suspendAfterSeconds ?? 900;
     checkRange("suspendAfterSeconds", suspendAfterSeconds, "idlePolicy.suspendAfterSeconds");
     const egress = parseEgress(req.network?.egress);
+    const appPort = req.appPort ?? image.appPort;
+    if (appPort !== undefined) checkRange("appPort", appPort);
 
     await this.admit(shape);
     this.reserved.vcpus += shape.vcpus;
@@ -136,7 +141,7 @@ export class MicroVmService {
     let vm: MicroVm | undefined;
     const started = performance.now();
     try {
-      vm = await this.engine.launch(await image.snapshotFor(shape), { egress });
+      vm = await this.engine.launch(await image.snapshotFor(shape), { egress, guestPorts: appPort ? [appPort] : [] });
       if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv(req.env);
       const now = new Date();
       const row: MicroVmRow = {
@@ -156,6 +161,7 @@ export class MicroVmService {
         egress: JSON.stringify(egress),
         endpoint_public: req.endpoint?.public ? 1 : 0,
         endpoint_token: `et_${randomBytes(24).toString("base64url")}`,
+        app_port: appPort ?? null,
         metadata: JSON.stringify(req.metadata ?? {}),
         created_at: now.toISOString(),
         expires_at: new Date(now.getTime() + maxRuntimeSeconds * 1000).toISOString(),
@@ -176,6 +182,11 @@ export class MicroVmService {
       this.reserved.vcpus -= shape.vcpus;
       this.reserved.memoryMiB -= shape.memoryMiB;
     }
+  }
+
+  /** The VM whatever its tenant: only for the endpoint router, which authorizes by the VM's own token. */
+  async getAnyTenant(id: string): Promise<MicroVmRow | undefined> {
+    return this.db.selectFrom("microvms").selectAll().where("id", "=", id).executeTakeFirst();
   }
 
   /** The VM if it belongs to the tenant; another tenant's VM is NotFound. */

@@ -61,4 +61,10 @@ export const migrations: Record<string, Migration> = {
       await db.schema.createIndex("events_microvm").on("events").columns(["microvm_id", "id"]).execute();
     },
   },
+  "0003_microvm_app_port": {
+    async up(db: Kysely<unknown>) {
+      // The guest port the endpoint router forwards to (the image's EXPOSE, or the create request's appPort).
+      await db.schema.alterTable("microvms").addColumn("app_port", "integer").execute();
+    },
+  },
 };

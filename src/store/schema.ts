@@ -45,6 +45,8 @@ export interface MicroVmsTable {
   egress: string;
   endpoint_public: number;
   endpoint_token: string;
+  /** Guest port the endpoint router forwards to; null: the VM serves no app. */
+  app_port: number | null;
   /** JSON object supplied by the caller. */
   metadata: string;
   created_at: string;

@@ -330,18 +330,23 @@ export class Engine extends EventEmitter {
    * background and the VM has served one exec (under TCG a fresh process must
    * translate every guest code path once, ~200 ms); launching then only
    * re-keys it. A caller-chosen `id` always takes the direct path.
+   *
+   * `guestPorts` adds ports forwarded to host loopback beyond the snapshot's
+   * own (an app port chosen at create); forwards are set per QEMU process, so
+   * such a VM takes the direct path too.
    */
-  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress } = {}): Promise<MicroVm> {
+  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress; guestPorts?: number[] } = {}): Promise<MicroVm> {
     const m = snapshot.manifest;
     if (m.accelerator !== this.accelerator) {
       throw new Error(`snapshot was made under ${m.accelerator} but this host runs ${this.accelerator}: rebuild the image`);
     }
     // Validates the policy before anything starts. Warm VMs have egress "none" (a netdev is fixed per process).
     const network = this.network.allocate(opts.egress ?? "none", this.passtUids());
-    const warm = opts.id || network.egress !== "none" ? undefined : await this.takeWarm(snapshot);
+    const extraPorts = (opts.guestPorts ?? []).filter((p) => !m.guestPorts.includes(p));
+    const warm = opts.id || network.egress !== "none" || extraPorts.length > 0 ? undefined : await this.takeWarm(snapshot);
     void this.prewarm(snapshot);
     if (warm) return warm;
-    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false, network);
+    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false, network, extraPorts);
     this.vms.set(vm.id, vm);
     return vm;
   }
@@ -394,12 +399,18 @@ export class Engine extends EventEmitter {
   }
 
   /** Restores a new VM from a snapshot (the direct launch path). */
-  private async clone(snapshot: Snapshot, id: string, pooled: boolean, network: VmNetworkRecord = { egress: "none" }): Promise<MicroVm> {
+  private async clone(
+    snapshot: Snapshot,
+    id: string,
+    pooled: boolean,
+    network: VmNetworkRecord = { egress: "none" },
+    extraPorts: number[] = [],
+  ): Promise<MicroVm> {
     const m = snapshot.manifest;
     const dir = join(this.vmsDir, id);
     const files = vmFiles(dir);
     await mkdir(dir, { recursive: false });
-    const forwards = await allocateForwards([AGENT_PORT, ...m.guestPorts]);
+    const forwards = await allocateForwards([AGENT_PORT, ...m.guestPorts, ...extraPorts]);
     const vm = new MicroVm(dir, {
       id,
       status: "starting",

@@ -41,6 +41,7 @@ const CreateBody = Type.Object(
       ),
     ),
     endpoint: Type.Optional(Type.Object({ public: Type.Optional(Type.Boolean()) }, { additionalProperties: false })),
+    appPort: Type.Optional(int(LIMITS.appPort, "guest port the endpoint forwards to (default: the image's EXPOSE)")),
     metadata: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.Unknown(), { maxProperties: 64 })),
   },
   { additionalProperties: false },
@@ -63,7 +64,8 @@ const ExecBody = Type.Object(
 const PathQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4096, pattern: "^/" }) });
 
 /** MicroVM lifecycle, exec, files and events (API.md). */
-export function registerMicroVmRoutes(app: Api, microvms: MicroVmService): void {
+export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpointUrl: (id: string) => string): void {
+  const toView = (row: MicroVmRow) => microVmView(row, endpointUrl(row.id));
   app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody } }, async (req, reply) => {
     const row = await microvms.create(req.tenantId, req.body);
     return reply.status(201).send(toView(row));
@@ -178,7 +180,7 @@ async function guestCall<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-function toView(row: MicroVmRow) {
+function microVmView(row: MicroVmRow, url: string) {
   return {
     microVmId: row.id,
     image: row.image_name,
@@ -195,7 +197,7 @@ function toView(row: MicroVmRow) {
     idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1 },
     maxRuntimeSeconds: row.max_runtime_seconds,
     network: { egress: JSON.parse(row.egress) as unknown },
-    endpoint: { public: row.endpoint_public === 1, token: row.endpoint_token },
+    endpoint: { url, token: row.endpoint_token, public: row.endpoint_public === 1, ...(row.app_port ? { appPort: row.app_port } : {}) },
     metadata: JSON.parse(row.metadata) as Record<string, unknown>,
   };
 }
