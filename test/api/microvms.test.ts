@@ -2,7 +2,8 @@ import { createHash, randomBytes } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { useApi } from "../support/api-fixture.ts";
 
-const api = await useApi({ capacity: { vcpus: 6, memoryMiB: 3 * 1024 } });
+// Host capacity of 10 VMs of the default shape (1 vCPU, 512 MiB).
+const api = await useApi({ capacity: { vcpus: 10, memoryMiB: 10 * 512 } });
 const alice = await api.tenantKey("alice");
 const bob = await api.tenantKey("bob");
 
@@ -114,6 +115,9 @@ describe("tenants and keys", () => {
       ["PUT", `/v1/microvms/${id}/files?path=/tmp/x`],
       ["DELETE", `/v1/microvms/${id}/files?path=/tmp/x`],
       ["GET", `/v1/microvms/${id}/events`],
+      ["GET", `/v1/microvms/${id}/metrics`],
+      ["GET", `/v1/microvms/${id}/logs`],
+      ["GET", `/v1/microvms/${id}/terminal`],
       ["DELETE", `/v1/microvms/${id}`],
     ];
     for (const [method, path, body] of routes) {
@@ -170,15 +174,15 @@ describe("malformed input", () => {
 
 describe("admission control", () => {
   it("admits up to the host capacity and answers 503 beyond it, leaking nothing", async () => {
-    // capacity 3 GiB and 6 vCPUs: at most 6 VMs of 512 MiB
-    const results = await Promise.all(Array.from({ length: 9 }, () => api.call("POST", "/v1/microvms", { key: bob, body: { image: "base" } })));
+    const results = await Promise.all(Array.from({ length: 30 }, () => api.call("POST", "/v1/microvms", { key: bob, body: { image: "base" } })));
     const created = results.filter((r) => r.status === 201);
     const refused = results.filter((r) => r.status === 503);
-    expect(created.length).toBe(6);
-    expect(refused.length).toBe(3);
+    expect(created.length).toBe(10);
+    expect(refused.length).toBe(20);
     expect(refused[0]!.body.error).toMatchObject({ code: "CapacityExceeded" });
     for (const r of created) await api.call("DELETE", `/v1/microvms/${r.body.microVmId}`, { key: bob });
     expect(api.engine.list().filter((v) => v.status === "running")).toEqual([]);
+    expect((await api.call("GET", "/v1/microvms?state=RUNNING", { key: bob })).body.microVms).toEqual([]);
   });
 });
 

@@ -1,5 +1,6 @@
 import { Type } from "@fastify/type-provider-typebox";
 import type { Socket } from "node:net";
+import { ApiError } from "../../errors.ts";
 import type { MicroVmService } from "../../lifecycle/microvms.ts";
 import { encodePtyFrame, PTY_FRAME, PtyFrameDecoder, resizeFrame } from "../../vmm/pty-frames.ts";
 import type { Api } from "../server.ts";
@@ -18,10 +19,17 @@ const TerminalQuery = Type.Object({
  * counts as activity.
  */
 export function registerTerminalRoute(app: Api, microvms: MicroVmService): void {
-  app.get(
-    "/v1/microvms/:id/terminal",
-    { websocket: true, config: { permission: "microvm:exec" }, schema: { params: Type.Object({ id: Type.String({ maxLength: 64 }) }), querystring: TerminalQuery } },
-    async (socket, req) => {
+  app.route({
+    method: "GET",
+    url: "/v1/microvms/:id/terminal",
+    config: { permission: "microvm:exec" },
+    schema: { params: Type.Object({ id: Type.String({ maxLength: 64 }) }), querystring: TerminalQuery },
+    // A plain GET (no upgrade) learns what this route wants, after the usual 404 for a VM it cannot see.
+    handler: async (req) => {
+      await microvms.get(req.tenantId, req.params.id);
+      throw new ApiError("ValidationError", "the terminal is a WebSocket: send Connection: Upgrade, Upgrade: websocket");
+    },
+    wsHandler: async (socket, req) => {
       const { cols = 80, rows = 24 } = req.query as { cols?: number; rows?: number };
       const id = (req.params as { id: string }).id;
       // Listen at once: messages sent right after the upgrade would otherwise be
@@ -57,7 +65,7 @@ export function registerTerminalRoute(app: Api, microvms: MicroVmService): void 
       pty.on("error", () => socket.close(1011));
       socket.on("close", () => pty?.destroy());
     },
-  );
+  });
 }
 
 /** A client message as an agent frame: binary is keystrokes; text is a JSON control message, or typed text. */
