@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec node bin/cocoon.js server "$@"
+exec node packages/cli/bin/cocoon.js server "$@"

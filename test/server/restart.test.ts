@@ -12,7 +12,7 @@ let server: ChildProcess | undefined;
 
 /** Starts `cocoon server` as its own process and waits until it answers. */
 async function startServer(): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ["bin/cocoon.js", "server", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir], {
+  const child = spawn(process.execPath, ["packages/cli/bin/cocoon.js", "server", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir], {
     env: { ...process.env, COCOON_ASSETS_DIR: TEST_ASSETS, COCOON_WARM_POOL: "0" },
     stdio: ["ignore", "ignore", "pipe"],
   });

@@ -9,7 +9,7 @@ const children: ChildProcess[] = [];
 afterAll(() => children.forEach((c) => c.kill("SIGKILL")));
 
 function startServer(args: string[], dataDir: string): { child: ChildProcess; output: () => string } {
-  const child = spawn(process.execPath, ["bin/cocoon.js", "server", ...args, "--data-dir", dataDir], {
+  const child = spawn(process.execPath, ["packages/cli/bin/cocoon.js", "server", ...args, "--data-dir", dataDir], {
     env: { ...process.env, COCOON_ASSETS_DIR: TEST_ASSETS },
     stdio: ["ignore", "pipe", "pipe"],
   });
