@@ -63,6 +63,8 @@ export class MicroVmService {
   /** Resources promised to creates still in flight (admission is checked against these too). */
   private reserved = { vcpus: 0, memoryMiB: 0 };
   private policyTimer: NodeJS.Timeout | undefined;
+  /** When each VM's activity was last written (see touch). */
+  private readonly lastTouch = new Map<string, number>();
 
   private readonly db: Db;
   private readonly engine: Engine;
@@ -279,6 +281,13 @@ export class MicroVmService {
 
   /** The engine VM of a RUNNING VM (resuming it if allowed); marks activity. */
   async runningVm(tenantId: string, id: string, action: string): Promise<MicroVm> {
+    // Fast path without the VM's lock, so concurrent requests to a running VM
+    // do not queue behind each other; only a VM that needs resuming takes it.
+    const current = await this.get(tenantId, id);
+    if (current.state === "RUNNING") {
+      await this.touch(id);
+      return this.engine.get(id);
+    }
     return this.locks.run(id, async () => {
       let row = await this.get(tenantId, id);
       if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
@@ -314,9 +323,16 @@ export class MicroVmService {
     return { row, vm: this.engine.list().find((v) => v.id === id) };
   }
 
-  /** Records activity (terminal input, endpoint traffic) for the idle policy. */
+  /**
+   * Records activity (exec, files, terminal input, endpoint traffic) for the
+   * idle policy. Written at most once a second per VM: the policy counts in
+   * seconds, and a durable write per proxied request would dominate its cost.
+   */
   async touch(id: string): Promise<void> {
-    await this.db.updateTable("microvms").set({ last_activity_at: new Date().toISOString() }).where("id", "=", id).execute();
+    const now = Date.now();
+    if (now - (this.lastTouch.get(id) ?? 0) < 1000) return;
+    this.lastTouch.set(id, now);
+    await this.db.updateTable("microvms").set({ last_activity_at: new Date(now).toISOString() }).where("id", "=", id).execute();
   }
 
   /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight. */

@@ -1,0 +1,161 @@
+/**
+ * API and router benchmark: create→RUNNING, endpoint first byte, the router's
+ * added latency against going straight to the VM's forwarded port, requests/s
+ * through the router, and resume-on-request. Writes bench/results/api.{json,md}.
+ */
+import { request } from "node:http";
+import { mkdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { buildApi } from "../src/api/server.ts";
+import { ImageCatalog } from "../src/images/catalog.ts";
+import { MicroVmService } from "../src/lifecycle/microvms.ts";
+import { bootstrapAdminKey } from "../src/server/bootstrap.ts";
+import { startRuntime } from "../src/server/runtime.ts";
+import { openDatabase } from "../src/store/db.ts";
+import { ServerMetrics } from "../src/telemetry/metrics.ts";
+import { VmSampler } from "../src/telemetry/vm-samples.ts";
+import { summarize, timed, writeResults, type Summary } from "./stats.ts";
+
+const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
+const CREATES = Number(process.env.BENCH_CREATES ?? 20);
+const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 200);
+const RESUMES = Number(process.env.BENCH_RESUMES ?? 8);
+const log = (line: string) => console.error(`[bench] ${line}`);
+
+/** Same counting app as test/api/endpoint.test.ts: perl-base is in the base image, python is not. */
+const APP = `nohup perl -MIO::Socket::INET -e 'my $s = IO::Socket::INET->new(LocalPort => 8080, Listen => 64, ReuseAddr => 1) or die; my $n = 0; while (my $c = $s->accept) { while (my $l = <$c>) { last if $l eq "\\r\\n" } $n++; my $b = "count=$n\\n"; print $c "HTTP/1.1 200 OK\\r\\nContent-Length: " . length($b) . "\\r\\nConnection: close\\r\\n\\r\\n$b"; close $c }' >/dev/null 2>&1 & for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && exit 0; sleep 0.1; done; exit 1`;
+
+/** One GET; resolves with the time to the first byte of the body and to its end, in ms. */
+function get(port: number, path: string, headers: Record<string, string>): Promise<{ firstByteMs: number; totalMs: number; status: number }> {
+  const t = performance.now();
+  return new Promise((resolve, reject) => {
+    const req = request({ host: "127.0.0.1", port, path, headers, agent: false }, (res) => {
+      let first = 0;
+      res.on("data", () => (first ||= performance.now() - t));
+      res.on("end", () => resolve({ firstByteMs: first, totalMs: performance.now() - t, status: res.statusCode ?? 0 }));
+    });
+    req.on("error", reject);
+    req.end();
+  });
+}
+
+/** Requests per second with `concurrency` clients for `durationMs`. */
+async function throughput(port: number, path: string, headers: Record<string, string>, concurrency = 8, durationMs = 5000): Promise<number> {
+  let done = 0;
+  const end = Date.now() + durationMs;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (Date.now() < end) {
+        if ((await get(port, path, headers)).status === 200) done++;
+      }
+    }),
+  );
+  return Math.round(done / (durationMs / 1000));
+}
+
+async function main(): Promise<void> {
+  const dataDir = join(root, "api-data");
+  await rm(dataDir, { recursive: true, force: true });
+  await mkdir(dataDir, { recursive: true });
+  const db = await openDatabase(dataDir);
+  const adminKey = (await bootstrapAdminKey(db, dataDir))!;
+  const runtime = await startRuntime({ dataDir, assetsDir: join(root, "assets"), warmPoolSize: 1, log });
+  const images = new ImageCatalog(runtime.engine, { imagesDir: join(dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, log });
+  let microvms: MicroVmService | undefined;
+  const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
+  microvms = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
+  await microvms.start();
+  const app = await buildApi({ db, microvms, accelerator: runtime.engine.accelerator, metrics, sampler: new VmSampler() });
+  await app.listen({ host: "127.0.0.1", port: 0 });
+  const port = (app.server.address() as { port: number }).port;
+  const api = async (method: string, path: string, body?: unknown) => {
+    const res = await fetch(`http://127.0.0.1:${port}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${adminKey}`, ...(body ? { "content-type": "application/json" } : {}) },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    return (await res.json()) as any;
+  };
+  try {
+    log(`POST /v1/microvms → RUNNING ×${CREATES} (warm pool of 1, refilled between creates)`);
+    const create: number[] = [];
+    for (let i = 0; i < CREATES; i++) {
+      await runtime.engine.prewarm(runtime.baseImage);
+      const [vm, ms] = await timed(() => api("POST", "/v1/microvms", { image: "base" }));
+      create.push(ms);
+      await api("DELETE", `/v1/microvms/${vm.microVmId}`);
+    }
+
+    log("starting an app VM");
+    const vm = await api("POST", "/v1/microvms", { image: "base", appPort: 8080, idlePolicy: { suspendAfterSeconds: 0 } });
+    await api("POST", `/v1/microvms/${vm.microVmId}/exec`, { command: APP });
+    const auth = { authorization: `Bearer ${vm.endpoint.token}` };
+    const routed = `/v1/microvms/${vm.microVmId}/http/`;
+    const directPort = runtime.engine.get(vm.microVmId).hostPort(8080)!;
+    for (let i = 0; i < 20; i++) await get(port, routed, auth); // warm both paths
+    log(`endpoint requests ×${REQUESTS}, routed and direct`);
+    const viaRouter: number[] = [];
+    const firstByte: number[] = [];
+    const direct: number[] = [];
+    for (let i = 0; i < REQUESTS; i++) {
+      const r = await get(port, routed, auth);
+      viaRouter.push(r.totalMs);
+      firstByte.push(r.firstByteMs);
+      direct.push((await get(directPort, "/", {})).totalMs);
+    }
+    log("throughput, 8 clients × 5 s, routed and direct");
+    const rpsRouter = await throughput(port, routed, auth);
+    const rpsDirect = await throughput(directPort, "/", {});
+
+    log(`resume on request ×${RESUMES}`);
+    const resumeOnRequest: number[] = [];
+    for (let i = 0; i < RESUMES; i++) {
+      await api("POST", `/v1/microvms/${vm.microVmId}/suspend`);
+      resumeOnRequest.push((await get(port, routed, auth)).totalMs);
+    }
+    await api("DELETE", `/v1/microvms/${vm.microVmId}`);
+
+    const addedP50 = Math.round((summarize(viaRouter).p50 - summarize(direct).p50) * 10) / 10;
+    const figures = {
+      createToRunningMs: summarize(create),
+      endpointFirstByteMs: summarize(firstByte),
+      routedRequestMs: summarize(viaRouter),
+      directRequestMs: summarize(direct),
+      routerAddedLatencyP50Ms: addedP50,
+      requestsPerSecond: { router: rpsRouter, direct: rpsDirect, concurrency: 8 },
+      resumeOnRequestMs: summarize(resumeOnRequest),
+    };
+    const row = (name: string, s: Summary) => `| ${name} | ${s.n} | ${s.p50} | ${s.p95} | ${s.min} | ${s.max} |`;
+    const md = [
+      `# API and router benchmark (${new Date().toISOString()})`,
+      "",
+      `Accelerator **${runtime.engine.accelerator}**, base image (1 vCPU, 512 MiB); the app is a single-threaded perl HTTP server in the guest.`,
+      "",
+      "| figure (ms) | n | p50 | p95 | min | max |",
+      "|---|---|---|---|---|---|",
+      row("POST /v1/microvms → 201 RUNNING", figures.createToRunningMs),
+      row("endpoint first byte (through the router)", figures.endpointFirstByteMs),
+      row("request through the router", figures.routedRequestMs),
+      row("request straight to the VM's forwarded port", figures.directRequestMs),
+      row("request to a SUSPENDED VM (resume on request)", figures.resumeOnRequestMs),
+      "",
+      `- Router's added latency (p50): **${addedP50} ms**`,
+      `- Requests/s with 8 clients: **${rpsRouter}** through the router, ${rpsDirect} direct`,
+      "",
+    ].join("\n");
+    await writeResults("api", { at: new Date().toISOString(), accelerator: runtime.engine.accelerator, ...figures }, md);
+    console.log(md);
+  } finally {
+    microvms.stop();
+    await app.close();
+    for (const v of runtime.engine.list()) await runtime.engine.terminate(v.id).catch(() => undefined);
+    await runtime.engine.close();
+    await db.destroy();
+  }
+  process.exit(0);
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
