@@ -71,6 +71,10 @@ describe("cocoon CLI against a real server", () => {
     expect(logs.code).toBe(0);
     expect(logs.stdout).toContain("cli-console-line");
 
+    const shell = await cocoon(["vm", "shell", id], { stdin: "echo from-shell-$((40+2))\nexit 5\n" });
+    expect(shell.stdout).toContain("from-shell-42");
+    expect(shell.code).toBe(5);
+
     const rm1 = await cocoon(["vm", "rm", id]);
     expect(rm1).toMatchObject({ code: 0, stdout: `${id}\n` });
     expect((await cocoon(["vm", "ls"])).stdout).not.toContain(id);

@@ -6,7 +6,8 @@ import { pipeline } from "node:stream/promises";
 import type { ReadableStream as NodeReadableStream } from "node:stream/web";
 import { InvalidArgumentError, type Command } from "commander";
 import type { CreateMicroVmOpts, Egress, MicroVm, MicroVmInfo, MicroVmState } from "@cocoon/sdk";
-import { makeClient } from "../config.ts";
+import { makeClient, resolveApiKey } from "../config.ts";
+import { openShell } from "../shell.ts";
 import { CliError, globals, intOption, keyValue } from "../common.ts";
 import { age, printFields, printJson, printTable, seconds, withProgress } from "../output.ts";
 
@@ -178,6 +179,18 @@ export function registerVmCommands(program: Command): void {
       const { client } = await makeClient(globals(cmd));
       const target = await client.microvms.get(id);
       for await (const chunk of target.logs({ follow: o.follow })) process.stdout.write(chunk);
+    });
+
+  vm.command("shell")
+    .description("open an interactive shell in a microVM (a PTY over the terminal WebSocket); exits with the shell's status")
+    .argument("<id>", "microVM id")
+    .action(async (id: string, _o: unknown, cmd: Command) => {
+      const g = globals(cmd);
+      const { client } = await makeClient(g);
+      // Describe first: an unknown VM or a bad key is a plain one-line error, not a failed upgrade.
+      await client.microvms.get(id);
+      const { apiKey } = await resolveApiKey(g);
+      process.exitCode = await openShell(client.baseUrl, id, apiKey);
     });
 
   vm.command("events")
