@@ -58,7 +58,7 @@ const snapshotFiles = (dir: string) => ({
   manifest: join(dir, "manifest.json"),
 });
 
-export type VmStatus = "starting" | "running" | "suspended" | "failed";
+export type VmStatus = "starting" | "running" | "paused" | "suspended" | "failed";
 
 /** A VM's runtime record, `vms/<id>/vm.json`: enough to re-adopt or resume it after a server restart. */
 export interface VmRecord {
@@ -448,7 +448,7 @@ export class Engine extends EventEmitter {
   suspend(id: string): Promise<MicroVm> {
     return this.locks.run(id, async () => {
       const vm = this.get(id);
-      if (vm.status !== "running" || !vm.machine) throw new InvalidVmStateError(id, vm.status, "suspend");
+      if ((vm.status !== "running" && vm.status !== "paused") || !vm.machine) throw new InvalidVmStateError(id, vm.status, "suspend");
       const files = vmFiles(vm.dir);
       const tmp = `${files.suspended}.tmp`;
       const machine = vm.machine;
@@ -470,6 +470,30 @@ export class Engine extends EventEmitter {
       await machine.stop();
       await this.network.stop(vm.record.network);
       vm.machine = undefined;
+      return vm;
+    });
+  }
+
+  /**
+   * Pauses a running VM's vCPUs: its process and memory stay, it uses no CPU,
+   * and its agent does not answer until `unpause`. Survives a server restart.
+   */
+  pause(id: string): Promise<MicroVm> {
+    return this.setPaused(id, true);
+  }
+
+  unpause(id: string): Promise<MicroVm> {
+    return this.setPaused(id, false);
+  }
+
+  private setPaused(id: string, paused: boolean): Promise<MicroVm> {
+    return this.locks.run(id, async () => {
+      const vm = this.get(id);
+      const from: VmStatus = paused ? "running" : "paused";
+      if (vm.status !== from || !vm.machine) throw new InvalidVmStateError(id, vm.status, paused ? "pause" : "unpause");
+      await (paused ? vm.machine.pause() : vm.machine.cont());
+      vm.record = { ...vm.record, status: paused ? "paused" : "running" };
+      await this.saveRecord(vm);
       return vm;
     });
   }
@@ -570,7 +594,7 @@ export class Engine extends EventEmitter {
           await this.destroy(vm);
           return;
         }
-        if (vm.status !== "running") return;
+        if (vm.status !== "running" && vm.status !== "paused") return;
         vm.machine = undefined;
         vm.agent.close();
         await this.network.stop(vm.record.network);
@@ -642,6 +666,14 @@ export class Engine extends EventEmitter {
           } else {
             await this.markFailed(vm, "QEMU process was gone when the server restarted");
             await this.network.stop(record.network);
+          }
+          break;
+        case "paused":
+          if (machine) {
+            vm.machine = machine;
+            this.watchExit(vm);
+          } else {
+            await this.markFailed(vm, "QEMU process was gone when the server restarted");
           }
           break;
         case "suspended":

@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { readdirSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, expect, inject, it } from "vitest";
@@ -74,6 +74,25 @@ describe("suspend and resume", () => {
     const vm = await ctx.engine.launch(ctx.snapshot);
     await expect(ctx.engine.resume(vm.id)).rejects.toThrow(`cannot resume microVM ${vm.id}: it is running`);
     await Promise.all([ctx.engine.suspend(vm.id), expect(ctx.engine.suspend(vm.id)).rejects.toThrow("it is suspended")]);
+  });
+});
+
+describe("pause and unpause", () => {
+  it("stop the guest's vCPUs without ending the process, then let it run on", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot);
+    const pid = (await vm.agent.exec({ command: COUNTER })).stdout.trim();
+    const before = await readCounter(vm, pid);
+    await ctx.engine.pause(vm.id);
+    expect(vm.status).toBe("paused");
+    const cpu = () => Number(readFileSync(`/proc/${vm.machine!.pid}/stat`, "utf8").split(") ")[1]!.split(" ")[11]);
+    const t0 = cpu();
+    await new Promise((r) => setTimeout(r, 1000));
+    // A paused guest burns (almost) no CPU: at most a few ticks of QEMU's own housekeeping.
+    expect(cpu() - t0).toBeLessThan(10);
+    await expect(vm.agent.json("GET", "/health", { signal: AbortSignal.timeout(500) })).rejects.toThrow();
+    await expect(ctx.engine.pause(vm.id)).rejects.toThrow("it is paused");
+    await ctx.engine.unpause(vm.id);
+    expect(await readCounter(vm, pid)).toBeGreaterThan(before);
   });
 });
 
