@@ -2,6 +2,7 @@ import { ApiError } from "../errors.ts";
 import type { Engine, GuestBootAssets, Snapshot } from "../vmm/engine.ts";
 import { prepareBaseImage, type VmShape } from "./base-image.ts";
 import { BASE_ROOTFS_RECIPE } from "./base-rootfs.ts";
+import type { ImageService } from "./service.ts";
 
 /** What the lifecycle needs to know of an image. */
 export interface ImageRef {
@@ -11,18 +12,25 @@ export interface ImageRef {
   diskGiB: number;
   /** The app's port (Dockerfile EXPOSE), if the image runs an app. */
   appPort?: number;
-  /** The snapshot for VMs of this shape (built once per shape, then cached). */
+  /** The image's ENV (Dockerfile images): the base env of every exec and of the app. */
+  env?: Record<string, string>;
+  /** The shape a Dockerfile image was snapshotted at: the default, and the only one it launches with. */
+  shape?: VmShape;
+  /** The snapshot for VMs of this shape (built once per shape, then cached; a Dockerfile image refuses another shape with a 400 naming the field). */
   snapshotFor(shape: VmShape): Promise<Snapshot>;
 }
 
 /**
- * The images a tenant can launch. For now only the built-in `base` image
- * (API.md), shared by every tenant; images built from Dockerfiles come next.
+ * The images a tenant can launch: the built-in `base` image (API.md), shared
+ * by every tenant, and the tenant's own READY Dockerfile images (ImageService).
  */
 export class ImageCatalog {
   private readonly base: ImageRef;
 
-  constructor(engine: Engine, opts: { imagesDir: string; rootfs: string; assets: GuestBootAssets; log?: (line: string) => void }) {
+  private readonly built: ImageService | undefined;
+
+  constructor(engine: Engine, opts: { imagesDir: string; rootfs: string; assets: GuestBootAssets; images?: ImageService; log?: (line: string) => void }) {
+    this.built = opts.images;
     this.base = {
       imageId: "img-base",
       name: "base",
@@ -32,8 +40,9 @@ export class ImageCatalog {
   }
 
   /** Finds an image by name or id; another tenant's image does not exist. */
-  resolve(_tenantId: string, nameOrId: string): ImageRef {
+  async resolve(tenantId: string, nameOrId: string): Promise<ImageRef> {
     if (nameOrId === this.base.name || nameOrId === this.base.imageId) return this.base;
+    if (this.built) return this.built.resolve(tenantId, nameOrId);
     throw new ApiError("NotFound", `image ${nameOrId} not found`, { field: "image" });
   }
 }

@@ -123,8 +123,9 @@ export class MicroVmService {
   }
 
   async create(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
-    const image = this.images.resolve(tenantId, req.image);
-    const shape = { vcpus: req.vcpus ?? 1, memoryMiB: req.memoryMiB ?? 512 };
+    const image = await this.images.resolve(tenantId, req.image);
+    // A Dockerfile image has the shape it was built (snapshotted) with.
+    const shape = { vcpus: req.vcpus ?? image.shape?.vcpus ?? 1, memoryMiB: req.memoryMiB ?? image.shape?.memoryMiB ?? 512 };
     const diskGiB = req.diskGiB ?? image.diskGiB;
     checkRange("vcpus", shape.vcpus);
     checkRange("memoryMiB", shape.memoryMiB);
@@ -144,7 +145,8 @@ export class MicroVmService {
     const started = performance.now();
     try {
       vm = await this.engine.launch(await image.snapshotFor(shape), { egress, guestPorts: appPort ? [appPort] : [] });
-      if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv(req.env);
+      // PUT /env replaces the base env: keep the image's ENV under the request's.
+      if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
       const now = new Date();
       const row: MicroVmRow = {
         id: vm.id,

@@ -67,4 +67,34 @@ export const migrations: Record<string, Migration> = {
       await db.schema.alterTable("microvms").addColumn("app_port", "integer").execute();
     },
   },
+  // ---- images (issue #5) ----
+  "0002_images": {
+    async up(db: Kysely<unknown>) {
+      await db.schema
+        .createTable("images")
+        .addColumn("id", "text", (c) => c.primaryKey())
+        .addColumn("tenant_id", "text", (c) => c.notNull().references("tenants.id"))
+        .addColumn("name", "text", (c) => c.notNull())
+        .addColumn("version", "integer", (c) => c.notNull())
+        .addColumn("state", "text", (c) => c.notNull())
+        .addColumn("state_reason", "text")
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .addColumn("ready_at", "text")
+        .addColumn("size_bytes", "integer", (c) => c.notNull())
+        .addColumn("disk_bytes", "integer", (c) => c.notNull())
+        .addColumn("memory_bytes", "integer", (c) => c.notNull())
+        .addColumn("app_port", "integer")
+        .addColumn("vcpus", "integer", (c) => c.notNull())
+        .addColumn("memory_mib", "integer", (c) => c.notNull())
+        .addColumn("disk_gib", "integer", (c) => c.notNull())
+        .addColumn("dockerfile_digest", "text", (c) => c.notNull())
+        .addColumn("code_digest", "text", (c) => c.notNull())
+        .addColumn("code_source", "text", (c) => c.notNull())
+        .addColumn("parent_image_id", "text")
+        .addColumn("config", "text", (c) => c.notNull())
+        .addColumn("build_ms", "integer")
+        .execute();
+      await db.schema.createIndex("images_tenant_name").on("images").columns(["tenant_id", "name", "version"]).unique().execute();
+    },
+  },
 };

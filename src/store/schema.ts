@@ -6,6 +6,7 @@ export interface Database {
   api_keys: ApiKeysTable;
   microvms: MicroVmsTable;
   events: EventsTable;
+  images: ImagesTable;
 }
 
 export interface TenantsTable {
@@ -70,3 +71,36 @@ export type MicroVmRow = Selectable<MicroVmsTable>;
 export type NewMicroVmRow = Insertable<MicroVmsTable>;
 export type MicroVmUpdate = Updateable<MicroVmsTable>;
 export type EventRow = Selectable<EventsTable>;
+
+/** One build of a MicroVM Image (issue #5): builds of one name are versions 1, 2, … */
+export interface ImagesTable {
+  id: string;
+  tenant_id: string;
+  name: string;
+  version: number;
+  /** PENDING | BUILDING | READY | FAILED | DELETING (images/states.ts writes it). */
+  state: string;
+  state_reason: string | null;
+  created_at: string;
+  ready_at: string | null;
+  /** disk_bytes + memory_bytes: what the snapshot holds on the host. */
+  size_bytes: number;
+  disk_bytes: number;
+  memory_bytes: number;
+  app_port: number | null;
+  /** The shape the image was snapshotted at; every VM of it has this shape. */
+  vcpus: number;
+  memory_mib: number;
+  disk_gib: number;
+  dockerfile_digest: string;
+  code_digest: string;
+  /** "upload", or the codeUri (s3://…, https://…, file://…). */
+  code_source: string;
+  parent_image_id: string | null;
+  /** JSON ImageConfig (images/dockerfile.ts): env, workdir, user, argv, healthcheck, labels. */
+  config: string;
+  build_ms: number | null;
+}
+
+export type ImageRow = Selectable<ImagesTable>;
+export type ImageUpdate = Updateable<ImagesTable>;

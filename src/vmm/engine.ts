@@ -440,6 +440,13 @@ export class Engine extends EventEmitter {
     });
   }
 
+  /** Ends the warm VMs of a snapshot (its image is being deleted); later launches of it would fail anyway. */
+  async dropWarm(snapshotDir: string): Promise<void> {
+    await this.filling.get(snapshotDir);
+    for (const vm of this.warm.get(snapshotDir)?.splice(0) ?? []) await this.destroy(vm);
+    this.warm.delete(snapshotDir);
+  }
+
   /**
    * Suspends a running VM to disk: pauses it, writes its memory and device
    * state to its directory, and ends the QEMU process (no CPU, no RAM held).

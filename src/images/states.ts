@@ -1,0 +1,46 @@
+import { ApiError } from "../errors.ts";
+
+/**
+ * Image states (DESIGN.md):
+ *
+ *   PENDING ──build slot──> BUILDING ──snapshot published──> READY
+ *   PENDING | BUILDING ──step failed, timeout, never ready, server restart──> FAILED
+ *   READY | FAILED ──DELETE──> DELETING ──files removed──> (row deleted)
+ *
+ * Only images/service.ts writes the state column, and only through `checkImageTransition`.
+ */
+export const IMAGE_STATES = ["PENDING", "BUILDING", "READY", "FAILED", "DELETING"] as const;
+export type ImageState = (typeof IMAGE_STATES)[number];
+
+const TRANSITIONS: Record<ImageState, readonly ImageState[]> = {
+  PENDING: ["BUILDING", "FAILED"],
+  BUILDING: ["READY", "FAILED"],
+  READY: ["DELETING"],
+  FAILED: ["DELETING"],
+  // A deletion that fails half-way is retried; the image is never usable again.
+  DELETING: ["DELETING"],
+};
+
+/** Throws InvalidState (409) naming both states if `from → to` is not allowed. */
+export function checkImageTransition(id: string, from: ImageState, to: ImageState, action: string): void {
+  if (!TRANSITIONS[from].includes(to)) {
+    throw new ApiError("InvalidState", `cannot ${action} image ${id}: it is ${from}`, { state: from, action });
+  }
+}
+
+/** True while a build is queued or running. */
+export function isBuilding(state: ImageState): boolean {
+  switch (state) {
+    case "PENDING":
+    case "BUILDING":
+      return true;
+    case "READY":
+    case "FAILED":
+    case "DELETING":
+      return false;
+    default: {
+      const never: never = state;
+      throw new Error(`unknown image state ${String(never)}`);
+    }
+  }
+}
