@@ -11,6 +11,8 @@ import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { authenticate } from "./auth.ts";
+import type { ImageService } from "../images/service.ts";
+import { registerImageRoutes } from "./routes/images.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
 import { registerMicroVmRoutes } from "./routes/microvms.ts";
 import { registerObserveRoutes } from "./routes/observe.ts";
@@ -24,6 +26,8 @@ export interface ApiDeps {
   accelerator: Accelerator;
   metrics: ServerMetrics;
   sampler: VmSampler;
+  /** MicroVM Images (Dockerfile builds); without it only the built-in `base` exists. */
+  images?: ImageService;
   /** Serve /metrics without an admin key (--metrics-public). */
   metricsPublic?: boolean;
   /** Endpoints are `http://{id}.{endpointDomain}:{port}/` (default vm.localhost). */
@@ -80,6 +84,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   app.get("/v1/health", { schema: { security: [] } }, async () => ({ status: "ok", accelerator: deps.accelerator, version: VERSION }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db);
+  if (deps.images) await registerImageRoutes(app, deps.images, deps.db);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
     const address = app.server.address();

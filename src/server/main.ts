@@ -2,6 +2,8 @@ import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { buildApi } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
+import { s3ConfigFromEnv } from "../images/intake.ts";
+import { ImageService } from "../images/service.ts";
 import { MicroVmService } from "../lifecycle/microvms.ts";
 import { openDatabase } from "../store/db.ts";
 import { ServerMetrics } from "../telemetry/metrics.ts";
@@ -20,14 +22,26 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const adminKey = await bootstrapAdminKey(db, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
   const runtime = await startRuntime({ ...config, log });
-  const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, log });
   let microvms: MicroVmService | undefined;
+  const imageService = new ImageService({
+    db,
+    engine: runtime.engine,
+    imagesDir: join(config.dataDir, "images"),
+    rootfs: runtime.rootfs,
+    assetsDir: config.assetsDir,
+    buildTimeoutMs: config.buildTimeoutSeconds * 1000,
+    s3: s3ConfigFromEnv(),
+    terminateVm: (tenantId, vmId, cause) => microvms!.terminate(tenantId, vmId, cause),
+    log,
+  });
+  await imageService.start();
+  const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
   microvms = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
-  const api = await buildApi({ db, microvms, accelerator: runtime.engine.accelerator, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
+  const api = await buildApi({ db, microvms, images: imageService, accelerator: runtime.engine.accelerator, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   // SIGTERM/SIGINT: stop taking requests, suspend every running VM to disk,
@@ -38,6 +52,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     microvms!.stop();
     sampler.stop();
     await api.close();
+    await imageService.close();
     await microvms!.suspendAll("server shutdown");
     await runtime.engine.close();
     await db.destroy();

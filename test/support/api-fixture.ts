@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { afterAll, inject } from "vitest";
 import { buildApi, type Api } from "../../src/api/server.ts";
 import { ImageCatalog } from "../../src/images/catalog.ts";
+import { ImageService, type ImageServiceOpts } from "../../src/images/service.ts";
 import { MicroVmService, type HostCapacity } from "../../src/lifecycle/microvms.ts";
 import { openDatabase, type Db } from "../../src/store/db.ts";
 import { ServerMetrics } from "../../src/telemetry/metrics.ts";
@@ -10,7 +11,7 @@ import { VmSampler } from "../../src/telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "../../src/server/bootstrap.ts";
 import { Engine } from "../../src/vmm/engine.ts";
 import { engineConfig } from "./engine-fixture.ts";
-import { TEST_IMAGES, TEST_ROOT } from "./paths.ts";
+import { TEST_ASSETS, TEST_IMAGES, TEST_ROOT } from "./paths.ts";
 
 export interface ApiContext {
   url: string;
@@ -18,6 +19,8 @@ export interface ApiContext {
   db: Db;
   engine: Engine;
   microvms: MicroVmService;
+  /** Dockerfile images (their files under the fixture's own data directory). */
+  images: ImageService;
   /** Sends a request; JSON bodies are encoded, JSON answers decoded. */
   call(method: string, path: string, opts?: { key?: string; body?: unknown; raw?: string | Buffer; headers?: Record<string, string> }): Promise<{ status: number; body: any; text: string }>;
   /** Creates a tenant and a key for it with the given permissions. */
@@ -29,21 +32,34 @@ export interface ApiContext {
  * engine (the shared base snapshot as the `base` image). Everything is
  * terminated and removed after the file.
  */
-export async function useApi(opts: { capacity?: HostCapacity; policyIntervalMs?: number } = {}): Promise<ApiContext> {
+export async function useApi(
+  opts: { capacity?: HostCapacity; policyIntervalMs?: number; images?: Partial<Omit<ImageServiceOpts, "db" | "engine" | "terminateVm">> } = {},
+): Promise<ApiContext> {
   const dataDir = await mkdtemp(join(TEST_ROOT, "api-"));
   const db = await openDatabase(dataDir);
   const adminKey = (await bootstrapAdminKey(db, dataDir))!;
   const engine = await Engine.open(engineConfig(dataDir));
   const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
   // The shared images directory: the default shape's snapshot is already built there.
-  const images = new ImageCatalog(engine, { imagesDir: TEST_IMAGES, rootfs: inject("rootfs"), assets });
   let microvms: MicroVmService | undefined;
+  const imageService = new ImageService({
+    db,
+    engine,
+    imagesDir: join(dataDir, "images"),
+    rootfs: inject("rootfs"),
+    assetsDir: TEST_ASSETS,
+    terminateVm: (tenantId, vmId, cause) => microvms!.terminate(tenantId, vmId, cause),
+    ...opts.images,
+  });
+  await imageService.start();
+  const images = new ImageCatalog(engine, { imagesDir: TEST_IMAGES, rootfs: inject("rootfs"), assets, images: imageService });
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
   microvms = new MicroVmService({ db, engine, images, capacity: opts.capacity, observer: metrics });
   await microvms.start(opts.policyIntervalMs ?? 250);
   const app: Api = await buildApi({
     db,
     microvms,
+    images: imageService,
     accelerator: engine.accelerator,
     metrics,
     sampler: new VmSampler(),
@@ -56,6 +72,7 @@ export async function useApi(opts: { capacity?: HostCapacity; policyIntervalMs?:
     db,
     engine,
     microvms: microvms!,
+    images: imageService,
     async call(method, path, o = {}) {
       const headers: Record<string, string> = { ...o.headers };
       if (o.key) headers.authorization = `Bearer ${o.key}`;
@@ -83,6 +100,7 @@ export async function useApi(opts: { capacity?: HostCapacity; policyIntervalMs?:
   afterAll(async () => {
     microvms!.stop();
     await app.close();
+    await imageService.close();
     for (const vm of engine.list()) await engine.terminate(vm.id).catch(() => undefined);
     await engine.close();
     await db.destroy();

@@ -1,0 +1,180 @@
+import multipart from "@fastify/multipart";
+import { Type, type Static, type TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
+import { Ajv } from "ajv";
+import { rm } from "node:fs/promises";
+import { ApiError } from "../../errors.ts";
+import { fetchCode, stageStream, type StagedCode } from "../../images/intake.ts";
+import type { ImageService } from "../../images/service.ts";
+import type { Db } from "../../store/db.ts";
+import type { ImageRow } from "../../store/schema.ts";
+import { findLiveKey } from "../../store/tenants.ts";
+import { grants } from "../auth.ts";
+import type { Api } from "../server.ts";
+
+const BuildArgs = Type.Record(Type.String({ pattern: "^[A-Za-z_][A-Za-z0-9_]*$", maxLength: 256 }), Type.String({ maxLength: 32768 }), { maxProperties: 128 });
+const CreateFields = {
+  name: Type.String({ minLength: 1, maxLength: 63, description: "image name; builds of one name are versions 1, 2, …" }),
+  dockerfile: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 * 1024, description: "Dockerfile text (default: Dockerfile at the archive root)" })),
+  buildArgs: Type.Optional(BuildArgs),
+  vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 16, description: "vCPUs of the build and of every VM of the image (default 1)" })),
+  memoryMiB: Type.Optional(Type.Integer({ minimum: 128, maximum: 32768, description: "memory of the build and of every VM of the image (default 512)" })),
+};
+const CreateJson = Type.Object(
+  { ...CreateFields, codeUri: Type.String({ minLength: 1, maxLength: 4096, description: "s3://bucket/key, https://… or file://… (admin)" }) },
+  { additionalProperties: false },
+);
+const CreateMultipart = Type.Object(CreateFields, { additionalProperties: false });
+
+const ajv = new Ajv({ coerceTypes: false, allErrors: false });
+const checkJson = ajv.compile<Static<typeof CreateJson>>(CreateJson);
+const checkMultipart = ajv.compile<Static<typeof CreateMultipart>>(CreateMultipart);
+
+const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 128 }) });
+
+/**
+ * MicroVM Images (API.md): create from multipart (`name`, `dockerfile`, `code`
+ * zip) or JSON with `codeUri`; list, describe, build log, delete.
+ * Registered in its own scope so that @fastify/multipart parses only here.
+ */
+export async function registerImageRoutes(root: Api, images: ImageService, db: Db): Promise<void> {
+  await root.register(async (scope) => {
+    const app = scope.withTypeProvider<TypeBoxTypeProvider>();
+    const limits = images.archiveLimits;
+    await scope.register(multipart, {
+      limits: { fileSize: limits.maxCompressedBytes, files: 2, fields: 16, fieldSize: 1024 * 1024, parts: 20 },
+    });
+
+    app.post(
+      "/v1/images",
+      {
+        config: { permission: "image:create" },
+        bodyLimit: 1024 * 1024,
+        schema: {
+          description:
+            "Build an image: multipart/form-data with `name`, `dockerfile` (text or file), `code` (.zip) and optionally `buildArgs` (JSON), `vcpus`, `memoryMiB`; or JSON " +
+            "`{name, dockerfile, codeUri, buildArgs?, vcpus?, memoryMiB?}`. Answers 202 with the image BUILDING.",
+        },
+      },
+      async (req, reply) => {
+        let staged: StagedCode | undefined;
+        try {
+          let fields: Static<typeof CreateMultipart>;
+          if (req.isMultipart()) {
+            const raw: Record<string, unknown> = {};
+            for await (const part of req.parts()) {
+              if (part.type === "file") {
+                if (part.fieldname === "code") {
+                  if (staged) throw new ApiError("ValidationError", "only one code file", { field: "code" });
+                  staged = await stageStream(part.file, images.stagingDir, limits.maxCompressedBytes);
+                } else if (part.fieldname === "dockerfile") {
+                  raw.dockerfile = (await part.toBuffer()).toString("utf8");
+                } else {
+                  part.file.resume();
+                  throw new ApiError("ValidationError", `unexpected file field ${part.fieldname} (expected code, dockerfile)`, { field: part.fieldname });
+                }
+              } else {
+                const value = String(part.value);
+                if (part.fieldname === "buildArgs") raw.buildArgs = parseJsonField("buildArgs", value);
+                else if (part.fieldname === "vcpus" || part.fieldname === "memoryMiB") raw[part.fieldname] = Number(value);
+                else raw[part.fieldname] = value;
+              }
+            }
+            if (!checkMultipart(raw)) throw schemaError(checkMultipart.errors);
+            if (!staged) throw new ApiError("ValidationError", "the code field (a .zip file) is required", { field: "code" });
+            fields = raw;
+          } else {
+            const body = req.body as unknown;
+            if (!checkJson(body)) throw schemaError(checkJson.errors);
+            const admin = await isAdmin(db, req.headers.authorization);
+            staged = await fetchCode(body.codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {} });
+            const { codeUri: _uri, ...rest } = body;
+            fields = rest;
+          }
+          const row = await images.create(req.tenantId, { ...fields, code: staged });
+          return reply.status(202).send(imageView(row));
+        } finally {
+          // create() consumes the staged file; this covers a failure before it.
+          if (staged) await rm(staged.path, { force: true });
+        }
+      },
+    );
+
+    app.get(
+      "/v1/images",
+      { config: { permission: "image:read" }, schema: { querystring: Type.Object({ name: Type.Optional(Type.String({ maxLength: 63 })) }, { additionalProperties: false }) } },
+      async (req) => ({ images: (await images.list(req.tenantId, { name: req.query.name })).map(imageView) }),
+    );
+
+    app.get("/v1/images/:id", { config: { permission: "image:read" }, schema: { params: IdParams } }, async (req) => imageView(await images.get(req.tenantId, req.params.id)));
+
+    app.get(
+      "/v1/images/:id/build-log",
+      {
+        config: { permission: "image:read" },
+        schema: { params: IdParams, querystring: Type.Object({ follow: Type.Optional(Type.Boolean({ default: false })) }, { additionalProperties: false }) },
+      },
+      async (req, reply) => {
+        const stream = await images.buildLog(req.tenantId, req.params.id, req.query.follow ?? false);
+        return reply.header("content-type", "text/plain; charset=utf-8").header("x-content-type-options", "nosniff").send(stream);
+      },
+    );
+
+    app.delete(
+      "/v1/images/:id",
+      {
+        config: { permission: "image:delete" },
+        schema: { params: IdParams, querystring: Type.Object({ force: Type.Optional(Type.Boolean({ default: false })) }, { additionalProperties: false }) },
+      },
+      async (req) => ({ imageIds: await images.delete(req.tenantId, req.params.id, req.query.force ?? false), deleted: true }),
+    );
+  });
+}
+
+function parseJsonField(field: string, value: string): unknown {
+  try {
+    return JSON.parse(value);
+  } catch {
+    throw new ApiError("ValidationError", `${field} must be a JSON object`, { field });
+  }
+}
+
+function schemaError(errors: { instancePath: string; message?: string }[] | null | undefined): ApiError {
+  const first = errors?.[0];
+  const field = `body${first?.instancePath.replace(/\//g, ".") ?? ""}`;
+  return new ApiError("ValidationError", `${field} ${first?.message ?? "is invalid"}`, { field });
+}
+
+/** file:// code URIs are for admin keys (the auth hook already checked the key; this reads its permissions). */
+async function isAdmin(db: Db, authorization: string | undefined): Promise<boolean> {
+  const apiKey = /^Bearer\s+(\S+)$/i.exec(authorization ?? "")?.[1];
+  const key = apiKey ? await findLiveKey(db, apiKey) : undefined;
+  return key ? grants(JSON.parse(key.permissions) as string[], "admin:*") : false;
+}
+
+/** The API view of an image (API.md). */
+export function imageView(row: ImageRow) {
+  const config = JSON.parse(row.config) as { labels?: Record<string, string>; argv?: string[] };
+  return {
+    imageId: row.id,
+    name: row.name,
+    version: row.version,
+    state: row.state,
+    ...(row.state_reason ? { stateReason: row.state_reason } : {}),
+    createdAt: row.created_at,
+    ...(row.ready_at ? { readyAt: row.ready_at } : {}),
+    sizeBytes: row.size_bytes,
+    diskBytes: row.disk_bytes,
+    memoryBytes: row.memory_bytes,
+    ...(row.app_port ? { appPort: row.app_port } : {}),
+    vcpus: row.vcpus,
+    memoryMiB: row.memory_mib,
+    diskGiB: row.disk_gib,
+    dockerfileDigest: row.dockerfile_digest,
+    codeDigest: row.code_digest,
+    codeSource: row.code_source,
+    ...(row.parent_image_id ? { parentImageId: row.parent_image_id } : {}),
+    ...(row.build_ms !== null ? { buildMs: row.build_ms } : {}),
+    command: config.argv ?? [],
+    labels: config.labels ?? {},
+  };
+}
