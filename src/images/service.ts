@@ -301,7 +301,18 @@ export class ImageService {
         log.line(`==> image ${row.name} version ${row.version} (${row.id}); Dockerfile ${row.dockerfile_digest}, code ${row.code_digest}`);
         if (this.running >= this.maxConcurrent) {
           log.line(`==> waiting for a build slot (${this.running} builds running)`);
-          await new Promise<void>((resolve) => this.queue.push(resolve));
+          await new Promise<void>((resolve, reject) => {
+            const take = () => {
+              controller.signal.removeEventListener("abort", cancel);
+              resolve();
+            };
+            const cancel = () => {
+              this.queue.splice(this.queue.indexOf(take), 1);
+              reject(controller.signal.reason as Error);
+            };
+            this.queue.push(take);
+            controller.signal.addEventListener("abort", cancel, { once: true });
+          });
         }
         this.running++;
         const timeoutMs = this.opts.buildTimeoutMs ?? 600_000;
