@@ -23,7 +23,9 @@ const RESUMES = Number(process.env.BENCH_RESUMES ?? 8);
 const log = (line: string) => console.error(`[bench] ${line}`);
 
 /** Same counting app as test/api/endpoint.test.ts: perl-base is in the base image, python is not. */
-const APP = `nohup perl -MIO::Socket::INET -e 'my $s = IO::Socket::INET->new(LocalPort => 8080, Listen => 64, ReuseAddr => 1) or die; my $n = 0; while (my $c = $s->accept) { while (my $l = <$c>) { last if $l eq "\\r\\n" } $n++; my $b = "count=$n\\n"; print $c "HTTP/1.1 200 OK\\r\\nContent-Length: " . length($b) . "\\r\\nConnection: close\\r\\n\\r\\n$b"; close $c }' >/dev/null 2>&1 & for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && exit 0; sleep 0.1; done; exit 1`;
+const APP = `nohup perl -MIO::Socket::INET -e 'my $s = IO::Socket::INET->new(LocalPort => 8080, Listen => 64, ReuseAddr => 1) or die; my $n = 0; while (my $c = $s->accept) { while (my $l = <$c>) { last if $l eq "\\r\\n" } $n++; my $b = "count=$n\\n"; print $c "HTTP/1.1 200 OK\\r\\nContent-Length: " . length($b) . "\\r\\nConnection: close\\r\\n\\r\\n$b"; close $c }' >/dev/null 2>&1 &`;
+/** Waits until the app's port accepts (bash, not dash: /dev/tcp is a bash feature). */
+const WAIT_FOR_APP = ["bash", "-c", "for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && exit 0; sleep 0.2; done; exit 1"];
 
 /** One GET; resolves with the time to the first byte of the body and to its end, in ms. */
 function get(port: number, path: string, headers: Record<string, string>): Promise<{ firstByteMs: number; totalMs: number; status: number }> {
@@ -89,6 +91,7 @@ async function main(): Promise<void> {
     log("starting an app VM");
     const vm = await api("POST", "/v1/microvms", { image: "base", appPort: 8080, idlePolicy: { suspendAfterSeconds: 0 } });
     await api("POST", `/v1/microvms/${vm.microVmId}/exec`, { command: APP });
+    await api("POST", `/v1/microvms/${vm.microVmId}/exec`, { command: WAIT_FOR_APP, timeoutSeconds: 120 });
     const auth = { authorization: `Bearer ${vm.endpoint.token}` };
     const routed = `/v1/microvms/${vm.microVmId}/http/`;
     const directPort = runtime.engine.get(vm.microVmId).hostPort(8080)!;
