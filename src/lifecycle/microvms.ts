@@ -41,9 +41,9 @@ export interface HostCapacity {
   memoryMiB: number;
 }
 
-/** Default capacity: 4 vCPUs per core, and memory up to 90 % of the host's. */
-export function defaultCapacity(): HostCapacity {
-  return { vcpus: cpus().length * 4, memoryMiB: Math.floor((totalmem() / 2 ** 20) * 0.9) };
+/** Host capacity for live VMs: cores × vcpuOvercommit, and memory × memoryOvercommit. */
+export function hostCapacity(overcommit: { vcpu: number; memory: number } = { vcpu: 4, memory: 0.9 }): HostCapacity {
+  return { vcpus: Math.floor(cpus().length * overcommit.vcpu), memoryMiB: Math.floor((totalmem() / 2 ** 20) * overcommit.memory) };
 }
 
 export interface MicroVmEvent {
@@ -77,7 +77,7 @@ export class MicroVmService {
     db: Db;
     engine: Engine;
     images: ImageCatalog;
-    /** Default: defaultCapacity() of this host. */
+    /** Default: hostCapacity() of this host. */
     capacity?: HostCapacity;
     /** Receives launch/suspend/resume latencies (telemetry). */
     observer?: LifecycleObserver;
@@ -86,7 +86,7 @@ export class MicroVmService {
     this.db = opts.db;
     this.engine = opts.engine;
     this.images = opts.images;
-    this.capacity = opts.capacity ?? defaultCapacity();
+    this.capacity = opts.capacity ?? hostCapacity();
     this.observer = opts.observer;
     this.log = opts.log ?? (() => undefined);
     this.engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));

@@ -11,6 +11,10 @@ export interface ServerConfig {
   warmPoolSize: number;
   /** An image build that takes longer fails (COCOON_BUILD_TIMEOUT_SECONDS, default 600). */
   buildTimeoutSeconds: number;
+  /** vCPUs admitted per host core (COCOON_VCPU_OVERCOMMIT, default 4). */
+  vcpuOvercommit: number;
+  /** Share of host memory that live VMs may be given (COCOON_MEMORY_OVERCOMMIT, default 0.9; above 1 overcommits). */
+  memoryOvercommit: number;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (API.md). */
@@ -27,19 +31,20 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     listenPort: port,
     dataDir,
     assetsDir: resolve(flags.assetsDir ?? process.env.COCOON_ASSETS_DIR ?? join(dataDir, "assets")),
-    warmPoolSize: parseWarmPool(process.env.COCOON_WARM_POOL ?? "1"),
-    buildTimeoutSeconds: parseBuildTimeout(process.env.COCOON_BUILD_TIMEOUT_SECONDS ?? "600"),
+    warmPoolSize: envNumber("COCOON_WARM_POOL", 1, { min: 0, max: 16, integer: true }),
+    buildTimeoutSeconds: envNumber("COCOON_BUILD_TIMEOUT_SECONDS", 600, { min: 10, max: 86_400, integer: true }),
+    vcpuOvercommit: envNumber("COCOON_VCPU_OVERCOMMIT", 4, { min: 0.1, max: 64 }),
+    memoryOvercommit: envNumber("COCOON_MEMORY_OVERCOMMIT", 0.9, { min: 0.1, max: 4 }),
   };
 }
 
-function parseWarmPool(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 0 || n > 16) throw new Error(`COCOON_WARM_POOL must be an integer between 0 and 16, got "${value}"`);
-  return n;
-}
-
-function parseBuildTimeout(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 10 || n > 86_400) throw new Error(`COCOON_BUILD_TIMEOUT_SECONDS must be an integer between 10 and 86400, got "${value}"`);
+/** A number from the environment, or `fallback`; out of range is an error naming the variable and the limits. */
+function envNumber(name: string, fallback: number, limits: { min: number; max: number; integer?: boolean }): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === "") return fallback;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n < limits.min || n > limits.max || (limits.integer && !Number.isInteger(n))) {
+    throw new Error(`${name} must be ${limits.integer ? "an integer" : "a number"} between ${limits.min} and ${limits.max}, got "${raw}"`);
+  }
   return n;
 }

@@ -4,7 +4,7 @@ import { buildApi } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
-import { MicroVmService } from "../lifecycle/microvms.ts";
+import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
 import { openDatabase } from "../store/db.ts";
 import { ServerMetrics } from "../telemetry/metrics.ts";
 import { VmSampler } from "../telemetry/vm-samples.ts";
@@ -37,7 +37,8 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   await imageService.start();
   const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
-  microvms = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
+  const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
+  microvms = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));

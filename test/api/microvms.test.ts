@@ -94,6 +94,17 @@ describe("microVM lifecycle over HTTP", () => {
     expect(events.at(-1).message).toBe("terminated (max runtime of 2 s reached)");
   });
 
+  it("marks a VM FAILED with the reason when its QEMU process dies, and frees its capacity", async () => {
+    const { microVmId: id } = await createVm();
+    const used = (await api.microvms.usage()).usedVcpus;
+    process.kill(api.engine.get(id).machine!.pid, "SIGKILL");
+    await waitFor(async () => (await api.call("GET", `/v1/microvms/${id}`, { key: alice })).body.state === "FAILED");
+    const vm = (await api.call("GET", `/v1/microvms/${id}`, { key: alice })).body;
+    expect(vm.stateReason).toContain("QEMU process exited unexpectedly");
+    expect((await api.microvms.usage()).usedVcpus).toBe(used - 1);
+    expect((await api.call("DELETE", `/v1/microvms/${id}`, { key: alice })).body.state).toBe("TERMINATED");
+  });
+
   it("names a command that does not exist", async () => {
     const { microVmId: id } = await createVm();
     const res = await api.call("POST", `/v1/microvms/${id}/exec`, { key: alice, body: { command: ["no-such-binary"] } });

@@ -11,6 +11,17 @@ describe("resolveServerConfig", () => {
     expect(c.assetsDir).toBe(`${c.dataDir}/assets`);
   });
 
+  it("reads overcommit and pool sizes from the environment and names a bad one", () => {
+    process.env.COCOON_VCPU_OVERCOMMIT = "2.5";
+    expect(resolveServerConfig({}).vcpuOvercommit).toBe(2.5);
+    process.env.COCOON_VCPU_OVERCOMMIT = "lots";
+    expect(() => resolveServerConfig({})).toThrow('COCOON_VCPU_OVERCOMMIT must be a number between 0.1 and 64, got "lots"');
+    delete process.env.COCOON_VCPU_OVERCOMMIT;
+    process.env.COCOON_WARM_POOL = "1.5";
+    expect(() => resolveServerConfig({})).toThrow("COCOON_WARM_POOL must be an integer between 0 and 16");
+    delete process.env.COCOON_WARM_POOL;
+  });
+
   it.each(["7070", "host:", "h:0", "h:70000"])("rejects --listen %s", (listen) => {
     expect(() => resolveServerConfig({ listen })).toThrow("--listen must be HOST:PORT");
   });
