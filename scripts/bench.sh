@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# `npm run bench`: measures the engine on this machine; writes bench/results/.
+# `npm run bench`: measures this machine, one suite after another (they share
+# the CPU, so never in parallel); each prints p50/p95 tables and writes
+# bench/results/<suite>.{json,md}. `npm run bench -- engine api` runs some.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec npx tsx bench/engine.ts "$@"
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=(engine api network images)
+for suite in "${suites[@]}"; do
+  echo "== bench/$suite.ts" >&2
+  npx tsx "bench/$suite.ts"
+done

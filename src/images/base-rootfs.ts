@@ -1,7 +1,8 @@
-import { rm, writeFile } from "node:fs/promises";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
 import { run } from "../util/process.ts";
+import { ext4DiskFromTree } from "./ext4-disk.ts";
 
 /** What the built-in `base` image is made of. Changing any of it rebuilds the disk. */
 export const BASE_ROOTFS_RECIPE = {
@@ -14,8 +15,8 @@ export const BASE_ROOTFS_RECIPE = {
 } as const;
 
 /**
- * Builds the `debian:bookworm` root filesystem with mmdebstrap, as ext4 made
- * with `mke2fs -d` (no mount, no loop device) inside qcow2. The result is
+ * Builds the `debian:bookworm` root filesystem with mmdebstrap, as ext4
+ * inside qcow2 (ext4DiskFromTree). The result is
  * read-only: every image and VM disk is a copy-on-write overlay on it.
  */
 export async function prepareBaseRootfs(assetsDir: string, log?: ProgressLog): Promise<string> {
@@ -26,9 +27,7 @@ export async function prepareBaseRootfs(assetsDir: string, log?: ProgressLog): P
     inputs: recipe,
     log,
     build: async (out) => {
-      const tree = join(out, "tree");
-      const raw = join(out, "disk.raw");
-      try {
+      await ext4DiskFromTree(out, recipe.diskGiB, async (tree) => {
         await run(
           "mmdebstrap",
           [`--variant=${recipe.variant}`, `--include=${recipe.include.join(",")}`, "--quiet", recipe.suite, tree],
@@ -37,12 +36,7 @@ export async function prepareBaseRootfs(assetsDir: string, log?: ProgressLog): P
         // The agent writes resolv.conf and hostname at boot; machine-id is made per VM.
         await writeFile(join(tree, "etc/hostname"), "cocoon\n");
         await writeFile(join(tree, "etc/machine-id"), "");
-        await run("mke2fs", ["-q", "-t", "ext4", "-L", "cocoon-root", "-d", tree, raw, `${recipe.diskGiB}G`]);
-        await run("qemu-img", ["convert", "-O", "qcow2", raw, join(out, "disk.qcow2")]);
-      } finally {
-        await rm(tree, { recursive: true, force: true });
-        await rm(raw, { force: true });
-      }
+      });
     },
   });
   return join(dir, "disk.qcow2");

@@ -1,7 +1,7 @@
-import { mkdir, rm, writeFile } from "node:fs/promises";
+import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
-import { run } from "../util/process.ts";
+import { ext4DiskFromTree } from "./ext4-disk.ts";
 
 /**
  * The disk of `FROM scratch`: an empty ext4 filesystem holding only the
@@ -16,18 +16,11 @@ export async function prepareScratchDisk(assetsDir: string, log?: ProgressLog): 
     inputs: recipe,
     log,
     build: async (out) => {
-      const tree = join(out, "tree");
-      const raw = join(out, "disk.raw");
-      try {
+      await ext4DiskFromTree(out, recipe.diskGiB, async (tree) => {
         for (const d of ["dev", "proc", "sys", "tmp", "run", "etc", "root"]) await mkdir(join(tree, d), { recursive: true });
         await writeFile(join(tree, "etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n");
         await writeFile(join(tree, "etc/group"), "root:x:0:\n");
-        await run("mke2fs", ["-q", "-t", "ext4", "-L", "cocoon-root", "-d", tree, raw, `${recipe.diskGiB}G`]);
-        await run("qemu-img", ["convert", "-O", "qcow2", raw, join(out, "disk.qcow2")]);
-      } finally {
-        await rm(tree, { recursive: true, force: true });
-        await rm(raw, { force: true });
-      }
+      });
     },
   });
   return join(dir, "disk.qcow2");

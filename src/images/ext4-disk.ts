@@ -1,0 +1,25 @@
+import { mkdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { run } from "../util/process.ts";
+
+/**
+ * Writes `<out>/disk.qcow2`: an ext4 filesystem of `diskGiB` made with
+ * `mke2fs -d` from a directory tree that `fill` populates (no mount, no loop
+ * device, no root needed for the filesystem itself). The tree and the raw
+ * image are removed whatever happens.
+ */
+export async function ext4DiskFromTree(out: string, diskGiB: number, fill: (tree: string) => Promise<void>): Promise<string> {
+  const tree = join(out, "tree");
+  const raw = join(out, "disk.raw");
+  const disk = join(out, "disk.qcow2");
+  try {
+    await mkdir(tree, { recursive: true });
+    await fill(tree);
+    await run("mke2fs", ["-q", "-t", "ext4", "-L", "cocoon-root", "-d", tree, raw, `${diskGiB}G`]);
+    await run("qemu-img", ["convert", "-O", "qcow2", raw, disk]);
+  } finally {
+    await rm(tree, { recursive: true, force: true });
+    await rm(raw, { force: true });
+  }
+  return disk;
+}
