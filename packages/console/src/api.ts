@@ -1,0 +1,150 @@
+// The console talks to the public v1 API only (../shared/API.md), on the
+// server it was loaded from, with the API key kept in sessionStorage.
+
+const KEY = "cocoon.apiKey";
+
+export const session = {
+  get: (): string => sessionStorage.getItem(KEY) ?? "",
+  set: (key: string) => sessionStorage.setItem(KEY, key),
+  clear: () => sessionStorage.removeItem(KEY),
+};
+
+export type VmState = "PENDING" | "RUNNING" | "SUSPENDING" | "SUSPENDED" | "RESUMING" | "TERMINATING" | "TERMINATED" | "FAILED";
+export const VM_STATES: VmState[] = ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"];
+
+export interface Vm {
+  microVmId: string;
+  image: string;
+  imageId: string;
+  state: VmState;
+  stateReason?: string;
+  vcpus: number;
+  memoryMiB: number;
+  diskGiB: number;
+  createdAt: string;
+  expiresAt: string;
+  lastActivityAt: string;
+  terminatedAt?: string;
+  idlePolicy: { suspendAfterSeconds: number; autoResume: boolean };
+  maxRuntimeSeconds: number;
+  network: { egress: unknown };
+  endpoint: { url: string; token?: string; public: boolean; appPort?: number };
+  metadata: Record<string, unknown>;
+}
+
+export interface VmEvent {
+  type: string;
+  message: string;
+  at: string;
+}
+
+export interface Metrics {
+  cpuPercent?: number;
+  memoryUsedMiB?: number;
+  diskUsedMiB?: number;
+  netRxBytes?: number;
+  netTxBytes?: number;
+  samples?: { at: string; cpuPercent?: number; memoryUsedMiB?: number }[];
+}
+
+export interface Image {
+  imageId: string;
+  name: string;
+  state: string;
+  stateReason?: string;
+  createdAt: string;
+  readyAt?: string;
+  sizeBytes?: number;
+  appPort?: number;
+  dockerfileDigest?: string;
+  codeDigest?: string;
+  [field: string]: unknown;
+}
+
+/** An error answer of the API: `{error: {code, message, details: {field}}}`. */
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly field?: string,
+  ) {
+    super(message);
+  }
+}
+
+async function call<T>(method: string, path: string, opts: { json?: unknown; body?: BodyInit; signal?: AbortSignal; key?: string } = {}): Promise<T> {
+  const headers: Record<string, string> = {};
+  const key = opts.key ?? session.get();
+  if (key) headers.authorization = `Bearer ${key}`;
+  let body = opts.body;
+  if (opts.json !== undefined) {
+    headers["content-type"] = "application/json";
+    body = JSON.stringify(opts.json);
+  }
+  let res: Response;
+  try {
+    res = await fetch(path, { method, headers, body, signal: opts.signal });
+  } catch (err) {
+    if (opts.signal?.aborted) throw err;
+    throw new ApiError(0, "Connection", `cannot reach the server: ${(err as Error).message}`);
+  }
+  const text = await res.text();
+  const parsed = text ? (safeJson(text) as unknown) : undefined;
+  if (!res.ok) {
+    const e = (parsed as { error?: { code?: string; message?: string; details?: { field?: string } } } | undefined)?.error;
+    if (res.status === 401 && !opts.key) window.dispatchEvent(new Event("cocoon:unauthorized"));
+    throw new ApiError(res.status, e?.code ?? "Error", e?.message ?? `${method} ${path}: HTTP ${res.status}`, e?.details?.field);
+  }
+  return parsed as T;
+}
+
+function safeJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+/** Streams a text response (logs, build log) chunk by chunk until it ends or `signal` aborts. */
+export async function stream(path: string, onText: (text: string) => void, signal: AbortSignal): Promise<void> {
+  const res = await fetch(path, { headers: { authorization: `Bearer ${session.get()}` }, signal });
+  if (!res.ok || !res.body) {
+    const e = (safeJson(await res.text()) as { error?: { message?: string } })?.error;
+    throw new ApiError(res.status, "Error", e?.message ?? `HTTP ${res.status}`);
+  }
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    onText(decoder.decode(value, { stream: true }));
+  }
+}
+
+const vmPath = (id: string) => `/v1/microvms/${encodeURIComponent(id)}`;
+
+export const api = {
+  health: () => call<{ status: string; accelerator: string; version: string }>("GET", "/v1/health"),
+  /** Checks a key before keeping it. */
+  check: (key: string) => call<{ microVms: Vm[] }>("GET", "/v1/microvms?limit=1", { key }),
+  listVms: (state?: string) => call<{ microVms: Vm[] }>("GET", `/v1/microvms?limit=1000${state ? `&state=${encodeURIComponent(state)}` : ""}`),
+  getVm: (id: string) => call<Vm>("GET", vmPath(id)),
+  createVm: (body: unknown) => call<Vm>("POST", "/v1/microvms", { json: body }),
+  suspend: (id: string) => call<Vm>("POST", `${vmPath(id)}/suspend`),
+  resume: (id: string) => call<Vm>("POST", `${vmPath(id)}/resume`),
+  terminate: (id: string) => call<Vm>("DELETE", vmPath(id)),
+  events: (id: string) => call<{ events: VmEvent[] }>("GET", `${vmPath(id)}/events`),
+  metrics: (id: string) => call<Metrics>("GET", `${vmPath(id)}/metrics`),
+  listImages: () => call<{ images: Image[] }>("GET", "/v1/images"),
+  getImage: (id: string) => call<Image>("GET", `/v1/images/${encodeURIComponent(id)}`),
+  createImage: (form: FormData) => call<Image>("POST", "/v1/images", { body: form }),
+  deleteImage: (id: string, force: boolean) => call<unknown>("DELETE", `/v1/images/${encodeURIComponent(id)}${force ? "?force=true" : ""}`),
+  vmLogsPath: (id: string) => `${vmPath(id)}/logs?follow=true`,
+  buildLogPath: (id: string) => `/v1/images/${encodeURIComponent(id)}/build-log?follow=true`,
+  terminalUrl: (id: string, cols: number, rows: number) => {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    return `${proto}//${location.host}${vmPath(id)}/terminal?cols=${cols}&rows=${rows}&access_token=${encodeURIComponent(session.get())}`;
+  },
+};

@@ -1,0 +1,83 @@
+import { FitAddon } from "@xterm/addon-fit";
+import { Terminal as XTerm } from "@xterm/xterm";
+import { useEffect, useRef, useState } from "react";
+import { api } from "../api.ts";
+
+/**
+ * xterm.js over GET /v1/microvms/{id}/terminal (WebSocket): binary frames are
+ * keystrokes and output, text frames JSON ({type:"resize"} out; {type:"exit"}
+ * or {type:"error"} in). A suspended VM is resumed by the server.
+ */
+export function Terminal({ id }: { id: string }) {
+  const box = useRef<HTMLDivElement>(null);
+  const [status, setStatus] = useState("connecting…");
+  const [generation, setGeneration] = useState(0);
+  useEffect(() => {
+    const el = box.current;
+    if (!el) return;
+    const term = new XTerm({ cursorBlink: true, fontSize: 14, scrollback: 5000, fontFamily: "ui-monospace, Menlo, Consolas, monospace" });
+    const fit = new FitAddon();
+    term.loadAddon(fit);
+    term.open(el);
+    try {
+      fit.fit();
+    } catch {
+      // not laid out yet
+    }
+    const ws = new WebSocket(api.terminalUrl(id, term.cols, term.rows));
+    ws.binaryType = "arraybuffer";
+    const encoder = new TextEncoder();
+    setStatus("connecting… (a suspended microVM is resumed first)");
+    ws.onopen = () => {
+      setStatus("connected");
+      term.focus();
+    };
+    ws.onmessage = (ev: MessageEvent<ArrayBuffer | string>) => {
+      if (typeof ev.data !== "string") {
+        term.write(new Uint8Array(ev.data));
+        return;
+      }
+      try {
+        const msg = JSON.parse(ev.data) as { type?: string; exitCode?: number; message?: string };
+        if (msg.type === "exit") setStatus(`shell exited with status ${msg.exitCode}`);
+        else if (msg.type === "error") setStatus(`error: ${msg.message}`);
+      } catch {
+        term.write(ev.data);
+      }
+    };
+    ws.onclose = () => setStatus((s) => (s === "connected" || s.startsWith("connecting") ? "disconnected" : s));
+    const input = term.onData((d) => ws.readyState === WebSocket.OPEN && ws.send(encoder.encode(d)));
+    const resize = term.onResize(({ cols, rows }) => ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify({ type: "resize", cols, rows })));
+    const observer = new ResizeObserver(() => {
+      try {
+        fit.fit();
+      } catch {
+        // detached
+      }
+    });
+    observer.observe(el);
+    return () => {
+      observer.disconnect();
+      input.dispose();
+      resize.dispose();
+      ws.close();
+      term.dispose();
+    };
+  }, [id, generation]);
+  return (
+    <div className="card">
+      <div className="row spread">
+        <h2>Terminal</h2>
+        <span className="row">
+          <span className="hint" role="status" data-terminal-status={status}>
+            {status}
+          </span>
+          <button type="button" className="small" onClick={() => setGeneration((g) => g + 1)}>
+            Reconnect
+          </button>
+        </span>
+      </div>
+      <div ref={box} className="terminal" aria-label="Terminal" />
+    </div>
+  );
+}
