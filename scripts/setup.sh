@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # Host tools: QEMU (microvm machine) and qemu-img, mmdebstrap + mke2fs for the
 # base root filesystem, Go for the in-guest agent, apt-get for the guest kernel;
-# passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md).
-PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2)
+# passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md);
+# chromium for the web console's end-to-end test (test/console).
+PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -30,4 +31,12 @@ fi
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "[setup] npm ci" >&2
   npm ci --no-audit --no-fund --loglevel=error >&2
+fi
+
+# The web console (packages/console), served by the server under /console/:
+# built when its output is missing or older than its sources.
+console=packages/console
+if [ ! -f $console/dist/index.html ] || [ -n "$(find $console/src $console/index.html $console/vite.config.ts $console/package.json $console/tsconfig.json package-lock.json -newer $console/dist/index.html 2>/dev/null | head -1)" ]; then
+  echo "[setup] building the web console" >&2
+  npm run build -w $console --silent >&2
 fi

@@ -12,6 +12,7 @@ import type { Accelerator } from "../vmm/qemu.ts";
 import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { authenticate } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
+import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
 import { registerMicroVmRoutes } from "./routes/microvms.ts";
@@ -91,6 +92,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     return `http://${id}.${domain}:${typeof address === "object" && address ? address.port : 7070}/`;
   };
   registerMicroVmRoutes(app, deps.microvms, endpointUrl);
+  await registerConsoleRoutes(app, domain); // the web console, /console/
   await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms), domain);
   registerTerminalRoute(app, deps.microvms);
   registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });

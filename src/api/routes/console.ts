@@ -1,0 +1,31 @@
+import fastifyStatic from "@fastify/static";
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { errorBody, type Api } from "../server.ts";
+
+/** The web console's build output (packages/console, built by scripts/setup.sh). */
+export const CONSOLE_DIST = fileURLToPath(new URL("../../../packages/console/dist", import.meta.url));
+
+/**
+ * Serves the web console under /console/ (static files only; it talks to the
+ * public /v1 API). Not on `{id}.{domain}` hosts: those paths belong to the VM's app.
+ */
+export async function registerConsoleRoutes(app: Api, domain: string, dir = CONSOLE_DIST): Promise<void> {
+  const notVmHost = new RegExp(`^(?!vm-[0-9a-f]+\\.${domain.replace(/\./g, "\\.")}(:\\d+)?$)`);
+  const constraints = { host: notVmHost };
+  app.get("/console", { constraints, schema: { hide: true } }, async (_req, reply) => reply.redirect("/console/"));
+  if (!existsSync(`${dir}/index.html`)) {
+    app.get("/console/*", { constraints, schema: { hide: true } }, async (_req, reply) =>
+      reply.status(404).send(errorBody("NotFound", "the console is not built: run `npm run build -w packages/console` (scripts/setup.sh does)")),
+    );
+    return;
+  }
+  await app.register(fastifyStatic, {
+    root: dir,
+    prefix: "/console/",
+    constraints,
+    decorateReply: false,
+    // Hashed asset names can be cached for good; index.html is checked every time.
+    setHeaders: (reply, path) => void reply.header("cache-control", path.endsWith(".html") ? "no-cache" : "public, max-age=31536000, immutable"),
+  });
+}
