@@ -80,7 +80,11 @@ export class AgentClient {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       try {
-        await this.json("GET", "/health", { signal });
+        // A short limit per attempt: before the guest listens, a forwarder may
+        // hold the connection while it retries the guest (passt backs off in
+        // seconds), where a fresh attempt would get through at once.
+        const attempt = AbortSignal.timeout(1000);
+        await this.json("GET", "/health", { signal: signal ? AbortSignal.any([signal, attempt]) : attempt });
         return;
       } catch (err) {
         if (signal?.aborted) throw err;
