@@ -37,17 +37,25 @@ func Read(root string) Stats {
 	return s
 }
 
-func readMem(s *Stats) {
-	f, err := os.Open("/proc/meminfo")
+// eachLine calls fn with every line of a /proc file; a file that cannot be
+// opened leaves the fields it feeds at 0.
+func eachLine(path string, fn func(line string)) {
+	f, err := os.Open(path)
 	if err != nil {
 		return
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		f := strings.Fields(sc.Text())
+		fn(sc.Text())
+	}
+}
+
+func readMem(s *Stats) {
+	eachLine("/proc/meminfo", func(line string) {
+		f := strings.Fields(line)
 		if len(f) < 2 {
-			continue
+			return
 		}
 		v, _ := strconv.ParseUint(f[1], 10, 64)
 		switch f[0] {
@@ -56,21 +64,15 @@ func readMem(s *Stats) {
 		case "MemAvailable:":
 			s.MemAvailableBytes = v * 1024
 		}
-	}
+	})
 }
 
 // readCPU sums the aggregate "cpu" line; iowait counts as idle, as top does.
 func readCPU(s *Stats) {
-	f, err := os.Open("/proc/stat")
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
+	eachLine("/proc/stat", func(line string) {
+		f := strings.Fields(line)
 		if len(f) < 5 || f[0] != "cpu" {
-			continue
+			return
 		}
 		for i, x := range f[1:] {
 			v, _ := strconv.ParseUint(x, 10, 64)
@@ -83,8 +85,7 @@ func readCPU(s *Stats) {
 				s.CPUIdleTicks += v
 			}
 		}
-		return
-	}
+	})
 }
 
 func readDisk(s *Stats, root string) {
@@ -99,26 +100,19 @@ func readDisk(s *Stats, root string) {
 
 // readNet sums every interface except loopback.
 func readNet(s *Stats) {
-	f, err := os.Open("/proc/net/dev")
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := sc.Text()
+	eachLine("/proc/net/dev", func(line string) {
 		i := strings.IndexByte(line, ':')
 		if i < 0 {
-			continue
+			return
 		}
 		name := strings.TrimSpace(line[:i])
 		f := strings.Fields(line[i+1:])
 		if name == "lo" || len(f) < 9 {
-			continue
+			return
 		}
 		rx, _ := strconv.ParseUint(f[0], 10, 64)
 		tx, _ := strconv.ParseUint(f[8], 10, 64)
 		s.NetRxBytes += rx
 		s.NetTxBytes += tx
-	}
+	})
 }
