@@ -14,7 +14,7 @@ import { startRuntime } from "../src/server/runtime.ts";
 import { openDatabase } from "../src/store/db.ts";
 import { ServerMetrics } from "../src/telemetry/metrics.ts";
 import { VmSampler } from "../src/telemetry/vm-samples.ts";
-import { summarize, timed, writeResults, type Summary } from "./stats.ts";
+import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
 
 const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
 const CREATES = Number(process.env.BENCH_CREATES ?? 20);
@@ -128,19 +128,18 @@ async function main(): Promise<void> {
       requestsPerSecond: { router: rpsRouter, direct: rpsDirect, concurrency: 8 },
       resumeOnRequestMs: summarize(resumeOnRequest),
     };
-    const row = (name: string, s: Summary) => `| ${name} | ${s.n} | ${s.p50} | ${s.p95} | ${s.min} | ${s.max} |`;
     const md = [
       `# API and router benchmark (${new Date().toISOString()})`,
       "",
       `Accelerator **${runtime.engine.accelerator}**, base image (1 vCPU, 512 MiB); the app is a single-threaded perl HTTP server in the guest.`,
       "",
-      "| figure (ms) | n | p50 | p95 | min | max |",
-      "|---|---|---|---|---|---|",
-      row("POST /v1/microvms → 201 RUNNING", figures.createToRunningMs),
-      row("endpoint first byte (through the router)", figures.endpointFirstByteMs),
-      row("request through the router", figures.routedRequestMs),
-      row("request straight to the VM's forwarded port", figures.directRequestMs),
-      row("request to a SUSPENDED VM (resume on request)", figures.resumeOnRequestMs),
+      ...summaryTable("ms", [
+      ["POST /v1/microvms → 201 RUNNING", figures.createToRunningMs],
+      ["endpoint first byte (through the router)", figures.endpointFirstByteMs],
+      ["request through the router", figures.routedRequestMs],
+      ["request straight to the VM's forwarded port", figures.directRequestMs],
+      ["request to a SUSPENDED VM (resume on request)", figures.resumeOnRequestMs],
+      ]),
       "",
       `- Router's added latency (p50): **${addedP50} ms**`,
       `- Requests/s with 8 clients: **${rpsRouter}** through the router, ${rpsDirect} direct`,

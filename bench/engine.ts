@@ -9,7 +9,7 @@ import { cpus, freemem, totalmem } from "node:os";
 import { join } from "node:path";
 import { startRuntime } from "../src/server/runtime.ts";
 import { newVmId, type MicroVm } from "../src/vmm/engine.ts";
-import { summarize, timed, writeResults, type Summary } from "./stats.ts";
+import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
 
 const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
 const count = (name: string, dflt: number) => Number(process.env[name] ?? dflt);
@@ -153,23 +153,21 @@ async function main(): Promise<void> {
       coldVsWarmPoolRatio: Math.round((summarize(cold).p50 / summarize(pooled).p50) * 10) / 10,
     };
     Object.assign(results, figures);
-
-    const row = (name: string, s: Summary) => `| ${name} | ${s.n} | ${s.p50} | ${s.p95} | ${s.min} | ${s.max} |`;
     const md = [
       `# Engine benchmark (${results.at})`,
       "",
       `Host: ${cpus().length} × ${cpus()[0]?.model}, ${Math.round(totalmem() / 2 ** 30)} GiB, accelerator **${engine.accelerator}**. Image: base (Debian bookworm), ${baseImage.manifest.vcpus} vCPU, ${baseImage.manifest.memoryMiB} MiB.`,
       "",
-      "| figure (ms) | n | p50 | p95 | min | max |",
-      "|---|---|---|---|---|---|",
-      row("cold boot → agent ready (baseline)", figures.coldBootToAgentReadyMs),
-      row("launch from snapshot → first exec answer (direct restore)", figures.launchToFirstExecMs),
-      row("launch from snapshot → first exec answer (warm pool)", figures.warmPoolLaunchToFirstExecMs),
-      row("launch from snapshot, direct (launch returns)", figures.launchOnlyMs),
-      row("exec round trip (`true`)", figures.execRoundTripMs),
-      row("agent round trip (GET /health)", figures.agentHealthRoundTripMs),
-      row("suspend (512 MiB VM)", figures.suspendMs),
-      row("resume (512 MiB VM)", figures.resumeMs),
+      ...summaryTable("ms", [
+      ["cold boot → agent ready (baseline)", figures.coldBootToAgentReadyMs],
+      ["launch from snapshot → first exec answer (direct restore)", figures.launchToFirstExecMs],
+      ["launch from snapshot → first exec answer (warm pool)", figures.warmPoolLaunchToFirstExecMs],
+      ["launch from snapshot, direct (launch returns)", figures.launchOnlyMs],
+      ["exec round trip (`true`)", figures.execRoundTripMs],
+      ["agent round trip (GET /health)", figures.agentHealthRoundTripMs],
+      ["suspend (512 MiB VM)", figures.suspendMs],
+      ["resume (512 MiB VM)", figures.resumeMs],
+      ]),
       "",
       `- Cold boot / snapshot launch to first exec (p50): **${figures.coldVsSnapshotRatio}×** direct, **${figures.coldVsWarmPoolRatio}×** with the warm pool`,
       `- fork+exec of /bin/true measured inside the guest: ${figures.guestForkExecTrueMs} ms`,

@@ -16,6 +16,15 @@ export function summarize(samples: number[]): Summary {
   return { n: s.length, p50: round(at(0.5)), p95: round(at(0.95)), min: round(s[0] ?? NaN), max: round(s.at(-1) ?? NaN) };
 }
 
+/** A markdown table of latency summaries, one row per figure. */
+export function summaryTable(unit: string, rows: [name: string, summary: Summary][]): string[] {
+  return [
+    `| figure (${unit}) | n | p50 | p95 | min | max |`,
+    "|---|---|---|---|---|---|",
+    ...rows.map(([name, s]) => `| ${name} | ${s.n} | ${s.p50} | ${s.p95} | ${s.min} | ${s.max} |`),
+  ];
+}
+
 export async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
   const t = performance.now();
   const v = await fn();
