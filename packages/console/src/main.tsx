@@ -38,7 +38,7 @@ function App() {
   const [section, id, sub] = route;
   let page;
   if (section === "images") page = <ImagesPage selected={id} />;
-  else if (section === "vms" && id === "new") page = <VmCreate />;
+  else if (section === "vms" && id === "new") page = <VmCreate image={sub} />;
   else if (section === "vms" && id) page = <VmDetail id={id} tab={sub ?? "overview"} />;
   else page = <VmList />;
 

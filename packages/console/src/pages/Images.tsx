@@ -2,7 +2,9 @@ import { useEffect, useRef, useState, type FormEvent } from "react";
 import { api, ApiError, stream } from "../api.ts";
 import { StateBadge, usePoll, when } from "../components/util.tsx";
 
-const SAMPLE = `FROM base
+// A starting point: the zip's files served by Python (the build VM has internet egress for apt-get).
+const SAMPLE = `FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends python3 && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY . /app
 EXPOSE 8080
@@ -73,6 +75,7 @@ function ImageDetail({ id, onDeleted }: { id: string; onDeleted: () => void }) {
   const { data: image, error } = usePoll(() => api.getImage(id), 3000, [id]);
   const [log, setLog] = useState("");
   const [force, setForce] = useState(false);
+  const [confirming, setConfirming] = useState(false);
   const [msg, setMsg] = useState("");
   const pre = useRef<HTMLPreElement>(null);
   useEffect(() => {
@@ -87,7 +90,7 @@ function ImageDetail({ id, onDeleted }: { id: string; onDeleted: () => void }) {
   if (error && !image) return <p className="error">{error.message}</p>;
   if (!image) return <p>Loading…</p>;
   const remove = async () => {
-    if (!confirm(`Delete image ${image.name} (${image.imageId})?`)) return;
+    setConfirming(false);
     try {
       await api.deleteImage(image.imageId, force);
       onDeleted();
@@ -110,9 +113,28 @@ function ImageDetail({ id, onDeleted }: { id: string; onDeleted: () => void }) {
         ))}
       </dl>
       <div className="row">
-        <button type="button" className="danger" onClick={remove}>
-          Delete image
-        </button>
+        {image.state === "READY" && (
+          <a className="button" href={`#/vms/new/${encodeURIComponent(image.name)}`}>
+            Launch a microVM
+          </a>
+        )}
+        {!confirming ? (
+          <button type="button" className="danger" onClick={() => setConfirming(true)}>
+            Delete image
+          </button>
+        ) : (
+          <span role="alertdialog" aria-labelledby="confirmImage" className="confirm">
+            <span id="confirmImage">
+              Delete {image.name} ({image.imageId})?
+            </span>
+            <button type="button" className="danger" autoFocus onClick={remove}>
+              Yes, delete
+            </button>
+            <button type="button" onClick={() => setConfirming(false)}>
+              Cancel
+            </button>
+          </span>
+        )}
         <label className="checkbox">
           <input type="checkbox" checked={force} onChange={(e) => setForce(e.target.checked)} /> force (even while microVMs use it)
         </label>

@@ -40,8 +40,8 @@ function num(v: string): number | string | undefined {
   return Number.isFinite(n) ? n : v;
 }
 
-export function VmCreate() {
-  const [form, setForm] = useState<Form>(initial);
+export function VmCreate({ image }: { image?: string }) {
+  const [form, setForm] = useState<Form>({ ...initial, image: image ?? initial.image });
   const [errors, setErrors] = useState<Partial<Record<keyof Form, string>>>({});
   const [general, setGeneral] = useState("");
   const [busy, setBusy] = useState(false);
