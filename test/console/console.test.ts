@@ -7,6 +7,7 @@ import { chromium, type BrowserContext, type Page } from "playwright-core";
 import { afterAll, describe, expect, it } from "vitest";
 import { CONSOLE_DIST } from "../../src/api/routes/console.ts";
 import { useServerProcess } from "../support/server-process.ts";
+import { makeZip } from "../support/zip.ts";
 
 // The web console in headless Debian chromium against a real `cocoon server` with real VMs.
 const CHROMIUM = process.env.COCOON_CHROMIUM ?? "/usr/bin/chromium";
@@ -119,11 +120,41 @@ describe("web console", () => {
     expect((await api(`/v1/microvms/${id}`)).state).toBe("TERMINATED");
     await shot("vm-terminated");
 
+    expect(pageErrors).toEqual([]);
+    expect(foreignRequests).toEqual([]);
+  });
+
+  it("builds an image from a Dockerfile and a zip with its build log streaming, describes and deletes it", { timeout: 240_000 }, async () => {
     await page.getByRole("link", { name: "Images", exact: true }).click();
     await page.getByRole("heading", { name: "Images" }).waitFor();
-    await page.getByLabel("Name").waitFor();
     await shot("images");
+    const code = { name: "code.zip", mimeType: "application/zip", buffer: makeZip([{ name: "hello.txt", data: "hello from the console\n" }]) };
+    await page.getByLabel("Name", { exact: true }).fill("console-demo");
+    // A Dockerfile the API refuses: its message is shown.
+    await page.getByLabel("Dockerfile").fill("FROM debian:bookworm-slim\nVOLUME /data\n");
+    await page.getByLabel("Code (.zip)").setInputFiles(code);
+    await page.getByRole("button", { name: "Build image" }).click();
+    await page.getByRole("alert").filter({ hasText: "line 2" }).waitFor();
 
+    await page.getByLabel("Dockerfile").fill('FROM debian:bookworm-slim\nCOPY hello.txt /srv/\nCMD ["sleep", "infinity"]\n');
+    await page.getByLabel("Code (.zip)").setInputFiles(code);
+    await page.getByRole("button", { name: "Build image" }).click();
+    await page.waitForURL(/#\/images\/[^/]+$/);
+    const imageId = decodeURIComponent(new URL(page.url()).hash.split("/")[2]!);
+    await page.locator("pre.logs").filter({ hasText: /\S/ }).waitFor({ timeout: 60_000 });
+    await page.locator("#imageTitle .badge").filter({ hasText: /^READY$/ }).waitFor({ timeout: 180_000 });
+    await page.locator("pre.logs").filter({ hasText: "READY in" }).waitFor({ timeout: 10_000 });
+    await page.locator("table.list tr", { hasText: "console-demo" }).filter({ hasText: "READY" }).waitFor();
+    await shot("image-details");
+    await page.getByRole("link", { name: "Launch a microVM" }).click();
+    expect(await page.getByLabel("Image").inputValue()).toBe("console-demo");
+    await page.goBack();
+
+    await page.getByRole("button", { name: "Delete image" }).click();
+    await page.getByRole("button", { name: "Yes, delete" }).click();
+    await page.waitForURL(/#\/images$/);
+    const res = await fetch(`${server.url}/v1/images/${imageId}`, { headers: { authorization: `Bearer ${server.adminKey}` } });
+    expect(res.status).toBe(404);
     expect(pageErrors).toEqual([]);
     expect(foreignRequests).toEqual([]);
   });
