@@ -2,8 +2,11 @@ import { GetObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { createHash, randomBytes } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
 import { mkdir, rm, stat } from "node:fs/promises";
+import { get as httpsGet } from "node:https";
+import type { IncomingMessage } from "node:http";
 import { join } from "node:path";
 import { Readable, Transform } from "node:stream";
+import { rootCertificates } from "node:tls";
 import { pipeline } from "node:stream/promises";
 import { fileURLToPath } from "node:url";
 import { ApiError } from "../errors.ts";
@@ -67,7 +70,10 @@ export async function stageStream(source: Readable, stagingDir: string, maxBytes
  * S3 API (any S3-compatible store), `https://…`, or `file://…` (a server-local
  * path, admins only).
  */
-export async function fetchCode(codeUri: string, opts: { stagingDir: string; maxBytes: number; admin: boolean; s3: S3Config }): Promise<StagedCode> {
+export async function fetchCode(
+  codeUri: string,
+  opts: { stagingDir: string; maxBytes: number; admin: boolean; s3: S3Config; /** Extra trusted CA certificates (PEM) for https:// (COCOON_HTTPS_CA_FILE). */ httpsCa?: string },
+): Promise<StagedCode> {
   let url: URL;
   try {
     url = new URL(codeUri);
@@ -94,14 +100,22 @@ export async function fetchCode(codeUri: string, opts: { stagingDir: string; max
       }
     }
     case "https:": {
-      let res: Response;
+      let res: IncomingMessage;
       try {
-        res = await fetch(url, { redirect: "follow", signal: AbortSignal.timeout(120_000) });
+        res = await httpsFetch(url, opts.httpsCa, AbortSignal.timeout(120_000));
       } catch (err) {
         throw fail("request failed", err);
       }
-      if (!res.ok || !res.body) throw fail(`the server answered ${res.status}`);
-      return stageStream(Readable.fromWeb(res.body as import("node:stream/web").ReadableStream), opts.stagingDir, opts.maxBytes, codeUri);
+      if (res.statusCode !== 200) {
+        res.resume();
+        throw fail(`the server answered ${res.statusCode}`);
+      }
+      const length = Number(res.headers["content-length"] ?? 0);
+      if (length > opts.maxBytes) {
+        res.destroy();
+        throw new ApiError("PayloadTooLarge", `the code archive is ${length} bytes; the limit is ${opts.maxBytes}`, { field: "codeUri" });
+      }
+      return stageStream(res, opts.stagingDir, opts.maxBytes, codeUri);
     }
     case "file:": {
       if (!opts.admin) throw new ApiError("Forbidden", "file:// code URIs are for admin keys only", { field: "codeUri" });
@@ -113,4 +127,26 @@ export async function fetchCode(codeUri: string, opts: { stagingDir: string; max
     default:
       throw new ApiError("ValidationError", `codeUri scheme ${url.protocol} is not supported (s3://, https://, file://)`, { field: "codeUri" });
   }
+}
+
+/**
+ * GET over https with certificate verification always on, following up to 5
+ * redirects (https only). `extraCa` (PEM) is trusted in addition to Node's
+ * bundled roots, never instead of them.
+ */
+function httpsFetch(url: URL, extraCa: string | undefined, signal: AbortSignal, redirects = 5): Promise<IncomingMessage> {
+  return new Promise((resolve, reject) => {
+    const req = httpsGet(url, { ca: extraCa ? [...rootCertificates, extraCa] : undefined, signal }, (res) => {
+      const location = res.headers.location;
+      if (res.statusCode && res.statusCode >= 300 && res.statusCode < 400 && location) {
+        res.resume();
+        const next = new URL(location, url);
+        if (next.protocol !== "https:") return reject(new Error(`redirected to ${next.protocol} (only https is followed)`));
+        if (redirects <= 0) return reject(new Error("too many redirects"));
+        return resolve(httpsFetch(next, extraCa, signal, redirects - 1));
+      }
+      resolve(res);
+    });
+    req.on("error", reject);
+  });
 }

@@ -42,6 +42,8 @@ export interface ImageServiceOpts {
   maxQueuedBuilds?: number;
   limits?: ArchiveLimits;
   s3?: S3Config;
+  /** Extra CA certificates (PEM) trusted for https:// code URIs, besides the bundled roots (COCOON_HTTPS_CA_FILE). */
+  httpsCa?: string;
   /** Ends a microVM (DELETE ?force=true of an image it uses). */
   terminateVm: (tenantId: string, vmId: string, cause: string) => Promise<unknown>;
   log?: (line: string) => void;
@@ -96,6 +98,10 @@ export class ImageService {
 
   get s3(): S3Config | undefined {
     return this.opts.s3;
+  }
+
+  get httpsCa(): string | undefined {
+    return this.opts.httpsCa;
   }
 
   /** After a restart: a build cut short is FAILED (its build VM killed); nothing half-built stays. */

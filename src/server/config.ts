@@ -15,6 +15,8 @@ export interface ServerConfig {
   vcpuOvercommit: number;
   /** Share of host memory that live VMs may be given (COCOON_MEMORY_OVERCOMMIT, default 0.9; above 1 overcommits). */
   memoryOvercommit: number;
+  /** A PEM file of extra CA certificates trusted for https:// code URIs, besides the bundled roots (COCOON_HTTPS_CA_FILE). */
+  httpsCaFile?: string;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (API.md). */
@@ -35,6 +37,7 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     buildTimeoutSeconds: envNumber("COCOON_BUILD_TIMEOUT_SECONDS", 600, { min: 10, max: 86_400, integer: true }),
     vcpuOvercommit: envNumber("COCOON_VCPU_OVERCOMMIT", 4, { min: 0.1, max: 64 }),
     memoryOvercommit: envNumber("COCOON_MEMORY_OVERCOMMIT", 0.9, { min: 0.1, max: 4 }),
+    httpsCaFile: process.env.COCOON_HTTPS_CA_FILE ? resolve(process.env.COCOON_HTTPS_CA_FILE) : undefined,
   };
 }
 

@@ -1,4 +1,4 @@
-import { mkdir } from "node:fs/promises";
+import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { buildApi } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
@@ -31,6 +31,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     assetsDir: config.assetsDir,
     buildTimeoutMs: config.buildTimeoutSeconds * 1000,
     s3: s3ConfigFromEnv(),
+    httpsCa: config.httpsCaFile ? await readFile(config.httpsCaFile, "utf8") : undefined,
     terminateVm: (tenantId, vmId, cause) => microvms!.terminate(tenantId, vmId, cause),
     log,
   });

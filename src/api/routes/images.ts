@@ -86,7 +86,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
             const body = req.body as unknown;
             if (!checkJson(body)) throw schemaError(checkJson.errors);
             const admin = await isAdmin(db, req.headers.authorization);
-            staged = await fetchCode(body.codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {} });
+            staged = await fetchCode(body.codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {}, httpsCa: images.httpsCa });
             const { codeUri: _uri, ...rest } = body;
             fields = rest;
           }
