@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 # Host tools: QEMU (microvm machine) and qemu-img, mmdebstrap + mke2fs for the
 # base root filesystem, Go for the in-guest agent, apt-get for the guest kernel;
 # passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md);
-# chromium for the web console's end-to-end test (test/console).
-PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium)
+# chromium for the web console's end-to-end test (test/console); openssl (a
+# self-signed certificate) and busybox-static (a FROM scratch binary) for
+# test/api/images-sources.test.ts.
+PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
