@@ -88,6 +88,8 @@ describe("web console", () => {
     await page.locator('[data-terminal-status="connected"]').waitFor({ timeout: 60_000 });
     await runInTerminal(page, "echo hello-$((6*7))", "hello-42");
     await shot("terminal");
+    await page.keyboard.press("Control+BracketRight");
+    expect(await page.evaluate(() => document.activeElement?.textContent)).toBe("Reconnect");
 
     // Suspend and resume with the buttons.
     await page.getByRole("link", { name: "Overview" }).click();

@@ -44,6 +44,9 @@ function App() {
 
   return (
     <>
+      <a className="skip" href="#main" onClick={(e) => (e.preventDefault(), document.getElementById("main")?.focus())}>
+        Skip to content
+      </a>
       <header className="topbar">
         <a className="brand" href="#/vms">
           Cocoon
@@ -67,7 +70,9 @@ function App() {
           Sign out
         </button>
       </header>
-      <main>{page}</main>
+      <main id="main" tabIndex={-1}>
+        {page}
+      </main>
     </>
   );
 }

@@ -10,6 +10,7 @@ import { api } from "../api.ts";
  */
 export function Terminal({ id }: { id: string }) {
   const box = useRef<HTMLDivElement>(null);
+  const reconnect = useRef<HTMLButtonElement>(null);
   const [status, setStatus] = useState("connecting…");
   const [generation, setGeneration] = useState(0);
   useEffect(() => {
@@ -46,6 +47,15 @@ export function Terminal({ id }: { id: string }) {
       }
     };
     ws.onclose = () => setStatus((s) => (s === "connected" || s.startsWith("connecting") ? "disconnected" : s));
+    // Tab belongs to the shell; Ctrl+] leaves the terminal for keyboard users (as in telnet).
+    term.attachCustomKeyEventHandler((e) => {
+      if (e.type === "keydown" && e.ctrlKey && e.key === "]") {
+        term.blur();
+        reconnect.current?.focus();
+        return false;
+      }
+      return true;
+    });
     const input = term.onData((d) => ws.readyState === WebSocket.OPEN && ws.send(encoder.encode(d)));
     const resize = term.onResize(({ cols, rows }) => ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify({ type: "resize", cols, rows })));
     const observer = new ResizeObserver(() => {
@@ -72,12 +82,15 @@ export function Terminal({ id }: { id: string }) {
           <span className="hint" role="status" data-terminal-status={status}>
             {status}
           </span>
-          <button type="button" className="small" onClick={() => setGeneration((g) => g + 1)}>
+          <button ref={reconnect} type="button" className="small" onClick={() => setGeneration((g) => g + 1)}>
             Reconnect
           </button>
         </span>
       </div>
-      <div ref={box} className="terminal" aria-label="Terminal" />
+      <div ref={box} className="terminal" aria-label="Terminal" aria-describedby="terminalHelp" />
+      <p id="terminalHelp" className="hint">
+        Ctrl+] moves the keyboard focus out of the terminal.
+      </p>
     </div>
   );
 }
