@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 npx tsc --noEmit
+npm run typecheck -w packages/console --silent
 (cd agent && CGO_ENABLED=0 go vet ./... && CGO_ENABLED=0 go test ./...)
 npx vitest run "$@"
