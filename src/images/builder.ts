@@ -263,12 +263,19 @@ async function healthcheck(agent: AgentClient, hc: Healthcheck, config: BuildPla
   }
 }
 
+async function readGuestText(agent: AgentClient, path: string): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of await agent.readFile(path)) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString();
+}
+
 /** A LISTEN socket on `port` in /proc/net/tcp{,6} (from inside the guest, so no NAT can fake a connection). */
 async function listening(agent: AgentClient, port: number): Promise<boolean> {
   const hex = port.toString(16).toUpperCase().padStart(4, "0");
   try {
-    const res = await agent.exec({ command: ["cat", "/proc/net/tcp", "/proc/net/tcp6"], timeoutMs: 10_000 });
-    return res.stdout.split("\n").some((l) => {
+    // Read through the agent's file API, not `cat`: a FROM scratch image has no cat.
+    const tables = await Promise.all(["/proc/net/tcp", "/proc/net/tcp6"].map((p) => readGuestText(agent, p).catch(() => "")));
+    return tables.join("\n").split("\n").some((l) => {
       const f = l.trim().split(/\s+/);
       return f[1]?.endsWith(`:${hex}`) && f[3] === "0A";
     });

@@ -98,12 +98,20 @@ describe("code from an https:// URL", () => {
 });
 
 describe("FROM scratch", () => {
-  it("builds an image from a static binary alone, launches it, and exec runs in it", async () => {
+  it("builds an image from a static binary alone (its EXPOSEd port is the readiness check), launches it, serves and execs", async () => {
     const busybox = await readFile("/bin/busybox"); // Debian's busybox-static (scripts/setup.sh)
     const form = new FormData();
     form.set("name", "bare");
-    form.set("dockerfile", 'FROM scratch\nCOPY busybox /bin/busybox\nENV GREETING=from-scratch\nCMD ["/bin/busybox", "sleep", "1000000"]\n');
-    form.set("code", new Blob([new Uint8Array(makeZip([{ name: "busybox", data: busybox, mode: 0o100755, deflate: true }]))]), "code.zip");
+    // No HEALTHCHECK: readiness is the EXPOSEd port listening, read from /proc/net/tcp through the agent (there is no cat).
+    form.set(
+      "dockerfile",
+      'FROM scratch\nCOPY busybox /bin/busybox\nCOPY index.html /www/index.html\nENV GREETING=from-scratch\nEXPOSE 8080\nCMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]\n',
+    );
+    const files = [
+      { name: "busybox", data: busybox, mode: 0o100755, deflate: true },
+      { name: "index.html", data: "hello from scratch\n" },
+    ];
+    form.set("code", new Blob([new Uint8Array(makeZip(files))]), "code.zip");
     const res = await fetch(`${api.url}/v1/images`, { method: "POST", headers: { authorization: `Bearer ${alice}` }, body: form });
     const created = (await res.json()) as Record<string, any>;
     expect(res.status, JSON.stringify(created)).toBe(202);
@@ -114,9 +122,11 @@ describe("FROM scratch", () => {
 
     const vm = await api.call("POST", "/v1/microvms", { key: alice, body: { image: "bare" } });
     expect(vm.status, vm.text).toBe(201);
+    const page = await fetch(`${api.url}/v1/microvms/${vm.body.microVmId}/http/?cocoon_token=${vm.body.endpoint.token}`);
+    expect(await page.text()).toBe("hello from scratch\n");
     const out = await api.call("POST", `/v1/microvms/${vm.body.microVmId}/exec`, {
       key: alice,
-      body: { command: ["/bin/busybox", "sh", "-c", "echo $GREETING; /bin/busybox ls /; /bin/busybox ps | /bin/busybox grep -c '[b]usybox sleep'"] },
+      body: { command: ["/bin/busybox", "sh", "-c", "echo $GREETING; /bin/busybox ls /; /bin/busybox ps | /bin/busybox grep -c '[b]usybox httpd'"] },
     });
     expect(out.status, out.text).toBe(200);
     expect(out.body.exitCode, out.text).toBe(0);

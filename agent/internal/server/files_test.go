@@ -146,3 +146,14 @@ func TestFilesRoundTrip(t *testing.T) {
 		t.Fatalf("tree still there: %v", err)
 	}
 }
+
+// /proc files report size 0 but have content: GET must return it.
+func TestFilesPseudoFile(t *testing.T) {
+	h := newHarness(t)
+	resp := h.req("GET", fpath("/files", "/proc/self/status"), nil, testToken)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !bytes.Contains(body, []byte("Pid:")) {
+		t.Fatalf("get /proc/self/status: %d, %d bytes", resp.StatusCode, len(body))
+	}
+}
