@@ -99,6 +99,9 @@ describe("web console", () => {
     await page.getByRole("button", { name: "Resume" }).click();
     await badge("RUNNING").waitFor({ timeout: 60_000 });
     expect((await api(`/v1/microvms/${id}`)).state).toBe("RUNNING");
+    // The state history chart, drawn from the events, shows the round trip.
+    await page.locator('svg[aria-label="State history: running, then suspended, then running"]').waitFor({ timeout: 10_000 });
+    await shot("vm-state-history");
 
     // The terminal resumes a suspended VM.
     await page.getByRole("button", { name: "Suspend" }).click();

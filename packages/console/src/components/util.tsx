@@ -90,3 +90,62 @@ export function Sparkline({ values, label, unit, max }: { values: number[]; labe
     </figure>
   );
 }
+
+/** The state an event leaves a VM in (lifecycle event types of the API). */
+function stateAfter(e: { type: string; message: string }): string | undefined {
+  switch (e.type) {
+    case "created":
+    case "resumed":
+    case "suspend-failed":
+      return "RUNNING";
+    case "suspended":
+    case "resume-failed":
+      return "SUSPENDED";
+    case "terminated":
+      return "TERMINATED";
+    case "failed":
+      return "FAILED";
+    case "reconciled":
+      return /→ (\w+)/.exec(e.message)?.[1];
+    default:
+      return undefined;
+  }
+}
+
+const STATE_COLOURS: Record<string, string> = { RUNNING: "#32d583", SUSPENDED: "#fdb022", TERMINATED: "#98a2b3", FAILED: "#f04438" };
+
+/** The VM's states over time, from its events, as one horizontal bar (a small SVG chart). */
+export function StateHistory({ events, now = Date.now() }: { events: { type: string; message: string; at: string }[]; now?: number }) {
+  const changes = events.flatMap((e) => {
+    const state = stateAfter(e);
+    return state ? [{ state, at: Date.parse(e.at) }] : [];
+  });
+  if (changes.length === 0) return null;
+  const start = changes[0]!.at;
+  const end = changes.at(-1)!.state === "TERMINATED" ? changes.at(-1)!.at : Math.max(now, changes.at(-1)!.at);
+  const span = Math.max(end - start, 1);
+  const w = 480;
+  const h = 18;
+  const segments = changes.map((c, i) => ({ ...c, until: changes[i + 1]?.at ?? end }));
+  const seen = [...new Set(segments.map((s) => s.state))];
+  return (
+    <figure className="chart">
+      <figcaption>State history</figcaption>
+      <svg width="100%" height={h} viewBox={`0 0 ${w} ${h}`} preserveAspectRatio="none" role="img" aria-label={`State history: ${segments.map((s) => s.state.toLowerCase()).join(", then ")}`}>
+        <rect x="0" y="0" width={w} height={h} className="chart-bg" />
+        {segments.map((s, i) => (
+          <rect key={i} x={((s.at - start) / span) * w} y="0" width={Math.max(((s.until - s.at) / span) * w, 1)} height={h} fill={STATE_COLOURS[s.state] ?? "#84adff"}>
+            <title>{`${s.state} from ${new Date(s.at).toLocaleTimeString()}`}</title>
+          </rect>
+        ))}
+      </svg>
+      <p className="legend">
+        {seen.map((state) => (
+          <span key={state} className="legend-item">
+            <span className="legend-swatch" style={{ background: STATE_COLOURS[state] ?? "#84adff" }} aria-hidden="true" /> {state.toLowerCase()}
+          </span>
+        ))}
+      </p>
+    </figure>
+  );
+}

@@ -1,6 +1,6 @@
 import { useEffect, useRef, useState } from "react";
 import { api, stream, type Vm } from "../api.ts";
-import { CopyButton, Sparkline, StateBadge, usePoll, when } from "../components/util.tsx";
+import { CopyButton, Sparkline, StateBadge, StateHistory, usePoll, when } from "../components/util.tsx";
 import { Terminal } from "../components/Terminal.tsx";
 
 const TABS = [
@@ -165,6 +165,7 @@ function Events({ id, state }: { id: string; state: string }) {
     <div className="card">
       <h2>Events</h2>
       {error && <p className="error">{error.message}</p>}
+      <StateHistory events={data?.events ?? []} />
       <ol className="timeline" aria-label="Lifecycle events">
         {(data?.events ?? []).map((e, i) => (
           <li key={i}>
