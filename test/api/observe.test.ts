@@ -74,6 +74,25 @@ describe("logs and metrics", () => {
     expect(m.body.samples.length).toBe(2);
   });
 
+  it("follows the console as the guest writes to it", async () => {
+    const id = await createVm();
+    const abort = new AbortController();
+    // Headers come with the first bytes: the request is made, then the guest writes, then the answer is read.
+    const response = fetch(`${api.url}/v1/microvms/${id}/logs?follow=true`, { headers: { authorization: `Bearer ${key}` }, signal: abort.signal });
+    await new Promise((r) => setTimeout(r, 300));
+    await api.call("POST", `/v1/microvms/${id}/exec`, { key, body: { command: "echo live-line-1 > /dev/ttyS0; sleep 1; echo live-line-2 > /dev/ttyS0" } });
+    const reader = (await response).body!.getReader();
+    let text = "";
+    while (!text.includes("live-line-2")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += Buffer.from(value).toString();
+    }
+    abort.abort();
+    expect(text).toContain("live-line-1");
+    expect(text).toContain("live-line-2");
+  });
+
   it("serves Prometheus metrics to the admin only", async () => {
     await createVm();
     expect((await api.call("GET", "/metrics", { key })).status).toBe(403);

@@ -111,10 +111,15 @@ describe("web console", () => {
     await runInTerminal(page, "echo again-$((2+3))", "again-5");
     await badge("RUNNING").waitFor({ timeout: 10_000 });
 
-    // Logs follow the VM's output.
+    // Logs show the VM's console output (what the guest printed to its serial console).
+    await fetch(`${server.url}/v1/microvms/${id}/exec`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${server.adminKey}`, "content-type": "application/json" },
+      body: JSON.stringify({ command: "echo hello-from-the-console > /dev/ttyS0" }),
+    });
     await page.getByRole("link", { name: "Logs" }).click();
     await page.locator('[data-logs-status="following…"]').waitFor({ timeout: 20_000 });
-    await page.locator("pre.logs").filter({ hasText: /\S/ }).waitFor();
+    await page.locator("pre.logs").filter({ hasText: "hello-from-the-console" }).waitFor({ timeout: 20_000 });
     await shot("logs");
 
     // Terminate asks first.
