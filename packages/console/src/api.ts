@@ -1,6 +1,8 @@
 // The console talks to the public v1 API only (../shared/API.md), on the
 // server it was loaded from, with the API key kept in sessionStorage.
 
+import type { MicroVmEvent, MicroVmInfo, MicroVmState } from "@cocoon/sdk";
+
 const KEY = "cocoon.apiKey";
 
 export const session = {
@@ -9,34 +11,11 @@ export const session = {
   clear: () => sessionStorage.removeItem(KEY),
 };
 
-export type VmState = "PENDING" | "RUNNING" | "SUSPENDING" | "SUSPENDED" | "RESUMING" | "TERMINATING" | "TERMINATED" | "FAILED";
+// The API's shapes come from the SDK's types (type-only: nothing of the SDK is bundled).
+export type VmState = MicroVmState;
 export const VM_STATES: VmState[] = ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"];
-
-export interface Vm {
-  microVmId: string;
-  image: string;
-  imageId: string;
-  state: VmState;
-  stateReason?: string;
-  vcpus: number;
-  memoryMiB: number;
-  diskGiB: number;
-  createdAt: string;
-  expiresAt: string;
-  lastActivityAt: string;
-  terminatedAt?: string;
-  idlePolicy: { suspendAfterSeconds: number; autoResume: boolean };
-  maxRuntimeSeconds: number;
-  network: { egress: unknown };
-  endpoint: { url: string; token?: string; public: boolean; appPort?: number };
-  metadata: Record<string, unknown>;
-}
-
-export interface VmEvent {
-  type: string;
-  message: string;
-  at: string;
-}
+export type Vm = MicroVmInfo;
+export type VmEvent = MicroVmEvent;
 
 export interface Metrics {
   cpuPercent?: number;

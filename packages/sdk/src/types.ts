@@ -87,7 +87,8 @@ export interface MicroVmInfo {
   idlePolicy: Required<IdlePolicy>;
   maxRuntimeSeconds: number;
   network: { egress: Egress };
-  endpoint: { public: boolean; token?: string; url?: string };
+  /** `url` is `http://{id}.{domain}:{port}/`; `token` authorizes requests to it; `appPort` is the guest port it reaches. */
+  endpoint: { url: string; token?: string; public: boolean; appPort?: number };
   metadata: Record<string, unknown>;
   [field: string]: unknown;
 }
