@@ -1,7 +1,7 @@
 // The console talks to the public v1 API only (../shared/API.md), on the
 // server it was loaded from, with the API key kept in sessionStorage.
 
-import type { MicroVmEvent, MicroVmInfo, MicroVmState } from "@cocoon/sdk";
+import type { ImageInfo, MicroVmEvent, MicroVmInfo, MicroVmState } from "@cocoon/sdk";
 
 const KEY = "cocoon.apiKey";
 
@@ -26,19 +26,7 @@ export interface Metrics {
   samples?: { at: string; cpuPercent?: number; memoryUsedMiB?: number }[];
 }
 
-export interface Image {
-  imageId: string;
-  name: string;
-  state: string;
-  stateReason?: string;
-  createdAt: string;
-  readyAt?: string;
-  sizeBytes?: number;
-  appPort?: number;
-  dockerfileDigest?: string;
-  codeDigest?: string;
-  [field: string]: unknown;
-}
+export type Image = ImageInfo;
 
 /** An error answer of the API: `{error: {code, message, details: {field}}}`. */
 export class ApiError extends Error {
