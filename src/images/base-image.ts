@@ -1,5 +1,5 @@
 import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
-import { Engine, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
+import { Engine, SNAPSHOT_FORMAT, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
 
 /** vCPUs and memory of a snapshot; every clone of it has the same. */
 export interface VmShape {
@@ -31,6 +31,7 @@ export async function prepareBaseImage(
       accelerator: engine.accelerator,
       vcpus: shape.vcpus,
       memoryMiB: shape.memoryMiB,
+      snapshotFormat: SNAPSHOT_FORMAT,
     },
     log: opts.log,
     build: async (dir) => {

@@ -1,16 +1,26 @@
-import { randomBytes } from "node:crypto";
+import { randomBytes, randomInt } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { chmod, mkdir, readdir, readFile, rename, rm } from "node:fs/promises";
-import { join } from "node:path";
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, truncate } from "node:fs/promises";
+import { dirname, join } from "node:path";
 import { checkIntRange, InvalidArgumentError } from "../errors.ts";
 import { exists, fsyncDir, fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
 import { run } from "../util/process.ts";
 import { AgentClient } from "./agent-client.ts";
+import { jailConfigFromEnv, Jailer, qcow2BackingChain, vmUidRange, type Jail, type JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
-import { NetworkManager, type Egress, type VmNetworkRecord } from "./network/index.ts";
-import { AGENT_PORT, guestCmdline, machinePaths, type Accelerator, type GuestMemory, type MachineSpec, type PortForward } from "./qemu.ts";
+import { NetworkManager, parseEgress, type Egress, type VmNetworkRecord } from "./network/index.ts";
+import {
+  AGENT_PORT,
+  guestCmdline,
+  machinePaths,
+  qemuOverheadMiB,
+  type Accelerator,
+  type GuestMemory,
+  type MachineSpec,
+  type PortForward,
+} from "./qemu.ts";
 
 /** Kernel and initramfs every VM boots (see vmm/guest). */
 export interface GuestBootAssets {
@@ -27,12 +37,15 @@ export interface EngineConfig {
   bootTimeoutMs?: number;
   /** VMs per snapshot kept restored and warm for instant launches (0: none). */
   warmPoolSize?: number;
+  /** The QEMU jail; default from the environment (`jailConfigFromEnv`), `false` runs QEMU unjailed. */
+  jail?: JailConfig | false;
   log?: (msg: string) => void;
 }
 
 /** What a snapshot directory holds, written last (its presence means the snapshot is complete). */
 export interface SnapshotManifest {
-  formatVersion: 1;
+  /** `SNAPSHOT_FORMAT`: 2 has files that jailed clones can open (see `snapshot`). */
+  formatVersion: typeof SNAPSHOT_FORMAT;
   createdAt: string;
   accelerator: Accelerator;
   vcpus: number;
@@ -50,6 +63,9 @@ export interface Snapshot {
   dir: string;
   manifest: SnapshotManifest;
 }
+
+/** Layout of snapshot directories this engine writes and reads (`SnapshotManifest.formatVersion`). */
+export const SNAPSHOT_FORMAT = 2;
 
 const snapshotFiles = (dir: string) => ({
   disk: join(dir, "disk.qcow2"),
@@ -72,8 +88,10 @@ export interface VmRecord {
   pooled?: boolean;
   /** Secret of this VM's agent (mode 0600 file). */
   token: string;
-  /** QEMU pid while running. */
+  /** QEMU pid (on the host) while running. */
   pid?: number;
+  /** The uid (= gid) the VM's QEMU and passt run as. */
+  uid: number;
   agentPort: number;
   /** Guest app ports and the host loopback ports they are reachable on. */
   forwards: PortForward[];
@@ -84,7 +102,7 @@ export interface VmRecord {
 
 const vmFiles = (dir: string) => ({
   record: join(dir, "vm.json"),
-  disk: join(dir, "disk.qcow2"),
+  disk: join(machinePaths(dir).dir, "disk.qcow2"),
   suspended: join(dir, "suspended.state"),
 });
 
@@ -163,6 +181,7 @@ export interface TemplateVm {
   guestPorts: number[];
   forwards: PortForward[];
   network: VmNetworkRecord;
+  uid: number;
 }
 
 /**
@@ -181,11 +200,18 @@ export class Engine extends EventEmitter {
   private readonly locks = new KeyedMutex();
   private readonly vmsDir: string;
   private readonly network: NetworkManager;
+  /** Absent when QEMU runs unjailed (see `EngineConfig.jail`). */
+  readonly jailer: Jailer | undefined;
+  /** uids held by this engine's VMs, pooled VMs and templates. */
+  private readonly uids = new Set<number>();
 
   private constructor(private readonly config: EngineConfig) {
     super();
     this.vmsDir = join(config.dataDir, "vms");
     this.network = new NetworkManager(config.log);
+    const jail = config.jail === false ? undefined : (config.jail ?? jailConfigFromEnv());
+    this.jailer = jail && new Jailer(jail);
+    if (!this.jailer) config.log?.("QEMU runs unjailed (COCOON_JAIL=off or not root): VMs share the server's uid and namespaces");
   }
 
   get accelerator(): Accelerator {
@@ -227,10 +253,15 @@ export class Engine extends EventEmitter {
       await rm(files.disk, { force: true });
       await rm(files.memory, { force: true });
       await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", opts.backingDisk, "-F", "qcow2", files.disk]);
+      // The template's QEMU writes its RAM and disk: both belong to its uid until `snapshot`.
+      await writeFileAtomic(files.memory, "", 0o600);
+      await truncate(files.memory, opts.memoryMiB * 1024 * 1024);
       const token = newToken();
       const guestPorts = opts.guestPorts ?? [];
       const forwards = await allocateForwards([AGENT_PORT, ...guestPorts]);
-      const network = this.network.allocate(opts.egress ?? "internet", this.passtUids());
+      const uid = this.allocateUid();
+      const network = this.network.allocate(opts.egress ?? "internet", uid);
+      await this.prepareQemuDir(opts.dir, uid, [files.disk, files.memory]);
       const spec: MachineSpec = {
         vmDir: opts.dir,
         name: `template-${randomBytes(3).toString("hex")}`,
@@ -245,19 +276,17 @@ export class Engine extends EventEmitter {
         forwards,
         incoming: false,
       };
-      spec.net = await this.network.start(network, forwards);
-      const machine = await Machine.start(spec).catch(async (err: unknown) => {
-        await this.network.stop(network);
+      const machine = await this.startMachine(spec, network, uid).catch((err: unknown) => {
+        this.uids.delete(uid);
         throw err;
       });
       const agent = new AgentClient(forwards[0]!.hostPort, token);
       try {
         await agent.waitReady(timeoutMs);
-        return { dir: opts.dir, machine, agent, spec, token, guestPorts, forwards: forwards.slice(1), network };
+        return { dir: opts.dir, machine, agent, spec, token, guestPorts, forwards: forwards.slice(1), network, uid };
       } catch (err) {
         agent.close();
-        await machine.stop(0);
-        await this.network.stop(network);
+        await this.endTemplate({ machine, network, uid }, 0);
         const console = await readFile(machinePaths(opts.dir).console, "utf8").catch(() => "");
         if (attempt >= 2) {
           throw new Error(`cold boot failed twice: ${(err as Error).message}; console: ${console.slice(-1500)}`);
@@ -269,8 +298,14 @@ export class Engine extends EventEmitter {
 
   /**
    * Freezes a running template into a snapshot: flushes the guest's disk,
-   * pauses it, writes the device state, ends the process and makes the disk
-   * and memory files read-only. The manifest is written last.
+   * pauses it, writes the device state, ends the process and hands the files
+   * back to root. The manifest is written last.
+   *
+   * Clones map the memory file privately (copy-on-write), but QEMU 7.2 opens
+   * it read-write even so (8.1+ falls back to read-only), and a jailed clone
+   * runs as a uid of its own: hence mode 0666. The snapshot directory is not
+   * reachable by VM uids on the host; inside a jail only the clone's own
+   * image's files are mounted (SECURITY.md states what this leaves open).
    */
   async snapshot(template: TemplateVm): Promise<Snapshot> {
     const files = snapshotFiles(template.dir);
@@ -279,17 +314,19 @@ export class Engine extends EventEmitter {
       await template.machine.save(files.state);
     } finally {
       template.agent.close();
-      await template.machine.stop();
-      await this.network.stop(template.network);
+      await this.endTemplate(template);
     }
     // The memory file is the snapshot's RAM: it must be on disk before anyone maps it.
     await fsyncFile(files.memory);
     await fsyncFile(files.disk);
-    await chmod(files.memory, 0o444);
+    const qemuDir = machinePaths(template.dir);
+    for (const p of [files.memory, files.disk, qemuDir.dir]) await chown(p, 0, 0).catch(() => undefined);
+    await chmod(files.memory, 0o666);
     await chmod(files.disk, 0o444);
-    for (const p of Object.values(machinePaths(template.dir))) if (!p.endsWith(".log")) await rm(p, { force: true });
+    await chmod(template.dir, 0o700);
+    for (const p of Object.values(qemuDir)) if (!p.endsWith(".log") && p !== qemuDir.dir) await rm(p, { force: true });
     const manifest: SnapshotManifest = {
-      formatVersion: 1,
+      formatVersion: SNAPSHOT_FORMAT,
       createdAt: new Date().toISOString(),
       accelerator: template.spec.accelerator,
       vcpus: template.spec.vcpus,
@@ -307,15 +344,24 @@ export class Engine extends EventEmitter {
   /** Ends a template without snapshotting it (its process and its network are gone). */
   async discardTemplate(template: TemplateVm): Promise<void> {
     template.agent.close();
-    await template.machine.stop(0);
-    await this.network.stop(template.network);
+    await this.endTemplate(template, 0);
   }
 
-  /** Reads a snapshot written by `snapshot`; fails clearly if it is incomplete. */
+  private async endTemplate(template: Pick<TemplateVm, "machine" | "network" | "uid">, graceMs?: number): Promise<void> {
+    await template.machine.stop(graceMs);
+    await this.network.stop(template.network);
+    this.uids.delete(template.uid);
+  }
+
+  /** Reads a snapshot written by `snapshot`; fails clearly if it is incomplete or from an older layout. */
   static async loadSnapshot(dir: string): Promise<Snapshot> {
     const files = snapshotFiles(dir);
     if (!(await exists(files.manifest))) throw new InvalidArgumentError("snapshot", `no complete snapshot in ${dir}`);
-    return { dir, manifest: JSON.parse(await readFile(files.manifest, "utf8")) as SnapshotManifest };
+    const manifest = JSON.parse(await readFile(files.manifest, "utf8")) as SnapshotManifest;
+    if (manifest.formatVersion !== SNAPSHOT_FORMAT) {
+      throw new InvalidArgumentError("snapshot", `snapshot in ${dir} has format ${String(manifest.formatVersion)}, this server reads ${SNAPSHOT_FORMAT}: rebuild the image`);
+    }
+    return { dir, manifest };
   }
 
   // ---- VM lifecycle ----------------------------------------------------------
@@ -341,12 +387,12 @@ export class Engine extends EventEmitter {
       throw new Error(`snapshot was made under ${m.accelerator} but this host runs ${this.accelerator}: rebuild the image`);
     }
     // Validates the policy before anything starts. Warm VMs have egress "none" (a netdev is fixed per process).
-    const network = this.network.allocate(opts.egress ?? "none", this.passtUids());
+    const egress = parseEgress(opts.egress ?? "none");
     const extraPorts = (opts.guestPorts ?? []).filter((p) => !m.guestPorts.includes(p));
-    const warm = opts.id || network.egress !== "none" || extraPorts.length > 0 ? undefined : await this.takeWarm(snapshot);
+    const warm = opts.id || egress !== "none" || extraPorts.length > 0 ? undefined : await this.takeWarm(snapshot);
     void this.prewarm(snapshot);
     if (warm) return warm;
-    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false, network, extraPorts);
+    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false, egress, extraPorts);
     this.vms.set(vm.id, vm);
     return vm;
   }
@@ -403,14 +449,16 @@ export class Engine extends EventEmitter {
     snapshot: Snapshot,
     id: string,
     pooled: boolean,
-    network: VmNetworkRecord = { egress: "none" },
+    egress: Egress = "none",
     extraPorts: number[] = [],
   ): Promise<MicroVm> {
     const m = snapshot.manifest;
     const dir = join(this.vmsDir, id);
     const files = vmFiles(dir);
-    await mkdir(dir, { recursive: false });
+    await mkdir(dir, { recursive: false, mode: 0o700 });
     const forwards = await allocateForwards([AGENT_PORT, ...m.guestPorts, ...extraPorts]);
+    const uid = this.allocateUid();
+    const network = this.network.allocate(egress, uid);
     const vm = new MicroVm(dir, {
       id,
       status: "starting",
@@ -422,6 +470,7 @@ export class Engine extends EventEmitter {
       agentPort: forwards[0]!.hostPort,
       forwards: forwards.slice(1),
       network,
+      uid,
       createdAt: new Date().toISOString(),
     });
     return this.locks.run(id, async () => {
@@ -429,7 +478,9 @@ export class Engine extends EventEmitter {
         // Recorded before QEMU starts, so a crash mid-launch leaves a record that
         // adoption cleans up instead of an untracked process.
         await this.saveRecord(vm);
+        await mkdir(machinePaths(dir).dir);
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", files.disk]);
+        await this.prepareQemuDir(dir, uid, [files.disk]);
         const memory: GuestMemory = { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
         await this.restoreInto(vm, memory, snapshotFiles(snapshot.dir).state, m.token);
         return vm;
@@ -547,9 +598,70 @@ export class Engine extends EventEmitter {
 
   // ---- internals ---------------------------------------------------------------
 
-  /** passt uids held by this engine's VMs (warm-pool VMs have none: their egress is "none"). */
-  private passtUids(): number[] {
-    return this.list().flatMap((vm) => (vm.record.network?.uid === undefined ? [] : [vm.record.network.uid]));
+  /** A uid of the VM range that no VM, pooled VM or template of this engine holds. */
+  private allocateUid(): number {
+    const range = this.jailer?.config.uids ?? vmUidRange();
+    let uid: number;
+    do uid = range.first + randomInt(range.count);
+    while (this.uids.has(uid));
+    this.uids.add(uid);
+    return uid;
+  }
+
+  /**
+   * Makes `<vmDir>/qemu/` (and `files` QEMU writes outside it) the VM uid's
+   * alone; unjailed, QEMU runs as the server and they stay the server's.
+   */
+  private async prepareQemuDir(vmDir: string, uid: number, files: string[]): Promise<void> {
+    const dir = machinePaths(vmDir).dir;
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    if (!this.jailer) return;
+    for (const p of [dir, ...files]) await chown(p, uid, uid);
+    for (const p of files) await chmod(p, 0o600);
+  }
+
+  /** Starts the spec's network and its QEMU (jailed unless jails are off); on failure neither is left. */
+  private async startMachine(spec: MachineSpec, network: VmNetworkRecord, uid: number): Promise<Machine> {
+    spec.net = await this.network.start(network, spec.forwards);
+    try {
+      spec.jail = await this.prepareJail(spec, uid);
+      return await Machine.start(spec);
+    } catch (err) {
+      await this.network.stop(network);
+      throw err;
+    }
+  }
+
+  /**
+   * The jail of one QEMU process: its own files read-write (QEMU's directory,
+   * a memory file, a template's disk, its passt socket), the boot files and
+   * the disk's backing chain read-only, and a cgroup of the VM's vCPUs and
+   * memory plus QEMU's overhead.
+   */
+  private async prepareJail(spec: MachineSpec, uid: number): Promise<Jail | undefined> {
+    if (!this.jailer) return undefined;
+    const qemuDir = machinePaths(spec.vmDir).dir;
+    const readWrite = [qemuDir];
+    if (spec.memory.kind === "file") readWrite.push(spec.memory.path);
+    if (dirname(spec.disk) !== qemuDir) readWrite.push(spec.disk);
+    if (spec.net?.kind === "passt") readWrite.push(dirname(spec.net.socket));
+    return this.jailer.prepare({
+      name: spec.name,
+      vmDir: spec.vmDir,
+      uid,
+      vcpus: spec.vcpus,
+      memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator)) * 1024 * 1024,
+      mounts: {
+        readOnly: [spec.kernel, spec.initramfs, ...(await qcow2BackingChain(spec.disk))],
+        readWrite,
+        devices: spec.accelerator === "kvm" ? ["/dev/kvm"] : [],
+      },
+    });
+  }
+
+  /** Releases a VM's jail when no Machine does it (its process was never started or is gone). */
+  private async releaseJail(vm: MicroVm): Promise<void> {
+    await this.jailer?.release(vm.id, vm.dir);
   }
 
   /** Starts QEMU paused, streams `stateFile` in, continues, and re-keys the agent. */
@@ -569,11 +681,7 @@ export class Engine extends EventEmitter {
       forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
       incoming: true,
     };
-    spec.net = await this.network.start(vm.record.network ?? { egress: "none" }, spec.forwards);
-    const machine = await Machine.start(spec).catch(async (err: unknown) => {
-      await this.network.stop(vm.record.network);
-      throw err;
-    });
+    const machine = await this.startMachine(spec, vm.record.network ?? { egress: "none" }, vm.record.uid);
     vm.machine = machine;
     try {
       await machine.restore(stateFile);
@@ -623,8 +731,10 @@ export class Engine extends EventEmitter {
     await vm.machine?.stop(0);
     vm.machine = undefined;
     await this.network.stop(vm.record.network);
+    await this.releaseJail(vm);
     await rm(vm.dir, { recursive: true, force: true });
     this.vms.delete(vm.id);
+    this.uids.delete(vm.record.uid);
   }
 
   private saveRecord(vm: MicroVm): Promise<void> {
@@ -649,13 +759,13 @@ export class Engine extends EventEmitter {
         continue;
       }
       const vm = new MicroVm(dir, record);
-      const machine = record.pid ? await Machine.attach(dir, record.pid) : undefined;
+      this.uids.add(record.uid);
+      const machine = record.pid ? await Machine.attach(dir, record.pid, () => this.releaseJail(vm)) : undefined;
       if (record.pooled) record.status = "starting"; // a warm VM is rebuilt, not adopted
       switch (record.status) {
         case "starting":
           await machine?.stop(0);
-          await this.network.stop(record.network);
-          await rm(dir, { recursive: true, force: true });
+          await this.destroy(vm);
           continue;
         case "running":
           if (machine) {
@@ -670,9 +780,11 @@ export class Engine extends EventEmitter {
             vm.record = { ...record, status: "suspended", pid: undefined };
             await this.saveRecord(vm);
             await this.network.stop(record.network);
+            await this.releaseJail(vm);
           } else {
             await this.markFailed(vm, "QEMU process was gone when the server restarted");
             await this.network.stop(record.network);
+            await this.releaseJail(vm);
           }
           break;
         case "paused":
@@ -681,16 +793,19 @@ export class Engine extends EventEmitter {
             this.watchExit(vm);
           } else {
             await this.markFailed(vm, "QEMU process was gone when the server restarted");
+            await this.releaseJail(vm);
           }
           break;
         case "suspended":
           await machine?.stop(0);
           await this.network.stop(record.network);
+          await this.releaseJail(vm);
           if (!(await exists(vmFiles(dir).suspended))) await this.markFailed(vm, "suspended state file is missing");
           break;
         case "failed":
           await machine?.stop(0);
           await this.network.stop(record.network);
+          await this.releaseJail(vm);
           break;
         default: {
           const never: never = record.status;

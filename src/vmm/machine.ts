@@ -1,8 +1,12 @@
 import { EventEmitter } from "node:events";
+import { readFile } from "node:fs/promises";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
 import { machinePaths, startQemu, type MachineSpec } from "./qemu.ts";
+
+/** Host-side cleanup once the process is gone (its jail's cgroup and files). */
+type Release = () => Promise<void>;
 
 /**
  * One running QEMU process and its QMP connection. It knows nothing of what
@@ -17,6 +21,7 @@ export class Machine extends EventEmitter {
     readonly pid: number,
     readonly vmDir: string,
     private readonly qmp: QmpClient,
+    private readonly release: Release,
   ) {
     super();
     // QEMU holds the QMP socket until it exits, so its closing is the exit signal
@@ -26,11 +31,18 @@ export class Machine extends EventEmitter {
 
   /** Starts a QEMU process for `spec`; it keeps running if the server dies. */
   static async start(spec: MachineSpec): Promise<Machine> {
-    const pid = await startQemu(spec);
+    const release: Release = () => spec.jail?.release() ?? Promise.resolve();
     try {
-      return new Machine(pid, spec.vmDir, await QmpClient.connect(machinePaths(spec.vmDir).qmp));
+      const { pid, qmp } = await startQemu(spec);
+      return new Machine(pid, spec.vmDir, qmp, release);
     } catch (err) {
-      killProcess(pid);
+      // A QEMU that never answered: its jail (PID 1 gone) takes the process with it.
+      const pid = Number(await readFile(spec.jail?.pidfile ?? machinePaths(spec.vmDir).pidfile, "utf8").catch(() => "0"));
+      if (pid > 0 && processArgv(pid)?.some((a) => a.includes(machinePaths(spec.vmDir).qmp))) {
+        killProcess(pid);
+        while (isAlive(pid)) await sleep(5);
+      }
+      await release();
       throw err;
     }
   }
@@ -39,12 +51,12 @@ export class Machine extends EventEmitter {
    * Re-attaches to a QEMU process started earlier (by this or a previous server).
    * Returns undefined if `pid` is gone or is not the QEMU of `vmDir`.
    */
-  static async attach(vmDir: string, pid: number): Promise<Machine | undefined> {
+  static async attach(vmDir: string, pid: number, release: Release): Promise<Machine | undefined> {
     const qmpPath = machinePaths(vmDir).qmp;
     const argv = processArgv(pid);
     if (!argv || !isAlive(pid) || !argv.some((a) => a.includes(qmpPath))) return undefined;
     try {
-      return new Machine(pid, vmDir, await QmpClient.connect(qmpPath));
+      return new Machine(pid, vmDir, await QmpClient.connect(qmpPath), release);
     } catch {
       return undefined;
     }
@@ -78,7 +90,7 @@ export class Machine extends EventEmitter {
     return restoreState(this.qmp, machinePaths(this.vmDir).migration, file);
   }
 
-  /** Ends the process (QMP quit, then SIGKILL if it lingers) and waits until it is gone. */
+  /** Ends the process (QMP quit, then SIGKILL if it lingers), waits until it is gone and releases its jail. */
   async stop(graceMs = 2000): Promise<void> {
     if (!this.exited) await this.qmp.execute("quit").catch(() => undefined);
     const deadline = Date.now() + graceMs;
@@ -86,6 +98,7 @@ export class Machine extends EventEmitter {
     if (isAlive(this.pid)) killProcess(this.pid);
     while (isAlive(this.pid)) await sleep(5);
     this.qmp.close();
+    await this.release();
   }
 
   /** Closes the QMP connection and leaves the process running (for another server to adopt). */
@@ -98,6 +111,7 @@ export class Machine extends EventEmitter {
     if (this.detached) return;
     while (isAlive(this.pid)) await sleep(20);
     this.exited = true;
+    await this.release().catch(() => undefined);
     this.emit("exit");
   }
 }

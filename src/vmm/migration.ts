@@ -1,5 +1,5 @@
 import { createReadStream, createWriteStream } from "node:fs";
-import { rm } from "node:fs/promises";
+import { chmod, rm } from "node:fs/promises";
 import { connect, createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import { fsyncFile } from "../util/files.ts";
@@ -49,6 +49,8 @@ export async function saveState(qmp: QmpClient, socketPath: string, file: string
   await rm(socketPath, { force: true });
   const server = createServer();
   await new Promise<void>((resolve, reject) => server.once("error", reject).listen(socketPath, resolve));
+  // A jailed QEMU connects as the VM's uid; the directory it sits in is that uid's (and root's) alone.
+  await chmod(socketPath, 0o666);
   const received = new Promise<void>((resolve, reject) => {
     server.once("connection", (sock) => {
       server.close();

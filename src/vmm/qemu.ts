@@ -1,8 +1,11 @@
 import { spawn } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { openSync, closeSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
+import { sleep } from "../util/process.ts";
+import type { Jail } from "./jail/index.ts";
 import type { NetBackend } from "./network/index.ts";
+import { QmpClient } from "./qmp.ts";
 
 export type Accelerator = "kvm" | "tcg";
 
@@ -40,14 +43,36 @@ export interface MachineSpec {
   net?: NetBackend;
   /** Start paused, waiting for `migrate-incoming` (restore from a snapshot or suspend). */
   incoming: boolean;
+  /** The jail QEMU runs in (src/vmm/jail); unjailed when absent. */
+  jail?: Jail;
 }
 
-export const machinePaths = (vmDir: string) => ({
-  qmp: join(vmDir, "qmp.sock"),
-  pidfile: join(vmDir, "qemu.pid"),
-  console: join(vmDir, "console.log"),
-  migration: join(vmDir, "migration.sock"),
-});
+/**
+ * What the QEMU process may write lives in `<vmDir>/qemu/` (owned by the VM's
+ * uid when jailed); the VM's record and saved states stay beside it, out of reach.
+ */
+export const machinePaths = (vmDir: string) => {
+  const dir = join(vmDir, "qemu");
+  return {
+    dir,
+    qmp: join(dir, "qmp.sock"),
+    pidfile: join(dir, "qemu.pid"),
+    console: join(dir, "console.log"),
+    log: join(dir, "qemu.log"),
+    migration: join(dir, "migration.sock"),
+  };
+};
+
+/**
+ * TCG's translated-code cache, in MiB. QEMU's default is an eighth of host RAM
+ * (up to 1 GiB), filled lazily: bounded here so a VM's memory cap is known.
+ */
+const TCG_CODE_CACHE_MIB = 256;
+
+/** Host memory a VM's QEMU process uses beyond guest RAM: device emulation, buffers, and TCG's code cache. */
+export function qemuOverheadMiB(accelerator: Accelerator): number {
+  return 128 + (accelerator === "tcg" ? TCG_CODE_CACHE_MIB : 0);
+}
 
 /** The kernel command line; parameters read by cocoon-agent are prefixed `cocoon.` (see agent/PROTOCOL.md). */
 export function guestCmdline(opts: { accelerator: Accelerator; token: string; hostname: string }): string {
@@ -92,7 +117,7 @@ export function qemuArgs(spec: MachineSpec): string[] {
     "-name", `${spec.name},process=cocoon-${spec.name}`,
     // x-option-roms=off: no firmware ROMs to load; rtc=on: the guest reads wall time at boot.
     "-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem",
-    "-accel", spec.accelerator,
+    "-accel", spec.accelerator === "tcg" ? `tcg,tb-size=${TCG_CODE_CACHE_MIB}` : "kvm",
     // la57=off: 4-level paging; a 5-level page walk costs every TCG TLB miss (~10 % on fork+exec).
     "-cpu", spec.accelerator === "kvm" ? "host" : "max,la57=off",
     "-smp", String(spec.vcpus),
@@ -119,28 +144,49 @@ export function qemuArgs(spec: MachineSpec): string[] {
     // idle, unconnected user-mode netdev so states move between the two backends.
     ...(spec.net?.kind === "passt" ? ["-netdev", "user,id=slirp0,restrict=on,ipv6=off"] : []),
     "-qmp", `unix:${paths.qmp},server=on,wait=off`,
-    "-pidfile", paths.pidfile,
-    // -daemonize: QEMU detaches from the server (a server crash or restart
-    // leaves the VM running) and the parent exits only once the QMP socket is ready.
-    "-daemonize",
+    // QEMU's seccomp filter: no exec or fork, no privilege or scheduler changes, no obsolete syscalls.
+    ...(spec.jail ? ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"] : ["-pidfile", paths.pidfile]),
     ...(spec.incoming ? ["-incoming", "defer"] : []),
   ];
 }
 
-/** Starts QEMU and returns the VM process's pid once its QMP socket is listening. */
-export async function startQemu(spec: MachineSpec): Promise<number> {
-  for (const p of Object.values(machinePaths(spec.vmDir))) {
+/**
+ * Starts QEMU (in its jail when the spec has one) in a session of its own, so
+ * a server crash or restart leaves the VM running, and returns the process's
+ * host pid and a QMP connection once QEMU listens. Startup errors come from
+ * its log (`machinePaths(vmDir).log`).
+ */
+export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: QmpClient }> {
+  const paths = machinePaths(spec.vmDir);
+  for (const p of Object.values(paths)) {
     if (Buffer.byteLength(p) > 107) throw new Error(`path too long for a unix socket (max 107 bytes): ${p}`);
   }
-  const child = spawn("qemu-system-x86_64", qemuArgs(spec), { stdio: ["ignore", "ignore", "pipe"] });
-  let stderr = "";
-  child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-  const code = await new Promise<number | null>((resolve, reject) => {
-    child.on("error", (err: NodeJS.ErrnoException) =>
-      reject(err.code === "ENOENT" ? new Error("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") : err),
-    );
-    child.on("close", resolve);
-  });
-  if (code !== 0) throw new Error(`QEMU failed to start (exit ${code}): ${stderr.trim().slice(-1000)}`);
-  return Number((await readFile(machinePaths(spec.vmDir).pidfile, "utf8")).trim());
+  const qemuArgv = ["qemu-system-x86_64", ...qemuArgs(spec)];
+  const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv) : qemuArgv;
+  const log = openSync(paths.log, "w", 0o600);
+  let exited: string | undefined;
+  try {
+    const child = spawn(command!, args, { detached: true, stdio: ["ignore", log, log], env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin" } });
+    child.on("error", (err: NodeJS.ErrnoException) => {
+      exited = err.code === "ENOENT" ? `${command} is not installed (run scripts/setup.sh)` : err.message;
+    });
+    child.on("exit", (code, signal) => (exited ??= `exit ${code ?? signal}`));
+    child.unref();
+  } finally {
+    closeSync(log);
+  }
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    if (exited !== undefined) {
+      const output = await readFile(paths.log, "utf8").catch(() => "");
+      throw new Error(`QEMU failed to start (${exited}): ${output.trim().slice(-1000)}`);
+    }
+    const qmp = await QmpClient.connect(paths.qmp).catch(() => undefined);
+    if (qmp) {
+      const pidfile = spec.jail?.pidfile ?? paths.pidfile;
+      return { pid: Number((await readFile(pidfile, "utf8")).trim()), qmp };
+    }
+    if (Date.now() > deadline) throw new Error("QEMU did not open its QMP socket within 30 s");
+    await sleep(3);
+  }
 }

@@ -2,6 +2,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeEach, inject } from "vitest";
 import { Engine, type Snapshot } from "../../src/vmm/engine.ts";
+import { machinePaths } from "../../src/vmm/qemu.ts";
 import { TEST_ROOT } from "./paths.ts";
 
 export interface EngineContext {
@@ -38,7 +39,7 @@ export async function useEngine(): Promise<EngineContext> {
   beforeEach(({ onTestFailed }) => {
     onTestFailed(async () => {
       for (const vm of ctx.engine.list()) {
-        const console = await readFile(join(vm.dir, "console.log"), "utf8").catch(() => "(no console)");
+        const console = await readFile(machinePaths(vm.dir).console, "utf8").catch(() => "(no console)");
         process.stderr.write(`[vm ${vm.id} ${vm.status}] console tail:\n${console.slice(-2000)}\n`);
       }
     });

@@ -1,7 +1,6 @@
-import { randomInt } from "node:crypto";
 import type { PortForward } from "../qemu.ts";
 import { DnsFilter } from "./dns.ts";
-import { allowResolved, ensureTable, installVm, PASST_UIDS, removeVm } from "./nft.ts";
+import { allowResolved, ensureTable, installVm, removeVm } from "./nft.ts";
 import { passtPaths, startPasst, stopPasst } from "./passt.ts";
 import { nameAllowed, parseEgress, splitAllowList, type Egress } from "./policy.ts";
 
@@ -10,7 +9,7 @@ export { InvalidEgressError, parseEgress, type Egress } from "./policy.ts";
 /** What a VM record keeps about its network (so resume and re-adoption rebuild it). */
 export interface VmNetworkRecord {
   egress: Egress;
-  /** uid of the VM's passt (egress other than "none"). */
+  /** uid of the VM's passt (egress other than "none"): the VM's own uid, which its QEMU runs as too. */
   uid?: number;
 }
 
@@ -30,15 +29,10 @@ export class NetworkManager {
 
   constructor(private readonly log?: (msg: string) => void) {}
 
-  /** A record for a new VM: validates the policy and picks a fresh passt uid. */
-  allocate(egress: unknown, inUse: Iterable<number>): VmNetworkRecord {
+  /** A record for a new VM whose processes run as `uid`: validates the policy. */
+  allocate(egress: unknown, uid: number): VmNetworkRecord {
     const parsed = parseEgress(egress);
-    if (parsed === "none") return { egress: parsed };
-    const taken = new Set(inUse);
-    let uid: number;
-    do uid = PASST_UIDS.first + randomInt(PASST_UIDS.count);
-    while (taken.has(uid));
-    return { egress: parsed, uid };
+    return parsed === "none" ? { egress: parsed } : { egress: parsed, uid };
   }
 
   /**

@@ -1,14 +1,17 @@
 import { spawn } from "node:child_process";
 import { run } from "../../util/process.ts";
+import { vmUidRange } from "../jail/index.ts";
 import { BLOCKED_V4, type AllowList } from "./policy.ts";
 
 /**
- * nftables state for egress. One shared table; each VM's passt runs as a uid of
- * its own (from PASST_UIDS) and is matched by `meta skuid`:
+ * nftables state for egress. One shared table; each VM's passt (and its jailed
+ * QEMU) runs as a uid of its own (from the VM uid range, `vmUidRange`) and is
+ * matched by `meta skuid`:
  *
  *   table inet cocoon
  *     chain output (filter, hook output): meta skuid vmap @vm_filter; any other
- *       uid of the range → drop (fail closed when a VM's chain is missing)
+ *       uid of the range → only replies (QEMU's host-loopback forwards answer),
+ *       else drop: a VM without egress, or whose chain is missing, sends nothing
  *     chain nat_output (nat, hook output): meta skuid vmap @vm_nat
  *     chain deny: TCP reset, else ICMP admin-prohibited, counted (Debian 12's
  *       passt does not relay the failure: the guest's connect times out)
@@ -20,9 +23,6 @@ import { BLOCKED_V4, type AllowList } from "./policy.ts";
  *     chain vmnat_<uid>: 10.0.2.3:53/udp → 127.0.0.1:<dns filter port>
  */
 export const TABLE = "cocoon";
-/** uids (and gids) given to per-VM passt processes; no account owns them. */
-export const PASST_UIDS = { first: 0x5c00_0000, count: 0x0100_0000 } as const;
-
 export async function nft(script: string): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     const child = spawn("nft", ["-f", "-"], { stdio: ["pipe", "ignore", "pipe"] });
@@ -44,7 +44,8 @@ async function hostNets(): Promise<string[]> {
 
 /** Creates the shared table if absent (idempotent) and refreshes the host's on-link subnets. */
 export async function ensureTable(): Promise<void> {
-  const last = PASST_UIDS.first + PASST_UIDS.count - 1;
+  const uids = vmUidRange();
+  const range = `${uids.first}-${uids.first + uids.count - 1}`;
   const nets = await hostNets();
   await nft(`
 add table inet ${TABLE}
@@ -60,7 +61,8 @@ add chain inet ${TABLE} nat_output { type nat hook output priority -100; policy 
 flush chain inet ${TABLE} output
 flush chain inet ${TABLE} nat_output
 add rule inet ${TABLE} output meta skuid vmap @vm_filter
-add rule inet ${TABLE} output meta skuid ${PASST_UIDS.first}-${last} drop
+add rule inet ${TABLE} output meta skuid ${range} ct state established,related accept
+add rule inet ${TABLE} output meta skuid ${range} drop
 add rule inet ${TABLE} nat_output meta skuid vmap @vm_nat
 flush set inet ${TABLE} host_nets
 ${nets.length ? `add element inet ${TABLE} host_nets { ${nets.join(", ")} }` : ""}

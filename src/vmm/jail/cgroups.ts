@@ -1,0 +1,159 @@
+import { readFileSync } from "node:fs";
+import { access, mkdir, readFile, rmdir, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { sleep } from "../../util/process.ts";
+
+/** Controllers a VM's cgroup uses: CPU time, memory, and tasks (QEMU's threads). */
+const CONTROLLERS = ["cpu", "memory", "pids"] as const;
+type Controller = (typeof CONTROLLERS)[number];
+
+/** Where each controller lives: hosts run cgroup v2, v1, or a hybrid (v1 controllers beside a v2 mount). */
+export interface CgroupLayout {
+  version: 1 | 2;
+  /** Mount point of the hierarchy holding each controller. */
+  mounts: Record<Controller, string>;
+}
+
+export interface CgroupLimits {
+  /** CPU time per period, in CPUs (the VM's vCPUs). */
+  cpus: number;
+  memoryBytes: number;
+  /** Tasks (QEMU threads: vCPUs, I/O workers, RCU…). */
+  pids: number;
+}
+
+/** What a VM's cgroup currently holds and has enforced, read back from the kernel. */
+export interface CgroupReading {
+  limits: CgroupLimits;
+  memoryBytes: number;
+  /** Periods in which the CPU quota stopped the group. */
+  cpuThrottled: number;
+  /** Times the memory limit was hit (v1 failcnt, v2 events max). */
+  memoryLimitHits: number;
+}
+
+const CPU_PERIOD_US = 100_000;
+
+/**
+ * Finds the cgroup hierarchy of each controller from /proc/self/mountinfo: a
+ * controller enabled in the v2 hierarchy is used there, else its v1 mount.
+ * Both versions use one layout: `<mount>/<parent>/<name>` per VM.
+ */
+export function detectCgroups(mountinfo = readFileSync("/proc/self/mountinfo", "utf8")): CgroupLayout {
+  const v1 = new Map<string, string>();
+  let v2: string | undefined;
+  for (const line of mountinfo.split("\n")) {
+    const [mount, rest] = line.split(" - ");
+    if (!mount || !rest) continue;
+    const mountPoint = mount.split(" ")[4]!;
+    const [fstype, , superOptions = ""] = rest.split(" ");
+    if (fstype === "cgroup2") v2 ??= mountPoint;
+    if (fstype === "cgroup") for (const opt of superOptions.split(",")) v1.set(opt, mountPoint);
+  }
+  const v2Controllers = v2 ? readFileSync(join(v2, "cgroup.controllers"), "utf8").trim().split(/\s+/) : [];
+  if (v2 && CONTROLLERS.every((c) => v2Controllers.includes(c))) {
+    return { version: 2, mounts: { cpu: v2, memory: v2, pids: v2 } };
+  }
+  const missing = CONTROLLERS.filter((c) => !v1.has(c));
+  if (missing.length) {
+    throw new Error(`cgroup controllers ${missing.join(", ")} are not mounted (neither cgroup v2 nor v1): the QEMU jail needs them`);
+  }
+  return { version: 1, mounts: { cpu: v1.get("cpu")!, memory: v1.get("memory")!, pids: v1.get("pids")! } };
+}
+
+/** One cgroup per VM under `<parent>`, in every hierarchy that holds one of its controllers. */
+export class Cgroups {
+  constructor(
+    readonly layout: CgroupLayout,
+    private readonly parent: string,
+  ) {}
+
+  /** The VM's directories, one per hierarchy (v1 may mount controllers together). */
+  dirs(name: string): string[] {
+    return [...new Set(Object.values(this.layout.mounts))].map((m) => join(m, this.parent, name));
+  }
+
+  private dir(controller: Controller, name: string): string {
+    return join(this.layout.mounts[controller], this.parent, name);
+  }
+
+  /** Creates the VM's cgroup with its limits; returns the `cgroup.procs` files a process writes to join it. */
+  async create(name: string, limits: CgroupLimits): Promise<string[]> {
+    if (this.layout.version === 2) await this.enableV2Controllers();
+    for (const dir of this.dirs(name)) await mkdir(dir, { recursive: true });
+    const quota = Math.round(limits.cpus * CPU_PERIOD_US);
+    if (this.layout.version === 2) {
+      const dir = this.dir("cpu", name);
+      await writeFile(join(dir, "cpu.max"), `${quota} ${CPU_PERIOD_US}`);
+      await writeFile(join(dir, "memory.max"), String(limits.memoryBytes));
+      // Guest RAM pushed to swap would escape the limit in all but name.
+      await writeOptional(join(dir, "memory.swap.max"), "0");
+      await writeFile(join(dir, "pids.max"), String(limits.pids));
+    } else {
+      await writeFile(join(this.dir("cpu", name), "cpu.cfs_period_us"), String(CPU_PERIOD_US));
+      await writeFile(join(this.dir("cpu", name), "cpu.cfs_quota_us"), String(quota));
+      await writeFile(join(this.dir("memory", name), "memory.limit_in_bytes"), String(limits.memoryBytes));
+      await writeOptional(join(this.dir("memory", name), "memory.memsw.limit_in_bytes"), String(limits.memoryBytes));
+      await writeFile(join(this.dir("pids", name), "pids.max"), String(limits.pids));
+    }
+    return this.dirs(name).map((d) => join(d, "cgroup.procs"));
+  }
+
+  /** Reads the VM's limits and counters back from the kernel. */
+  async read(name: string): Promise<CgroupReading> {
+    const text = (controller: Controller, file: string) => readFile(join(this.dir(controller, name), file), "utf8");
+    const field = (content: string, key: string) => Number(new RegExp(`^${key} (\\d+)`, "m").exec(content)?.[1] ?? 0);
+    const cpuStat = await text("cpu", "cpu.stat");
+    const pids = Number(await text("pids", "pids.max"));
+    if (this.layout.version === 2) {
+      const [quota, period] = (await text("cpu", "cpu.max")).trim().split(" ").map(Number);
+      return {
+        limits: { cpus: quota! / period!, memoryBytes: Number(await text("memory", "memory.max")), pids },
+        memoryBytes: Number(await text("memory", "memory.current")),
+        cpuThrottled: field(cpuStat, "nr_throttled"),
+        memoryLimitHits: field(await text("memory", "memory.events"), "max"),
+      };
+    }
+    const quota = Number(await text("cpu", "cpu.cfs_quota_us"));
+    const period = Number(await text("cpu", "cpu.cfs_period_us"));
+    return {
+      limits: { cpus: quota / period, memoryBytes: Number(await text("memory", "memory.limit_in_bytes")), pids },
+      memoryBytes: Number(await text("memory", "memory.usage_in_bytes")),
+      cpuThrottled: field(cpuStat, "nr_throttled"),
+      memoryLimitHits: Number(await text("memory", "memory.failcnt")),
+    };
+  }
+
+  /** Removes the VM's cgroup once its process is gone (the kernel may take a moment to let go). Idempotent. */
+  async remove(name: string): Promise<void> {
+    for (const dir of this.dirs(name)) {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await rmdir(dir);
+          break;
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === "ENOENT") break;
+          if (code !== "EBUSY" || attempt >= 100) throw new Error(`cannot remove cgroup ${dir}: ${(err as Error).message}`);
+          await sleep(10);
+        }
+      }
+    }
+  }
+
+  /** v2 only: a controller limits a child only if every ancestor delegates it. */
+  private async enableV2Controllers(): Promise<void> {
+    const root = this.layout.mounts.cpu;
+    const enable = CONTROLLERS.map((c) => `+${c}`).join(" ");
+    let dir = root;
+    for (const part of ["", ...this.parent.split("/").filter(Boolean)]) {
+      dir = join(dir, part);
+      await mkdir(dir, { recursive: true });
+      await writeFile(join(dir, "cgroup.subtree_control"), enable);
+    }
+  }
+}
+
+async function writeOptional(file: string, value: string): Promise<void> {
+  if (await access(file).then(() => true, () => false)) await writeFile(file, value);
+}

@@ -1,0 +1,244 @@
+import { spawnSync } from "node:child_process";
+import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import type { MicroVm } from "../../src/vmm/engine.ts";
+import { Jailer, qcow2BackingChain } from "../../src/vmm/jail/index.ts";
+import { machinePaths, qemuOverheadMiB } from "../../src/vmm/qemu.ts";
+import { sleep } from "../../src/util/process.ts";
+import { useEngine } from "../support/engine-fixture.ts";
+
+/*
+ * Each layer of the QEMU jail (SECURITY.md), proven from the host's side:
+ * what the kernel reports about the QEMU process, its cgroup, and what its
+ * uid can reach. Tests run as root, so the engine jails by default.
+ */
+
+const ctx = await useEngine();
+
+const status = (pid: number) => readFileSync(`/proc/${pid}/status`, "utf8");
+const statusField = (pid: number, key: string) => new RegExp(`^${key}:[ \\t]*(.*)$`, "m").exec(status(pid))?.[1]?.trim();
+const nsOf = (pid: number | "self", ns: string) => readlinkSync(`/proc/${pid}/ns/${ns}`);
+const limit = (pid: number, name: string) =>
+  new RegExp(`^${name}\\s+(\\S+)\\s+(\\S+)`, "m").exec(readFileSync(`/proc/${pid}/limits`, "utf8"))?.slice(1, 3);
+
+/** Runs a host command as `uid` (no groups, no capabilities): what a process escaped from that VM's QEMU could do. */
+function asUid(uid: number, command: string[], opts: { inMountNsOf?: number } = {}) {
+  const setpriv = ["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups", "--inh-caps=-all", "--", ...command];
+  const argv = opts.inMountNsOf ? ["nsenter", `--mount=/proc/${opts.inMountNsOf}/ns/mnt`, "--", ...setpriv] : setpriv;
+  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
+  return { code: r.status, output: `${r.stdout}${r.stderr}` };
+}
+
+/** CPU seconds a process has used (user + system). */
+function cpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+function jailer(): Jailer {
+  expect(ctx.engine.jailer, "tests run as root: the engine must jail QEMU").toBeDefined();
+  return ctx.engine.jailer!;
+}
+
+describe("a jailed QEMU process", () => {
+  it("runs as its VM's own uid, with no capabilities, no_new_privs and QEMU's seccomp filter", async () => {
+    const [a, b] = await Promise.all([ctx.engine.launch(ctx.snapshot, { id: "vm-jail-a" }), ctx.engine.launch(ctx.snapshot, { id: "vm-jail-b" })]);
+    const range = jailer().config.uids;
+    for (const vm of [a!, b!]) {
+      const pid = vm.record.pid!;
+      const uid = vm.record.uid;
+      expect(uid).toBeGreaterThanOrEqual(range.first);
+      expect(uid).toBeLessThan(range.first + range.count);
+      expect(statusField(pid, "Uid")).toBe(`${uid}\t${uid}\t${uid}\t${uid}`);
+      expect(statusField(pid, "Gid")).toBe(`${uid}\t${uid}\t${uid}\t${uid}`);
+      expect(statusField(pid, "Groups")).toBe("");
+      expect(statusField(pid, "CapEff")).toBe("0000000000000000");
+      expect(statusField(pid, "CapPrm")).toBe("0000000000000000");
+      expect(statusField(pid, "CapBnd")).toBe("0000000000000000");
+      expect(statusField(pid, "NoNewPrivs")).toBe("1");
+      expect(statusField(pid, "Seccomp")).toBe("2"); // filter mode
+    }
+    expect(a!.record.uid).not.toBe(b!.record.uid);
+  });
+
+  it("has mount and PID namespaces of its own, with a root holding only what it needs", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-ns" });
+    const other = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-ns2" });
+    const pid = vm.record.pid!;
+    for (const ns of ["mnt", "pid"]) {
+      expect(nsOf(pid, ns)).not.toBe(nsOf("self", ns));
+      expect(nsOf(pid, ns)).not.toBe(nsOf(other.record.pid!, ns));
+    }
+    // Inside, QEMU is PID 1 of its namespace.
+    expect(statusField(pid, "NSpid")).toBe(`${pid}\t1`);
+
+    const root = `/proc/${pid}/root`;
+    const inJail = (p: string) => existsSync(join(root, p));
+    expect(readdirSync(join(root, "dev")).sort()).toEqual(["null", "urandom", "zero"]);
+    expect(inJail("etc")).toBe(false);
+    expect(inJail("root")).toBe(false);
+    expect(inJail("proc/self")).toBe(false);
+    // Its own QEMU directory and boot files are there; its record, other VMs and the server's data are not.
+    expect(inJail(machinePaths(vm.dir).qmp)).toBe(true);
+    expect(inJail(ctx.snapshot.manifest.kernel)).toBe(true);
+    expect(inJail(join(vm.dir, "vm.json"))).toBe(false);
+    expect(inJail(other.dir)).toBe(false);
+    expect(readdirSync(join(root, ctx.dataDir, "vms"))).toEqual([vm.id]);
+    // /usr is there to run QEMU, read-only.
+    expect(asUid(vm.record.uid, ["touch", "/usr/jail-write-test"], { inMountNsOf: pid }).output).toMatch(/Read-only file system/);
+  });
+
+  it("starts with a clean environment, no inherited descriptors, and rlimits", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-fds" });
+    const pid = vm.record.pid!;
+    expect(readFileSync(`/proc/${pid}/environ`, "utf8").split("\0").filter(Boolean)).toEqual(["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]);
+
+    const config = jailer().config;
+    expect(limit(pid, "Max open files")).toEqual([String(config.maxOpenFiles), String(config.maxOpenFiles)]);
+    expect(limit(pid, "Max file size")).toEqual([String(config.maxFileBytes), String(config.maxFileBytes)]);
+    expect(limit(pid, "Max processes")).toEqual([String(config.maxTasks), String(config.maxTasks)]);
+    expect(limit(pid, "Max core file size")).toEqual(["0", "0"]);
+
+    // Every descriptor is one QEMU opened itself for this VM, or stdio.
+    const paths = machinePaths(vm.dir);
+    const snapshotFiles = [join(ctx.snapshot.dir, "memory"), join(ctx.snapshot.dir, "disk.qcow2")];
+    const backing = await qcow2BackingChain(join(ctx.snapshot.dir, "disk.qcow2"));
+    const fds = Object.fromEntries(readdirSync(`/proc/${pid}/fd`).map((fd) => [fd, readlinkSync(`/proc/${pid}/fd/${fd}`)]));
+    expect(fds["0"]).toBe("/dev/null");
+    expect(fds["1"]).toBe(paths.log);
+    expect(fds["2"]).toBe(paths.log);
+    for (const [fd, target] of Object.entries(fds)) {
+      const expected =
+        /^(socket|anon_inode):/.test(target) ||
+        target === "/dev/null" ||
+        target.startsWith(`${paths.dir}/`) ||
+        snapshotFiles.includes(target) ||
+        backing.includes(target);
+      expect(expected, `fd ${fd} → ${target}`).toBe(true);
+    }
+  });
+
+  it("is in a cgroup capping CPU at its vCPUs and memory at its RAM plus QEMU's overhead", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-cg" });
+    const reading = await jailer().readCgroup(vm.id);
+    expect(reading.limits).toEqual({
+      cpus: vm.record.vcpus,
+      memoryBytes: (vm.record.memoryMiB + qemuOverheadMiB(ctx.engine.accelerator)) * 1024 * 1024,
+      pids: jailer().config.maxTasks,
+    });
+    const cgroups = readFileSync(`/proc/${vm.record.pid}/cgroup`, "utf8");
+    expect(cgroups).toMatch(new RegExp(`(memory|^0:):/cocoon/${vm.id}$`, "m"));
+    expect(cgroups).toMatch(new RegExp(`(cpu|^0:):/cocoon/${vm.id}$`, "m"));
+    for (const dir of jailer().cgroupDirs(vm.id)) {
+      expect(readFileSync(join(dir, "cgroup.procs"), "utf8").trim().split("\n")).toEqual([String(vm.record.pid)]);
+    }
+  });
+
+  it("keeps its jail across suspend and resume, and leaves no cgroup or jail files after terminate", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-life" });
+    const uid = vm.record.uid;
+    const dirs = jailer().cgroupDirs(vm.id);
+    expect(dirs.every((d) => existsSync(d))).toBe(true);
+    await ctx.engine.suspend(vm.id);
+    expect(dirs.some((d) => existsSync(d))).toBe(false);
+    expect(existsSync(Jailer.dir(vm.dir))).toBe(false);
+    await ctx.engine.resume(vm.id);
+    expect(vm.record.uid).toBe(uid);
+    expect(statusField(vm.record.pid!, "Uid")?.split("\t")[0]).toBe(String(uid));
+    expect(dirs.every((d) => existsSync(d))).toBe(true);
+
+    // A restarted server re-adopts the jailed VM and can still end it cleanly.
+    const pid = vm.record.pid!;
+    const engine = await ctx.reopen();
+    const adopted = engine.get(vm.id);
+    expect(adopted.status).toBe("running");
+    expect(adopted.record.pid).toBe(pid);
+    expect((await adopted.agent.exec({ command: ["true"] })).exitCode).toBe(0);
+    await engine.terminate(vm.id);
+    expect(existsSync(`/proc/${pid}`)).toBe(false);
+    expect(dirs.some((d) => existsSync(d))).toBe(false);
+    expect(existsSync(vm.dir)).toBe(false);
+  });
+
+  it("cannot read another VM's disk, saved memory or image files, on the host or from inside its jail", async () => {
+    const a = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-x" });
+    const b = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-y" });
+    await b.agent.exec({ command: "echo secret > /root/b-secret; sync" });
+    await ctx.engine.suspend(b.id);
+    const targets = [
+      join(machinePaths(b.dir).dir, "disk.qcow2"),
+      join(b.dir, "suspended.state"),
+      join(b.dir, "vm.json"),
+      join(ctx.snapshot.dir, "memory"),
+    ];
+    for (const target of targets) {
+      expect(existsSync(target), target).toBe(true);
+      expect(asUid(a.record.uid, ["cat", target]).output, `host: ${target}`).toMatch(/Permission denied/);
+    }
+    // Inside A's jail, B's files do not exist (the image's files are A's own, mounted for it).
+    for (const target of targets.slice(0, 3)) {
+      expect(asUid(a.record.uid, ["cat", target], { inMountNsOf: a.record.pid! }).output, `jail: ${target}`).toMatch(/No such file or directory/);
+    }
+    // Nor another running VM's files: B resumed (new jail, same uid) is still out of reach.
+    await ctx.engine.resume(b.id);
+    expect(asUid(a.record.uid, ["cat", join(machinePaths(b.dir).dir, "disk.qcow2")]).output).toMatch(/Permission denied/);
+    expect(asUid(a.record.uid, ["ls", machinePaths(b.dir).dir]).output).toMatch(/Permission denied/);
+  });
+});
+
+describe("a guest that uses more than it was given", () => {
+  /** A VM that answers exec promptly is responsive (generous bound: TCG on a shared host). */
+  async function responsive(vm: MicroVm): Promise<boolean> {
+    const t = Date.now();
+    await vm.agent.exec({ command: ["true"] });
+    return Date.now() - t < 10_000;
+  }
+
+  it("spinning all its vCPUs is held to its CPU quota while another VM stays responsive", async () => {
+    const [spinner, bystander] = await Promise.all([
+      ctx.engine.launch(ctx.snapshot, { id: "vm-jail-spin" }),
+      ctx.engine.launch(ctx.snapshot, { id: "vm-jail-calm" }),
+    ]);
+    const before = await jailer().readCgroup(spinner.id);
+    const vcpus = spinner.record.vcpus;
+    await spinner.agent.exec({
+      command: `for i in $(seq ${vcpus}); do nohup timeout 20 sh -c 'while :; do :; done' >/dev/null 2>&1 & done`,
+    });
+    const pid = spinner.record.pid!;
+    const cpu0 = cpuSeconds(pid);
+    const t0 = performance.now();
+    await sleep(4000);
+    const used = cpuSeconds(pid) - cpu0;
+    const wall = (performance.now() - t0) / 1000;
+    // The quota is per 100 ms period; allow the jiffy granularity of /proc's counters.
+    expect(used).toBeLessThanOrEqual(wall * vcpus * 1.1);
+    expect((await jailer().readCgroup(spinner.id)).cpuThrottled).toBeGreaterThan(before.cpuThrottled);
+    expect(await responsive(bystander)).toBe(true);
+    expect(await responsive(spinner)).toBe(true);
+    await ctx.engine.terminate(spinner.id);
+    expect(existsSync(`/proc/${pid}`)).toBe(false);
+  });
+
+  it("allocating far beyond its memory stays under its cgroup's memory cap, and the VM lives on", async () => {
+    const [hog, bystander] = await Promise.all([
+      ctx.engine.launch(ctx.snapshot, { id: "vm-jail-hog" }),
+      ctx.engine.launch(ctx.snapshot, { id: "vm-jail-quiet" }),
+    ]);
+    const pid = hog.record.pid!;
+    // `tail` keeps a newline-free stream in memory: twice the guest's RAM, until the guest's OOM killer ends it.
+    const r = await hog.agent.exec({
+      command: ["bash", "-c", `set -o pipefail; head -c ${2 * hog.record.memoryMiB}M /dev/zero | tail | wc -c`],
+      timeoutMs: 120_000,
+    });
+    expect(r.exitCode).not.toBe(0);
+    const reading = await jailer().readCgroup(hog.id);
+    const peakBytes = Number(statusField(pid, "VmHWM")?.replace(" kB", "")) * 1024;
+    expect(peakBytes).toBeLessThanOrEqual(reading.limits.memoryBytes);
+    expect(reading.memoryBytes).toBeLessThanOrEqual(reading.limits.memoryBytes);
+    expect(existsSync(`/proc/${pid}`)).toBe(true);
+    expect(await responsive(hog)).toBe(true);
+    expect(await responsive(bystander)).toBe(true);
+  });
+});
