@@ -25,6 +25,8 @@ export interface ApiDeps {
   db: Db;
   microvms: MicroVmService;
   accelerator: Accelerator;
+  /** The QEMU jail's cgroup version; absent when QEMU runs unjailed (COCOON_JAIL=off, or not root). */
+  jail?: { cgroupVersion: 1 | 2 };
   metrics: ServerMetrics;
   sampler: VmSampler;
   /** MicroVM Images (Dockerfile builds); without it only the built-in `base` exists. */
@@ -82,7 +84,12 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     request.tenantId = await authenticate(deps.db, request.headers.authorization ?? (token ? `Bearer ${token}` : undefined), permission);
   });
 
-  app.get("/v1/health", { schema: { security: [] } }, async () => ({ status: "ok", accelerator: deps.accelerator, version: VERSION }));
+  app.get("/v1/health", { schema: { security: [] } }, async () => ({
+    status: "ok",
+    accelerator: deps.accelerator,
+    jail: deps.jail ? { enabled: true, cgroupVersion: deps.jail.cgroupVersion } : { enabled: false },
+    version: VERSION,
+  }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db);
   if (deps.images) await registerImageRoutes(app, deps.images, deps.db);

@@ -43,7 +43,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
-  const api = await buildApi({ db, microvms, images: imageService, accelerator: runtime.engine.accelerator, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
+  const api = await buildApi({ db, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   // SIGTERM/SIGINT: stop taking requests, suspend every running VM to disk,

@@ -61,6 +61,7 @@ export async function useApi(
     microvms,
     images: imageService,
     accelerator: engine.accelerator,
+    jail: engine.jailer,
     metrics,
     sampler: new VmSampler(),
     logger: process.env.COCOON_TEST_LOG === "1",
