@@ -174,7 +174,7 @@ export class Jailer {
         pidfile,
         release,
         command: (qemuArgv) => [
-          "unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+          "unshare", "--mount", "--pid", "--fork", "--propagation", "private",
           "bash", "-c", JAIL_SCRIPT, "cocoon-jail", root, fstab, pidfile, ...procs, "--",
           "prlimit", `--nofile=${c.maxOpenFiles}`, `--fsize=${c.maxFileBytes}`, `--nproc=${c.maxTasks}`, "--core=0", "--",
           "setpriv", `--reuid=${ids}`, `--regid=${ids}`, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
