@@ -16,6 +16,8 @@ type Release = () => Promise<void>;
 export class Machine extends EventEmitter {
   private exited = false;
   private detached = false;
+  /** Once: both `stop` and the exit watcher release, and a later process of the same VM may own a jail of the same name. */
+  private released: Promise<void> | undefined;
 
   private constructor(
     readonly pid: number,
@@ -98,7 +100,7 @@ export class Machine extends EventEmitter {
     if (isAlive(this.pid)) killProcess(this.pid);
     while (isAlive(this.pid)) await sleep(5);
     this.qmp.close();
-    await this.release();
+    await (this.released ??= this.release());
   }
 
   /** Closes the QMP connection and leaves the process running (for another server to adopt). */
@@ -111,7 +113,7 @@ export class Machine extends EventEmitter {
     if (this.detached) return;
     while (isAlive(this.pid)) await sleep(20);
     this.exited = true;
-    await this.release().catch(() => undefined);
+    await (this.released ??= this.release()).catch(() => undefined);
     this.emit("exit");
   }
 }

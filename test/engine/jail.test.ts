@@ -1,5 +1,5 @@
-import { spawnSync } from "node:child_process";
-import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { spawn, spawnSync } from "node:child_process";
+import { existsSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import type { MicroVm } from "../../src/vmm/engine.ts";
@@ -30,11 +30,20 @@ function asUid(uid: number, command: string[], opts: { inMountNsOf?: number } = 
   return { code: r.status, output: `${r.stdout}${r.stderr}` };
 }
 
-/** CPU seconds a process has used (user + system). */
+/** CPU seconds a process has used (user + system), all its threads. */
 function cpuSeconds(pid: number): number {
   const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+/** CPUs used on average by `pids` together over `ms`. */
+async function cpuUsedOver(ms: number, pids: number[]): Promise<number> {
+  const total = () => pids.reduce((sum, pid) => sum + cpuSeconds(pid), 0);
+  const cpu0 = total();
+  const t0 = performance.now();
+  await sleep(ms);
+  return (total() - cpu0) / ((performance.now() - t0) / 1000);
 }
 
 function jailer(): Jailer {
@@ -201,24 +210,36 @@ describe("a guest that uses more than it was given", () => {
       ctx.engine.launch(ctx.snapshot, { id: "vm-jail-spin" }),
       ctx.engine.launch(ctx.snapshot, { id: "vm-jail-calm" }),
     ]);
-    const before = await jailer().readCgroup(spinner.id);
     const vcpus = spinner.record.vcpus;
     await spinner.agent.exec({
       command: `for i in $(seq ${vcpus}); do nohup timeout 20 sh -c 'while :; do :; done' >/dev/null 2>&1 & done`,
     });
     const pid = spinner.record.pid!;
-    const cpu0 = cpuSeconds(pid);
-    const t0 = performance.now();
-    await sleep(4000);
-    const used = cpuSeconds(pid) - cpu0;
-    const wall = (performance.now() - t0) / 1000;
-    // The quota is per 100 ms period; allow the jiffy granularity of /proc's counters.
-    expect(used).toBeLessThanOrEqual(wall * vcpus * 1.1);
-    expect((await jailer().readCgroup(spinner.id)).cpuThrottled).toBeGreaterThan(before.cpuThrottled);
+    const used = await cpuUsedOver(3000, [pid]);
+    const quota = (await jailer().readCgroup(spinner.id)).limits.cpus;
+    expect(quota).toBe(vcpus + jailer().config.cpuHeadroom);
+    expect(used).toBeLessThanOrEqual(quota * 1.1);
     expect(await responsive(bystander)).toBe(true);
     expect(await responsive(spinner)).toBe(true);
     await ctx.engine.terminate(spinner.id);
     expect(existsSync(`/proc/${pid}`)).toBe(false);
+  });
+
+  it("a process that escaped into the VM's QEMU cannot take more CPU than the quota, however many threads it runs", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-escape" });
+    const before = await jailer().readCgroup(vm.id);
+    // Stand-ins for an escaped QEMU's extra threads: spinners in the VM's cgroup (the host has 2+ cores to take).
+    const spinners = Array.from({ length: 3 }, () => spawn("sh", ["-c", "while :; do :; done"], { stdio: "ignore" }));
+    try {
+      for (const s of spinners) for (const dir of jailer().cgroupDirs(vm.id)) writeFileSync(join(dir, "cgroup.procs"), String(s.pid));
+      const used = await cpuUsedOver(3000, [vm.record.pid!, ...spinners.map((s) => s.pid!)]);
+      const after = await jailer().readCgroup(vm.id);
+      expect(used).toBeLessThanOrEqual(after.limits.cpus * 1.1);
+      expect(after.cpuThrottled).toBeGreaterThan(before.cpuThrottled);
+    } finally {
+      for (const s of spinners) s.kill("SIGKILL");
+    }
+    expect((await vm.agent.exec({ command: ["true"] })).exitCode).toBe(0);
   });
 
   it("allocating far beyond its memory stays under its cgroup's memory cap, and the VM lives on", async () => {

@@ -85,6 +85,7 @@ export class Cgroups {
     if (this.layout.version === 2) {
       const dir = this.dir("cpu", name);
       await writeFile(join(dir, "cpu.max"), `${quota} ${CPU_PERIOD_US}`);
+      await writeOptional(join(dir, "cpu.max.burst"), String(quota));
       await writeFile(join(dir, "memory.max"), String(limits.memoryBytes));
       // Guest RAM pushed to swap would escape the limit in all but name.
       await writeOptional(join(dir, "memory.swap.max"), "0");
@@ -92,6 +93,7 @@ export class Cgroups {
     } else {
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_period_us"), String(CPU_PERIOD_US));
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_quota_us"), String(quota));
+      await writeOptional(join(this.dir("cpu", name), "cpu.cfs_burst_us"), String(quota));
       await writeFile(join(this.dir("memory", name), "memory.limit_in_bytes"), String(limits.memoryBytes));
       await writeOptional(join(this.dir("memory", name), "memory.memsw.limit_in_bytes"), String(limits.memoryBytes));
       await writeFile(join(this.dir("pids", name), "pids.max"), String(limits.pids));

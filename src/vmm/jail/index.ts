@@ -56,6 +56,13 @@ export interface JailConfig {
   maxFileBytes: number;
   /** pids.max and RLIMIT_NPROC: QEMU's threads. */
   maxTasks: number;
+  /**
+   * CPU beyond the vCPUs, in CPUs. A vCPU thread never uses more than one
+   * CPU, so the cap really bounds QEMU's other threads (main loop, I/O,
+   * migration): without headroom a restore, which runs them beside the vCPU,
+   * is throttled.
+   */
+  cpuHeadroom: number;
 }
 
 /**
@@ -73,6 +80,7 @@ export function jailConfigFromEnv(env = process.env): JailConfig | undefined {
     // The largest disk (32 GiB) plus qcow2 metadata.
     maxFileBytes: 34 * 1024 ** 3,
     maxTasks: 512,
+    cpuHeadroom: 0,
   };
 }
 
@@ -167,7 +175,7 @@ export class Jailer {
     const table = entries.map(([source, options], i) => `${fstabPath(source)} ${fstabPath(i === 0 ? root : join(root, source))} none ${options} 0 0`);
     await writeFile(fstab, `${table.join("\n")}\n`, { mode: 0o600 });
     try {
-      const procs = await this.cgroups.create(opts.name, { cpus: opts.vcpus, memoryBytes: opts.memoryBytes, pids: this.config.maxTasks });
+      const procs = await this.cgroups.create(opts.name, { cpus: opts.vcpus + this.config.cpuHeadroom, memoryBytes: opts.memoryBytes, pids: this.config.maxTasks });
       const c = this.config;
       const ids = String(opts.uid);
       return {
