@@ -26,6 +26,8 @@ export interface CgroupLimits {
 export interface CgroupReading {
   limits: CgroupLimits;
   memoryBytes: number;
+  /** Periods in which the group was runnable under its CPU quota (bandwidth control at work). */
+  cpuPeriods: number;
   /** Periods in which the CPU quota stopped the group. */
   cpuThrottled: number;
   /** Times the memory limit was hit (v1 failcnt, v2 events max). */
@@ -112,6 +114,7 @@ export class Cgroups {
       return {
         limits: { cpus: quota! / period!, memoryBytes: Number(await text("memory", "memory.max")), pids },
         memoryBytes: Number(await text("memory", "memory.current")),
+        cpuPeriods: field(cpuStat, "nr_periods"),
         cpuThrottled: field(cpuStat, "nr_throttled"),
         memoryLimitHits: field(await text("memory", "memory.events"), "max"),
       };
@@ -121,6 +124,7 @@ export class Cgroups {
     return {
       limits: { cpus: quota / period, memoryBytes: Number(await text("memory", "memory.limit_in_bytes")), pids },
       memoryBytes: Number(await text("memory", "memory.usage_in_bytes")),
+      cpuPeriods: field(cpuStat, "nr_periods"),
       cpuThrottled: field(cpuStat, "nr_throttled"),
       memoryLimitHits: Number(await text("memory", "memory.failcnt")),
     };
