@@ -129,11 +129,11 @@ describe("a jailed QEMU process", () => {
     }
   });
 
-  it("is in a cgroup capping CPU at its vCPUs and memory at its RAM plus QEMU's overhead", async () => {
+  it("is in a cgroup capping CPU at its vCPUs and memory at its RAM, each plus QEMU's overhead", async () => {
     const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-cg" });
     const reading = await jailer().readCgroup(vm.id);
     expect(reading.limits).toEqual({
-      cpus: vm.record.vcpus,
+      cpus: vm.record.vcpus + jailer().config.cpuHeadroom,
       memoryBytes: (vm.record.memoryMiB + qemuOverheadMiB(ctx.engine.accelerator)) * 1024 * 1024,
       pids: jailer().config.maxTasks,
     });
