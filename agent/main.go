@@ -69,6 +69,8 @@ func runInit() {
 	log.Printf("cocoon-agent %s: booting", server.Version)
 
 	cfg, err := initsys.Boot()
+	// From now on every process we start runs in the workload cgroup.
+	process.SetWorkload(cfg.Workload)
 	srv := server.New(server.Options{Token: cfg.Token, Started: started})
 	if err != nil {
 		srv.SetDegraded(err.Error())

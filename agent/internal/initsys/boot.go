@@ -96,6 +96,11 @@ func Boot() (cfg *Config, err error) {
 	if cfg.Hostname != "" {
 		fail("hostname", syscall.Sethostname([]byte(cfg.Hostname)))
 	}
+	if err := setupWorkload(WorkloadCgroup); err != nil {
+		fail("workload cgroup", err)
+	} else {
+		cfg.Workload = WorkloadCgroup
+	}
 	fail("network", ConfigureNetwork(cfg.IP, cfg.Gateway))
 	if len(cfg.DNS) > 0 {
 		fail("resolv.conf", writeResolvConf(cfg.DNS))
@@ -311,6 +316,108 @@ func mountLate() error {
 		}
 	}
 	return joinErrors(errs...)
+}
+
+// WorkloadCgroup is the cgroup every process the agent starts is placed in
+// before it runs (see process.SetWorkload); the agent itself stays in the root.
+const WorkloadCgroup = "/sys/fs/cgroup/cocoon-workload"
+
+// memoryReserve is the memory the workload cannot take: an eighth, within
+// bounds, for the agent (a few MiB), the kernel's own use outside the
+// workload's account (about 25 MiB at idle, and a few KiB for every task)
+// and the network buffers that keep the agent reachable.
+func memoryReserve(total int64) int64 {
+	r := total / 8
+	if r < 24<<20 {
+		r = 24 << 20
+	}
+	if r > 256<<20 {
+		r = 256 << 20
+	}
+	return r
+}
+
+// setupWorkload mounts the cgroup v2 hierarchy and creates dir under its root
+// with three controllers, so that nothing the guest runs can starve PID 1:
+//   - memory: the workload may use all but memoryReserve, kernel memory
+//     included, so it runs into its own OOM killer before the guest runs
+//     short: a fork bomb of thousands of small processes would otherwise
+//     exhaust memory with page tables and kernel stacks, and the global OOM
+//     killer, freeing one small process at a time, stalls the whole guest
+//     (the agent's network buffers included) for minutes;
+//   - pids: the workload may hold at most 90 % of the tasks the kernel
+//     allows, so the agent can still fork and create threads (the Go runtime
+//     dies when it cannot, and PID 1 dying is a kernel panic);
+//   - cpu: the whole workload weighs as much as one agent thread (the default
+//     weight), so the agent gets about half the CPU when it needs it, however
+//     many processes compete with it.
+func setupWorkload(dir string) error {
+	const root = "/sys/fs/cgroup"
+	if err := mount("cgroup2", root, "cgroup2", syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, ""); err != nil && !errors.Is(err, syscall.EBUSY) {
+		return err
+	}
+	tasks, err := taskLimit()
+	if err != nil {
+		return err
+	}
+	mem, err := memTotal()
+	if err != nil {
+		return err
+	}
+	if mem <= 2*memoryReserve(mem) {
+		return fmt.Errorf("%d bytes of memory is too little to set %d aside", mem, memoryReserve(mem))
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil && !os.IsExist(err) {
+		return err
+	}
+	for _, w := range []struct{ file, value string }{
+		{filepath.Join(root, "cgroup.subtree_control"), "+cpu +memory +pids"},
+		{filepath.Join(dir, "memory.max"), strconv.FormatInt(mem-memoryReserve(mem), 10)},
+		{filepath.Join(dir, "pids.max"), strconv.Itoa(tasks * 9 / 10)},
+	} {
+		if err := os.WriteFile(w.file, []byte(w.value), 0); err != nil {
+			return fmt.Errorf("write %q to %s: %w", w.value, w.file, err)
+		}
+	}
+	return nil
+}
+
+// taskLimit is how many tasks (threads and processes) the kernel allows in
+// all: kernel.threads-max, which scales with memory, or pid_max if lower.
+func taskLimit() (int, error) {
+	limit := 0
+	for _, f := range []string{"/proc/sys/kernel/threads-max", "/proc/sys/kernel/pid_max"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return 0, err
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil {
+			return 0, fmt.Errorf("%s: %w", f, err)
+		}
+		if limit == 0 || n < limit {
+			limit = n
+		}
+	}
+	return limit, nil
+}
+
+// memTotal is the memory the kernel manages, in bytes (MemTotal).
+func memTotal() (int64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+			kb, err := strconv.ParseInt(f[1], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("/proc/meminfo: %w", err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, errors.New("/proc/meminfo has no MemTotal")
 }
 
 // writeResolvConf replaces /etc/resolv.conf, which in many images is a

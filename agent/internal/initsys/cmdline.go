@@ -22,6 +22,10 @@ type Config struct {
 	DNS      []net.IP   // cocoon.dns (comma-separated)
 	Hostname string     // cocoon.hostname
 	Port     int        // cocoon.port
+
+	// Workload is set by Boot (not the command line): the cgroup to start
+	// processes in, once it is set up.
+	Workload string
 }
 
 // ParseCmdline extracts the cocoon.* parameters from a /proc/cmdline. Bad

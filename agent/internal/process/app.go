@@ -174,9 +174,7 @@ func (s *Supervisor) launch(run *appRun, p *Prepared) (<-chan syscall.WaitStatus
 		Files: []uintptr{null.Fd(), w.Fd(), w.Fd()},
 		Sys:   &syscall.SysProcAttr{Setpgid: true, Credential: p.Cred},
 	}
-	pid, exit, err := s.M.Reaper.Start(func() (int, error) {
-		return syscall.ForkExec(p.Path, p.Argv, attr)
-	})
+	pid, exit, err := forkExec(s.M.Reaper, p, attr)
 	null.Close()
 	w.Close()
 	if err != nil {

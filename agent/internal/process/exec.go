@@ -88,9 +88,7 @@ func (m *Manager) StartExec(p *Prepared, input []byte) (*Exec, error) {
 		Sys:   &syscall.SysProcAttr{Setpgid: true, Credential: p.Cred},
 	}
 	e := &Exec{m: m, stdout: outR, stderr: errR, stdin: inW, input: input}
-	pid, exit, err := m.Reaper.Start(func() (int, error) {
-		return syscall.ForkExec(p.Path, p.Argv, attr)
-	})
+	pid, exit, err := forkExec(m.Reaper, p, attr)
 	for _, f := range childEnds {
 		f.Close()
 	}

@@ -100,9 +100,7 @@ func (m *Manager) StartPTY(p *Prepared, cols, rows uint16) (*PTY, error) {
 		// Ctty is a descriptor number in the child: 0 is the slave.
 		Sys: &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0, Credential: p.Cred},
 	}
-	pid, exit, err := m.Reaper.Start(func() (int, error) {
-		return syscall.ForkExec(p.Path, p.Argv, attr)
-	})
+	pid, exit, err := forkExec(m.Reaper, p, attr)
 	// Only the child may hold the slave: the master reads EIO once the last
 	// slave descriptor closes, which is how we see the session end.
 	slave.Close()
