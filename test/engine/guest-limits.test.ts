@@ -134,6 +134,7 @@ describe("a guest abusing its limits", () => {
     ]) {
       const err = await Promise.race([write().then(() => "written", (e: unknown) => e), sleep(ANSWER_MS).then(() => "hung")]);
       expect(err).toBeInstanceOf(AgentError);
+      expect((err as AgentError).status).toBe(409);
       expect((err as Error).message).toContain("no space left on device");
     }
     // Nothing half-written is left behind.

@@ -54,7 +54,7 @@ func CleanPath(p string) (string, error) {
 }
 
 // classify maps an OS error to the protocol's: missing → 404, a file where a
-// directory is expected (or the reverse) → 409.
+// directory is expected (or the reverse), or a full disk → 409.
 func classify(err error) error {
 	var pe *fs.PathError
 	msg := err.Error()
@@ -65,7 +65,8 @@ func classify(err error) error {
 	case errors.Is(err, fs.ErrNotExist):
 		return apierr.NotFound(msg)
 	case errors.Is(err, syscall.ENOTDIR), errors.Is(err, syscall.EISDIR),
-		errors.Is(err, syscall.ENOTEMPTY), errors.Is(err, syscall.EEXIST), errors.Is(err, syscall.EBUSY):
+		errors.Is(err, syscall.ENOTEMPTY), errors.Is(err, syscall.EEXIST), errors.Is(err, syscall.EBUSY),
+		errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
 		return apierr.Conflict(msg)
 	case errors.Is(err, fs.ErrPermission), errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EINVAL),
 		errors.Is(err, syscall.ENAMETOOLONG), errors.Is(err, syscall.ELOOP):
@@ -273,6 +274,10 @@ func Write(p string, r io.Reader, mode *fs.FileMode, owner *Owner) (int64, error
 	}()
 	n, err := io.Copy(tmp, r)
 	if err != nil {
+		// The guest's disk refusing the data is the VM's state; anything else is the request body's fault.
+		if c := apierr.From(classify(err)); c.Code == apierr.CodeConflict {
+			return 0, c
+		}
 		return 0, apierr.BadRequest(fmt.Sprintf("writing %s: %v", p, err))
 	}
 	// Explicit chmod: CreateTemp's 0600 and the umask must not decide it.
