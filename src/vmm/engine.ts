@@ -8,7 +8,7 @@ import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
 import { run } from "../util/process.ts";
 import { AgentClient } from "./agent-client.ts";
-import { jailConfigFromEnv, Jailer, qcow2BackingChain, vmUidRange, type Jail, type JailConfig } from "./jail/index.ts";
+import { jailConfigFromEnv, Jailer, qcow2BackingChain, TEMPLATE_PREFIX, vmUidRange, type Jail, type JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { NetworkManager, parseEgress, type Egress, type VmNetworkRecord } from "./network/index.ts";
 import {
@@ -223,6 +223,8 @@ export class Engine extends EventEmitter {
     const engine = new Engine(config);
     await mkdir(engine.vmsDir, { recursive: true });
     await engine.adoptAll();
+    const swept = await engine.jailer?.sweepTemplates();
+    if (swept?.length) config.log?.(`removed the cgroups of ${swept.length} template VM(s) left by an earlier server`);
     return engine;
   }
 
@@ -264,7 +266,7 @@ export class Engine extends EventEmitter {
       await this.prepareQemuDir(opts.dir, uid, [files.disk, files.memory]);
       const spec: MachineSpec = {
         vmDir: opts.dir,
-        name: `template-${randomBytes(3).toString("hex")}`,
+        name: `${TEMPLATE_PREFIX}${randomBytes(3).toString("hex")}`,
         accelerator: this.accelerator,
         vcpus: opts.vcpus,
         memoryMiB: opts.memoryMiB,

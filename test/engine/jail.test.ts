@@ -1,5 +1,5 @@
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmdirSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import type { MicroVm } from "../../src/vmm/engine.ts";
@@ -169,6 +169,21 @@ describe("a jailed QEMU process", () => {
     expect(existsSync(`/proc/${pid}`)).toBe(false);
     expect(dirs.some((d) => existsSync(d))).toBe(false);
     expect(existsSync(vm.dir)).toBe(false);
+  });
+
+  it("a restarted server removes the empty cgroups of template VMs an earlier one left mid-build, and only those", async () => {
+    const names = ["template-stale", "template-fresh", "vm-not-a-template"];
+    for (const name of names) for (const dir of jailer().cgroupDirs(name)) mkdirSync(dir, { recursive: true });
+    const past = new Date(Date.now() - 5 * 60_000);
+    for (const name of ["template-stale", "vm-not-a-template"]) for (const dir of jailer().cgroupDirs(name)) utimesSync(dir, past, past);
+    try {
+      await ctx.reopen();
+      expect(jailer().cgroupDirs("template-stale").some((d) => existsSync(d))).toBe(false);
+      expect(jailer().cgroupDirs("template-fresh").every((d) => existsSync(d))).toBe(true);
+      expect(jailer().cgroupDirs("vm-not-a-template").every((d) => existsSync(d))).toBe(true);
+    } finally {
+      for (const name of names) for (const dir of jailer().cgroupDirs(name)) if (existsSync(dir)) rmdirSync(dir);
+    }
   });
 
   it("cannot read another VM's disk, saved memory or image files, on the host or from inside its jail", async () => {

@@ -127,6 +127,9 @@ exec env -i "PATH=$PATH" "$@"`;
 
 const DEFAULT_DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom"];
 
+/** Names of template VMs (cold boots for snapshots) start with this. */
+export const TEMPLATE_PREFIX = "template-";
+
 export class Jailer {
   private readonly cgroups: Cgroups;
 
@@ -199,6 +202,16 @@ export class Jailer {
   /** The VM's cgroup directories (one per hierarchy). */
   cgroupDirs(name: string): string[] {
     return this.cgroups.dirs(name);
+  }
+
+  /**
+   * Removes the cgroups of template VMs (image builds) that a server killed
+   * mid-build left behind: templates are not adopted (the image service
+   * kills their QEMU after a restart), so nothing else would. Empty ones
+   * older than a minute only.
+   */
+  sweepTemplates(): Promise<string[]> {
+    return this.cgroups.sweep(TEMPLATE_PREFIX, 60_000);
   }
 
   /** The VM's cgroup limits and counters (for tests and diagnostics). */
