@@ -19,6 +19,12 @@ const ctx = await useEngine();
  * abused, not how fast (two cores under TCG, and the abuse shares them).
  */
 const ANSWER_MS = 10_000;
+/**
+ * The abused VM's own agent shares its vCPU with the abuse (and its QEMU is
+ * held to its CPU quota): it must keep answering, but may be slower; a CI
+ * run once saw one /health take over 10 s mid fork bomb.
+ */
+const VICTIM_ANSWER_MS = 30_000;
 
 /** The cgroup cocoon-agent runs every exec, terminal and app in (agent/internal/initsys). */
 const WORKLOAD = "/sys/fs/cgroup/cocoon-workload";
@@ -29,19 +35,19 @@ async function launchPair(): Promise<{ victim: MicroVm; bystander: MicroVm }> {
   return { victim: victim!, bystander: bystander! };
 }
 
-/** `call` settles within ANSWER_MS; a timeout or failure names what did not answer. */
-async function inTime<T>(what: string, call: (signal: AbortSignal) => Promise<T>): Promise<T> {
+/** `call` settles within `ms`; a timeout or failure names what did not answer. */
+async function inTime<T>(what: string, call: (signal: AbortSignal) => Promise<T>, ms = ANSWER_MS): Promise<T> {
   const started = Date.now();
   try {
-    return await call(AbortSignal.timeout(ANSWER_MS));
+    return await call(AbortSignal.timeout(ms));
   } catch (err) {
     throw new Error(`${what}: ${(err as Error).message} after ${Date.now() - started} ms`, { cause: err });
   }
 }
 
 /** The agent's /health answers in time (it needs no process in the guest). */
-async function healthy(vm: MicroVm): Promise<void> {
-  const health = await inTime(`${vm.id} GET /health`, (signal) => vm.agent.json<{ status: string }>("GET", "/health", { signal }));
+async function healthy(vm: MicroVm, ms = ANSWER_MS): Promise<void> {
+  const health = await inTime(`${vm.id} GET /health`, (signal) => vm.agent.json<{ status: string }>("GET", "/health", { signal }), ms);
   expect(health.status).toBe("ok");
 }
 
@@ -65,7 +71,7 @@ async function responsiveWhile(load: Promise<unknown>, victim: MicroVm, bystande
   let rounds = 0;
   try {
     while (!done) {
-      await Promise.all([healthy(victim), runs(bystander, "true")]);
+      await Promise.all([healthy(victim, VICTIM_ANSWER_MS), runs(bystander, "true")]);
       rounds++;
       await Promise.race([load, sleep(2000)]).catch(() => undefined);
     }
@@ -91,7 +97,7 @@ describe("a guest abusing its limits", () => {
     // Each b starts two more in the background and returns; the leader stays
     // until the exec's timeout kills its process group.
     const bomb = victim.agent.exec({ command: "b() { b | b & }; b; exec sleep 600", timeoutMs: 25_000 });
-    expect(await responsiveWhile(bomb, victim, bystander)).toBeGreaterThanOrEqual(2);
+    expect(await responsiveWhile(bomb, victim, bystander)).toBeGreaterThanOrEqual(1);
     expect(await bomb).toMatchObject({ timedOut: true, signal: "SIGKILL" });
 
     // The killed group takes a while to die and be reaped (thousands of exits
@@ -99,7 +105,7 @@ describe("a guest abusing its limits", () => {
     // answers meanwhile, and the guest then works as before.
     const deadline = Date.now() + 60_000;
     for (;;) {
-      await healthy(victim);
+      await healthy(victim, VICTIM_ANSWER_MS);
       const left = await runs(victim, `cat ${WORKLOAD}/pids.current`).then(Number, () => Infinity);
       if (left <= 5) break;
       expect(Date.now(), `${left} processes left in the workload`).toBeLessThan(deadline);
