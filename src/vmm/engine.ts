@@ -1,6 +1,6 @@
 import { randomBytes, randomInt } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { chmod, chown, mkdir, readdir, readFile, rename, rm, truncate } from "node:fs/promises";
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, truncate, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { checkIntRange, InvalidArgumentError } from "../errors.ts";
 import { exists, fsyncDir, fsyncFile, writeFileAtomic } from "../util/files.ts";
@@ -256,14 +256,15 @@ export class Engine extends EventEmitter {
       await rm(files.memory, { force: true });
       await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", opts.backingDisk, "-F", "qcow2", files.disk]);
       // The template's QEMU writes its RAM and disk: both belong to its uid until `snapshot`.
-      await writeFileAtomic(files.memory, "", 0o600);
+      await writeFile(files.memory, "", { mode: 0o600 });
       await truncate(files.memory, opts.memoryMiB * 1024 * 1024);
       const token = newToken();
       const guestPorts = opts.guestPorts ?? [];
       const forwards = await allocateForwards([AGENT_PORT, ...guestPorts]);
       const uid = this.allocateUid();
       const network = this.network.allocate(opts.egress ?? "internet", uid);
-      await this.prepareQemuDir(opts.dir, uid, [files.disk, files.memory]);
+      await mkdir(machinePaths(opts.dir).dir, { recursive: true, mode: 0o700 });
+      await this.giveToVmUid(opts.dir, uid, [files.disk, files.memory]);
       const spec: MachineSpec = {
         vmDir: opts.dir,
         name: `${TEMPLATE_PREFIX}${randomBytes(3).toString("hex")}`,
@@ -480,9 +481,9 @@ export class Engine extends EventEmitter {
         // Recorded before QEMU starts, so a crash mid-launch leaves a record that
         // adoption cleans up instead of an untracked process.
         await this.saveRecord(vm);
-        await mkdir(machinePaths(dir).dir);
+        await mkdir(machinePaths(dir).dir, { mode: 0o700 });
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", files.disk]);
-        await this.prepareQemuDir(dir, uid, [files.disk]);
+        await this.giveToVmUid(dir, uid, [files.disk]);
         const memory: GuestMemory = { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
         await this.restoreInto(vm, memory, snapshotFiles(snapshot.dir).state, m.token);
         return vm;
@@ -602,7 +603,7 @@ export class Engine extends EventEmitter {
 
   /** A uid of the VM range that no VM, pooled VM or template of this engine holds. */
   private allocateUid(): number {
-    const range = this.jailer?.config.uids ?? vmUidRange();
+    const range = vmUidRange();
     let uid: number;
     do uid = range.first + randomInt(range.count);
     while (this.uids.has(uid));
@@ -611,12 +612,11 @@ export class Engine extends EventEmitter {
   }
 
   /**
-   * Makes `<vmDir>/qemu/` (and `files` QEMU writes outside it) the VM uid's
-   * alone; unjailed, QEMU runs as the server and they stay the server's.
+   * Makes `<vmDir>/qemu/` and `files` (the disk and memory QEMU writes) the VM
+   * uid's alone; unjailed, QEMU runs as the server and they stay the server's.
    */
-  private async prepareQemuDir(vmDir: string, uid: number, files: string[]): Promise<void> {
+  private async giveToVmUid(vmDir: string, uid: number, files: string[]): Promise<void> {
     const dir = machinePaths(vmDir).dir;
-    await mkdir(dir, { recursive: true, mode: 0o700 });
     if (!this.jailer) return;
     for (const p of [dir, ...files]) await chown(p, uid, uid);
     for (const p of files) await chmod(p, 0o600);
@@ -661,7 +661,18 @@ export class Engine extends EventEmitter {
     });
   }
 
-  /** Releases a VM's jail when no Machine does it (its process was never started or is gone). */
+  /**
+   * Ends what a VM holds on the host besides its directory: its QEMU process
+   * (a Machine releases its own jail), or else the jail a process that is
+   * gone or never started left behind; then its network.
+   */
+  private async endHostSide(vm: MicroVm, machine = vm.machine): Promise<void> {
+    if (machine) await machine.stop(0);
+    else await this.releaseJail(vm);
+    await this.network.stop(vm.record.network);
+  }
+
+  /** Releases the jail of a VM whose process is gone (a Machine does this itself when it ends). */
   private async releaseJail(vm: MicroVm): Promise<void> {
     await this.jailer?.release(vm.id, vm.dir);
   }
@@ -730,10 +741,8 @@ export class Engine extends EventEmitter {
   private async destroy(vm: MicroVm): Promise<void> {
     vm.machine?.removeAllListeners("exit");
     vm.agent.close();
-    await vm.machine?.stop(0);
+    await this.endHostSide(vm);
     vm.machine = undefined;
-    await this.network.stop(vm.record.network);
-    await this.releaseJail(vm);
     await rm(vm.dir, { recursive: true, force: true });
     this.vms.delete(vm.id);
     this.uids.delete(vm.record.uid);
@@ -766,7 +775,7 @@ export class Engine extends EventEmitter {
       if (record.pooled) record.status = "starting"; // a warm VM is rebuilt, not adopted
       switch (record.status) {
         case "starting":
-          await machine?.stop(0);
+          vm.machine = machine;
           await this.destroy(vm);
           continue;
         case "running":
@@ -781,12 +790,10 @@ export class Engine extends EventEmitter {
           } else if (await exists(vmFiles(dir).suspended)) {
             vm.record = { ...record, status: "suspended", pid: undefined };
             await this.saveRecord(vm);
-            await this.network.stop(record.network);
-            await this.releaseJail(vm);
+            await this.endHostSide(vm);
           } else {
             await this.markFailed(vm, "QEMU process was gone when the server restarted");
-            await this.network.stop(record.network);
-            await this.releaseJail(vm);
+            await this.endHostSide(vm);
           }
           break;
         case "paused":
@@ -799,15 +806,11 @@ export class Engine extends EventEmitter {
           }
           break;
         case "suspended":
-          await machine?.stop(0);
-          await this.network.stop(record.network);
-          await this.releaseJail(vm);
+          await this.endHostSide(vm, machine);
           if (!(await exists(vmFiles(dir).suspended))) await this.markFailed(vm, "suspended state file is missing");
           break;
         case "failed":
-          await machine?.stop(0);
-          await this.network.stop(record.network);
-          await this.releaseJail(vm);
+          await this.endHostSide(vm, machine);
           break;
         default: {
           const never: never = record.status;

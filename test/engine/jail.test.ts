@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmdirSy
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import type { MicroVm } from "../../src/vmm/engine.ts";
-import { Jailer, qcow2BackingChain } from "../../src/vmm/jail/index.ts";
+import { Jailer, qcow2BackingChain, vmUidRange } from "../../src/vmm/jail/index.ts";
 import { machinePaths, qemuOverheadMiB } from "../../src/vmm/qemu.ts";
 import { sleep } from "../../src/util/process.ts";
 import { useEngine } from "../support/engine-fixture.ts";
@@ -54,7 +54,7 @@ function jailer(): Jailer {
 describe("a jailed QEMU process", () => {
   it("runs as its VM's own uid, with no capabilities, no_new_privs and QEMU's seccomp filter", async () => {
     const [a, b] = await Promise.all([ctx.engine.launch(ctx.snapshot, { id: "vm-jail-a" }), ctx.engine.launch(ctx.snapshot, { id: "vm-jail-b" })]);
-    const range = jailer().config.uids;
+    const range = vmUidRange();
     for (const vm of [a!, b!]) {
       const pid = vm.record.pid!;
       const uid = vm.record.uid;

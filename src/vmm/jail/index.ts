@@ -47,7 +47,6 @@ export function vmUidRange(env = process.env): UidRange {
 }
 
 export interface JailConfig {
-  uids: UidRange;
   /** Cgroup (relative to each hierarchy's root) under which VM cgroups are made. */
   cgroupParent: string;
   /** RLIMIT_NOFILE. */
@@ -74,7 +73,6 @@ export function jailConfigFromEnv(env = process.env): JailConfig | undefined {
   if (env.COCOON_JAIL === "off" || process.getuid?.() !== 0) return undefined;
   if (env.COCOON_JAIL !== undefined && env.COCOON_JAIL !== "on") throw new Error(`COCOON_JAIL must be "on" or "off", got "${env.COCOON_JAIL}"`);
   return {
-    uids: vmUidRange(env),
     cgroupParent: "cocoon",
     maxOpenFiles: 4096,
     // The largest disk (32 GiB) plus qcow2 metadata.
