@@ -268,7 +268,9 @@ describe("a guest that uses more than it was given", () => {
     // `tail` keeps a newline-free stream in memory: twice the guest's RAM, until the guest's OOM killer ends it.
     const r = await hog.agent.exec({
       command: ["bash", "-c", `set -o pipefail; head -c ${2 * hog.record.memoryMiB}M /dev/zero | tail | wc -c`],
-      timeoutMs: 120_000,
+      // Inside the agent's workload cgroup the guest may reclaim at its limit for a long while
+      // before its OOM killer acts; the exec's timeout then ends the hog, within the test's time.
+      timeoutMs: 60_000,
     });
     expect(r.exitCode).not.toBe(0);
     const reading = await jailer().readCgroup(hog.id);
