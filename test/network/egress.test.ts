@@ -1,4 +1,5 @@
 import { execFileSync } from "node:child_process";
+import { randomInt } from "node:crypto";
 import { existsSync, readdirSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -13,13 +14,45 @@ const ctx = await useEngine();
 
 /**
  * A test host of our own: a network namespace behind a veth pair, on private
- * /30s nobody else uses, with a TCP server on port 8080. Nothing sent to it
- * leaves this machine, even if a block failed.
+ * /30s no route of this machine covers yet, with a TCP server on port 8080.
+ * Nothing sent to it leaves this machine, even if a block failed.
  */
-const NS = `cocoon-t${process.pid}`;
+const NS_PREFIX = "cocoon-t";
+const NS = `${NS_PREFIX}${process.pid}`;
 const VETH = `ct${process.pid}`;
-const TESTHOST = { ip: "10.213.0.2", ip192: "192.168.213.2", port: 8080 };
 const sh = (cmd: string) => execFileSync("bash", ["-c", cmd], { encoding: "utf8" });
+
+/** Namespaces and veths of earlier runs that died before their cleanup (their routes would shadow ours). */
+function removeLeftoverTestHosts(): void {
+  for (const name of sh("ip netns list").split("\n").map((l) => l.split(" ")[0]!)) {
+    const pid = Number(name.slice(NS_PREFIX.length));
+    if (name.startsWith(NS_PREFIX) && pid > 0 && !isAlive(pid)) sh(`ip link del ct${pid}h 2>/dev/null || true; ip netns del ${name}`);
+  }
+}
+
+/** The route this machine would take to `ip`, or undefined when it has none. */
+function routeTo(ip: string): { dev: string; gateway?: string } | undefined {
+  try {
+    return (JSON.parse(sh(`ip -4 -j route get ${ip} 2>/dev/null`)) as { dev: string; gateway?: string }[])[0];
+  } catch {
+    return undefined;
+  }
+}
+/** A subnet is ours to take when no route but a gateway's (the default) covers it. */
+const unrouted = (ip: string) => routeTo(ip)?.gateway !== undefined || routeTo(ip) === undefined;
+
+function pickTestHost(): { ip: string; ip192: string; port: number } {
+  for (let tries = 0; tries < 50; tries++) {
+    const n = 1 + randomInt(254);
+    const host = { ip: `10.213.${n}.2`, ip192: `192.168.${n}.2`, port: 8080 };
+    if (unrouted(host.ip) && unrouted(host.ip192)) return host;
+  }
+  throw new Error("no free 10.213.x.0/30 and 192.168.x.0/30 pair for the test host: this machine routes them all");
+}
+
+removeLeftoverTestHosts();
+const TESTHOST = pickTestHost();
+const hostSide = (ip: string) => ip.replace(/\.2$/, ".1");
 
 let loopbackServer: Server;
 let hostAddrServer: Server;
@@ -34,11 +67,20 @@ function tcpServer(host: string): Promise<Server> {
 }
 const portOf = (s: Server) => (s.address() as { port: number }).port;
 
+/** The test host's greeting as the host itself gets it, or the error. */
+function greetingFromHost(ip: string): string {
+  try {
+    return sh(`timeout 2 bash -c 'exec 3<>/dev/tcp/${ip}/${TESTHOST.port} && head -1 <&3' 2>&1`).trim();
+  } catch (err) {
+    return (err as { stdout?: string }).stdout?.trim() || (err as Error).message;
+  }
+}
+
 beforeAll(async () => {
   sh(`ip netns add ${NS}
       ip link add ${VETH}h type veth peer name ${VETH}n
       ip link set ${VETH}n netns ${NS}
-      ip addr add 10.213.0.1/30 dev ${VETH}h && ip addr add 192.168.213.1/30 dev ${VETH}h && ip link set ${VETH}h up
+      ip addr add ${hostSide(TESTHOST.ip)}/30 dev ${VETH}h && ip addr add ${hostSide(TESTHOST.ip192)}/30 dev ${VETH}h && ip link set ${VETH}h up
       ip -n ${NS} addr add ${TESTHOST.ip}/30 dev ${VETH}n && ip -n ${NS} addr add ${TESTHOST.ip192}/30 dev ${VETH}n
       ip -n ${NS} link set ${VETH}n up && ip -n ${NS} link set lo up`);
   const server = `require("net").createServer((c) => c.end("hello from the test host\\n")).listen(${TESTHOST.port}, "0.0.0.0")`;
@@ -46,7 +88,16 @@ beforeAll(async () => {
   hostIp = (JSON.parse(sh("ip -4 -j addr show scope global")) as { addr_info: { local: string }[] }[])[0]!.addr_info[0]!.local;
   loopbackServer = await tcpServer("127.0.0.1");
   hostAddrServer = await tcpServer(hostIp);
-  for (let i = 0; i < 50 && !sh(`ip netns exec ${NS} ss -ltn`).includes(`:${TESTHOST.port}`); i++) await new Promise((r) => setTimeout(r, 100));
+  // The host must reach the test host before any VM is asked to: a failure here is the fixture's, not the policy's.
+  let greeting = "";
+  for (let i = 0; i < 100 && greeting !== "hello from the test host"; i++) {
+    greeting = greetingFromHost(TESTHOST.ip);
+    if (greeting !== "hello from the test host") await new Promise((r) => setTimeout(r, 100));
+  }
+  if (greeting !== "hello from the test host") {
+    throw new Error(`the test host ${TESTHOST.ip}:${TESTHOST.port} does not answer the host (${greeting}); routes:\n${sh("ip -4 route")}`);
+  }
+  expect(routeTo(TESTHOST.ip)?.dev).toBe(`${VETH}h`);
 });
 
 afterAll(() => {
