@@ -8,8 +8,8 @@ import type { Db } from "../store/db.ts";
 import type { ImageRow, ImageUpdate } from "../store/schema.ts";
 import { sha256 } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
-import { isAlive } from "../util/process.ts";
 import { Engine, VM_LIMITS, type Snapshot } from "../vmm/engine.ts";
+import { killQemuOf } from "../vmm/machine.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
 import { BASE_ROOTFS_RECIPE } from "./base-rootfs.ts";
 import { BuildLog, readBuildLog } from "./build-log.ts";
@@ -110,14 +110,7 @@ export class ImageService {
     const rows = await this.db.selectFrom("images").selectAll().where("state", "in", ["PENDING", "BUILDING", "DELETING"]).execute();
     for (const row of rows) {
       const dir = this.dirOf(row.id);
-      const pid = Number(await readFile(join(dir, "build.pid"), "utf8").catch(() => "0"));
-      if (pid && isAlive(pid)) {
-        try {
-          process.kill(pid, "SIGKILL");
-        } catch {
-          // already gone
-        }
-      }
+      await killQemuOf(Number(await readFile(join(dir, "build.pid"), "utf8").catch(() => "0")), join(dir, "snapshot"));
       await rm(join(dir, "snapshot"), { recursive: true, force: true });
       await rm(join(dir, "code.zip"), { force: true });
       if (row.state === "DELETING") await this.removeRow(row);

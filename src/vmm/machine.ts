@@ -40,10 +40,7 @@ export class Machine extends EventEmitter {
     } catch (err) {
       // A QEMU that never answered: its jail (PID 1 gone) takes the process with it.
       const pid = Number(await readFile(spec.jail?.pidfile ?? machinePaths(spec.vmDir).pidfile, "utf8").catch(() => "0"));
-      if (pid > 0 && processArgv(pid)?.some((a) => a.includes(machinePaths(spec.vmDir).qmp))) {
-        killProcess(pid);
-        while (isAlive(pid)) await sleep(5);
-      }
+      await killQemuOf(pid, spec.vmDir);
       await release();
       throw err;
     }
@@ -54,11 +51,9 @@ export class Machine extends EventEmitter {
    * Returns undefined if `pid` is gone or is not the QEMU of `vmDir`.
    */
   static async attach(vmDir: string, pid: number, release: Release): Promise<Machine | undefined> {
-    const qmpPath = machinePaths(vmDir).qmp;
-    const argv = processArgv(pid);
-    if (!argv || !isAlive(pid) || !argv.some((a) => a.includes(qmpPath))) return undefined;
+    if (!isQemuOf(pid, vmDir)) return undefined;
     try {
-      return new Machine(pid, vmDir, await QmpClient.connect(qmpPath), release);
+      return new Machine(pid, vmDir, await QmpClient.connect(machinePaths(vmDir).qmp), release);
     } catch {
       return undefined;
     }
@@ -116,6 +111,19 @@ export class Machine extends EventEmitter {
     await (this.released ??= this.release()).catch(() => undefined);
     this.emit("exit");
   }
+}
+
+/** Whether `pid` is (still) the QEMU of `vmDir`: a recorded pid may since belong to another process. */
+function isQemuOf(pid: number, vmDir: string): boolean {
+  const qmpPath = machinePaths(vmDir).qmp;
+  return pid > 0 && isAlive(pid) && (processArgv(pid)?.some((a) => a.includes(qmpPath)) ?? false);
+}
+
+/** Kills the QEMU of `vmDir` recorded as `pid`, if that pid is still it, and waits until it is gone. */
+export async function killQemuOf(pid: number, vmDir: string): Promise<void> {
+  if (!isQemuOf(pid, vmDir)) return;
+  killProcess(pid);
+  while (isAlive(pid)) await sleep(5);
 }
 
 function killProcess(pid: number): void {

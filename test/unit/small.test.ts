@@ -1,7 +1,10 @@
+import { spawn } from "node:child_process";
 import { describe, expect, it } from "vitest";
 import { resolveServerConfig } from "../../src/server/config.ts";
 import { KeyedMutex } from "../../src/util/keyed-mutex.ts";
+import { isAlive } from "../../src/util/process.ts";
 import { buildCpio } from "../../src/vmm/guest/cpio.ts";
+import { killQemuOf } from "../../src/vmm/machine.ts";
 
 describe("resolveServerConfig", () => {
   it("defaults to 127.0.0.1:7070 and ~/.cocoon", () => {
@@ -65,5 +68,17 @@ describe("buildCpio", () => {
     // mode of etc/x: regular file 0100600, in the second header
     const second = text.indexOf("070701", 6);
     expect(text.slice(second + 14, second + 22)).toBe((0o100600).toString(16).padStart(8, "0"));
+  });
+});
+
+describe("killQemuOf", () => {
+  it("leaves alone a recorded pid that now belongs to another process", async () => {
+    const other = spawn("sleep", ["30"], { stdio: "ignore" });
+    try {
+      await killQemuOf(other.pid!, "/var/lib/cocoon/vms/v-gone");
+      expect(isAlive(other.pid!)).toBe(true);
+    } finally {
+      other.kill("SIGKILL");
+    }
   });
 });
