@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"cocoon/agent/internal/initsys"
+	"cocoon/agent/internal/memwatch"
 	"cocoon/agent/internal/process"
 	"cocoon/agent/internal/server"
 )
@@ -71,6 +72,9 @@ func runInit() {
 	cfg, err := initsys.Boot()
 	// From now on every process we start runs in the workload cgroup.
 	process.SetWorkload(cfg.Workload)
+	if cfg.Workload != "" {
+		go memwatch.Watch(cfg.Workload)
+	}
 	srv := server.New(server.Options{Token: cfg.Token, Started: started})
 	if err != nil {
 		srv.SetDegraded(err.Error())
