@@ -8,8 +8,8 @@ import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
 import { run } from "../util/process.ts";
 import { AgentClient } from "./agent-client.ts";
-import { jailConfigFromEnv, Jailer, qcow2BackingChain, TEMPLATE_PREFIX, vmUidRange, type Jail, type JailConfig } from "./jail/index.ts";
-import { Machine } from "./machine.ts";
+import { jailConfigFromEnv, Jailer, qcow2BackingChain, vmUidRange, type Jail, type JailConfig } from "./jail/index.ts";
+import { killQemuOf, Machine } from "./machine.ts";
 import { NetworkManager, parseEgress, type Egress, type VmNetworkRecord } from "./network/index.ts";
 import {
   AGENT_PORT,
@@ -171,6 +171,18 @@ export interface BootOpts {
   egress?: Egress;
 }
 
+/**
+ * A running template, on disk while it runs: templates are never adopted (a
+ * boot or build cut short by a restart has failed), so this is what a
+ * restarted server needs to end what one left on the host.
+ */
+interface TemplateRecord {
+  name: string;
+  dir: string;
+  uid: number;
+  network: VmNetworkRecord;
+}
+
 /** A cold-booted VM whose memory lives in a shared file: the raw material of a snapshot. */
 export interface TemplateVm {
   dir: string;
@@ -199,6 +211,7 @@ export class Engine extends EventEmitter {
   private closing = false;
   private readonly locks = new KeyedMutex();
   private readonly vmsDir: string;
+  private readonly templatesDir: string;
   private readonly network: NetworkManager;
   /** Absent when QEMU runs unjailed (see `EngineConfig.jail`). */
   readonly jailer: Jailer | undefined;
@@ -208,6 +221,7 @@ export class Engine extends EventEmitter {
   private constructor(private readonly config: EngineConfig) {
     super();
     this.vmsDir = join(config.dataDir, "vms");
+    this.templatesDir = join(config.dataDir, "templates");
     this.network = new NetworkManager(config.log);
     const jail = config.jail === false ? undefined : (config.jail ?? jailConfigFromEnv());
     this.jailer = jail && new Jailer(jail);
@@ -222,9 +236,9 @@ export class Engine extends EventEmitter {
   static async open(config: EngineConfig): Promise<Engine> {
     const engine = new Engine(config);
     await mkdir(engine.vmsDir, { recursive: true });
+    await mkdir(engine.templatesDir, { recursive: true });
     await engine.adoptAll();
-    const swept = await engine.jailer?.sweepTemplates();
-    if (swept?.length) config.log?.(`removed the cgroups of ${swept.length} template VM(s) left by an earlier server`);
+    await engine.endOrphanedTemplates();
     return engine;
   }
 
@@ -267,7 +281,7 @@ export class Engine extends EventEmitter {
       await this.giveToVmUid(opts.dir, uid, [files.disk, files.memory]);
       const spec: MachineSpec = {
         vmDir: opts.dir,
-        name: `${TEMPLATE_PREFIX}${randomBytes(3).toString("hex")}`,
+        name: `template-${randomBytes(3).toString("hex")}`,
         accelerator: this.accelerator,
         vcpus: opts.vcpus,
         memoryMiB: opts.memoryMiB,
@@ -279,8 +293,10 @@ export class Engine extends EventEmitter {
         forwards,
         incoming: false,
       };
-      const machine = await this.startMachine(spec, network, uid).catch((err: unknown) => {
-        this.uids.delete(uid);
+      const record: TemplateRecord = { name: spec.name, dir: opts.dir, uid, network };
+      await writeFileAtomic(this.templateRecordPath(record.name), JSON.stringify(record), 0o600);
+      const machine = await this.startMachine(spec, network, uid).catch(async (err: unknown) => {
+        await this.forgetTemplate(record);
         throw err;
       });
       const agent = new AgentClient(forwards[0]!.hostPort, token);
@@ -289,7 +305,7 @@ export class Engine extends EventEmitter {
         return { dir: opts.dir, machine, agent, spec, token, guestPorts, forwards: forwards.slice(1), network, uid };
       } catch (err) {
         agent.close();
-        await this.endTemplate({ machine, network, uid }, 0);
+        await this.endTemplate({ machine, network, uid, spec }, 0);
         const console = await readFile(machinePaths(opts.dir).console, "utf8").catch(() => "");
         if (attempt >= 2) {
           throw new Error(`cold boot failed twice: ${(err as Error).message}; console: ${console.slice(-1500)}`);
@@ -350,10 +366,36 @@ export class Engine extends EventEmitter {
     await this.endTemplate(template, 0);
   }
 
-  private async endTemplate(template: Pick<TemplateVm, "machine" | "network" | "uid">, graceMs?: number): Promise<void> {
+  private async endTemplate(template: Pick<TemplateVm, "machine" | "network" | "uid" | "spec">, graceMs?: number): Promise<void> {
     await template.machine.stop(graceMs);
     await this.network.stop(template.network);
-    this.uids.delete(template.uid);
+    await this.forgetTemplate({ name: template.spec.name, uid: template.uid });
+  }
+
+  private templateRecordPath(name: string): string {
+    return join(this.templatesDir, `${name}.json`);
+  }
+
+  private async forgetTemplate(t: Pick<TemplateRecord, "name" | "uid">): Promise<void> {
+    await rm(this.templateRecordPath(t.name), { force: true });
+    this.uids.delete(t.uid);
+  }
+
+  /**
+   * Ends the templates an earlier server left running or half set up (it was
+   * killed mid-boot or mid-build): their QEMU if that pid is still theirs,
+   * their jail and their network.
+   */
+  private async endOrphanedTemplates(): Promise<void> {
+    for (const file of await readdir(this.templatesDir)) {
+      const t = JSON.parse(await readFile(join(this.templatesDir, file), "utf8")) as TemplateRecord;
+      const pidfile = this.jailer ? Jailer.pidfile(t.dir) : machinePaths(t.dir).pidfile;
+      await killQemuOf(Number(await readFile(pidfile, "utf8").catch(() => "0")), t.dir);
+      await this.jailer?.release(t.name, t.dir);
+      await this.network.stop(t.network);
+      await rm(join(this.templatesDir, file), { force: true });
+      this.config.log?.(`ended template VM ${t.name} (${t.dir}) left by an earlier server`);
+    }
   }
 
   /** Reads a snapshot written by `snapshot`; fails clearly if it is incomplete or from an older layout. */

@@ -1,9 +1,12 @@
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmdirSync, utimesSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
+import { rm } from "node:fs/promises";
 import { join } from "node:path";
-import { describe, expect, it } from "vitest";
+import { describe, expect, inject, it } from "vitest";
 import type { MicroVm } from "../../src/vmm/engine.ts";
 import { Jailer, qcow2BackingChain, vmUidRange } from "../../src/vmm/jail/index.ts";
+import { vmObjects } from "../../src/vmm/network/nft.ts";
+import { passtDir } from "../../src/vmm/network/passt.ts";
 import { machinePaths, qemuOverheadMiB } from "../../src/vmm/qemu.ts";
 import { sleep } from "../../src/util/process.ts";
 import { useEngine } from "../support/engine-fixture.ts";
@@ -171,18 +174,25 @@ describe("a jailed QEMU process", () => {
     expect(existsSync(vm.dir)).toBe(false);
   });
 
-  it("a restarted server removes the empty cgroups of template VMs an earlier one left mid-build, and only those", async () => {
-    const names = ["template-stale", "template-fresh", "vm-not-a-template"];
-    for (const name of names) for (const dir of jailer().cgroupDirs(name)) mkdirSync(dir, { recursive: true });
-    const past = new Date(Date.now() - 5 * 60_000);
-    for (const name of ["template-stale", "vm-not-a-template"]) for (const dir of jailer().cgroupDirs(name)) utimesSync(dir, past, past);
+  it("a restarted server ends a template VM an earlier one left mid-build: its QEMU, jail and network", async () => {
+    const dir = join(ctx.dataDir, "left-mid-build");
+    const template = await ctx.engine.bootTemplate({ dir, backingDisk: inject("rootfs"), vcpus: 1, memoryMiB: 256 });
+    const { pid } = template.machine;
+    const name = template.spec.name;
+    expect(readdirSync(join(ctx.dataDir, "templates"))).toEqual([`${name}.json`]);
+    expect(await vmObjects(template.uid)).not.toEqual([]);
+    template.agent.close();
+
+    await ctx.reopen(); // a restarted server: the template was never handed to it
     try {
-      await ctx.reopen();
-      expect(jailer().cgroupDirs("template-stale").some((d) => existsSync(d))).toBe(false);
-      expect(jailer().cgroupDirs("template-fresh").every((d) => existsSync(d))).toBe(true);
-      expect(jailer().cgroupDirs("vm-not-a-template").every((d) => existsSync(d))).toBe(true);
+      expect(existsSync(`/proc/${pid}`)).toBe(false);
+      expect(jailer().cgroupDirs(name).some((d) => existsSync(d))).toBe(false);
+      expect(existsSync(join(dir, "jail"))).toBe(false);
+      expect(await vmObjects(template.uid)).toEqual([]);
+      expect(existsSync(passtDir(template.uid))).toBe(false);
+      expect(readdirSync(join(ctx.dataDir, "templates"))).toEqual([]);
     } finally {
-      for (const name of names) for (const dir of jailer().cgroupDirs(name)) if (existsSync(dir)) rmdirSync(dir);
+      await rm(dir, { recursive: true, force: true });
     }
   });
 

@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import { access, mkdir, readdir, readFile, rmdir, stat, writeFile } from "node:fs/promises";
+import { access, mkdir, readFile, rmdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { sleep } from "../../util/process.ts";
 
@@ -145,27 +145,6 @@ export class Cgroups {
         }
       }
     }
-  }
-
-  /**
-   * Removes empty cgroups under the parent whose names start with `prefix`
-   * and that are older than `minAgeMs` (younger ones may be about to be
-   * joined by a process starting right now). Returns the names removed.
-   */
-  async sweep(prefix: string, minAgeMs: number): Promise<string[]> {
-    const removed = new Set<string>();
-    for (const parent of new Set(Object.values(this.layout.mounts).map((m) => join(m, this.parent)))) {
-      const names = await readdir(parent, { withFileTypes: true }).catch(() => []);
-      for (const entry of names) {
-        if (!entry.isDirectory() || !entry.name.startsWith(prefix)) continue;
-        const dir = join(parent, entry.name);
-        const age = Date.now() - (await stat(dir)).mtimeMs;
-        if (age < minAgeMs) continue;
-        // rmdir fails on a cgroup that still has processes: those are left alone.
-        if (await rmdir(dir).then(() => true, () => false)) removed.add(entry.name);
-      }
-    }
-    return [...removed];
   }
 
   /** v2 only: a controller limits a child only if every ancestor delegates it. */

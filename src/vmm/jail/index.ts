@@ -125,9 +125,6 @@ exec env -i "PATH=$PATH" "$@"`;
 
 const DEFAULT_DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom"];
 
-/** Names of template VMs (cold boots for snapshots) start with this. */
-export const TEMPLATE_PREFIX = "template-";
-
 export class Jailer {
   private readonly cgroups: Cgroups;
 
@@ -144,6 +141,11 @@ export class Jailer {
     return join(vmDir, "jail");
   }
 
+  /** Where the jail records its QEMU's host pid (QEMU itself only knows its pid in the jail: 1). */
+  static pidfile(vmDir: string): string {
+    return join(Jailer.dir(vmDir), "qemu.pid");
+  }
+
   /**
    * Builds the VM's jail: a skeleton root whose mount points mirror the host
    * paths QEMU is given (so its command line needs no rewriting), the mount
@@ -154,7 +156,7 @@ export class Jailer {
     const dir = Jailer.dir(opts.vmDir);
     const root = join(dir, "root");
     const fstab = join(dir, "fstab");
-    const pidfile = join(dir, "qemu.pid");
+    const pidfile = Jailer.pidfile(opts.vmDir);
     const release = () => this.release(opts.name, opts.vmDir);
     await rm(dir, { recursive: true, force: true });
     await mkdir(root, { recursive: true, mode: 0o755 });
@@ -200,16 +202,6 @@ export class Jailer {
   /** The VM's cgroup directories (one per hierarchy). */
   cgroupDirs(name: string): string[] {
     return this.cgroups.dirs(name);
-  }
-
-  /**
-   * Removes the cgroups of template VMs (image builds) that a server killed
-   * mid-build left behind: templates are not adopted (the image service
-   * kills their QEMU after a restart), so nothing else would. Empty ones
-   * older than a minute only.
-   */
-  sweepTemplates(): Promise<string[]> {
-    return this.cgroups.sweep(TEMPLATE_PREFIX, 60_000);
   }
 
   /** The VM's cgroup limits and counters (for tests and diagnostics). */
