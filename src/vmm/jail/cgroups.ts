@@ -30,8 +30,8 @@ export interface CgroupReading {
   cpuPeriods: number;
   /** Periods in which the CPU quota stopped the group. */
   cpuThrottled: number;
-  /** Times the memory limit was hit (v1 failcnt, v2 events max). */
-  memoryLimitHits: number;
+  /** Processes the cgroup's own OOM killer has killed (its memory limit at work). */
+  oomKills: number;
 }
 
 const CPU_PERIOD_US = 100_000;
@@ -116,7 +116,7 @@ export class Cgroups {
         memoryBytes: Number(await text("memory", "memory.current")),
         cpuPeriods: field(cpuStat, "nr_periods"),
         cpuThrottled: field(cpuStat, "nr_throttled"),
-        memoryLimitHits: field(await text("memory", "memory.events"), "max"),
+        oomKills: field(await text("memory", "memory.events"), "oom_kill"),
       };
     }
     const quota = Number(await text("cpu", "cpu.cfs_quota_us"));
@@ -126,7 +126,7 @@ export class Cgroups {
       memoryBytes: Number(await text("memory", "memory.usage_in_bytes")),
       cpuPeriods: field(cpuStat, "nr_periods"),
       cpuThrottled: field(cpuStat, "nr_throttled"),
-      memoryLimitHits: Number(await text("memory", "memory.failcnt")),
+      oomKills: field(await text("memory", "memory.oom_control"), "oom_kill"),
     };
   }
 
