@@ -100,15 +100,25 @@ export class AgentClient {
    * with every clone of the snapshot, stops working).
    */
   async restore(opts: { newToken: string; hostname: string }): Promise<void> {
-    await this.json("POST", "/restore", {
-      json: {
-        token: opts.newToken,
-        entropy: randomBytes(64).toString("base64"),
-        unixTimeNs: Date.now() * 1e6,
-        hostname: opts.hostname,
-      },
-    });
-    this.token = opts.newToken;
+    const oldToken = this.token;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.json("POST", "/restore", {
+          json: { token: opts.newToken, entropy: randomBytes(64).toString("base64"), unixTimeNs: Date.now() * 1e6, hostname: opts.hostname },
+        });
+        this.token = opts.newToken;
+        return;
+      } catch (err) {
+        // The first connection into a just-restored guest is occasionally reset
+        // by the forwarder (passt) before an answer. The request may have
+        // re-keyed the agent even so: then the new secret already works.
+        if ((err as NodeJS.ErrnoException).code !== "ECONNRESET" || attempt >= 3) throw err;
+        this.token = opts.newToken;
+        if (await this.appStatus().then(() => true, () => false)) return;
+        this.token = oldToken;
+        await sleep(50 * attempt);
+      }
+    }
   }
 
   sync(): Promise<unknown> {
