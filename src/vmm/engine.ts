@@ -291,7 +291,6 @@ export class Engine extends EventEmitter {
         cmdline: guestCmdline({ accelerator: this.accelerator, token, hostname: "cocoon" }),
         disk: files.disk,
         forwards,
-        incoming: false,
       };
       const record: TemplateRecord = { name: spec.name, dir: opts.dir, uid, network };
       await writeFileAtomic(this.templateRecordPath(record.name), JSON.stringify(record), 0o600);
@@ -734,12 +733,12 @@ export class Engine extends EventEmitter {
       cmdline: snapshot.manifest.cmdline,
       disk: vmFiles(vm.dir).disk,
       forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
-      incoming: true,
+      incomingState: stateFile,
     };
     const machine = await this.startMachine(spec, vm.record.network ?? { egress: "none" }, vm.record.uid);
     vm.machine = machine;
     try {
-      await machine.restore(stateFile);
+      await machine.restore();
       await machine.cont();
       vm.agent.close();
       vm.agent = new AgentClient(vm.record.agentPort, agentToken);

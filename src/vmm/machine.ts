@@ -3,7 +3,7 @@ import { readFile } from "node:fs/promises";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
-import { machinePaths, startQemu, type MachineSpec } from "./qemu.ts";
+import { INCOMING_STATE_FD, machinePaths, startQemu, type MachineSpec } from "./qemu.ts";
 
 /** Host-side cleanup once the process is gone (its jail's cgroup and files). */
 type Release = () => Promise<void>;
@@ -82,9 +82,9 @@ export class Machine extends EventEmitter {
     await saveState(this.qmp, machinePaths(this.vmDir).migration, file);
   }
 
-  /** Loads `file` into a machine started with `incoming: true`; still paused afterwards. */
-  restore(file: string): Promise<void> {
-    return restoreState(this.qmp, machinePaths(this.vmDir).migration, file);
+  /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */
+  restore(): Promise<void> {
+    return restoreState(this.qmp, INCOMING_STATE_FD);
   }
 
   /** Ends the process (QMP quit, then SIGKILL if it lingers), waits until it is gone and releases its jail. */

@@ -1,15 +1,16 @@
-import { createReadStream, createWriteStream } from "node:fs";
+import { createWriteStream } from "node:fs";
 import { chmod, rm } from "node:fs/promises";
-import { connect, createServer } from "node:net";
+import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import { fsyncFile } from "../util/files.ts";
 import { sleep } from "../util/process.ts";
 import type { QmpClient } from "./qmp.ts";
 
 /*
- * VM state moves through QEMU's migration stream over a unix socket that the
- * server owns, rather than `exec:` URIs: no shell is spawned, and a jailed
- * QEMU needs no access to the state file itself.
+ * VM state moves through QEMU's migration stream, never `exec:` URIs (no
+ * shell is spawned). Saving goes over a unix socket the server owns, so a
+ * jailed QEMU cannot write a state file; restoring reads a descriptor opened
+ * read-only by the server (see INCOMING_STATE_FD).
  */
 
 interface MigrationInfo {
@@ -72,21 +73,13 @@ export async function saveState(qmp: QmpClient, socketPath: string, file: string
   await fsyncFile(file);
 }
 
-/** Feeds a saved state into a QEMU started with `-incoming defer`; returns when the guest can be continued. */
-export async function restoreState(qmp: QmpClient, socketPath: string, file: string, timeoutMs = 120_000): Promise<void> {
-  await rm(socketPath, { force: true });
+/**
+ * Loads the saved state a QEMU was started with (`MachineSpec.incomingState`,
+ * on descriptor `fd`) and returns when the guest can be continued.
+ */
+export async function restoreState(qmp: QmpClient, fd: number, timeoutMs = 120_000): Promise<void> {
   await setCapabilities(qmp);
-  await qmp.execute("migrate-incoming", { uri: `unix:${socketPath}` });
-  try {
-    await pipeline(createReadStream(file), connect(socketPath));
-  } catch (err) {
-    // QEMU closes its end as soon as it has read the stream's end marker, which
-    // can race our own close ("premature close"). The migration status is the
-    // truth: only a stream that QEMU did not take is an error.
-    const info = await qmp.execute<MigrationInfo>("query-migrate");
-    if (info.status !== "completed" && info.status !== "active") throw err;
-  }
+  await qmp.execute("migrate-incoming", { uri: `fd:${fd}` });
   // `cont` before `completed` leaves the guest's network dead (DESIGN.md).
   await waitForMigration(qmp, 2, timeoutMs);
-  await rm(socketPath, { force: true });
 }

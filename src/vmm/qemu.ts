@@ -1,4 +1,4 @@
-import { spawn } from "node:child_process";
+import { spawn, type StdioOptions } from "node:child_process";
 import { openSync, closeSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -41,8 +41,12 @@ export interface MachineSpec {
   forwards: PortForward[];
   /** How `net0` reaches the host (default user-mode, restrict=on); with passt, `forwards` are passt's and ignored here. */
   net?: NetBackend;
-  /** Start paused, waiting for `migrate-incoming` (restore from a snapshot or suspend). */
-  incoming: boolean;
+  /**
+   * A saved state to restore (a snapshot's or a suspended VM's): QEMU starts
+   * paused and reads it from descriptor INCOMING_STATE_FD, opened read-only
+   * here. Absent: a cold boot.
+   */
+  incomingState?: string;
   /** The jail QEMU runs in (src/vmm/jail); unjailed when absent. */
   jail?: Jail;
 }
@@ -146,9 +150,18 @@ export function qemuArgs(spec: MachineSpec): string[] {
     "-qmp", `unix:${paths.qmp},server=on,wait=off`,
     // QEMU's seccomp filter: no exec or fork, no privilege or scheduler changes, no obsolete syscalls.
     ...(spec.jail ? ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"] : ["-pidfile", paths.pidfile]),
-    ...(spec.incoming ? ["-incoming", "defer"] : []),
+    ...(spec.incomingState ? ["-incoming", "defer"] : []),
   ];
 }
+
+/**
+ * The descriptor a restoring QEMU reads its saved state from. QEMU reading the
+ * file itself is what makes a resume fast: streamed through a socket from the
+ * server, every hand-over between the two processes waited on the scheduler
+ * (a jailed QEMU sits in a CPU cgroup of its own), ~290 vs ~110 ms for a
+ * resume's ~100 MiB.
+ */
+export const INCOMING_STATE_FD = 3;
 
 /**
  * Starts QEMU (in its jail when the spec has one) in a session of its own, so
@@ -162,11 +175,14 @@ export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: 
     if (Buffer.byteLength(p) > 107) throw new Error(`path too long for a unix socket (max 107 bytes): ${p}`);
   }
   const qemuArgv = ["qemu-system-x86_64", ...qemuArgs(spec)];
-  const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv) : qemuArgv;
+  const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv, spec.incomingState ? INCOMING_STATE_FD : 2) : qemuArgv;
   const log = openSync(paths.log, "w", 0o600);
   let exited: string | undefined;
+  let state: number | undefined;
   try {
-    const child = spawn(command!, args, { detached: true, stdio: ["ignore", log, log], env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin" } });
+    state = spec.incomingState ? openSync(spec.incomingState, "r") : undefined;
+    const stdio: StdioOptions = state === undefined ? ["ignore", log, log] : ["ignore", log, log, state];
+    const child = spawn(command!, args, { detached: true, stdio, env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin" } });
     child.on("error", (err: NodeJS.ErrnoException) => {
       exited = err.code === "ENOENT" ? `${command} is not installed (run scripts/setup.sh)` : err.message;
     });
@@ -174,6 +190,7 @@ export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: 
     child.unref();
   } finally {
     closeSync(log);
+    if (state !== undefined) closeSync(state);
   }
   const deadline = Date.now() + 30_000;
   for (;;) {

@@ -160,6 +160,9 @@ describe("a jailed QEMU process", () => {
     expect(vm.record.uid).toBe(uid);
     expect(statusField(vm.record.pid!, "Uid")?.split("\t")[0]).toBe(String(uid));
     expect(dirs.every((d) => existsSync(d))).toBe(true);
+    // The saved state was read from a descriptor QEMU closed when the restore completed.
+    const descriptors = readdirSync(`/proc/${vm.record.pid}/fd`).map((fd) => readlinkSync(`/proc/${vm.record.pid}/fd/${fd}`));
+    expect(descriptors.filter((d) => d.startsWith(`${vm.dir}/`) && !d.startsWith(`${machinePaths(vm.dir).dir}/`))).toEqual([]);
 
     // A restarted server re-adopts the jailed VM and can still end it cleanly.
     const pid = vm.record.pid!;

@@ -93,7 +93,8 @@ export interface JailMounts {
 /** A prepared jail: how to start QEMU in it. */
 export interface Jail {
   /** argv that runs `qemuArgv` (whose first element is the binary) inside the jail. */
-  command(qemuArgv: string[]): string[];
+  /** The jailed command line; `lastFd`: the highest inherited descriptor QEMU keeps (2: none beyond stdio). */
+  command(qemuArgv: string[], lastFd: number): string[];
   /** Where the jail writes QEMU's host pid (inside, QEMU is PID 1). */
   pidfile: string;
   /** Ends the jail's host-side objects once QEMU is gone. Idempotent. */
@@ -101,16 +102,17 @@ export interface Jail {
 }
 
 /**
- * Runs as root inside the new namespaces; arguments: skeleton root, mount
- * table, host pid file, the cgroup.procs files to join, `--`, the command.
+ * Runs as root inside the new namespaces; arguments: the highest descriptor
+ * to keep, skeleton root, mount table, host pid file, the cgroup.procs files
+ * to join, `--`, the command.
  * pivot_root needs /proc to find the old root's mounts, so a /proc of the
  * jail's own PID namespace is mounted for that moment only. (bash, not sh:
  * dash cannot close descriptors above 9.)
  */
 const JAIL_SCRIPT = `set -eu
-for fd in /proc/self/fd/*; do fd=\${fd##*/}; if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi; done
-root=$1 fstab=$2 pidfile=$3
-shift 3
+for fd in /proc/self/fd/*; do fd=\${fd##*/}; if [ "$fd" -gt "$1" ]; then eval "exec $fd>&-"; fi; done
+root=$2 fstab=$3 pidfile=$4
+shift 4
 while [ "$1" != -- ]; do echo 0 > "$1"; shift; done
 shift
 read -r pid _ < /proc/self/stat
@@ -185,9 +187,9 @@ export class Jailer {
       return {
         pidfile,
         release,
-        command: (qemuArgv) => [
+        command: (qemuArgv, lastFd) => [
           "unshare", "--mount", "--pid", "--fork", "--propagation", "private",
-          "bash", "-c", JAIL_SCRIPT, "cocoon-jail", root, fstab, pidfile, ...procs, "--",
+          "bash", "-c", JAIL_SCRIPT, "cocoon-jail", String(lastFd), root, fstab, pidfile, ...procs, "--",
           "prlimit", `--nofile=${c.maxOpenFiles}`, `--fsize=${c.maxFileBytes}`, `--nproc=${c.maxTasks}`, "--core=0", "--",
           "setpriv", `--reuid=${ids}`, `--regid=${ids}`, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
           ...qemuArgv,
