@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { cpus } from "node:os";
-import { mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import { ApiError, checkIntRange } from "../errors.ts";
@@ -9,7 +9,7 @@ import type { ImageRow, ImageUpdate } from "../store/schema.ts";
 import { sha256 } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { Engine, VM_LIMITS, type Snapshot } from "../vmm/engine.ts";
-import { killQemuOf } from "../vmm/machine.ts";
+import { killRecordedQemu } from "../vmm/machine.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
 import { BASE_ROOTFS_RECIPE } from "./base-rootfs.ts";
 import { BuildLog, readBuildLog } from "./build-log.ts";
@@ -110,7 +110,7 @@ export class ImageService {
     const rows = await this.db.selectFrom("images").selectAll().where("state", "in", ["PENDING", "BUILDING", "DELETING"]).execute();
     for (const row of rows) {
       const dir = this.dirOf(row.id);
-      await killQemuOf(Number(await readFile(join(dir, "build.pid"), "utf8").catch(() => "0")), join(dir, "snapshot"));
+      await killRecordedQemu(join(dir, "build.pid"), join(dir, "snapshot"));
       await rm(join(dir, "snapshot"), { recursive: true, force: true });
       await rm(join(dir, "code.zip"), { force: true });
       if (row.state === "DELETING") await this.removeRow(row);

@@ -9,7 +9,7 @@ import { freeLoopbackPort } from "../util/ports.ts";
 import { run } from "../util/process.ts";
 import { AgentClient } from "./agent-client.ts";
 import { jailConfigFromEnv, Jailer, qcow2BackingChain, vmUidRange, type Jail, type JailConfig } from "./jail/index.ts";
-import { killQemuOf, Machine } from "./machine.ts";
+import { killRecordedQemu, Machine } from "./machine.ts";
 import { NetworkManager, parseEgress, type Egress, type VmNetworkRecord } from "./network/index.ts";
 import {
   AGENT_PORT,
@@ -388,8 +388,7 @@ export class Engine extends EventEmitter {
   private async endOrphanedTemplates(): Promise<void> {
     for (const file of await readdir(this.templatesDir)) {
       const t = JSON.parse(await readFile(join(this.templatesDir, file), "utf8")) as TemplateRecord;
-      const pidfile = this.jailer ? Jailer.pidfile(t.dir) : machinePaths(t.dir).pidfile;
-      await killQemuOf(Number(await readFile(pidfile, "utf8").catch(() => "0")), t.dir);
+      await killRecordedQemu(this.jailer ? Jailer.pidfile(t.dir) : machinePaths(t.dir).pidfile, t.dir);
       await this.jailer?.release(t.name, t.dir);
       await this.network.stop(t.network);
       await rm(join(this.templatesDir, file), { force: true });

@@ -39,8 +39,7 @@ export class Machine extends EventEmitter {
       return new Machine(pid, spec.vmDir, qmp, release);
     } catch (err) {
       // A QEMU that never answered: its jail (PID 1 gone) takes the process with it.
-      const pid = Number(await readFile(spec.jail?.pidfile ?? machinePaths(spec.vmDir).pidfile, "utf8").catch(() => "0"));
-      await killQemuOf(pid, spec.vmDir);
+      await killRecordedQemu(spec.jail?.pidfile ?? machinePaths(spec.vmDir).pidfile, spec.vmDir);
       await release();
       throw err;
     }
@@ -119,8 +118,12 @@ function isQemuOf(pid: number, vmDir: string): boolean {
   return pid > 0 && isAlive(pid) && (processArgv(pid)?.some((a) => a.includes(qmpPath)) ?? false);
 }
 
-/** Kills the QEMU of `vmDir` recorded as `pid`, if that pid is still it, and waits until it is gone. */
-export async function killQemuOf(pid: number, vmDir: string): Promise<void> {
+/**
+ * Kills the QEMU of `vmDir` whose pid `pidfile` recorded, if that pid is still
+ * it, and waits until it is gone. A missing pidfile means nothing to kill.
+ */
+export async function killRecordedQemu(pidfile: string, vmDir: string): Promise<void> {
+  const pid = Number(await readFile(pidfile, "utf8").catch(() => "0"));
   if (!isQemuOf(pid, vmDir)) return;
   killProcess(pid);
   while (isAlive(pid)) await sleep(5);

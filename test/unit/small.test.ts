@@ -1,10 +1,13 @@
 import { spawn } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { resolveServerConfig } from "../../src/server/config.ts";
 import { KeyedMutex } from "../../src/util/keyed-mutex.ts";
 import { isAlive } from "../../src/util/process.ts";
 import { buildCpio } from "../../src/vmm/guest/cpio.ts";
-import { killQemuOf } from "../../src/vmm/machine.ts";
+import { killRecordedQemu } from "../../src/vmm/machine.ts";
 
 describe("resolveServerConfig", () => {
   it("defaults to 127.0.0.1:7070 and ~/.cocoon", () => {
@@ -71,11 +74,13 @@ describe("buildCpio", () => {
   });
 });
 
-describe("killQemuOf", () => {
+describe("killRecordedQemu", () => {
   it("leaves alone a recorded pid that now belongs to another process", async () => {
     const other = spawn("sleep", ["30"], { stdio: "ignore" });
     try {
-      await killQemuOf(other.pid!, "/var/lib/cocoon/vms/v-gone");
+      const pidfile = join(mkdtempSync(join(tmpdir(), "cocoon-pid-")), "qemu.pid");
+      writeFileSync(pidfile, String(other.pid));
+      await killRecordedQemu(pidfile, "/var/lib/cocoon/vms/v-gone");
       expect(isAlive(other.pid!)).toBe(true);
     } finally {
       other.kill("SIGKILL");

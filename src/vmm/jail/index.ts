@@ -92,8 +92,11 @@ export interface JailMounts {
 
 /** A prepared jail: how to start QEMU in it. */
 export interface Jail {
-  /** argv that runs `qemuArgv` (whose first element is the binary) inside the jail. */
-  /** The jailed command line; `lastFd`: the highest inherited descriptor QEMU keeps (2: none beyond stdio). */
+  /**
+   * argv that runs `qemuArgv` (whose first element is the binary) inside the
+   * jail; `lastFd` is the highest inherited descriptor QEMU keeps (2: none
+   * beyond stdio).
+   */
   command(qemuArgv: string[], lastFd: number): string[];
   /** Where the jail writes QEMU's host pid (inside, QEMU is PID 1). */
   pidfile: string;
