@@ -39,7 +39,10 @@ function routeTo(ip: string): { dev: string; gateway?: string } | undefined {
   }
 }
 /** A subnet is ours to take when no route but a gateway's (the default) covers it. */
-const unrouted = (ip: string) => routeTo(ip)?.gateway !== undefined || routeTo(ip) === undefined;
+function unrouted(ip: string): boolean {
+  const route = routeTo(ip);
+  return route === undefined || route.gateway !== undefined;
+}
 
 function pickTestHost(): { ip: string; ip192: string; port: number } {
   for (let tries = 0; tries < 50; tries++) {
