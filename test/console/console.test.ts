@@ -157,6 +157,8 @@ describe("web console", () => {
     await page.locator("table.list tr", { hasText: "console-demo" }).filter({ hasText: "READY" }).waitFor();
     await shot("image-details");
     await page.getByRole("link", { name: "Launch a microVM" }).click();
+    // The launch form, not the images page still on screen (its "Images" region matches the label too).
+    await page.waitForURL(/#\/vms\/new\//);
     expect(await page.getByLabel("Image").inputValue()).toBe("console-demo");
     await page.goBack();
 
