@@ -1,6 +1,8 @@
-import { mkdir, rm, rename, writeFile } from "node:fs/promises";
+import { randomBytes } from "node:crypto";
+import { mkdir, readdir, rm, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { exists, fsyncDir, sha256 } from "./files.ts";
+import { isAlive } from "./process.ts";
 
 export type ProgressLog = (line: string) => void;
 
@@ -16,32 +18,62 @@ export interface CachedAssetSpec {
   log?: ProgressLog;
 }
 
+/** Builds under way in this process, by target directory: one build per asset at a time. */
+const building = new Map<string, Promise<string>>();
+
 /**
  * Returns the directory of an asset built from `inputs`, building it once.
- * A version is published by renaming a finished temp directory, so a crash
- * mid-build never leaves a half-built asset that looks complete. Old
+ * Callers in this process asking for the same asset while it builds share
+ * that build. Each build works in a directory of its own and publishes it by
+ * an atomic rename, so a crash mid-build never leaves a half-built asset that
+ * looks complete, and another process building the same asset at the same
+ * time loses nothing (the first rename wins, the other is discarded). Old
  * versions are kept: snapshots and images keep referring to the kernel and
  * disks they were made with.
  */
-export async function cachedAsset(spec: CachedAssetSpec): Promise<string> {
+export function cachedAsset(spec: CachedAssetSpec): Promise<string> {
   const key = sha256(JSON.stringify(spec.inputs)).slice(0, 16);
   const dir = join(spec.assetsDir, spec.name, key);
+  const running = building.get(dir);
+  if (running) return running;
+  const build = buildOnce(spec, key, dir).finally(() => building.delete(dir));
+  building.set(dir, build);
+  return build;
+}
+
+async function buildOnce(spec: CachedAssetSpec, key: string, dir: string): Promise<string> {
   if (await exists(join(dir, "inputs.json"))) return dir;
-  const tmp = `${dir}.building-${process.pid}`;
-  await rm(tmp, { recursive: true, force: true });
-  await mkdir(tmp, { recursive: true });
+  const parent = join(spec.assetsDir, spec.name);
+  await mkdir(parent, { recursive: true });
+  await removeAbandonedBuilds(parent, key);
+  const tmp = `${dir}.building-${process.pid}-${randomBytes(4).toString("hex")}`;
+  await mkdir(tmp);
   spec.log?.(`building ${spec.name} (${key})`);
   const started = Date.now();
   try {
     await spec.build(tmp);
     await writeFile(join(tmp, "inputs.json"), JSON.stringify(spec.inputs, null, 2));
-    await rm(dir, { recursive: true, force: true });
+    if (await exists(join(dir, "inputs.json"))) {
+      // Another process published it first: theirs is as good as ours.
+      await rm(tmp, { recursive: true, force: true });
+      return dir;
+    }
+    await rm(dir, { recursive: true, force: true }); // an unfinished directory of an older layout
     await rename(tmp, dir);
-    await fsyncDir(join(spec.assetsDir, spec.name));
+    await fsyncDir(parent);
   } catch (err) {
     await rm(tmp, { recursive: true, force: true });
+    if (await exists(join(dir, "inputs.json"))) return dir; // lost a rename race to a finished build
     throw err;
   }
   spec.log?.(`built ${spec.name} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
   return dir;
+}
+
+/** Removes build directories of `key` left by processes that are gone (killed mid-build). */
+async function removeAbandonedBuilds(parent: string, key: string): Promise<void> {
+  for (const name of await readdir(parent)) {
+    const pid = Number(new RegExp(`^${key}\\.building-(\\d+)(-|$)`).exec(name)?.[1]);
+    if (pid && !isAlive(pid)) await rm(join(parent, name), { recursive: true, force: true });
+  }
 }

@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -29,6 +29,52 @@ describe("cachedAsset", () => {
     await expect(cachedAsset(failing)).rejects.toThrow("boom");
     await expect(cachedAsset(spec("3"))).resolves.toContain("thing");
     expect(builds).toBe(3);
+    await rm(assetsDir, { recursive: true, force: true });
+  });
+
+  it("shares one build among concurrent callers, each build in a directory of its own", async () => {
+    const assetsDir = await mkdtemp(join(tmpdir(), "assets-"));
+    let builds = 0;
+    const seen = new Set<string>();
+    const spec = {
+      assetsDir,
+      name: "shape",
+      inputs: { memoryMiB: 768 },
+      build: async (dir: string) => {
+        builds++;
+        seen.add(dir);
+        await new Promise((r) => setTimeout(r, 50));
+        await writeFile(join(dir, "disk"), "x");
+      },
+    };
+    const dirs = await Promise.all(Array.from({ length: 24 }, () => cachedAsset(spec)));
+    expect(new Set(dirs).size).toBe(1);
+    expect(builds).toBe(1);
+    // Another process's build of the same asset at the same time uses its own directory, and
+    // publishing one after the other keeps the first: simulate the second finishing late.
+    const late = { ...spec, inputs: { memoryMiB: 1024 } };
+    const first = await cachedAsset(late);
+    await rm(join(first, "inputs.json"));
+    const second = await cachedAsset(late);
+    expect(second).toBe(first);
+    expect(seen.size).toBe(3);
+    expect((await readdir(join(assetsDir, "shape"))).filter((n) => n.includes(".building-"))).toEqual([]);
+    await rm(assetsDir, { recursive: true, force: true });
+  });
+
+  it("removes the build directories of processes that are gone, and only theirs", async () => {
+    const assetsDir = await mkdtemp(join(tmpdir(), "assets-"));
+    const spec = { assetsDir, name: "thing", inputs: { v: 1 }, build: async (dir: string) => writeFile(join(dir, "out"), "1") };
+    const key = (await cachedAsset(spec)).split("/").pop()!;
+    await rm(join(assetsDir, "thing", key), { recursive: true });
+    const dead = join(assetsDir, "thing", `${key}.building-999999999-abcd`);
+    const alive = join(assetsDir, "thing", `${key}.building-${process.pid}-abcd`);
+    await mkdir(dead);
+    await mkdir(alive);
+    await cachedAsset(spec);
+    const left = await readdir(join(assetsDir, "thing"));
+    expect(left).not.toContain(dead.split("/").pop());
+    expect(left).toContain(alive.split("/").pop());
     await rm(assetsDir, { recursive: true, force: true });
   });
 });
