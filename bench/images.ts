@@ -95,7 +95,7 @@ async function main(): Promise<void> {
       note: "disk = qcow2 overlay over the shared bookworm base (not counted); memory = allocated blocks of the sparse RAM file",
     };
 
-    const snapshot = await Engine.loadSnapshot(snapshotDir);
+    const snapshot = await engine.loadSnapshot(snapshotDir);
     const appPort = row.app_port!;
     log(`READY → first answer of a new VM, direct restore ×${LAUNCHES}`);
     const direct: number[] = [];

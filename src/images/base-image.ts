@@ -1,5 +1,6 @@
 import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
-import { Engine, SNAPSHOT_FORMAT, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
+import { SNAPSHOT_FORMAT, type Engine, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
+import { qemuBuild } from "../vmm/snapshot.ts";
 
 /** vCPUs and memory of a snapshot; every clone of it has the same. */
 export interface VmShape {
@@ -13,8 +14,8 @@ export const DEFAULT_SHAPE: VmShape = { vcpus: 1, memoryMiB: 512 };
 /**
  * The built-in `base` image: the bookworm root filesystem booted once with the
  * agent, then snapshotted, one snapshot per VM shape (memory size and vCPUs
- * are fixed in a snapshot). Rebuilt when the disk, kernel, initramfs or
- * accelerator changes.
+ * are fixed in a snapshot). Rebuilt when the disk, kernel, initramfs,
+ * accelerator or QEMU build changes.
  */
 export async function prepareBaseImage(
   engine: Engine,
@@ -32,6 +33,7 @@ export async function prepareBaseImage(
       vcpus: shape.vcpus,
       memoryMiB: shape.memoryMiB,
       snapshotFormat: SNAPSHOT_FORMAT,
+      qemu: qemuBuild(),
     },
     log: opts.log,
     build: async (dir) => {
@@ -39,5 +41,5 @@ export async function prepareBaseImage(
       await engine.snapshot(template);
     },
   });
-  return Engine.loadSnapshot(dir);
+  return engine.loadSnapshot(dir);
 }

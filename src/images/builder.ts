@@ -27,8 +27,6 @@ export interface BuildJob {
   readyTimeoutMs: number;
   /** Without HEALTHCHECK or EXPOSE: how long the app must stay up. */
   settleMs: number;
-  /** Called with the build VM's QEMU pid (so a restarted server can kill an orphan). */
-  onBooted?: (pid: number) => void;
 }
 
 /** A build that failed for a reason the user can act on (a step, readiness, timeout). */
@@ -55,7 +53,6 @@ export async function buildInVm(engine: Engine, job: BuildJob): Promise<Snapshot
     guestPorts: appPort ? [appPort] : [],
     egress: "internet",
   });
-  job.onBooted?.(template.machine.pid);
   let snapshotted = false;
   try {
     const agent = template.agent;

@@ -9,7 +9,6 @@ import type { ImageRow, ImageUpdate } from "../store/schema.ts";
 import { sha256 } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { Engine, VM_LIMITS, type Snapshot } from "../vmm/engine.ts";
-import { killRecordedQemu } from "../vmm/machine.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
 import { BASE_ROOTFS_RECIPE } from "./base-rootfs.ts";
 import { BuildLog, readBuildLog } from "./build-log.ts";
@@ -104,13 +103,15 @@ export class ImageService {
     return this.opts.httpsCa;
   }
 
-  /** After a restart: a build cut short is FAILED (its build VM killed); nothing half-built stays. */
+  /**
+   * After a restart: a build cut short is FAILED; nothing half-built stays.
+   * Its build VM was a template, which the engine ended when it opened.
+   */
   async start(): Promise<void> {
     await rm(this.stagingDir, { recursive: true, force: true });
     const rows = await this.db.selectFrom("images").selectAll().where("state", "in", ["PENDING", "BUILDING", "DELETING"]).execute();
     for (const row of rows) {
       const dir = this.dirOf(row.id);
-      await killRecordedQemu(join(dir, "build.pid"), join(dir, "snapshot"));
       await rm(join(dir, "snapshot"), { recursive: true, force: true });
       await rm(join(dir, "code.zip"), { force: true });
       if (row.state === "DELETING") await this.removeRow(row);
@@ -251,7 +252,7 @@ export class ImageService {
             });
           }
         }
-        return Engine.loadSnapshot(dir);
+        return this.engine.loadSnapshot(dir);
       },
     };
   }
@@ -331,7 +332,6 @@ export class ImageService {
             signal: controller.signal,
             readyTimeoutMs: Math.min(this.opts.readyTimeoutMs ?? 120_000, timeoutMs),
             settleMs: this.opts.settleMs ?? 2000,
-            onBooted: (pid) => void writeFile(join(dir, "build.pid"), String(pid)).catch(() => undefined),
           });
         } finally {
           clearTimeout(timer);
@@ -362,7 +362,6 @@ export class ImageService {
         );
       } finally {
         await rm(join(dir, "code.zip"), { force: true });
-        await rm(join(dir, "build.pid"), { force: true });
         this.controllers.delete(row.id);
         await log.end();
         this.logs.delete(row.id);

@@ -1,29 +1,26 @@
 import { EventEmitter } from "node:events";
-import { readFile } from "node:fs/promises";
+import { readdirSync } from "node:fs";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
-import { INCOMING_STATE_FD, machinePaths, startQemu, type MachineSpec } from "./qemu.ts";
-
-/** Host-side cleanup once the process is gone (its jail's cgroup and files). */
-type Release = () => Promise<void>;
+import { INHERITED_FD, machinePaths, startQemu, type MachineSpec } from "./qemu.ts";
 
 /**
  * One running QEMU process and its QMP connection. It knows nothing of what
- * the VM is for; `Engine` decides. Emits `exit` once when the process is gone,
+ * the VM is for, nor of what else it holds on the host (its jail, network):
+ * `Engine` decides and releases. Emits `exit` once when the process is gone,
  * whether it was asked to quit or died.
  */
 export class Machine extends EventEmitter {
   private exited = false;
   private detached = false;
-  /** Once: both `stop` and the exit watcher release, and a later process of the same VM may own a jail of the same name. */
-  private released: Promise<void> | undefined;
 
   private constructor(
     readonly pid: number,
     readonly vmDir: string,
     private readonly qmp: QmpClient,
-    private readonly release: Release,
+    /** Owner of the migration socket of a save: the jailed QEMU's uid. */
+    private readonly uid: number | undefined,
   ) {
     super();
     // QEMU holds the QMP socket until it exits, so its closing is the exit signal
@@ -33,33 +30,21 @@ export class Machine extends EventEmitter {
 
   /** Starts a QEMU process for `spec`; it keeps running if the server dies. */
   static async start(spec: MachineSpec): Promise<Machine> {
-    const release: Release = () => spec.jail?.release() ?? Promise.resolve();
-    try {
-      const { pid, qmp } = await startQemu(spec);
-      return new Machine(pid, spec.vmDir, qmp, release);
-    } catch (err) {
-      // A QEMU that never answered: its jail (PID 1 gone) takes the process with it.
-      await killRecordedQemu(spec.jail?.pidfile ?? machinePaths(spec.vmDir).pidfile, spec.vmDir);
-      await release();
-      throw err;
-    }
+    const { pid, qmp } = await startQemu(spec);
+    return new Machine(pid, spec.vmDir, qmp, spec.jail ? spec.uid : undefined);
   }
 
   /**
-   * Re-attaches to a QEMU process started earlier (by this or a previous server).
-   * Returns undefined if `pid` is gone or is not the QEMU of `vmDir`.
+   * Re-attaches to a QEMU process started earlier (by this or a previous
+   * server). Undefined if `pid` is gone or is not the QEMU named `name`.
    */
-  static async attach(vmDir: string, pid: number, release: Release): Promise<Machine | undefined> {
-    if (!isQemuOf(pid, vmDir)) return undefined;
+  static async attach(vmDir: string, name: string, pid: number, uid: number | undefined): Promise<Machine | undefined> {
+    if (!isQemuNamed(pid, name)) return undefined;
     try {
-      return new Machine(pid, vmDir, await QmpClient.connect(machinePaths(vmDir).qmp), release);
+      return new Machine(pid, vmDir, await QmpClient.connect(machinePaths(vmDir).qmp), uid);
     } catch {
       return undefined;
     }
-  }
-
-  get isRunning(): boolean {
-    return !this.exited;
   }
 
   /** QEMU's run state: "running", "paused", "postmigrate", "inmigrate", … */
@@ -78,23 +63,21 @@ export class Machine extends EventEmitter {
   /** Pauses the vCPUs and writes device state (and private RAM) to `file`. */
   async save(file: string): Promise<void> {
     await this.pause();
-    await saveState(this.qmp, machinePaths(this.vmDir).migration, file);
+    await saveState(this.qmp, machinePaths(this.vmDir).migration, file, this.uid);
   }
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */
   restore(): Promise<void> {
-    return restoreState(this.qmp, INCOMING_STATE_FD);
+    return restoreState(this.qmp, INHERITED_FD.incomingState);
   }
 
-  /** Ends the process (QMP quit, then SIGKILL if it lingers), waits until it is gone and releases its jail. */
+  /** Ends the process (QMP quit, then SIGKILL if it lingers) and waits until it is gone. */
   async stop(graceMs = 2000): Promise<void> {
     if (!this.exited) await this.qmp.execute("quit").catch(() => undefined);
     const deadline = Date.now() + graceMs;
     while (isAlive(this.pid) && Date.now() < deadline) await sleep(5);
-    if (isAlive(this.pid)) killProcess(this.pid);
-    while (isAlive(this.pid)) await sleep(5);
+    await killAndWait(this.pid);
     this.qmp.close();
-    await (this.released ??= this.release());
   }
 
   /** Closes the QMP connection and leaves the process running (for another server to adopt). */
@@ -107,32 +90,35 @@ export class Machine extends EventEmitter {
     if (this.detached) return;
     while (isAlive(this.pid)) await sleep(20);
     this.exited = true;
-    await (this.released ??= this.release()).catch(() => undefined);
     this.emit("exit");
   }
 }
 
-/** Whether `pid` is (still) the QEMU of `vmDir`: a recorded pid may since belong to another process. */
-function isQemuOf(pid: number, vmDir: string): boolean {
-  const qmpPath = machinePaths(vmDir).qmp;
-  return pid > 0 && isAlive(pid) && (processArgv(pid)?.some((a) => a.includes(qmpPath)) ?? false);
+/**
+ * Whether `pid` is (still) the QEMU process named `name`: a recorded pid may
+ * since belong to another process. The jail's `unshare`, which carries the
+ * same arguments, is not: it exits (and reaps QEMU) when QEMU is gone.
+ */
+export function isQemuNamed(pid: number, name: string): boolean {
+  const argv = pid > 0 && isAlive(pid) ? processArgv(pid) : undefined;
+  return (argv?.[0]?.endsWith("qemu-system-x86_64") ?? false) && argv!.includes(`${name},process=cocoon-${name}`);
 }
 
 /**
- * Kills the QEMU of `vmDir` whose pid `pidfile` recorded, if that pid is still
- * it, and waits until it is gone. A missing pidfile means nothing to kill.
+ * Kills every QEMU process named `name` and waits until they are gone: `pid`
+ * if it is still that QEMU, else any such process found in /proc (a process
+ * whose pid was never recorded: the server died while it started).
  */
-export async function killRecordedQemu(pidfile: string, vmDir: string): Promise<void> {
-  const pid = Number(await readFile(pidfile, "utf8").catch(() => "0"));
-  if (!isQemuOf(pid, vmDir)) return;
-  killProcess(pid);
-  while (isAlive(pid)) await sleep(5);
+export async function killQemuNamed(name: string, pid?: number): Promise<void> {
+  const pids = pid && isQemuNamed(pid, name) ? [pid] : readdirSync("/proc").filter((n) => /^\d+$/.test(n)).map(Number).filter((p) => isQemuNamed(p, name));
+  for (const p of pids) await killAndWait(p);
 }
 
-function killProcess(pid: number): void {
+async function killAndWait(pid: number): Promise<void> {
   try {
     process.kill(pid, "SIGKILL");
   } catch {
     // already gone
   }
+  while (isAlive(pid)) await sleep(5);
 }

@@ -1,5 +1,5 @@
 import { createWriteStream } from "node:fs";
-import { chmod, rm } from "node:fs/promises";
+import { chmod, chown, rm } from "node:fs/promises";
 import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import { fsyncFile } from "../util/files.ts";
@@ -10,7 +10,7 @@ import type { QmpClient } from "./qmp.ts";
  * VM state moves through QEMU's migration stream, never `exec:` URIs (no
  * shell is spawned). Saving goes over a unix socket the server owns, so a
  * jailed QEMU cannot write a state file; restoring reads a descriptor opened
- * read-only by the server (see INCOMING_STATE_FD).
+ * read-only by the server (see INHERITED_FD).
  */
 
 interface MigrationInfo {
@@ -45,13 +45,16 @@ async function waitForMigration(qmp: QmpClient, pollMs: number, timeoutMs: numbe
 /**
  * Writes the paused VM's device state (and any RAM not mapped shared) to
  * `file`, durably. The VM must be stopped first so the stream is one pass.
+ * `socketPath` is in a root-owned directory (no VM can swap it for a link);
+ * a jailed QEMU connects as `uid`, so the socket is made that uid's alone
+ * before QEMU is told where it is.
  */
-export async function saveState(qmp: QmpClient, socketPath: string, file: string, timeoutMs = 120_000): Promise<void> {
+export async function saveState(qmp: QmpClient, socketPath: string, file: string, uid: number | undefined, timeoutMs = 120_000): Promise<void> {
   await rm(socketPath, { force: true });
   const server = createServer();
   await new Promise<void>((resolve, reject) => server.once("error", reject).listen(socketPath, resolve));
-  // A jailed QEMU connects as the VM's uid; the directory it sits in is that uid's (and root's) alone.
-  await chmod(socketPath, 0o666);
+  if (uid !== undefined) await chown(socketPath, uid, uid);
+  await chmod(socketPath, 0o600);
   const received = new Promise<void>((resolve, reject) => {
     server.once("connection", (sock) => {
       server.close();

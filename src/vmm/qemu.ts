@@ -1,8 +1,8 @@
 import { spawn, type StdioOptions } from "node:child_process";
-import { openSync, closeSync, readFileSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { closeSync, constants, openSync, readFileSync } from "node:fs";
+import { readFile, rename, rm } from "node:fs/promises";
+import { createServer } from "node:net";
 import { join } from "node:path";
-import { sleep } from "../util/process.ts";
 import type { Jail } from "./jail/index.ts";
 import type { NetBackend } from "./network/index.ts";
 import { QmpClient } from "./qmp.ts";
@@ -26,9 +26,28 @@ export type GuestMemory =
   /** Anonymous RAM, filled by an incoming migration stream (a resumed VM). */
   | { kind: "anonymous" };
 
+/**
+ * A qcow2 disk and the files it reads through, top first. The chain is never
+ * taken from a disk's header: a VM's QEMU writes its own disk (a build VM
+ * writes what becomes an image's disk), so a header may name any host file.
+ * It comes from snapshot manifests, which only the server writes, and QEMU
+ * gets it node by node (`backing` set explicitly, null at the bottom).
+ */
+export interface DiskChain {
+  /** The disk QEMU writes: a clone's overlay or a template's disk. */
+  path: string;
+  /** Its backing files, nearest first; opened read-only. */
+  backing: string[];
+}
+
 /** Everything that decides the QEMU command line of one VM process. */
 export interface MachineSpec {
   vmDir: string;
+  /**
+   * The process's name: QEMU's `-name` and its jail's cgroup. It identifies
+   * the process on the host (`isQemuNamed`), so it is unique and kept for the
+   * VM's whole life (a warm VM handed out under another id keeps it).
+   */
   name: string;
   accelerator: Accelerator;
   vcpus: number;
@@ -37,35 +56,36 @@ export interface MachineSpec {
   kernel: string;
   initramfs: string;
   cmdline: string;
-  disk: string;
+  disk: DiskChain;
   forwards: PortForward[];
   /** How `net0` reaches the host (default user-mode, restrict=on); with passt, `forwards` are passt's and ignored here. */
   net?: NetBackend;
   /**
    * A saved state to restore (a snapshot's or a suspended VM's): QEMU starts
-   * paused and reads it from descriptor INCOMING_STATE_FD, opened read-only
-   * here. Absent: a cold boot.
+   * paused and reads it from descriptor `INHERITED_FD.incomingState`, opened
+   * read-only here. Absent: a cold boot.
    */
   incomingState?: string;
   /** The jail QEMU runs in (src/vmm/jail); unjailed when absent. */
   jail?: Jail;
+  /** The uid a jailed QEMU runs as: its migration socket is made its own. */
+  uid?: number;
 }
 
 /**
- * What the QEMU process may write lives in `<vmDir>/qemu/` (owned by the VM's
- * uid when jailed); the VM's record and saved states stay beside it, out of reach.
+ * Files of one QEMU process, in the VM's directory, which is root's (0700):
+ * no path the server opens can be replaced by a VM. QEMU gets its log, its
+ * console and its QMP socket as descriptors, and reaches nothing by path but
+ * its disk, its memory file and `migration/`, a root-owned directory its uid
+ * may only traverse, where the server makes a socket for each save.
  */
-export const machinePaths = (vmDir: string) => {
-  const dir = join(vmDir, "qemu");
-  return {
-    dir,
-    qmp: join(dir, "qmp.sock"),
-    pidfile: join(dir, "qemu.pid"),
-    console: join(dir, "console.log"),
-    log: join(dir, "qemu.log"),
-    migration: join(dir, "migration.sock"),
-  };
-};
+export const machinePaths = (vmDir: string) => ({
+  qmp: join(vmDir, "qmp.sock"),
+  console: join(vmDir, "console.log"),
+  log: join(vmDir, "qemu.log"),
+  migrationDir: join(vmDir, "migration"),
+  migration: join(vmDir, "migration", "state.sock"),
+});
 
 /**
  * TCG's translated-code cache, in MiB. QEMU's default is an eighth of host RAM
@@ -78,8 +98,12 @@ export function qemuOverheadMiB(accelerator: Accelerator): number {
   return 128 + (accelerator === "tcg" ? TCG_CODE_CACHE_MIB : 0);
 }
 
-/** The kernel command line; parameters read by cocoon-agent are prefixed `cocoon.` (see agent/PROTOCOL.md). */
-export function guestCmdline(opts: { accelerator: Accelerator; token: string; hostname: string }): string {
+/**
+ * The kernel command line; parameters read by cocoon-agent are prefixed
+ * `cocoon.` (see agent/PROTOCOL.md). It holds no secret: any local user can
+ * read a process's command line (the agent's secret comes in the initramfs).
+ */
+export function guestCmdline(opts: { accelerator: Accelerator; hostname: string }): string {
   const params = [
     "console=ttyS0",
     "quiet",
@@ -89,7 +113,6 @@ export function guestCmdline(opts: { accelerator: Accelerator; token: string; ho
     "i8042.nomux",
     "i8042.dumbkbd",
     "cocoon.root=/dev/vda",
-    `cocoon.token=${opts.token}`,
     `cocoon.ip=${GUEST_NET.ip}/${GUEST_NET.prefix}`,
     `cocoon.gw=${GUEST_NET.gateway}`,
     `cocoon.dns=${GUEST_NET.dns}`,
@@ -110,8 +133,41 @@ function hostTscKhz(): number {
   return mhz ? Math.round(Number(mhz) * 1000) : 2_000_000;
 }
 
+/**
+ * Descriptors QEMU inherits; the jail keeps exactly these open. The console
+ * file (append-only) and the listening QMP socket always; the saved state
+ * (read-only) when it restores. Reading the state itself is what makes a
+ * resume fast: streamed through a socket from the server, every hand-over
+ * between the two processes waited on the scheduler (a jailed QEMU sits in a
+ * CPU cgroup of its own), ~290 vs ~110 ms for a resume's ~100 MiB.
+ */
+export const INHERITED_FD = { console: 3, qmp: 4, incomingState: 5 } as const;
+
+/** `-blockdev` nodes of a disk and its chain, deepest first (a node's backing must exist before it). JSON, so no path needs escaping. */
+export function blockdevArgs(disk: DiskChain): string[] {
+  const files = [disk.path, ...disk.backing];
+  const args: string[] = [];
+  for (let i = files.length - 1; i >= 0; i--) {
+    const top = i === 0;
+    const node = top ? "root" : `backing${i}`;
+    const access = top ? { discard: "unmap" } : { "read-only": true };
+    args.push("-blockdev", JSON.stringify({ driver: "file", "node-name": `${node}-file`, filename: files[i], ...access }));
+    args.push(
+      "-blockdev",
+      JSON.stringify({
+        driver: "qcow2",
+        "node-name": node,
+        file: `${node}-file`,
+        backing: i + 1 < files.length ? `backing${i + 1}` : null,
+        ...access,
+        ...(top ? { "detect-zeroes": "unmap" } : {}),
+      }),
+    );
+  }
+  return args;
+}
+
 export function qemuArgs(spec: MachineSpec): string[] {
-  const paths = machinePaths(spec.vmDir);
   const memory =
     spec.memory.kind === "file"
       ? `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${spec.memory.path},share=${spec.memory.shared ? "on" : "off"}`
@@ -128,12 +184,14 @@ export function qemuArgs(spec: MachineSpec): string[] {
     "-m", `${spec.memoryMiB}M`,
     "-object", memory,
     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-    "-chardev", `file,id=console,path=${paths.console},append=on`,
+    // The console file is the server's, opened append-only and handed over.
+    "-add-fd", `fd=${INHERITED_FD.console},set=1`,
+    "-chardev", "file,id=console,path=/dev/fdset/1,append=on",
     "-serial", "chardev:console",
     "-kernel", spec.kernel,
     "-initrd", spec.initramfs,
     "-append", spec.cmdline,
-    "-drive", `id=root,file=${spec.disk},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap`,
+    ...blockdevArgs(spec.disk),
     "-device", "virtio-blk-device,drive=root",
     // restrict=on: the guest cannot open connections to the host or beyond;
     // only the explicit hostfwd rules (host loopback → guest) pass. With egress,
@@ -147,63 +205,82 @@ export function qemuArgs(spec: MachineSpec): string[] {
     // slirp has a migration section of its own ('slirp' 0): a passt VM keeps an
     // idle, unconnected user-mode netdev so states move between the two backends.
     ...(spec.net?.kind === "passt" ? ["-netdev", "user,id=slirp0,restrict=on,ipv6=off"] : []),
-    "-qmp", `unix:${paths.qmp},server=on,wait=off`,
+    // The QMP socket is the server's, listening already; QEMU accepts on it.
+    "-chardev", `socket,id=qmp,fd=${INHERITED_FD.qmp},server=on,wait=off`,
+    "-mon", "chardev=qmp,mode=control",
     // QEMU's seccomp filter: no exec or fork, no privilege or scheduler changes, no obsolete syscalls.
-    ...(spec.jail ? ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"] : ["-pidfile", paths.pidfile]),
+    ...(spec.jail ? ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"] : []),
     ...(spec.incomingState ? ["-incoming", "defer"] : []),
   ];
 }
 
 /**
- * The descriptor a restoring QEMU reads its saved state from. QEMU reading the
- * file itself is what makes a resume fast: streamed through a socket from the
- * server, every hand-over between the two processes waited on the scheduler
- * (a jailed QEMU sits in a CPU cgroup of its own), ~290 vs ~110 ms for a
- * resume's ~100 MiB.
- */
-export const INCOMING_STATE_FD = 3;
-
-/**
  * Starts QEMU (in its jail when the spec has one) in a session of its own, so
  * a server crash or restart leaves the VM running, and returns the process's
- * host pid and a QMP connection once QEMU listens. Startup errors come from
- * its log (`machinePaths(vmDir).log`).
+ * host pid and a QMP connection. The server makes the QMP socket itself, in
+ * the VM's root-owned directory, and hands QEMU the listening descriptor: a
+ * restarted server reconnects by a path no VM can replace. Startup errors
+ * come from QEMU's log (`machinePaths(vmDir).log`).
  */
 export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: QmpClient }> {
   const paths = machinePaths(spec.vmDir);
-  for (const p of Object.values(paths)) {
+  for (const p of [`${paths.qmp}.new`, paths.migration]) {
     if (Buffer.byteLength(p) > 107) throw new Error(`path too long for a unix socket (max 107 bytes): ${p}`);
   }
   const qemuArgv = ["qemu-system-x86_64", ...qemuArgs(spec)];
-  const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv, spec.incomingState ? INCOMING_STATE_FD : 2) : qemuArgv;
-  const log = openSync(paths.log, "w", 0o600);
+  const lastFd = spec.incomingState ? INHERITED_FD.incomingState : INHERITED_FD.qmp;
+  const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv, lastFd) : qemuArgv;
+  const listener = await listenUnix(`${paths.qmp}.new`);
+  const opened: number[] = [];
   let exited: string | undefined;
-  let state: number | undefined;
+  let pid: number | undefined;
   try {
-    state = spec.incomingState ? openSync(spec.incomingState, "r") : undefined;
-    const stdio: StdioOptions = state === undefined ? ["ignore", log, log] : ["ignore", log, log, state];
+    const open = (path: string, flags: number) => {
+      const fd = openSync(path, flags | constants.O_NOFOLLOW, 0o600);
+      opened.push(fd);
+      return fd;
+    };
+    const log = open(paths.log, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC);
+    const stdio: StdioOptions = ["ignore", log, log, open(paths.console, constants.O_WRONLY | constants.O_CREAT | constants.O_APPEND), listener.fd];
+    if (spec.incomingState) stdio.push(open(spec.incomingState, constants.O_RDONLY));
     const child = spawn(command!, args, { detached: true, stdio, env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin" } });
     child.on("error", (err: NodeJS.ErrnoException) => {
       exited = err.code === "ENOENT" ? `${command} is not installed (run scripts/setup.sh)` : err.message;
     });
     child.on("exit", (code, signal) => (exited ??= `exit ${code ?? signal}`));
     child.unref();
+    pid = child.pid;
+    await rename(`${paths.qmp}.new`, paths.qmp);
   } finally {
-    closeSync(log);
-    if (state !== undefined) closeSync(state);
+    for (const fd of opened) closeSync(fd);
+    // Moved first: closing the server's copy of the listener unlinks nothing.
+    await listener.close();
   }
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    if (exited !== undefined) {
-      const output = await readFile(paths.log, "utf8").catch(() => "");
-      throw new Error(`QEMU failed to start (${exited}): ${output.trim().slice(-1000)}`);
-    }
-    const qmp = await QmpClient.connect(paths.qmp).catch(() => undefined);
-    if (qmp) {
-      const pidfile = spec.jail?.pidfile ?? paths.pidfile;
-      return { pid: Number((await readFile(pidfile, "utf8")).trim()), qmp };
-    }
-    if (Date.now() > deadline) throw new Error("QEMU did not open its QMP socket within 30 s");
-    await sleep(3);
+  const failure = async (why: string) => {
+    const output = await readFile(paths.log, "utf8").catch(() => "");
+    return new Error(`QEMU failed to start (${why}): ${output.trim().slice(-1000)}`);
+  };
+  const gone = new AbortController();
+  const watch = setInterval(() => exited !== undefined && gone.abort(), 10);
+  try {
+    const qmp = await QmpClient.connect(paths.qmp, { timeoutMs: 30_000, signal: gone.signal }).catch(async (err: Error) => {
+      throw await failure(exited ?? err.message);
+    });
+    // Jailed, the child is the jail's `unshare`; QEMU's host pid is in the jail's pidfile.
+    if (spec.jail) pid = Number((await readFile(spec.jail.pidfile, "utf8")).trim());
+    if (!pid) throw await failure("no pid");
+    return { pid, qmp };
+  } finally {
+    clearInterval(watch);
   }
+}
+
+/** A listening unix socket whose descriptor a child can inherit. */
+async function listenUnix(path: string): Promise<{ fd: number; close(): Promise<void> }> {
+  await rm(path, { force: true });
+  const server = createServer();
+  await new Promise<void>((resolve, reject) => server.once("error", reject).listen(path, resolve));
+  // Node has no public accessor for a listening pipe's descriptor.
+  const fd = (server as unknown as { _handle: { fd: number } })._handle.fd;
+  return { fd, close: () => new Promise<void>((resolve) => server.close(() => resolve())) };
 }

@@ -38,23 +38,27 @@ export class QmpClient extends EventEmitter {
     socket.on("close", () => this.onClose());
   }
 
-  /** Connects, reads the greeting and leaves capability negotiation mode. */
-  static async connect(path: string, timeoutMs = 5000): Promise<QmpClient> {
+  /**
+   * Connects, reads the greeting and leaves capability negotiation mode,
+   * within `timeoutMs` (QEMU may not have accepted yet) or until `signal` aborts.
+   */
+  static async connect(path: string, opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<QmpClient> {
+    const limit = AbortSignal.timeout(opts.timeoutMs ?? 5000);
+    const signal = opts.signal ? AbortSignal.any([opts.signal, limit]) : limit;
     const socket = createConnection(path);
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`QMP connect to ${path} timed out`)), timeoutMs);
-      socket.once("connect", () => {
-        clearTimeout(timer);
-        resolve();
-      });
-      socket.once("error", (err) => {
-        clearTimeout(timer);
-        reject(err);
-      });
-    });
     const client = new QmpClient(socket);
-    await client.execute("qmp_capabilities");
-    return client;
+    const abort = () => socket.destroy(new Error(`QMP connect to ${path} ${limit.aborted ? "timed out" : "aborted"}`));
+    signal.addEventListener("abort", abort, { once: true });
+    try {
+      signal.throwIfAborted();
+      await client.execute("qmp_capabilities");
+      return client;
+    } catch (err) {
+      socket.destroy();
+      throw limit.aborted ? new Error(`QMP connect to ${path} timed out`) : err;
+    } finally {
+      signal.removeEventListener("abort", abort);
+    }
   }
 
   get isClosed(): boolean {

@@ -4,7 +4,7 @@ import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, expect, inject, it } from "vitest";
 import type { MicroVm } from "../../src/vmm/engine.ts";
-import { Jailer, qcow2BackingChain, vmUidRange } from "../../src/vmm/jail/index.ts";
+import { Jailer, vmUidRange } from "../../src/vmm/jail/index.ts";
 import { vmObjects } from "../../src/vmm/network/nft.ts";
 import { passtDir } from "../../src/vmm/network/passt.ts";
 import { machinePaths, qemuOverheadMiB } from "../../src/vmm/qemu.ts";
@@ -92,8 +92,10 @@ describe("a jailed QEMU process", () => {
     expect(inJail("etc")).toBe(false);
     expect(inJail("root")).toBe(false);
     expect(inJail("proc/self")).toBe(false);
-    // Its own QEMU directory and boot files are there; its record, other VMs and the server's data are not.
-    expect(inJail(machinePaths(vm.dir).qmp)).toBe(true);
+    // Its own disk and boot files are there; its record, console, QMP socket, other VMs and the server's data are not.
+    expect(inJail(join(vm.dir, "disk.qcow2"))).toBe(true);
+    expect(inJail(machinePaths(vm.dir).qmp)).toBe(false);
+    expect(inJail(machinePaths(vm.dir).console)).toBe(false);
     expect(inJail(ctx.snapshot.manifest.kernel)).toBe(true);
     expect(inJail(join(vm.dir, "vm.json"))).toBe(false);
     expect(inJail(other.dir)).toBe(false);
@@ -113,21 +115,21 @@ describe("a jailed QEMU process", () => {
     expect(limit(pid, "Max processes")).toEqual([String(config.maxTasks), String(config.maxTasks)]);
     expect(limit(pid, "Max core file size")).toEqual(["0", "0"]);
 
-    // Every descriptor is one QEMU opened itself for this VM, or stdio.
+    // Every descriptor is stdio, one the server handed over (console, QMP), or one QEMU opened itself for this VM.
     const paths = machinePaths(vm.dir);
     const snapshotFiles = [join(ctx.snapshot.dir, "memory"), join(ctx.snapshot.dir, "disk.qcow2")];
-    const backing = await qcow2BackingChain(join(ctx.snapshot.dir, "disk.qcow2"));
     const fds = Object.fromEntries(readdirSync(`/proc/${pid}/fd`).map((fd) => [fd, readlinkSync(`/proc/${pid}/fd/${fd}`)]));
     expect(fds["0"]).toBe("/dev/null");
     expect(fds["1"]).toBe(paths.log);
     expect(fds["2"]).toBe(paths.log);
+    expect(Object.values(fds)).toContain(paths.console);
     for (const [fd, target] of Object.entries(fds)) {
       const expected =
         /^(socket|anon_inode):/.test(target) ||
         target === "/dev/null" ||
-        target.startsWith(`${paths.dir}/`) ||
+        [paths.log, paths.console, join(vm.dir, "disk.qcow2")].includes(target) ||
         snapshotFiles.includes(target) ||
-        backing.includes(target);
+        ctx.snapshot.manifest.diskBacking.includes(target);
       expect(expected, `fd ${fd} → ${target}`).toBe(true);
     }
   });
@@ -162,7 +164,8 @@ describe("a jailed QEMU process", () => {
     expect(dirs.every((d) => existsSync(d))).toBe(true);
     // The saved state was read from a descriptor QEMU closed when the restore completed.
     const descriptors = readdirSync(`/proc/${vm.record.pid}/fd`).map((fd) => readlinkSync(`/proc/${vm.record.pid}/fd/${fd}`));
-    expect(descriptors.filter((d) => d.startsWith(`${vm.dir}/`) && !d.startsWith(`${machinePaths(vm.dir).dir}/`))).toEqual([]);
+    const own = [join(vm.dir, "disk.qcow2"), machinePaths(vm.dir).console, machinePaths(vm.dir).log];
+    expect(descriptors.filter((d) => d.startsWith(`${vm.dir}/`) && !own.includes(d))).toEqual([]);
 
     // A restarted server re-adopts the jailed VM and can still end it cleanly.
     const pid = vm.record.pid!;
@@ -205,7 +208,7 @@ describe("a jailed QEMU process", () => {
     await b.agent.exec({ command: "echo secret > /root/b-secret; sync" });
     await ctx.engine.suspend(b.id);
     const targets = [
-      join(machinePaths(b.dir).dir, "disk.qcow2"),
+      join(b.dir, "disk.qcow2"),
       join(b.dir, "suspended.state"),
       join(b.dir, "vm.json"),
       join(ctx.snapshot.dir, "memory"),
@@ -220,10 +223,53 @@ describe("a jailed QEMU process", () => {
     }
     // Nor another running VM's files: B resumed (new jail, same uid) is still out of reach.
     await ctx.engine.resume(b.id);
-    expect(asUid(a.record.uid, ["cat", join(machinePaths(b.dir).dir, "disk.qcow2")]).output).toMatch(/Permission denied/);
-    expect(asUid(a.record.uid, ["ls", machinePaths(b.dir).dir]).output).toMatch(/Permission denied/);
+    expect(asUid(a.record.uid, ["cat", join(b.dir, "disk.qcow2")]).output).toMatch(/Permission denied/);
+    expect(asUid(a.record.uid, ["ls", b.dir]).output).toMatch(/Permission denied/);
+  });
+
+  it("never follows a path the VM's uid can write: planted links and a rewritten disk header are ignored", async () => {
+    const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-plant" });
+    const uid = vm.record.uid;
+    const canary = join(ctx.dataDir, "canary");
+    writeFileSync(canary, "host secret\n", { mode: 0o644 });
+    // The VM's uid can write nothing in its directory but its disk: no link can be planted beside the files the server opens.
+    // Not on the host, nor inside its jail, where an escaped QEMU would be.
+    for (const path of [machinePaths(vm.dir).console, machinePaths(vm.dir).log, machinePaths(vm.dir).qmp, join(machinePaths(vm.dir).migrationDir, "state.sock")]) {
+      expect(asUid(uid, ["ln", "-sf", canary, path]).output, path).toMatch(/Permission denied/);
+      expect(asUid(uid, ["ln", "-sf", canary, path], { inMountNsOf: vm.record.pid! }).output, path).toMatch(/Permission denied|Read-only/);
+    }
+    // What it can write, its disk, gets a header naming the canary as its backing file (as an escaped QEMU could).
+    const rewrite = asUid(uid, ["/usr/bin/python3", "-c", REWRITE_BACKING, join(vm.dir, "disk.qcow2"), canary], { inMountNsOf: vm.record.pid! });
+    expect(rewrite.code, rewrite.output).toBe(0);
+    expect(readFileSync(join(vm.dir, "disk.qcow2")).includes(Buffer.from(canary))).toBe(true);
+
+    await ctx.engine.suspend(vm.id);
+    await ctx.engine.resume(vm.id);
+    expect((await vm.agent.exec({ command: "echo alive" })).stdout).toBe("alive\n");
+    const pid = vm.record.pid!;
+    // The new jail mounts only the manifest's chain, and QEMU opened no such file.
+    expect(readFileSync(join(Jailer.dir(vm.dir), "fstab"), "utf8")).not.toContain(canary);
+    const opened = readdirSync(`/proc/${pid}/fd`).map((fd) => readlinkSync(`/proc/${pid}/fd/${fd}`));
+    expect(opened).not.toContain(canary);
+    expect(readFileSync(canary, "utf8")).toBe("host secret\n");
   });
 });
+
+/**
+ * Rewrites a qcow2 header's backing file name in place (argv: disk, new name):
+ * the name goes where the old one was, and the header's length field follows.
+ */
+const REWRITE_BACKING = `
+import struct, sys
+disk, name = sys.argv[1], sys.argv[2].encode()
+with open(disk, "r+b") as f:
+    header = f.read(20)
+    offset, = struct.unpack(">Q", header[8:16])
+    size, = struct.unpack(">I", header[16:20])
+    assert offset and len(name) <= size, (offset, size, len(name))
+    f.seek(offset); f.write(name)
+    f.seek(16); f.write(struct.pack(">I", len(name)))
+`;
 
 describe("a guest that uses more than it was given", () => {
   /** A VM that answers exec promptly is responsive (generous bound: TCG on a shared host). */

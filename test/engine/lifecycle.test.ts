@@ -122,7 +122,7 @@ describe("server restart", () => {
       import { Engine } from "./src/vmm/engine.ts";
       const config = JSON.parse(process.env.CONFIG);
       const engine = await Engine.open(config);
-      const snapshot = await Engine.loadSnapshot(process.env.SNAPSHOT);
+      const snapshot = await engine.loadSnapshot(process.env.SNAPSHOT);
       const a = await engine.launch(snapshot);
       await a.agent.writeFile("/root/marker", Buffer.from("from-a"));
       const b = await engine.launch(snapshot);
@@ -164,7 +164,7 @@ describe("server restart", () => {
 
 describe("bad input", () => {
   it("names the missing snapshot", async () => {
-    await expect(Engine.loadSnapshot(join(TEST_ROOT, "no-such-image"))).rejects.toThrow(/no complete snapshot in .*no-such-image/);
+    await expect(ctx.engine.loadSnapshot(join(TEST_ROOT, "no-such-image"))).rejects.toThrow(/no complete snapshot in .*no-such-image/);
   });
 
   it("names the field and the limit for invalid sizes", async () => {

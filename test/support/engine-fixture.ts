@@ -26,10 +26,11 @@ export const engineConfig = (dataDir: string) => ({
  */
 export async function useEngine(): Promise<EngineContext> {
   const dataDir = await mkdtemp(join(TEST_ROOT, "e-"));
+  const engine = await Engine.open(engineConfig(dataDir));
   const ctx: EngineContext = {
-    engine: await Engine.open(engineConfig(dataDir)),
+    engine,
     dataDir,
-    snapshot: await Engine.loadSnapshot(inject("baseSnapshotDir")),
+    snapshot: await engine.loadSnapshot(inject("baseSnapshotDir")),
     reopen: async () => {
       await ctx.engine.close();
       ctx.engine = await Engine.open(engineConfig(dataDir));

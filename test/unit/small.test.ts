@@ -7,7 +7,7 @@ import { resolveServerConfig } from "../../src/server/config.ts";
 import { KeyedMutex } from "../../src/util/keyed-mutex.ts";
 import { isAlive } from "../../src/util/process.ts";
 import { buildCpio } from "../../src/vmm/guest/cpio.ts";
-import { killRecordedQemu } from "../../src/vmm/machine.ts";
+import { isQemuNamed, killQemuNamed } from "../../src/vmm/machine.ts";
 
 describe("resolveServerConfig", () => {
   it("defaults to 127.0.0.1:7070 and ~/.cocoon", () => {
@@ -74,16 +74,24 @@ describe("buildCpio", () => {
   });
 });
 
-describe("killRecordedQemu", () => {
+describe("killQemuNamed", () => {
   it("leaves alone a recorded pid that now belongs to another process", async () => {
     const other = spawn("sleep", ["30"], { stdio: "ignore" });
     try {
-      const pidfile = join(mkdtempSync(join(tmpdir(), "cocoon-pid-")), "qemu.pid");
-      writeFileSync(pidfile, String(other.pid));
-      await killRecordedQemu(pidfile, "/var/lib/cocoon/vms/v-gone");
+      expect(isQemuNamed(other.pid!, "vm-gone")).toBe(false);
+      await killQemuNamed("vm-gone", other.pid);
       expect(isAlive(other.pid!)).toBe(true);
     } finally {
       other.kill("SIGKILL");
     }
+  });
+
+  it("kills a process named as a VM's QEMU, found by its name when no pid was recorded", async () => {
+    // A stand-in called qemu-system-x86_64 with QEMU's -name argument (node ignores arguments after its script).
+    const fake = spawn("bash", ["-c", 'exec -a qemu-system-x86_64 "$0" -e "setTimeout(() => {}, 30000)" -- -name vm-found,process=cocoon-vm-found', process.execPath], { stdio: "ignore" });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(isQemuNamed(fake.pid!, "vm-found")).toBe(true);
+    await killQemuNamed("vm-found");
+    expect(isAlive(fake.pid!)).toBe(false);
   });
 });

@@ -83,6 +83,10 @@ func Boot() (cfg *Config, err error) {
 	}
 
 	fail("load modules", loadModules("/etc/cocoon/modules"))
+	// Read before the switch to the image disk deletes the initramfs.
+	token, terr := readToken(TokenFile)
+	fail("read the initial secret", terr)
+	cfg.Token = token
 
 	if cfg.Root == "" {
 		fail("root", errors.New("cocoon.root is not set; staying on the initramfs"))
@@ -106,6 +110,23 @@ func Boot() (cfg *Config, err error) {
 		fail("resolv.conf", writeResolvConf(cfg.DNS))
 	}
 	return cfg, nil
+}
+
+// TokenFile holds the initial secret. The host appends it to the initramfs
+// of each cold boot, so it is never on the kernel command line, which every
+// local user of the host can read in /proc.
+const TokenFile = "/etc/cocoon/token"
+
+func readToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	token := strings.TrimSpace(string(b))
+	if token == "" {
+		return "", fmt.Errorf("%s is empty", path)
+	}
+	return token, nil
 }
 
 func mount(source, target, fstype string, flags uintptr, data string) error {

@@ -16,7 +16,7 @@ const DefaultPort = 10789
 // Config is the cocoon.* part of the kernel command line.
 type Config struct {
 	Root     string     // cocoon.root: block device with the ext4 image
-	Token    string     // cocoon.token: initial secret
+	Token    string     // the initial secret: TokenFile in the initramfs, never the command line
 	IP       *net.IPNet // cocoon.ip: eth0 address with prefix (default /24)
 	Gateway  net.IP     // cocoon.gw
 	DNS      []net.IP   // cocoon.dns (comma-separated)
@@ -46,8 +46,6 @@ func ParseCmdline(cmdline string) (*Config, []error) {
 		switch k {
 		case "root":
 			c.Root = v
-		case "token":
-			c.Token = v
 		case "hostname":
 			c.Hostname = v
 		case "port":

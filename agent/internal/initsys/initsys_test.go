@@ -2,17 +2,19 @@ package initsys
 
 import (
 	"net"
+	"os"
 	"testing"
 	"unsafe"
 )
 
 func TestParseCmdline(t *testing.T) {
+	// A secret on the command line is ignored: only TokenFile carries it.
 	c, errs := ParseCmdline("console=ttyS0 quiet cocoon.root=/dev/vda cocoon.token=s3cr3t cocoon.ip=10.0.2.15/24 " +
 		"cocoon.gw=10.0.2.2 cocoon.dns=10.0.2.3,1.1.1.1 cocoon.hostname=box cocoon.port=1234 cocoon.unknown=x init=/init\n")
 	if len(errs) != 0 {
 		t.Fatal(errs)
 	}
-	if c.Root != "/dev/vda" || c.Token != "s3cr3t" || c.Hostname != "box" || c.Port != 1234 {
+	if c.Root != "/dev/vda" || c.Token != "" || c.Hostname != "box" || c.Port != 1234 {
 		t.Fatalf("%+v", c)
 	}
 	if c.IP.String() != "10.0.2.15/24" || !c.Gateway.Equal(net.IPv4(10, 0, 2, 2)) || len(c.DNS) != 2 {
@@ -22,6 +24,26 @@ func TestParseCmdline(t *testing.T) {
 	c, errs = ParseCmdline("cocoon.ip=10.0.2.15 cocoon.port=notaport cocoon.gw=bad")
 	if len(errs) != 2 || c.Port != DefaultPort || c.IP.String() != "10.0.2.15/24" || c.Gateway != nil {
 		t.Fatalf("%+v %v", c, errs)
+	}
+}
+
+func TestReadToken(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/token"
+	if _, err := readToken(path); err == nil {
+		t.Fatal("a missing token file must be an error")
+	}
+	if err := os.WriteFile(path, []byte(" \n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readToken(path); err == nil {
+		t.Fatal("an empty token must be an error")
+	}
+	if err := os.WriteFile(path, []byte("s3cr3t\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if tok, err := readToken(path); err != nil || tok != "s3cr3t" {
+		t.Fatalf("got %q, %v", tok, err)
 	}
 }
 

@@ -130,7 +130,11 @@ export class Cgroups {
     };
   }
 
-  /** Removes the VM's cgroup once its process is gone (the kernel may take a moment to let go). Idempotent. */
+  /**
+   * Removes the VM's cgroup. Whatever still runs in it is killed first: a
+   * QEMU whose pid was never recorded (the server died while starting it)
+   * is found this way, and a cgroup with members cannot be removed. Idempotent.
+   */
   async remove(name: string): Promise<void> {
     for (const dir of this.dirs(name)) {
       for (let attempt = 0; ; attempt++) {
@@ -140,7 +144,8 @@ export class Cgroups {
         } catch (err) {
           const code = (err as NodeJS.ErrnoException).code;
           if (code === "ENOENT") break;
-          if (code !== "EBUSY" || attempt >= 100) throw new Error(`cannot remove cgroup ${dir}: ${(err as Error).message}`);
+          if (code !== "EBUSY" || attempt >= 500) throw new Error(`cannot remove cgroup ${dir}: ${(err as Error).message}`);
+          await killMembers(dir);
           await sleep(10);
         }
       }
@@ -156,6 +161,18 @@ export class Cgroups {
       dir = join(dir, part);
       await mkdir(dir, { recursive: true });
       await writeFile(join(dir, "cgroup.subtree_control"), enable);
+    }
+  }
+}
+
+/** SIGKILLs every process in a cgroup (its `cgroup.procs`); they leave it as they die. */
+async function killMembers(dir: string): Promise<void> {
+  const procs = await readFile(join(dir, "cgroup.procs"), "utf8").catch(() => "");
+  for (const pid of procs.split("\n").filter(Boolean).map(Number)) {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // gone already
     }
   }
 }

@@ -1,5 +1,5 @@
-import { chmod, mkdir, open, readFile, rm, stat, symlink, writeFile } from "node:fs/promises";
-import { dirname, isAbsolute, join, resolve } from "node:path";
+import { chmod, mkdir, readFile, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { dirname, isAbsolute, join } from "node:path";
 import { Cgroups, detectCgroups, type CgroupReading } from "./cgroups.ts";
 
 export { detectCgroups, type CgroupReading } from "./cgroups.ts";
@@ -20,9 +20,10 @@ export { detectCgroups, type CgroupReading } from "./cgroups.ts";
  *           qemu-system-x86_64 -sandbox on,…   QEMU's seccomp filter
  *
  * The environment is PATH only and the process holds no descriptor but
- * /dev/null and its log on 0–2. The jail's files (skeleton root, mount table)
- * sit in the VM's directory, and its cgroup is named after the VM, so a
- * restarted server finds them from the VM's record.
+ * /dev/null and its log on 0–2 and those `command` is told to keep (its
+ * console, QMP socket, saved state). The jail's files (skeleton root, mount
+ * table) sit in the VM's directory, and its cgroup is named after the VM's
+ * process, so a restarted server finds them from the VM's record.
  */
 
 /** uids (= gids) given to VM processes (QEMU and its passt): one per VM, owned by no account. */
@@ -72,8 +73,12 @@ export interface JailConfig {
 export function jailConfigFromEnv(env = process.env): JailConfig | undefined {
   if (env.COCOON_JAIL === "off" || process.getuid?.() !== 0) return undefined;
   if (env.COCOON_JAIL !== undefined && env.COCOON_JAIL !== "on") throw new Error(`COCOON_JAIL must be "on" or "off", got "${env.COCOON_JAIL}"`);
+  const cgroupParent = env.COCOON_CGROUP_PARENT ?? "cocoon";
+  if (!/^[A-Za-z0-9_.-]+(\/[A-Za-z0-9_.-]+)*$/.test(cgroupParent) || cgroupParent.split("/").some((p) => p === "." || p === "..")) {
+    throw new Error(`COCOON_CGROUP_PARENT must be a relative cgroup path of plain names, got "${cgroupParent}"`);
+  }
   return {
-    cgroupParent: "cocoon",
+    cgroupParent,
     maxOpenFiles: 4096,
     // The largest disk (32 GiB) plus qcow2 metadata.
     maxFileBytes: 34 * 1024 ** 3,
@@ -100,8 +105,6 @@ export interface Jail {
   command(qemuArgv: string[], lastFd: number): string[];
   /** Where the jail writes QEMU's host pid (inside, QEMU is PID 1). */
   pidfile: string;
-  /** Ends the jail's host-side objects once QEMU is gone. Idempotent. */
-  release(): Promise<void>;
 }
 
 /**
@@ -189,7 +192,6 @@ export class Jailer {
       const ids = String(opts.uid);
       return {
         pidfile,
-        release,
         command: (qemuArgv, lastFd) => [
           "unshare", "--mount", "--pid", "--fork", "--propagation", "private",
           "bash", "-c", JAIL_SCRIPT, "cocoon-jail", String(lastFd), root, fstab, pidfile, ...procs, "--",
@@ -234,34 +236,4 @@ export class Jailer {
 /** fstab fields are space-separated: escape whitespace and backslashes in paths. */
 function fstabPath(p: string): string {
   return p.replace(/[\\\s]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, "0")}`);
-}
-
-/**
- * The files a qcow2 disk reads through: its backing file, that one's, and so
- * on (from each header; QEMU opens the whole chain, so the jail must hold it).
- */
-export async function qcow2BackingChain(disk: string): Promise<string[]> {
-  const chain: string[] = [];
-  for (let current = disk; chain.length < 16; ) {
-    const file = await open(current, "r");
-    let backing: string | undefined;
-    try {
-      const header = Buffer.alloc(20);
-      await file.read(header, 0, 20, 0);
-      if (header.readUInt32BE(0) !== 0x514649fb) throw new Error(`${current} is not a qcow2 file`);
-      const offset = Number(header.readBigUInt64BE(8));
-      const size = header.readUInt32BE(16);
-      if (offset > 0 && size > 0) {
-        const name = Buffer.alloc(size);
-        await file.read(name, 0, size, offset);
-        backing = resolve(dirname(current), name.toString("utf8"));
-      }
-    } finally {
-      await file.close();
-    }
-    if (!backing) return chain;
-    chain.push(backing);
-    current = backing;
-  }
-  throw new Error(`${disk}: backing chain deeper than 16`);
 }

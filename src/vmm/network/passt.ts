@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
-import { chmod, chown, mkdir, readFile, rm } from "node:fs/promises";
-import { dirname, join } from "node:path";
+import { constants } from "node:fs";
+import { chmod, chown, mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { join } from "node:path";
 import { isAlive, processArgv, sleep } from "../../util/process.ts";
 import type { PortForward } from "../qemu.ts";
 
@@ -8,11 +9,16 @@ import type { PortForward } from "../qemu.ts";
 const GUEST = { ip: "10.0.2.15", prefix: "24", gateway: "10.0.2.2", gatewayMac: "52:55:0a:00:02:02" };
 
 /**
- * passt's runtime directory: outside the data directory (which may sit under
- * a 0700 home that the passt uid cannot traverse), one per uid, owned by it.
+ * passt's runtime files, outside the data directory (which may sit under a
+ * 0700 home that the passt uid cannot traverse): a socket directory per uid,
+ * owned by it, and a pidfile in the root-owned parent, which the server makes
+ * and gives to the uid before passt starts (passt opens it after dropping
+ * privileges). So the server never reads through a path the VM's uid could
+ * replace with a link.
  */
-export const passtDir = (uid: number) => join("/run/cocoon-net", String(uid));
-export const passtPaths = (uid: number) => ({ socket: join(passtDir(uid), "passt.sock"), pidfile: join(passtDir(uid), "passt.pid") });
+const PASST_ROOT = "/run/cocoon-net";
+export const passtDir = (uid: number) => join(PASST_ROOT, String(uid));
+export const passtPaths = (uid: number) => ({ socket: join(passtDir(uid), "passt.sock"), pidfile: join(PASST_ROOT, `${uid}.pid`) });
 
 /**
  * Starts passt for one VM as `uid` (privileges dropped, its own user and mount
@@ -23,13 +29,16 @@ export const passtPaths = (uid: number) => ({ socket: join(passtDir(uid), "passt
  */
 export async function startPasst(uid: number, forwards: PortForward[]): Promise<number> {
   const dir = passtDir(uid);
+  const paths = passtPaths(uid);
   await rm(dir, { recursive: true, force: true });
+  await rm(paths.pidfile, { force: true });
   // The parent must be traversable by every passt uid; each VM's own directory only by its uid.
-  await mkdir(dirname(dir), { recursive: true });
-  await chmod(dirname(dir), 0o755);
+  await mkdir(PASST_ROOT, { recursive: true });
+  await chmod(PASST_ROOT, 0o755);
   await mkdir(dir, { mode: 0o700 });
   await chown(dir, uid, uid);
-  const paths = passtPaths(uid);
+  await writeFile(paths.pidfile, "", { mode: 0o600, flag: "wx" });
+  await chown(paths.pidfile, uid, uid);
   const args = [
     "--runas", `${uid}:${uid}`,
     "-4", "--no-map-gw",
@@ -55,7 +64,7 @@ export async function startPasst(uid: number, forwards: PortForward[]): Promise<
 
 /** Ends the VM's passt if it still runs and removes its runtime directory. */
 export async function stopPasst(uid: number): Promise<void> {
-  const pid = Number(await readFile(passtPaths(uid).pidfile, "utf8").catch(() => "0"));
+  const pid = Number(await readFile(passtPaths(uid).pidfile, { encoding: "utf8", flag: constants.O_RDONLY | constants.O_NOFOLLOW }).catch(() => "0"));
   if (pid > 0 && processArgv(pid)?.[0]?.includes("passt") && processArgv(pid)?.includes(String(uid))) {
     try {
       process.kill(pid, "SIGTERM");
@@ -66,4 +75,5 @@ export async function stopPasst(uid: number): Promise<void> {
     if (isAlive(pid)) process.kill(pid, "SIGKILL");
   }
   await rm(passtDir(uid), { recursive: true, force: true });
+  await rm(passtPaths(uid).pidfile, { force: true });
 }

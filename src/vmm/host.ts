@@ -1,0 +1,149 @@
+import { randomInt } from "node:crypto";
+import { chmod, chown, mkdir } from "node:fs/promises";
+import { dirname } from "node:path";
+import { jailConfigFromEnv, Jailer, vmUidRange, type JailConfig } from "./jail/index.ts";
+import { killQemuNamed, Machine } from "./machine.ts";
+import { NetworkManager, type VmNetworkRecord } from "./network/index.ts";
+import { machinePaths, qemuOverheadMiB, type MachineSpec } from "./qemu.ts";
+import { freeLoopbackPort } from "../util/ports.ts";
+import type { ReleaseStack } from "./release-stack.ts";
+import type { PortForward } from "./qemu.ts";
+
+/** A QEMU process as the host knows it: enough to end it and what it holds, whether or not this server started it. */
+export interface ProcessIdentity {
+  /** `MachineSpec.name`: QEMU's `-name` and the jail's cgroup. */
+  name: string;
+  vmDir: string;
+  network: VmNetworkRecord;
+  /** Its host pid, if it was recorded. */
+  pid?: number;
+}
+
+/**
+ * The host resources of VMs and templates: uids, each QEMU process's
+ * network, jail and process. Everything is acquired here and released
+ * through the owner's `ReleaseStack`, by the same steps whether the process
+ * was started by this server or found after a restart.
+ */
+export class HostSide {
+  readonly network: NetworkManager;
+  /** Absent when QEMU runs unjailed. */
+  readonly jailer: Jailer | undefined;
+  /** uids held by VMs, pooled VMs and templates of this server. */
+  private readonly uids = new Set<number>();
+
+  constructor(jail: JailConfig | false | undefined, log?: (msg: string) => void) {
+    this.network = new NetworkManager(log);
+    const config = jail === false ? undefined : (jail ?? jailConfigFromEnv());
+    this.jailer = config && new Jailer(config);
+    if (!this.jailer) log?.("QEMU runs unjailed (COCOON_JAIL=off or not root): VMs share the server's uid and namespaces");
+  }
+
+  /** A uid of the VM range that nothing of this server holds, released with `stack`. */
+  allocateUid(stack: ReleaseStack): number {
+    const range = vmUidRange();
+    let uid: number;
+    do uid = range.first + randomInt(range.count);
+    while (this.uids.has(uid));
+    return this.holdUid(uid, stack);
+  }
+
+  /** Marks a recorded uid as held again (after a restart), released with `stack`. */
+  holdUid(uid: number, stack: ReleaseStack): number {
+    this.uids.add(uid);
+    stack.push("uid", async () => void this.uids.delete(uid));
+    return uid;
+  }
+
+  /**
+   * Makes the root-owned parts of a VM directory a QEMU process needs:
+   * `migration/`, which its uid may only traverse. `writable` (its disk, a
+   * template's memory) become that uid's alone. Unjailed, QEMU runs as the
+   * server and they stay the server's.
+   */
+  async prepareFiles(vmDir: string, uid: number, writable: string[]): Promise<void> {
+    const migration = machinePaths(vmDir).migrationDir;
+    await mkdir(migration, { recursive: true, mode: 0o710 });
+    if (!this.jailer) return;
+    await chown(migration, 0, uid);
+    await chmod(migration, 0o710);
+    for (const p of writable) {
+      await chown(p, uid, uid);
+      await chmod(p, 0o600);
+    }
+  }
+
+  /**
+   * Starts one QEMU process: its network, its jail, the process. Each release
+   * is pushed on `stack` as soon as what it releases may exist, so a failure
+   * part-way (or a crash: see `adoptProcess`) leaves nothing behind once
+   * `stack` is released.
+   */
+  async startProcess(spec: MachineSpec, network: VmNetworkRecord, uid: number, stack: ReleaseStack): Promise<Machine> {
+    const identity: ProcessIdentity = { name: spec.name, vmDir: spec.vmDir, network };
+    const steps = this.releaseSteps(identity);
+    stack.push("network", steps.network);
+    spec.net = await this.network.start(network, spec.forwards);
+    stack.push("jail", steps.jail);
+    spec.jail = await this.prepareJail(spec, uid);
+    spec.uid = uid;
+    const started: { machine?: Machine } = {};
+    stack.push("qemu", () => (started.machine ? started.machine.stop() : steps.qemu()));
+    started.machine = await Machine.start(spec);
+    return started.machine;
+  }
+
+  /**
+   * The release steps of a process this server did not start (found after a
+   * restart, running or not): the same as `startProcess` pushes, all at once.
+   */
+  adoptProcess(identity: ProcessIdentity, stack: ReleaseStack, machine?: Machine): void {
+    const steps = this.releaseSteps(identity);
+    stack.push("network", steps.network);
+    stack.push("jail", steps.jail);
+    stack.push("qemu", () => (machine ? machine.stop() : steps.qemu()));
+  }
+
+  /** The one definition of how each part of a QEMU process is given back; each step is idempotent. */
+  private releaseSteps(p: ProcessIdentity) {
+    return {
+      network: () => this.network.stop(p.network),
+      // Kills whatever is left in the jail's cgroup before removing it.
+      jail: async () => this.jailer?.release(p.name, p.vmDir),
+      qemu: () => killQemuNamed(p.name, p.pid),
+    };
+  }
+
+  /**
+   * The jail of one QEMU process: read-write only its disk, a memory file,
+   * its passt socket directory and `migration/` (root-owned: only sockets
+   * the server makes there are its); read-only the boot files and the disk's
+   * backing chain (from the manifest, not the disk's header); a cgroup of the
+   * VM's vCPUs and memory plus QEMU's overhead.
+   */
+  private async prepareJail(spec: MachineSpec, uid: number) {
+    if (!this.jailer) return undefined;
+    const readWrite = [spec.disk.path, machinePaths(spec.vmDir).migrationDir];
+    if (spec.memory.kind === "file") readWrite.push(spec.memory.path);
+    if (spec.net?.kind === "passt") readWrite.push(dirname(spec.net.socket));
+    return this.jailer.prepare({
+      name: spec.name,
+      vmDir: spec.vmDir,
+      uid,
+      vcpus: spec.vcpus,
+      memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator)) * 1024 * 1024,
+      mounts: {
+        readOnly: [spec.kernel, spec.initramfs, ...spec.disk.backing],
+        readWrite,
+        devices: spec.accelerator === "kvm" ? ["/dev/kvm"] : [],
+      },
+    });
+  }
+}
+
+/** A free host loopback port for each guest port (the kernel picks them). */
+export async function allocateForwards(guestPorts: number[]): Promise<PortForward[]> {
+  const forwards: PortForward[] = [];
+  for (const guestPort of guestPorts) forwards.push({ guestPort, hostPort: await freeLoopbackPort() });
+  return forwards;
+}
