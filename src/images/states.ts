@@ -1,4 +1,7 @@
 import { ApiError } from "../errors.ts";
+import { IMAGE_STATES, type ImageState } from "../store/schema.ts";
+
+export { IMAGE_STATES, type ImageState };
 
 /**
  * Image states (DESIGN.md):
@@ -9,8 +12,6 @@ import { ApiError } from "../errors.ts";
  *
  * Only images/service.ts writes the state column, and only through `checkImageTransition`.
  */
-export const IMAGE_STATES = ["PENDING", "BUILDING", "READY", "FAILED", "DELETING"] as const;
-export type ImageState = (typeof IMAGE_STATES)[number];
 
 const TRANSITIONS: Record<ImageState, readonly ImageState[]> = {
   PENDING: ["BUILDING", "FAILED"],

@@ -6,10 +6,10 @@ import type { Db } from "../store/db.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { AgentError, type ExecEvent, type ExecRequest } from "../vmm/agent-client.ts";
-import { VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
+import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
-import { checkTransition, holdsHostResources, type MicroVmState } from "./states.ts";
+import { checkTransition, holdsHostResources, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
 export interface CreateMicroVmRequest {
@@ -29,7 +29,6 @@ export interface CreateMicroVmRequest {
 
 export const LIMITS = {
   ...VM_LIMITS,
-  diskGiB: { min: 1, max: 32 },
   maxRuntimeSeconds: { min: 1, max: 28_800 },
   suspendAfterSeconds: { min: 0, max: 28_800 },
   appPort: { min: 1, max: 65_535 },
@@ -60,8 +59,8 @@ export interface MicroVmEvent {
  */
 export class MicroVmService {
   private readonly locks = new KeyedMutex();
-  /** Resources promised to creates still in flight (admission is checked against these too). */
-  private reserved = { vcpus: 0, memoryMiB: 0 };
+  /** Lifecycle operations under way, which a graceful shutdown lets finish (`drain`). */
+  private readonly inFlight = new Set<Promise<unknown>>();
   private policyTimer: NodeJS.Timeout | undefined;
   /** When each VM's activity was last written (see touch). */
   private readonly lastTouch = new Map<string, number>();
@@ -92,17 +91,23 @@ export class MicroVmService {
     this.engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));
   }
 
-  /** Brings the database in line with the VMs the engine re-adopted, then starts the policy loop. */
+  /**
+   * Brings the database in line with the VMs the engine re-adopted
+   * (`reconcileState`), ends engine VMs nobody owns, then starts the policy loop.
+   */
   async start(policyIntervalMs = 1000): Promise<void> {
     const rows = await this.db.selectFrom("microvms").selectAll().where("state", "not in", ["TERMINATED", "FAILED"]).execute();
     const known = new Set(rows.map((r) => r.id));
     for (const row of rows) {
       const vm = this.engine.list().find((v) => v.id === row.id);
-      const state: MicroVmState = !vm ? "FAILED" : vm.status === "running" ? "RUNNING" : vm.status === "suspended" ? "SUSPENDED" : "FAILED";
-      if (state !== row.state) {
-        const reason = !vm ? "the VM was lost while the server was down" : vm.record.failureReason ?? `found ${vm.status} after a restart`;
-        await this.record(row.id, row.tenant_id, { state, state_reason: state === "FAILED" ? reason : null }, "reconciled", `${row.state} → ${state}: ${reason}`);
-      }
+      const r = reconcileState(row.state, vm?.status, vm?.record.failureReason);
+      if (r.endEngineVm) await this.engine.terminate(row.id).catch((err: Error) => this.log(`ending ${row.id} after a restart: ${err.message}`));
+      if (r.state === row.state) continue;
+      const message = `${row.state} → ${r.state}${r.reason ? `: ${r.reason}` : ""}`;
+      await this.transition(row.id, row.tenant_id, r.state, {
+        state_reason: r.state === "FAILED" ? (r.reason ?? null) : null,
+        ...(r.state === "TERMINATED" ? { terminated_at: new Date().toISOString() } : {}),
+      }, "reconciled", message);
     }
     // A VM the engine has but the database does not was launched by a server
     // that died before recording it: nobody owns it.
@@ -114,6 +119,19 @@ export class MicroVmService {
     clearInterval(this.policyTimer);
   }
 
+  /** Waits (at most `timeoutMs`) for the lifecycle operations under way to finish: a graceful shutdown's first step. */
+  async drain(timeoutMs: number): Promise<void> {
+    const timeout = new Promise<void>((resolve) => setTimeout(resolve, timeoutMs).unref());
+    await Promise.race([Promise.allSettled([...this.inFlight]), timeout]);
+  }
+
+  /** Runs a lifecycle operation counted by `drain`. */
+  private track<T>(operation: Promise<T>): Promise<T> {
+    this.inFlight.add(operation);
+    void operation.finally(() => this.inFlight.delete(operation)).catch(() => undefined);
+    return operation;
+  }
+
   /** Suspends every RUNNING VM to disk (graceful server shutdown); they resume on their next request. */
   async suspendAll(cause: string): Promise<void> {
     const rows = await this.db.selectFrom("microvms").select(["id", "tenant_id"]).where("state", "=", "RUNNING").execute();
@@ -122,7 +140,17 @@ export class MicroVmService {
     }
   }
 
-  async create(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
+  /**
+   * Creates a VM: validates, admits it and records it PENDING in one step
+   * (so concurrent creates cannot overcommit the host), launches it, applies
+   * its environment and records it RUNNING. A launch that fails leaves the
+   * VM FAILED with the reason.
+   */
+  create(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
+    return this.track(this.createVm(tenantId, req));
+  }
+
+  private async createVm(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
     const image = await this.images.resolve(tenantId, req.image);
     // A Dockerfile image has the shape it was built (snapshotted) with.
     const shape = { vcpus: req.vcpus ?? image.shape?.vcpus ?? 1, memoryMiB: req.memoryMiB ?? image.shape?.memoryMiB ?? 512 };
@@ -137,55 +165,57 @@ export class MicroVmService {
     const egress = parseEgress(req.network?.egress);
     const appPort = req.appPort ?? image.appPort;
     if (appPort !== undefined) checkRange("appPort", appPort);
+    // Validates the shape against the image, and builds a base snapshot of a new shape once.
+    const snapshot = await image.snapshotFor(shape);
 
-    await this.admit(shape);
-    this.reserved.vcpus += shape.vcpus;
-    this.reserved.memoryMiB += shape.memoryMiB;
-    let vm: MicroVm | undefined;
+    const now = new Date();
+    const pending: MicroVmRow = {
+      id: newVmId(),
+      tenant_id: tenantId,
+      image_name: image.name,
+      image_id: image.imageId,
+      state: "PENDING",
+      state_reason: null,
+      vcpus: shape.vcpus,
+      memory_mib: shape.memoryMiB,
+      disk_gib: diskGiB,
+      env: JSON.stringify(req.env ?? {}),
+      suspend_after_seconds: suspendAfterSeconds,
+      auto_resume: req.idlePolicy?.autoResume === false ? 0 : 1,
+      max_runtime_seconds: maxRuntimeSeconds,
+      egress: JSON.stringify(egress),
+      endpoint_public: req.endpoint?.public ? 1 : 0,
+      endpoint_token: `et_${randomBytes(24).toString("base64url")}`,
+      app_port: appPort ?? null,
+      metadata: JSON.stringify(req.metadata ?? {}),
+      created_at: now.toISOString(),
+      expires_at: new Date(now.getTime() + maxRuntimeSeconds * 1000).toISOString(),
+      last_activity_at: now.toISOString(),
+      terminated_at: null,
+    };
+    // Admission and the PENDING row in one critical section: the row is what the next admission counts.
+    await this.locks.run("admission", async () => {
+      await this.admit(shape);
+      await this.db.insertInto("microvms").values(pending).execute();
+    });
     const started = performance.now();
-    try {
-      vm = await this.engine.launch(await image.snapshotFor(shape), { egress, guestPorts: appPort ? [appPort] : [] });
-      // PUT /env replaces the base env: keep the image's ENV under the request's.
-      if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
-      const now = new Date();
-      const row: MicroVmRow = {
-        id: vm.id,
-        tenant_id: tenantId,
-        image_name: image.name,
-        image_id: image.imageId,
-        state: "RUNNING",
-        state_reason: null,
-        vcpus: shape.vcpus,
-        memory_mib: shape.memoryMiB,
-        disk_gib: diskGiB,
-        env: JSON.stringify(req.env ?? {}),
-        suspend_after_seconds: suspendAfterSeconds,
-        auto_resume: req.idlePolicy?.autoResume === false ? 0 : 1,
-        max_runtime_seconds: maxRuntimeSeconds,
-        egress: JSON.stringify(egress),
-        endpoint_public: req.endpoint?.public ? 1 : 0,
-        endpoint_token: `et_${randomBytes(24).toString("base64url")}`,
-        app_port: appPort ?? null,
-        metadata: JSON.stringify(req.metadata ?? {}),
-        created_at: now.toISOString(),
-        expires_at: new Date(now.getTime() + maxRuntimeSeconds * 1000).toISOString(),
-        last_activity_at: now.toISOString(),
-        terminated_at: null,
-      };
-      await this.db.transaction().execute(async (tx) => {
-        await tx.insertInto("microvms").values(row).execute();
-        await tx.insertInto("events").values(event(row.id, tenantId, "created", `launched from image ${image.name} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`)).execute();
-      });
+    return this.locks.run(pending.id, async () => {
+      let vm: MicroVm | undefined;
+      try {
+        vm = await this.engine.launch(snapshot, { id: pending.id, egress, guestPorts: appPort ? [appPort] : [] });
+        // PUT /env replaces the base env: keep the image's ENV under the request's.
+        if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
+      } catch (err) {
+        // No half-made VM: one that was launched but could not be set up is ended.
+        if (vm) await this.engine.terminate(vm.id).catch(() => undefined);
+        const reason = err instanceof ApiError ? err.message : `the launch failed: ${(err as Error).message}`;
+        await this.transition(pending.id, tenantId, "FAILED", { state_reason: reason }, "failed", reason).catch(() => undefined);
+        throw err;
+      }
+      const row = await this.transition(pending.id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString() }, "created", `launched from image ${image.name} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`);
       this.observer?.observe("launch", (performance.now() - started) / 1000);
       return row;
-    } catch (err) {
-      // No partial state: a VM that was launched but not recorded is ended.
-      if (vm) await this.engine.terminate(vm.id).catch(() => undefined);
-      throw err;
-    } finally {
-      this.reserved.vcpus -= shape.vcpus;
-      this.reserved.memoryMiB -= shape.memoryMiB;
-    }
+    });
   }
 
   /** The VM whatever its tenant: only for the endpoint router, which authorizes by the VM's own token. */
@@ -200,14 +230,26 @@ export class MicroVmService {
     return row;
   }
 
-  async list(tenantId: string, filter: { state?: string; image?: string; limit: number; after?: string }): Promise<{ items: MicroVmRow[]; nextToken?: string }> {
+  /**
+   * A tenant's VMs, newest first, `limit` at a time; `nextToken` (opaque)
+   * continues after the last one returned. `state` must be a MicroVM state.
+   */
+  async list(tenantId: string, filter: { state?: string; image?: string; limit: number; nextToken?: string }): Promise<{ items: MicroVmRow[]; nextToken?: string }> {
     let q = this.db.selectFrom("microvms").selectAll().where("tenant_id", "=", tenantId);
-    if (filter.state) q = q.where("state", "=", filter.state);
+    if (filter.state !== undefined) {
+      const state = MICROVM_STATES.find((s) => s === filter.state);
+      if (!state) throw new ApiError("ValidationError", `state must be one of ${MICROVM_STATES.join(", ")}, got "${filter.state}"`, { field: "state" });
+      q = q.where("state", "=", state);
+    }
     if (filter.image) q = q.where((eb) => eb.or([eb("image_name", "=", filter.image!), eb("image_id", "=", filter.image!)]));
-    if (filter.after) q = q.where("id", ">", filter.after);
-    const rows = await q.orderBy("id").limit(filter.limit + 1).execute();
+    if (filter.nextToken !== undefined) {
+      const after = decodeCursor(filter.nextToken);
+      q = q.where((eb) => eb.or([eb("created_at", "<", after.createdAt), eb.and([eb("created_at", "=", after.createdAt), eb("id", "<", after.id)])]));
+    }
+    const rows = await q.orderBy("created_at", "desc").orderBy("id", "desc").limit(filter.limit + 1).execute();
     const items = rows.slice(0, filter.limit);
-    return { items, nextToken: rows.length > filter.limit ? items.at(-1)?.id : undefined };
+    const last = items.at(-1);
+    return { items, nextToken: rows.length > filter.limit && last ? encodeCursor(last) : undefined };
   }
 
   async events(tenantId: string, id: string): Promise<MicroVmEvent[]> {
@@ -216,53 +258,59 @@ export class MicroVmService {
   }
 
   suspend(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
-    return this.locks.run(id, async () => {
-      const row = await this.get(tenantId, id);
-      checkTransition(id, row.state as MicroVmState, "SUSPENDING", "suspend");
-      await this.record(id, tenantId, { state: "SUSPENDING" });
-      const started = performance.now();
-      try {
-        await this.engine.suspend(id);
-        this.observer?.observe("suspend", (performance.now() - started) / 1000);
-      } catch (err) {
-        await this.record(id, tenantId, { state: "RUNNING" }, "suspend-failed", (err as Error).message);
-        throw err;
-      }
-      return this.record(id, tenantId, { state: "SUSPENDED" }, "suspended", `suspended (${cause})`);
-    });
+    return this.track(
+      this.locks.run(id, async () => {
+        const row = await this.get(tenantId, id);
+        checkTransition(id, row.state, "SUSPENDING", "suspend");
+        await this.transition(id, tenantId, "SUSPENDING");
+        const started = performance.now();
+        try {
+          await this.engine.suspend(id);
+          this.observer?.observe("suspend", (performance.now() - started) / 1000);
+        } catch (err) {
+          await this.transition(id, tenantId, "RUNNING", {}, "suspend-failed", (err as Error).message);
+          throw err;
+        }
+        return this.transition(id, tenantId, "SUSPENDED", {}, "suspended", `suspended (${cause})`);
+      }),
+    );
   }
 
   resume(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
-    return this.locks.run(id, () => this.resumeLocked(tenantId, id, cause));
+    return this.track(this.locks.run(id, () => this.resumeLocked(tenantId, id, cause)));
   }
 
   private async resumeLocked(tenantId: string, id: string, cause: string): Promise<MicroVmRow> {
     const row = await this.get(tenantId, id);
-    checkTransition(id, row.state as MicroVmState, "RESUMING", "resume");
-    await this.admit({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
-    await this.record(id, tenantId, { state: "RESUMING" });
+    checkTransition(id, row.state, "RESUMING", "resume");
+    await this.locks.run("admission", async () => {
+      await this.admit({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+      await this.transition(id, tenantId, "RESUMING");
+    });
     const started = performance.now();
     try {
       await this.engine.resume(id);
       this.observer?.observe("resume", (performance.now() - started) / 1000);
     } catch (err) {
-      await this.record(id, tenantId, { state: "SUSPENDED" }, "resume-failed", (err as Error).message);
+      await this.transition(id, tenantId, "SUSPENDED", {}, "resume-failed", (err as Error).message);
       throw err;
     }
-    return this.record(id, tenantId, { state: "RUNNING", last_activity_at: new Date().toISOString() }, "resumed", `resumed (${cause})`);
+    return this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString() }, "resumed", `resumed (${cause})`);
   }
 
   terminate(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
-    return this.locks.run(id, async () => {
-      const row = await this.get(tenantId, id);
-      if (row.state === "TERMINATED") return row; // idempotent, like DELETE should be
-      checkTransition(id, row.state as MicroVmState, "TERMINATING", "terminate");
-      await this.record(id, tenantId, { state: "TERMINATING" });
-      await this.engine.terminate(id).catch((err: Error) => {
-        if (err.name !== "VmNotFoundError") throw err;
-      });
-      return this.record(id, tenantId, { state: "TERMINATED", terminated_at: new Date().toISOString() }, "terminated", `terminated (${cause})`);
-    });
+    return this.track(
+      this.locks.run(id, async () => {
+        const row = await this.get(tenantId, id);
+        if (row.state === "TERMINATED") return row; // idempotent, like DELETE should be
+        checkTransition(id, row.state, "TERMINATING", "terminate");
+        await this.transition(id, tenantId, "TERMINATING");
+        await this.engine.terminate(id).catch((err: Error) => {
+          if (err.name !== "VmNotFoundError") throw err;
+        });
+        return this.transition(id, tenantId, "TERMINATED", { terminated_at: new Date().toISOString() }, "terminated", `terminated (${cause})`);
+      }),
+    );
   }
 
   /**
@@ -299,12 +347,12 @@ export class MicroVmService {
     });
   }
 
-  /** Host capacity and what live VMs and creates in flight hold of it. */
+  /** Host capacity and what live VMs (creates in flight included: PENDING) hold of it. */
   async usage(): Promise<{ vcpus: number; memoryMiB: number; usedVcpus: number; usedMemoryMiB: number }> {
-    const live = await this.db.selectFrom("microvms").select(["state", "vcpus", "memory_mib"]).execute();
-    const used = { vcpus: this.reserved.vcpus, memoryMiB: this.reserved.memoryMiB };
+    const live = await this.db.selectFrom("microvms").select(["state", "vcpus", "memory_mib"]).where("state", "not in", ["TERMINATED", "FAILED", "SUSPENDED"]).execute();
+    const used = { vcpus: 0, memoryMiB: 0 };
     for (const r of live) {
-      if (!holdsHostResources(r.state as MicroVmState)) continue;
+      if (!holdsHostResources(r.state)) continue;
       used.vcpus += r.vcpus;
       used.memoryMiB += r.memory_mib;
     }
@@ -371,14 +419,24 @@ export class MicroVmService {
 
   private async onEngineExit(id: string, reason: string): Promise<void> {
     const row = await this.db.selectFrom("microvms").selectAll().where("id", "=", id).executeTakeFirst();
-    if (!row || row.state === "TERMINATED") return;
-    await this.record(id, row.tenant_id, { state: "FAILED", state_reason: reason }, "failed", reason);
+    if (!row || row.state === "TERMINATED" || row.state === "FAILED") return;
+    await this.transition(id, row.tenant_id, "FAILED", { state_reason: reason }, "failed", reason).catch((err: Error) => this.log(`recording ${id} failed: ${err.message}`));
   }
 
-  /** Writes a state change (and optionally an event) in one transaction. */
-  private async record(id: string, tenantId: string, update: MicroVmUpdate, eventType?: string, message = ""): Promise<MicroVmRow> {
+  /**
+   * The only writer of the state column: enters `to` (with `update`, and an
+   * event if `eventType` is given) in one transaction, and only from a state
+   * that `to` may follow; otherwise nothing changes and InvalidState (409)
+   * names the state the VM is in.
+   */
+  private async transition(id: string, tenantId: string, to: MicroVmState, update: Omit<MicroVmUpdate, "state"> = {}, eventType?: string, message = ""): Promise<MicroVmRow> {
     return this.db.transaction().execute(async (tx) => {
-      const row = await tx.updateTable("microvms").set(update).where("id", "=", id).returningAll().executeTakeFirstOrThrow();
+      const row = await tx.updateTable("microvms").set({ ...update, state: to }).where("id", "=", id).where("state", "in", statesBefore(to)).returningAll().executeTakeFirst();
+      if (!row) {
+        const current = await tx.selectFrom("microvms").select("state").where("id", "=", id).executeTakeFirst();
+        if (!current) throw new ApiError("NotFound", `microVM ${id} not found`);
+        throw invalidState(id, current.state, `move to ${to}:`);
+      }
       if (eventType) await tx.insertInto("events").values(event(id, tenantId, eventType, message)).execute();
       return row;
     });
@@ -391,4 +449,15 @@ function event(microvmId: string, tenantId: string, type: string, message: strin
 
 function checkRange(field: keyof typeof LIMITS, value: number, name: string = field): void {
   checkIntRange(name, value, LIMITS[field]);
+}
+
+/** List cursors: the last item's creation time and id, opaque to clients. */
+function encodeCursor(row: Pick<MicroVmRow, "created_at" | "id">): string {
+  return Buffer.from(`${row.created_at}|${row.id}`).toString("base64url");
+}
+
+function decodeCursor(token: string): { createdAt: string; id: string } {
+  const [createdAt, id] = Buffer.from(token, "base64url").toString("utf8").split("|");
+  if (!createdAt || !id || Number.isNaN(Date.parse(createdAt))) throw new ApiError("ValidationError", "nextToken is not a token this server returned", { field: "nextToken" });
+  return { createdAt, id };
 }

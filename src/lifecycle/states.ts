@@ -1,22 +1,24 @@
 import { ApiError } from "../errors.ts";
+import { MICROVM_STATES, type MicroVmState } from "../store/schema.ts";
+import type { VmStatus } from "../vmm/engine.ts";
+
+export { MICROVM_STATES, type MicroVmState };
 
 /**
  * MicroVM states (DESIGN.md):
  *
- *   PENDING ──> RUNNING ──suspend──> SUSPENDING ──> SUSPENDED ──resume──> RESUMING ──> RUNNING
- *   any live ──terminate──> TERMINATING ──> TERMINATED
- *   any ──(process died, restore failed)──> FAILED ──terminate──> TERMINATING
+ *   PENDING ──launched──> RUNNING ──suspend──> SUSPENDING ──> SUSPENDED ──resume──> RESUMING ──> RUNNING
+ *   PENDING | RUNNING | SUSPENDED | FAILED ──terminate──> TERMINATING ──> TERMINATED
+ *   any but TERMINATED ──(launch failed, process died, lost in a restart)──> FAILED
  *
- * Only lifecycle/microvms.ts writes the state column, and only through
- * `checkTransition`.
+ * A failed suspend leaves the guest running; a failed resume leaves it
+ * suspended. `MicroVmService.transition` is the only writer of the state
+ * column, and the write itself is conditional on the current state being one
+ * the target may follow: an illegal transition changes nothing and is a 409.
  */
-export const MICROVM_STATES = ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"] as const;
-export type MicroVmState = (typeof MICROVM_STATES)[number];
-
 const TRANSITIONS: Record<MicroVmState, readonly MicroVmState[]> = {
   PENDING: ["RUNNING", "FAILED", "TERMINATING"],
   RUNNING: ["SUSPENDING", "TERMINATING", "FAILED"],
-  // A failed suspend leaves the guest running; a failed resume leaves it suspended.
   SUSPENDING: ["SUSPENDED", "RUNNING", "FAILED"],
   SUSPENDED: ["RESUMING", "TERMINATING", "FAILED"],
   RESUMING: ["RUNNING", "SUSPENDED", "FAILED"],
@@ -25,11 +27,22 @@ const TRANSITIONS: Record<MicroVmState, readonly MicroVmState[]> = {
   FAILED: ["TERMINATING"],
 };
 
+/** The states `to` may be entered from: the condition of the write that enters it. */
+export function statesBefore(to: MicroVmState): MicroVmState[] {
+  return MICROVM_STATES.filter((from) => TRANSITIONS[from].includes(to));
+}
+
+export function canTransition(from: MicroVmState, to: MicroVmState): boolean {
+  return TRANSITIONS[from].includes(to);
+}
+
 /** Throws InvalidState (409) naming both states if `from → to` is not allowed. */
 export function checkTransition(id: string, from: MicroVmState, to: MicroVmState, action: string): void {
-  if (!TRANSITIONS[from].includes(to)) {
-    throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${from}`, { state: from, action });
-  }
+  if (!canTransition(from, to)) throw invalidState(id, from, action);
+}
+
+export function invalidState(id: string, from: MicroVmState, action: string): ApiError {
+  return new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${from}`, { state: from, action });
 }
 
 /** States in which a VM holds host CPU and memory (counted by admission control). */
@@ -50,4 +63,34 @@ export function holdsHostResources(state: MicroVmState): boolean {
       throw new Error(`unknown state ${String(never)}`);
     }
   }
+}
+
+/** What a restart makes of a VM's row: its state, why, and whether the engine's VM must be ended. */
+export interface Reconciled {
+  state: MicroVmState;
+  reason?: string;
+  /** The engine still has the VM but it has no future (a create cut short, a terminate to finish). */
+  endEngineVm: boolean;
+}
+
+/**
+ * Reconciles a row left in `row` (a state other than TERMINATED or FAILED)
+ * with what the engine re-adopted (`engine`: undefined when it has no such
+ * VM). Pure; every combination is unit-tested (test/unit/lifecycle.test.ts).
+ * An operation cut short by the restart ends as the engine's truth says: a
+ * suspend whose state was recorded is SUSPENDED, one that was not has the
+ * VM RUNNING on; a create cut short is FAILED (its caller got no answer, and
+ * its environment may not have been applied), a terminate is finished.
+ */
+export function reconcileState(row: MicroVmState, engine: VmStatus | undefined, engineReason?: string): Reconciled {
+  const lost = (reason: string): Reconciled => ({ state: "FAILED", reason, endEngineVm: engine !== undefined && engine !== "failed" });
+  if (row === "PENDING") return { ...lost("the server restarted while the microVM was being created"), endEngineVm: engine !== undefined };
+  if (row === "TERMINATING") return { state: "TERMINATED", endEngineVm: engine !== undefined };
+  const truth: MicroVmState | undefined = engine === "running" ? "RUNNING" : engine === "suspended" ? "SUSPENDED" : undefined;
+  if (truth === undefined) {
+    if (engine === undefined) return lost("the microVM was lost while the server was down");
+    return lost(engine === "failed" ? (engineReason ?? "its process failed") : `found ${engine} after a restart`);
+  }
+  if (truth === row || canTransition(row, truth)) return { state: truth, endEngineVm: false };
+  return lost(`the record said ${row} but the microVM was ${truth} after a restart`);
 }

@@ -1,4 +1,4 @@
-import { mkdir, readFile } from "node:fs/promises";
+import { chmod, mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { buildApi } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
@@ -17,7 +17,9 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const config = resolveServerConfig(flags);
   const log = (line: string) => console.error(`[cocoon] ${line}`);
   log(`data directory ${config.dataDir}`);
-  await mkdir(config.dataDir, { recursive: true });
+  // Keys, records and saved VM memory live here: the server's alone.
+  await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
+  await chmod(config.dataDir, 0o700);
   const db = await openDatabase(config.dataDir);
   const adminKey = await bootstrapAdminKey(db, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
@@ -46,14 +48,17 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const api = await buildApi({ db, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
-  // SIGTERM/SIGINT: stop taking requests, suspend every running VM to disk,
-  // then exit; the next start finds them SUSPENDED and resumes each on its next
-  // request. (After SIGKILL, VMs simply keep running and are re-adopted.)
+  // SIGTERM/SIGINT: stop taking requests, let lifecycle operations under way
+  // finish, suspend every running VM to disk, then exit; the next start finds
+  // them SUSPENDED and resumes each on its next request. (After SIGKILL, VMs
+  // simply keep running and are re-adopted.) Long requests (exec streams,
+  // terminals, log follows) are not waited for past a bound.
   const stop = async () => {
     log("shutting down: suspending running VMs");
     microvms!.stop();
     sampler.stop();
-    await api.close();
+    await Promise.race([api.close(), new Promise((resolve) => setTimeout(resolve, 10_000))]);
+    await microvms!.drain(60_000);
     await imageService.close();
     await microvms!.suspendAll("server shutdown");
     await runtime.engine.close();

@@ -1,5 +1,13 @@
 import type { Generated, Insertable, Selectable, Updateable } from "kysely";
 
+/** The values of `microvms.state`; the state machine over them is lifecycle/states.ts. */
+export const MICROVM_STATES = ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"] as const;
+export type MicroVmState = (typeof MICROVM_STATES)[number];
+
+/** The values of `images.state`; the state machine over them is images/states.ts. */
+export const IMAGE_STATES = ["PENDING", "BUILDING", "READY", "FAILED", "DELETING"] as const;
+export type ImageState = (typeof IMAGE_STATES)[number];
+
 /** Table types for Kysely. Times are ISO-8601 strings; JSON columns are TEXT. */
 export interface Database {
   tenants: TenantsTable;
@@ -32,7 +40,8 @@ export interface MicroVmsTable {
   tenant_id: string;
   image_name: string;
   image_id: string;
-  state: string;
+  /** Written only by lifecycle/microvms.ts, through its state machine. */
+  state: MicroVmState;
   state_reason: string | null;
   vcpus: number;
   memory_mib: number;
@@ -78,8 +87,8 @@ export interface ImagesTable {
   tenant_id: string;
   name: string;
   version: number;
-  /** PENDING | BUILDING | READY | FAILED | DELETING (images/states.ts writes it). */
-  state: string;
+  /** Written only by images/service.ts, through its state machine (images/states.ts). */
+  state: ImageState;
   state_reason: string | null;
   created_at: string;
   ready_at: string | null;

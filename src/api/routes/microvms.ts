@@ -81,14 +81,14 @@ export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpoi
             state: Type.Optional(Type.String({ maxLength: 32 })),
             image: Type.Optional(Type.String({ maxLength: 128 })),
             limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
-            nextToken: Type.Optional(Type.String({ maxLength: 64 })),
+            nextToken: Type.Optional(Type.String({ maxLength: 256 })),
           },
           { additionalProperties: false },
         ),
       },
     },
     async (req) => {
-      const page = await microvms.list(req.tenantId, { state: req.query.state, image: req.query.image, limit: req.query.limit ?? 100, after: req.query.nextToken });
+      const page = await microvms.list(req.tenantId, { state: req.query.state, image: req.query.image, limit: req.query.limit ?? 100, nextToken: req.query.nextToken });
       return { microVms: page.items.map(toView), ...(page.nextToken ? { nextToken: page.nextToken } : {}) };
     },
   );
