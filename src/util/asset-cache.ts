@@ -42,10 +42,10 @@ export function cachedAsset(spec: CachedAssetSpec): Promise<string> {
 }
 
 async function buildOnce(spec: CachedAssetSpec, key: string, dir: string): Promise<string> {
-  if (await exists(join(dir, "inputs.json"))) return dir;
   const parent = join(spec.assetsDir, spec.name);
   await mkdir(parent, { recursive: true });
-  await removeAbandonedBuilds(parent, key);
+  await removeAbandonedBuilds(parent);
+  if (await exists(join(dir, "inputs.json"))) return dir;
   const tmp = `${dir}.building-${process.pid}-${randomBytes(4).toString("hex")}`;
   await mkdir(tmp);
   spec.log?.(`building ${spec.name} (${key})`);
@@ -70,10 +70,10 @@ async function buildOnce(spec: CachedAssetSpec, key: string, dir: string): Promi
   return dir;
 }
 
-/** Removes build directories of `key` left by processes that are gone (killed mid-build). */
-async function removeAbandonedBuilds(parent: string, key: string): Promise<void> {
+/** Removes the build directories (of any version of the asset) left by processes that are gone: killed mid-build. */
+async function removeAbandonedBuilds(parent: string): Promise<void> {
   for (const name of await readdir(parent)) {
-    const pid = Number(new RegExp(`^${key}\\.building-(\\d+)(-|$)`).exec(name)?.[1]);
+    const pid = Number(/^[0-9a-f]+\.building-(\d+)(-|$)/.exec(name)?.[1]);
     if (pid && !isAlive(pid)) await rm(join(parent, name), { recursive: true, force: true });
   }
 }

@@ -62,12 +62,12 @@ describe("cachedAsset", () => {
     await rm(assetsDir, { recursive: true, force: true });
   });
 
-  it("removes the build directories of processes that are gone, and only theirs", async () => {
+  it("removes the build directories of processes that are gone (any version of the asset), and only theirs", async () => {
     const assetsDir = await mkdtemp(join(tmpdir(), "assets-"));
     const spec = { assetsDir, name: "thing", inputs: { v: 1 }, build: async (dir: string) => writeFile(join(dir, "out"), "1") };
     const key = (await cachedAsset(spec)).split("/").pop()!;
     await rm(join(assetsDir, "thing", key), { recursive: true });
-    const dead = join(assetsDir, "thing", `${key}.building-999999999-abcd`);
+    const dead = join(assetsDir, "thing", `0123456789abcdef.building-999999999-abcd`);
     const alive = join(assetsDir, "thing", `${key}.building-${process.pid}-abcd`);
     await mkdir(dead);
     await mkdir(alive);
