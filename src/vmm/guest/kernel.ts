@@ -1,7 +1,9 @@
-import { copyFile, mkdir, mkdtemp, readdir, rm } from "node:fs/promises";
+import { statSync } from "node:fs";
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { cachedAsset, type ProgressLog } from "../../util/asset-cache.ts";
+import { writeFileAtomic } from "../../util/files.ts";
 import { run } from "../../util/process.ts";
 
 /**
@@ -43,9 +45,27 @@ async function resolveKernelPackage(): Promise<{ name: string; version: string }
   return { name, version };
 }
 
+/**
+ * `resolveKernelPackage`, remembered in `<assetsDir>/kernel/resolved.json`
+ * while apt's package lists are unchanged (their newest modification time):
+ * the answer changes only with `apt-get update`, and asking apt takes a
+ * noticeable part of a server start (a restart after a crash waits on it).
+ */
+async function resolveKernelPackageCached(assetsDir: string): Promise<{ name: string; version: string }> {
+  const lists = "/var/lib/apt/lists";
+  const listsStamp = String(Math.max(0, ...(await readdir(lists).catch(() => [] as string[])).filter((f) => f.endsWith("_Packages")).map((f) => statSync(join(lists, f)).mtimeMs)));
+  const path = join(assetsDir, "kernel", "resolved.json");
+  const cached = await readFile(path, "utf8").then((t) => JSON.parse(t) as { listsStamp: string; name: string; version: string }, () => undefined);
+  if (cached?.listsStamp === listsStamp) return { name: cached.name, version: cached.version };
+  const pkg = await resolveKernelPackage();
+  await mkdir(dirname(path), { recursive: true });
+  await writeFileAtomic(path, JSON.stringify({ listsStamp, ...pkg }));
+  return pkg;
+}
+
 /** Fetches Debian's cloud kernel (cached by package version) with the virtio modules. */
 export async function prepareKernel(assetsDir: string, log?: ProgressLog): Promise<GuestKernel> {
-  const pkg = await resolveKernelPackage();
+  const pkg = await resolveKernelPackageCached(assetsDir);
   const release = pkg.name.replace(/^linux-image-/, "");
   const dir = await cachedAsset({
     assetsDir,
