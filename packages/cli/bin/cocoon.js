@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// Runs the TypeScript sources directly: one less build step between a checkout and a running server.
-import { register } from "tsx/esm/api";
+// Runs the TypeScript sources from the checkout, compiled on demand (see compile.js).
+import { compile } from "./compile.js";
 
-register();
-await import("../src/main.ts");
+process.setSourceMapsEnabled(true);
+await import(await compile());

@@ -1,10 +1,11 @@
 import fastifyStatic from "@fastify/static";
 import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
+import { REPO_ROOT } from "../../util/repo-root.ts";
 import { errorBody, type Api } from "../server.ts";
 
 /** The web console's build output (packages/console, built by scripts/setup.sh). */
-export const CONSOLE_DIST = fileURLToPath(new URL("../../../packages/console/dist", import.meta.url));
+export const CONSOLE_DIST = join(REPO_ROOT, "packages/console/dist");
 
 /**
  * Serves the web console under /console/ (static files only; it talks to the

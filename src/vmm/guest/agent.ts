@@ -1,11 +1,11 @@
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { cachedAsset, type ProgressLog } from "../../util/asset-cache.ts";
 import { sha256Tree } from "../../util/files.ts";
 import { run } from "../../util/process.ts";
+import { REPO_ROOT } from "../../util/repo-root.ts";
 
 /** Source of cocoon-agent (Go, standard library only). */
-export const AGENT_SOURCE_DIR = fileURLToPath(new URL("../../../agent", import.meta.url));
+export const AGENT_SOURCE_DIR = join(REPO_ROOT, "agent");
 
 /** Builds the static cocoon-agent binary; rebuilt when its sources or the Go toolchain change. */
 export async function prepareAgent(assetsDir: string, log?: ProgressLog): Promise<string> {
