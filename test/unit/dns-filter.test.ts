@@ -1,7 +1,10 @@
+import { execFileSync } from "node:child_process";
 import { createSocket, type Socket } from "node:dgram";
 import { readdirSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parseCidr } from "../../src/vmm/network/addresses.ts";
 import { answersA, DnsBudget, DnsFilter, DNS_LIMITS, parseQuery, readName } from "../../src/vmm/network/dns.ts";
+import { nft, ResolvedSet } from "../../src/vmm/network/nft.ts";
 import { dnsQuery, fakeResolver, type FakeResolver } from "../support/dns-resolver.ts";
 
 const header = (id: number, flags: number, qd: number, an = 0, ns = 0, ar = 0) => {
@@ -169,5 +172,43 @@ describe("DNS filter under a flood (real UDP on loopback, a stand-in upstream re
     filter.close();
     expect(Object.fromEntries(replies)).toEqual({ 77: 1, 78: 5, 80: 5, 81: 0 });
     expect(filter.stats).toMatchObject({ forwarded: 1, refused: 2, malformed: 3 });
+  });
+});
+
+describe("nftables writes of resolved addresses under a flood (real nft, a table of the test's own)", () => {
+  const table = `inet cocoon_unit_${process.pid}`;
+  const elements = () => {
+    const set = JSON.parse(execFileSync("nft", ["-j", "list", "set", ...table.split(" "), "dns"], { encoding: "utf8" })) as { nftables: { set?: { elem?: unknown[] } }[] };
+    return set.nftables.find((o) => o.set)?.set?.elem?.length ?? 0;
+  };
+  beforeAll(() => nft(`add table ${table}\nadd set ${table} dns { type ipv4_addr; flags timeout; size 4096; }`));
+  afterAll(() => nft(`delete table ${table}`));
+
+  it("batches thousands of answers into few nft processes, caps the set, and never opens a floor or a private address", async () => {
+    let n = 0;
+    const resolver = await fakeResolver((name) => {
+      if (name === "meta.flood.test") return { ips: ["169.254.169.254", "127.0.0.1"] };
+      if (name === "lan.flood.test") return { ips: ["10.213.1.1", "192.168.1.1"] };
+      n++;
+      return { ips: [`11.${(n >> 16) & 255}.${(n >> 8) & 255}.${n & 255}`], ttl: 600 };
+    });
+    const resolved = new ResolvedSet(`${table} dns`, { privateAllow: [parseCidr("10.213.0.0/16")!], maxElements: 256 });
+    const filter = await DnsFilter.start({ upstream: resolver.upstream, allowName: () => true, onResolved: (ips, ttl) => resolved.add(ips, ttl) });
+    const started = Date.now();
+    await paced(filter.port, [dnsQuery("meta.flood.test", 60000), dnsQuery("lan.flood.test", 60001)], 2);
+    const replies = await paced(filter.port, Array.from({ length: 3000 }, (_, i) => dnsQuery(`n${i}.flood.test`, i)), DNS_LIMITS.inFlightPerVm);
+    const elapsedMs = Date.now() - started;
+    filter.close();
+    resolver.close();
+    console.log(`[nft flood] ${JSON.stringify(resolved.stats)} in ${elapsedMs} ms; filter ${JSON.stringify(filter.stats)}; set elements ${elements()}`);
+    expect(resolved.stats.nftRuns).toBeLessThanOrEqual(Math.ceil(elapsedMs / 100) + 1); // at most one per 100 ms (RESOLVED_LIMITS.minIntervalMs)
+    expect(resolved.stats.nftRuns).toBeLessThan(resolved.stats.written / 4); // batched, not one per answer
+    expect([...replies.values()].every((rcode) => rcode === 0)).toBe(true); // every name answered, opened or not
+    expect(elements()).toBe(256);
+    expect(resolved.stats.leftOutAtCap).toBeGreaterThan(0);
+    const listed = execFileSync("nft", ["list", "set", ...table.split(" "), "dns"], { encoding: "utf8" });
+    expect(listed).toContain("10.213.1.1"); // inside the operator's allowance
+    for (const ip of ["169.254.169.254", "127.0.0.1", "192.168.1.1"]) expect(listed).not.toContain(ip);
+    expect(resolved.stats.notPublic).toBe(3);
   });
 });
