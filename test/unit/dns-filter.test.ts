@@ -164,6 +164,15 @@ describe("DNS filter under a flood (real UDP on loopback, a stand-in upstream re
     expect(filters.reduce((n, f) => n + f.stats.overloaded, 0)).toBeGreaterThan(0);
   });
 
+  it("closes with queries in flight (the VM suspended) without an error escaping", async () => {
+    const filter = await DnsFilter.start({ upstream: upstream.upstream });
+    const replies = flood(filter.port, Array.from({ length: 10 }, (_, i) => dnsQuery(`c${i}.flood.test`, i)), 600);
+    await new Promise((r) => setTimeout(r, 100));
+    filter.close(); // the upstream answers 200 ms later, to a closed filter
+    expect((await replies).size).toBe(0);
+    expect(filter.stats.forwarded).toBe(10);
+  });
+
   it("answers hostile datagrams with FORMERR or not at all, refuses names outside the list and odd labels, and keeps serving", async () => {
     const filter = await DnsFilter.start({ upstream: upstream.upstream, allowName: (q) => q.endsWith(".flood.test") });
     const loop = Buffer.concat([header(77, 0x0100, 1), Buffer.from([0xc0, 12]), QTAIL]);

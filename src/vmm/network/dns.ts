@@ -150,7 +150,11 @@ export class DnsFilter {
   }
 
   private reply(buf: Buffer, to: RemoteInfo): void {
-    this.socket.send(buf, to.port, to.address, () => undefined); // a closed filter or a full buffer: the guest retries
+    try {
+      this.socket.send(buf, to.port, to.address, () => undefined); // a full buffer: the guest retries
+    } catch {
+      // closed meanwhile (the VM was suspended or ended): nobody to answer
+    }
   }
 
   private warn(msg: string): void {
