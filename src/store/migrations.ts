@@ -97,4 +97,11 @@ export const migrations: Record<string, Migration> = {
       await db.schema.createIndex("images_tenant_name").on("images").columns(["tenant_id", "name", "version"]).unique().execute();
     },
   },
+  // ---- host-side trust boundaries (issue #12) ----
+  "0005_tenant_settings": {
+    async up(db: Kysely<unknown>) {
+      // JSON object of the settings an admin sets per tenant (store/tenants.ts TenantSettings), e.g. {"s3Allow": ["bucket/prefix/"]}.
+      await db.schema.alterTable("tenants").addColumn("settings", "text", (c) => c.notNull().defaultTo("{}")).execute();
+    },
+  },
 };

@@ -21,6 +21,8 @@ export interface TenantsTable {
   id: string;
   name: string;
   created_at: string;
+  /** JSON TenantSettings (store/tenants.ts), set by admins; "{}" when none. */
+  settings: Generated<string>;
 }
 
 export interface ApiKeysTable {

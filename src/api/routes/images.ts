@@ -7,7 +7,7 @@ import { fetchCode, stageStream, type StagedCode } from "../../images/intake.ts"
 import type { ImageService } from "../../images/service.ts";
 import type { Db } from "../../store/db.ts";
 import type { ImageRow } from "../../store/schema.ts";
-import { findLiveKey } from "../../store/tenants.ts";
+import { findLiveKey, settingsOf } from "../../store/tenants.ts";
 import { grants } from "../auth.ts";
 import type { Api } from "../server.ts";
 
@@ -86,7 +86,8 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
             const body = req.body as unknown;
             if (!checkJson(body)) throw schemaError(checkJson.errors);
             const admin = await isAdmin(db, req.headers.authorization);
-            staged = await fetchCode(body.codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {}, httpsCa: images.httpsCa });
+            const { s3Allow } = await settingsOf(db, req.tenantId);
+            staged = await fetchCode(body.codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {}, s3Allow, httpsCa: images.httpsCa });
             const { codeUri: _uri, ...rest } = body;
             fields = rest;
           }
