@@ -1,5 +1,4 @@
 import type { Command } from "commander";
-import { serveStdio } from "@cocoon/mcp";
 import { globals } from "../common.ts";
 import { makeClient } from "../config.ts";
 
@@ -12,6 +11,8 @@ export function registerMcpCommand(program: Command): void {
       const { client, keySource } = await makeClient(globals(cmd));
       // stdout carries the protocol; notes go to stderr, which MCP clients log.
       if (keySource === "none") process.stderr.write("cocoon mcp: no API key (pass --api-key or set COCOON_API_KEY); every tool will answer Unauthorized\n");
+      // Loaded here: the MCP SDK is not needed by, nor loaded for, the other commands.
+      const { serveStdio } = await import("@cocoon/mcp");
       await serveStdio(client);
     });
 }
