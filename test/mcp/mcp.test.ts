@@ -91,8 +91,11 @@ describe("the MCP server against a real server", () => {
     expect(first.text).toBe(`${"b".repeat(16384)}\n[bytes 0-16384 shown; more follows: call read_file with offset 16384]`);
     const rest = await call(mcp, "read_file", { sandboxId: vmId, path: "/tmp/mcp/big.txt", offset: 16384 });
     expect(rest.text).toBe(`${"b".repeat(20000 - 16384)}\n[bytes 16384-20000 shown: the end of the file]`);
+    await call(mcp, "run_command", { sandboxId: vmId, command: "head -c 20000 /dev/zero > /tmp/mcp/zeros.bin" });
+    const zeros = await call(mcp, "read_file", { sandboxId: vmId, path: "/tmp/mcp/zeros.bin" });
+    expect(zeros.text).toBe(`[binary content, base64]\n${Buffer.alloc(12288).toString("base64")}\n[bytes 0-12288 shown; more follows: call read_file with offset 12288]`);
     const listing = (await call(mcp, "list_files", { sandboxId: vmId, path: "/tmp/mcp" })).text.split("\n");
-    expect(listing.map((l) => l.split(/\s+/).at(-1)).sort()).toEqual(["big.txt", "bin.dat", "hello.txt"]);
+    expect(listing.map((l) => l.split(/\s+/).at(-1)).sort()).toEqual(["big.txt", "bin.dat", "hello.txt", "zeros.bin"]);
     expect(listing).toContainEqual(expect.stringMatching(/^file\s+20000 {2}big\.txt$/));
 
     expect((await call(mcp, "list_sandboxes", {})).text).toMatch(new RegExp(`^${vmId} {2}RUNNING, image base, 1 vCPU, 512 MiB, egress none`, "m"));

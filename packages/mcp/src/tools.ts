@@ -133,9 +133,11 @@ export function createMcpServer(client: CocoonClient): McpServer {
         const offset = args.offset ?? 0;
         const range = await readRange(await vm.files.readStream(args.path), offset, READ_CHUNK_BYTES);
         const binary = range.data.includes(0);
-        // Text stops before a character the chunk would split; the next call starts at it.
-        const data = binary || !range.more ? range.data : range.data.subarray(0, wholeCharsLength(range.data) || range.data.length);
-        const { more } = range;
+        // Base64 grows by a third: binary content keeps ¾ of the chunk. Text stops
+        // before a character the chunk would split. The next call starts where this one stopped.
+        const keep = binary ? Math.min(range.data.length, (READ_CHUNK_BYTES / 4) * 3) : range.more ? wholeCharsLength(range.data) || range.data.length : range.data.length;
+        const data = range.data.subarray(0, keep);
+        const more = range.more || keep < range.data.length;
         const end = offset + data.length;
         const text = binary ? `[binary content, base64]\n${data.toString("base64")}` : data.toString("utf8");
         if (more) return `${text}\n[bytes ${offset}-${end} shown; more follows: call read_file with offset ${end}]`;
