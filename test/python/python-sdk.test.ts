@@ -11,7 +11,14 @@ import { useServerProcess } from "../support/server-process.ts";
 const server = await useServerProcess();
 const work = await mkdtemp(join(TEST_ROOT, "py-"));
 const venv = join(work, "venv");
-afterAll(() => rm(work, { recursive: true, force: true }));
+/** Removes what setuptools leaves in the source folder, so that no install packages a stale copy. */
+async function removeBuildLeftovers(): Promise<void> {
+  for (const left of ["build", "cocoon.egg-info"]) await rm(join("packages/python-sdk", left), { recursive: true, force: true });
+}
+afterAll(async () => {
+  await rm(work, { recursive: true, force: true });
+  await removeBuildLeftovers();
+});
 
 interface Run {
   code: number | null;
@@ -46,6 +53,7 @@ describe("the Python SDK against a real server", () => {
     const created = await run("/usr/bin/python3", ["-m", "venv", "--system-site-packages", venv], offlineEnv, 60_000);
     expect(created.output).toBe("");
     expect(created.code).toBe(0);
+    await removeBuildLeftovers();
     const installed = await run(join(venv, "bin/pip"), ["install", "--no-build-isolation", "./packages/python-sdk"], offlineEnv, 120_000);
     if (installed.code !== 0) process.stderr.write(installed.output);
     expect(installed.code).toBe(0);
