@@ -3,6 +3,7 @@ import websocket from "@fastify/websocket";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import { Ajv } from "ajv";
 import Fastify, { type FastifyError } from "fastify";
+import { handleMcpHttpRequest, loopbackUrl } from "@cocoon/mcp";
 import { ApiError, InvalidArgumentError, type ErrorCode } from "../errors.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
@@ -103,6 +104,17 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms), domain);
   registerTerminalRoute(app, deps.microvms);
   registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
+  // MCP over streamable HTTP (packages/mcp, docs/mcp.md): its tools call this API on loopback with the caller's key.
+  app.route({
+    method: ["GET", "POST", "DELETE"],
+    url: "/mcp",
+    config: { permission: "microvm:read" },
+    schema: { hide: true },
+    handler: async (req, reply) => {
+      reply.hijack();
+      await handleMcpHttpRequest(req.raw, reply.raw, req.body, loopbackUrl(app.server.address()));
+    },
+  });
   return app;
 }
 
