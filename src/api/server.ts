@@ -6,9 +6,11 @@ import Fastify, { type FastifyError } from "fastify";
 import { ApiError, InvalidArgumentError, type ErrorCode } from "../errors.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
+import type { ServerSecrets } from "../store/secrets.ts";
 import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
+import { AccessTokens } from "../router/access-tokens.ts";
 import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { authenticate } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
@@ -23,6 +25,8 @@ export const VERSION = "0.1.0";
 
 export interface ApiDeps {
   db: Db;
+  /** The server's master key (store/secrets.ts): seals API key secrets for SigV4, signs endpoint and shell tokens. */
+  secrets: ServerSecrets;
   microvms: MicroVmService;
   accelerator: Accelerator;
   /** The QEMU jail's cgroup version; absent when QEMU runs unjailed (COCOON_JAIL=off, or not root). */
@@ -91,17 +95,20 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     version: VERSION,
   }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
-  registerKeyRoutes(app, deps.db);
+  registerKeyRoutes(app, deps.db, deps.secrets);
   if (deps.images) await registerImageRoutes(app, deps.images, deps.db);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
     const address = app.server.address();
     return `http://${id}.${domain}:${typeof address === "object" && address ? address.port : 7070}/`;
   };
+  // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
+  const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
+  const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
   registerMicroVmRoutes(app, deps.microvms, endpointUrl);
   await registerConsoleRoutes(app, domain); // the web console, /console/
-  await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms), domain);
-  registerTerminalRoute(app, deps.microvms);
+  await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms, accessTokens), domain);
+  registerTerminalRoute(app, deps.microvms, shellTokens);
   registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   return app;
 }

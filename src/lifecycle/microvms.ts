@@ -2,25 +2,36 @@ import { randomBytes } from "node:crypto";
 import { cpus, totalmem } from "node:os";
 import { ApiError, checkIntRange } from "../errors.ts";
 import type { ImageCatalog } from "../images/catalog.ts";
+import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
+import { IdempotencyTokens } from "../store/idempotency.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { AgentError, type ExecEvent, type ExecRequest } from "../vmm/agent-client.ts";
 import { VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
+import { NetworkConnectors } from "./connectors.ts";
 import { checkTransition, holdsHostResources, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
 export interface CreateMicroVmRequest {
   image: string;
+  /** A version of the image (default: its latest READY, ACTIVE one). */
+  imageVersion?: number;
   vcpus?: number;
   memoryMiB?: number;
   diskGiB?: number;
   env?: Record<string, string>;
-  idlePolicy?: { suspendAfterSeconds?: number; autoResume?: boolean };
+  /** terminateAfterSuspendedSeconds: a VM suspended this long is terminated (0, the default, never). */
+  idlePolicy?: { suspendAfterSeconds?: number; autoResume?: boolean; terminateAfterSuspendedSeconds?: number };
   maxRuntimeSeconds?: number;
-  network?: { egress?: Egress };
+  /** `egress` directly, or named connectors (lifecycle/connectors.ts); default: the image's connectors, else "none". */
+  network?: { egress?: Egress; egressConnectors?: string[] };
+  /** The body of the image's `/run` hook (at most 16 KiB). */
+  runHookPayload?: string;
+  /** Idempotency: a retry with the same token and request returns the same VM (store/idempotency.ts). */
+  clientToken?: string;
   endpoint?: { public?: boolean };
   /** Guest port the VM's endpoint forwards to (default: the image's EXPOSE). */
   appPort?: number;
@@ -32,6 +43,7 @@ export const LIMITS = {
   diskGiB: { min: 1, max: 32 },
   maxRuntimeSeconds: { min: 1, max: 28_800 },
   suspendAfterSeconds: { min: 0, max: 28_800 },
+  terminateAfterSuspendedSeconds: { min: 0, max: 28_800 },
   appPort: { min: 1, max: 65_535 },
 } as const;
 
@@ -72,6 +84,8 @@ export class MicroVmService {
   private readonly capacity: HostCapacity;
   private readonly observer: LifecycleObserver | undefined;
   private readonly log: (line: string) => void;
+  private readonly tokens: IdempotencyTokens;
+  readonly connectors: NetworkConnectors;
 
   constructor(opts: {
     db: Db;
@@ -89,6 +103,8 @@ export class MicroVmService {
     this.capacity = opts.capacity ?? hostCapacity();
     this.observer = opts.observer;
     this.log = opts.log ?? (() => undefined);
+    this.tokens = new IdempotencyTokens(opts.db);
+    this.connectors = new NetworkConnectors(opts.db);
     this.engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));
   }
 
@@ -122,8 +138,21 @@ export class MicroVmService {
     }
   }
 
+  /**
+   * Launches a VM: RUNNING when this returns. It is PENDING (recorded) from
+   * the moment the engine has it until its env is set and its `/run` hook has
+   * answered; a failure then leaves it FAILED with the reason. With a
+   * `clientToken`, a retry of the same request returns the same VM.
+   */
   async create(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
-    const image = await this.images.resolve(tenantId, req.image);
+    if (req.clientToken === undefined) return this.launch(tenantId, req);
+    const { clientToken, ...request } = req;
+    const { resourceId } = await this.tokens.run({ tenantId, operation: "create-microvm", token: clientToken }, request, async () => (await this.launch(tenantId, request)).id);
+    return this.get(tenantId, resourceId);
+  }
+
+  private async launch(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
+    const image = await this.images.resolve(tenantId, req.image, req.imageVersion);
     // A Dockerfile image has the shape it was built (snapshotted) with.
     const shape = { vcpus: req.vcpus ?? image.shape?.vcpus ?? 1, memoryMiB: req.memoryMiB ?? image.shape?.memoryMiB ?? 512 };
     const diskGiB = req.diskGiB ?? image.diskGiB;
@@ -134,26 +163,41 @@ export class MicroVmService {
     checkRange("maxRuntimeSeconds", maxRuntimeSeconds);
     const suspendAfterSeconds = req.idlePolicy?.suspendAfterSeconds ?? 900;
     checkRange("suspendAfterSeconds", suspendAfterSeconds, "idlePolicy.suspendAfterSeconds");
-    const egress = parseEgress(req.network?.egress);
+    const terminateAfterSuspendedSeconds = req.idlePolicy?.terminateAfterSuspendedSeconds ?? 0;
+    checkRange("terminateAfterSuspendedSeconds", terminateAfterSuspendedSeconds, "idlePolicy.terminateAfterSuspendedSeconds");
+    if (req.network?.egress !== undefined && req.network.egressConnectors !== undefined) {
+      throw new ApiError("ValidationError", "network: give egress or egressConnectors, not both", { field: "network.egressConnectors" });
+    }
+    const connectorNames = req.network?.egressConnectors ?? (req.network?.egress === undefined ? image.egressConnectors : undefined);
+    const egress = connectorNames ? await this.connectors.egressOf(connectorNames, "network.egressConnectors") : parseEgress(req.network?.egress);
+    const runHookPayload = req.runHookPayload === undefined ? undefined : Buffer.from(req.runHookPayload, "utf8");
+    if (runHookPayload && runHookPayload.length > HOOK_LIMITS.runPayloadBytes) {
+      throw new ApiError("ValidationError", `runHookPayload holds at most ${HOOK_LIMITS.runPayloadBytes} bytes, got ${runHookPayload.length}`, { field: "runHookPayload" });
+    }
     const appPort = req.appPort ?? image.appPort;
     if (appPort !== undefined) checkRange("appPort", appPort);
 
     await this.admit(shape);
-    this.reserved.vcpus += shape.vcpus;
-    this.reserved.memoryMiB += shape.memoryMiB;
+    const reservation = { ...shape };
+    this.reserved.vcpus += reservation.vcpus;
+    this.reserved.memoryMiB += reservation.memoryMiB;
+    const release = () => {
+      this.reserved.vcpus -= reservation.vcpus;
+      this.reserved.memoryMiB -= reservation.memoryMiB;
+      reservation.vcpus = reservation.memoryMiB = 0;
+    };
     let vm: MicroVm | undefined;
     const started = performance.now();
     try {
       vm = await this.engine.launch(await image.snapshotFor(shape), { egress, guestPorts: appPort ? [appPort] : [] });
-      // PUT /env replaces the base env: keep the image's ENV under the request's.
-      if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
+      const launched = vm;
       const now = new Date();
       const row: MicroVmRow = {
         id: vm.id,
         tenant_id: tenantId,
         image_name: image.name,
         image_id: image.imageId,
-        state: "RUNNING",
+        state: "PENDING",
         state_reason: null,
         vcpus: shape.vcpus,
         memory_mib: shape.memoryMiB,
@@ -171,20 +215,37 @@ export class MicroVmService {
         expires_at: new Date(now.getTime() + maxRuntimeSeconds * 1000).toISOString(),
         last_activity_at: now.toISOString(),
         terminated_at: null,
+        terminate_after_suspended_seconds: terminateAfterSuspendedSeconds,
+        suspended_at: null,
+        egress_connectors: connectorNames ? JSON.stringify(connectorNames) : null,
+        hooks: image.hooks ? JSON.stringify(image.hooks) : null,
       };
-      await this.db.transaction().execute(async (tx) => {
-        await tx.insertInto("microvms").values(row).execute();
-        await tx.insertInto("events").values(event(row.id, tenantId, "created", `launched from image ${image.name} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`)).execute();
+      // Held until RUNNING: a terminate or suspend of the PENDING VM waits for its launch to finish.
+      return await this.locks.run(row.id, async () => {
+        await this.db.transaction().execute(async (tx) => {
+          await tx.insertInto("microvms").values(row).execute();
+          await tx.insertInto("events").values(event(row.id, tenantId, "created", `launched from image ${image.name} version ${image.version} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`)).execute();
+        });
+        release(); // the PENDING row now counts against capacity
+        try {
+          // PUT /env replaces the base env: keep the image's ENV under the request's.
+          if (req.env && Object.keys(req.env).length > 0) await launched.agent.setEnv({ ...image.env, ...req.env });
+          await this.runHook(row, launched, "run", runHookPayload);
+        } catch (err) {
+          await this.engine.terminate(launched.id).catch(() => undefined);
+          await this.record(row.id, tenantId, { state: "FAILED", state_reason: (err as Error).message }, "failed", `launch failed: ${(err as Error).message}`);
+          throw err;
+        }
+        const running = await this.record(row.id, tenantId, { state: "RUNNING", last_activity_at: new Date().toISOString() });
+        this.observer?.observe("launch", (performance.now() - started) / 1000);
+        return running;
       });
-      this.observer?.observe("launch", (performance.now() - started) / 1000);
-      return row;
     } catch (err) {
-      // No partial state: a VM that was launched but not recorded is ended.
-      if (vm) await this.engine.terminate(vm.id).catch(() => undefined);
+      // A VM that was launched but not recorded is ended (one recorded PENDING was ended above).
+      if (vm && !(await this.getAnyTenant(vm.id))) await this.engine.terminate(vm.id).catch(() => undefined);
       throw err;
     } finally {
-      this.reserved.vcpus -= shape.vcpus;
-      this.reserved.memoryMiB -= shape.memoryMiB;
+      release();
     }
   }
 
@@ -222,13 +283,14 @@ export class MicroVmService {
       await this.record(id, tenantId, { state: "SUSPENDING" });
       const started = performance.now();
       try {
+        await this.runHook(row, this.engine.get(id), "suspend");
         await this.engine.suspend(id);
         this.observer?.observe("suspend", (performance.now() - started) / 1000);
       } catch (err) {
         await this.record(id, tenantId, { state: "RUNNING" }, "suspend-failed", (err as Error).message);
         throw err;
       }
-      return this.record(id, tenantId, { state: "SUSPENDED" }, "suspended", `suspended (${cause})`);
+      return this.record(id, tenantId, { state: "SUSPENDED", suspended_at: new Date().toISOString() }, "suspended", `suspended (${cause})`);
     });
   }
 
@@ -249,6 +311,8 @@ export class MicroVmService {
       await this.record(id, tenantId, { state: "SUSPENDED" }, "resume-failed", (err as Error).message);
       throw err;
     }
+    // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
+    await this.runHook(row, this.engine.get(id), "resume");
     return this.record(id, tenantId, { state: "RUNNING", last_activity_at: new Date().toISOString() }, "resumed", `resumed (${cause})`);
   }
 
@@ -258,6 +322,8 @@ export class MicroVmService {
       if (row.state === "TERMINATED") return row; // idempotent, like DELETE should be
       checkTransition(id, row.state as MicroVmState, "TERMINATING", "terminate");
       await this.record(id, tenantId, { state: "TERMINATING" });
+      // Only a running guest can answer its /terminate hook; a suspended one is not resumed for it.
+      if (row.state === "RUNNING") await this.runHook(row, this.engine.get(id), "terminate");
       await this.engine.terminate(id).catch((err: Error) => {
         if (err.name !== "VmNotFoundError") throw err;
       });
@@ -352,7 +418,7 @@ export class MicroVmService {
     }
   }
 
-  /** Idle suspend and max runtime, checked once per interval. */
+  /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */
   private async applyPolicies(): Promise<void> {
     const now = Date.now();
     const rows = await this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"]).execute();
@@ -362,11 +428,25 @@ export class MicroVmService {
           await this.terminate(row.tenant_id, row.id, `max runtime of ${row.max_runtime_seconds} s reached`);
         } else if (row.state === "RUNNING" && row.suspend_after_seconds > 0 && Date.parse(row.last_activity_at) + row.suspend_after_seconds * 1000 <= now) {
           await this.suspend(row.tenant_id, row.id, `idle for ${row.suspend_after_seconds} s`);
+        } else if (
+          row.state === "SUSPENDED" &&
+          row.terminate_after_suspended_seconds > 0 &&
+          row.suspended_at &&
+          Date.parse(row.suspended_at) + row.terminate_after_suspended_seconds * 1000 <= now
+        ) {
+          await this.terminate(row.tenant_id, row.id, `suspended for ${row.terminate_after_suspended_seconds} s`);
         }
       } catch (err) {
         if (!(err instanceof ApiError && err.code === "InvalidState")) this.log(`policy on ${row.id}: ${(err as Error).message}`);
       }
     }
+  }
+
+  /** Calls one lifecycle hook of the VM's image, if enabled, and records its outcome as an event; the app's failure never throws. */
+  private async runHook(row: MicroVmRow, vm: MicroVm, name: HookName, body?: Buffer): Promise<void> {
+    const hooks = row.hooks ? (JSON.parse(row.hooks) as ImageHooks) : undefined;
+    const outcome = await callHook(vm.agent, hooks, name, body);
+    if (outcome) await this.db.insertInto("events").values(event(row.id, row.tenant_id, outcome.ok ? "hook" : "hook-failed", outcome.message)).execute();
   }
 
   private async onEngineExit(id: string, reason: string): Promise<void> {

@@ -6,6 +6,7 @@ import { ImageCatalog } from "../../src/images/catalog.ts";
 import { ImageService, type ImageServiceOpts } from "../../src/images/service.ts";
 import { MicroVmService, type HostCapacity } from "../../src/lifecycle/microvms.ts";
 import { openDatabase, type Db } from "../../src/store/db.ts";
+import { ServerSecrets } from "../../src/store/secrets.ts";
 import { ServerMetrics } from "../../src/telemetry/metrics.ts";
 import { VmSampler } from "../../src/telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "../../src/server/bootstrap.ts";
@@ -37,7 +38,8 @@ export async function useApi(
 ): Promise<ApiContext> {
   const dataDir = await mkdtemp(join(TEST_ROOT, "api-"));
   const db = await openDatabase(dataDir);
-  const adminKey = (await bootstrapAdminKey(db, dataDir))!;
+  const secrets = await ServerSecrets.open(dataDir);
+  const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
   const engine = await Engine.open(engineConfig(dataDir));
   const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
   // The shared images directory: the default shape's snapshot is already built there.
@@ -58,6 +60,7 @@ export async function useApi(
   await microvms.start(opts.policyIntervalMs ?? 250);
   const app: Api = await buildApi({
     db,
+    secrets,
     microvms,
     images: imageService,
     accelerator: engine.accelerator,

@@ -1,6 +1,7 @@
 import { Type } from "@fastify/type-provider-typebox";
 import { ApiError } from "../../errors.ts";
 import type { Db } from "../../store/db.ts";
+import type { ServerSecrets } from "../../store/secrets.ts";
 import { createApiKey, createTenant, findTenant, listKeys, revokeKey } from "../../store/tenants.ts";
 import type { Api } from "../server.ts";
 
@@ -10,7 +11,7 @@ const PERMISSION = Type.String({
 });
 
 /** Tenants and API keys (admin only). */
-export function registerKeyRoutes(app: Api, db: Db): void {
+export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): void {
   const admin = { permission: "admin:*" };
 
   app.post(
@@ -41,7 +42,7 @@ export function registerKeyRoutes(app: Api, db: Db): void {
     async (req, reply) => {
       const tenant = await findTenant(db, req.body.tenant);
       if (!tenant) throw new ApiError("NotFound", `tenant ${req.body.tenant} not found`, { field: "tenant" });
-      const { key, apiKey } = await createApiKey(db, { tenantId: tenant.id, permissions: req.body.permissions, description: req.body.description });
+      const { key, apiKey } = await createApiKey(db, secrets, { tenantId: tenant.id, permissions: req.body.permissions, description: req.body.description });
       return reply.status(201).send({ keyId: key.id, apiKey, tenantId: tenant.id, permissions: req.body.permissions, createdAt: key.created_at });
     },
   );
