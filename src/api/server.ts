@@ -12,6 +12,7 @@ import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { AccessTokens } from "../router/access-tokens.ts";
 import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import { registerAwsApi } from "./aws/index.ts";
 import { authenticate } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
@@ -109,6 +110,8 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   await registerConsoleRoutes(app, domain); // the web console, /console/
   await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms, accessTokens), domain);
   registerTerminalRoute(app, deps.microvms, shellTokens);
+  // The AWS Lambda MicroVMs API (docs/aws-api.md): the same core behind AWS's protocol.
+  await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl });
   registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   return app;
 }

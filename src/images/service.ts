@@ -227,8 +227,8 @@ export class ImageService {
    * call made, without fetching its code again (`prepare` is not called); the
    * same token with another request is a Conflict.
    */
-  async createOnce(tenantId: string, clientToken: string, request: unknown, prepare: () => Promise<CreateImageRequest>): Promise<ImageRow> {
-    const { resourceId } = await this.tokens.run({ tenantId, operation: "create-image", token: clientToken }, request, async () => (await this.create(tenantId, await prepare())).id);
+  async createOnce(tenantId: string, token: { operation: string; clientToken: string }, request: unknown, prepare: () => Promise<CreateImageRequest>): Promise<ImageRow> {
+    const { resourceId } = await this.tokens.run({ tenantId, operation: token.operation, token: token.clientToken }, request, async () => (await this.create(tenantId, await prepare())).id);
     return this.get(tenantId, resourceId);
   }
 

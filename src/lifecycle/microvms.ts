@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { cpus, totalmem } from "node:os";
 import { ApiError, checkIntRange } from "../errors.ts";
-import type { ImageCatalog } from "../images/catalog.ts";
+import type { ImageCatalog, ManagedImage } from "../images/catalog.ts";
 import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
@@ -219,6 +219,7 @@ export class MicroVmService {
         suspended_at: null,
         egress_connectors: connectorNames ? JSON.stringify(connectorNames) : null,
         hooks: image.hooks ? JSON.stringify(image.hooks) : null,
+        image_version: image.version,
       };
       // Held until RUNNING: a terminate or suspend of the PENDING VM waits for its launch to finish.
       return await this.locks.run(row.id, async () => {
@@ -363,6 +364,11 @@ export class MicroVmService {
       await this.touch(id);
       return this.engine.get(id);
     });
+  }
+
+  /** The managed images (catalog): launchable by every tenant and bases of builds. */
+  managedImages(): Promise<ManagedImage[]> {
+    return this.images.managedImages();
   }
 
   /** Host capacity and what live VMs and creates in flight hold of it. */

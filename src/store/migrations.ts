@@ -107,8 +107,9 @@ export const migrations: Record<string, Migration> = {
       await db.schema.alterTable("microvms").addColumn("suspended_at", "text").execute();
       // JSON array of the named egress connectors the VM's policy came from (null: a policy given directly).
       await db.schema.alterTable("microvms").addColumn("egress_connectors", "text").execute();
-      // JSON lifecycle hooks (images/hooks.ts) copied from the image at launch.
+      // JSON lifecycle hooks (images/hooks.ts) copied from the image at launch, and the image's version.
       await db.schema.alterTable("microvms").addColumn("hooks", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("image_version", "integer").execute();
       // ACTIVE | INACTIVE: an inactive version is never launched.
       await db.schema.alterTable("images").addColumn("status", "text", (c) => c.notNull().defaultTo("ACTIVE")).execute();
       await db.schema.alterTable("images").addColumn("hooks", "text").execute();

@@ -67,6 +67,8 @@ export interface MicroVmsTable {
   egress_connectors: Generated<string | null>;
   /** JSON lifecycle hooks (images/hooks.ts) of its image, copied at launch. */
   hooks: Generated<string | null>;
+  /** The version of its image it was launched from (null for VMs made before versions were recorded). */
+  image_version: Generated<number | null>;
 }
 
 export interface EventsTable {
