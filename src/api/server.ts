@@ -15,6 +15,7 @@ import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { registerAwsApi } from "./aws/index.ts";
 import { authenticate } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
+import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
@@ -97,7 +98,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db, deps.secrets);
-  if (deps.images) await registerImageRoutes(app, deps.images, deps.db);
+  if (deps.images) await registerImageRoutes(app, deps.images, deps.db, deps.microvms.connectors);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
     const address = app.server.address();
@@ -106,7 +107,8 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
   const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
   const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
-  registerMicroVmRoutes(app, deps.microvms, endpointUrl);
+  registerMicroVmRoutes(app, deps.microvms, endpointUrl, { access: accessTokens, shell: shellTokens }, deps.db);
+  registerConnectorRoutes(app, deps.microvms.connectors);
   await registerConsoleRoutes(app, domain); // the web console, /console/
   await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms, accessTokens), domain);
   registerTerminalRoute(app, deps.microvms, shellTokens);
