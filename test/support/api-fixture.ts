@@ -22,6 +22,8 @@ export interface ApiContext {
   microvms: MicroVmService;
   /** Dockerfile images (their files under the fixture's own data directory). */
   images: ImageService;
+  /** The server's master key (store/secrets.ts). */
+  secrets: ServerSecrets;
   /** Sends a request; JSON bodies are encoded, JSON answers decoded. */
   call(method: string, path: string, opts?: { key?: string; body?: unknown; raw?: string | Buffer; headers?: Record<string, string> }): Promise<{ status: number; body: any; text: string }>;
   /** Creates a tenant and a key for it with the given permissions. */
@@ -77,6 +79,7 @@ export async function useApi(
     engine,
     microvms: microvms!,
     images: imageService,
+    secrets,
     async call(method, path, o = {}) {
       const headers: Record<string, string> = { ...o.headers };
       if (o.key) headers.authorization = `Bearer ${o.key}`;
