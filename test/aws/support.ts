@@ -3,6 +3,7 @@ import type { ApiContext } from "../support/api-fixture.ts";
 
 export interface AwsKey {
   tenant: string;
+  tenantId: string;
   keyId: string;
   /** The key's secret: the Bearer key on /v1, the secretAccessKey of SigV4. */
   apiKey: string;
@@ -13,7 +14,7 @@ export async function awsKey(api: ApiContext, tenant: string, permissions: strin
   await api.call("POST", "/v1/tenants", { key: api.adminKey, body: { name: tenant } });
   const res = await api.call("POST", "/v1/keys", { key: api.adminKey, body: { tenant, permissions } });
   if (res.status !== 201) throw new Error(`creating a key: ${res.status} ${res.text}`);
-  return { tenant, keyId: res.body.keyId, apiKey: res.body.apiKey };
+  return { tenant, tenantId: res.body.tenantId, keyId: res.body.keyId, apiKey: res.body.apiKey };
 }
 
 /** The official client, unchanged but for its endpoint (and a region: any works). */
