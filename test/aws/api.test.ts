@@ -242,9 +242,13 @@ describe("MicroVMs", () => {
 
   it("terminates a VM suspended longer than suspendedDurationSeconds (also /v1's terminateAfterSuspendedSeconds)", async () => {
     // Created through /v1, driven through the AWS door: one core behind both.
-    const created = await api.call("POST", "/v1/microvms", { key: alice.apiKey, body: { image: "base", idlePolicy: { terminateAfterSuspendedSeconds: 2 } } });
+    const body = { image: "base", idlePolicy: { terminateAfterSuspendedSeconds: 2 }, clientToken: "v1-token" };
+    const created = await api.call("POST", "/v1/microvms", { key: alice.apiKey, body });
     expect(created.status).toBe(201);
     const id = created.body.microVmId as string;
+    // /v1 has the same clientToken idempotency.
+    expect((await api.call("POST", "/v1/microvms", { key: alice.apiKey, body })).body.microVmId).toBe(id);
+    expect((await api.call("POST", "/v1/microvms", { key: alice.apiKey, body: { ...body, maxRuntimeSeconds: 60 } })).status).toBe(409);
     expect((await aws.send(new GetMicrovmCommand({ microvmIdentifier: id }))).idlePolicy).toEqual({ maxIdleDurationSeconds: 900, suspendedDurationSeconds: 2, autoResumeEnabled: true });
     await aws.send(new SuspendMicrovmCommand({ microvmIdentifier: id }));
     const deadline = Date.now() + 60_000;
@@ -272,6 +276,12 @@ describe("MicroVMs", () => {
       expect(err.$metadata.httpStatusCode).toBe(400);
       expect(err.message).toContain(text);
     }
+    // Hostile bodies: not JSON, an unknown field, far too large; each a 400, never a 500.
+    expect(await signedFetch("POST", "/2025-09-09/microvms", { body: "{not json" })).toMatchObject({ status: 400, type: "ValidationException" });
+    const bogus = await signedFetch("POST", "/2025-09-09/microvms", { body: JSON.stringify({ imageIdentifier: "base", bogus: 1 }) });
+    expect(bogus).toMatchObject({ status: 400, type: "ValidationException" });
+    expect(bogus.body.message).toContain("unknown field bogus");
+    expect(await signedFetch("POST", "/2025-09-09/microvms", { body: JSON.stringify({ imageIdentifier: "x".repeat(2 * 1024 * 1024) }) })).toMatchObject({ status: 400, type: "ValidationException" });
     expect(await thrown(() => run({ imageIdentifier: "no-such-image" }))).toBeInstanceOf(ResourceNotFoundException);
     expect(await thrown(() => run({ imageIdentifier: "base", imageVersion: "2" }))).toBeInstanceOf(ResourceNotFoundException);
   });

@@ -81,7 +81,8 @@ export function toAwsError(err: FastifyError | Error): AwsErrorResponse {
   if (fastify.validation) {
     const first = fastify.validation[0];
     const field = `${first?.instancePath?.replace(/^\//, "").replace(/\//g, ".") || fastify.validationContext || "request"}`;
-    return response("ValidationException", 400, `${field} ${first?.message ?? "is invalid"}`);
+    const unknown = (first?.params as { additionalProperty?: string } | undefined)?.additionalProperty;
+    return response("ValidationException", 400, unknown ? `${field}: unknown field ${unknown}` : `${field} ${first?.message ?? "is invalid"}`);
   }
   if (fastify.statusCode && fastify.statusCode >= 400 && fastify.statusCode < 500) return response("ValidationException", 400, fastify.message);
   return response("InternalServerException", 500, "internal error; see the server log");
