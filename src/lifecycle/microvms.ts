@@ -231,7 +231,7 @@ export class MicroVmService {
         try {
           // PUT /env replaces the base env: keep the image's ENV under the request's.
           if (req.env && Object.keys(req.env).length > 0) await launched.agent.setEnv({ ...image.env, ...req.env });
-          await this.runHook(row, launched, "run", runHookPayload);
+          await this.runHook(row, "run", runHookPayload);
         } catch (err) {
           await this.engine.terminate(launched.id).catch(() => undefined);
           await this.record(row.id, tenantId, { state: "FAILED", state_reason: (err as Error).message }, "failed", `launch failed: ${(err as Error).message}`);
@@ -284,7 +284,7 @@ export class MicroVmService {
       await this.record(id, tenantId, { state: "SUSPENDING" });
       const started = performance.now();
       try {
-        await this.runHook(row, this.engine.get(id), "suspend");
+        await this.runHook(row, "suspend");
         await this.engine.suspend(id);
         this.observer?.observe("suspend", (performance.now() - started) / 1000);
       } catch (err) {
@@ -313,7 +313,7 @@ export class MicroVmService {
       throw err;
     }
     // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
-    await this.runHook(row, this.engine.get(id), "resume");
+    await this.runHook(row, "resume");
     return this.record(id, tenantId, { state: "RUNNING", last_activity_at: new Date().toISOString() }, "resumed", `resumed (${cause})`);
   }
 
@@ -324,7 +324,7 @@ export class MicroVmService {
       checkTransition(id, row.state as MicroVmState, "TERMINATING", "terminate");
       await this.record(id, tenantId, { state: "TERMINATING" });
       // Only a running guest can answer its /terminate hook; a suspended one is not resumed for it.
-      if (row.state === "RUNNING") await this.runHook(row, this.engine.get(id), "terminate");
+      if (row.state === "RUNNING") await this.runHook(row, "terminate");
       await this.engine.terminate(id).catch((err: Error) => {
         if (err.name !== "VmNotFoundError") throw err;
       });
@@ -448,9 +448,14 @@ export class MicroVmService {
     }
   }
 
-  /** Calls one lifecycle hook of the VM's image, if enabled, and records its outcome as an event; the app's failure never throws. */
-  private async runHook(row: MicroVmRow, vm: MicroVm, name: HookName, body?: Buffer): Promise<void> {
+  /**
+   * Calls one lifecycle hook of the VM's image, if enabled and the engine has
+   * the VM, and records its outcome as an event; the app's failure never throws.
+   */
+  private async runHook(row: MicroVmRow, name: HookName, body?: Buffer): Promise<void> {
     const hooks = row.hooks ? (JSON.parse(row.hooks) as ImageHooks) : undefined;
+    const vm = this.engine.list().find((v) => v.id === row.id);
+    if (!vm) return;
     const outcome = await callHook(vm.agent, hooks, name, body);
     if (outcome) await this.db.insertInto("events").values(event(row.id, row.tenant_id, outcome.ok ? "hook" : "hook-failed", outcome.message)).execute();
   }

@@ -81,6 +81,8 @@ describe("SigV4", () => {
     expect((await aws.send(new ListMicrovmsCommand({}))).items).toEqual([]);
     expect(await signedFetch("GET", "/2025-09-09/microvms?maxResults=5")).toMatchObject({ status: 200, body: { items: [] } });
     expect((await signedFetch("POST", "/2025-09-09/microvms", { body: JSON.stringify({ imageIdentifier: "nope" }) })).type).toBe("ResourceNotFoundException");
+    // /v1's OpenAPI document stays /v1's.
+    expect(Object.keys((await api.call("GET", "/v1/openapi.json")).body.paths).filter((p) => !p.startsWith("/v1"))).toEqual([]);
   });
 
   it("refuses a wrong secret, an unknown or revoked key, a missing signature and a swapped body with 403", async () => {

@@ -17,10 +17,12 @@ import {
   ResumeMicrovmCommand,
   RunMicrovmCommand,
   SuspendMicrovmCommand,
+  TagResourceCommand,
   TerminateMicrovmCommand,
   ThrottlingException,
   UpdateMicrovmImageCommand,
   UpdateMicrovmImageVersionCommand,
+  UntagResourceCommand,
   ValidationException,
   type CreateMicrovmImageCommandInput,
 } from "@aws-sdk/client-lambda-microvms";
@@ -182,6 +184,10 @@ describe("images, versions and builds", () => {
 
     const image = await aws.send(new GetMicrovmImageCommand({ imageIdentifier: "hooked" }));
     expect(image).toMatchObject({ name: "hooked", state: "UPDATE_FAILED", latestActiveImageVersion: "1", latestFailedImageVersion: "2", tags: { team: "blue" } });
+    await aws.send(new TagResourceCommand({ Resource: image.imageArn, Tags: { stage: "test" } }));
+    expect((await aws.send(new ListTagsCommand({ Resource: image.imageArn }))).Tags).toEqual({ team: "blue", stage: "test" });
+    await aws.send(new UntagResourceCommand({ Resource: image.imageArn, TagKeys: ["stage"] }));
+    expect((await api.call("GET", "/v1/images/hooked/tags", { key: alice.apiKey })).body.tags).toEqual({ team: "blue" });
 
     const builds = await aws.send(new ListMicrovmImageBuildsCommand({ imageIdentifier: "hooked", imageVersion: "2" }));
     expect(builds.items).toHaveLength(1);

@@ -44,6 +44,10 @@ export async function registerAwsApi(app: Api, deps: AwsApiDeps): Promise<void> 
     await app.register(
       async (plugin) => {
         const scope = plugin.withTypeProvider<TypeBoxTypeProvider>();
+        // /v1/openapi.json documents /v1; this door's contract is the AWS model (docs/aws-api.md).
+        scope.addHook("onRoute", (route) => {
+          route.schema = { ...route.schema, hide: true };
+        });
         // The signature covers the exact bytes: bodies arrive raw and are parsed after it is checked.
         scope.removeAllContentTypeParsers();
         scope.addContentTypeParser("*", { parseAs: "buffer", bodyLimit: BODY_LIMIT_BYTES }, (_req, body, done) => done(null, body));
