@@ -226,6 +226,28 @@ describe("MicroVMs", () => {
     expect((await api.call("GET", `/v1/microvms/${id}/shell`)).status).toBe(401);
   });
 
+  it("refuses bad input to the /v1 additions with a 400 naming the field", async () => {
+    const id = ids[1]!;
+    const bad = async (method: string, path: string, body: unknown, key = alice.apiKey) => {
+      const res = await api.call(method, path, { key, body });
+      expect(res.status, `${method} ${path} ${JSON.stringify(body)}: ${res.text}`).toBe(400);
+      return res.body.error.message as string;
+    };
+    expect(await bad("POST", `/v1/microvms/${id}/auth-tokens`, { ports: [{ port: 0 }], expiresInMinutes: 5 })).toContain("ports");
+    expect(await bad("POST", `/v1/microvms/${id}/auth-tokens`, { ports: [{ range: { startPort: 10, endPort: 5 } }], expiresInMinutes: 5 })).toContain("range.startPort 10 is above range.endPort 5");
+    expect(await bad("POST", `/v1/microvms/${id}/auth-tokens`, { ports: [{ range: { startPort: 1, endPort: 300 } }, { port: 8080 }], expiresInMinutes: 5 })).toContain("at most 256 ports");
+    expect(await bad("POST", `/v1/microvms/${id}/shell-auth-tokens`, { expiresInMinutes: 61 })).toContain("expiresInMinutes");
+    expect(await bad("POST", `/v1/microvms/${id}/tags`, { tags: { "aws:x": "1" } })).toContain("aws: prefix is reserved");
+    expect(await bad("POST", "/v1/microvms", { image: "base", network: { egress: "internet", egressConnectors: ["INTERNET_EGRESS"] } })).toContain("not both");
+    expect(await bad("POST", "/v1/microvms", { image: "base", runHookPayload: "€".repeat(6000) })).toContain("runHookPayload");
+    expect(await bad("POST", "/v1/microvms", { image: "base", idlePolicy: { terminateAfterSuspendedSeconds: -1 } })).toContain("terminateAfterSuspendedSeconds");
+    expect(await bad("POST", "/v1/network-connectors", { name: "INTERNET_EGRESS", allow: ["a.org"] }, api.adminKey)).toContain("built in");
+    expect(await bad("POST", "/v1/network-connectors", { name: "bad", allow: ["not a host!"] }, api.adminKey)).toContain("allow");
+    expect(await bad("POST", "/v1/network-connectors", { name: "../x", allow: ["a.org"] }, api.adminKey)).toContain("name must match");
+    expect((await api.call("PATCH", "/v1/images/nope", { key: alice.apiKey, body: { status: "BROKEN" } })).status).toBe(400);
+    expect((await api.call("PATCH", "/v1/images/nope", { key: alice.apiKey, body: { status: "INACTIVE" } })).status).toBe(404);
+  });
+
   it("maps egress connectors: INTERNET_EGRESS, operator-defined allow lists, none", async () => {
     for (const id of ids.slice(1)) await aws.send(new TerminateMicrovmCommand({ microvmIdentifier: id }));
     const created = await api.call("POST", "/v1/network-connectors", { key: api.adminKey, body: { name: "pypi", allow: ["pypi.org", "*.pythonhosted.org"] } });

@@ -3,7 +3,6 @@ import { ApiError } from "../../errors.ts";
 import type { MicroVmState } from "../../lifecycle/states.ts";
 import { grantAccessToken, grantShellToken, type PortSpec } from "../../router/access-grants.ts";
 import type { MicroVmRow } from "../../store/schema.ts";
-import { parseEgress } from "../../vmm/network/policy.ts";
 import { INTERNET_CONNECTOR } from "../../lifecycle/connectors.ts";
 import type { AwsApiDeps, AwsScope } from "./index.ts";
 import { awsMicroVmState, decodePageToken, encodePageToken, epochSeconds, imageArn, managedImageArn, PAGE, parseVersion, resourceName } from "./protocol.ts";
@@ -11,8 +10,6 @@ import { Logging } from "./shapes.ts";
 
 /** The header a client sends an auth token in (the key of the authToken map). */
 export const PROXY_AUTH_HEADER = "X-aws-proxy-auth";
-/** The one managed image that is also launchable without a build. */
-const MANAGED_BASE = "base";
 
 const Id = Type.Object({ microvmIdentifier: Type.String({ minLength: 1, maxLength: 2048 }) });
 const ConnectorNames = Type.Array(Type.String({ minLength: 1, maxLength: 64 }), { maxItems: 16 });
@@ -59,7 +56,9 @@ const PortSpecification = Type.Object(
  */
 export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): void {
   const { microvms } = deps;
-  const view = (row: MicroVmRow, region: string) => microVmView(row, region, deps.endpointUrl(row.id));
+  /** Names of the managed images (reserved names: no tenant image has one). */
+  const managedNames = async () => new Set((await microvms.managedImages()).map((m) => m.name));
+  const view = async (row: MicroVmRow, region: string) => microVmView(row, region, deps.endpointUrl(row.id), await managedNames());
 
   scope.post("/microvms", { config: { awsPermission: "microvm:create" }, schema: { body: RunBody } }, async (req) => {
     const b = req.body;
@@ -106,16 +105,20 @@ export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): vo
       let image = q.imageIdentifier === undefined ? undefined : resourceName(q.imageIdentifier, tenantId, "microvm-image", "imageIdentifier", true);
       if (q.imageVersion !== undefined) {
         if (image === undefined) throw new ApiError("ValidationError", "imageVersion needs imageIdentifier", { field: "imageVersion" });
-        // A version is one image id; the managed base has version 1 only.
-        image = image === MANAGED_BASE ? (parseVersion(q.imageVersion) === 1 ? MANAGED_BASE : "-") : deps.images ? (await deps.images.getVersion(tenantId, image, parseVersion(q.imageVersion))).id : "-";
+        // A version is one image id; a managed image has one version.
+        const version = parseVersion(q.imageVersion);
+        const managed = (await microvms.managedImages()).find((m) => m.name === image);
+        if (managed) image = managed.version === version ? image : "-";
+        else image = deps.images ? (await deps.images.getVersion(tenantId, image, version)).id : "-";
       }
+      const managed = await managedNames();
       const after = decodePageToken(q.nextToken);
       const page = await microvms.list(tenantId, { image, limit: q.maxResults ?? PAGE.max, after: after === undefined ? undefined : String(after) });
       return {
         items: page.items.map((row) => ({
           microvmId: row.id,
           state: awsMicroVmState(row.state as MicroVmState),
-          imageArn: arnOfImage(row, req.aws.region),
+          imageArn: arnOfImage(row, req.aws.region, managed),
           imageVersion: String(row.image_version ?? 1),
           startedAt: epochSeconds(row.created_at),
         })),
@@ -179,18 +182,18 @@ export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): vo
 
 const vmId = (identifier: string, tenantId: string) => resourceName(identifier, tenantId, "microvm", "microvmIdentifier");
 
-/** The image a VM runs, as an ARN: the managed base's, or one of the tenant's images. */
-function arnOfImage(row: MicroVmRow, region: string): string {
-  return row.image_id === "img-base" ? managedImageArn(region, row.image_name) : imageArn(region, row.tenant_id, row.image_name);
+/** The image a VM runs, as an ARN: a managed image's, or one of the tenant's images. */
+function arnOfImage(row: MicroVmRow, region: string, managed: Set<string>): string {
+  return managed.has(row.image_name) ? managedImageArn(region, row.image_name) : imageArn(region, row.tenant_id, row.image_name);
 }
 
 /** RunMicrovm's and GetMicrovm's answer. */
-function microVmView(row: MicroVmRow, region: string, endpoint: string) {
+function microVmView(row: MicroVmRow, region: string, endpoint: string, managed: Set<string>) {
   return {
     microvmId: row.id,
     state: awsMicroVmState(row.state as MicroVmState),
     endpoint,
-    imageArn: arnOfImage(row, region),
+    imageArn: arnOfImage(row, region, managed),
     imageVersion: String(row.image_version ?? 1),
     maximumDurationInSeconds: row.max_runtime_seconds,
     startedAt: epochSeconds(row.created_at),
@@ -208,6 +211,5 @@ function microVmView(row: MicroVmRow, region: string, endpoint: string) {
 /** The connectors a VM's egress came from; a policy given directly on /v1 shows as INTERNET_EGRESS or none when it is one of those. */
 function egressConnectorsOf(row: MicroVmRow): string[] {
   if (row.egress_connectors) return JSON.parse(row.egress_connectors) as string[];
-  const egress = parseEgress(JSON.parse(row.egress));
-  return egress === "internet" ? [INTERNET_CONNECTOR] : [];
+  return JSON.parse(row.egress) === "internet" ? [INTERNET_CONNECTOR] : [];
 }
