@@ -53,7 +53,7 @@ export function normalizeHooks(req: HooksRequest): ImageHooks {
 }
 
 /** A hook's outcome as one line for an event or the build log. */
-export function describeHook(name: HookName, answer: HookAnswer): { ok: boolean; message: string } {
+function describeHook(name: HookName, answer: HookAnswer): { ok: boolean; message: string } {
   const call = `POST /${name}`;
   if (answer.status === undefined) {
     return { ok: false, message: `${call} ${answer.timedOut ? `timed out after ${answer.durationMs} ms` : `failed: ${answer.error ?? "no answer"}`}` };

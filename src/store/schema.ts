@@ -158,5 +158,4 @@ export interface NetworkConnectorsTable {
 }
 
 export type ImageRow = Selectable<ImagesTable>;
-export type NewImageRow = Insertable<ImagesTable>;
 export type ImageUpdate = Updateable<ImagesTable>;

@@ -9,7 +9,7 @@ import { awsMicroVmState, decodePageToken, encodePageToken, epochSeconds, imageA
 import { Logging } from "./shapes.ts";
 
 /** The header a client sends an auth token in (the key of the authToken map). */
-export const PROXY_AUTH_HEADER = "X-aws-proxy-auth";
+const PROXY_AUTH_HEADER = "X-aws-proxy-auth";
 
 const Id = Type.Object({ microvmIdentifier: Type.String({ minLength: 1, maxLength: 2048 }) });
 const ConnectorNames = Type.Array(Type.String({ minLength: 1, maxLength: 64 }), { maxItems: 16 });

@@ -16,7 +16,6 @@ export function accountOf(tenantId: string): string {
   return n.toString().padStart(12, "0");
 }
 
-export const microvmArn = (region: string, tenantId: string, id: string) => `arn:aws:lambda:${region}:${accountOf(tenantId)}:microvm/${id}`;
 export const imageArn = (region: string, tenantId: string, name: string) => `arn:aws:lambda:${region}:${accountOf(tenantId)}:microvm-image/${name}`;
 export const managedImageArn = (region: string, name: string) => `arn:aws:lambda:${region}:${MANAGED_ACCOUNT}:microvm-image/${name}`;
 

@@ -9,9 +9,9 @@ import { findLiveKeyById } from "../../store/tenants.ts";
 import { AwsError } from "./errors.ts";
 
 /** The signing name the AWS SDK uses for Lambda MicroVMs. */
-export const SIGNING_SERVICE = "lambda";
+const SIGNING_SERVICE = "lambda";
 /** A signature older (or further in the future) than this is refused, as AWS does. */
-export const MAX_CLOCK_SKEW_MS = 5 * 60_000;
+const MAX_CLOCK_SKEW_MS = 5 * 60_000;
 
 /** Who signed a request: the key, its tenant and permissions, and the region it signed for. */
 export interface AwsCaller {
