@@ -12,6 +12,7 @@ export const ERROR_CODES = {
   InvalidState: { status: 409, doc: "The resource is in a state that does not allow the action; the message names both." },
   Conflict: { status: 409, doc: "The resource already exists or is in use." },
   PayloadTooLarge: { status: 413, doc: "The request body exceeds its limit." },
+  QuotaExceeded: { status: 429, doc: "A quota of the tenant or of a resource is reached (e.g. 50 tags per resource); the message names it and the limit." },
   RateLimited: { status: 429, doc: "Too many requests of this kind are in progress (e.g. image builds waiting for a slot); retry later." },
   CapacityExceeded: { status: 503, doc: "The host has no capacity for the VM right now; retry later." },
   Internal: { status: 500, doc: "A server fault; details are in the server log under the request id." },

@@ -7,12 +7,16 @@ import { handleMcpHttpRequest, loopbackUrl } from "@cocoon/mcp";
 import { ApiError, InvalidArgumentError, type ErrorCode } from "../errors.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
+import type { ServerSecrets } from "../store/secrets.ts";
 import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
+import { AccessTokens } from "../router/access-tokens.ts";
 import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import { registerAwsApi } from "./aws/index.ts";
 import { authenticate } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
+import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
@@ -24,6 +28,8 @@ export const VERSION = "0.1.0";
 
 export interface ApiDeps {
   db: Db;
+  /** The server's master key (store/secrets.ts): seals API key secrets for SigV4, signs endpoint and shell tokens. */
+  secrets: ServerSecrets;
   microvms: MicroVmService;
   accelerator: Accelerator;
   /** The QEMU jail's cgroup version; absent when QEMU runs unjailed (COCOON_JAIL=off, or not root). */
@@ -92,17 +98,23 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     version: VERSION,
   }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
-  registerKeyRoutes(app, deps.db);
-  if (deps.images) await registerImageRoutes(app, deps.images, deps.db);
+  registerKeyRoutes(app, deps.db, deps.secrets);
+  if (deps.images) await registerImageRoutes(app, deps.images, deps.db, deps.microvms.connectors);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
     const address = app.server.address();
     return `http://${id}.${domain}:${typeof address === "object" && address ? address.port : 7070}/`;
   };
-  registerMicroVmRoutes(app, deps.microvms, endpointUrl);
+  // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
+  const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
+  const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
+  registerMicroVmRoutes(app, deps.microvms, endpointUrl, { access: accessTokens, shell: shellTokens }, deps.db);
+  registerConnectorRoutes(app, deps.microvms.connectors);
   await registerConsoleRoutes(app, domain); // the web console, /console/
-  await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms), domain);
-  registerTerminalRoute(app, deps.microvms);
+  await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms, accessTokens), domain);
+  registerTerminalRoute(app, deps.microvms, shellTokens);
+  // The AWS Lambda MicroVMs API (docs/aws-api.md): the same core behind AWS's protocol.
+  await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl });
   registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   // MCP over streamable HTTP (packages/mcp, docs/mcp.md): its tools call this API on loopback with the caller's key.
   app.route({

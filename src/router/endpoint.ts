@@ -7,10 +7,13 @@ import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { MicroVmRow } from "../store/schema.ts";
 import type { Db } from "../store/db.ts";
 import { findLiveKey } from "../store/tenants.ts";
+import type { AccessTokens } from "./access-tokens.ts";
 
 /** The cookie `?cocoon_token=` sets, per VM, so a browser presents the token once. */
 const cookieName = (id: string) => `cocoon_token_${id}`;
 const TOKEN_PARAM = "cocoon_token";
+/** AWS Lambda MicroVMs' header for an access token limited to ports and an expiry (router/access-tokens.ts). */
+const PROXY_AUTH_HEADER = "x-aws-proxy-auth";
 
 /** Headers that describe one hop, not the message (RFC 9110 §7.6.1); never forwarded. */
 const HOP_BY_HOP = new Set(["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host"]);
@@ -35,22 +38,30 @@ export class EndpointRouter {
   constructor(
     private readonly db: Db,
     private readonly microvms: MicroVmService,
+    private readonly accessTokens?: AccessTokens,
   ) {}
 
-  /** Authorizes the request and makes sure the VM runs; returns where to send it. */
-  async resolve(id: string, upstreamPath: string, headers: IncomingHttpHeaders): Promise<EndpointTarget> {
+  /**
+   * Authorizes the request and makes sure the VM runs; returns where to send
+   * it. `port` is a guest port named by a `{port}-{id}` host; default the app
+   * port. An `X-aws-proxy-auth` token opens only its ports; the VM's token and
+   * its tenant's API keys open every port; `endpoint.public` opens the app port.
+   */
+  async resolve(id: string, upstreamPath: string, headers: IncomingHttpHeaders, port?: number): Promise<EndpointTarget> {
     const row = await this.microvms.getAnyTenant(id);
     if (!row || row.state === "TERMINATED") throw new ApiError("NotFound", `microVM ${id} not found`);
     const url = new URL(upstreamPath, "http://x");
     const queryToken = url.searchParams.get(TOKEN_PARAM) ?? undefined;
     url.searchParams.delete(TOKEN_PARAM);
-    if (!row.endpoint_public && !(await this.authorized(row, headers, queryToken))) {
-      throw new ApiError("Unauthorized", `microVM ${id}'s endpoint needs its token (Authorization: Bearer, or ?${TOKEN_PARAM}=) or an API key of its tenant`);
+    const guestPort = port ?? row.app_port;
+    const publicPort = row.endpoint_public === 1 && guestPort === row.app_port;
+    if (!publicPort && !(await this.authorized(row, headers, queryToken, guestPort))) {
+      throw new ApiError("Unauthorized", `microVM ${id}'s endpoint needs its token (Authorization: Bearer, or ?${TOKEN_PARAM}=), an ${PROXY_AUTH_HEADER} token for this port, or an API key of its tenant`);
     }
-    if (row.app_port === null) throw new ApiError("NotFound", `microVM ${id} serves no app (its image exposes no port; set appPort at create)`);
+    if (guestPort === null) throw new ApiError("NotFound", `microVM ${id} serves no app (its image exposes no port; set appPort at create)`);
     const vm = await this.microvms.runningVm(row.tenant_id, id, "serve a request to");
-    const hostPort = vm.hostPort(row.app_port);
-    if (!hostPort) throw new ApiError("NotFound", `microVM ${id} does not forward port ${row.app_port}`);
+    const hostPort = vm.hostPort(guestPort);
+    if (!hostPort) throw new ApiError("NotFound", `microVM ${id} does not forward port ${guestPort}`);
     return {
       row,
       hostPort,
@@ -60,8 +71,8 @@ export class EndpointRouter {
   }
 
   /** Proxies an HTTP request to the app, streaming both bodies. */
-  async proxyHttp(id: string, upstreamPath: string, req: FastifyRequest, reply: FastifyReply): Promise<void> {
-    const target = await this.resolve(id, upstreamPath, req.headers);
+  async proxyHttp(id: string, upstreamPath: string, req: FastifyRequest, reply: FastifyReply, port?: number): Promise<void> {
+    const target = await this.resolve(id, upstreamPath, req.headers, port);
     const headers = forwardHeaders(req.headers, req.headers.host);
     reply.hijack();
     const upstream = httpRequest({ host: "127.0.0.1", port: target.hostPort, method: req.method, path: target.path, headers }, (res) => {
@@ -82,13 +93,13 @@ export class EndpointRouter {
   }
 
   /** Relays a WebSocket to the app's WebSocket at the same path. */
-  async proxyWebSocket(id: string, upstreamPath: string, client: WebSocket, req: FastifyRequest): Promise<void> {
+  async proxyWebSocket(id: string, upstreamPath: string, client: WebSocket, req: FastifyRequest, port?: number): Promise<void> {
     // Messages may arrive while the VM resumes: hold them until upstream is open.
     const pending: [WebSocket.RawData, boolean][] = [];
     let upstream: WebSocket | undefined;
     client.on("message", (data, isBinary) => (upstream?.readyState === WebSocket.OPEN ? upstream.send(data, { binary: isBinary }) : pending.push([data, isBinary])));
     try {
-      const target = await this.resolve(id, upstreamPath, req.headers);
+      const target = await this.resolve(id, upstreamPath, req.headers, port);
       upstream = new WebSocket(`ws://127.0.0.1:${target.hostPort}${target.path}`, { headers: forwardHeaders(req.headers, req.headers.host, true) });
     } catch (err) {
       client.close(1008, (err as Error).message.slice(0, 120));
@@ -104,7 +115,9 @@ export class EndpointRouter {
     client.on("close", () => up.close());
   }
 
-  private async authorized(row: MicroVmRow, headers: IncomingHttpHeaders, queryToken: string | undefined): Promise<boolean> {
+  private async authorized(row: MicroVmRow, headers: IncomingHttpHeaders, queryToken: string | undefined, guestPort: number | null): Promise<boolean> {
+    const proxyAuth = headers[PROXY_AUTH_HEADER];
+    if (typeof proxyAuth === "string" && guestPort !== null && this.accessTokens?.verify(proxyAuth, row.id, guestPort)) return true;
     const bearer = /^Bearer\s+(\S+)$/i.exec(headers.authorization ?? "")?.[1];
     const cookie = parseCookies(headers.cookie)[cookieName(row.id)];
     for (const presented of [bearer, queryToken, cookie]) if (presented && sameSecret(presented, row.endpoint_token)) return true;
@@ -133,7 +146,7 @@ function parseCookies(header: string | undefined): Record<string, string> {
 function forwardHeaders(headers: IncomingHttpHeaders, host: string | undefined, websocket = false): Record<string, string | string[]> {
   const out: Record<string, string | string[]> = {};
   for (const [k, v] of Object.entries(headers)) {
-    if (v === undefined || HOP_BY_HOP.has(k) || k === "authorization") continue;
+    if (v === undefined || HOP_BY_HOP.has(k) || k === "authorization" || k === PROXY_AUTH_HEADER) continue;
     if (websocket && k.startsWith("sec-websocket")) continue;
     out[k] = v;
   }
@@ -158,15 +171,15 @@ export async function registerEndpointRoutes(app: FastifyInstance, router: Endpo
     scope.removeAllContentTypeParsers();
     scope.addContentTypeParser("*", (_req, _payload, done) => done(null));
     /** GET (HTTP or a WebSocket upgrade) and every other method, for one URL pattern. */
-    const proxy = (url: string, target: (req: FastifyRequest) => { id: string; path: string }, constraints?: { host: RegExp }) => {
-      const http = (req: FastifyRequest, reply: FastifyReply) => router.proxyHttp(target(req).id, target(req).path, req, reply);
+    const proxy = (url: string, target: (req: FastifyRequest) => { id: string; path: string; port?: number }, constraints?: { host: RegExp }) => {
+      const http = (req: FastifyRequest, reply: FastifyReply) => router.proxyHttp(target(req).id, target(req).path, req, reply, target(req).port);
       const common = { url, schema: { hide: true }, ...(constraints ? { constraints } : {}) };
       scope.route({
         ...common,
         method: "GET",
         // handler + wsHandler (without `websocket: true`): plain GETs and upgrades on one route.
         handler: http,
-        wsHandler: (socket: WebSocket, req: FastifyRequest) => void router.proxyWebSocket(target(req).id, target(req).path, socket, req),
+        wsHandler: (socket: WebSocket, req: FastifyRequest) => void router.proxyWebSocket(target(req).id, target(req).path, socket, req, target(req).port),
       });
       scope.route({ ...common, method: ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"], handler: http }); // HEAD comes with GET
     };
@@ -174,8 +187,16 @@ export async function registerEndpointRoutes(app: FastifyInstance, router: Endpo
       const { id, "*": rest } = req.params as { id: string; "*": string };
       return { id, path: `/${rest ?? ""}${queryOf(req.url)}` };
     });
-    const hostPattern = new RegExp(`^(vm-[0-9a-f]+)\\.${domain.replace(/\./g, "\\.")}(:\\d+)?$`);
-    proxy("/*", (req) => ({ id: hostPattern.exec(req.headers.host ?? "")![1]!, path: req.url }), { host: hostPattern });
+    // `{id}.{domain}` reaches the app port, `{port}-{id}.{domain}` that guest port.
+    const hostPattern = new RegExp(`^(?:([1-9]\\d{0,4})-)?(vm-[0-9a-f]+)\\.${domain.replace(/\./g, "\\.")}(:\\d+)?$`);
+    proxy(
+      "/*",
+      (req) => {
+        const m = hostPattern.exec(req.headers.host ?? "")!;
+        return { id: m[2]!, path: req.url, port: m[1] ? Number(m[1]) : undefined };
+      },
+      { host: hostPattern },
+    );
   });
 }
 

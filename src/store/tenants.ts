@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import type { Db } from "./db.ts";
 import type { ApiKey, Tenant } from "./schema.ts";
+import type { ServerSecrets } from "./secrets.ts";
 
 export const hashSecret = (secret: string) => createHash("sha256").update(secret).digest("hex");
 
@@ -50,18 +51,25 @@ export function updateTenantSettings(db: Db, tenantId: string, patch: Partial<Te
   });
 }
 
-/** Creates a key and returns its secret (`ck_…`), which is never stored: only its hash is. */
+/**
+ * Creates a key and returns its secret (`ck_…`), which is never stored in the
+ * clear: its hash finds it for Bearer authentication, and a copy sealed with
+ * the server's master key lets SigV4 signatures be checked (SECURITY.md).
+ */
 export async function createApiKey(
   db: Db,
+  secrets: ServerSecrets,
   opts: { tenantId: string; permissions: string[]; description?: string },
 ): Promise<{ key: ApiKey; apiKey: string }> {
   const apiKey = `ck_${randomBytes(24).toString("base64url")}`;
+  const id = `key-${randomBytes(6).toString("hex")}`;
   const key = await db
     .insertInto("api_keys")
     .values({
-      id: `key-${randomBytes(6).toString("hex")}`,
+      id,
       tenant_id: opts.tenantId,
       secret_hash: hashSecret(apiKey),
+      secret_sealed: secrets.seal(apiKey, id),
       permissions: JSON.stringify(opts.permissions),
       description: opts.description ?? null,
       created_at: new Date().toISOString(),
@@ -75,6 +83,11 @@ export async function createApiKey(
 /** The live (not revoked) key whose secret is `apiKey`. Looked up per request: revocation is immediate. */
 export function findLiveKey(db: Db, apiKey: string): Promise<ApiKey | undefined> {
   return db.selectFrom("api_keys").selectAll().where("secret_hash", "=", hashSecret(apiKey)).where("revoked_at", "is", null).executeTakeFirst();
+}
+
+/** The live (not revoked) key with this id (SigV4's access key id). */
+export function findLiveKeyById(db: Db, keyId: string): Promise<ApiKey | undefined> {
+  return db.selectFrom("api_keys").selectAll().where("id", "=", keyId).where("revoked_at", "is", null).executeTakeFirst();
 }
 
 export function listKeys(db: Db): Promise<ApiKey[]> {

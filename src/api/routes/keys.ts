@@ -3,6 +3,7 @@ import { ApiError } from "../../errors.ts";
 import { checkS3Allow } from "../../images/intake.ts";
 import type { Db } from "../../store/db.ts";
 import type { Tenant } from "../../store/schema.ts";
+import type { ServerSecrets } from "../../store/secrets.ts";
 import { createApiKey, createTenant, findTenant, listKeys, listTenants, revokeKey, tenantSettings, updateTenantSettings } from "../../store/tenants.ts";
 import type { Api } from "../server.ts";
 
@@ -20,7 +21,7 @@ const TenantParams = Type.Object({ tenant: Type.String({ minLength: 1, maxLength
 const tenantView = (t: Tenant) => ({ tenantId: t.id, name: t.name, createdAt: t.created_at, ...tenantSettings(t) });
 
 /** Tenants, their settings and API keys (admin only). */
-export function registerKeyRoutes(app: Api, db: Db): void {
+export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): void {
   const admin = { permission: "admin:*" };
   const tenantOr404 = async (idOrName: string) => {
     const tenant = await findTenant(db, idOrName);
@@ -75,7 +76,7 @@ export function registerKeyRoutes(app: Api, db: Db): void {
     async (req, reply) => {
       const tenant = await findTenant(db, req.body.tenant);
       if (!tenant) throw new ApiError("NotFound", `tenant ${req.body.tenant} not found`, { field: "tenant" });
-      const { key, apiKey } = await createApiKey(db, { tenantId: tenant.id, permissions: req.body.permissions, description: req.body.description });
+      const { key, apiKey } = await createApiKey(db, secrets, { tenantId: tenant.id, permissions: req.body.permissions, description: req.body.description });
       return reply.status(201).send({ keyId: key.id, apiKey, tenantId: tenant.id, permissions: req.body.permissions, createdAt: key.created_at });
     },
   );

@@ -2,7 +2,11 @@ import { Type } from "@fastify/type-provider-typebox";
 import type { Readable } from "node:stream";
 import { ApiError } from "../../errors.ts";
 import { LIMITS, type MicroVmService } from "../../lifecycle/microvms.ts";
+import { GRANT_LIMITS, grantAccessToken, grantShellToken } from "../../router/access-grants.ts";
+import type { AccessTokens } from "../../router/access-tokens.ts";
+import type { Db } from "../../store/db.ts";
 import type { MicroVmRow } from "../../store/schema.ts";
+import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
 import { AgentError } from "../../vmm/agent-client.ts";
 import type { Api } from "../server.ts";
 
@@ -12,6 +16,7 @@ const int = (limits: { min: number; max: number }, description: string) =>
 const CreateBody = Type.Object(
   {
     image: Type.String({ minLength: 1, maxLength: 128, description: "image name or id" }),
+    imageVersion: Type.Optional(Type.Integer({ minimum: 1, description: "a version of the image (default: its latest READY, ACTIVE one)" })),
     vcpus: Type.Optional(int(LIMITS.vcpus, "vCPUs (default 1)")),
     memoryMiB: Type.Optional(int(LIMITS.memoryMiB, "memory in MiB (default 512)")),
     diskGiB: Type.Optional(int(LIMITS.diskGiB, "disk in GiB (default: the image's)")),
@@ -21,6 +26,7 @@ const CreateBody = Type.Object(
         {
           suspendAfterSeconds: Type.Optional(int(LIMITS.suspendAfterSeconds, "suspend after this many idle seconds; 0 disables (default 900)")),
           autoResume: Type.Optional(Type.Boolean({ description: "resume on the next request or exec (default true)" })),
+          terminateAfterSuspendedSeconds: Type.Optional(int(LIMITS.terminateAfterSuspendedSeconds, "terminate after this many seconds suspended; 0 never (default 0)")),
         },
         { additionalProperties: false },
       ),
@@ -36,6 +42,9 @@ const CreateBody = Type.Object(
               Type.Object({ allow: Type.Array(Type.String({ minLength: 1, maxLength: 253 }), { maxItems: 256 }) }, { additionalProperties: false }),
             ]),
           ),
+          egressConnectors: Type.Optional(
+            Type.Array(Type.String({ minLength: 1, maxLength: 64 }), { maxItems: 16, description: "named egress connectors (GET /v1/network-connectors); instead of egress" }),
+          ),
         },
         { additionalProperties: false },
       ),
@@ -43,6 +52,8 @@ const CreateBody = Type.Object(
     endpoint: Type.Optional(Type.Object({ public: Type.Optional(Type.Boolean()) }, { additionalProperties: false })),
     appPort: Type.Optional(int(LIMITS.appPort, "guest port the endpoint forwards to (default: the image's EXPOSE)")),
     metadata: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.Unknown(), { maxProperties: 64 })),
+    runHookPayload: Type.Optional(Type.String({ maxLength: 16 * 1024, description: "body of the image's /run hook (at most 16 KiB)" })),
+    clientToken: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: "idempotency: a retry with the same token and request returns the same VM" })),
   },
   { additionalProperties: false },
 );
@@ -63,8 +74,16 @@ const ExecBody = Type.Object(
 
 const PathQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4096, pattern: "^/" }) });
 
-/** MicroVM lifecycle, exec, files and events (API.md). */
-export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpointUrl: (id: string) => string): void {
+const PortSpecBody = Type.Union([
+  Type.Object({ port: int(LIMITS.appPort, "one guest port") }, { additionalProperties: false }),
+  Type.Object({ range: Type.Object({ startPort: int(LIMITS.appPort, "first port"), endPort: int(LIMITS.appPort, "last port") }, { additionalProperties: false }) }, { additionalProperties: false }),
+  Type.Object({ allPorts: Type.Literal(true) }, { additionalProperties: false }),
+]);
+const ExpiresInMinutes = Type.Integer({ minimum: GRANT_LIMITS.expiresInMinutes.min, maximum: GRANT_LIMITS.expiresInMinutes.max, description: "minutes until the token expires (1–60)" });
+const TagsBody = Type.Record(Type.String({ minLength: 1, maxLength: TAG_LIMITS.keyLength }), Type.String({ maxLength: TAG_LIMITS.valueLength }), { maxProperties: 64 });
+
+/** MicroVM lifecycle, exec, files, events, access tokens and tags (API.md). */
+export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpointUrl: (id: string) => string, tokens: { access: AccessTokens; shell: AccessTokens }, db: Db): void {
   const toView = (row: MicroVmRow) => microVmView(row, endpointUrl(row.id));
   app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody } }, async (req, reply) => {
     const row = await microvms.create(req.tenantId, req.body);
@@ -108,6 +127,43 @@ export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpoi
   app.get("/v1/microvms/:id/events", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) => ({
     events: await microvms.events(req.tenantId, req.params.id),
   }));
+
+  // Endpoint access for others: an X-aws-proxy-auth token for some ports, or one that opens GET /v1/microvms/{id}/shell.
+  app.post(
+    "/v1/microvms/:id/auth-tokens",
+    { config: { permission: "microvm:read" }, schema: { params: IdParams, body: Type.Object({ ports: Type.Array(PortSpecBody, { minItems: 1, maxItems: GRANT_LIMITS.specs }), expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }) } },
+    async (req, reply) => {
+      const grant = await grantAccessToken(tokens.access, microvms, req.tenantId, req.params.id, { ports: req.body.ports, expiresInMinutes: req.body.expiresInMinutes });
+      return reply.status(201).send({ token: grant.token, header: "X-aws-proxy-auth", expiresAt: grant.expiresAt.toISOString() });
+    },
+  );
+  app.post(
+    "/v1/microvms/:id/shell-auth-tokens",
+    { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: Type.Object({ expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }) } },
+    async (req, reply) => {
+      const grant = await grantShellToken(tokens.shell, microvms, req.tenantId, req.params.id, req.body.expiresInMinutes);
+      return reply.status(201).send({ token: grant.token, header: "X-aws-proxy-auth", expiresAt: grant.expiresAt.toISOString(), url: `/v1/microvms/${req.params.id}/shell` });
+    },
+  );
+
+  const vmTags = async (tenantId: string, id: string) => ({ type: "microvm" as const, id: (await microvms.get(tenantId, id)).id });
+  app.get("/v1/microvms/:id/tags", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) => ({
+    tags: await listTags(db, req.tenantId, await vmTags(req.tenantId, req.params.id)),
+  }));
+  app.post("/v1/microvms/:id/tags", { config: { permission: "microvm:create" }, schema: { params: IdParams, body: Type.Object({ tags: TagsBody }, { additionalProperties: false }) } }, async (req) => {
+    const resource = await vmTags(req.tenantId, req.params.id);
+    await tagResource(db, req.tenantId, resource, req.body.tags);
+    return { tags: await listTags(db, req.tenantId, resource) };
+  });
+  app.delete(
+    "/v1/microvms/:id/tags",
+    { config: { permission: "microvm:create" }, schema: { params: IdParams, querystring: Type.Object({ keys: Type.Union([Type.String({ maxLength: 128 }), Type.Array(Type.String({ maxLength: 128 }), { maxItems: 64 })]) }, { additionalProperties: false }) } },
+    async (req) => {
+      const resource = await vmTags(req.tenantId, req.params.id);
+      await untagResource(db, req.tenantId, resource, [req.query.keys].flat());
+      return { tags: await listTags(db, req.tenantId, resource) };
+    },
+  );
 
   app.post("/v1/microvms/:id/exec", { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: ExecBody } }, async (req, reply) => {
     const body = req.body;
@@ -194,9 +250,10 @@ function microVmView(row: MicroVmRow, url: string) {
     expiresAt: row.expires_at,
     lastActivityAt: row.last_activity_at,
     ...(row.terminated_at ? { terminatedAt: row.terminated_at } : {}),
-    idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1 },
+    ...(row.image_version !== null ? { imageVersion: row.image_version } : {}),
+    idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1, terminateAfterSuspendedSeconds: row.terminate_after_suspended_seconds },
     maxRuntimeSeconds: row.max_runtime_seconds,
-    network: { egress: JSON.parse(row.egress) as unknown },
+    network: { egress: JSON.parse(row.egress) as unknown, ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}) },
     endpoint: { url, token: row.endpoint_token, public: row.endpoint_public === 1, ...(row.app_port ? { appPort: row.app_port } : {}) },
     metadata: JSON.parse(row.metadata) as Record<string, unknown>,
   };
