@@ -13,7 +13,6 @@ import { startRuntime } from "../src/server/runtime.ts";
 import { openDatabase } from "../src/store/db.ts";
 import { createTenant } from "../src/store/tenants.ts";
 import { sha256 } from "../src/util/files.ts";
-import { Engine } from "../src/vmm/engine.ts";
 import { zipDir } from "../test/support/zip.ts";
 import { summarize, timed, writeResults } from "./stats.ts";
 

@@ -1,6 +1,6 @@
 import { posix } from "node:path";
 import { AgentError, type AgentClient, type ExecRequest } from "../vmm/agent-client.ts";
-import type { Engine, Snapshot, TemplateVm } from "../vmm/engine.ts";
+import type { DiskChain, Engine, Snapshot } from "../vmm/engine.ts";
 import { sleep } from "../util/process.ts";
 import { contextTar, type CodeArchive } from "./archive.ts";
 import type { BuildLog } from "./build-log.ts";
@@ -15,8 +15,8 @@ export interface BuildJob {
   plan: BuildPlan;
   zipPath: string;
   archive: CodeArchive;
-  /** qcow2 the build VM's disk is layered on (FROM's disk). */
-  backingDisk: string;
+  /** The disk the build VM's disk is layered on (FROM's), with its backing chain. */
+  base: DiskChain;
   /** Becomes the snapshot directory. */
   dir: string;
   vcpus: number;
@@ -50,7 +50,8 @@ export async function buildInVm(engine: Engine, job: BuildJob): Promise<Snapshot
   log.line(`==> booting the build VM (${job.vcpus} vCPU, ${job.memoryMiB} MiB, egress internet)`);
   const template = await engine.bootTemplate({
     dir: job.dir,
-    backingDisk: job.backingDisk,
+    backingDisk: job.base.path,
+    backingChain: job.base.backing,
     vcpus: job.vcpus,
     memoryMiB: job.memoryMiB,
     guestPorts: appPort ? [appPort] : [],

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { cpus } from "node:os";
-import { mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import { ApiError, checkIntRange } from "../errors.ts";
@@ -10,7 +10,7 @@ import type { ImageRow, ImageUpdate } from "../store/schema.ts";
 import { deleteTags, tagResource } from "../store/tags.ts";
 import { sha256 } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
-import { Engine, VM_LIMITS, type Snapshot } from "../vmm/engine.ts";
+import { snapshotDisk, VM_LIMITS, type Engine, type Snapshot } from "../vmm/engine.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
 import { BASE_ROOTFS_RECIPE } from "./base-rootfs.ts";
 import { BuildLog, readBuildLog } from "./build-log.ts";
@@ -19,7 +19,8 @@ import type { VmShape } from "./base-image.ts";
 import type { ImageRef } from "./catalog.ts";
 import { planDockerfile, type BuildPlan, type ImageConfig } from "./dockerfile.ts";
 import { normalizeHooks, type HooksRequest, type ImageHooks } from "./hooks.ts";
-import type { S3Config, StagedCode } from "./intake.ts";
+import { fetchCode, type S3Config, type StagedCode } from "./intake.ts";
+import { settingsOf } from "../store/tenants.ts";
 import { prepareScratchDisk } from "./scratch-disk.ts";
 import { checkImageTransition, isBuilding, type ImageState } from "./states.ts";
 
@@ -116,12 +117,14 @@ export class ImageService {
     return this.limits;
   }
 
-  get s3(): S3Config | undefined {
-    return this.opts.s3;
-  }
-
-  get httpsCa(): string | undefined {
-    return this.opts.httpsCa;
+  /**
+   * Fetches a tenant's code URI into the staging directory, within the
+   * archive limit, the tenant's `s3Allow` and the server's SSRF rules
+   * (`fetchCode`). Both front doors take code URIs only through here.
+   */
+  async fetchCode(tenantId: string, codeUri: string, opts: { admin: boolean }): Promise<StagedCode> {
+    const { s3Allow } = await settingsOf(this.db, tenantId);
+    return fetchCode(codeUri, { stagingDir: this.stagingDir, maxBytes: this.limits.maxCompressedBytes, admin: opts.admin, s3: this.opts.s3 ?? {}, s3Allow, httpsCa: this.opts.httpsCa });
   }
 
   /**
@@ -389,13 +392,18 @@ export class ImageService {
         const timeoutMs = this.opts.buildTimeoutMs ?? 600_000;
         const timer = setTimeout(() => controller.abort(new BuildError(`the build timed out after ${Math.round(timeoutMs / 1000)} s`)), timeoutMs);
         try {
-          const backingDisk =
-            plan.base.kind === "debian" ? this.opts.rootfs : plan.base.kind === "scratch" ? await prepareScratchDisk(this.opts.assetsDir, this.opts.log) : join(this.dirOf(parent!.id), "snapshot", "disk.qcow2");
+          // FROM another image: its snapshot's disk, with the chain its manifest names (never a disk header's).
+          const base =
+            plan.base.kind === "debian"
+              ? { path: this.opts.rootfs, backing: [] }
+              : plan.base.kind === "scratch"
+                ? { path: await prepareScratchDisk(this.opts.assetsDir, this.opts.log), backing: [] }
+                : snapshotDisk(await this.engine.loadSnapshot(join(this.dirOf(parent!.id), "snapshot")));
           await buildInVm(this.engine, {
             plan,
             zipPath: join(dir, "code.zip"),
             archive,
-            backingDisk,
+            base,
             dir: join(dir, "snapshot"),
             vcpus: row.vcpus,
             memoryMiB: row.memory_mib,

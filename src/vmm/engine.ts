@@ -18,7 +18,8 @@ import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from 
 import { InvalidVmStateError, MicroVm, newToken, newVmId, VmNotFoundError, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
 import { WarmPool } from "./warm-pool.ts";
 
-export { SNAPSHOT_FORMAT, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
+export { SNAPSHOT_FORMAT, snapshotDisk, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
+export type { DiskChain } from "./qemu.ts";
 export type { BootOpts, GuestBootAssets, TemplateVm } from "./templates.ts";
 export { InvalidVmStateError, MicroVm, newVmId, SnapshotIncompatibleError, VM_LIMITS, VmNotFoundError, type VmRecord, type VmStatus } from "./vm.ts";
 

@@ -53,6 +53,8 @@ const api = await useApi({
   images: { readyTimeoutMs: 90_000, maxConcurrentBuilds: 1, maxQueuedBuilds: 1, s3: { endpoint: s3Endpoint, region: "us-east-1", forcePathStyle: true } },
 });
 const alice = await awsKey(api, "alice", ["microvm:*", "image:*"]);
+// The operator lets alice's code URIs read the test bucket (SECURITY.md: s3Allow).
+await api.call("PATCH", "/v1/tenants/alice", { key: api.adminKey, body: { s3Allow: ["code/"] } });
 const aws = awsClient(api, alice);
 const region = "eu-west-3";
 const domainPort = new URL(api.url).port;

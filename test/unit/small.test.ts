@@ -1,7 +1,4 @@
 import { spawn } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { resolveServerConfig } from "../../src/server/config.ts";
 import { KeyedMutex } from "../../src/util/keyed-mutex.ts";

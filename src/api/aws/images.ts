@@ -1,7 +1,6 @@
 import { Type, type Static } from "@fastify/type-provider-typebox";
 import { ApiError } from "../../errors.ts";
 import type { HookName, HooksRequest, ImageHooks } from "../../images/hooks.ts";
-import { fetchCode } from "../../images/intake.ts";
 import type { CreateImageRequest, ImageService } from "../../images/service.ts";
 import type { ImageState } from "../../images/states.ts";
 import type { ImageRow } from "../../store/schema.ts";
@@ -58,14 +57,8 @@ export function registerImageOperations(scope: AwsScope, deps: AwsApiDeps): void
       const existing = await service.list(tenantId, { name });
       if (operation === "CreateMicrovmImage" && existing.length) throw new ApiError("Conflict", `image ${name} already exists: UpdateMicrovmImage builds a new version`, { resourceId: name, resourceType: "microvm-image" });
       if (operation === "UpdateMicrovmImage" && !existing.length) throw new ApiError("NotFound", `image ${name} not found`, { resourceId: name, resourceType: "microvm-image" });
-      const definition = await translateDefinition(deps, tenantId, body);
-      const code = await fetchCode(body.codeArtifact.uri, {
-        stagingDir: service.stagingDir,
-        maxBytes: service.archiveLimits.maxCompressedBytes,
-        admin: grants(req.aws.permissions, "admin:*"),
-        s3: service.s3 ?? {},
-        httpsCa: service.httpsCa,
-      }).catch((err: Error) => {
+      const definition = await translateDefinition(deps, body);
+      const code = await service.fetchCode(tenantId, body.codeArtifact.uri, { admin: grants(req.aws.permissions, "admin:*") }).catch((err: Error) => {
         throw err instanceof ApiError ? new ApiError(err.code, err.message.replace("codeUri", "codeArtifact.uri"), { field: "codeArtifact.uri" }) : err;
       });
       return { name, code, ...definition, tags: body.tags };
@@ -230,7 +223,7 @@ async function managedImage(deps: AwsApiDeps, value: string, field: string) {
 }
 
 /** The AWS definition fields as Cocoon's image request; fields Cocoon cannot honour are kept only to echo them back. */
-async function translateDefinition(deps: AwsApiDeps, tenantId: string, body: DefinitionBody): Promise<Omit<CreateImageRequest, "name" | "code">> {
+async function translateDefinition(deps: AwsApiDeps, body: DefinitionBody): Promise<Omit<CreateImageRequest, "name" | "code">> {
   const base = await managedImage(deps, body.baseImageArn, "baseImageArn").catch((err: ApiError) => {
     throw new ApiError("ValidationError", err.message, { field: "baseImageArn" });
   });

@@ -113,7 +113,7 @@ export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): vo
       }
       const managed = await managedNames();
       const after = decodePageToken(q.nextToken);
-      const page = await microvms.list(tenantId, { image, limit: q.maxResults ?? PAGE.max, after: after === undefined ? undefined : String(after) });
+      const page = await microvms.list(tenantId, { image, limit: q.maxResults ?? PAGE.max, nextToken: after === undefined ? undefined : String(after) });
       return {
         items: page.items.map((row) => ({
           microvmId: row.id,

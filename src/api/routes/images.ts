@@ -3,14 +3,14 @@ import { Type, type Static, type TypeBoxTypeProvider } from "@fastify/type-provi
 import { Ajv } from "ajv";
 import { rm } from "node:fs/promises";
 import { ApiError } from "../../errors.ts";
-import { fetchCode, stageStream, type StagedCode } from "../../images/intake.ts";
+import { stageStream, type StagedCode } from "../../images/intake.ts";
 import { HOOK_LIMITS, HOOK_NAMES, type ImageHooks } from "../../images/hooks.ts";
 import { IMAGE_VERSION_STATUSES, type ImageService } from "../../images/service.ts";
 import type { NetworkConnectors } from "../../lifecycle/connectors.ts";
 import type { Db } from "../../store/db.ts";
 import type { ImageRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
-import { findLiveKey, settingsOf } from "../../store/tenants.ts";
+import { findLiveKey } from "../../store/tenants.ts";
 import { grants } from "../auth.ts";
 import type { Api } from "../server.ts";
 
@@ -111,8 +111,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
             if (!checkJson(body)) throw schemaError(checkJson.errors);
             const admin = await isAdmin(db, req.headers.authorization);
             const { codeUri, clientToken, ...rest } = body;
-            const { s3Allow } = await settingsOf(db, req.tenantId);
-            const prepare = async () => ({ ...rest, code: await fetchCode(codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {}, s3Allow, httpsCa: images.httpsCa }) });
+            const prepare = async () => ({ ...rest, code: await images.fetchCode(req.tenantId, codeUri, { admin }) });
             // Unknown connector names are refused before anything is fetched.
             if (rest.egressConnectors) await connectors.egressOf(rest.egressConnectors, "egressConnectors");
             if (clientToken !== undefined) {
