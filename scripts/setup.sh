@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 # passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md);
 # chromium for the web console's end-to-end test (test/console); openssl (a
 # self-signed certificate) and busybox-static (a FROM scratch binary) for
-# test/api/images-sources.test.ts.
-PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static)
+# test/api/images-sources.test.ts; skopeo (registry pulls into an OCI layout)
+# and umoci (layers unpacked into a root filesystem) for FROM <registry image>
+# (src/images/registry); docker-registry (distribution v2) and apache2-utils
+# (htpasswd, bcrypt) for the registry the tests run on loopback.
+PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static skopeo umoci docker-registry apache2-utils)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
