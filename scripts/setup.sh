@@ -32,6 +32,11 @@ if [ ${#missing[@]} -gt 0 ] || [ -z "$lists_fresh" ]; then
     exit 1
   fi
 fi
+# The docker-registry package enables a registry on :5000 where systemd runs;
+# the tests start their own on loopback, nothing else should listen.
+if [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+  systemctl disable --now docker-registry >&2 || true
+fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "[setup] npm ci" >&2
