@@ -7,6 +7,7 @@ export interface Database {
   microvms: MicroVmsTable;
   events: EventsTable;
   images: ImagesTable;
+  registry_credentials: RegistryCredentialsTable;
 }
 
 export interface TenantsTable {
@@ -104,3 +105,17 @@ export interface ImagesTable {
 
 export type ImageRow = Selectable<ImagesTable>;
 export type ImageUpdate = Updateable<ImagesTable>;
+
+/** A tenant's credentials for one container registry (FROM <registry image>); the password is encrypted (images/registry/credentials.ts). */
+export interface RegistryCredentialsTable {
+  tenant_id: string;
+  /** host[:port], lower case; Docker Hub is `docker.io`. */
+  host: string;
+  username: string;
+  /** AES-256-GCM under the server's credentials key, bound to tenant and host: `v1.<iv>.<tag>.<ciphertext>` (base64url). */
+  password_sealed: string;
+  created_at: string;
+  updated_at: string;
+}
+
+export type RegistryCredentialsRow = Selectable<RegistryCredentialsTable>;

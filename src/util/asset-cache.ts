@@ -16,8 +16,12 @@ export interface CachedAssetSpec {
   log?: ProgressLog;
 }
 
+/** Builds in progress in this process, by directory: concurrent callers share one build. */
+const inProgress = new Map<string, Promise<string>>();
+
 /**
- * Returns the directory of an asset built from `inputs`, building it once.
+ * Returns the directory of an asset built from `inputs`, building it once
+ * (callers asking for the same asset at the same time share the build).
  * A version is published by renaming a finished temp directory, so a crash
  * mid-build never leaves a half-built asset that looks complete. Old
  * versions are kept: snapshots and images keep referring to the kernel and
@@ -27,6 +31,14 @@ export async function cachedAsset(spec: CachedAssetSpec): Promise<string> {
   const key = sha256(JSON.stringify(spec.inputs)).slice(0, 16);
   const dir = join(spec.assetsDir, spec.name, key);
   if (await exists(join(dir, "inputs.json"))) return dir;
+  const running = inProgress.get(dir);
+  if (running) return running;
+  const build = buildAsset(spec, key, dir).finally(() => inProgress.delete(dir));
+  inProgress.set(dir, build);
+  return build;
+}
+
+async function buildAsset(spec: CachedAssetSpec, key: string, dir: string): Promise<string> {
   const tmp = `${dir}.building-${process.pid}`;
   await rm(tmp, { recursive: true, force: true });
   await mkdir(tmp, { recursive: true });
