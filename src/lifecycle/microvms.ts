@@ -130,6 +130,9 @@ export class MicroVmService {
     checkRange("vcpus", shape.vcpus);
     checkRange("memoryMiB", shape.memoryMiB);
     checkRange("diskGiB", diskGiB);
+    if (diskGiB < image.diskGiB) {
+      throw new ApiError("ValidationError", `diskGiB must be at least ${image.diskGiB} for image ${image.name}: its filesystem is that size (disks grow, never shrink)`, { field: "diskGiB" });
+    }
     const maxRuntimeSeconds = req.maxRuntimeSeconds ?? LIMITS.maxRuntimeSeconds.max;
     checkRange("maxRuntimeSeconds", maxRuntimeSeconds);
     const suspendAfterSeconds = req.idlePolicy?.suspendAfterSeconds ?? 900;
@@ -144,7 +147,7 @@ export class MicroVmService {
     let vm: MicroVm | undefined;
     const started = performance.now();
     try {
-      vm = await this.engine.launch(await image.snapshotFor(shape), { egress, guestPorts: appPort ? [appPort] : [] });
+      vm = await this.engine.launch(await image.snapshotFor(shape), { egress, guestPorts: appPort ? [appPort] : [], diskGiB });
       // PUT /env replaces the base env: keep the image's ENV under the request's.
       if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
       const now = new Date();

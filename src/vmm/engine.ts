@@ -1,6 +1,6 @@
 import { randomBytes, randomInt } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { chmod, chown, mkdir, readdir, readFile, rename, rm, truncate, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, open, readdir, readFile, rename, rm, truncate, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { checkIntRange, InvalidArgumentError } from "../errors.ts";
 import { exists, fsyncDir, fsyncFile, writeFileAtomic } from "../util/files.ts";
@@ -149,6 +149,19 @@ export class VmNotFoundError extends Error {
     super(`microVM ${vmId} not found`);
     this.name = "VmNotFoundError";
   }
+}
+
+/** A qcow2 file's virtual size in bytes (its header's size field). */
+async function qcow2VirtualSize(path: string): Promise<number> {
+  const header = Buffer.alloc(32);
+  const fh = await open(path, "r");
+  try {
+    await fh.read(header, 0, 32, 0);
+  } finally {
+    await fh.close();
+  }
+  if (header.readUInt32BE(0) !== 0x514649fb) throw new Error(`${path} is not a qcow2 file`);
+  return Number(header.readBigUInt64BE(24));
 }
 
 /** Per-VM limits (DESIGN.md). */
@@ -423,8 +436,11 @@ export class Engine extends EventEmitter {
    * `guestPorts` adds ports forwarded to host loopback beyond the snapshot's
    * own (an app port chosen at create); forwards are set per QEMU process, so
    * such a VM takes the direct path too.
+   *
+   * `diskGiB` larger than the snapshot's disk grows the VM's root disk and
+   * filesystem to it once the VM runs (`growDisk`); never shrinks.
    */
-  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress; guestPorts?: number[] } = {}): Promise<MicroVm> {
+  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress; guestPorts?: number[]; diskGiB?: number } = {}): Promise<MicroVm> {
     const m = snapshot.manifest;
     if (m.accelerator !== this.accelerator) {
       throw new Error(`snapshot was made under ${m.accelerator} but this host runs ${this.accelerator}: rebuild the image`);
@@ -434,10 +450,30 @@ export class Engine extends EventEmitter {
     const extraPorts = (opts.guestPorts ?? []).filter((p) => !m.guestPorts.includes(p));
     const warm = opts.id || egress !== "none" || extraPorts.length > 0 ? undefined : await this.takeWarm(snapshot);
     void this.prewarm(snapshot);
-    if (warm) return warm;
-    const vm = await this.clone(snapshot, opts.id ?? newVmId(), false, egress, extraPorts);
+    const vm = warm ?? (await this.clone(snapshot, opts.id ?? newVmId(), false, egress, extraPorts));
     this.vms.set(vm.id, vm);
+    if (opts.diskGiB !== undefined) {
+      await this.growDisk(vm, opts.diskGiB).catch(async (err: unknown) => {
+        await this.locks.run(vm.id, () => this.destroy(vm));
+        throw err;
+      });
+    }
     return vm;
+  }
+
+  /**
+   * Grows a running VM's root disk to `diskGiB` if it is smaller: the qcow2
+   * overlay's virtual size through QMP `block_resize` (the guest kernel sees
+   * the virtio config change), then the ext4 inside, online, by the agent.
+   */
+  private async growDisk(vm: MicroVm, diskGiB: number): Promise<void> {
+    const bytes = diskGiB * 2 ** 30;
+    await this.locks.run(vm.id, async () => {
+      if (!vm.machine || vm.status !== "running") throw new InvalidVmStateError(vm.id, vm.status, "grow the disk of");
+      if ((await qcow2VirtualSize(vmFiles(vm.dir).disk)) >= bytes) return;
+      await vm.machine.resizeDisk(bytes);
+      await vm.agent.growDisk(bytes);
+    });
   }
 
   /**

@@ -75,6 +75,11 @@ export class Machine extends EventEmitter {
     return this.qmp.execute("cont");
   }
 
+  /** Grows the root disk (`-drive id=root`) to `bytes`; the guest is notified by a virtio config change. */
+  resizeDisk(bytes: number): Promise<unknown> {
+    return this.qmp.execute("block_resize", { device: "root", size: bytes });
+  }
+
   /** Pauses the vCPUs and writes device state (and private RAM) to `file`. */
   async save(file: string): Promise<void> {
     await this.pause();
