@@ -1,14 +1,14 @@
 import { ApiError } from "../errors.ts";
 import type { Engine, GuestBootAssets, Snapshot } from "../vmm/engine.ts";
 import { prepareBaseImage, type VmShape } from "./base-image.ts";
-import { BASE_ROOTFS_RECIPE } from "./base-rootfs.ts";
+import { managedImage, prepareManagedRootfs } from "./managed.ts";
 import type { ImageService } from "./service.ts";
 
 /** What the lifecycle needs to know of an image. */
 export interface ImageRef {
   imageId: string;
   name: string;
-  /** Disk size of the image's filesystem. */
+  /** Disk size of the image's filesystem: a VM's disk is at least this, and grows to its `diskGiB`. */
   diskGiB: number;
   /** The app's port (Dockerfile EXPOSE), if the image runs an app. */
   appPort?: number;
@@ -21,27 +21,36 @@ export interface ImageRef {
 }
 
 /**
- * The images a tenant can launch: the built-in `base` image (API.md), shared
- * by every tenant, and the tenant's own READY Dockerfile images (ImageService).
+ * The images a tenant can launch: the managed images (`base`, `python`,
+ * `node`; API.md), shared by every tenant, and the tenant's own READY
+ * Dockerfile images (ImageService). A managed image's root filesystem and
+ * snapshot are built on its first launch (base's at server start), then cached.
  */
 export class ImageCatalog {
-  private readonly base: ImageRef;
-
   private readonly built: ImageService | undefined;
 
-  constructor(engine: Engine, opts: { imagesDir: string; rootfs: string; assets: GuestBootAssets; images?: ImageService; log?: (line: string) => void }) {
+  constructor(
+    private readonly engine: Engine,
+    private readonly opts: { imagesDir: string; assetsDir: string; rootfs: string; assets: GuestBootAssets; images?: ImageService; log?: (line: string) => void },
+  ) {
     this.built = opts.images;
-    this.base = {
-      imageId: "img-base",
-      name: "base",
-      diskGiB: BASE_ROOTFS_RECIPE.diskGiB,
-      snapshotFor: (shape) => prepareBaseImage(engine, { imagesDir: opts.imagesDir, rootfs: opts.rootfs, assets: opts.assets, shape, log: opts.log }),
-    };
   }
 
   /** Finds an image by name or id; another tenant's image does not exist. */
   async resolve(tenantId: string, nameOrId: string): Promise<ImageRef> {
-    if (nameOrId === this.base.name || nameOrId === this.base.imageId) return this.base;
+    const managed = managedImage(nameOrId);
+    if (managed) {
+      const { opts } = this;
+      return {
+        imageId: managed.imageId,
+        name: managed.name,
+        diskGiB: managed.recipe.diskGiB,
+        snapshotFor: async (shape) => {
+          const rootfs = managed.name === "base" ? opts.rootfs : await prepareManagedRootfs(opts.assetsDir, managed.name, opts.log);
+          return prepareBaseImage(this.engine, { imagesDir: opts.imagesDir, rootfs, assets: opts.assets, shape, name: managed.name, log: opts.log });
+        },
+      };
+    }
     if (this.built) return this.built.resolve(tenantId, nameOrId);
     throw new ApiError("NotFound", `image ${nameOrId} not found`, { field: "image" });
   }

@@ -1,5 +1,6 @@
 import { homedir } from "node:os";
 import { join, resolve } from "node:path";
+import { RegistryEgress } from "../images/registry/egress.ts";
 
 export interface ServerConfig {
   listenHost: string;
@@ -17,6 +18,10 @@ export interface ServerConfig {
   memoryOvercommit: number;
   /** A PEM file of extra CA certificates trusted for https:// code URIs, besides the bundled roots (COCOON_HTTPS_CA_FILE). */
   httpsCaFile?: string;
+  /** A PEM file of CA certificates trusted for container registries, besides the system's (COCOON_REGISTRY_CA_FILE). */
+  registryCaFile?: string;
+  /** CIDRs of private addresses FROM may pull from, e.g. an internal registry (COCOON_REGISTRY_PRIVATE_ALLOW, comma-separated; none by default). */
+  registryPrivateAllow: string[];
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (API.md). */
@@ -38,7 +43,18 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     vcpuOvercommit: envNumber("COCOON_VCPU_OVERCOMMIT", 4, { min: 0.1, max: 64 }),
     memoryOvercommit: envNumber("COCOON_MEMORY_OVERCOMMIT", 0.9, { min: 0.1, max: 4 }),
     httpsCaFile: process.env.COCOON_HTTPS_CA_FILE ? resolve(process.env.COCOON_HTTPS_CA_FILE) : undefined,
+    registryCaFile: process.env.COCOON_REGISTRY_CA_FILE ? resolve(process.env.COCOON_REGISTRY_CA_FILE) : undefined,
+    registryPrivateAllow: envCidrs("COCOON_REGISTRY_PRIVATE_ALLOW"),
   };
+}
+
+/** A comma-separated list of IP addresses or CIDRs from the environment; a bad entry is an error naming the variable. */
+function envCidrs(name: string): string[] {
+  try {
+    return RegistryEgress.parseAllow(process.env[name]);
+  } catch (err) {
+    throw new Error(`${name}: ${(err as Error).message}`);
+  }
 }
 
 /** A number from the environment, or `fallback`; out of range is an error naming the variable and the limits. */
