@@ -151,7 +151,7 @@ async function importStage(agent: AgentClient, job: StageJob, from: number): Pro
   if (!tarPath) throw new Error(`stage ${from} exported nothing`);
   await agent.mkdir(importDir(from));
   await agent.writeFile(`${importDir(from)}.tar`, createReadStream(tarPath));
-  await mustExec(agent, job, { command: ["tar", "-xpf", `${importDir(from)}.tar`, "-C", importDir(from)] }, `unpacking what stage ${from} exported`);
+  await mustExec(agent, job, { command: ["tar", "-xf", `${importDir(from)}.tar`, "-C", importDir(from)] }, `unpacking what stage ${from} exported`);
   await agent.remove(`${importDir(from)}.tar`);
 }
 
@@ -248,11 +248,13 @@ function copyScript(step: Extract<BuildStep, { kind: "copy" }>): string {
       ? `  elif tar -tf "$src" >/dev/null 2>&1; then tar -xf "$src" -C ${stage} --no-same-owner`
       : `  elif false; then :`,
     `  elif [ ${destIsDir ? 1 : 0} = 1 ]; then cp -a "$src" ${stage}/`,
-    `  else cp -a "$src" ${stage}/.single; fi`,
+    `  else cp -a "$src" ${stage}/.single; name=$(basename "$src"); fi`,
     `done`,
     step.chown ? `chown -R ${q(step.chown)} ${stage}` : ":",
     step.chmod ? `chmod -R ${step.chmod} ${stage}` : ":",
-    `if [ -e ${stage}/.single ]; then mkdir -p "$(dirname ${q(step.dest)})"; rm -rf ${q(step.dest)}; mv ${stage}/.single ${q(step.dest)};`,
+    // A file copied onto an existing directory goes into it, as with Docker.
+    `if [ -e ${stage}/.single ] && [ -d ${q(step.dest)} ] && [ ! -L ${q(step.dest)} ]; then mv ${stage}/.single ${q(step.dest)}/"$name";`,
+    `elif [ -e ${stage}/.single ]; then mkdir -p "$(dirname ${q(step.dest)})"; rm -rf ${q(step.dest)}; mv ${stage}/.single ${q(step.dest)};`,
     `else mkdir -p ${q(step.dest)}; cp -a ${stage}/. ${q(step.dest)}; fi`,
     `rm -rf ${stage}`,
   ];
@@ -279,7 +281,8 @@ function placements(step: Extract<BuildStep, { kind: "copy" }>, entries: SourceE
     const single = matches.length === 1 && matches[0]!.path === src && matches[0]!.type === "file";
     for (const e of matches) {
       if (e.type === "symlink" || e.type === "other") throw new BuildError(`line ${step.line}: ${e.path} is a ${e.type === "symlink" ? "symlink" : "special file"}; COPY of those needs /bin/sh in the image`);
-      const rel = src === "." ? e.path : e.path === src ? posix.basename(src) : e.path.slice(src.length + 1);
+      // A directory's contents land in dest, not the directory itself (Docker's rule).
+      const rel = src === "." ? e.path : e.path === src ? (e.type === "dir" ? "" : posix.basename(src)) : e.path.slice(src.length + 1);
       const target = single && !step.dest.endsWith("/") ? step.dest : posix.join(step.dest, single ? posix.basename(src) : rel);
       out.set(e.path, { entry: e, target });
     }

@@ -229,8 +229,9 @@ export function planDockerfile(text: string, opts: PlanOpts): BuildPlan {
           const n = posix.normalize(s.replace(/^\/+/, ""));
           if (n === ".." || n.startsWith("../")) lineError(line, `${keyword} source ${s} is outside the ${from === undefined ? "build context" : "stage's root"}`);
         }
-        // posix.join keeps a trailing slash: "dir/" stays a directory destination.
-        const absDest = dest.startsWith("/") ? dest : posix.join(config.workdir, dest);
+        // posix.join keeps a trailing slash: "dir/" stays a directory destination; so do "." and "..".
+        const joined = dest.startsWith("/") ? dest : posix.join(config.workdir, dest);
+        const absDest = /(^|\/)\.\.?$/.test(dest) && !joined.endsWith("/") ? `${joined}/` : joined;
         steps.push({
           kind: "copy",
           line,

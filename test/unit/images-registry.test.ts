@@ -11,7 +11,7 @@ import { RegistryCredentials } from "../../src/images/registry/credentials.ts";
 import { RegistryEgress } from "../../src/images/registry/egress.ts";
 import { checkLayer, DEFAULT_PULL_LIMITS, type LayerTally } from "../../src/images/registry/layers.ts";
 import { parseManifest, selectPlatform, type Descriptor } from "../../src/images/registry/manifest.ts";
-import { skopeoReason } from "../../src/images/registry/puller.ts";
+import { RegistryPuller, skopeoReason } from "../../src/images/registry/puller.ts";
 import { formatReference, normalizeRegistryHost, parseImageReference } from "../../src/images/registry/reference.ts";
 import { openDatabase } from "../../src/store/db.ts";
 import { createTenant } from "../../src/store/tenants.ts";
@@ -265,6 +265,21 @@ describe("registry egress", () => {
       await open.close();
       await closed.close();
       upstream.close();
+    }
+  });
+});
+
+describe("skopeo through the egress proxy", () => {
+  it("cannot reach a registry whose name resolves to a private address: the proxy refuses, and the build is told why", async () => {
+    const dir = await tempDir();
+    const egress = new RegistryEgress([], async (host) => (host === "registry.internal.test" ? ["10.1.2.3"] : []));
+    const puller = new RegistryPuller({ assetsDir: dir, egress, limits: DEFAULT_PULL_LIMITS });
+    try {
+      const pull = puller.pull({ ref: parseImageReference("registry.internal.test/team/app:1")!, auth: { auths: {} }, log: () => undefined, signal: AbortSignal.timeout(60_000) });
+      await expect(pull).rejects.toThrow("FROM registry.internal.test/team/app:1: ");
+      await expect(pull).rejects.toThrow("registry registry.internal.test refused: 10.1.2.3 is a host, private or link-local address (allow it with COCOON_REGISTRY_PRIVATE_ALLOW)");
+    } finally {
+      await egress.close();
     }
   });
 });

@@ -208,6 +208,11 @@ describe("planDockerfile", () => {
     expect(plan.config).toMatchObject({ stopSignal: "SIGINT", volumes: ["/data", "/cache"], shell: bash, argv: [...bash, "serve --port 80"] });
   });
 
+  it("copies onto . and .. as directories", () => {
+    const plan = planDockerfile("FROM scratch\nWORKDIR /srv/app\nCOPY a .\nCOPY b ..\nCOPY c ./\nCOPY d ./d\n", { parentConfig: noParents });
+    expect(plan.stages[0]!.steps.filter((s) => s.kind === "copy").map((s) => (s as { dest: string }).dest)).toEqual(["/srv/app/", "/srv/", "/srv/app/", "/srv/app/d"]);
+  });
+
   it("lets the Dockerfile's EXPOSE replace the base image's app port, and takes a pulled image's config", () => {
     const pulled: ImageConfig = { ...EMPTY_CONFIG, env: { PATH: "/usr/local/bin:/usr/bin", LANG: "C.UTF-8" }, workdir: "/app", appPort: 80, cmd: ["python3"], argv: ["python3"] };
     const plan = planDockerfile("FROM python:3.12-slim\nENV PATH=/venv/bin:$PATH\nEXPOSE 8080\n", {

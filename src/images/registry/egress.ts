@@ -27,7 +27,11 @@ export class RegistryEgress {
   private readonly token = randomBytes(18).toString("base64url");
   private readonly sockets = new Set<Duplex>();
 
-  constructor(privateAllow: string[] = []) {
+  /** `resolve`: a name's addresses (default: the system resolver, as skopeo itself would use). */
+  constructor(
+    privateAllow: string[] = [],
+    private readonly resolve: (host: string) => Promise<string[]> = async (host) => (await lookup(host, { all: true, verbatim: true })).map((a) => a.address),
+  ) {
     for (const cidr of BLOCKED_V4) addSubnet(this.blocked, cidr);
     for (const cidr of BLOCKED_V6) addSubnet(this.blocked, cidr);
     for (const cidr of privateAllow) addSubnet(this.allowed, cidr);
@@ -50,7 +54,7 @@ export class RegistryEgress {
     return undefined;
   }
 
-  /** Refuses a registry host that would bypass the proxy (localhost, loopback literals) unless allowed. */
+  /** Refuses a registry named by an address that may not be reached (and localhost, which Go's proxy support bypasses), before skopeo runs. */
   checkHost(registry: string): string | undefined {
     const host = registry.replace(/:\d+$/, "").replace(/^\[|\]$/g, "");
     if (host === "localhost") return this.refusal("127.0.0.1");
@@ -93,7 +97,7 @@ export class RegistryEgress {
     const host = m[1]!.replace(/^\[|\]$/g, "");
     let addresses: string[];
     try {
-      addresses = isIP(host) ? [host] : (await lookup(host, { all: true, verbatim: true })).map((a) => a.address);
+      addresses = isIP(host) ? [host] : await this.resolve(host);
     } catch (err) {
       return refuse(502, `cannot resolve ${host}: ${(err as NodeJS.ErrnoException).code ?? "error"}`);
     }
