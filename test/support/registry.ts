@@ -1,9 +1,12 @@
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { createReadStream, createWriteStream } from "node:fs";
+import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
 import { get } from "node:https";
 import { join } from "node:path";
-import { gzipSync } from "node:zlib";
+import { Transform } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import { createGzip, gzipSync } from "node:zlib";
 import tar from "tar-stream";
 import { freeLoopbackPort } from "../../src/util/ports.ts";
 
@@ -110,6 +113,29 @@ async function putBlob(layout: string, data: Buffer): Promise<Blob> {
   return { digest: `sha256:${hex}`, size: data.length };
 }
 
+/** Gzips a tar file into a blob, streaming; returns its diff id (the tar's digest) and the blob. */
+async function gzipBlob(layout: string, tarFile: string): Promise<[string, Blob]> {
+  const plain = createHash("sha256");
+  const packed = createHash("sha256");
+  const tmp = join(layout, "blobs", `tmp-${process.pid}`);
+  let size = 0;
+  await pipeline(
+    createReadStream(tarFile).on("data", (c) => plain.update(c as Buffer)),
+    createGzip(),
+    new Transform({
+      transform(chunk: Buffer, _e, done) {
+        packed.update(chunk);
+        size += chunk.length;
+        done(null, chunk);
+      },
+    }),
+    createWriteStream(tmp),
+  );
+  const hex = packed.digest("hex");
+  await rename(tmp, join(layout, "blobs", "sha256", hex));
+  return [`sha256:${plain.digest("hex")}`, { digest: `sha256:${hex}`, size }];
+}
+
 async function tarOf(entries: LayerEntry[]): Promise<Buffer> {
   const pack = tar.pack();
   const chunks: Buffer[] = [];
@@ -130,18 +156,25 @@ async function tarOf(entries: LayerEntry[]): Promise<Buffer> {
 
 /**
  * Writes an OCI image (gzip layers, a config with `config`, a manifest) into
- * an OCI layout under `tag`; returns the manifest's descriptor.
+ * an OCI layout under `tag`; returns the manifest's descriptor. A layer is a
+ * list of entries, or the path of a tar file (gzipped as it is streamed).
  */
 export async function writeOciImage(
   layout: string,
   tag: string | undefined,
-  image: { layers: LayerEntry[][]; config?: Record<string, unknown>; architecture?: string },
+  image: { layers: (LayerEntry[] | string)[]; config?: Record<string, unknown>; architecture?: string },
 ): Promise<Blob> {
-  await mkdir(layout, { recursive: true });
+  await mkdir(join(layout, "blobs", "sha256"), { recursive: true });
   await writeFile(join(layout, "oci-layout"), JSON.stringify({ imageLayoutVersion: "1.0.0" }));
   const layers: Blob[] = [];
   const diffIds: string[] = [];
   for (const entries of image.layers) {
+    if (typeof entries === "string") {
+      const [diffId, blob] = await gzipBlob(layout, entries);
+      diffIds.push(diffId);
+      layers.push(blob);
+      continue;
+    }
     const plain = await tarOf(entries);
     diffIds.push(`sha256:${createHash("sha256").update(plain).digest("hex")}`);
     layers.push(await putBlob(layout, gzipSync(plain)));
