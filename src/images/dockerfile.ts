@@ -118,7 +118,8 @@ function lineError(line: number, message: string): never {
  */
 export function planDockerfile(text: string, opts: PlanOpts): BuildPlan {
   const buildArgs = opts.buildArgs ?? {};
-  const instructions = DockerfileParser.parse(text).getInstructions();
+  // CRLF line ends (Windows editors; multipart form fields are sent so) would reach heredocs and scripts.
+  const instructions = DockerfileParser.parse(text.replace(/\r\n?/g, "\n")).getInstructions();
   // Args declared before the first FROM serve FROM lines and, through ARG, stages.
   const globalArgs: Record<string, string> = platformArgs();
   const declared = new Set<string>();

@@ -208,6 +208,11 @@ describe("planDockerfile", () => {
     expect(plan.config).toMatchObject({ stopSignal: "SIGINT", volumes: ["/data", "/cache"], shell: bash, argv: [...bash, "serve --port 80"] });
   });
 
+  it("reads a Dockerfile with CRLF line ends as one with LF (heredocs included)", () => {
+    const plan = planDockerfile("FROM base\r\nRUN <<EOF\r\nset -e\r\necho ok\r\nEOF\r\nRUN apt-get update \\\r\n  && true\r\n", { parentConfig: noParents });
+    expect(plan.stages[0]!.steps).toMatchObject([{ command: "set -e\necho ok\n" }, { command: "apt-get update   && true" }]);
+  });
+
   it("copies onto . and .. as directories", () => {
     const plan = planDockerfile("FROM scratch\nWORKDIR /srv/app\nCOPY a .\nCOPY b ..\nCOPY c ./\nCOPY d ./d\n", { parentConfig: noParents });
     expect(plan.stages[0]!.steps.filter((s) => s.kind === "copy").map((s) => (s as { dest: string }).dest)).toEqual(["/srv/app/", "/srv/", "/srv/app/", "/srv/app/d"]);
