@@ -22,7 +22,7 @@ import { RegistryCredentials } from "./registry/credentials.ts";
 import { RegistryEgress } from "./registry/egress.ts";
 import { DEFAULT_PULL_LIMITS, type PullLimits } from "./registry/layers.ts";
 import { PullError, RegistryPuller, type PulledImage } from "./registry/puller.ts";
-import { formatReference, type ImageReference } from "./registry/reference.ts";
+import { formatReference } from "./registry/reference.ts";
 import { prepareScratchDisk, SCRATCH_DISK_GIB } from "./scratch-disk.ts";
 import { checkImageTransition, isBuilding, type ImageState } from "./states.ts";
 
@@ -192,10 +192,12 @@ export class ImageService {
       if (dockerfile === undefined) throw new ApiError("ValidationError", "no dockerfile given and no Dockerfile at the root of the code archive", { field: "dockerfile" });
       const parents = await this.readyByName(tenantId);
       const plan = planDockerfile(dockerfile, { buildArgs: req.buildArgs, target: req.target, parentConfig: (n) => parents.get(n)?.config });
-      for (const n of plan.order) {
-        const base = plan.stages[n]!.base;
+      // A registry at an address the server may not reach is refused now, not at the build.
+      for (const { base, line } of plan.order.map((n) => plan.stages[n]!)) {
         const refused = base.kind === "registry" ? this.egress.checkHost(base.ref.registry) : undefined;
-        if (refused) throw new ApiError("ValidationError", `Dockerfile line ${plan.stages[n]!.line}: FROM ${formatReference((base as { ref: ImageReference }).ref)}: ${refused}`, { field: "dockerfile", line: plan.stages[n]!.line });
+        if (refused && base.kind === "registry") {
+          throw new ApiError("ValidationError", `Dockerfile line ${line}: FROM ${formatReference(base.ref)}: ${refused}`, { field: "dockerfile", line });
+        }
       }
       // The image's disk is layered on the root of the target's FROM chain: a tenant image there must outlive this one.
       const root = chainRoot(plan, plan.target);

@@ -1,4 +1,4 @@
-import { access, mkdtemp } from "node:fs/promises";
+import { access, mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { useApi } from "../support/api-fixture.ts";
@@ -11,10 +11,14 @@ import { makeZip } from "../support/zip.ts";
 // repository. The images are made here, small, and pushed once for the file.
 const work = await mkdtemp(join(TEST_ROOT, "registry-"));
 const registry = await startRegistry(join(work, "registry"));
-afterAll(() => registry.close());
+afterAll(async () => {
+  await registry.close();
+  await rm(work, { recursive: true, force: true });
+});
+// Pulls (layer cache, disks) go to an assets directory of this file's own: every run pulls cold.
 const api = await useApi({
   capacity: { vcpus: 8, memoryMiB: 4 * 1024 },
-  images: { registryCaFile: registry.caFile, registryPrivateAllow: ["127.0.0.1"], readyTimeoutMs: 90_000, settleMs: 1500 },
+  images: { assetsDir: join(work, "assets"), registryCaFile: registry.caFile, registryPrivateAllow: ["127.0.0.1"], readyTimeoutMs: 90_000, settleMs: 1500 },
 });
 const alice = await api.tenantKey("alice", ["microvm:*", "image:*"]);
 const bob = await api.tenantKey("bob", ["microvm:*", "image:*"]);
