@@ -10,6 +10,9 @@ export interface ManagedImage {
   recipe: DebianRecipe;
 }
 
+/** When the managed images' current recipes were released: their `createdAt`. */
+const RELEASED_AT = "2026-11-24T00:00:00.000Z";
+
 /** The managed images, in the order they are listed. */
 export const MANAGED_IMAGES: readonly ManagedImage[] = [
   { name: "base", imageId: "img-base", description: "Debian 12 (bookworm) with python3 and the Cocoon agent; no app", recipe: BASE_ROOTFS_RECIPE },
@@ -38,6 +41,7 @@ export interface ManagedImageView {
   name: string;
   managed: true;
   state: "READY";
+  createdAt: string;
   description: string;
   diskGiB: number;
   /** Debian packages on top of a bookworm minbase. */
@@ -50,7 +54,16 @@ export function managedImages(): ManagedImageView[] {
 }
 
 export function managedImageView(m: ManagedImage): ManagedImageView {
-  return { imageId: m.imageId, name: m.name, managed: true, state: "READY", description: m.description, diskGiB: m.recipe.diskGiB, packages: [...m.recipe.include] };
+  return {
+    imageId: m.imageId,
+    name: m.name,
+    managed: true,
+    state: "READY",
+    createdAt: RELEASED_AT,
+    description: m.description,
+    diskGiB: m.recipe.diskGiB,
+    packages: [...m.recipe.include],
+  };
 }
 
 /**
