@@ -64,8 +64,9 @@ async function debianPythonLayout(dir: string): Promise<string> {
   const full = join(dir, "python-full.tar");
   const layer = join(dir, "python-layer.tar");
   log("mmdebstrap: the base layer and the python layer");
-  await run("mmdebstrap", ["--variant=minbase", "--include=ca-certificates", "--quiet", "bookworm", base]);
-  await run("mmdebstrap", ["--variant=minbase", "--include=ca-certificates,python3,python3-pip,python3-venv", "--quiet", "bookworm", full]);
+  // Tars left by an interrupted run are reused.
+  if (!(await exists(base))) await run("mmdebstrap", ["--variant=minbase", "--include=ca-certificates", "--quiet", "bookworm", base]);
+  if (!(await exists(full))) await run("mmdebstrap", ["--variant=minbase", "--include=ca-certificates,python3,python3-pip,python3-venv", "--quiet", "bookworm", full]);
   const seen = new Map<string, string>();
   for await (const e of tarEntries(base)) {
     seen.set(e.header.name, `${e.header.size}:${e.header.mtime?.getTime()}:${e.header.linkname ?? ""}`);

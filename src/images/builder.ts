@@ -77,7 +77,7 @@ export async function buildStage(engine: Engine, job: StageJob): Promise<Snapsho
     egress: "internet",
   });
   job.onBooted?.(template.machine.pid);
-  let snapshotted = false;
+  let ended = false;
   try {
     const agent = template.agent;
     const hasShell = await probe(agent, ["/bin/sh", "-c", "command -v tar >/dev/null && command -v cp >/dev/null"]);
@@ -96,8 +96,8 @@ export async function buildStage(engine: Engine, job: StageJob): Promise<Snapsho
     if (job.exportTo) await exportStage(agent, job, hasShell);
     await agent.remove(BUILD_DIR, true).catch(() => undefined);
     if (!job.keep) {
+      ended = true;
       await engine.discardTemplate(template);
-      snapshotted = true;
       return undefined;
     }
     await agent.setEnv(config.env);
@@ -114,11 +114,10 @@ export async function buildStage(engine: Engine, job: StageJob): Promise<Snapsho
     }
     signal.throwIfAborted();
     log.line(target ? "==> snapshotting memory and disk" : `==> ${label}keeping its disk for the stages built on it`);
-    const snapshot = await engine.snapshot(template);
-    snapshotted = true;
-    return snapshot;
+    ended = true;
+    return await engine.snapshot(template);
   } finally {
-    if (!snapshotted) await engine.discardTemplate(template).catch(() => undefined);
+    if (!ended) await engine.discardTemplate(template).catch(() => undefined);
   }
 }
 
