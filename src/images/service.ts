@@ -150,6 +150,7 @@ export class ImageService {
   /** After a restart: a build cut short is FAILED (its build VM killed); nothing half-built stays. */
   async start(): Promise<void> {
     await rm(this.stagingDir, { recursive: true, force: true });
+    await this.puller.removeStale();
     const rows = await this.db.selectFrom("images").selectAll().where("state", "in", ["PENDING", "BUILDING", "DELETING"]).execute();
     for (const row of rows) {
       const dir = this.dirOf(row.id);

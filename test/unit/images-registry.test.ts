@@ -1,4 +1,4 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server } from "node:net";
 import { request } from "node:http";
 import { tmpdir } from "node:os";
@@ -281,6 +281,16 @@ describe("skopeo through the egress proxy", () => {
     } finally {
       await egress.close();
     }
+  });
+});
+
+describe("pull work directories", () => {
+  it("removes those of servers no longer running, keeps its own", async () => {
+    const dir = await tempDir();
+    const work = join(dir, "oci", "work");
+    for (const d of [`pull-${process.pid}-mine`, "pull-2147483646-gone", "pull-x-junk"]) await mkdir(join(work, d), { recursive: true });
+    await new RegistryPuller({ assetsDir: dir, egress: new RegistryEgress(), limits: DEFAULT_PULL_LIMITS }).removeStale();
+    expect(await readdir(work)).toEqual([`pull-${process.pid}-mine`]);
   });
 });
 

@@ -3,7 +3,7 @@ import { chmod, copyFile, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, s
 import { join } from "node:path";
 import { cachedAsset } from "../../util/asset-cache.ts";
 import { KeyedMutex } from "../../util/keyed-mutex.ts";
-import { CommandFailedError, run } from "../../util/process.ts";
+import { CommandFailedError, isAlive, run } from "../../util/process.ts";
 import type { ImageConfig } from "../dockerfile.ts";
 import { ext4DiskFromTree } from "../ext4-disk.ts";
 import { configFromOci } from "./config.ts";
@@ -215,11 +215,20 @@ export class RegistryPuller {
     return total > 0 ? `pulling: ${mib(Math.min(done, total))} of ${mib(total)} MiB` : undefined;
   }
 
-  /** A fresh 0700 directory for one pull: the auth file, skopeo's home, the layout, the unpacked tree. */
+  /** A fresh 0700 directory for one pull: the auth file, skopeo's home, the layout, the unpacked tree. Named by the server's pid. */
   private async workDir(): Promise<string> {
     const parent = join(this.ociDir, "work");
     await mkdir(parent, { recursive: true, mode: 0o700 });
-    return mkdtemp(join(parent, "pull-"));
+    return mkdtemp(join(parent, `pull-${process.pid}-`));
+  }
+
+  /** Removes what pulls of servers no longer running left (a restart mid-pull): their work directories hold auth files and unpacked trees. */
+  async removeStale(): Promise<void> {
+    const parent = join(this.ociDir, "work");
+    for (const name of await readdir(parent).catch(() => [] as string[])) {
+      const pid = Number(/^pull-(\d+)-/.exec(name)?.[1]);
+      if (!pid || !isAlive(pid)) await rm(join(parent, name), { recursive: true, force: true });
+    }
   }
 
   /**
