@@ -166,7 +166,7 @@ describe("layer checks", () => {
     return tally;
   }
 
-  it("accepts a root filesystem: absolute symlinks, setuid files, whiteouts, opaque directories, hard links inside", async () => {
+  it("accepts a root filesystem: absolute symlinks, setuid files, whiteouts, opaque directories, hard links inside, device nodes in /dev", async () => {
     const tally = await check([
       { name: "./", type: "directory" },
       { name: "bin/", type: "directory" },
@@ -176,15 +176,19 @@ describe("layer checks", () => {
       { name: "etc/.wh.motd" },
       { name: "var/cache/.wh..wh..opq" },
       { name: "run/fifo", type: "fifo" },
+      // As debootstrap and mmdebstrap leave them; hidden by the guest's devtmpfs.
+      { name: "./dev/console", type: "character-device" },
+      { name: "dev/loop0", type: "block-device" },
     ]);
-    expect(tally).toEqual({ entries: 8, bytes: 1 });
+    expect(tally).toEqual({ entries: 10, bytes: 1 });
   });
 
   it.each([
     [[{ name: "../../etc/cron.d/evil", data: "x" }], 'entry "../../etc/cron.d/evil" has a ".." path component'],
     [[{ name: "usr/../../x", data: "x" }], '".." path component'],
-    [[{ name: "dev/sda", type: "block-device" }], "is a device node"],
-    [[{ name: "dev/mem", type: "character-device" }], "is a device node"],
+    [[{ name: "srv/sda", type: "block-device" }], "is a device node outside /dev"],
+    [[{ name: "./home/app/mem", type: "character-device" }], "is a device node outside /dev"],
+    [[{ name: "dev/../srv/mem", type: "character-device" }], '".." path component'],
     [[{ name: "bin/x", type: "link", linkname: "../../../etc/shadow" }], "is a hard link to"],
     [[{ name: "big", data: "x", pax: { "GNU.sparse.major": "1", "GNU.sparse.realsize": "99999999999" } }], "is a sparse file"],
   ])("refuses %j", async (entries, message) => {

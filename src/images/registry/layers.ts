@@ -50,7 +50,7 @@ export function unreadableLayerType(mediaType: string): string | undefined {
 /**
  * Reads a layer blob's tar (gunzipped on the fly, nothing written) and
  * refuses it like a hostile zip: entry names or hard-link targets with `..`
- * (escaping the root), device nodes, sparse files, unknown entry types,
+ * (escaping the root), device nodes outside /dev, sparse files, unknown entry types,
  * oversized names, and the image's entry count, total size and this layer's
  * expansion ratio past their limits. Symlinks may point anywhere (an
  * absolute target is normal in a root filesystem): umoci resolves every path
@@ -113,7 +113,10 @@ export function entryProblem(header: { name: string; type?: string | null; linkn
       return undefined;
     case "character-device":
     case "block-device":
-      return "is a device node";
+      // Root filesystem tarballs (debootstrap, mmdebstrap) carry /dev/null, /dev/console…: in the
+      // guest a devtmpfs hides them, on the host they sit in a root-only directory. Elsewhere a
+      // device node has no business in an image.
+      return /^dev\//.test(posix.normalize(`./${name.replace(/^\/+/, "")}`)) ? undefined : "is a device node outside /dev";
     default:
       return `has an unsupported tar entry type (${String(header.type)})`;
   }
