@@ -75,7 +75,7 @@ func runInit() {
 	if cfg.Workload != "" {
 		go memwatch.Watch(cfg.Workload)
 	}
-	srv := server.New(server.Options{Token: cfg.Token, Started: started})
+	srv := server.New(server.Options{Token: cfg.Token, Started: started, RootDevice: cfg.Root})
 	if err != nil {
 		srv.SetDegraded(err.Error())
 	}

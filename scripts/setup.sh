@@ -11,9 +11,12 @@ cd "$(dirname "$0")/.."
 # self-signed certificate) and busybox-static (a FROM scratch binary) for
 # test/api/images-sources.test.ts; python3 with venv, setuptools and wheel
 # (an offline `pip install --no-build-isolation`) and pytest for the Python SDK
-# (packages/python-sdk, test/python).
+# (packages/python-sdk, test/python); skopeo (registry pulls into an OCI layout)
+# and umoci (layers unpacked into a root filesystem) for FROM <registry image>
+# (src/images/registry); docker-registry (distribution v2) and apache2-utils
+# (htpasswd, bcrypt) for the registry the tests run on loopback.
 PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static
-  python3 python3-venv python3-setuptools python3-wheel python3-pytest)
+  python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -31,6 +34,11 @@ if [ ${#missing[@]} -gt 0 ] || [ -z "$lists_fresh" ]; then
     echo "[setup] run as root: apt-get update && apt-get install -y ${PACKAGES[*]}" >&2
     exit 1
   fi
+fi
+# The docker-registry package enables a registry on :5000 where systemd runs;
+# the tests start their own on loopback, nothing else should listen.
+if [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+  systemctl disable --now docker-registry >&2 || true
 fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then

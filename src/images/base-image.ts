@@ -12,19 +12,19 @@ export interface VmShape {
 export const DEFAULT_SHAPE: VmShape = { vcpus: 1, memoryMiB: 512 };
 
 /**
- * The built-in `base` image: the bookworm root filesystem booted once with the
- * agent, then snapshotted, one snapshot per VM shape (memory size and vCPUs
- * are fixed in a snapshot). Rebuilt when the disk, kernel, initramfs,
- * accelerator or QEMU build changes.
+ * A managed image (`base` by default, `python`, `node`): its root filesystem
+ * booted once with the agent, then snapshotted, one snapshot per VM shape
+ * (memory size and vCPUs are fixed in a snapshot). Rebuilt when the disk,
+ * kernel, initramfs, accelerator or QEMU build changes.
  */
 export async function prepareBaseImage(
   engine: Engine,
-  opts: { imagesDir: string; rootfs: string; assets: GuestBootAssets; shape?: VmShape; log?: ProgressLog },
+  opts: { imagesDir: string; rootfs: string; assets: GuestBootAssets; shape?: VmShape; name?: string; log?: ProgressLog },
 ): Promise<Snapshot> {
   const shape = opts.shape ?? DEFAULT_SHAPE;
   const dir = await cachedAsset({
     assetsDir: opts.imagesDir,
-    name: "base",
+    name: opts.name ?? "base",
     inputs: {
       rootfs: opts.rootfs,
       kernel: opts.assets.kernel,

@@ -4,27 +4,47 @@ import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
 import { run } from "../util/process.ts";
 import { ext4DiskFromTree } from "./ext4-disk.ts";
 
-/** What the built-in `base` image is made of. Changing any of it rebuilds the disk. */
-export const BASE_ROOTFS_RECIPE = {
-  suite: "bookworm",
-  variant: "minbase",
-  include: ["ca-certificates"],
+/** A Debian root filesystem Cocoon builds itself: a bookworm minbase plus packages. Changing any field rebuilds the disk. */
+export interface DebianRecipe {
+  /** The asset's name under the assets directory. */
+  name: string;
+  suite: "bookworm";
+  variant: "minbase";
+  include: readonly string[];
   /** Size of the ext4 filesystem; qcow2 stores only what is used. */
-  diskGiB: 4,
-  revision: 1,
-} as const;
+  diskGiB: number;
+  revision: number;
+}
 
 /**
- * Builds the `debian:bookworm` root filesystem with mmdebstrap, as ext4
- * inside qcow2 (ext4DiskFromTree). The result is
- * read-only: every image and VM disk is a copy-on-write overlay on it.
+ * The built-in `base` image (and `FROM debian:bookworm`): Debian with
+ * python3, because the first thing an AI coding assistant runs in a sandbox
+ * is usually `python3 -c …`; pip and venv are the `python` image's.
  */
-export async function prepareBaseRootfs(assetsDir: string, log?: ProgressLog): Promise<string> {
-  const recipe = BASE_ROOTFS_RECIPE;
+export const BASE_ROOTFS_RECIPE: DebianRecipe = {
+  name: "rootfs-bookworm",
+  suite: "bookworm",
+  variant: "minbase",
+  include: ["ca-certificates", "python3"],
+  diskGiB: 4,
+  revision: 2,
+};
+
+/** The `base` root filesystem: built once, then cached by recipe. */
+export function prepareBaseRootfs(assetsDir: string, log?: ProgressLog): Promise<string> {
+  return prepareDebianRootfs(assetsDir, BASE_ROOTFS_RECIPE, log);
+}
+
+/**
+ * Builds a Debian root filesystem with mmdebstrap, as ext4 inside qcow2
+ * (ext4DiskFromTree), cached by recipe. The result is read-only: every image
+ * and VM disk is a copy-on-write overlay on it.
+ */
+export async function prepareDebianRootfs(assetsDir: string, recipe: DebianRecipe, log?: ProgressLog): Promise<string> {
   const dir = await cachedAsset({
     assetsDir,
-    name: "rootfs-bookworm",
-    inputs: recipe,
+    name: recipe.name,
+    inputs: recipe as unknown as Record<string, unknown>,
     log,
     build: async (out) => {
       await ext4DiskFromTree(out, recipe.diskGiB, async (tree) => {

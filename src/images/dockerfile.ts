@@ -1,8 +1,10 @@
 import { DockerfileParser, type Instruction } from "dockerfile-ast";
 import { posix } from "node:path";
 import { ApiError } from "../errors.ts";
+import { hostPlatform } from "./registry/manifest.ts";
+import { formatReference, parseImageReference, type ImageReference } from "./registry/reference.ts";
 
-/** What an image runs and how it is configured: inherited by `FROM <cocoon image>`. */
+/** What an image runs and how it is configured: inherited by `FROM <image>`. */
 export interface ImageConfig {
   env: Record<string, string>;
   workdir: string;
@@ -14,6 +16,12 @@ export interface ImageConfig {
   appPort?: number;
   healthcheck?: Healthcheck;
   labels: Record<string, string>;
+  /** STOPSIGNAL: what the agent sends the app to stop it (default SIGTERM). */
+  stopSignal?: string;
+  /** VOLUME paths: created in the image, recorded; they are part of each VM's own disk. */
+  volumes?: string[];
+  /** SHELL: the shell of shell-form RUN, CMD, ENTRYPOINT and HEALTHCHECK (default /bin/sh -c). */
+  shell?: string[];
 }
 
 export interface Healthcheck {
@@ -25,114 +33,206 @@ export interface Healthcheck {
   retries: number;
 }
 
-/** Where the build starts from. */
-export type BaseRef = { kind: "debian" } | { kind: "scratch" } | { kind: "image"; name: string };
+/** The images Cocoon builds from Debian packages (managed.ts). */
+export const MANAGED_NAMES = ["base", "python", "node"] as const;
+export type ManagedName = (typeof MANAGED_NAMES)[number];
+
+/** Where a stage starts from. */
+export type BaseRef =
+  | { kind: "managed"; name: ManagedName }
+  | { kind: "scratch" }
+  /** A READY image of the tenant, by name. */
+  | { kind: "image"; name: string }
+  | { kind: "registry"; ref: ImageReference }
+  /** An earlier stage of the same Dockerfile. */
+  | { kind: "stage"; index: number };
 
 export type BuildStep =
-  | { kind: "run"; line: number; text: string; command: string[] | string; env: Record<string, string>; cwd: string; user: string }
-  | { kind: "copy"; line: number; text: string; add: boolean; sources: string[]; dest: string; chown?: string }
-  | { kind: "workdir"; line: number; text: string; path: string };
+  | { kind: "run"; line: number; text: string; command: string[] | string; stdin?: string; env: Record<string, string>; cwd: string; user: string }
+  /** COPY/ADD from the code archive, or (`from`) from what an earlier stage exported. */
+  | { kind: "copy"; line: number; text: string; add: boolean; sources: string[]; dest: string; chown?: string; chmod?: string; from?: number }
+  /** COPY <<EOF: a file written from the Dockerfile itself. */
+  | { kind: "write"; line: number; text: string; dest: string; content: string; chown?: string; chmod?: string }
+  | { kind: "mkdir"; line: number; text: string; path: string };
+
+export interface Stage {
+  index: number;
+  /** `FROM … AS name` (lower case); absent for unnamed stages and for images named by COPY --from. */
+  name?: string;
+  /** The FROM line (for an image named by COPY --from, that line). */
+  line: number;
+  base: BaseRef;
+  steps: BuildStep[];
+  config: ImageConfig;
+  /** Paths (relative to /) later stages COPY --from this one; globs allowed. */
+  exports: string[];
+}
 
 export interface BuildPlan {
-  base: BaseRef;
-  fromLine: number;
-  steps: BuildStep[];
+  stages: Stage[];
+  /** The stage that becomes the image (`target`, default the last). */
+  target: number;
+  /** The stages to build, dependencies first, ending with the target; stages nothing needs are skipped. */
+  order: number[];
+  /** The target's config: the image's. */
   config: ImageConfig;
 }
 
+export interface PlanOpts {
+  buildArgs?: Record<string, string>;
+  /** The stage to build (`--target`); default the last. */
+  target?: string;
+  /** The config of a READY image of the tenant by name, undefined if there is none. */
+  parentConfig: (name: string) => ImageConfig | undefined;
+  /** The config of a registry image once pulled; before that (at create) a placeholder stands in. */
+  registryConfig?: (ref: ImageReference) => ImageConfig | undefined;
+}
+
 export const EMPTY_CONFIG: ImageConfig = { env: {}, workdir: "/", user: "root", argv: [], entrypoint: [], cmd: [], labels: {} };
+export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DEFAULT_SHELL = ["/bin/sh", "-c"];
+/** HEALTHCHECK defaults when a flag is absent (also for registry images' health checks). */
+export const HEALTHCHECK_DEFAULTS = { intervalMs: 1000, timeoutMs: 10_000, startPeriodMs: 0, retries: 3 } as const;
 
 /** Build args Docker predefines (proxies); allowed without an ARG line. */
 const PREDEFINED_ARGS = new Set(["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy", "NO_PROXY", "no_proxy"]);
-const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/** BuildKit's platform args: global, so `ARG TARGETARCH` in a stage reads them. */
+function platformArgs(): Record<string, string> {
+  const { os, architecture } = hostPlatform();
+  const platform = `${os}/${architecture}`;
+  return { TARGETPLATFORM: platform, TARGETOS: os, TARGETARCH: architecture, TARGETVARIANT: "", BUILDPLATFORM: platform, BUILDOS: os, BUILDARCH: architecture, BUILDVARIANT: "" };
+}
+const STAGE_NAME = /^[a-z][a-z0-9_.-]{0,62}$/;
+const IMAGE_NAME = /^[a-z0-9][a-z0-9._-]*$/;
 
 function lineError(line: number, message: string): never {
   throw new ApiError("ValidationError", `Dockerfile line ${line}: ${message}`, { field: "dockerfile", line });
 }
 
 /**
- * Parses a Dockerfile (dockerfile-ast) into a build plan, refusing anything
- * Cocoon cannot build — with the line number — before any build starts.
- * `parentConfig` gives the config of a READY Cocoon image by name (FROM
- * <image>), undefined if there is none.
+ * Parses a Dockerfile (dockerfile-ast) into stages, refusing anything Cocoon
+ * cannot build — with the line number — before any build starts. Called
+ * twice per build: at create (registry bases not pulled yet: a placeholder
+ * config stands in, so only the syntax is checked) and once every base is
+ * pulled (`registryConfig`), when variables expand against the real ENV.
  */
-export function planDockerfile(
-  text: string,
-  opts: { buildArgs?: Record<string, string>; parentConfig: (name: string) => ImageConfig | undefined },
-): BuildPlan {
+export function planDockerfile(text: string, opts: PlanOpts): BuildPlan {
   const buildArgs = opts.buildArgs ?? {};
-  const df = DockerfileParser.parse(text);
-  const instructions = df.getInstructions();
-  // Args declared before FROM only serve FROM itself.
-  const globalArgs: Record<string, string> = {};
+  // CRLF line ends (Windows editors; multipart form fields are sent so) would reach heredocs and scripts.
+  const instructions = DockerfileParser.parse(text.replace(/\r\n?/g, "\n")).getInstructions();
+  // Args declared before the first FROM serve FROM lines and, through ARG, stages.
+  const globalArgs: Record<string, string> = platformArgs();
+  const declared = new Set<string>();
   let i = 0;
   for (; i < instructions.length && instructions[i]!.getKeyword() === "ARG"; i++) {
-    const [name, value] = argOf(instructions[i]!, buildArgs, {});
-    if (value !== undefined) globalArgs[name] = value;
+    const [name, value] = argOf(instructions[i]!, buildArgs, globalArgs);
+    declared.add(name);
+    if (value !== undefined) globalArgs[name] = expand(value, globalArgs, lineOf(instructions[i]!));
   }
-  const from = instructions[i];
-  if (!from) lineError(1, "no FROM instruction");
-  if (from.getKeyword() !== "FROM") lineError(lineOf(from), `expected FROM, found ${from.getKeyword()}`);
-  const fromArgs = from.getArguments().map((a) => expand(a.getValue(), globalArgs, lineOf(from)));
-  if (fromArgs.some((a) => a.startsWith("--"))) lineError(lineOf(from), "FROM flags (--platform) are not supported");
-  if (fromArgs.length !== 1) lineError(lineOf(from), "named build stages (FROM … AS name) are not supported: one stage per image");
-  const image = fromArgs[0]!;
-  let base: BaseRef;
-  let config: ImageConfig;
-  if (/^debian:(bookworm|bookworm-slim|12|12-slim)$/.test(image) || image === "base") {
-    base = { kind: "debian" };
-    config = structuredClone({ ...EMPTY_CONFIG, env: { PATH: DEFAULT_PATH } });
-  } else if (image === "scratch") {
-    base = { kind: "scratch" };
-    config = structuredClone(EMPTY_CONFIG);
-  } else {
-    const name = image.replace(/:latest$/, "");
-    const parent = /^[a-z0-9][a-z0-9._-]*$/.test(name) ? opts.parentConfig(name) : undefined;
-    if (!parent) {
-      lineError(
-        lineOf(from),
-        `FROM ${image}: only debian:bookworm, debian:bookworm-slim, scratch or a READY Cocoon image of yours can be a base (registry pulls are not supported)`,
-      );
-    }
-    base = { kind: "image", name };
-    config = structuredClone(parent);
-  }
+  if (!instructions[i]) lineError(1, "no FROM instruction");
+  if (instructions[i]!.getKeyword() !== "FROM") lineError(lineOf(instructions[i]!), `expected FROM, found ${instructions[i]!.getKeyword()}`);
 
-  const args: Record<string, string> = {};
-  const steps: BuildStep[] = [];
-  const vars = () => ({ ...args, ...config.env });
-  for (const ins of instructions.slice(i + 1)) {
+  const stages: Stage[] = [];
+  /** Images named by COPY --from (not stages): built as stages of their own, after the explicit ones. */
+  const implicit: Stage[] = [];
+  let stage: Stage | undefined;
+  let args: Record<string, string> = {};
+  let ownExpose = false;
+  const vars = () => ({ ...args, ...stage!.config.env });
+
+  const resolveBase = (image: string, line: number, what: string): { base: BaseRef; config: ImageConfig } => {
+    if (image === "scratch") return { base: { kind: "scratch" }, config: structuredClone(EMPTY_CONFIG) };
+    const earlier = stages.find((s) => s.name === image.toLowerCase());
+    if (earlier) return { base: { kind: "stage", index: earlier.index }, config: structuredClone(earlier.config) };
+    const managed = /^debian:(bookworm|bookworm-slim|12|12-slim)$/.test(image) ? "base" : MANAGED_NAMES.find((n) => n === image);
+    if (managed) return { base: { kind: "managed", name: managed }, config: structuredClone({ ...EMPTY_CONFIG, env: { PATH: DEFAULT_PATH } }) };
+    const own = image.replace(/:latest$/, "");
+    const parent = IMAGE_NAME.test(own) ? opts.parentConfig(own) : undefined;
+    if (parent) return { base: { kind: "image", name: own }, config: structuredClone(parent) };
+    const ref = parseImageReference(image);
+    if (!ref) lineError(line, `${what} ${image.slice(0, 200)}: not an image reference (name[:tag][@sha256:…], a stage, or an image of yours)`);
+    const config = opts.registryConfig?.(ref) ?? { ...EMPTY_CONFIG, env: { PATH: DEFAULT_PATH } };
+    return { base: { kind: "registry", ref }, config: structuredClone(config) };
+  };
+
+  for (const ins of instructions.slice(i)) {
     const line = lineOf(ins);
     const keyword = ins.getKeyword();
     const content = ins.getArgumentsContent() ?? "";
-    const textOf = `${keyword} ${content}`.trim();
+    const textOf = `${keyword} ${content}`.trim().split("\n")[0]!;
+    if (keyword === "FROM") {
+      const parts = ins.getArguments().map((a) => expand(a.getValue(), globalArgs, line));
+      const flags = flagMap(ins, line, ["platform"]);
+      if (flags.platform !== undefined) checkPlatform(expand(flags.platform, globalArgs, line), line);
+      const words = parts.filter((p) => !p.startsWith("--"));
+      if (words.length !== 1 && !(words.length === 3 && /^as$/i.test(words[1]!))) lineError(line, "FROM needs an image, optionally followed by AS <name>");
+      const name = words[2]?.toLowerCase();
+      if (name !== undefined && !STAGE_NAME.test(name)) lineError(line, `stage name ${words[2]} must match ${STAGE_NAME.source}`);
+      if (name !== undefined && stages.some((s) => s.name === name)) lineError(line, `stage name ${name} is used twice`);
+      const { base, config } = resolveBase(words[0]!, line, "FROM");
+      stage = { index: stages.length, name, line, base, steps: [], config, exports: [] };
+      stages.push(stage);
+      args = {};
+      ownExpose = false;
+      continue;
+    }
+    const config = stage!.config;
+    const steps = stage!.steps;
     switch (keyword) {
-      case "FROM":
-        lineError(line, "multi-stage builds are not supported: one FROM per Dockerfile");
-      // falls through (lineError never returns)
       case "RUN": {
-        if (flagsOf(ins).length) lineError(line, `RUN flags (${flagsOf(ins).join(", ")}) are not supported`);
-        if (!content.trim()) lineError(line, "RUN needs a command");
+        const flags = flagMap(ins, line, ["mount", "network", "security"]);
+        // A cache mount only makes rebuilds faster: without it the result is the same.
+        if (flags.mount !== undefined && !/^type=cache(,|$)/.test(flags.mount)) lineError(line, `RUN --mount=${flags.mount}: only type=cache mounts are supported (and ignored)`);
+        if (flags.network !== undefined && flags.network !== "default") lineError(line, `RUN --network=${flags.network} is not supported (builds have internet egress)`);
+        if (flags.security !== undefined) lineError(line, "RUN --security is not supported");
+        const body = content;
+        if (!body.trim()) lineError(line, "RUN needs a command");
         // ARG values are in the environment of RUN (not of the image), like Docker.
-        steps.push({ kind: "run", line, text: textOf, command: commandOf(content, line), env: { ...args, ...config.env }, cwd: config.workdir, user: config.user });
+        steps.push({ kind: "run", line, text: textOf, ...runCommand(body, config, line), env: vars(), cwd: config.workdir, user: config.user });
         break;
       }
       case "COPY":
       case "ADD": {
-        const flags = flagMap(ins, line, keyword === "COPY" ? ["chown", "chmod"] : ["chown", "chmod"]);
-        if (flags.chmod !== undefined) lineError(line, `${keyword} --chmod is not supported`);
-        let parts = jsonArray(content) ?? ins.getArguments().map((a) => a.getValue());
-        parts = parts.filter((p) => !p.startsWith("--")).map((p) => expand(p, vars(), line));
+        const flags = flagMap(ins, line, keyword === "COPY" ? ["chown", "chmod", "from", "link"] : ["chown", "chmod", "link"]);
+        const chown = flags.chown ? expand(flags.chown, vars(), line) : undefined;
+        const chmod = flags.chmod ? expand(flags.chmod, vars(), line) : undefined;
+        if (chmod !== undefined && !/^[0-7]{3,4}$/.test(chmod)) lineError(line, `${keyword} --chmod=${chmod}: only octal modes (e.g. 0755) are supported`);
+        // The parser leaves the flags out of the content.
+        const body = content;
+        const heredoc = /^<<(-?)(["']?)([A-Za-z_][A-Za-z0-9_]*)\2[ \t]+(\S.*)$/.exec(body.split("\n")[0]!.trim());
+        if (heredoc) {
+          const [, dash, quote, word, destText] = heredoc;
+          const content = heredocBody(body, word!, dash === "-", line);
+          const dest = expand(destText!.trim(), vars(), line);
+          steps.push({ kind: "write", line, text: textOf, dest: dest.startsWith("/") ? dest : posix.join(config.workdir, dest), content: quote ? content : expand(content, vars(), line), chown, chmod });
+          break;
+        }
+        let parts = jsonArray(body) ?? ins.getArguments().map((a) => a.getValue()).filter((p) => !p.startsWith("--"));
+        parts = parts.map((p) => expand(p, vars(), line));
         if (parts.length < 2) lineError(line, `${keyword} needs at least one source and a destination`);
         const dest = parts.at(-1)!;
         const sources = parts.slice(0, -1);
+        let from: number | undefined;
+        if (flags.from !== undefined) {
+          const fromText = expand(flags.from, vars(), line);
+          const numbered = /^\d+$/.test(fromText) ? Number(fromText) : undefined;
+          if (stage!.name === fromText.toLowerCase() || (numbered !== undefined && numbered >= stage!.index)) lineError(line, `COPY --from=${fromText}: a stage can only copy from an earlier one`);
+          const byName = numbered !== undefined ? stages[numbered] : stages.find((s) => s.name === fromText.toLowerCase());
+          if (byName) from = byName.index;
+          else {
+            const { base, config: imageConfig } = resolveBase(fromText, line, "COPY --from");
+            const same = implicit.find((s) => JSON.stringify(s.base) === JSON.stringify(base));
+            from = same?.index ?? implicitStage(implicit, base, imageConfig, line);
+          }
+        }
         for (const s of sources) {
           if (/^[a-z][a-z0-9+.-]*:\/\//i.test(s)) lineError(line, `${keyword} from a URL (${s}) is not supported: put the file in the code archive`);
           const n = posix.normalize(s.replace(/^\/+/, ""));
-          if (n === ".." || n.startsWith("../")) lineError(line, `${keyword} source ${s} is outside the build context`);
+          if (n === ".." || n.startsWith("../")) lineError(line, `${keyword} source ${s} is outside the ${from === undefined ? "build context" : "stage's root"}`);
         }
-        // posix.join keeps a trailing slash: "dir/" stays a directory destination.
-        const absDest = dest.startsWith("/") ? dest : posix.join(config.workdir, dest);
+        // posix.join keeps a trailing slash: "dir/" stays a directory destination; so do "." and "..".
+        const joined = dest.startsWith("/") ? dest : posix.join(config.workdir, dest);
+        const absDest = /(^|\/)\.\.?$/.test(dest) && !joined.endsWith("/") ? `${joined}/` : joined;
         steps.push({
           kind: "copy",
           line,
@@ -140,7 +240,9 @@ export function planDockerfile(
           add: keyword === "ADD",
           sources: sources.map((s) => posix.normalize(s.replace(/^\/+/, "")).replace(/(.)\/+$/, "$1") || "."),
           dest: sources.length > 1 && !absDest.endsWith("/") ? `${absDest}/` : absDest,
-          chown: flags.chown ? expand(flags.chown, vars(), line) : undefined,
+          chown,
+          chmod,
+          ...(from !== undefined ? { from } : {}),
         });
         break;
       }
@@ -153,6 +255,7 @@ export function planDockerfile(
       }
       case "ARG": {
         const [name, value] = argOf(ins, buildArgs, globalArgs);
+        declared.add(name);
         if (value !== undefined) args[name] = expand(value, vars(), line);
         break;
       }
@@ -160,7 +263,7 @@ export function planDockerfile(
         const path = expand(unquote(content.trim()), vars(), line);
         if (!path) lineError(line, "WORKDIR needs a path");
         config.workdir = posix.resolve(config.workdir, path);
-        steps.push({ kind: "workdir", line, text: textOf, path: config.workdir });
+        steps.push({ kind: "mkdir", line, text: textOf, path: config.workdir });
         break;
       }
       case "USER": {
@@ -173,17 +276,42 @@ export function planDockerfile(
         const ports = ins.getArguments().map((a) => expand(a.getValue(), vars(), line));
         const tcp = ports.filter((p) => !p.endsWith("/udp")).map((p) => Number(p.replace(/\/tcp$/, "")));
         if (!ports.length || tcp.some((p) => !Number.isInteger(p) || p < 1 || p > 65535)) lineError(line, `EXPOSE needs ports between 1 and 65535, got ${content}`);
-        // The first TCP port is the app's (the endpoint forwards to it).
-        config.appPort ??= tcp[0];
+        // The Dockerfile's first TCP port is the app's (the endpoint forwards to it), whatever the base exposed.
+        if (!ownExpose && tcp.length) {
+          config.appPort = tcp[0];
+          ownExpose = true;
+        }
         break;
       }
       case "CMD":
-        config.cmd = execOrShell(content, line);
+        config.cmd = execOrShell(content, config, line);
         break;
       case "ENTRYPOINT":
-        config.entrypoint = execOrShell(content, line);
+        config.entrypoint = execOrShell(content, config, line);
         config.cmd = []; // Docker resets CMD when ENTRYPOINT is set
         break;
+      case "SHELL": {
+        const shell = jsonArray(content);
+        if (!shell || shell.length === 0) lineError(line, 'SHELL needs a JSON array, e.g. ["/bin/bash", "-c"]');
+        config.shell = shell;
+        break;
+      }
+      case "STOPSIGNAL": {
+        const signal = expand(content.trim(), vars(), line);
+        if (!/^(SIG)?[A-Z][A-Z0-9+]*$|^\d{1,2}$/.test(signal)) lineError(line, `STOPSIGNAL ${signal} is not a signal name (SIGTERM) or number`);
+        config.stopSignal = signal;
+        break;
+      }
+      case "VOLUME": {
+        const paths = (jsonArray(content) ?? ins.getArguments().map((a) => a.getValue())).map((p) => expand(p, vars(), line));
+        if (!paths.length) lineError(line, "VOLUME needs at least one path");
+        for (const p of paths) {
+          const path = posix.resolve("/", p);
+          config.volumes = [...new Set([...(config.volumes ?? []), path])];
+          steps.push({ kind: "mkdir", line, text: textOf, path });
+        }
+        break;
+      }
       case "HEALTHCHECK": {
         const sub = content.trim();
         if (/^NONE$/i.test(sub)) {
@@ -193,12 +321,13 @@ export function planDockerfile(
         const flags = flagMap(ins, line, ["interval", "timeout", "start-period", "start-interval", "retries"]);
         const m = /^(?:--\S+\s+)*CMD\s+([\s\S]+)$/i.exec(sub);
         if (!m) lineError(line, "HEALTHCHECK needs CMD <command> or NONE");
+        const command = commandOf(m[1]!, line);
         config.healthcheck = {
-          command: commandOf(m[1]!, line),
-          intervalMs: durationMs(flags.interval, 1000, line),
-          timeoutMs: durationMs(flags.timeout, 10_000, line),
-          startPeriodMs: durationMs(flags["start-period"], 0, line),
-          retries: flags.retries === undefined ? 3 : positiveInt(flags.retries, "--retries", line),
+          command: typeof command === "string" && customShell(config) ? [...config.shell!, command] : command,
+          intervalMs: durationMs(flags.interval, HEALTHCHECK_DEFAULTS.intervalMs, line),
+          timeoutMs: durationMs(flags.timeout, HEALTHCHECK_DEFAULTS.timeoutMs, line),
+          startPeriodMs: durationMs(flags["start-period"], HEALTHCHECK_DEFAULTS.startPeriodMs, line),
+          retries: flags.retries === undefined ? HEALTHCHECK_DEFAULTS.retries : positiveInt(flags.retries, "--retries", line),
         };
         break;
       }
@@ -210,23 +339,70 @@ export function planDockerfile(
       case "MAINTAINER":
         config.labels.maintainer = content.trim();
         break;
+      case "ONBUILD":
+        lineError(line, "ONBUILD is not supported (it runs in builds FROM this image, which Cocoon does not defer)");
+      // falls through (lineError never returns)
       default:
-        lineError(line, `${keyword} is not supported (supported: FROM, RUN, COPY, ADD, ENV, ARG, WORKDIR, USER, EXPOSE, CMD, ENTRYPOINT, HEALTHCHECK, LABEL)`);
+        lineError(
+          line,
+          `${keyword} is not supported (supported: FROM, RUN, COPY, ADD, ENV, ARG, WORKDIR, USER, EXPOSE, CMD, ENTRYPOINT, SHELL, STOPSIGNAL, VOLUME, HEALTHCHECK, LABEL)`,
+        );
     }
   }
-  const unknownArgs = Object.keys(buildArgs).filter((k) => !(k in args) && !(k in globalArgs) && !PREDEFINED_ARGS.has(k));
+  const unknownArgs = Object.keys(buildArgs).filter((k) => !declared.has(k) && !PREDEFINED_ARGS.has(k));
   if (unknownArgs.length) {
     throw new ApiError("ValidationError", `build args ${unknownArgs.join(", ")} are not declared by an ARG in the Dockerfile`, { field: "buildArgs" });
   }
-  config.argv = [...config.entrypoint, ...config.cmd];
-  return { base, fromLine: lineOf(from), steps, config };
+  // Images named by COPY --from come after the explicit stages; their placeholder indices are -1, -2, …
+  const explicitCount = stages.length;
+  for (const [j, s] of implicit.entries()) stages.push({ ...s, index: explicitCount + j });
+  for (const s of stages) {
+    s.config.argv = [...s.config.entrypoint, ...s.config.cmd];
+    for (const step of s.steps) if (step.kind === "copy" && step.from !== undefined && step.from < 0) step.from = explicitCount - step.from - 1;
+  }
+
+  let target = explicitCount - 1;
+  if (opts.target !== undefined) {
+    const t = stages.find((s) => s.name !== undefined && s.name === opts.target!.toLowerCase());
+    if (!t) throw new ApiError("ValidationError", `target ${opts.target} is not a stage of the Dockerfile (FROM … AS ${opts.target})`, { field: "target" });
+    target = t.index;
+  }
+  const order = buildOrder(stages, target);
+  // What each needed stage must hand over, for the COPY --from of the stages built after it.
+  for (const s of order.map((n) => stages[n]!)) {
+    for (const step of s.steps) if (step.kind === "copy" && step.from !== undefined) stages[step.from]!.exports.push(...step.sources.filter((p) => !stages[step.from!]!.exports.includes(p)));
+  }
+  return { stages, target, order, config: stages[target]!.config };
+}
+
+/** The stages the target needs (FROM a stage, COPY --from), each after what it needs. */
+function buildOrder(stages: Stage[], target: number): number[] {
+  const order: number[] = [];
+  const visit = (n: number) => {
+    if (order.includes(n)) return;
+    const s = stages[n]!;
+    if (s.base.kind === "stage") visit(s.base.index);
+    for (const step of s.steps) if (step.kind === "copy" && step.from !== undefined) visit(step.from);
+    order.push(n);
+  };
+  visit(target);
+  return order;
+}
+
+/** Registers an image named by COPY --from as a stage with no steps; returns its (final) index. */
+function implicitStage(implicit: Stage[], base: BaseRef, config: ImageConfig, line: number): number {
+  if (base.kind === "scratch") lineError(line, "COPY --from=scratch copies nothing");
+  // Indices are given once the explicit stages are counted; until then they are negative placeholders.
+  const index = -(implicit.length + 1);
+  implicit.push({ index, line, base, steps: [], config, exports: [] });
+  return index;
 }
 
 const lineOf = (ins: Instruction) => ins.getRange().start.line + 1;
 
-function flagsOf(ins: Instruction): string[] {
-  const f = (ins as unknown as { getFlags?: () => { getName(): string }[] }).getFlags;
-  return f ? f.call(ins).map((x) => `--${x.getName()}`) : [];
+function checkPlatform(platform: string, line: number): void {
+  const { os, architecture } = hostPlatform();
+  if (platform !== `${os}/${architecture}`) lineError(line, `FROM --platform=${platform}: this host builds ${os}/${architecture} only`);
 }
 
 function flagMap(ins: Instruction, line: number, allowed: string[]): Record<string, string | undefined> {
@@ -266,9 +442,46 @@ function commandOf(content: string, line: number): string[] | string {
   return argv ?? content.trim();
 }
 
-function execOrShell(content: string, line: number): string[] {
+const customShell = (config: ImageConfig) => config.shell !== undefined && JSON.stringify(config.shell) !== JSON.stringify(DEFAULT_SHELL);
+
+/**
+ * RUN's command: exec form, shell form (through SHELL when one is set), or a
+ * heredoc. `RUN <<EOF` alone runs the body as a script (with its #! line if
+ * it has one); a heredoc after a command (`RUN python3 <<EOF`) is the
+ * shell's own business.
+ */
+function runCommand(body: string, config: ImageConfig, line: number): { command: string[] | string; stdin?: string } {
+  const first = body.split("\n")[0]!.trim();
+  const bare = /^<<(-?)(["']?)([A-Za-z_][A-Za-z0-9_]*)\2$/.exec(first);
+  if (bare) {
+    const script = heredocBody(body, bare[3]!, bare[1] === "-", line);
+    if (script.startsWith("#!")) {
+      // The interpreter named by #! runs it, as BuildKit does: written to a file first.
+      return { command: ["/bin/sh", "-c", 'f=$(mktemp) && cat > "$f" && chmod +x "$f" && "$f"; code=$?; rm -f "$f"; exit $code'], stdin: script };
+    }
+    return { command: customShell(config) ? [...config.shell!, script] : script };
+  }
+  if (/<<-?["']?[A-Za-z_][A-Za-z0-9_]*["']?/.test(first) && !jsonArray(body)) {
+    // The shell reads the heredoc itself: the whole text, newlines kept.
+    return { command: customShell(config) ? [...config.shell!, body] : body };
+  }
+  const command = commandOf(body.includes("\n") ? body.replace(/\\\n/g, "") : body, line);
+  return { command: typeof command === "string" && customShell(config) ? [...config.shell!, command] : command };
+}
+
+/** The lines of a heredoc after its first line, up to the terminator (tabs stripped with `<<-`). */
+function heredocBody(body: string, word: string, stripTabs: boolean, line: number): string {
+  const lines = body.split("\n").slice(1);
+  const end = lines.findIndex((l) => (stripTabs ? l.replace(/^\t+/, "") : l) === word);
+  if (end < 0) lineError(line, `heredoc <<${word} has no closing ${word} line`);
+  if (end !== lines.length - 1) lineError(line, `only one heredoc per instruction is supported outside a shell command (found text after ${word})`);
+  const text = lines.slice(0, end).map((l) => (stripTabs ? l.replace(/^\t+/, "") : l));
+  return text.length ? `${text.join("\n")}\n` : "";
+}
+
+function execOrShell(content: string, config: ImageConfig, line: number): string[] {
   const c = commandOf(content, line);
-  return typeof c === "string" ? ["/bin/sh", "-c", c] : c;
+  return typeof c === "string" ? [...(config.shell ?? DEFAULT_SHELL), c] : c;
 }
 
 function unquote(v: string): string {
@@ -303,4 +516,24 @@ function positiveInt(v: string, flag: string, line: number): number {
   const n = Number(v);
   if (!Number.isInteger(n) || n < 1 || n > 100) lineError(line, `${flag} must be an integer between 1 and 100`);
   return n;
+}
+
+/** How a base is named in the build log. */
+export function describeBase(base: BaseRef, stages: Stage[]): string {
+  switch (base.kind) {
+    case "managed":
+      return `${base.name} (managed)`;
+    case "scratch":
+      return "scratch";
+    case "image":
+      return `${base.name} (your image)`;
+    case "registry":
+      return formatReference(base.ref);
+    case "stage":
+      return `stage ${stages[base.index]!.name ?? base.index}`;
+    default: {
+      const never: never = base;
+      throw new Error(`unknown base ${String(never)}`);
+    }
+  }
 }

@@ -8,20 +8,26 @@ import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import type { ImageRow, ImageUpdate } from "../store/schema.ts";
 import { deleteTags, tagResource } from "../store/tags.ts";
+import { settingsOf } from "../store/tenants.ts";
 import { sha256 } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
-import { snapshotDisk, VM_LIMITS, type Engine, type Snapshot } from "../vmm/engine.ts";
+import { snapshotDisk, VM_LIMITS, type DiskChain, type Engine, type Snapshot } from "../vmm/engine.ts";
+import type { Cidr } from "../vmm/network/addresses.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
-import { BASE_ROOTFS_RECIPE } from "./base-rootfs.ts";
 import { BuildLog, readBuildLog } from "./build-log.ts";
-import { BuildError, buildInVm } from "./builder.ts";
+import { BuildError, buildStage } from "./builder.ts";
 import type { VmShape } from "./base-image.ts";
 import type { ImageRef } from "./catalog.ts";
-import { planDockerfile, type BuildPlan, type ImageConfig } from "./dockerfile.ts";
+import { describeBase, planDockerfile, type BaseRef, type BuildPlan, type ImageConfig, type Stage } from "./dockerfile.ts";
 import { normalizeHooks, type HooksRequest, type ImageHooks } from "./hooks.ts";
 import { fetchCode, type S3Config, type StagedCode } from "./intake.ts";
-import { settingsOf } from "../store/tenants.ts";
-import { prepareScratchDisk } from "./scratch-disk.ts";
+import { MANAGED_IMAGES, managedImage, prepareManagedRootfs } from "./managed.ts";
+import { RegistryCredentials } from "./registry/credentials.ts";
+import { RegistryEgress } from "./registry/egress.ts";
+import { DEFAULT_PULL_LIMITS, type PullLimits } from "./registry/layers.ts";
+import { PullError, RegistryPuller, type PulledImage } from "./registry/puller.ts";
+import { formatReference } from "./registry/reference.ts";
+import { prepareScratchDisk, SCRATCH_DISK_GIB } from "./scratch-disk.ts";
 import { checkImageTransition, isBuilding, type ImageState } from "./states.ts";
 
 export interface ImageServiceOpts {
@@ -47,6 +53,13 @@ export interface ImageServiceOpts {
   s3?: S3Config;
   /** Extra CA certificates (PEM) trusted for https:// code URIs, besides the bundled roots (COCOON_HTTPS_CA_FILE). */
   httpsCa?: string;
+  /** A PEM file of CA certificates trusted for registries besides the system's (COCOON_REGISTRY_CA_FILE). */
+  registryCaFile?: string;
+  /** CIDRs of private addresses registries may be pulled from (COCOON_REGISTRY_PRIVATE_ALLOW); none by default. */
+  registryPrivateAllow?: Cidr[];
+  pullLimits?: PullLimits;
+  /** The key registry passwords are sealed with (made on first use; default `<imagesDir>/.credentials.key`). */
+  credentialsKeyFile?: string;
   /** Ends a microVM (DELETE ?force=true of an image it uses). */
   terminateVm: (tenantId: string, vmId: string, cause: string) => Promise<unknown>;
   log?: (line: string) => void;
@@ -58,9 +71,11 @@ export interface CreateImageRequest {
   dockerfile?: string;
   code: StagedCode;
   buildArgs?: Record<string, string>;
+  /** The Dockerfile stage to build (`FROM … AS name`); default the last. */
+  target?: string;
   vcpus?: number;
   memoryMiB?: number;
-  /** A managed image (`base`) the build starts from: `FROM <it>` when the Dockerfile has none; another FROM is refused. */
+  /** A managed image (`base`, `python`, `node`) the build starts from: `FROM <it>` when the Dockerfile has none; another FROM is refused. */
   baseImage?: string;
   /** Runtime environment of the image's app and execs, over the Dockerfile's ENV. */
   env?: Record<string, string>;
@@ -79,7 +94,32 @@ export const IMAGE_VERSION_STATUSES = ["ACTIVE", "INACTIVE"] as const;
 export type ImageVersionStatus = (typeof IMAGE_VERSION_STATUSES)[number];
 
 const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
-const RESERVED = new Set(["base", "scratch", "debian"]);
+const RESERVED = new Set(["scratch", "debian", ...MANAGED_IMAGES.map((m) => m.name)]);
+
+/** What a build needs again once it has its slot (the Dockerfile is planned a second time with the pulled configs). */
+interface BuildSource {
+  dockerfile: string;
+  buildArgs?: Record<string, string>;
+  target?: string;
+  /** The runtime environment given at create, over the target's ENV. */
+  env?: Record<string, string>;
+  hooks?: ImageHooks;
+}
+
+/** The tenant's READY images by name, with their configs: the possible FROM parents. */
+type Parents = Map<string, { row: ImageRow; config: ImageConfig }>;
+
+/** The root of a stage's FROM chain (through earlier stages). */
+function chainRoot(plan: BuildPlan, stage: number): Exclude<BaseRef, { kind: "stage" }> {
+  const base = plan.stages[stage]!.base;
+  return base.kind === "stage" ? chainRoot(plan, base.index) : base;
+}
+
+/** What a stage's base resolved to when its build starts: its disk with the trusted chain under it. */
+interface ResolvedBase {
+  disk: DiskChain;
+  diskGiB: number;
+}
 
 /**
  * MicroVM Images: intake checks, Dockerfile plans, builds in build VMs
@@ -99,6 +139,10 @@ export class ImageService {
   private readonly controllers = new Map<string, AbortController>();
   private readonly maxConcurrent: number;
   private readonly tokens: IdempotencyTokens;
+  /** Per-tenant registry credentials (PUT /v1/registries/{host}). */
+  readonly registries: RegistryCredentials;
+  private readonly egress: RegistryEgress;
+  private readonly puller: RegistryPuller;
 
   constructor(opts: ImageServiceOpts) {
     this.opts = opts;
@@ -107,6 +151,9 @@ export class ImageService {
     this.limits = { ...(opts.limits ?? DEFAULT_ARCHIVE_LIMITS) };
     this.maxConcurrent = opts.maxConcurrentBuilds ?? Math.max(1, Math.floor(cpus().length / 2));
     this.tokens = new IdempotencyTokens(opts.db);
+    this.registries = new RegistryCredentials(opts.db, opts.credentialsKeyFile ?? join(opts.imagesDir, ".credentials.key"));
+    this.egress = new RegistryEgress(opts.registryPrivateAllow);
+    this.puller = new RegistryPuller({ assetsDir: opts.assetsDir, egress: this.egress, caFile: opts.registryCaFile, limits: opts.pullLimits ?? DEFAULT_PULL_LIMITS });
   }
 
   get stagingDir(): string {
@@ -129,14 +176,16 @@ export class ImageService {
 
   /**
    * After a restart: a build cut short is FAILED; nothing half-built stays.
-   * Its build VM was a template, which the engine ended when it opened.
+   * Its build VMs were templates, which the engine ended when it opened.
    */
   async start(): Promise<void> {
     await rm(this.stagingDir, { recursive: true, force: true });
+    await this.puller.removeStale();
     const rows = await this.db.selectFrom("images").selectAll().where("state", "in", ["PENDING", "BUILDING", "DELETING"]).execute();
     for (const row of rows) {
       const dir = this.dirOf(row.id);
       await rm(join(dir, "snapshot"), { recursive: true, force: true });
+      await rm(join(dir, "stages"), { recursive: true, force: true });
       await rm(join(dir, "code.zip"), { force: true });
       if (row.state === "DELETING") await this.removeRow(row);
       else await this.transition(row, "FAILED", { state_reason: "the server restarted during the build" });
@@ -147,6 +196,7 @@ export class ImageService {
   async close(): Promise<void> {
     for (const c of this.controllers.values()) c.abort(new BuildError("the server is shutting down"));
     await Promise.allSettled([...this.builds]);
+    await this.egress.close();
   }
 
   /**
@@ -171,10 +221,18 @@ export class ImageService {
       if (dockerfile === undefined) throw new ApiError("ValidationError", "no dockerfile given and no Dockerfile at the root of the code archive", { field: "dockerfile" });
       if (req.baseImage !== undefined && !/^\s*FROM\s/im.test(dockerfile)) dockerfile = `FROM ${req.baseImage}\n${dockerfile}`;
       const parents = await this.readyByName(tenantId);
-      const plan = planDockerfile(dockerfile, { buildArgs: req.buildArgs, parentConfig: (n) => parents.get(n)?.config });
+      const plan = withRuntimeEnv(planDockerfile(dockerfile, { buildArgs: req.buildArgs, target: req.target, parentConfig: (n) => parents.get(n)?.config }), req.env);
       if (req.baseImage !== undefined) checkManagedBase(plan, req.baseImage);
-      plan.config.env = { ...plan.config.env, ...req.env };
-      const parent = plan.base.kind === "image" ? parents.get(plan.base.name)!.row : undefined;
+      // A registry at an address the server may not reach is refused now, not at the build.
+      for (const { base, line } of plan.order.map((n) => plan.stages[n]!)) {
+        const refused = base.kind === "registry" ? this.egress.checkHost(base.ref.registry) : undefined;
+        if (refused && base.kind === "registry") {
+          throw new ApiError("ValidationError", `Dockerfile line ${line}: FROM ${formatReference(base.ref)}: ${refused}`, { field: "dockerfile", line });
+        }
+      }
+      // The image's disk is layered on the root of the target's FROM chain: a tenant image there must outlive this one.
+      const root = chainRoot(plan, plan.target);
+      const parent = root.kind === "image" ? parents.get(root.name)!.row : undefined;
       const row = await this.names.run(`${tenantId}/${req.name}`, async () => {
         const last = await this.db
           .selectFrom("images")
@@ -198,7 +256,8 @@ export class ImageService {
           app_port: plan.config.appPort ?? null,
           vcpus,
           memory_mib: memoryMiB,
-          disk_gib: parent?.disk_gib ?? BASE_ROOTFS_RECIPE.diskGiB,
+          // A registry image's disk size is known once it is pulled (updated when READY).
+          disk_gib: parent?.disk_gib ?? (root.kind === "managed" ? managedImage(root.name)!.recipe.diskGiB : SCRATCH_DISK_GIB),
           dockerfile_digest: `sha256:${sha256(dockerfile)}`,
           code_digest: `sha256:${req.code.sha256}`,
           code_source: req.code.source,
@@ -218,7 +277,7 @@ export class ImageService {
         if (req.tags) await tagResource(this.db, tenantId, { type: "microvm-image", id: req.name }, req.tags);
         return newRow;
       });
-      this.startBuild(row, plan, archive, parent, hooks);
+      this.startBuild(row, { dockerfile, buildArgs: req.buildArgs, target: req.target, env: req.env, hooks }, plan, archive, parents);
       return row;
     } finally {
       await rm(req.code.path, { force: true });
@@ -336,6 +395,7 @@ export class ImageService {
    * override that).
    */
   async delete(tenantId: string, idOrName: string, force: boolean): Promise<string[]> {
+    if (managedImage(idOrName)) throw new ApiError("Conflict", `image ${idOrName} is managed by Cocoon and cannot be deleted`, { image: idOrName });
     const one = await this.get(tenantId, idOrName);
     const rows = one.id === idOrName ? [one] : await this.list(tenantId, { name: one.name });
     const ids = rows.map((r) => r.id);
@@ -363,7 +423,7 @@ export class ImageService {
 
   // ---- builds ------------------------------------------------------------------
 
-  private startBuild(row: ImageRow, plan: BuildPlan, archive: CodeArchive, parent: ImageRow | undefined, hooks: ImageHooks | undefined): void {
+  private startBuild(row: ImageRow, source: BuildSource, createPlan: BuildPlan, archive: CodeArchive, parents: Parents): void {
     const dir = this.dirOf(row.id);
     const log = new BuildLog(join(dir, "build.log"));
     this.logs.set(row.id, log);
@@ -391,28 +451,9 @@ export class ImageService {
         this.running++;
         const timeoutMs = this.opts.buildTimeoutMs ?? 600_000;
         const timer = setTimeout(() => controller.abort(new BuildError(`the build timed out after ${Math.round(timeoutMs / 1000)} s`)), timeoutMs);
+        let built: { plan: BuildPlan; diskGiB: number };
         try {
-          // FROM another image: its snapshot's disk, with the chain its manifest names (never a disk header's).
-          const base =
-            plan.base.kind === "debian"
-              ? { path: this.opts.rootfs, backing: [] }
-              : plan.base.kind === "scratch"
-                ? { path: await prepareScratchDisk(this.opts.assetsDir, this.opts.log), backing: [] }
-                : snapshotDisk(await this.engine.loadSnapshot(join(this.dirOf(parent!.id), "snapshot")));
-          await buildInVm(this.engine, {
-            plan,
-            zipPath: join(dir, "code.zip"),
-            archive,
-            base,
-            dir: join(dir, "snapshot"),
-            vcpus: row.vcpus,
-            memoryMiB: row.memory_mib,
-            log,
-            signal: controller.signal,
-            readyTimeoutMs: Math.min(this.opts.readyTimeoutMs ?? 120_000, timeoutMs),
-            settleMs: this.opts.settleMs ?? 2000,
-            hooks,
-          });
+          built = await this.buildStages(row, source, createPlan, archive, parents, log, controller.signal, timeoutMs);
         } finally {
           clearTimeout(timer);
           this.running--;
@@ -429,14 +470,19 @@ export class ImageService {
           memory_bytes: memoryBytes,
           size_bytes: diskBytes + memoryBytes,
           build_ms: buildMs,
+          // With a registry base, the config and the disk size are known only now.
+          config: JSON.stringify(built.plan.config),
+          app_port: built.plan.config.appPort ?? null,
+          disk_gib: built.diskGiB,
         });
       } catch (err) {
         const reason = controller.signal.aborted && controller.signal.reason instanceof Error ? controller.signal.reason.message : (err as Error).message;
-        const userFacing = err instanceof BuildError || controller.signal.aborted;
+        const userFacing = err instanceof BuildError || err instanceof PullError || (err instanceof ApiError && err.code === "ValidationError") || controller.signal.aborted;
         log.line(`==> FAILED: ${userFacing ? reason : `internal error: ${reason}`}`);
         if (!userFacing) this.opts.log?.(`image ${row.id} build failed: ${(err as Error).stack ?? reason}`);
-        // Nothing half-published: the snapshot directory goes, the log stays.
+        // Nothing half-published: the snapshot and stage directories go, the log stays.
         await rm(join(dir, "snapshot"), { recursive: true, force: true });
+        await rm(join(dir, "stages"), { recursive: true, force: true });
         await this.transition(row, "FAILED", { state_reason: userFacing ? reason : "internal error during the build; see the build log", build_ms: Date.now() - started }).catch(
           (e: Error) => this.opts.log?.(`image ${row.id}: recording the failure: ${e.message}`),
         );
@@ -451,8 +497,126 @@ export class ImageService {
     void build.finally(() => this.builds.delete(build));
   }
 
+  /**
+   * Pulls the registry images the stages need (with the tenant's own
+   * credentials), plans the Dockerfile again with their configs, and builds
+   * the stages in order, each in a build VM of the image's shape: a stage
+   * another is FROM keeps its disk (under `stages/`, the image's disk is
+   * layered on it), a stage only copied from hands over a tar of what is
+   * copied, the target is snapshotted. Returns the final plan and the disk size.
+   */
+  private async buildStages(
+    row: ImageRow,
+    source: BuildSource,
+    createPlan: BuildPlan,
+    archive: CodeArchive,
+    parents: Parents,
+    log: BuildLog,
+    signal: AbortSignal,
+    timeoutMs: number,
+  ): Promise<{ plan: BuildPlan; diskGiB: number }> {
+    const dir = this.dirOf(row.id);
+    const refs = createPlan.order.map((n) => createPlan.stages[n]!.base).filter((b): b is Extract<BaseRef, { kind: "registry" }> => b.kind === "registry");
+    const pulled = new Map<string, PulledImage>();
+    if (refs.length) {
+      const auth = await this.registries.authFile(row.tenant_id, [...new Set(refs.map((b) => b.ref.registry))]);
+      for (const { ref } of refs) {
+        const key = formatReference(ref);
+        if (!pulled.has(key)) pulled.set(key, await this.puller.pull({ ref, auth, log: (l) => log.line(l), signal }));
+      }
+    }
+    const plan = pulled.size
+      ? withRuntimeEnv(
+          planDockerfile(source.dockerfile, {
+            buildArgs: source.buildArgs,
+            target: source.target,
+            parentConfig: (n) => parents.get(n)?.config,
+            registryConfig: (ref) => pulled.get(formatReference(ref))?.config,
+          }),
+          source.env,
+        )
+      : createPlan;
+    await mkdir(join(dir, "stages"), { recursive: true });
+    /** Disks of the stages built so far that later stages are FROM. */
+    const stageDisks = new Map<number, ResolvedBase>();
+    const imports = new Map<number, string>();
+    let targetBase: ResolvedBase | undefined;
+    for (const n of plan.order) {
+      signal.throwIfAborted();
+      const stage = plan.stages[n]!;
+      const target = n === plan.target;
+      const base = await this.resolveBase(stage, plan, parents, pulled, stageDisks, log);
+      if (target) targetBase = base;
+      const keep = target || plan.order.some((m) => plan.stages[m]!.base.kind === "stage" && (plan.stages[m]!.base as { index: number }).index === n);
+      const vmDir = target ? join(dir, "snapshot") : join(dir, "stages", String(n));
+      const exportTo = stage.exports.length ? join(dir, "stages", `${n}.tar`) : undefined;
+      await buildStage(this.engine, {
+        plan,
+        stage: n,
+        zipPath: join(dir, "code.zip"),
+        archive,
+        base: base.disk,
+        dir: vmDir,
+        vcpus: row.vcpus,
+        memoryMiB: row.memory_mib,
+        log,
+        signal,
+        readyTimeoutMs: Math.min(this.opts.readyTimeoutMs ?? 120_000, timeoutMs),
+        settleMs: this.opts.settleMs ?? 2000,
+        imports,
+        exportTo,
+        keep,
+        hooks: target ? source.hooks : undefined,
+      });
+      if (exportTo) imports.set(n, exportTo);
+      if (target) continue;
+      if (keep) {
+        // Only the disk is built on; the stage's memory is not needed again.
+        for (const f of ["memory", "state", "manifest.json"]) await rm(join(vmDir, f), { force: true });
+        stageDisks.set(n, { disk: { path: join(vmDir, "disk.qcow2"), backing: [base.disk.path, ...base.disk.backing] }, diskGiB: base.diskGiB });
+      } else {
+        await rm(vmDir, { recursive: true, force: true });
+      }
+    }
+    for (const tar of imports.values()) await rm(tar, { force: true });
+    return { plan, diskGiB: targetBase!.diskGiB };
+  }
+
+  /** The disk a stage boots on: a managed root filesystem (built on first use), scratch, one of the tenant's images, a pulled image, or an earlier stage's. */
+  private async resolveBase(stage: Stage, plan: BuildPlan, parents: Parents, pulled: Map<string, PulledImage>, stageDisks: Map<number, ResolvedBase>, log: BuildLog): Promise<ResolvedBase> {
+    const base = stage.base;
+    switch (base.kind) {
+      case "managed": {
+        const recipe = managedImage(base.name)!.recipe;
+        const disk = base.name === "base" ? this.opts.rootfs : await prepareManagedRootfs(this.opts.assetsDir, base.name, (l) => log.line(`==> ${l}`));
+        return { disk: { path: disk, backing: [] }, diskGiB: recipe.diskGiB };
+      }
+      case "scratch":
+        return { disk: { path: await prepareScratchDisk(this.opts.assetsDir, this.opts.log), backing: [] }, diskGiB: SCRATCH_DISK_GIB };
+      case "image": {
+        const parent = parents.get(base.name);
+        if (!parent) throw new BuildError(`FROM ${base.name}: the image is no longer READY`);
+        // Its snapshot's disk, with the chain its manifest names (never a disk header's).
+        return { disk: snapshotDisk(await this.engine.loadSnapshot(join(this.dirOf(parent.row.id), "snapshot"))), diskGiB: parent.row.disk_gib };
+      }
+      case "registry": {
+        const image = pulled.get(formatReference(base.ref))!;
+        return { disk: { path: image.disk, backing: [] }, diskGiB: image.diskGiB };
+      }
+      case "stage": {
+        const built = stageDisks.get(base.index);
+        if (!built) throw new Error(`stage ${describeBase(base, plan.stages)} was not built before stage ${stage.index}`);
+        return built;
+      }
+      default: {
+        const never: never = base;
+        throw new Error(`unknown base ${String(never)}`);
+      }
+    }
+  }
+
   /** READY images of a tenant by name (latest version), with their configs: the possible FROM parents. */
-  private async readyByName(tenantId: string): Promise<Map<string, { row: ImageRow; config: ImageConfig }>> {
+  private async readyByName(tenantId: string): Promise<Parents> {
     const rows = await this.db.selectFrom("images").selectAll().where("tenant_id", "=", tenantId).where("state", "=", "READY").orderBy("version").execute();
     return new Map(rows.map((r) => [r.name, { row: r, config: JSON.parse(r.config) as ImageConfig }]));
   }
@@ -483,11 +647,20 @@ async function allocated(path: string): Promise<number> {
 
 const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(1);
 
-/** A build on a managed base must keep that base: the Dockerfile's own FROM, if any, has to name the same image. */
+/** The create request's runtime environment over the target's ENV (the image's config). */
+function withRuntimeEnv(plan: BuildPlan, env: Record<string, string> | undefined): BuildPlan {
+  if (!env) return plan;
+  const target = plan.stages[plan.target]!;
+  target.config = { ...target.config, env: { ...target.config.env, ...env } };
+  return { ...plan, config: target.config };
+}
+
+/** A build on a managed base must keep that base: the root of the target's FROM chain has to be that managed image. */
 function checkManagedBase(plan: BuildPlan, baseImage: string): void {
-  const expected = planDockerfile(`FROM ${baseImage}\n`, { parentConfig: () => undefined }).base;
-  if (JSON.stringify(plan.base) !== JSON.stringify(expected)) {
-    throw new ApiError("ValidationError", `the Dockerfile's FROM (line ${plan.fromLine}) names another base than the managed image ${baseImage}; remove the FROM line or make it FROM ${baseImage}`, {
+  const root = chainRoot(plan, plan.target);
+  if (root.kind !== "managed" || root.name !== baseImage) {
+    const line = plan.stages[plan.target]!.line;
+    throw new ApiError("ValidationError", `the Dockerfile's FROM (line ${line}) names another base than the managed image ${baseImage}; remove the FROM line or make it FROM ${baseImage}`, {
       field: "dockerfile",
     });
   }

@@ -1,7 +1,8 @@
 import { randomBytes } from "node:crypto";
 import { cpus, totalmem } from "node:os";
 import { ApiError, checkIntRange } from "../errors.ts";
-import type { ImageCatalog, ManagedImage } from "../images/catalog.ts";
+import type { ImageCatalog } from "../images/catalog.ts";
+import type { ManagedImageView } from "../images/managed.ts";
 import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
@@ -182,6 +183,9 @@ export class MicroVmService {
     checkRange("vcpus", shape.vcpus);
     checkRange("memoryMiB", shape.memoryMiB);
     checkRange("diskGiB", diskGiB);
+    if (diskGiB < image.diskGiB) {
+      throw new ApiError("ValidationError", `diskGiB must be at least ${image.diskGiB} for image ${image.name}: its filesystem is that size (disks grow, never shrink)`, { field: "diskGiB" });
+    }
     const maxRuntimeSeconds = req.maxRuntimeSeconds ?? LIMITS.maxRuntimeSeconds.max;
     checkRange("maxRuntimeSeconds", maxRuntimeSeconds);
     const suspendAfterSeconds = req.idlePolicy?.suspendAfterSeconds ?? 900;
@@ -242,7 +246,7 @@ export class MicroVmService {
     return this.locks.run(pending.id, async () => {
       let vm: MicroVm | undefined;
       try {
-        vm = await this.engine.launch(snapshot, { id: pending.id, egress, guestPorts: appPort ? [appPort] : [] });
+        vm = await this.engine.launch(snapshot, { id: pending.id, egress, guestPorts: appPort ? [appPort] : [], diskGiB });
         // PUT /env replaces the base env: keep the image's ENV under the request's.
         if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
         await this.runHook(pending, "run", runHookPayload);
@@ -395,7 +399,7 @@ export class MicroVmService {
   }
 
   /** The managed images (catalog): launchable by every tenant and bases of builds. */
-  managedImages(): Promise<ManagedImage[]> {
+  managedImages(): ManagedImageView[] {
     return this.images.managedImages();
   }
 

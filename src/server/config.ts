@@ -1,5 +1,7 @@
 import { homedir } from "node:os";
 import { join, resolve } from "node:path";
+import { RegistryEgress } from "../images/registry/egress.ts";
+import type { Cidr } from "../vmm/network/addresses.ts";
 
 export interface ServerConfig {
   listenHost: string;
@@ -17,6 +19,10 @@ export interface ServerConfig {
   memoryOvercommit: number;
   /** A PEM file of extra CA certificates trusted for https:// code URIs, besides the bundled roots (COCOON_HTTPS_CA_FILE). */
   httpsCaFile?: string;
+  /** A PEM file of CA certificates trusted for container registries, besides the system's (COCOON_REGISTRY_CA_FILE). */
+  registryCaFile?: string;
+  /** CIDRs of private addresses FROM may pull from, e.g. an internal registry (COCOON_REGISTRY_PRIVATE_ALLOW, comma-separated; none by default). */
+  registryPrivateAllow: Cidr[];
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (API.md). */
@@ -38,6 +44,8 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     vcpuOvercommit: envNumber("COCOON_VCPU_OVERCOMMIT", 4, { min: 0.1, max: 64 }),
     memoryOvercommit: envNumber("COCOON_MEMORY_OVERCOMMIT", 0.9, { min: 0.1, max: 4 }),
     httpsCaFile: process.env.COCOON_HTTPS_CA_FILE ? resolve(process.env.COCOON_HTTPS_CA_FILE) : undefined,
+    registryCaFile: process.env.COCOON_REGISTRY_CA_FILE ? resolve(process.env.COCOON_REGISTRY_CA_FILE) : undefined,
+    registryPrivateAllow: RegistryEgress.allowFromEnv(),
   };
 }
 

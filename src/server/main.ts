@@ -36,11 +36,13 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     buildTimeoutMs: config.buildTimeoutSeconds * 1000,
     s3: s3ConfigFromEnv(),
     httpsCa: config.httpsCaFile ? await readFile(config.httpsCaFile, "utf8") : undefined,
+    registryCaFile: config.registryCaFile,
+    registryPrivateAllow: config.registryPrivateAllow,
     terminateVm: (tenantId, vmId, cause) => microvms!.terminate(tenantId, vmId, cause),
     log,
   });
   await imageService.start();
-  const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
+  const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
   microvms = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });

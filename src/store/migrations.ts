@@ -162,4 +162,19 @@ export const migrations: Record<string, Migration> = {
         .execute();
     },
   },
+  // ---- registry credentials (issue #16) ----
+  "0004_registry_credentials": {
+    async up(db: Kysely<unknown>) {
+      await db.schema
+        .createTable("registry_credentials")
+        .addColumn("tenant_id", "text", (c) => c.notNull().references("tenants.id"))
+        .addColumn("host", "text", (c) => c.notNull())
+        .addColumn("username", "text", (c) => c.notNull())
+        .addColumn("password_sealed", "text", (c) => c.notNull())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .addColumn("updated_at", "text", (c) => c.notNull())
+        .addPrimaryKeyConstraint("registry_credentials_pk", ["tenant_id", "host"])
+        .execute();
+    },
+  },
 };

@@ -18,6 +18,7 @@ export interface Database {
   idempotency_tokens: IdempotencyTokensTable;
   tags: TagsTable;
   network_connectors: NetworkConnectorsTable;
+  registry_credentials: RegistryCredentialsTable;
 }
 
 export interface TenantsTable {
@@ -170,3 +171,17 @@ export interface NetworkConnectorsTable {
 
 export type ImageRow = Selectable<ImagesTable>;
 export type ImageUpdate = Updateable<ImagesTable>;
+
+/** A tenant's credentials for one container registry (FROM <registry image>); the password is encrypted (images/registry/credentials.ts). */
+export interface RegistryCredentialsTable {
+  tenant_id: string;
+  /** host[:port], lower case; Docker Hub is `docker.io`. */
+  host: string;
+  username: string;
+  /** AES-256-GCM under the server's credentials key, bound to tenant and host: `v1.<iv>.<tag>.<ciphertext>` (base64url). */
+  password_sealed: string;
+  created_at: string;
+  updated_at: string;
+}
+
+export type RegistryCredentialsRow = Selectable<RegistryCredentialsTable>;

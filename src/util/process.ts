@@ -19,6 +19,8 @@ export interface RunOpts {
   /** Called with each chunk of combined output, for progress reporting. */
   onOutput?: (chunk: string) => void;
   timeoutMs?: number;
+  /** Kills the tool (SIGKILL) when aborted; the promise then rejects with the abort reason. */
+  signal?: AbortSignal;
 }
 
 /** Runs a host tool to completion and returns its stdout. */
@@ -29,6 +31,9 @@ export function run(cmd: string, args: string[], opts: RunOpts = {}): Promise<st
     let stdout = "";
     let stderr = "";
     const timer = opts.timeoutMs ? setTimeout(() => child.kill("SIGKILL"), opts.timeoutMs) : undefined;
+    const onAbort = () => child.kill("SIGKILL");
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
+    if (opts.signal?.aborted) onAbort();
     child.stdout!.on("data", (d: Buffer) => {
       stdout += d.toString();
       opts.onOutput?.(d.toString());
@@ -43,7 +48,9 @@ export function run(cmd: string, args: string[], opts: RunOpts = {}): Promise<st
     });
     child.on("close", (code) => {
       clearTimeout(timer);
-      if (code === 0) resolve(stdout);
+      opts.signal?.removeEventListener("abort", onAbort);
+      if (opts.signal?.aborted) reject(opts.signal.reason as Error);
+      else if (code === 0) resolve(stdout);
       else reject(new CommandFailedError(`${cmd} ${args.slice(0, 3).join(" ")}`, code, stderr.slice(-1500)));
     });
   });

@@ -137,6 +137,11 @@ export class AgentClient {
     return this.json("POST", "/sync");
   }
 
+  /** Waits for the root device to reach `sizeBytes` (the host grew it), then grows the filesystem to fill it. */
+  growDisk(sizeBytes: number): Promise<{ deviceBytes: number; filesystemBytes: number; grown: boolean }> {
+    return this.json("POST", "/disk/grow", { json: { sizeBytes } });
+  }
+
   setEnv(env: Record<string, string>): Promise<unknown> {
     return this.json("PUT", "/env", { json: env });
   }
@@ -212,8 +217,8 @@ export class AgentClient {
     return this.json("DELETE", "/files", { query: { path, recursive } });
   }
 
-  /** Starts (or replaces) the supervised app process. */
-  startApp(app: { argv: string[]; env?: Record<string, string>; cwd?: string; user?: string; restart?: "no" | "on-failure" | "always" }): Promise<unknown> {
+  /** Starts (or replaces) the supervised app process; `stopSignal` (default SIGTERM) is what stops it. */
+  startApp(app: { argv: string[]; env?: Record<string, string>; cwd?: string; user?: string; restart?: "no" | "on-failure" | "always"; stopSignal?: string }): Promise<unknown> {
     return this.json("POST", "/app", { json: app });
   }
 

@@ -140,8 +140,11 @@ export class Engine extends EventEmitter {
    * `guestPorts` adds ports forwarded to host loopback beyond the snapshot's
    * own (forwards and egress are fixed per QEMU process): such a VM, or one
    * with egress, takes the direct path.
+   *
+   * `diskGiB` larger than the snapshot's disk grows the VM's root disk and
+   * filesystem to it once the VM runs (`growDisk`); never shrinks.
    */
-  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress; guestPorts?: number[] } = {}): Promise<MicroVm> {
+  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress; guestPorts?: number[]; diskGiB?: number } = {}): Promise<MicroVm> {
     const m = snapshot.manifest;
     // Validates the policy before anything starts. Warm VMs have egress "none".
     const egress = parseEgress(opts.egress ?? "none");
@@ -149,7 +152,32 @@ export class Engine extends EventEmitter {
     if (opts.id && this.vms.has(opts.id)) throw new Error(`microVM ${opts.id} exists already`);
     const warm = egress !== "none" || extraPorts.length > 0 ? undefined : await this.warm.take(snapshot, opts.id);
     void this.warm.fill(snapshot);
-    return warm ?? this.clone(snapshot, opts.id ?? newVmId(), { pooled: false, egress, extraPorts });
+    const vm = warm ?? (await this.clone(snapshot, opts.id ?? newVmId(), { pooled: false, egress, extraPorts }));
+    if (opts.diskGiB !== undefined) {
+      await this.growDisk(vm, opts.diskGiB).catch(async (err: unknown) => {
+        await this.withVm(vm.id, (v) => this.destroy(v));
+        throw err;
+      });
+    }
+    return vm;
+  }
+
+  /**
+   * Grows a running VM's root disk to `diskGiB` if it is smaller: the qcow2
+   * overlay's virtual size through QMP `block_resize` (the guest kernel sees
+   * the virtio config change), then the ext4 inside, online, by the agent.
+   * The size is the record's, never read from the disk the VM writes.
+   */
+  private growDisk(vm: MicroVm, diskGiB: number): Promise<void> {
+    const bytes = diskGiB * 2 ** 30;
+    return this.withVm(vm.id, async (v) => {
+      if (!v.machine || v.status !== "running") throw new InvalidVmStateError(v.id, v.status, "grow the disk of");
+      if (v.record.diskBytes >= bytes) return;
+      await v.machine.resizeDisk(bytes);
+      v.record = { ...v.record, diskBytes: bytes };
+      await this.saveRecord(v);
+      await v.agent.growDisk(bytes);
+    });
   }
 
   /** Fills the snapshot's warm pool; resolves when it is full. */

@@ -61,6 +61,11 @@ export class Machine extends EventEmitter {
     return this.qmp.execute("cont");
   }
 
+  /** Grows the root disk (block node `root`) to `bytes`; the guest is notified by a virtio config change. */
+  resizeDisk(bytes: number): Promise<unknown> {
+    return this.qmp.execute("block_resize", { "node-name": "root", size: bytes });
+  }
+
   /** Pauses the vCPUs and writes device state (and private RAM) to `file`. */
   async save(file: string): Promise<void> {
     await this.pause();

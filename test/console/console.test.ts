@@ -141,7 +141,7 @@ describe("web console", () => {
     const code = { name: "code.zip", mimeType: "application/zip", buffer: makeZip([{ name: "hello.txt", data: "hello from the console\n" }]) };
     await page.getByLabel("Name", { exact: true }).fill("console-demo");
     // A Dockerfile the API refuses: its message is shown.
-    await page.getByLabel("Dockerfile").fill("FROM debian:bookworm-slim\nVOLUME /data\n");
+    await page.getByLabel("Dockerfile").fill("FROM debian:bookworm-slim\nONBUILD RUN true\n");
     await page.getByLabel("Code (.zip)").setInputFiles(code);
     await page.getByRole("button", { name: "Build image" }).click();
     await page.getByRole("alert").filter({ hasText: "line 2" }).waitFor();

@@ -17,10 +17,12 @@ const (
 	RestartAlways    = "always"
 )
 
-// AppSpec is a Spec plus its restart policy ("" = on-failure).
+// AppSpec is a Spec plus its restart policy ("" = on-failure) and the
+// signal that asks it to stop (0 = SIGTERM; an image's STOPSIGNAL).
 type AppSpec struct {
 	Spec
-	Restart string
+	Restart    string
+	StopSignal syscall.Signal
 }
 
 // AppStatus is GET /app.
@@ -100,7 +102,7 @@ func (s *Supervisor) Start(spec AppSpec) (AppStatus, error) {
 	return s.Status(), nil
 }
 
-// Stop ends the app: SIGTERM to its group, SIGKILL after StopGrace.
+// Stop ends the app: its stop signal (SIGTERM by default) to its group, SIGKILL after StopGrace.
 func (s *Supervisor) Stop() {
 	s.ops.Lock()
 	defer s.ops.Unlock()
@@ -121,8 +123,12 @@ func (s *Supervisor) stopCurrent() {
 	close(run.stop)
 	pid := run.pid
 	s.mu.Unlock()
+	stop := run.spec.StopSignal
+	if stop == 0 {
+		stop = syscall.SIGTERM
+	}
 	if pid > 0 {
-		_ = syscall.Kill(-pid, syscall.SIGTERM)
+		_ = syscall.Kill(-pid, stop)
 		_ = syscall.Kill(-pid, syscall.SIGCONT)
 	}
 	select {

@@ -14,6 +14,8 @@ type appRequest struct {
 	Cwd     string            `json:"cwd"`
 	User    string            `json:"user"`
 	Restart string            `json:"restart"`
+	// StopSignal is what stops the app (DELETE /app, a replacement): "SIGTERM" by default.
+	StopSignal string `json:"stopSignal"`
 }
 
 func (s *Server) getApp(w http.ResponseWriter, r *http.Request) {
@@ -30,9 +32,15 @@ func (s *Server) postApp(w http.ResponseWriter, r *http.Request) {
 		apierr.Write(w, apierr.BadRequest("argv is required"))
 		return
 	}
+	stop, err := process.ParseSignal(req.StopSignal)
+	if err != nil {
+		apierr.Write(w, apierr.BadRequest("stopSignal: "+err.Error()))
+		return
+	}
 	st, err := s.app.Start(process.AppSpec{
-		Spec:    process.Spec{Argv: req.Argv, Env: req.Env, Cwd: req.Cwd, User: req.User},
-		Restart: req.Restart,
+		Spec:       process.Spec{Argv: req.Argv, Env: req.Env, Cwd: req.Cwd, User: req.User},
+		Restart:    req.Restart,
+		StopSignal: stop,
 	})
 	if err != nil {
 		apierr.Write(w, err)

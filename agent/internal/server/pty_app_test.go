@@ -202,3 +202,24 @@ func TestAppFollowAndStop(t *testing.T) {
 		t.Fatalf("after delete: %+v", st)
 	}
 }
+
+func TestAppStopSignal(t *testing.T) {
+	h := newHarness(t)
+	// Exits cleanly on SIGINT, ignores SIGTERM: a quick stop proves SIGINT was sent.
+	h.do("POST", "/app", map[string]interface{}{
+		"argv":       []string{"sh", "-c", `trap "exit 0" INT; trap "" TERM; echo ready; while true; do sleep 0.05; done`},
+		"stopSignal": "SIGINT",
+	}, nil)
+	waitUntil(t, 5*time.Second, "ready", func() bool { return strings.Contains(h.logs(), "ready") })
+	start := time.Now()
+	if code := h.do("DELETE", "/app", nil, nil); code != 200 {
+		t.Fatalf("delete: %d", code)
+	}
+	if d := time.Since(start); d >= 250*time.Millisecond {
+		t.Fatalf("stop took %v: SIGINT was not sent (grace 300ms)", d)
+	}
+	var e apiError
+	if code := h.do("POST", "/app", map[string]interface{}{"argv": []string{"true"}, "stopSignal": "SIGNOPE"}, &e); code != 400 || !strings.Contains(e.Error.Message, "stopSignal") {
+		t.Fatalf("bad stopSignal: %d %+v", code, e)
+	}
+}

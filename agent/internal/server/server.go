@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"cocoon/agent/internal/apierr"
+	"cocoon/agent/internal/disk"
 	"cocoon/agent/internal/process"
 	"cocoon/agent/internal/restore"
 	"cocoon/agent/internal/stats"
@@ -39,6 +40,10 @@ type Options struct {
 	// Started is when the agent started (uptimeMs counts from it); it
 	// defaults to now, but as PID 1 the boot happens before New.
 	Started time.Time
+	// RootDevice is the block device mounted on / (cocoon.root), grown by POST /disk/grow.
+	RootDevice string
+	// Disk defaults to disk.Real().
+	Disk *disk.System
 }
 
 // Server implements http.Handler.
@@ -49,6 +54,8 @@ type Server struct {
 	base      *process.BaseEnv
 	procs     *process.Manager
 	app       *process.Supervisor
+	disk      *disk.System
+	rootDev   string
 
 	mu        sync.RWMutex // protects tokenHash, hasToken and degraded
 	tokenHash [sha256.Size]byte
@@ -69,7 +76,10 @@ func New(o Options) *Server {
 	if o.Started.IsZero() {
 		o.Started = time.Now()
 	}
-	s := &Server{start: o.Started, restore: o.Restore, statsRoot: o.StatsRoot, base: &process.BaseEnv{}}
+	if o.Disk == nil {
+		o.Disk = disk.Real()
+	}
+	s := &Server{start: o.Started, restore: o.Restore, statsRoot: o.StatsRoot, base: &process.BaseEnv{}, disk: o.Disk, rootDev: o.RootDevice}
 	s.procs = process.NewManager(o.Reaper)
 	s.app = process.NewSupervisor(s.procs, s.base)
 	s.SetToken(o.Token)
@@ -137,6 +147,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m = map[string]http.HandlerFunc{"POST": s.sync}
 	case "/stats":
 		m = map[string]http.HandlerFunc{"GET": s.stats}
+	case "/disk/grow":
+		m = map[string]http.HandlerFunc{"POST": s.growDisk}
 	case "/exec":
 		m = map[string]http.HandlerFunc{"POST": s.exec}
 	case "/files":
@@ -278,4 +290,27 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) stats(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, stats.Read(s.statsRoot))
+}
+
+// growWait bounds the wait for the guest kernel to see a device the host has just grown.
+const growWait = 10 * time.Second
+
+func (s *Server) growDisk(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		SizeBytes uint64 `json:"sizeBytes"`
+	}
+	if err := decodeJSON(w, r, &req, false); err != nil {
+		apierr.Write(w, err)
+		return
+	}
+	if req.SizeBytes == 0 {
+		apierr.Write(w, apierr.BadRequest("sizeBytes is required"))
+		return
+	}
+	res, err := s.disk.Grow(s.rootDev, s.statsRoot, req.SizeBytes, growWait)
+	if err != nil {
+		apierr.Write(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
 }

@@ -179,9 +179,9 @@ export function registerImageOperations(scope: AwsScope, deps: AwsApiDeps): void
   );
 
   scope.get("/managed-microvm-images", { config: { awsPermission: "image:read" }, schema: { querystring: Type.Object(Page, { additionalProperties: false }) } }, async (req) => {
-    const page = paginate(await deps.microvms.managedImages(), (m) => m.name, req.query);
+    const page = paginate(deps.microvms.managedImages(), (m) => m.name, req.query);
     return {
-      items: page.items.map((m) => ({ imageArn: managedImageArn(req.aws.region, m.name), createdAt: m.createdAt.getTime() / 1000, updatedAt: m.createdAt.getTime() / 1000 })),
+      items: page.items.map((m) => ({ imageArn: managedImageArn(req.aws.region, m.name), createdAt: Date.parse(m.createdAt) / 1000, updatedAt: Date.parse(m.createdAt) / 1000 })),
       ...(page.nextToken ? { nextToken: page.nextToken } : {}),
     };
   });
@@ -197,8 +197,8 @@ export function registerImageOperations(scope: AwsScope, deps: AwsApiDeps): void
           imageArn: managedImageArn(req.aws.region, m.name),
           imageVersion: String(m.version),
           status: "AVAILABLE",
-          createdAt: m.createdAt.getTime() / 1000,
-          updatedAt: m.createdAt.getTime() / 1000,
+          createdAt: Date.parse(m.createdAt) / 1000,
+          updatedAt: Date.parse(m.createdAt) / 1000,
         })),
         ...(page.nextToken ? { nextToken: page.nextToken } : {}),
       };
@@ -217,7 +217,7 @@ async function managedImage(deps: AwsApiDeps, value: string, field: string) {
     throw new ApiError("ValidationError", `${field} ${value} is not a managed image ARN (arn:aws:lambda:{region}:aws:microvm-image/{name}); ListManagedMicrovmImages lists them`, { field });
   }
   const name = arn?.id ?? value;
-  const managed = (await deps.microvms.managedImages()).find((m) => m.name === name);
+  const managed = deps.microvms.managedImages().find((m) => m.name === name);
   if (!managed) throw new ApiError("NotFound", `no managed image ${name}; ListManagedMicrovmImages lists them`, { resourceId: value, resourceType: "managed-microvm-image" });
   return managed;
 }

@@ -57,8 +57,8 @@ const PortSpecification = Type.Object(
 export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): void {
   const { microvms } = deps;
   /** Names of the managed images (reserved names: no tenant image has one). */
-  const managedNames = async () => new Set((await microvms.managedImages()).map((m) => m.name));
-  const view = async (row: MicroVmRow, region: string) => microVmView(row, region, deps.endpointUrl(row.id), await managedNames());
+  const managedNames = () => new Set(microvms.managedImages().map((m) => m.name));
+  const view = async (row: MicroVmRow, region: string) => microVmView(row, region, deps.endpointUrl(row.id), managedNames());
 
   scope.post("/microvms", { config: { awsPermission: "microvm:create" }, schema: { body: RunBody } }, async (req) => {
     const b = req.body;
@@ -107,11 +107,11 @@ export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): vo
         if (image === undefined) throw new ApiError("ValidationError", "imageVersion needs imageIdentifier", { field: "imageVersion" });
         // A version is one image id; a managed image has one version.
         const version = parseVersion(q.imageVersion);
-        const managed = (await microvms.managedImages()).find((m) => m.name === image);
+        const managed = microvms.managedImages().find((m) => m.name === image);
         if (managed) image = managed.version === version ? image : "-";
         else image = deps.images ? (await deps.images.getVersion(tenantId, image, version)).id : "-";
       }
-      const managed = await managedNames();
+      const managed = managedNames();
       const after = decodePageToken(q.nextToken);
       const page = await microvms.list(tenantId, { image, limit: q.maxResults ?? PAGE.max, nextToken: after === undefined ? undefined : String(after) });
       return {

@@ -5,6 +5,7 @@ import { rm } from "node:fs/promises";
 import { ApiError } from "../../errors.ts";
 import { stageStream, type StagedCode } from "../../images/intake.ts";
 import { HOOK_LIMITS, HOOK_NAMES, type ImageHooks } from "../../images/hooks.ts";
+import { managedImage, managedImages, managedImageView } from "../../images/managed.ts";
 import { IMAGE_VERSION_STATUSES, type ImageService } from "../../images/service.ts";
 import type { NetworkConnectors } from "../../lifecycle/connectors.ts";
 import type { Db } from "../../store/db.ts";
@@ -13,12 +14,14 @@ import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/ta
 import { findLiveKey } from "../../store/tenants.ts";
 import { grants } from "../auth.ts";
 import type { Api } from "../server.ts";
+import { registerRegistryRoutes } from "./registries.ts";
 
 const BuildArgs = Type.Record(Type.String({ pattern: "^[A-Za-z_][A-Za-z0-9_]*$", maxLength: 256 }), Type.String({ maxLength: 32768 }), { maxProperties: 128 });
 const CreateFields = {
   name: Type.String({ minLength: 1, maxLength: 63, description: "image name; builds of one name are versions 1, 2, …" }),
   dockerfile: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 * 1024, description: "Dockerfile text (default: Dockerfile at the archive root)" })),
   buildArgs: Type.Optional(BuildArgs),
+  target: Type.Optional(Type.String({ minLength: 1, maxLength: 63, description: "the Dockerfile stage to build (FROM … AS name); default the last" })),
   vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 16, description: "vCPUs of the build and of every VM of the image (default 1)" })),
   memoryMiB: Type.Optional(Type.Integer({ minimum: 128, maximum: 32768, description: "memory of the build and of every VM of the image (default 512)" })),
 };
@@ -75,8 +78,8 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
         bodyLimit: 1024 * 1024,
         schema: {
           description:
-            "Build an image: multipart/form-data with `name`, `dockerfile` (text or file), `code` (.zip) and optionally `buildArgs` (JSON), `vcpus`, `memoryMiB`; or JSON " +
-            "`{name, dockerfile, codeUri, buildArgs?, vcpus?, memoryMiB?}`. Answers 202 with the image BUILDING.",
+            "Build an image: multipart/form-data with `name`, `dockerfile` (text or file), `code` (.zip) and optionally `buildArgs` (JSON), `target`, `vcpus`, `memoryMiB`; or JSON " +
+            "`{name, dockerfile, codeUri, buildArgs?, target?, vcpus?, memoryMiB?}`. Answers 202 with the image BUILDING.",
         },
       },
       async (req, reply) => {
@@ -133,10 +136,19 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
     app.get(
       "/v1/images",
       { config: { permission: "image:read" }, schema: { querystring: Type.Object({ name: Type.Optional(Type.String({ maxLength: 63 })) }, { additionalProperties: false }) } },
-      async (req) => ({ images: (await images.list(req.tenantId, { name: req.query.name })).map(imageView) }),
+      // The managed images first (always READY), then the tenant's own.
+      async (req) => ({
+        images: [
+          ...managedImages().filter((m) => req.query.name === undefined || m.name === req.query.name),
+          ...(await images.list(req.tenantId, { name: req.query.name })).map(imageView),
+        ],
+      }),
     );
 
-    app.get("/v1/images/:id", { config: { permission: "image:read" }, schema: { params: IdParams } }, async (req) => imageView(await images.get(req.tenantId, req.params.id)));
+    app.get("/v1/images/:id", { config: { permission: "image:read" }, schema: { params: IdParams } }, async (req) => {
+      const managed = managedImage(req.params.id);
+      return managed ? managedImageView(managed) : imageView(await images.get(req.tenantId, req.params.id));
+    });
 
     app.get(
       "/v1/images/:id/build-log",
@@ -196,6 +208,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
       async (req) => ({ imageIds: await images.delete(req.tenantId, req.params.id, req.query.force ?? false), deleted: true }),
     );
   });
+  registerRegistryRoutes(root, images.registries);
 }
 
 function parseJsonField(field: string, value: string): unknown {
@@ -221,10 +234,11 @@ async function isAdmin(db: Db, authorization: string | undefined): Promise<boole
 
 /** The API view of an image (API.md). */
 export function imageView(row: ImageRow) {
-  const config = JSON.parse(row.config) as { labels?: Record<string, string>; argv?: string[] };
+  const config = JSON.parse(row.config) as { labels?: Record<string, string>; argv?: string[]; volumes?: string[]; stopSignal?: string };
   return {
     imageId: row.id,
     name: row.name,
+    managed: false,
     version: row.version,
     state: row.state,
     ...(row.state_reason ? { stateReason: row.state_reason } : {}),
@@ -249,5 +263,7 @@ export function imageView(row: ImageRow) {
     ...(row.description ? { description: row.description } : {}),
     ...(row.base_image ? { baseImage: row.base_image } : {}),
     ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}),
+    ...(config.volumes?.length ? { volumes: config.volumes } : {}),
+    ...(config.stopSignal ? { stopSignal: config.stopSignal } : {}),
   };
 }
