@@ -64,7 +64,7 @@ async function main(): Promise<void> {
   const secrets = await ServerSecrets.open(dataDir);
   const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
   const runtime = await startRuntime({ dataDir, assetsDir: join(root, "assets"), warmPoolSize: 1, log });
-  const images = new ImageCatalog(runtime.engine, { imagesDir: join(dataDir, "images"), assetsDir: join(root, "assets"), rootfs: runtime.rootfs, assets: runtime.assets, log });
+  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(dataDir, "images"), assetsDir: join(root, "assets"), rootfs: runtime.rootfs, assets: runtime.assets, log });
   let microvms: MicroVmService | undefined;
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
   microvms = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });

@@ -1,6 +1,9 @@
 import { ApiError } from "../errors.ts";
 import type { Engine, GuestBootAssets, Snapshot } from "../vmm/engine.ts";
-import { prepareBaseImage, type VmShape } from "./base-image.ts";
+import { DEFAULT_SHAPE, prepareBaseImage, type VmShape } from "./base-image.ts";
+import type { Db } from "../store/db.ts";
+import { checkQuota } from "../store/tenants.ts";
+import { KeyedMutex } from "../util/keyed-mutex.ts";
 import type { ImageHooks } from "./hooks.ts";
 import { MANAGED_VERSION, managedImage, managedImages, prepareManagedRootfs, type ManagedImageView } from "./managed.ts";
 import type { ImageService } from "./service.ts";
@@ -35,12 +38,39 @@ export interface ImageRef {
  */
 export class ImageCatalog {
   private readonly built: ImageService | undefined;
+  private readonly shapes = new KeyedMutex();
 
   constructor(
     private readonly engine: Engine,
-    private readonly opts: { imagesDir: string; assetsDir: string; rootfs: string; assets: GuestBootAssets; images?: ImageService; log?: (line: string) => void },
+    private readonly opts: { db: Db; imagesDir: string; assetsDir: string; rootfs: string; assets: GuestBootAssets; images?: ImageService; log?: (line: string) => void },
   ) {
     this.built = opts.images;
+  }
+
+  /** Host capacity that image builds take now (their build VMs): admission counts it beside the microVMs. */
+  buildsInFlight(): VmShape {
+    return this.built?.buildsInFlight() ?? { vcpus: 0, memoryMiB: 0 };
+  }
+
+  /**
+   * A shape of a managed image beyond its default is snapshotted once (a
+   * cold boot) and kept: the first tenant to ask for one is charged with it
+   * (quota baseShapes), checked and recorded in one step.
+   */
+  private async chargeShape(tenantId: string, name: string, shape: VmShape): Promise<void> {
+    if (shape.vcpus === DEFAULT_SHAPE.vcpus && shape.memoryMiB === DEFAULT_SHAPE.memoryMiB) return;
+    const { db } = this.opts;
+    await this.shapes.run(tenantId, async () => {
+      const known = await db.selectFrom("base_shapes").select("tenant_id").where("image_name", "=", name).where("vcpus", "=", shape.vcpus).where("memory_mib", "=", shape.memoryMiB).executeTakeFirst();
+      if (known) return;
+      const held = await db.selectFrom("base_shapes").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();
+      await checkQuota(db, tenantId, "baseShapes", Number(held?.n ?? 0), `new shapes of managed images (each a snapshot kept on the host; ${DEFAULT_SHAPE.vcpus} vCPU and ${DEFAULT_SHAPE.memoryMiB} MiB is free)`);
+      await db
+        .insertInto("base_shapes")
+        .values({ image_name: name, vcpus: shape.vcpus, memory_mib: shape.memoryMiB, tenant_id: tenantId, created_at: new Date().toISOString() })
+        .onConflict((oc) => oc.doNothing())
+        .execute();
+    });
   }
 
   /** Finds an image by name or id (and version); another tenant's image does not exist. */
@@ -55,6 +85,7 @@ export class ImageCatalog {
         version: MANAGED_VERSION,
         diskGiB: managed.recipe.diskGiB,
         snapshotFor: async (shape) => {
+          await this.chargeShape(tenantId, managed.name, shape);
           const rootfs = managed.name === "base" ? opts.rootfs : await prepareManagedRootfs(opts.assetsDir, managed.name, opts.log);
           return prepareBaseImage(this.engine, { imagesDir: opts.imagesDir, rootfs, assets: opts.assets, shape, name: managed.name, log: opts.log });
         },

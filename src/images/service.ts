@@ -8,7 +8,7 @@ import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import type { ImageRow, ImageUpdate } from "../store/schema.ts";
 import { deleteTags, tagResource } from "../store/tags.ts";
-import { settingsOf } from "../store/tenants.ts";
+import { checkQuota, settingsOf } from "../store/tenants.ts";
 import { sha256 } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { snapshotDisk, VM_LIMITS, type DiskChain, type Engine, type Snapshot } from "../vmm/engine.ts";
@@ -133,7 +133,8 @@ export class ImageService {
   private readonly limits: ArchiveLimits;
   private readonly logs = new Map<string, BuildLog>();
   private readonly names = new KeyedMutex();
-  private running = 0;
+  /** Builds holding a build slot, by image id, with the shape of their build VMs (host capacity they take). */
+  private readonly active = new Map<string, VmShape>();
   private readonly queue: (() => void)[] = [];
   private readonly builds = new Set<Promise<void>>();
   private readonly controllers = new Map<string, AbortController>();
@@ -233,7 +234,10 @@ export class ImageService {
       // The image's disk is layered on the root of the target's FROM chain: a tenant image there must outlive this one.
       const root = chainRoot(plan, plan.target);
       const parent = root.kind === "image" ? parents.get(root.name)!.row : undefined;
-      const row = await this.names.run(`${tenantId}/${req.name}`, async () => {
+      // Per tenant: the quota count and the insert are one step.
+      const row = await this.names.run(tenantId, async () => {
+        const held = await this.db.selectFrom("images").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();
+        await checkQuota(this.db, tenantId, "images", Number(held?.n ?? 0), "image versions");
         const last = await this.db
           .selectFrom("images")
           .select((eb) => eb.fn.max<number>("version").as("v"))
@@ -433,8 +437,8 @@ export class ImageService {
       const started = Date.now();
       try {
         log.line(`==> image ${row.name} version ${row.version} (${row.id}); Dockerfile ${row.dockerfile_digest}, code ${row.code_digest}`);
-        if (this.running >= this.maxConcurrent) {
-          log.line(`==> waiting for a build slot (${this.running} builds running)`);
+        if (this.active.size >= this.maxConcurrent) {
+          log.line(`==> waiting for a build slot (${this.active.size} builds running)`);
           await new Promise<void>((resolve, reject) => {
             const take = () => {
               controller.signal.removeEventListener("abort", cancel);
@@ -448,7 +452,7 @@ export class ImageService {
             controller.signal.addEventListener("abort", cancel, { once: true });
           });
         }
-        this.running++;
+        this.active.set(row.id, { vcpus: row.vcpus, memoryMiB: row.memory_mib });
         const timeoutMs = this.opts.buildTimeoutMs ?? 600_000;
         const timer = setTimeout(() => controller.abort(new BuildError(`the build timed out after ${Math.round(timeoutMs / 1000)} s`)), timeoutMs);
         let built: { plan: BuildPlan; diskGiB: number };
@@ -456,7 +460,7 @@ export class ImageService {
           built = await this.buildStages(row, source, createPlan, archive, parents, log, controller.signal, timeoutMs);
         } finally {
           clearTimeout(timer);
-          this.running--;
+          this.active.delete(row.id);
           this.queue.shift()?.();
         }
         const snap = join(dir, "snapshot");
@@ -613,6 +617,16 @@ export class ImageService {
         throw new Error(`unknown base ${String(never)}`);
       }
     }
+  }
+
+  /** Host capacity the builds holding a slot take (their build VMs' shapes): admission counts it (lifecycle). */
+  buildsInFlight(): VmShape {
+    const total = { vcpus: 0, memoryMiB: 0 };
+    for (const shape of this.active.values()) {
+      total.vcpus += shape.vcpus;
+      total.memoryMiB += shape.memoryMiB;
+    }
+    return total;
   }
 
   /** READY images of a tenant by name (latest version), with their configs: the possible FROM parents. */

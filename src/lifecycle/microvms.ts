@@ -6,6 +6,7 @@ import type { ManagedImageView } from "../images/managed.ts";
 import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
+import { checkQuota } from "../store/tenants.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { AgentError, type ExecEvent, type ExecRequest } from "../vmm/agent-client.ts";
@@ -149,11 +150,14 @@ export class MicroVmService {
     return operation;
   }
 
-  /** Suspends every RUNNING VM to disk (graceful server shutdown); they resume on their next request. */
-  async suspendAll(cause: string): Promise<void> {
+  /**
+   * Suspends every RUNNING VM to disk (graceful server shutdown); they resume
+   * on their next request. The server's own doing: no tenant quota applies.
+   */
+  async suspendAll(): Promise<void> {
     const rows = await this.db.selectFrom("microvms").select(["id", "tenant_id"]).where("state", "=", "RUNNING").execute();
     for (const row of rows) {
-      await this.suspend(row.tenant_id, row.id, cause).catch((err: Error) => this.log(`suspending ${row.id} at shutdown: ${err.message}`));
+      await this.suspend(row.tenant_id, row.id, SHUTDOWN).catch((err: Error) => this.log(`suspending ${row.id} at shutdown: ${err.message}`));
     }
   }
 
@@ -308,7 +312,15 @@ export class MicroVmService {
       this.locks.run(id, async () => {
         const row = await this.get(tenantId, id);
         checkTransition(id, row.state, "SUSPENDING", "suspend");
-        await this.transition(id, tenantId, "SUSPENDING");
+        if (cause === SHUTDOWN) await this.transition(id, tenantId, "SUSPENDING");
+        else {
+          // The tenant's suspended VMs keep their memory on the host: counted and entered in one step.
+          await this.locks.run(`suspended-quota:${tenantId}`, async () => {
+            const held = await this.db.selectFrom("microvms").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).where("state", "in", ["SUSPENDING", "SUSPENDED"]).executeTakeFirst();
+            await checkQuota(this.db, tenantId, "suspendedMicroVms", Number(held?.n ?? 0), "suspended microVMs");
+            await this.transition(id, tenantId, "SUSPENDING");
+          });
+        }
         const started = performance.now();
         try {
           await this.runHook(row, "suspend");
@@ -403,10 +415,12 @@ export class MicroVmService {
     return this.images.managedImages();
   }
 
-  /** Host capacity and what live VMs (creates in flight included: PENDING) hold of it. */
+  /** Host capacity and what live VMs (creates in flight included: PENDING) and image builds hold of it. */
   async usage(): Promise<{ vcpus: number; memoryMiB: number; usedVcpus: number; usedMemoryMiB: number }> {
     const live = await this.db.selectFrom("microvms").select(["state", "vcpus", "memory_mib"]).where("state", "not in", ["TERMINATED", "FAILED", "SUSPENDED"]).execute();
-    const used = { vcpus: 0, memoryMiB: 0 };
+    // Image builds run VMs too: their shapes count while they hold a build slot.
+    const builds = this.images.buildsInFlight();
+    const used = { vcpus: builds.vcpus, memoryMiB: builds.memoryMiB };
     for (const r of live) {
       if (!holdsHostResources(r.state)) continue;
       used.vcpus += r.vcpus;
@@ -475,9 +489,17 @@ export class MicroVmService {
           await this.terminate(row.tenant_id, row.id, `suspended for ${row.terminate_after_suspended_seconds} s`);
         }
       } catch (err) {
-        if (!(err instanceof ApiError && err.code === "InvalidState")) this.log(`policy on ${row.id}: ${(err as Error).message}`);
+        if (err instanceof ApiError && err.code === "QuotaExceeded") await this.noteQuota(row, err.message);
+        else if (!(err instanceof ApiError && err.code === "InvalidState")) this.log(`policy on ${row.id}: ${(err as Error).message}`);
       }
     }
+  }
+
+  /** An idle suspend the tenant's quota refused: said once per VM as an event (the VM runs on), not every second. */
+  private async noteQuota(row: MicroVmRow, message: string): Promise<void> {
+    const last = await this.db.selectFrom("events").select("type").where("microvm_id", "=", row.id).orderBy("id", "desc").executeTakeFirst();
+    if (last?.type === "suspend-refused") return;
+    await this.db.insertInto("events").values(event(row.id, row.tenant_id, "suspend-refused", `idle suspend refused: ${message}`)).execute();
   }
 
   /**
@@ -517,6 +539,9 @@ export class MicroVmService {
     });
   }
 }
+
+/** The cause of the suspends a graceful server shutdown makes. */
+const SHUTDOWN = "server shutdown";
 
 function event(microvmId: string, tenantId: string, type: string, message: string) {
   return { microvm_id: microvmId, tenant_id: tenantId, type, message, at: new Date().toISOString() };

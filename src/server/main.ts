@@ -42,7 +42,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     log,
   });
   await imageService.start();
-  const images = new ImageCatalog(runtime.engine, { imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
+  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
   microvms = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });
@@ -64,7 +64,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     await Promise.race([api.close(), new Promise((resolve) => setTimeout(resolve, 10_000))]);
     await microvms!.drain(60_000);
     await imageService.close();
-    await microvms!.suspendAll("server shutdown");
+    await microvms!.suspendAll();
     await runtime.engine.close();
     await db.destroy();
     process.exit(0);

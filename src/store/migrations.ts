@@ -162,6 +162,21 @@ export const migrations: Record<string, Migration> = {
         .execute();
     },
   },
+  // ---- budgets outside admission (issue #12) ----
+  "0008_base_shapes": {
+    async up(db: Kysely<unknown>) {
+      // Shapes (vCPUs, memory) of managed images snapshotted beyond the default, and the tenant that first asked for each (its quota).
+      await db.schema
+        .createTable("base_shapes")
+        .addColumn("image_name", "text", (c) => c.notNull())
+        .addColumn("vcpus", "integer", (c) => c.notNull())
+        .addColumn("memory_mib", "integer", (c) => c.notNull())
+        .addColumn("tenant_id", "text", (c) => c.notNull())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .addPrimaryKeyConstraint("base_shapes_pk", ["image_name", "vcpus", "memory_mib"])
+        .execute();
+    },
+  },
   // ---- registry credentials (issue #16) ----
   "0004_registry_credentials": {
     async up(db: Kysely<unknown>) {

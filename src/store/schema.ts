@@ -19,6 +19,7 @@ export interface Database {
   tags: TagsTable;
   network_connectors: NetworkConnectorsTable;
   registry_credentials: RegistryCredentialsTable;
+  base_shapes: BaseShapesTable;
 }
 
 export interface TenantsTable {
@@ -185,3 +186,12 @@ export interface RegistryCredentialsTable {
 }
 
 export type RegistryCredentialsRow = Selectable<RegistryCredentialsTable>;
+
+/** A shape of a managed image snapshotted beyond its default, and the tenant that first asked for it (quota baseShapes). */
+export interface BaseShapesTable {
+  image_name: string;
+  vcpus: number;
+  memory_mib: number;
+  tenant_id: string;
+  created_at: string;
+}

@@ -45,6 +45,8 @@ describe("build slots", () => {
     const waiting = await buildLog(second.body.imageId);
     expect(waiting).toContain("==> waiting for a build slot (1 builds running)");
     expect(waiting).not.toContain("booting the build VM");
+    // The running build's VM takes host capacity that admission counts (1 vCPU, 512 MiB), the queued one none yet.
+    expect(await api.microvms.usage()).toMatchObject({ usedVcpus: 1, usedMemoryMiB: 512 });
 
     const a = await waitBuilt(first.body.imageId);
     const b = await waitBuilt(second.body.imageId);

@@ -56,7 +56,7 @@ export async function useApi(
     ...opts.images,
   });
   await imageService.start();
-  const images = new ImageCatalog(engine, { imagesDir: TEST_IMAGES, assetsDir: TEST_ASSETS, rootfs: inject("rootfs"), assets, images: imageService });
+  const images = new ImageCatalog(engine, { db, imagesDir: TEST_IMAGES, assetsDir: TEST_ASSETS, rootfs: inject("rootfs"), assets, images: imageService });
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
   microvms = new MicroVmService({ db, engine, images, capacity: opts.capacity, observer: metrics });
   await microvms.start(opts.policyIntervalMs ?? 250);

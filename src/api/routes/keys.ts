@@ -4,7 +4,7 @@ import { checkS3Allow } from "../../images/intake.ts";
 import type { Db } from "../../store/db.ts";
 import type { Tenant } from "../../store/schema.ts";
 import type { ServerSecrets } from "../../store/secrets.ts";
-import { createApiKey, createTenant, findTenant, listKeys, listTenants, revokeKey, tenantSettings, updateTenantSettings } from "../../store/tenants.ts";
+import { createApiKey, createTenant, findTenant, listKeys, listTenants, QUOTA_LIMITS, revokeKey, tenantSettings, updateTenantSettings } from "../../store/tenants.ts";
 import type { Api } from "../server.ts";
 
 const PERMISSION = Type.String({
@@ -17,6 +17,16 @@ const S3_ALLOW = Type.Array(Type.String({ minLength: 1, maxLength: 1100 }), {
   description: 'S3 locations the tenant\'s code URIs may read, "bucket/" or "bucket/prefix" (a plain prefix of bucket/key); empty: no s3:// at all',
 });
 const TenantParams = Type.Object({ tenant: Type.String({ minLength: 1, maxLength: 64, description: "tenant id or name" }) });
+
+const quota = (what: string) => Type.Optional(Type.Integer({ minimum: QUOTA_LIMITS.min, maximum: QUOTA_LIMITS.max, description: what }));
+const QUOTAS = Type.Object(
+  {
+    images: quota("image versions the tenant may hold"),
+    suspendedMicroVms: quota("microVMs the tenant may keep suspended"),
+    baseShapes: quota("new shapes (vCPUs, memory) of managed images the tenant may cause to be snapshotted"),
+  },
+  { additionalProperties: false, description: "overrides of the operator's defaults (COCOON_QUOTA_*)" },
+);
 
 const tenantView = (t: Tenant) => ({ tenantId: t.id, name: t.name, createdAt: t.created_at, ...tenantSettings(t) });
 
@@ -34,13 +44,16 @@ export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): voi
     {
       config: admin,
       schema: {
-        body: Type.Object({ name: Type.String({ minLength: 1, maxLength: 64, pattern: "^[A-Za-z0-9][A-Za-z0-9._-]*$" }), s3Allow: Type.Optional(S3_ALLOW) }, { additionalProperties: false }),
+        body: Type.Object(
+          { name: Type.String({ minLength: 1, maxLength: 64, pattern: "^[A-Za-z0-9][A-Za-z0-9._-]*$" }), s3Allow: Type.Optional(S3_ALLOW), quotas: Type.Optional(QUOTAS) },
+          { additionalProperties: false },
+        ),
       },
     },
     async (req, reply) => {
       const s3Allow = checkS3Allow(req.body.s3Allow ?? []);
       if (await findTenant(db, req.body.name)) throw new ApiError("Conflict", `tenant ${req.body.name} already exists`, { field: "name" });
-      return reply.status(201).send(tenantView(await createTenant(db, req.body.name, { s3Allow })));
+      return reply.status(201).send(tenantView(await createTenant(db, req.body.name, { s3Allow, quotas: req.body.quotas })));
     },
   );
 
@@ -50,11 +63,11 @@ export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): voi
 
   app.patch(
     "/v1/tenants/:tenant",
-    { config: admin, schema: { params: TenantParams, body: Type.Object({ s3Allow: Type.Optional(S3_ALLOW) }, { additionalProperties: false }) } },
+    { config: admin, schema: { params: TenantParams, body: Type.Object({ s3Allow: Type.Optional(S3_ALLOW), quotas: Type.Optional(QUOTAS) }, { additionalProperties: false }) } },
     async (req) => {
       const s3Allow = req.body.s3Allow && checkS3Allow(req.body.s3Allow);
       const tenant = await tenantOr404(req.params.tenant);
-      return tenantView(s3Allow ? await updateTenantSettings(db, tenant.id, { s3Allow }) : tenant);
+      return tenantView(await updateTenantSettings(db, tenant.id, { ...(s3Allow ? { s3Allow } : {}), ...(req.body.quotas ? { quotas: req.body.quotas } : {}) }));
     },
   );
 
