@@ -5,6 +5,9 @@ import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
 import { INHERITED_FD, socketPaths, startQemu, type MachineSpec } from "./qemu.ts";
 
+/** How long a QEMU may outlive its QMP connection (it is exiting) before it is killed as out of control. */
+const QMP_LOSS_GRACE_MS = 5000;
+
 /**
  * One running QEMU process and its QMP connection. It knows nothing of what
  * the VM is for, nor of what else it holds on the host (its jail, network):
@@ -92,9 +95,16 @@ export class Machine extends EventEmitter {
     this.qmp.close();
   }
 
+  /**
+   * QMP closes when QEMU exits; a QEMU that closed it (or broke the protocol,
+   * which closes it from our side) and lives on can no longer be controlled,
+   * so after a grace period it is killed: either way the machine is gone.
+   */
   private async onQmpClosed(): Promise<void> {
     if (this.detached) return;
-    while (isAlive(this.pid)) await sleep(20);
+    const deadline = Date.now() + QMP_LOSS_GRACE_MS;
+    while (isAlive(this.pid) && Date.now() < deadline) await sleep(20);
+    if (isAlive(this.pid)) await killAndWait(this.pid);
     this.exited = true;
     this.emit("exit");
   }
