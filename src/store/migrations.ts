@@ -97,4 +97,14 @@ export const migrations: Record<string, Migration> = {
       await db.schema.createIndex("images_tenant_name").on("images").columns(["tenant_id", "name", "version"]).unique().execute();
     },
   },
+  "0004_server_secrets": {
+    async up(db: Kysely<unknown>) {
+      // Secrets every host of a deployment shares (e.g. the key that signs endpoint access tokens), created on first start.
+      await db.schema
+        .createTable("server_secrets")
+        .addColumn("name", "text", (c) => c.primaryKey())
+        .addColumn("value", "text", (c) => c.notNull())
+        .execute();
+    },
+  },
 };

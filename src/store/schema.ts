@@ -15,6 +15,14 @@ export interface Database {
   microvms: MicroVmsTable;
   events: EventsTable;
   images: ImagesTable;
+  server_secrets: ServerSecretsTable;
+}
+
+/** Secrets shared by every host of a deployment, created on first start. */
+export interface ServerSecretsTable {
+  name: string;
+  /** base64 */
+  value: string;
 }
 
 export interface TenantsTable {

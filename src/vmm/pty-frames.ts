@@ -65,7 +65,7 @@ export class PtyFrameDecoder {
 
 /**
  * A terminal session over the agent's PTY socket, without the framing:
- * `write` keystrokes, `resize`, and events `data` (Buffer of output),
+ * `write` keystrokes, `resize` (each calls `onInput`), and events `data` (Buffer of output),
  * `exit` (the shell's code, then the session ends) and `end` (once, with an
  * Error when the agent broke the protocol or the connection failed).
  */
@@ -73,7 +73,10 @@ export class PtySession extends EventEmitter {
   private readonly decoder = new PtyFrameDecoder();
   private ended = false;
 
-  constructor(private readonly socket: Socket) {
+  constructor(
+    private readonly socket: Socket,
+    private readonly opts: { onInput?: () => void } = {},
+  ) {
     super();
     socket.on("data", (chunk: Buffer) => this.onData(chunk));
     socket.on("error", (err) => this.end(err));
@@ -81,11 +84,24 @@ export class PtySession extends EventEmitter {
   }
 
   write(data: Buffer): void {
-    if (!this.ended) this.socket.write(encodePtyFrame(PTY_FRAME.data, data));
+    if (this.ended) return;
+    this.opts.onInput?.();
+    this.socket.write(encodePtyFrame(PTY_FRAME.data, data));
   }
 
   resize(cols: number, rows: number): void {
-    if (!this.ended) this.socket.write(resizeFrame(cols, rows));
+    if (this.ended) return;
+    this.opts.onInput?.();
+    this.socket.write(resizeFrame(cols, rows));
+  }
+
+  /** Stops reading output (back-pressure on the agent, then the shell); `resume` reads on. */
+  pause(): void {
+    this.socket.pause();
+  }
+
+  resume(): void {
+    this.socket.resume();
   }
 
   /** Ends the session (the agent hangs up the shell). Idempotent. */

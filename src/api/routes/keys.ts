@@ -5,8 +5,8 @@ import { createApiKey, createTenant, findTenant, listKeys, revokeKey } from "../
 import type { Api } from "../server.ts";
 
 const PERMISSION = Type.String({
-  pattern: "^(admin:\\*|image:(\\*|create|read|delete)|microvm:(\\*|create|read|exec|suspend|resume|terminate))$",
-  description: "e.g. microvm:*, image:read, admin:*",
+  pattern: "^(admin:\\*|image:(\\*|create|read|delete)|microvm:(\\*|create|read|exec|endpoint|suspend|resume|terminate))$",
+  description: "e.g. microvm:*, image:read, admin:*; microvm:endpoint reaches the tenant's VM endpoints with the key",
 });
 
 /** Tenants and API keys (admin only). */
