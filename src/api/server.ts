@@ -18,6 +18,7 @@ import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { AccessTokens } from "../router/access-tokens.ts";
 import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import { checkUpgradeHeaders } from "../router/websocket.ts";
 import { authenticate } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
@@ -159,7 +160,12 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   app.addHook("onRequest", (request, _reply, done) => requestContext.run({ requestId: request.id }, done));
   app.addHook("onRequest", async (request, reply) => {
     void reply.header("x-request-id", request.id);
-    const config = request.routeOptions.config as { permission?: string; ticketed?: boolean };
+    const config = request.routeOptions.config as { permission?: string; ticketed?: boolean; upgrade?: boolean };
+    // An upgrade is answered in the envelope like any request until it is accepted.
+    if (request.ws) {
+      if (!config.upgrade) throw new ApiError("ValidationError", `${request.method} ${request.url.split("?")[0]!.slice(0, 200)} is not a WebSocket route`);
+      checkUpgradeHeaders(request.headers);
+    }
     if (!config.permission) return;
     // Browsers cannot set headers on a WebSocket: those upgrades carry a one-time ticket (or, kept
     // for older clients, the key itself as ?access_token=).
@@ -207,6 +213,8 @@ declare module "fastify" {
     permission?: string;
     /** A WebSocket route that also takes a one-time `?ticket=` (TerminalTickets) instead of a key. */
     ticketed?: boolean;
+    /** The route accepts WebSocket upgrades (a wsHandler); an upgrade to any other route is a 400. */
+    upgrade?: boolean;
   }
 }
 

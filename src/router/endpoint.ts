@@ -382,7 +382,7 @@ export async function registerEndpointRoutes(app: FastifyInstance, router: Endpo
         handler: async (req: FastifyRequest, reply: FastifyReply) => router.proxyHttp(req.endpoint!, req, reply),
       };
       // handler + wsHandler (without `websocket: true`): plain GETs and upgrades on one route.
-      scope.route({ ...common, method: "GET", wsHandler: (socket: WebSocket, req: FastifyRequest) => router.proxyWebSocket(req.endpoint!, socket) });
+      scope.route({ ...common, method: "GET", config: { upgrade: true }, wsHandler: (socket: WebSocket, req: FastifyRequest) => router.proxyWebSocket(req.endpoint!, socket) });
       scope.route({ ...common, method: ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"] }); // HEAD comes with GET
     };
     proxy("/v1/microvms/:id/http/*", (req) => {

@@ -1,4 +1,23 @@
+import type { IncomingHttpHeaders } from "node:http";
 import WebSocket from "ws";
+import { ApiError } from "../errors.ts";
+
+/** A token list as Sec-WebSocket-Protocol carries it (RFC 6455 §4.1, RFC 9110 §5.6.2). */
+const PROTOCOLS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:[ \t]*,[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*$/;
+
+/**
+ * The handshake headers a WebSocket upgrade needs (RFC 6455 §4.2.1), checked
+ * before the route does anything: a bad one is a 400 in the API's envelope
+ * (ws itself would answer in plain text, after the route's work).
+ */
+export function checkUpgradeHeaders(headers: IncomingHttpHeaders): void {
+  const bad = (header: string, rule: string) => new ApiError("ValidationError", `WebSocket upgrade: ${header} ${rule}`, { field: `headers.${header}` });
+  if (headers.upgrade?.toLowerCase() !== "websocket") throw bad("upgrade", "must be websocket");
+  if (!/^[+/0-9A-Za-z]{22}==$/.test(headers["sec-websocket-key"] ?? "")) throw bad("sec-websocket-key", "must be 16 bytes in base64");
+  if (headers["sec-websocket-version"] !== "13" && headers["sec-websocket-version"] !== "8") throw bad("sec-websocket-version", "must be 13");
+  const protocols = headers["sec-websocket-protocol"];
+  if (protocols !== undefined && !PROTOCOLS.test(protocols)) throw bad("sec-websocket-protocol", "must be a comma-separated list of tokens");
+}
 
 /** A close frame's reason holds at most 123 bytes (RFC 6455 §5.5: 125-byte control payload, 2 for the code). */
 export const MAX_CLOSE_REASON_BYTES = 123;

@@ -1,5 +1,5 @@
 import { Type, type TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
-import { Transform, type Readable } from "node:stream";
+import { pipeline, Transform, type Readable } from "node:stream";
 import { ApiError } from "../../errors.ts";
 import type { GuestService } from "../../lifecycle/guest.ts";
 import { LIMITS, type MicroVmService } from "../../lifecycle/microvms.ts";
@@ -87,6 +87,7 @@ export async function registerMicroVmRoutes(
   const { microvms, guest } = deps;
   const toView = (row: MicroVmRow) => microVmView(row, deps.endpointUrl(row.id));
   app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody } }, async (req, reply) => {
+    if (req.body.metadata) checkMetadata(req.body.metadata);
     const row = await microvms.create(req.tenantId, req.body);
     return reply.status(201).send(toView(row));
   });
@@ -190,7 +191,9 @@ export async function registerMicroVmRoutes(
       async (req) => {
         if (Number(req.headers["content-length"] ?? 0) > UPLOAD_LIMIT_BYTES) throw tooLarge();
         const body = req.body as Readable | undefined;
-        return guest.write(req.tenantId, req.params.id, req.query.path, body ? body.pipe(limitBytes(UPLOAD_LIMIT_BYTES)) : Buffer.alloc(0));
+        // pipeline, not pipe: a client that goes away mid-upload ends the upload to the guest too.
+        const limited = body ? pipeline(body, limitBytes(UPLOAD_LIMIT_BYTES), () => undefined) : Buffer.alloc(0);
+        return guest.write(req.tenantId, req.params.id, req.query.path, limited);
       },
     );
   });
@@ -227,6 +230,23 @@ export async function registerMicroVmRoutes(
       return reply.status(201).send({ token, expiresAt: expiresAt.toISOString(), microVmId: row.id, ports });
     },
   );
+}
+
+/** metadata is kept and answered as JSON: bounded so that it always is (JSON.stringify recurses). */
+const METADATA_LIMITS = { bytes: 64 * 1024, depth: 32 };
+
+function checkMetadata(metadata: Record<string, unknown>): void {
+  const tooDeep = () => new ApiError("ValidationError", `body.metadata must not nest deeper than ${METADATA_LIMITS.depth} levels`, { field: "body.metadata" });
+  const pending: [unknown, number][] = [[metadata, 1]];
+  while (pending.length) {
+    const [value, depth] = pending.pop()!;
+    if (typeof value !== "object" || value === null) continue;
+    if (depth > METADATA_LIMITS.depth) throw tooDeep();
+    for (const child of Object.values(value)) pending.push([child, depth + 1]);
+  }
+  if (Buffer.byteLength(JSON.stringify(metadata)) > METADATA_LIMITS.bytes) {
+    throw new ApiError("ValidationError", `body.metadata must not exceed ${METADATA_LIMITS.bytes} bytes as JSON`, { field: "body.metadata" });
+  }
 }
 
 const tooLarge = () => new ApiError("PayloadTooLarge", `the upload exceeds ${UPLOAD_LIMIT_BYTES} bytes`, { limitBytes: UPLOAD_LIMIT_BYTES });

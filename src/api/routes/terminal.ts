@@ -36,7 +36,7 @@ export function registerTerminalRoutes(app: Api, deps: { microvms: MicroVmServic
   app.route({
     method: "GET",
     url: "/v1/microvms/:id/terminal",
-    config: { permission: "microvm:exec", ticketed: true },
+    config: { permission: "microvm:exec", ticketed: true, upgrade: true },
     schema: { params: IdParams, querystring: TerminalQuery },
     // The VM is the tenant's before anything happens: another tenant's is a 404 before the upgrade.
     preHandler: async (req) => void (await microvms.get(req.tenantId, req.params.id)),
