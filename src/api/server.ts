@@ -103,8 +103,10 @@ function createFastify(deps: Pick<ApiDeps, "logger" | "logStream" | "timeouts">)
       connectionsCheckingInterval: Math.min(30_000, Math.max(250, Math.floor(timeouts.headersMs / 4))),
     },
     // Errors Fastify raises before routing (a path with a bad percent-encoding, a too-long parameter).
-    frameworkErrors: (err, _request, reply) => {
+    frameworkErrors: (err, request, reply) => {
       const { status, body } = toErrorResponse(err as FastifyError);
+      // An upgrade's socket left Node's HTTP handling: once answered, nothing else would close it.
+      if (request.headers.upgrade !== undefined) reply.raw.once("finish", () => request.raw.socket.end());
       void (reply as unknown as FastifyReply).status(status).send(body);
     },
     // Errors Node's HTTP parser raises before Fastify sees a request: answered on the raw socket, in the envelope.

@@ -126,7 +126,7 @@ export class GuestService {
    * tunnel. The agent's own port is not reachable.
    */
   async connect(tenantId: string, id: string, port: number): Promise<Socket> {
-    if (port === AGENT_PORT) throw new ApiError("NotFound", `port ${port} of microVM ${id} is its agent's and not reachable`);
+    checkPort(id, port);
     const vm = await this.microvms.runningVm(tenantId, id, "serve a request to");
     const hostPort = vm.hostPort(port);
     return hostPort ? connectLoopback(hostPort) : vm.agent.tunnel(port);
@@ -147,6 +147,11 @@ function connectLoopback(port: number): Promise<Socket> {
     });
     socket.once("error", reject);
   });
+}
+
+/** NotFound for a guest port no endpoint reaches: the agent's own. */
+export function checkPort(id: string, port: number): void {
+  if (port === AGENT_PORT) throw new ApiError("NotFound", `port ${port} of microVM ${id} is its agent's and not reachable`);
 }
 
 /**

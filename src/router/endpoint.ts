@@ -4,7 +4,7 @@ import type { Socket } from "node:net";
 import { timingSafeEqual } from "node:crypto";
 import WebSocket from "ws";
 import { ApiError } from "../errors.ts";
-import type { GuestService } from "../lifecycle/guest.ts";
+import { checkPort, type GuestService } from "../lifecycle/guest.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { MicroVmRow } from "../store/schema.ts";
 import type { Db } from "../store/db.ts";
@@ -112,6 +112,7 @@ export class EndpointRouter {
     if (!credential) throw hidden;
     if (credential === "cookie") checkOrigin(headers, method, id);
     if (port === undefined) throw new ApiError("NotFound", `microVM ${id} serves no app (its image exposes no port; set appPort at create)`);
+    checkPort(id, port);
     const usedAuthorization = credential === "token" || credential === "access-token" || credential === "api-key";
     return {
       address,
@@ -182,7 +183,7 @@ export class EndpointRouter {
       toClient.send(data, isBinary);
     });
     upstream.on("close", (code: number, reason: Buffer) => closeWebSocket(client, code, reason.toString()));
-    upstream.on("error", (err) => closeWebSocket(client, 1011, `the app's WebSocket failed: ${err.message}`));
+    upstream.on("error", (err) => closeWebSocket(client, 1011, `the app's WebSocket at port ${target.port} ${target.path} failed: ${err.message}`));
     client.on("close", (code: number, reason: Buffer) => closeWebSocket(upstream, code, reason.toString()));
     client.on("error", () => upstream.terminate());
   }
@@ -279,8 +280,9 @@ function tokenCookie(row: MicroVmRow, address: EndpointAddress): string {
 function sendError(reply: FastifyReply, err: ApiError): void {
   const res = reply.raw;
   if (res.headersSent) return void res.destroy();
-  res.writeHead(err.status, { "content-type": "application/json; charset=utf-8" });
-  res.end(JSON.stringify({ error: { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) } }));
+  const body = JSON.stringify({ error: { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) } });
+  res.writeHead(err.status, { "content-type": "application/json; charset=utf-8", "content-length": Buffer.byteLength(body) });
+  res.end(body);
 }
 
 function sameSecret(a: string, b: string): boolean {

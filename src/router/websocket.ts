@@ -49,6 +49,8 @@ export function closeReason(text: string): string {
 export function closeWebSocket(ws: WebSocket, code: number, reason = ""): void {
   if (ws.readyState === WebSocket.CLOSING || ws.readyState === WebSocket.CLOSED) return;
   if (ws.readyState === WebSocket.CONNECTING) return void ws.terminate();
+  // A paused socket would never read the peer's answering close frame.
+  if (ws.isPaused) ws.resume();
   ws.close(sendableCloseCode(code), closeReason(reason));
 }
 

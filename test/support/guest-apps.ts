@@ -5,17 +5,32 @@ import type { ApiContext } from "./api-fixture.ts";
  * A static HTTP server for the base image (perl-base, no python): serves
  * `<root>/<path>` (`/` is `/index.html`) with a Content-Type from its
  * extension and the extra header lines of `<file>.headers`; a `<file>.raw`
- * is sent as it is, status line and all (for apps that answer garbage).
- * Request bodies are not read: tests send none.
+ * is sent as it is, status line and all (for apps that answer garbage). A
+ * WebSocket upgrade is accepted on any path and echoes text messages as
+ * "echo:<text>". Request bodies are not read: tests send none.
  */
 const STATIC_SERVER = String.raw`
-use IO::Socket::INET;
+use IO::Socket::INET; use Digest::SHA qw(sha1); use MIME::Base64;
 my ($root, $port) = @ARGV;
 my $s = IO::Socket::INET->new(LocalPort => $port, Listen => 64, ReuseAddr => 1) or die "listen: $!";
 sub slurp { my $f = shift; open(my $fh, "<", $f) or return ""; local $/; my $b = <$fh>; return $b }
+sub echo_ws {
+  my ($c, $key) = @_;
+  my $accept = encode_base64(sha1($key . "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"), "");
+  print $c "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: $accept\r\n\r\n";
+  while (read($c, my $h, 2) == 2) {
+    my ($b0, $b1) = unpack("CC", $h); my $len = $b1 & 127;
+    read($c, my $mask, 4); my $p = ""; read($c, $p, $len) if $len;
+    $p ^= substr($mask x (1 + $len / 4), 0, $len);
+    last if ($b0 & 15) == 8;
+    my $o = "echo:$p"; print $c pack("CC", 0x81, length $o) . $o;
+  }
+}
 while (my $c = $s->accept) {
+  $c->autoflush(1);
   my $first = <$c>; next unless defined $first; # a readiness probe: no request
-  while (my $l = <$c>) { last if $l eq "\r\n" }
+  my $key; while (my $l = <$c>) { $key = $1 if $l =~ /^Sec-WebSocket-Key:\s*(\S+)/i; last if $l eq "\r\n" }
+  if ($key) { echo_ws($c, $key); close $c; next }
   my (undef, $path) = split / /, $first;
   $path =~ s/\?.*//; $path =~ s/\.\.//g; $path = "/index.html" if $path eq "/";
   my $f = "$root$path";
