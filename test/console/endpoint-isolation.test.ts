@@ -89,7 +89,7 @@ describe("endpoints in the browser", () => {
     await tab.goto(`${api.url}/v1/health`);
     await tab.evaluate((k) => sessionStorage.setItem("cocoon.apiKey", k), key);
     // B's page on B's own host reaches B, WebSocket included, with its cookie.
-    const own = await probeFrom(`http://${b.host}/probe.html`, { http: `http://${b.host}/secret.txt`, ws: `ws://${b.host}/`, sw: "/sw.js" });
+    const own = await probeFrom(`http://${b.host}/probe.html`, { http: `http://${b.host}/secret.txt`, ws: `ws://${b.host}/ws`, sw: "/sw.js" });
     expect(own.read).toBe("read 200: B-SECRET");
     expect(own.socket).toBe("drove: echo:drive");
   });
@@ -97,7 +97,7 @@ describe("endpoints in the browser", () => {
   it("a page of A on the path form (the API's origin) cannot read B, drive B's WebSocket, read the console's key or register a service worker over /console/", async () => {
     const results = await probeFrom(`${api.url}/v1/microvms/${a.id}/http/probe.html`, {
       http: `${api.url}/v1/microvms/${b.id}/http/secret.txt`,
-      ws: `ws://127.0.0.1:${port}/v1/microvms/${b.id}/http/`,
+      ws: `ws://127.0.0.1:${port}/v1/microvms/${b.id}/http/ws`,
       sw: `/v1/microvms/${a.id}/http/sw.js`,
     });
     expect(results.read).toMatch(/^blocked/);
@@ -108,7 +108,7 @@ describe("endpoints in the browser", () => {
   });
 
   it("a page of A on its own host (same site as B's) cannot read B or drive B's WebSocket", async () => {
-    const results = await probeFrom(`http://${a.host}/probe.html`, { http: `http://${b.host}/secret.txt`, ws: `ws://${b.host}/`, sw: "/sw.js" });
+    const results = await probeFrom(`http://${a.host}/probe.html`, { http: `http://${b.host}/secret.txt`, ws: `ws://${b.host}/ws`, sw: "/sw.js" });
     expect(results.read).toMatch(/^blocked/);
     expect(results.socket).toMatch(/^blocked/);
     // The console's key lives in another origin.
@@ -120,7 +120,7 @@ describe("endpoints in the browser", () => {
     await tab.goto(`${api.url}/v1/microvms/${a.id}/http/probe.html?cocoon_token=${a.token}`);
     const results = await probeFrom(`${api.url}/v1/microvms/${a.id}/http/probe.html`, {
       http: `${api.url}/v1/microvms/${a.id}/http/sw.js`,
-      ws: `ws://127.0.0.1:${port}/v1/microvms/${a.id}/http/`,
+      ws: `ws://127.0.0.1:${port}/v1/microvms/${a.id}/http/ws`,
       sw: `/v1/microvms/${a.id}/http/sw.js`,
     });
     expect(results.serviceWorker).toMatch(/^blocked/);

@@ -6,8 +6,9 @@ import type { ApiContext } from "./api-fixture.ts";
  * `<root>/<path>` (`/` is `/index.html`) with a Content-Type from its
  * extension and the extra header lines of `<file>.headers`; a `<file>.raw`
  * is sent as it is, status line and all (for apps that answer garbage). A
- * WebSocket upgrade is accepted on any path and echoes text messages as
- * "echo:<text>". Request bodies are not read: tests send none.
+ * WebSocket upgrade to `/ws…` is accepted and echoes text messages as
+ * "echo:<text>" (elsewhere an upgrade gets the file, or 404). Request bodies
+ * are not read: tests send none.
  */
 const STATIC_SERVER = String.raw`
 use IO::Socket::INET; use Digest::SHA qw(sha1); use MIME::Base64;
@@ -30,8 +31,8 @@ while (my $c = $s->accept) {
   $c->autoflush(1);
   my $first = <$c>; next unless defined $first; # a readiness probe: no request
   my $key; while (my $l = <$c>) { $key = $1 if $l =~ /^Sec-WebSocket-Key:\s*(\S+)/i; last if $l eq "\r\n" }
-  if ($key) { echo_ws($c, $key); close $c; next }
   my (undef, $path) = split / /, $first;
+  if ($key && $path =~ m{^/ws}) { echo_ws($c, $key); close $c; next }
   $path =~ s/\?.*//; $path =~ s/\.\.//g; $path = "/index.html" if $path eq "/";
   my $f = "$root$path";
   if (-f "$f.raw") { print $c slurp("$f.raw") }
