@@ -241,6 +241,7 @@ const cases: Case[] = [
   { name: "JSON sent as text/plain", send: () => post("/v1/microvms", { ...bearer(owner), "Content-Type": "text/plain" }, '{"image":"base"}'), status: 400, code: "ValidationError" },
   { name: "exec command as an object", send: () => withBody("POST", `/v1/microvms/${ID}/exec`, bearer(owner), json({ command: { sh: "id" } })), status: 400, code: "ValidationError" },
   { name: "terminal ticket with an empty JSON body", send: () => http("POST", `/v1/microvms/${ID}/terminal/tickets`, { ...bearer(owner), "Content-Type": "application/json" }, ""), status: 201 },
+  { name: "suspend with an empty JSON body", send: () => http("POST", "/v1/microvms/vm-00000000/suspend", { ...bearer(owner), "Content-Type": "application/json" }, ""), status: 404, code: "NotFound" },
   { name: "DELETE with an empty JSON body", send: () => http("DELETE", "/v1/microvms/vm-00000000", { ...bearer(owner), "Content-Type": "application/json" }, ""), status: 404, code: "NotFound" },
   { name: "DELETE /v1/keys with an empty JSON body", send: () => http("DELETE", "/v1/keys/k-none", { ...bearer(api.adminKey), "Content-Type": "application/json" }, ""), status: 404, code: "NotFound" },
   { name: "auth-tokens for ports 9..1", send: () => withBody("POST", `/v1/microvms/${ID}/auth-tokens`, bearer(owner), json({ ports: { from: 9, to: 1 } })), status: 400, code: "ValidationError" },
