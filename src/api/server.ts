@@ -17,9 +17,9 @@ import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { AccessTokens } from "../router/access-tokens.ts";
-import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import { ENDPOINT_PERMISSION, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { checkUpgradeHeaders } from "../router/websocket.ts";
-import { authenticate } from "./auth.ts";
+import { authenticate, keyOfTenantGrants } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
@@ -199,7 +199,8 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   const accessTokens = new AccessTokens(await serverSecret(deps.db, "endpoint-access-tokens"));
   await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, accessTokens, endpointUrl });
   await registerConsoleRoutes(app, domain); // the web console, /console/
-  await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms, guest, accessTokens), domain);
+  const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);
+  await registerEndpointRoutes(app, new EndpointRouter(deps.microvms, guest, accessTokens, apiKeyReaches), domain);
   registerTerminalRoutes(app, { microvms: deps.microvms, guest, tickets });
   registerObserveRoutes(app, { guest, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   return app;

@@ -7,9 +7,6 @@ import { ApiError } from "../errors.ts";
 import { checkPort, type GuestService } from "../lifecycle/guest.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { MicroVmRow } from "../store/schema.ts";
-import type { Db } from "../store/db.ts";
-import { findLiveKey } from "../store/tenants.ts";
-import { grants } from "../api/auth.ts";
 import type { AccessTokens } from "./access-tokens.ts";
 import { BoundedSender, closeWebSocket } from "./websocket.ts";
 
@@ -89,10 +86,11 @@ type Credential = "public" | "token" | "query-token" | "cookie" | "access-token"
  */
 export class EndpointRouter {
   constructor(
-    private readonly db: Db,
     private readonly microvms: MicroVmService,
     private readonly guest: GuestService,
     private readonly accessTokens: AccessTokens,
+    /** Whether `apiKey` is a live key of `tenantId` with ENDPOINT_PERMISSION (the API's key check). */
+    private readonly apiKeyReaches: (apiKey: string, tenantId: string) => Promise<boolean>,
   ) {}
 
   /** Authorizes the request; returns where to send it. Nothing is resumed or connected yet. */
@@ -197,10 +195,7 @@ export class EndpointRouter {
     if (port !== undefined) {
       for (const presented of [proxyAuth, bearer]) if (presented && this.accessTokens.verify(presented, row.id, port)) return "access-token";
     }
-    if (bearer) {
-      const key = await findLiveKey(this.db, bearer);
-      if (key?.tenant_id === row.tenant_id && grants(JSON.parse(key.permissions) as string[], ENDPOINT_PERMISSION)) return "api-key";
-    }
+    if (bearer && (await this.apiKeyReaches(bearer, row.tenant_id))) return "api-key";
     // Every cookie of that name is tried: a same-site page may have planted a decoy beside the real one.
     for (const cookie of cookiesNamed(headers.cookie, cookieName(row.id))) if (sameSecret(cookie, row.endpoint_token)) return "cookie";
     // Public covers the app's port only; other ports always need a credential.
