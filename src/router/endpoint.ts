@@ -132,6 +132,7 @@ export class EndpointRouter {
     } catch (err) {
       return sendError(reply, err instanceof ApiError ? err : new ApiError("BadGateway", `microVM ${address.id}: port ${target.port} did not answer: ${(err as Error).message}`));
     }
+    if (reply.raw.destroyed) return void socket.destroy(); // the client left while the VM resumed
     const upstream = httpRequest(
       { host: "127.0.0.1", port: target.port, method: req.method, path: target.path, headers: target.headers, createConnection: () => socket },
       (res) => {
