@@ -16,7 +16,7 @@ import { serverSecret } from "../store/secrets.ts";
 import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
-import { AccessTokens } from "../router/access-tokens.ts";
+import { ACCESS_TOKEN_SECRET, AccessTokens } from "../router/access-tokens.ts";
 import { ENDPOINT_PERMISSION, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { checkUpgradeHeaders } from "../router/websocket.ts";
 import { authenticate, keyOfTenantGrants } from "./auth.ts";
@@ -196,7 +196,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     return `http://${id}.${domain}:${typeof address === "object" && address ? address.port : 7070}/`;
   };
   const guest = new GuestService(deps.microvms, deps.sampler);
-  const accessTokens = new AccessTokens(await serverSecret(deps.db, "endpoint-access-tokens"));
+  const accessTokens = new AccessTokens(await serverSecret(deps.db, ACCESS_TOKEN_SECRET));
   await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, accessTokens, endpointUrl });
   await registerConsoleRoutes(app, domain); // the web console, /console/
   const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);

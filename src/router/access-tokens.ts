@@ -9,6 +9,9 @@ export interface AccessTokenClaims {
   expiresAt: Date;
 }
 
+/** The name of the signing secret in `server_secrets` (store/secrets.ts `serverSecret`): every issuer and verifier uses it. */
+export const ACCESS_TOKEN_SECRET = "endpoint-access-tokens";
+
 /** Tokens longer than this are refused before any parsing (a real one is ~200 bytes, more with many ports). */
 const MAX_TOKEN_CHARS = 4096;
 const VERSION = 1;
