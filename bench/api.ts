@@ -12,6 +12,7 @@ import { MicroVmService } from "../src/lifecycle/microvms.ts";
 import { bootstrapAdminKey } from "../src/server/bootstrap.ts";
 import { startRuntime } from "../src/server/runtime.ts";
 import { openDatabase } from "../src/store/db.ts";
+import { ServerSecrets } from "../src/store/secrets.ts";
 import { ServerMetrics } from "../src/telemetry/metrics.ts";
 import { VmSampler } from "../src/telemetry/vm-samples.ts";
 import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
@@ -60,14 +61,15 @@ async function main(): Promise<void> {
   await rm(dataDir, { recursive: true, force: true });
   await mkdir(dataDir, { recursive: true });
   const db = await openDatabase(dataDir);
-  const adminKey = (await bootstrapAdminKey(db, dataDir))!;
+  const secrets = await ServerSecrets.open(dataDir);
+  const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
   const runtime = await startRuntime({ dataDir, assetsDir: join(root, "assets"), warmPoolSize: 1, log });
   const images = new ImageCatalog(runtime.engine, { imagesDir: join(dataDir, "images"), rootfs: runtime.rootfs, assets: runtime.assets, log });
   let microvms: MicroVmService | undefined;
   const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
   microvms = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
   await microvms.start();
-  const app = await buildApi({ db, microvms, accelerator: runtime.engine.accelerator, metrics, sampler: new VmSampler() });
+  const app = await buildApi({ db, secrets, microvms, accelerator: runtime.engine.accelerator, metrics, sampler: new VmSampler() });
   await app.listen({ host: "127.0.0.1", port: 0 });
   const port = (app.server.address() as { port: number }).port;
   const api = async (method: string, path: string, body?: unknown) => {

@@ -96,6 +96,7 @@ async function main(): Promise<void> {
       ip -n ${NS} addr add 10.213.1.2/30 dev ${VETH}n && ip -n ${NS} link set ${VETH}n up`);
   const server = `const b=Buffer.alloc(1<<20,97);require("http").createServer((q,r)=>{r.writeHead(200,{"content-length":${DOWNLOAD_MIB}*b.length});let i=0;const w=()=>{while(i<${DOWNLOAD_MIB}){i++;if(!r.write(b))return r.once("drain",w)}r.end()};w()}).listen(8081,"0.0.0.0")`;
   const serverPid = Number(sh(`ip netns exec ${NS} setsid node -e '${server}' >/dev/null 2>&1 & echo $!`).trim());
+  process.env.COCOON_EGRESS_PRIVATE_ALLOW = "10.213.1.0/30"; // the test host's private range, opened as an operator would
   const { engine, baseImage } = await startRuntime({ dataDir, assetsDir: join(root, "assets"), warmPoolSize: 0, log });
   const results: Record<string, unknown> = { host: { cpus: cpus().length, accelerator: engine.accelerator }, at: new Date().toISOString() };
   try {

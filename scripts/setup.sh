@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 # passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md);
 # chromium for the web console's end-to-end test (test/console); openssl (a
 # self-signed certificate) and busybox-static (a FROM scratch binary) for
-# test/api/images-sources.test.ts.
-PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static)
+# test/api/images-sources.test.ts; python3 with venv, setuptools and wheel
+# (an offline `pip install --no-build-isolation`) and pytest for the Python SDK
+# (packages/python-sdk, test/python).
+PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static
+  python3 python3-venv python3-setuptools python3-wheel python3-pytest)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -2,6 +2,7 @@ import swagger from "@fastify/swagger";
 import websocket from "@fastify/websocket";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import { Ajv } from "ajv";
+import { handleMcpHttpRequest, loopbackUrl } from "@cocoon/mcp";
 import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest } from "fastify";
 import { AsyncLocalStorage } from "node:async_hooks";
 import type { IncomingMessage } from "node:http";
@@ -12,15 +13,17 @@ import { AgentError, ApiError, ERROR_CODES, InvalidArgumentError, type ErrorCode
 import { GuestService } from "../lifecycle/guest.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
-import { serverSecret } from "../store/secrets.ts";
+import type { ServerSecrets } from "../store/secrets.ts";
 import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
-import { ACCESS_TOKEN_SECRET, AccessTokens } from "../router/access-tokens.ts";
+import { AccessTokens } from "../router/access-tokens.ts";
 import { ENDPOINT_PERMISSION, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
 import { checkUpgradeHeaders } from "../router/websocket.ts";
 import { authenticate, keyOfTenantGrants } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
+import { registerAwsApi } from "./aws/index.ts";
+import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
@@ -50,6 +53,8 @@ export const DEFAULT_TIMEOUTS: ApiTimeouts = { headersMs: 30_000, requestMs: 15 
 export interface ApiDeps {
   db: Db;
   microvms: MicroVmService;
+  /** The server's master key (store/secrets.ts): seals API key secrets for SigV4, signs endpoint and shell tokens. */
+  secrets: ServerSecrets;
   accelerator: Accelerator;
   /** The QEMU jail's cgroup version; absent when QEMU runs unjailed (COCOON_JAIL=off, or not root). */
   jail?: { cgroupVersion: 1 | 2 };
@@ -70,7 +75,7 @@ export interface ApiDeps {
 export type Api = ReturnType<typeof createFastify>;
 
 /** Query parameters that carry credentials: logged as [REDACTED]. */
-const SECRET_PARAMS = new Set(["access_token", "cocoon_token", "ticket"]);
+const SECRET_PARAMS = new Set(["access_token", "cocoon_token", "ticket", "token"]);
 /** Headers that carry credentials, wherever a log line holds request headers. */
 const SECRET_HEADERS = ["authorization", "cookie", "x-aws-proxy-auth", "proxy-authorization"];
 
@@ -188,21 +193,37 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     version: VERSION,
   }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
-  registerKeyRoutes(app, deps.db);
-  if (deps.images) await registerImageRoutes(app, deps.images, deps.db);
+  registerKeyRoutes(app, deps.db, deps.secrets);
+  if (deps.images) await registerImageRoutes(app, deps.images, deps.db, deps.microvms.connectors);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
     const address = app.server.address();
     return `http://${id}.${domain}:${typeof address === "object" && address ? address.port : 7070}/`;
   };
   const guest = new GuestService(deps.microvms, deps.sampler);
-  const accessTokens = new AccessTokens(await serverSecret(deps.db, ACCESS_TOKEN_SECRET));
-  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, accessTokens, endpointUrl });
+  // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
+  const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
+  const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
+  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl });
+  registerConnectorRoutes(app, deps.microvms.connectors);
   await registerConsoleRoutes(app, domain); // the web console, /console/
   const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);
   await registerEndpointRoutes(app, new EndpointRouter(deps.microvms, guest, accessTokens, apiKeyReaches), domain);
-  registerTerminalRoutes(app, { microvms: deps.microvms, guest, tickets });
+  registerTerminalRoutes(app, { microvms: deps.microvms, guest, tickets, shellTokens });
+  // The AWS Lambda MicroVMs API (docs/aws-api.md): the same core behind AWS's protocol.
+  await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl });
   registerObserveRoutes(app, { guest, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
+  // MCP over streamable HTTP (packages/mcp, docs/mcp.md): its tools call this API on loopback with the caller's key.
+  app.route({
+    method: ["GET", "POST", "DELETE"],
+    url: "/mcp",
+    config: { permission: "microvm:read" },
+    schema: { hide: true },
+    handler: async (req, reply) => {
+      reply.hijack();
+      await handleMcpHttpRequest(req.raw, reply.raw, req.body, loopbackUrl(app.server.address()));
+    },
+  });
   return app;
 }
 

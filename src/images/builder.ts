@@ -5,6 +5,7 @@ import { sleep } from "../util/process.ts";
 import { contextTar, type CodeArchive } from "./archive.ts";
 import type { BuildLog } from "./build-log.ts";
 import type { BuildPlan, BuildStep, Healthcheck } from "./dockerfile.ts";
+import { validateHook, waitReadyHook, type ImageHooks } from "./hooks.ts";
 
 /** Where the build context is unpacked in the build VM; removed before the snapshot. */
 const BUILD_DIR = "/.cocoon-build";
@@ -27,6 +28,8 @@ export interface BuildJob {
   readyTimeoutMs: number;
   /** Without HEALTHCHECK or EXPOSE: how long the app must stay up. */
   settleMs: number;
+  /** The image's lifecycle hooks: `/ready` replaces the readiness check, `/validate` runs before the snapshot. */
+  hooks?: ImageHooks;
 }
 
 /** A build that failed for a reason the user can act on (a step, readiness, timeout). */
@@ -72,10 +75,12 @@ export async function buildInVm(engine: Engine, job: BuildJob): Promise<Snapshot
       await agent.startApp({ argv: config.argv, env: config.env, cwd: config.workdir, user: config.user, restart: "on-failure" }).catch((err: Error) => {
         throw new BuildError(`the app could not be started: ${err.message}`);
       });
-      await waitReady(agent, job);
+      if (!job.hooks?.hooks.ready) await waitReady(agent, job);
     } else {
       log.line("==> no CMD or ENTRYPOINT: the image has no app");
     }
+    if (job.hooks?.hooks.ready) await buildHook(agent, job, "ready");
+    if (job.hooks?.hooks.validate) await buildHook(agent, job, "validate");
     signal.throwIfAborted();
     log.line("==> snapshotting memory and disk");
     const snapshot = await engine.snapshot(template);
@@ -83,6 +88,18 @@ export async function buildInVm(engine: Engine, job: BuildJob): Promise<Snapshot
     return snapshot;
   } finally {
     if (!snapshotted) await engine.discardTemplate(template).catch(() => undefined);
+  }
+}
+
+/** The build's lifecycle hooks (images/hooks.ts); a failure fails the build with the hook's answer as the reason. */
+async function buildHook(agent: AgentClient, job: BuildJob, name: "ready" | "validate"): Promise<void> {
+  const hooks = job.hooks!;
+  job.log.line(`==> ${name} hook: POST /${name} on port ${hooks.port} (timeout ${hooks.hooks[name]!.timeoutSeconds} s)`);
+  try {
+    job.log.line(`==> ${name === "ready" ? await waitReadyHook(agent, hooks, job.signal) : await validateHook(agent, hooks)}`);
+  } catch (err) {
+    job.signal.throwIfAborted();
+    throw new BuildError((err as Error).message);
   }
 }
 

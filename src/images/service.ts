@@ -5,7 +5,9 @@ import { join } from "node:path";
 import type { Readable } from "node:stream";
 import { ApiError, checkIntRange } from "../errors.ts";
 import type { Db } from "../store/db.ts";
+import { IdempotencyTokens } from "../store/idempotency.ts";
 import type { ImageRow, ImageUpdate } from "../store/schema.ts";
+import { deleteTags, tagResource } from "../store/tags.ts";
 import { sha256 } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { Engine, VM_LIMITS, type Snapshot } from "../vmm/engine.ts";
@@ -16,6 +18,7 @@ import { BuildError, buildInVm } from "./builder.ts";
 import type { VmShape } from "./base-image.ts";
 import type { ImageRef } from "./catalog.ts";
 import { planDockerfile, type BuildPlan, type ImageConfig } from "./dockerfile.ts";
+import { normalizeHooks, type HooksRequest, type ImageHooks } from "./hooks.ts";
 import type { S3Config, StagedCode } from "./intake.ts";
 import { prepareScratchDisk } from "./scratch-disk.ts";
 import { checkImageTransition, isBuilding, type ImageState } from "./states.ts";
@@ -56,7 +59,23 @@ export interface CreateImageRequest {
   buildArgs?: Record<string, string>;
   vcpus?: number;
   memoryMiB?: number;
+  /** A managed image (`base`) the build starts from: `FROM <it>` when the Dockerfile has none; another FROM is refused. */
+  baseImage?: string;
+  /** Runtime environment of the image's app and execs, over the Dockerfile's ENV. */
+  env?: Record<string, string>;
+  hooks?: HooksRequest;
+  description?: string;
+  /** Default egress connectors of the image's VMs (lifecycle/connectors.ts). */
+  egressConnectors?: string[];
+  /** Tags of the image (by name). */
+  tags?: Record<string, string>;
+  /** AWS fields accepted and echoed back but not acted on (api/aws). */
+  awsFields?: Record<string, unknown>;
 }
+
+/** ACTIVE versions can be launched; INACTIVE ones never are (AWS UpdateMicrovmImageVersion; PATCH /v1/images/{id}). */
+export const IMAGE_VERSION_STATUSES = ["ACTIVE", "INACTIVE"] as const;
+export type ImageVersionStatus = (typeof IMAGE_VERSION_STATUSES)[number];
 
 const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const RESERVED = new Set(["base", "scratch", "debian"]);
@@ -78,6 +97,7 @@ export class ImageService {
   private readonly builds = new Set<Promise<void>>();
   private readonly controllers = new Map<string, AbortController>();
   private readonly maxConcurrent: number;
+  private readonly tokens: IdempotencyTokens;
 
   constructor(opts: ImageServiceOpts) {
     this.opts = opts;
@@ -85,6 +105,7 @@ export class ImageService {
     this.engine = opts.engine;
     this.limits = { ...(opts.limits ?? DEFAULT_ARCHIVE_LIMITS) };
     this.maxConcurrent = opts.maxConcurrentBuilds ?? Math.max(1, Math.floor(cpus().length / 2));
+    this.tokens = new IdempotencyTokens(opts.db);
   }
 
   get stagingDir(): string {
@@ -141,11 +162,15 @@ export class ImageService {
       if (this.queue.length >= (this.opts.maxQueuedBuilds ?? 8)) {
         throw new ApiError("RateLimited", `${this.queue.length} builds are already waiting for a build slot; retry later`);
       }
+      const hooks = req.hooks ? normalizeHooks(req.hooks) : undefined;
       const archive = await inspectArchive(req.code.path, req.code.sizeBytes, this.limits);
-      const dockerfile = req.dockerfile ?? archive.dockerfile;
+      let dockerfile = req.dockerfile ?? archive.dockerfile;
       if (dockerfile === undefined) throw new ApiError("ValidationError", "no dockerfile given and no Dockerfile at the root of the code archive", { field: "dockerfile" });
+      if (req.baseImage !== undefined && !/^\s*FROM\s/im.test(dockerfile)) dockerfile = `FROM ${req.baseImage}\n${dockerfile}`;
       const parents = await this.readyByName(tenantId);
       const plan = planDockerfile(dockerfile, { buildArgs: req.buildArgs, parentConfig: (n) => parents.get(n)?.config });
+      if (req.baseImage !== undefined) checkManagedBase(plan, req.baseImage);
+      plan.config.env = { ...plan.config.env, ...req.env };
       const parent = plan.base.kind === "image" ? parents.get(plan.base.name)!.row : undefined;
       const row = await this.names.run(`${tenantId}/${req.name}`, async () => {
         const last = await this.db
@@ -177,17 +202,35 @@ export class ImageService {
           parent_image_id: parent?.id ?? null,
           config: JSON.stringify(plan.config),
           build_ms: null,
+          status: "ACTIVE",
+          hooks: hooks ? JSON.stringify(hooks) : null,
+          description: req.description ?? null,
+          base_image: req.baseImage ?? null,
+          egress_connectors: req.egressConnectors ? JSON.stringify(req.egressConnectors) : null,
+          aws_fields: req.awsFields ? JSON.stringify(req.awsFields) : null,
         };
         await mkdir(this.dirOf(id), { recursive: true });
         await rename(req.code.path, join(this.dirOf(id), "code.zip"));
         await this.db.insertInto("images").values(newRow).execute();
+        if (req.tags) await tagResource(this.db, tenantId, { type: "microvm-image", id: req.name }, req.tags);
         return newRow;
       });
-      this.startBuild(row, plan, archive, parent);
+      this.startBuild(row, plan, archive, parent, hooks);
       return row;
     } finally {
       await rm(req.code.path, { force: true });
     }
+  }
+
+  /**
+   * `create` once per client token (AWS clientToken, `/v1` clientToken): a
+   * retry with the same token and `request` gets the image version the first
+   * call made, without fetching its code again (`prepare` is not called); the
+   * same token with another request is a Conflict.
+   */
+  async createOnce(tenantId: string, token: { operation: string; clientToken: string }, request: unknown, prepare: () => Promise<CreateImageRequest>): Promise<ImageRow> {
+    const { resourceId } = await this.tokens.run({ tenantId, operation: token.operation, token: token.clientToken }, request, async () => (await this.create(tenantId, await prepare())).id);
+    return this.get(tenantId, resourceId);
   }
 
   async list(tenantId: string, filter: { name?: string } = {}): Promise<ImageRow[]> {
@@ -220,24 +263,34 @@ export class ImageService {
    * The latest READY version of a name (or that exact id), for launching.
    * NotFound if there is none; InvalidState if the only versions are building or failed.
    */
-  async resolve(tenantId: string, nameOrId: string): Promise<ImageRef> {
-    const rows = await this.db
+  async resolve(tenantId: string, nameOrId: string, version?: number): Promise<ImageRef> {
+    let q = this.db
       .selectFrom("images")
       .selectAll()
       .where("tenant_id", "=", tenantId)
-      .where((eb) => eb.or([eb("id", "=", nameOrId), eb("name", "=", nameOrId)]))
-      .orderBy("version", "desc")
-      .execute();
-    const row = rows.find((r) => r.state === "READY");
-    if (!row) {
-      if (!rows.length) throw new ApiError("NotFound", `image ${nameOrId} not found`, { field: "image" });
-      throw new ApiError("InvalidState", `image ${nameOrId} has no READY build (latest is ${rows[0]!.state})`, { field: "image", state: rows[0]!.state });
+      .where((eb) => eb.or([eb("id", "=", nameOrId), eb("name", "=", nameOrId)]));
+    if (version !== undefined) q = q.where("version", "=", version);
+    const rows = await q.orderBy("version", "desc").execute();
+    const what = version !== undefined ? `image ${nameOrId} version ${version}` : `image ${nameOrId}`;
+    // By name the latest READY, ACTIVE version; an explicit version or id must itself be READY and ACTIVE.
+    const exact = version !== undefined || rows[0]?.id === nameOrId;
+    const row = rows.find((r) => r.state === "READY" && r.status === "ACTIVE");
+    if (!row || (exact && row !== rows[0])) {
+      if (!rows.length) throw new ApiError("NotFound", `${what} not found`, { field: "image" });
+      const inactive = rows.find((r) => r.state === "READY" && r.status !== "ACTIVE");
+      if (inactive && (exact || !rows.some((r) => r.state === "READY" && r.status === "ACTIVE"))) {
+        throw new ApiError("InvalidState", `${exact ? what : `every READY version of image ${nameOrId}`} is INACTIVE: activate it to launch`, { field: "image", status: "INACTIVE" });
+      }
+      throw new ApiError("InvalidState", `${what} has no READY build (latest is ${rows[0]!.state})`, { field: "image", state: rows[0]!.state });
     }
     const config = JSON.parse(row.config) as ImageConfig;
     const dir = join(this.dirOf(row.id), "snapshot");
     return {
       imageId: row.id,
       name: row.name,
+      version: row.version,
+      hooks: row.hooks ? (JSON.parse(row.hooks) as ImageHooks) : undefined,
+      egressConnectors: row.egress_connectors ? (JSON.parse(row.egress_connectors) as string[]) : undefined,
       diskGiB: row.disk_gib,
       appPort: row.app_port ?? undefined,
       env: config.env,
@@ -255,6 +308,22 @@ export class ImageService {
         return this.engine.loadSnapshot(dir);
       },
     };
+  }
+
+  /** One version of a name; NotFound naming both. */
+  async getVersion(tenantId: string, nameOrId: string, version: number): Promise<ImageRow> {
+    const name = (await this.get(tenantId, nameOrId)).name;
+    const row = await this.db.selectFrom("images").selectAll().where("tenant_id", "=", tenantId).where("name", "=", name).where("version", "=", version).executeTakeFirst();
+    if (!row) throw new ApiError("NotFound", `image ${name} has no version ${version}`);
+    return row;
+  }
+
+  /** Marks one version ACTIVE or INACTIVE (an INACTIVE one is never launched; VMs already running keep running). */
+  async setStatus(tenantId: string, imageId: string, status: ImageVersionStatus): Promise<ImageRow> {
+    if (!IMAGE_VERSION_STATUSES.includes(status)) throw new ApiError("ValidationError", `status must be ACTIVE or INACTIVE, got ${String(status)}`, { field: "status" });
+    const row = await this.get(tenantId, imageId);
+    await this.db.updateTable("images").set({ status }).where("id", "=", row.id).execute();
+    return { ...row, status };
   }
 
   /**
@@ -284,12 +353,14 @@ export class ImageService {
     for (const r of rows) await this.transition(r, "DELETING");
     for (const u of users) await this.opts.terminateVm(tenantId, u.id, `image ${idOrName} deleted`).catch((err: Error) => this.opts.log?.(`terminating ${u.id}: ${err.message}`));
     for (const r of rows) await this.removeRow(r);
+    const left = await this.db.selectFrom("images").select("id").where("tenant_id", "=", tenantId).where("name", "=", one.name).executeTakeFirst();
+    if (!left) await deleteTags(this.db, tenantId, { type: "microvm-image", id: one.name });
     return ids;
   }
 
   // ---- builds ------------------------------------------------------------------
 
-  private startBuild(row: ImageRow, plan: BuildPlan, archive: CodeArchive, parent: ImageRow | undefined): void {
+  private startBuild(row: ImageRow, plan: BuildPlan, archive: CodeArchive, parent: ImageRow | undefined, hooks: ImageHooks | undefined): void {
     const dir = this.dirOf(row.id);
     const log = new BuildLog(join(dir, "build.log"));
     this.logs.set(row.id, log);
@@ -332,6 +403,7 @@ export class ImageService {
             signal: controller.signal,
             readyTimeoutMs: Math.min(this.opts.readyTimeoutMs ?? 120_000, timeoutMs),
             settleMs: this.opts.settleMs ?? 2000,
+            hooks,
           });
         } finally {
           clearTimeout(timer);
@@ -402,3 +474,13 @@ async function allocated(path: string): Promise<number> {
 }
 
 const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(1);
+
+/** A build on a managed base must keep that base: the Dockerfile's own FROM, if any, has to name the same image. */
+function checkManagedBase(plan: BuildPlan, baseImage: string): void {
+  const expected = planDockerfile(`FROM ${baseImage}\n`, { parentConfig: () => undefined }).base;
+  if (JSON.stringify(plan.base) !== JSON.stringify(expected)) {
+    throw new ApiError("ValidationError", `the Dockerfile's FROM (line ${plan.fromLine}) names another base than the managed image ${baseImage}; remove the FROM line or make it FROM ${baseImage}`, {
+      field: "dockerfile",
+    });
+  }
+}

@@ -1,25 +1,36 @@
 import { randomBytes } from "node:crypto";
 import { cpus, totalmem } from "node:os";
 import { ApiError, checkIntRange } from "../errors.ts";
-import type { ImageCatalog } from "../images/catalog.ts";
+import type { ImageCatalog, ManagedImage } from "../images/catalog.ts";
+import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
+import { IdempotencyTokens } from "../store/idempotency.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
+import { NetworkConnectors } from "./connectors.ts";
 import { checkTransition, holdsHostResources, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
 export interface CreateMicroVmRequest {
   image: string;
+  /** A version of the image (default: its latest READY, ACTIVE one). */
+  imageVersion?: number;
   vcpus?: number;
   memoryMiB?: number;
   diskGiB?: number;
   env?: Record<string, string>;
-  idlePolicy?: { suspendAfterSeconds?: number; autoResume?: boolean };
+  /** terminateAfterSuspendedSeconds: a VM suspended this long is terminated (0, the default, never). */
+  idlePolicy?: { suspendAfterSeconds?: number; autoResume?: boolean; terminateAfterSuspendedSeconds?: number };
   maxRuntimeSeconds?: number;
-  network?: { egress?: Egress };
+  /** `egress` directly, or named connectors (lifecycle/connectors.ts); default: the image's connectors, else "none". */
+  network?: { egress?: Egress; egressConnectors?: string[] };
+  /** The body of the image's `/run` hook (at most 16 KiB). */
+  runHookPayload?: string;
+  /** Idempotency: a retry with the same token and request returns the same VM (store/idempotency.ts). */
+  clientToken?: string;
   endpoint?: { public?: boolean };
   /** Guest port the VM's endpoint forwards to (default: the image's EXPOSE). */
   appPort?: number;
@@ -30,6 +41,7 @@ export const LIMITS = {
   ...VM_LIMITS,
   maxRuntimeSeconds: { min: 1, max: 28_800 },
   suspendAfterSeconds: { min: 0, max: 28_800 },
+  terminateAfterSuspendedSeconds: { min: 0, max: 28_800 },
   appPort: { min: 1, max: 65_535 },
 } as const;
 
@@ -70,6 +82,8 @@ export class MicroVmService {
   private readonly capacity: HostCapacity;
   private readonly observer: LifecycleObserver | undefined;
   private readonly log: (line: string) => void;
+  private readonly tokens: IdempotencyTokens;
+  readonly connectors: NetworkConnectors;
 
   constructor(opts: {
     db: Db;
@@ -87,6 +101,8 @@ export class MicroVmService {
     this.capacity = opts.capacity ?? hostCapacity();
     this.observer = opts.observer;
     this.log = opts.log ?? (() => undefined);
+    this.tokens = new IdempotencyTokens(opts.db);
+    this.connectors = new NetworkConnectors(opts.db);
     this.engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));
   }
 
@@ -142,15 +158,23 @@ export class MicroVmService {
   /**
    * Creates a VM: validates, admits it and records it PENDING in one step
    * (so concurrent creates cannot overcommit the host), launches it, applies
-   * its environment and records it RUNNING. A launch that fails leaves the
-   * VM FAILED with the reason.
+   * its environment, calls its `/run` hook and records it RUNNING. A launch
+   * that fails leaves the VM FAILED with the reason. With a `clientToken`, a
+   * retry of the same request returns the same VM.
    */
   create(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
-    return this.track(this.createVm(tenantId, req));
+    return this.track(this.createOnce(tenantId, req));
   }
 
-  private async createVm(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
-    const image = await this.images.resolve(tenantId, req.image);
+  private async createOnce(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
+    if (req.clientToken === undefined) return this.launch(tenantId, req);
+    const { clientToken, ...request } = req;
+    const { resourceId } = await this.tokens.run({ tenantId, operation: "create-microvm", token: clientToken }, request, async () => (await this.launch(tenantId, request)).id);
+    return this.get(tenantId, resourceId);
+  }
+
+  private async launch(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
+    const image = await this.images.resolve(tenantId, req.image, req.imageVersion);
     // A Dockerfile image has the shape it was built (snapshotted) with.
     const shape = { vcpus: req.vcpus ?? image.shape?.vcpus ?? 1, memoryMiB: req.memoryMiB ?? image.shape?.memoryMiB ?? 512 };
     const diskGiB = req.diskGiB ?? image.diskGiB;
@@ -161,7 +185,17 @@ export class MicroVmService {
     checkRange("maxRuntimeSeconds", maxRuntimeSeconds);
     const suspendAfterSeconds = req.idlePolicy?.suspendAfterSeconds ?? 900;
     checkRange("suspendAfterSeconds", suspendAfterSeconds, "idlePolicy.suspendAfterSeconds");
-    const egress = parseEgress(req.network?.egress);
+    const terminateAfterSuspendedSeconds = req.idlePolicy?.terminateAfterSuspendedSeconds ?? 0;
+    checkRange("terminateAfterSuspendedSeconds", terminateAfterSuspendedSeconds, "idlePolicy.terminateAfterSuspendedSeconds");
+    if (req.network?.egress !== undefined && req.network.egressConnectors !== undefined) {
+      throw new ApiError("ValidationError", "network: give egress or egressConnectors, not both", { field: "network.egressConnectors" });
+    }
+    const connectorNames = req.network?.egressConnectors ?? (req.network?.egress === undefined ? image.egressConnectors : undefined);
+    const egress = connectorNames ? await this.connectors.egressOf(connectorNames, "network.egressConnectors") : parseEgress(req.network?.egress);
+    const runHookPayload = req.runHookPayload === undefined ? undefined : Buffer.from(req.runHookPayload, "utf8");
+    if (runHookPayload && runHookPayload.length > HOOK_LIMITS.runPayloadBytes) {
+      throw new ApiError("ValidationError", `runHookPayload holds at most ${HOOK_LIMITS.runPayloadBytes} bytes, got ${runHookPayload.length}`, { field: "runHookPayload" });
+    }
     const appPort = req.appPort ?? image.appPort;
     if (appPort !== undefined) checkRange("appPort", appPort);
     // Validates the shape against the image, and builds a base snapshot of a new shape once.
@@ -191,6 +225,11 @@ export class MicroVmService {
       expires_at: new Date(now.getTime() + maxRuntimeSeconds * 1000).toISOString(),
       last_activity_at: now.toISOString(),
       terminated_at: null,
+      terminate_after_suspended_seconds: terminateAfterSuspendedSeconds,
+      suspended_at: null,
+      egress_connectors: connectorNames ? JSON.stringify(connectorNames) : null,
+      hooks: image.hooks ? JSON.stringify(image.hooks) : null,
+      image_version: image.version,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
     await this.locks.run("admission", async () => {
@@ -198,12 +237,14 @@ export class MicroVmService {
       await this.db.insertInto("microvms").values(pending).execute();
     });
     const started = performance.now();
+    // Held until RUNNING: a terminate or suspend of the PENDING VM waits for its launch to finish.
     return this.locks.run(pending.id, async () => {
       let vm: MicroVm | undefined;
       try {
         vm = await this.engine.launch(snapshot, { id: pending.id, egress, guestPorts: appPort ? [appPort] : [] });
         // PUT /env replaces the base env: keep the image's ENV under the request's.
         if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
+        await this.runHook(pending, "run", runHookPayload);
       } catch (err) {
         // No half-made VM: one that was launched but could not be set up is ended.
         if (vm) await this.engine.terminate(vm.id).catch(() => undefined);
@@ -211,7 +252,8 @@ export class MicroVmService {
         await this.transition(pending.id, tenantId, "FAILED", { state_reason: reason }, "failed", reason).catch(() => undefined);
         throw err;
       }
-      const row = await this.transition(pending.id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString() }, "created", `launched from image ${image.name} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`);
+      const message = `launched from image ${image.name} version ${image.version} (${shape.vcpus} vCPU, ${shape.memoryMiB} MiB)`;
+      const row = await this.transition(pending.id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString() }, "created", message);
       this.observer?.observe("launch", (performance.now() - started) / 1000);
       return row;
     });
@@ -264,13 +306,14 @@ export class MicroVmService {
         await this.transition(id, tenantId, "SUSPENDING");
         const started = performance.now();
         try {
+          await this.runHook(row, "suspend");
           await this.engine.suspend(id);
           this.observer?.observe("suspend", (performance.now() - started) / 1000);
         } catch (err) {
           await this.transition(id, tenantId, "RUNNING", {}, "suspend-failed", (err as Error).message);
           throw err;
         }
-        return this.transition(id, tenantId, "SUSPENDED", {}, "suspended", `suspended (${cause})`);
+        return this.transition(id, tenantId, "SUSPENDED", { suspended_at: new Date().toISOString() }, "suspended", `suspended (${cause})`);
       }),
     );
   }
@@ -294,6 +337,8 @@ export class MicroVmService {
       await this.transition(id, tenantId, "SUSPENDED", {}, "resume-failed", (err as Error).message);
       throw err;
     }
+    // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
+    await this.runHook(row, "resume");
     return this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString() }, "resumed", `resumed (${cause})`);
   }
 
@@ -304,6 +349,8 @@ export class MicroVmService {
         if (row.state === "TERMINATED") return row; // idempotent, like DELETE should be
         checkTransition(id, row.state, "TERMINATING", "terminate");
         await this.transition(id, tenantId, "TERMINATING");
+        // Only a running guest can answer its /terminate hook; a suspended one is not resumed for it.
+        if (row.state === "RUNNING") await this.runHook(row, "terminate");
         await this.engine.terminate(id).catch((err: Error) => {
           if (err.name !== "VmNotFoundError") throw err;
         });
@@ -328,6 +375,11 @@ export class MicroVmService {
       await this.touch(id);
       return this.engine.get(id);
     });
+  }
+
+  /** The managed images (catalog): launchable by every tenant and bases of builds. */
+  managedImages(): Promise<ManagedImage[]> {
+    return this.images.managedImages();
   }
 
   /** Host capacity and what live VMs (creates in flight included: PENDING) hold of it. */
@@ -383,7 +435,7 @@ export class MicroVmService {
     }
   }
 
-  /** Idle suspend and max runtime, checked once per interval. */
+  /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */
   private async applyPolicies(): Promise<void> {
     const now = Date.now();
     const rows = await this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"]).execute();
@@ -393,11 +445,30 @@ export class MicroVmService {
           await this.terminate(row.tenant_id, row.id, `max runtime of ${row.max_runtime_seconds} s reached`);
         } else if (row.state === "RUNNING" && row.suspend_after_seconds > 0 && Date.parse(row.last_activity_at) + row.suspend_after_seconds * 1000 <= now) {
           await this.suspend(row.tenant_id, row.id, `idle for ${row.suspend_after_seconds} s`);
+        } else if (
+          row.state === "SUSPENDED" &&
+          row.terminate_after_suspended_seconds > 0 &&
+          row.suspended_at &&
+          Date.parse(row.suspended_at) + row.terminate_after_suspended_seconds * 1000 <= now
+        ) {
+          await this.terminate(row.tenant_id, row.id, `suspended for ${row.terminate_after_suspended_seconds} s`);
         }
       } catch (err) {
         if (!(err instanceof ApiError && err.code === "InvalidState")) this.log(`policy on ${row.id}: ${(err as Error).message}`);
       }
     }
+  }
+
+  /**
+   * Calls one lifecycle hook of the VM's image, if enabled and the engine has
+   * the VM, and records its outcome as an event; the app's failure never throws.
+   */
+  private async runHook(row: MicroVmRow, name: HookName, body?: Buffer): Promise<void> {
+    const hooks = row.hooks ? (JSON.parse(row.hooks) as ImageHooks) : undefined;
+    const vm = this.engine.list().find((v) => v.id === row.id);
+    if (!vm) return;
+    const outcome = await callHook(vm.agent, hooks, name, body);
+    if (outcome) await this.db.insertInto("events").values(event(row.id, row.tenant_id, outcome.ok ? "hook" : "hook-failed", outcome.message)).execute();
   }
 
   private async onEngineExit(id: string, reason: string): Promise<void> {

@@ -9,31 +9,15 @@ export interface AccessTokenClaims {
   expiresAt: Date;
 }
 
-/** The name of the signing secret in `server_secrets` (store/secrets.ts `serverSecret`): every issuer and verifier uses it. */
-export const ACCESS_TOKEN_SECRET = "endpoint-access-tokens";
-
-/** Tokens longer than this are refused before any parsing (a real one is ~200 bytes, more with many ports). */
-const MAX_TOKEN_CHARS = 4096;
-const VERSION = 1;
-
-/** The signed payload; short keys keep tokens short. */
-interface Payload {
-  v: number;
-  /** microVmId */
-  vm: string;
-  /** "*" (all), a port list, or [from, to] as {r: [...]}. */
-  p: "*" | number[] | { r: [number, number] };
-  /** expiry, Unix seconds */
-  exp: number;
-}
+const PREFIX = "cat_";
+/** Longer tokens are refused before any work (a selection of many single ports stays far below). */
+const MAX_TOKEN_LENGTH = 8192;
 
 /**
- * Endpoint access tokens limited to one VM, some of its ports and an expiry
- * (`X-aws-proxy-auth: <token>` or `Authorization: Bearer <token>`). Stateless:
- * `base64url(payload JSON) "." base64url(HMAC-SHA256(secret, payload))`, so
- * any host holding the secret verifies them without a lookup. A token cannot
- * be revoked before it expires (at most an hour, see the route); rotating the
- * secret revokes them all.
+ * Endpoint access tokens (AWS `X-aws-proxy-auth`): a VM id, the ports it
+ * opens and an expiry, signed with HMAC-SHA256 under a server secret. They
+ * are not stored: a token is valid exactly while its signature checks and it
+ * has not expired, on any server holding the secret.
  */
 export class AccessTokens {
   /** secret: ≥32 random bytes, persisted by the caller */
@@ -42,40 +26,37 @@ export class AccessTokens {
   }
 
   issue(claims: AccessTokenClaims): string {
-    const p = "all" in claims.ports ? "*" : "ports" in claims.ports ? [...claims.ports.ports] : { r: [claims.ports.from, claims.ports.to] as [number, number] };
-    const payload: Payload = { v: VERSION, vm: claims.microVmId, p, exp: Math.floor(claims.expiresAt.getTime() / 1000) };
-    const body = Buffer.from(JSON.stringify(payload)).toString("base64url");
-    return `${body}.${this.sign(body).toString("base64url")}`;
+    const payload = Buffer.from(JSON.stringify({ id: claims.microVmId, p: claims.ports, exp: Math.floor(claims.expiresAt.getTime() / 1000) })).toString("base64url");
+    return `${PREFIX}${payload}.${this.mac(payload)}`;
   }
 
-  /** True only for an intact token of this secret, for `microVmId`, opening `port`, not expired at `now`. Never throws. */
-  verify(token: string, microVmId: string, port: number, now: Date = new Date()): boolean {
-    if (typeof token !== "string" || token.length > MAX_TOKEN_CHARS) return false;
-    const dot = token.indexOf(".");
-    if (dot <= 0) return false;
-    const body = token.slice(0, dot);
-    const signature = Buffer.from(token.slice(dot + 1), "base64url");
-    const expected = this.sign(body);
-    if (signature.length !== expected.length || !timingSafeEqual(signature, expected)) return false;
-    let payload: Payload;
+  /** True if `token` is genuine, for this VM, not expired at `now`, and opens `port`. */
+  verify(token: string, microVmId: string, port: number, now = new Date()): boolean {
+    if (token.length > MAX_TOKEN_LENGTH || !token.startsWith(PREFIX)) return false;
+    const [payload, mac, extra] = token.slice(PREFIX.length).split(".");
+    if (!payload || !mac || extra !== undefined) return false;
+    const expected = Buffer.from(this.mac(payload));
+    const given = Buffer.from(mac);
+    if (given.length !== expected.length || !timingSafeEqual(given, expected)) return false;
+    let claims: { id?: unknown; p?: unknown; exp?: unknown };
     try {
-      payload = JSON.parse(Buffer.from(body, "base64url").toString()) as Payload;
+      claims = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as typeof claims;
     } catch {
       return false;
     }
-    if (payload?.v !== VERSION || payload.vm !== microVmId || typeof payload.exp !== "number") return false;
-    if (now.getTime() >= payload.exp * 1000) return false;
-    return opens(payload.p, port);
+    if (claims.id !== microVmId || typeof claims.exp !== "number" || claims.exp * 1000 <= now.getTime()) return false;
+    return opens(claims.p, port);
   }
 
-  private sign(body: string): Buffer {
-    return createHmac("sha256", this.secret).update(`cocoon-endpoint-access:${body}`).digest();
+  private mac(payload: string): string {
+    return createHmac("sha256", this.secret).update(payload).digest("base64url");
   }
 }
 
-function opens(selection: Payload["p"], port: number): boolean {
-  if (selection === "*") return true;
-  if (Array.isArray(selection)) return selection.includes(port);
-  const [from, to] = selection?.r ?? [];
-  return typeof from === "number" && typeof to === "number" && port >= from && port <= to;
+function opens(selection: unknown, port: number): boolean {
+  const s = selection as Partial<{ all: boolean; ports: unknown; from: unknown; to: unknown }> | null;
+  if (!s || typeof s !== "object") return false;
+  if (s.all === true) return true;
+  if (Array.isArray(s.ports)) return s.ports.includes(port);
+  return typeof s.from === "number" && typeof s.to === "number" && port >= s.from && port <= s.to;
 }

@@ -6,6 +6,7 @@ import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
 import { openDatabase } from "../store/db.ts";
+import { ServerSecrets } from "../store/secrets.ts";
 import { ServerMetrics } from "../telemetry/metrics.ts";
 import { VmSampler } from "../telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "./bootstrap.ts";
@@ -26,7 +27,8 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
   await chmod(config.dataDir, 0o700);
   const db = await openDatabase(config.dataDir);
-  const adminKey = await bootstrapAdminKey(db, config.dataDir);
+  const secrets = await ServerSecrets.open(config.dataDir);
+  const adminKey = await bootstrapAdminKey(db, secrets, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
   const runtime = await startRuntime({ ...config, log });
   let microvms: MicroVmService | undefined;
@@ -50,7 +52,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
-  const api = await buildApi({ db, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
+  const api = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   // SIGTERM/SIGINT: stop taking requests, let lifecycle operations under way

@@ -97,13 +97,68 @@ export const migrations: Record<string, Migration> = {
       await db.schema.createIndex("images_tenant_name").on("images").columns(["tenant_id", "name", "version"]).unique().execute();
     },
   },
-  "0004_server_secrets": {
+  // ---- host-side trust boundaries (issue #12) ----
+  "0005_tenant_settings": {
     async up(db: Kysely<unknown>) {
-      // Secrets every host of a deployment shares (e.g. the key that signs endpoint access tokens), created on first start.
+      // JSON object of the settings an admin sets per tenant (store/tenants.ts TenantSettings), e.g. {"s3Allow": ["bucket/prefix/"]}.
+      await db.schema.alterTable("tenants").addColumn("settings", "text", (c) => c.notNull().defaultTo("{}")).execute();
+    },
+  },
+  // ---- the AWS front door (issue #13); each column serves both APIs ----
+  "0006_keys_sealed_secret_vm_policies_image_versions": {
+    async up(db: Kysely<unknown>) {
+      // The key's secret sealed with the server's master key (SigV4 needs the secret itself); null for keys made before.
+      await db.schema.alterTable("api_keys").addColumn("secret_sealed", "text").execute();
+      // idlePolicy.terminateAfterSuspendedSeconds (0 = never) and when the VM was last suspended.
+      await db.schema.alterTable("microvms").addColumn("terminate_after_suspended_seconds", "integer", (c) => c.notNull().defaultTo(0)).execute();
+      await db.schema.alterTable("microvms").addColumn("suspended_at", "text").execute();
+      // JSON array of the named egress connectors the VM's policy came from (null: a policy given directly).
+      await db.schema.alterTable("microvms").addColumn("egress_connectors", "text").execute();
+      // JSON lifecycle hooks (images/hooks.ts) copied from the image at launch, and the image's version.
+      await db.schema.alterTable("microvms").addColumn("hooks", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("image_version", "integer").execute();
+      // ACTIVE | INACTIVE: an inactive version is never launched.
+      await db.schema.alterTable("images").addColumn("status", "text", (c) => c.notNull().defaultTo("ACTIVE")).execute();
+      await db.schema.alterTable("images").addColumn("hooks", "text").execute();
+      await db.schema.alterTable("images").addColumn("description", "text").execute();
+      // The managed image the build started from when one was named (baseImage / baseImageArn).
+      await db.schema.alterTable("images").addColumn("base_image", "text").execute();
+      // JSON array: default egress connectors of the image's VMs.
+      await db.schema.alterTable("images").addColumn("egress_connectors", "text").execute();
+      // JSON object: AWS fields accepted and echoed back but not acted on (docs/aws-api.md).
+      await db.schema.alterTable("images").addColumn("aws_fields", "text").execute();
+    },
+  },
+  "0007_idempotency_tags_connectors": {
+    async up(db: Kysely<unknown>) {
+      // clientToken idempotency: one resource per tenant, operation and token.
       await db.schema
-        .createTable("server_secrets")
-        .addColumn("name", "text", (c) => c.primaryKey())
+        .createTable("idempotency_tokens")
+        .addColumn("tenant_id", "text", (c) => c.notNull())
+        .addColumn("operation", "text", (c) => c.notNull())
+        .addColumn("token", "text", (c) => c.notNull())
+        .addColumn("request_digest", "text", (c) => c.notNull())
+        .addColumn("resource_id", "text", (c) => c.notNull())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .addPrimaryKeyConstraint("idempotency_tokens_pk", ["tenant_id", "operation", "token"])
+        .execute();
+      await db.schema.createIndex("idempotency_tokens_created").on("idempotency_tokens").column("created_at").execute();
+      await db.schema
+        .createTable("tags")
+        .addColumn("tenant_id", "text", (c) => c.notNull())
+        .addColumn("resource_type", "text", (c) => c.notNull())
+        .addColumn("resource_id", "text", (c) => c.notNull())
+        .addColumn("key", "text", (c) => c.notNull())
         .addColumn("value", "text", (c) => c.notNull())
+        .addPrimaryKeyConstraint("tags_pk", ["tenant_id", "resource_type", "resource_id", "key"])
+        .execute();
+      // Named egress policies an operator defines (admin); VMs refer to them by name.
+      await db.schema
+        .createTable("network_connectors")
+        .addColumn("name", "text", (c) => c.primaryKey())
+        .addColumn("allow", "text", (c) => c.notNull())
+        .addColumn("description", "text")
+        .addColumn("created_at", "text", (c) => c.notNull())
         .execute();
     },
   },

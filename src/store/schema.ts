@@ -15,20 +15,17 @@ export interface Database {
   microvms: MicroVmsTable;
   events: EventsTable;
   images: ImagesTable;
-  server_secrets: ServerSecretsTable;
-}
-
-/** Secrets shared by every host of a deployment, created on first start. */
-export interface ServerSecretsTable {
-  name: string;
-  /** base64 */
-  value: string;
+  idempotency_tokens: IdempotencyTokensTable;
+  tags: TagsTable;
+  network_connectors: NetworkConnectorsTable;
 }
 
 export interface TenantsTable {
   id: string;
   name: string;
   created_at: string;
+  /** JSON TenantSettings (store/tenants.ts), set by admins; "{}" when none. */
+  settings: Generated<string>;
 }
 
 export interface ApiKeysTable {
@@ -41,6 +38,8 @@ export interface ApiKeysTable {
   description: string | null;
   created_at: string;
   revoked_at: string | null;
+  /** The secret sealed with the server's master key (store/secrets.ts), for SigV4; null for keys made before it existed. */
+  secret_sealed: Generated<string | null>;
 }
 
 export interface MicroVmsTable {
@@ -71,6 +70,16 @@ export interface MicroVmsTable {
   expires_at: string;
   last_activity_at: string;
   terminated_at: string | null;
+  /** A VM suspended this long is terminated; 0 = never. */
+  terminate_after_suspended_seconds: Generated<number>;
+  /** When the VM was last suspended. */
+  suspended_at: Generated<string | null>;
+  /** JSON array of the egress connector names its policy came from; null if given directly. */
+  egress_connectors: Generated<string | null>;
+  /** JSON lifecycle hooks (images/hooks.ts) of its image, copied at launch. */
+  hooks: Generated<string | null>;
+  /** The version of its image it was launched from (null for VMs made before versions were recorded). */
+  image_version: Generated<number | null>;
 }
 
 export interface EventsTable {
@@ -117,6 +126,46 @@ export interface ImagesTable {
   /** JSON ImageConfig (images/dockerfile.ts): env, workdir, user, argv, healthcheck, labels. */
   config: string;
   build_ms: number | null;
+  /** ACTIVE | INACTIVE: an inactive version is never launched. */
+  status: Generated<string>;
+  /** JSON lifecycle hooks (images/hooks.ts). */
+  hooks: Generated<string | null>;
+  description: Generated<string | null>;
+  /** The managed image the build started from, when one was named. */
+  base_image: Generated<string | null>;
+  /** JSON array: the default egress connectors of the image's VMs. */
+  egress_connectors: Generated<string | null>;
+  /** JSON: AWS fields accepted and echoed back but not acted on. */
+  aws_fields: Generated<string | null>;
+}
+
+/** clientToken idempotency: the resource an operation with this token made. */
+export interface IdempotencyTokensTable {
+  tenant_id: string;
+  operation: string;
+  token: string;
+  /** sha256 of the request without its token: the same token with another request is a conflict. */
+  request_digest: string;
+  resource_id: string;
+  created_at: string;
+}
+
+/** Tags of a tenant's resources (`microvm` by id, `microvm-image` by name). */
+export interface TagsTable {
+  tenant_id: string;
+  resource_type: string;
+  resource_id: string;
+  key: string;
+  value: string;
+}
+
+/** An operator-defined named egress policy (an allow list). */
+export interface NetworkConnectorsTable {
+  name: string;
+  /** JSON array of allow entries (network.egress.allow). */
+  allow: string;
+  description: string | null;
+  created_at: string;
 }
 
 export type ImageRow = Selectable<ImagesTable>;

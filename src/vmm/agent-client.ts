@@ -71,6 +71,18 @@ export interface ExecResult {
   truncated: { stdout: boolean; stderr: boolean };
 }
 
+/** What the app did with a lifecycle hook call (agent/PROTOCOL.md `POST /hook`). */
+export interface HookAnswer {
+  /** The app's HTTP status, when it answered. */
+  status?: number;
+  /** The start of its answer body (at most 4 KiB). */
+  body?: Buffer;
+  /** Why there is no answer: refused, reset, or timed out. */
+  error?: string;
+  timedOut?: boolean;
+  durationMs: number;
+}
+
 export interface FileEntry {
   name: string;
   type: "file" | "dir" | "symlink" | "other";
@@ -297,6 +309,20 @@ export class AgentClient {
   /** A raw TCP connection to `port` on the guest's loopback, dialled by the agent (agent/PROTOCOL.md, Tunnel). */
   tunnel(port: number): Promise<Socket> {
     return this.upgrade(`/tunnel${queryString({ port })}`, "cocoon-tunnel");
+  }
+
+  /**
+   * Has the agent POST `body` to `127.0.0.1:{port}{path}` inside the guest
+   * (a lifecycle hook), bounded by `timeoutMs` (1–60000); no port forwarding
+   * needed. Resolves with what the app did, whether it answered or not.
+   */
+  async hook(req: { port: number; path: string; body?: Buffer; contentType?: string; timeoutMs: number }): Promise<HookAnswer> {
+    const answer = await this.json<{ status?: number; body?: string; error?: string; timedOut?: boolean; durationMs: number }>("POST", "/hook", {
+      json: { port: req.port, path: req.path, body: (req.body ?? Buffer.alloc(0)).toString("base64"), contentType: req.contentType, timeoutMs: req.timeoutMs },
+      // The agent keeps the hook's own limit; this one only covers an agent that stopped answering.
+      timeoutMs: req.timeoutMs + 5000,
+    });
+    return { ...answer, body: answer.body === undefined ? undefined : Buffer.from(answer.body, "base64") };
   }
 
   async json<T = unknown>(method: string, path: string, opts: JsonOpts = {}): Promise<T> {

@@ -300,7 +300,7 @@ export class Engine extends EventEmitter {
         const disk = vmFiles(dir).disk;
         // -u: the snapshot's disk is not opened (its size is in the manifest), so no header is followed.
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
-        await this.host.prepareFiles(dir, uid, [disk]);
+        await this.host.prepareFiles(uid, [disk]);
         await this.restoreInto(vm, { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false }, snapshotFiles(snapshot.dir).state);
         return vm;
       } catch (err) {
@@ -456,7 +456,7 @@ export class Engine extends EventEmitter {
     const { record, dir } = vm;
     vm.host.push("directory", () => rm(vm.dir, { recursive: true, force: true }));
     this.host.holdUid(record.uid, vm.host);
-    const machine = record.pid ? await Machine.attach(dir, record.processName, record.pid, this.jailer ? record.uid : undefined) : undefined;
+    const machine = record.pid ? await Machine.attach(record.processName, record.pid, this.jailer ? record.uid : undefined) : undefined;
     const files = vmFiles(dir);
     const decision = decideAdoption({
       status: record.status,

@@ -1,10 +1,10 @@
 import { randomInt } from "node:crypto";
-import { chmod, chown, mkdir } from "node:fs/promises";
+import { chmod, chown, mkdir, rm } from "node:fs/promises";
 import { dirname } from "node:path";
 import { jailConfigFromEnv, Jailer, vmUidRange, type JailConfig } from "./jail/index.ts";
 import { killQemuNamed, Machine } from "./machine.ts";
 import { NetworkManager, type VmNetworkRecord } from "./network/index.ts";
-import { machinePaths, qemuOverheadMiB, type MachineSpec } from "./qemu.ts";
+import { qemuOverheadMiB, socketPaths, type MachineSpec } from "./qemu.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
 import type { ReleaseStack } from "./release-stack.ts";
 import type { PortForward } from "./qemu.ts";
@@ -56,17 +56,11 @@ export class HostSide {
   }
 
   /**
-   * Makes the root-owned parts of a VM directory a QEMU process needs:
-   * `migration/`, which its uid may only traverse. `writable` (its disk, a
-   * template's memory) become that uid's alone. Unjailed, QEMU runs as the
-   * server and they stay the server's.
+   * Makes `writable` (a VM's disk, a template's memory) its uid's alone.
+   * Unjailed, QEMU runs as the server and they stay the server's.
    */
-  async prepareFiles(vmDir: string, uid: number, writable: string[]): Promise<void> {
-    const migration = machinePaths(vmDir).migrationDir;
-    await mkdir(migration, { recursive: true, mode: 0o710 });
+  async prepareFiles(uid: number, writable: string[]): Promise<void> {
     if (!this.jailer) return;
-    await chown(migration, 0, uid);
-    await chmod(migration, 0o710);
     for (const p of writable) {
       await chown(p, uid, uid);
       await chmod(p, 0o600);
@@ -82,6 +76,8 @@ export class HostSide {
   async startProcess(spec: MachineSpec, network: VmNetworkRecord, uid: number, stack: ReleaseStack): Promise<Machine> {
     const identity: ProcessIdentity = { name: spec.name, vmDir: spec.vmDir, network };
     const steps = this.releaseSteps(identity);
+    stack.push("sockets", steps.sockets);
+    await this.prepareSockets(spec.name, uid);
     stack.push("network", steps.network);
     spec.net = await this.network.start(network, spec.forwards);
     stack.push("jail", steps.jail);
@@ -99,14 +95,25 @@ export class HostSide {
    */
   adoptProcess(identity: ProcessIdentity, stack: ReleaseStack, machine?: Machine): void {
     const steps = this.releaseSteps(identity);
+    stack.push("sockets", steps.sockets);
     stack.push("network", steps.network);
     stack.push("jail", steps.jail);
     stack.push("qemu", () => (machine ? machine.stop() : steps.qemu()));
   }
 
+  /** The process's socket directory: root's, traversable by its uid only (when jailed), fresh. */
+  private async prepareSockets(name: string, uid: number): Promise<void> {
+    const dir = socketPaths(name).dir;
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true, mode: 0o710 });
+    if (this.jailer) await chown(dir, 0, uid);
+    await chmod(dir, 0o710);
+  }
+
   /** The one definition of how each part of a QEMU process is given back; each step is idempotent. */
   private releaseSteps(p: ProcessIdentity) {
     return {
+      sockets: () => rm(socketPaths(p.name).dir, { recursive: true, force: true }),
       network: () => this.network.stop(p.network),
       // Kills whatever is left in the jail's cgroup before removing it.
       jail: async () => this.jailer?.release(p.name, p.vmDir),
@@ -116,14 +123,14 @@ export class HostSide {
 
   /**
    * The jail of one QEMU process: read-write only its disk, a memory file,
-   * its passt socket directory and `migration/` (root-owned: only sockets
-   * the server makes there are its); read-only the boot files and the disk's
+   * its passt socket directory and its socket directory (root-owned: only
+   * sockets the server makes there are its); read-only the boot files and the disk's
    * backing chain (from the manifest, not the disk's header); a cgroup of the
    * VM's vCPUs and memory plus QEMU's overhead.
    */
   private async prepareJail(spec: MachineSpec, uid: number) {
     if (!this.jailer) return undefined;
-    const readWrite = [spec.disk.path, machinePaths(spec.vmDir).migrationDir];
+    const readWrite = [spec.disk.path, socketPaths(spec.name).dir];
     if (spec.memory.kind === "file") readWrite.push(spec.memory.path);
     if (spec.net?.kind === "passt") readWrite.push(dirname(spec.net.socket));
     return this.jailer.prepare({

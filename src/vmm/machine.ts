@@ -3,7 +3,7 @@ import { readdirSync } from "node:fs";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
-import { INHERITED_FD, machinePaths, startQemu, type MachineSpec } from "./qemu.ts";
+import { INHERITED_FD, socketPaths, startQemu, type MachineSpec } from "./qemu.ts";
 
 /**
  * One running QEMU process and its QMP connection. It knows nothing of what
@@ -17,7 +17,8 @@ export class Machine extends EventEmitter {
 
   private constructor(
     readonly pid: number,
-    readonly vmDir: string,
+    /** `MachineSpec.name`: where its sockets are (`socketPaths`). */
+    readonly name: string,
     private readonly qmp: QmpClient,
     /** Owner of the migration socket of a save: the jailed QEMU's uid. */
     private readonly uid: number | undefined,
@@ -31,17 +32,17 @@ export class Machine extends EventEmitter {
   /** Starts a QEMU process for `spec`; it keeps running if the server dies. */
   static async start(spec: MachineSpec): Promise<Machine> {
     const { pid, qmp } = await startQemu(spec);
-    return new Machine(pid, spec.vmDir, qmp, spec.jail ? spec.uid : undefined);
+    return new Machine(pid, spec.name, qmp, spec.jail ? spec.uid : undefined);
   }
 
   /**
    * Re-attaches to a QEMU process started earlier (by this or a previous
    * server). Undefined if `pid` is gone or is not the QEMU named `name`.
    */
-  static async attach(vmDir: string, name: string, pid: number, uid: number | undefined): Promise<Machine | undefined> {
+  static async attach(name: string, pid: number, uid: number | undefined): Promise<Machine | undefined> {
     if (!isQemuNamed(pid, name)) return undefined;
     try {
-      return new Machine(pid, vmDir, await QmpClient.connect(machinePaths(vmDir).qmp), uid);
+      return new Machine(pid, name, await QmpClient.connect(socketPaths(name).qmp), uid);
     } catch {
       return undefined;
     }
@@ -63,7 +64,7 @@ export class Machine extends EventEmitter {
   /** Pauses the vCPUs and writes device state (and private RAM) to `file`. */
   async save(file: string): Promise<void> {
     await this.pause();
-    await saveState(this.qmp, machinePaths(this.vmDir).migration, file, this.uid);
+    await saveState(this.qmp, socketPaths(this.name).migration, file, this.uid);
   }
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */

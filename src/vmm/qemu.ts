@@ -1,7 +1,8 @@
 import { spawn, type StdioOptions } from "node:child_process";
 import { closeSync, constants, openSync, readFileSync } from "node:fs";
-import { readFile, rename, rm } from "node:fs/promises";
+import { chmod, readFile, rename, rm } from "node:fs/promises";
 import { createServer } from "node:net";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Jail } from "./jail/index.ts";
 import type { NetBackend } from "./network/index.ts";
@@ -73,19 +74,33 @@ export interface MachineSpec {
 }
 
 /**
- * Files of one QEMU process, in the VM's directory, which is root's (0700):
- * no path the server opens can be replaced by a VM. QEMU gets its log, its
- * console and its QMP socket as descriptors, and reaches nothing by path but
- * its disk, its memory file and `migration/`, a root-owned directory its uid
- * may only traverse, where the server makes a socket for each save.
+ * Files of one QEMU process in the VM's directory, which is root's (0700):
+ * no path the server opens can be replaced by a VM. QEMU gets them (and its
+ * QMP socket) as descriptors, and reaches nothing by path but its disk, its
+ * memory file and its socket directory.
  */
 export const machinePaths = (vmDir: string) => ({
-  qmp: join(vmDir, "qmp.sock"),
   console: join(vmDir, "console.log"),
   log: join(vmDir, "qemu.log"),
-  migrationDir: join(vmDir, "migration"),
-  migration: join(vmDir, "migration", "state.sock"),
 });
+
+/**
+ * Where the sockets of QEMU processes live: a short path whatever the data
+ * directory's (a unix socket path has at most 107 bytes), on a tmpfs that a
+ * reboot clears along with the processes. The server's alone when it runs as
+ * root; unjailed, a directory of the server's user.
+ */
+export const SOCKETS_ROOT = process.getuid?.() === 0 ? "/run/cocoon/vm" : join(tmpdir(), `cocoon-${process.getuid?.() ?? 0}`, "vm");
+
+/**
+ * The sockets of the QEMU process named `name`, in a directory root owns and
+ * only the process's uid may traverse: the QMP socket (root's), and a socket
+ * the server makes for each save and gives to that uid before QEMU is told of it.
+ */
+export const socketPaths = (name: string) => {
+  const dir = join(SOCKETS_ROOT, name);
+  return { dir, qmp: join(dir, "qmp.sock"), migration: join(dir, "state.sock") };
+};
 
 /**
  * TCG's translated-code cache, in MiB. QEMU's default is an eighth of host RAM
@@ -218,15 +233,12 @@ export function qemuArgs(spec: MachineSpec): string[] {
  * Starts QEMU (in its jail when the spec has one) in a session of its own, so
  * a server crash or restart leaves the VM running, and returns the process's
  * host pid and a QMP connection. The server makes the QMP socket itself, in
- * the VM's root-owned directory, and hands QEMU the listening descriptor: a
- * restarted server reconnects by a path no VM can replace. Startup errors
+ * the process's root-owned socket directory, and hands QEMU the listening
+ * descriptor: a restarted server reconnects by a path no VM can replace. Startup errors
  * come from QEMU's log (`machinePaths(vmDir).log`).
  */
 export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: QmpClient }> {
-  const paths = machinePaths(spec.vmDir);
-  for (const p of [`${paths.qmp}.new`, paths.migration]) {
-    if (Buffer.byteLength(p) > 107) throw new Error(`path too long for a unix socket (max 107 bytes): ${p}`);
-  }
+  const paths = { ...machinePaths(spec.vmDir), ...socketPaths(spec.name) };
   const qemuArgv = ["qemu-system-x86_64", ...qemuArgs(spec)];
   const lastFd = spec.incomingState ? INHERITED_FD.incomingState : INHERITED_FD.qmp;
   const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv, lastFd) : qemuArgv;
@@ -251,6 +263,7 @@ export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: 
     child.unref();
     pid = child.pid;
     await rename(`${paths.qmp}.new`, paths.qmp);
+    await chmod(paths.qmp, 0o600);
   } finally {
     for (const fd of opened) closeSync(fd);
     // Moved first: closing the server's copy of the listener unlinks nothing.

@@ -111,7 +111,7 @@ export class Templates {
         const record: TemplateRecord = { name, dir: opts.dir, uid, network };
         // Written before anything is started: a crash from here on leaves a record `endOrphans` acts on.
         await resources.acquire("template record", () => writeFileAtomic(this.recordPath(name), JSON.stringify(record), 0o600), () => rm(this.recordPath(name), { force: true }));
-        await this.host.prepareFiles(opts.dir, uid, [files.disk, files.memory]);
+        await this.host.prepareFiles(uid, [files.disk, files.memory]);
         const spec: MachineSpec = {
           vmDir: opts.dir,
           name,
@@ -165,7 +165,6 @@ export class Templates {
     await chmod(files.memory, 0o666);
     await chmod(files.disk, 0o444);
     await rm(join(template.dir, "initrd"), { force: true });
-    await rm(machinePaths(template.dir).migrationDir, { recursive: true, force: true });
     const manifest: SnapshotManifest = {
       formatVersion: SNAPSHOT_FORMAT,
       createdAt: new Date().toISOString(),

@@ -146,7 +146,7 @@ describe("endpoint router", () => {
     await expectHidden(get("/", { host: `9090-${host}` }), vm.microVmId);
   });
 
-  it("reaches any guest port at {port}-{id}.vm.localhost through the agent, and access tokens open only their ports of their VM until they expire", async () => {
+  it("reaches any guest port at {port}-{id}.vm.localhost through the agent, and access tokens open only their ports of their VM", async () => {
     const vm = await createApp();
     const peer = await createApp();
     await startApp(api, key, vm.microVmId, counterApp(9090), 9090);
@@ -162,36 +162,22 @@ describe("endpoint router", () => {
     expect((await get("/", { host: `70000-${host}`, ...auth })).status).toBe(404);
 
     const issue = (body: unknown, k = key, id = vm.microVmId) => api.call("POST", `/v1/microvms/${id}/auth-tokens`, { key: k, body });
-    const created = await issue({ ports: [9090], expiresInSeconds: 2 });
+    const created = await issue({ ports: [{ port: 9090 }], expiresInMinutes: 5 });
     expect(created.status, created.text).toBe(201);
-    expect(created.body).toEqual({ token: expect.any(String), expiresAt: expect.any(String), microVmId: vm.microVmId, ports: [9090] });
+    expect(created.body).toEqual({ token: expect.any(String), header: "X-aws-proxy-auth", expiresAt: expect.any(String) });
     const token = created.body.token as string;
     expect((await get("/tok", { host: `9090-${host}`, "x-aws-proxy-auth": token })).body).toBe("count=2 path=/tok\n");
     expect((await get("/tok", { host: `9090-${host}`, authorization: `Bearer ${token}` })).body).toBe("count=3 path=/tok\n");
     await expectHidden(get("/", { host: `8080-${host}`, "x-aws-proxy-auth": token }), vm.microVmId);
     await expectHidden(get("/", { host, "x-aws-proxy-auth": token }), vm.microVmId); // the app port is 8080
     await expectHidden(get("/", { host: `9090-${peer.microVmId}.vm.localhost`, "x-aws-proxy-auth": token }), peer.microVmId);
-    const range = (await issue({ ports: { from: 8000, to: 8100 } })).body.token as string;
+    const range = (await issue({ ports: [{ range: { startPort: 8000, endPort: 8100 } }], expiresInMinutes: 5 })).body.token as string;
     expect((await get("/r", { host, "x-aws-proxy-auth": range })).status).toBe(200);
-    expect((await get("/r", { host: `9090-${host}`, "x-aws-proxy-auth": range })).status).toBe(404);
-    const all = (await issue({ ports: "all" })).body as { token: string; expiresAt: string };
-    expect(Date.parse(all.expiresAt) - Date.now()).toBeGreaterThan(890_000); // the default, 900 s
-    expect((await get("/all", { host: `9090-${host}`, "x-aws-proxy-auth": all.token })).status).toBe(200);
-    // Expired: the 2-second token no longer opens 9090.
-    await new Promise((r) => setTimeout(r, Math.max(0, Date.parse(created.body.expiresAt) - Date.now()) + 100));
-    await expectHidden(get("/late", { host: `9090-${host}`, "x-aws-proxy-auth": token }), vm.microVmId);
-
-    for (const [body, field] of [
-      [{ ports: { from: 9000, to: 8000 } }, "body.ports.from"],
-      [{ ports: "all", expiresInSeconds: 3601 }, "body.expiresInSeconds"],
-      [{ ports: [0] }, "body.ports"],
-      [{}, "body"],
-    ] as const) {
-      const bad = await issue(body);
-      expect(bad.status, JSON.stringify(body)).toBe(400);
-      expect(bad.body.error.details.field).toContain(field);
-    }
-    expect((await issue({ ports: "all" }, other)).status).toBe(404);
+    await expectHidden(get("/r", { host: `9090-${host}`, "x-aws-proxy-auth": range }), vm.microVmId);
+    const all = (await issue({ ports: [{ allPorts: true }], expiresInMinutes: 5 })).body.token as string;
+    expect((await get("/all", { host: `9090-${host}`, "x-aws-proxy-auth": all })).status).toBe(200);
+    // (Expiry is in the signed token: test/unit/edge.test.ts "AccessTokens"; lifetimes are whole minutes here.)
+    expect((await issue({ ports: [{ allPorts: true }], expiresInMinutes: 5 }, other)).status).toBe(404);
   });
 
   it("resumes a suspended VM on a request and then answers it, counter intact", async () => {

@@ -244,7 +244,7 @@ const cases: Case[] = [
   { name: "suspend with an empty JSON body", send: () => http("POST", "/v1/microvms/vm-00000000/suspend", { ...bearer(owner), "Content-Type": "application/json" }, ""), status: 404, code: "NotFound" },
   { name: "DELETE with an empty JSON body", send: () => http("DELETE", "/v1/microvms/vm-00000000", { ...bearer(owner), "Content-Type": "application/json" }, ""), status: 404, code: "NotFound" },
   { name: "DELETE /v1/keys with an empty JSON body", send: () => http("DELETE", "/v1/keys/k-none", { ...bearer(api.adminKey), "Content-Type": "application/json" }, ""), status: 404, code: "NotFound" },
-  { name: "auth-tokens for ports 9..1", send: () => withBody("POST", `/v1/microvms/${ID}/auth-tokens`, bearer(owner), json({ ports: { from: 9, to: 1 } })), status: 400, code: "ValidationError" },
+  { name: "auth-tokens for ports 9..1", send: () => withBody("POST", `/v1/microvms/${ID}/auth-tokens`, bearer(owner), json({ ports: [{ range: { startPort: 9, endPort: 1 } }], expiresInMinutes: 5 })), status: 400, code: "ValidationError" },
 
   // Unauthenticated and cross-tenant.
   { name: "describe without a key", send: () => http("GET", `/v1/microvms/${ID}`), status: 401, code: "Unauthorized" },
@@ -257,7 +257,9 @@ const cases: Case[] = [
   { name: "another tenant's logs", send: () => http("GET", `/v1/microvms/${ID}/logs`, bearer(stranger)), status: 404, code: "NotFound" },
   { name: "another tenant's metrics", send: () => http("GET", `/v1/microvms/${ID}/metrics`, bearer(stranger)), status: 404, code: "NotFound" },
   { name: "another tenant's terminal ticket", send: () => http("POST", `/v1/microvms/${ID}/terminal/tickets`, bearer(stranger)), status: 404, code: "NotFound" },
-  { name: "another tenant's access token", send: () => withBody("POST", `/v1/microvms/${ID}/auth-tokens`, bearer(stranger), json({ ports: "all" })), status: 404, code: "NotFound" },
+  { name: "another tenant's access token", send: () => withBody("POST", `/v1/microvms/${ID}/auth-tokens`, bearer(stranger), json({ ports: [{ allPorts: true }], expiresInMinutes: 5 })), status: 404, code: "NotFound" },
+  { name: "shell with a forged token", send: () => http("GET", `/v1/microvms/${ID}/shell`, { ...WS_HEADERS, "X-aws-proxy-auth": "cat_x.y" }), status: 401, code: "Unauthorized" },
+  { name: "shell token in the query, CRLF", send: () => http("GET", `/v1/microvms/${ID}/shell?token=%0d%0a`, WS_HEADERS), status: 401, code: "Unauthorized" },
   { name: "another tenant's endpoint", send: () => http("GET", "/", { host: VM_HOST, ...bearer(stranger) }), status: 404, code: "NotFound" },
   { name: "/metrics with a tenant key", send: () => http("GET", "/metrics", bearer(owner)), status: 403, code: "Forbidden" },
   { name: "create a key with a tenant key", send: () => withBody("POST", "/v1/keys", bearer(owner), json({ tenant: "heidi", permissions: ["admin:*"] })), status: 403, code: "Forbidden" },

@@ -150,6 +150,8 @@ describe("S3 intake, versions and delete", () => {
     const client = new S3Client({ endpoint: `http://127.0.0.1:${port}`, region: "us-east-1", forcePathStyle: true });
     await client.send(new PutObjectCommand({ Bucket: "code", Key: "apps/tiny.zip", Body: tinyZip }));
     client.destroy();
+    // s3:// reads only what an admin allowed the tenant (test/api/images-sources.test.ts tests the refusals).
+    expect((await api.call("PATCH", "/v1/tenants/alice", { key: api.adminKey, body: { s3Allow: ["code/"] } })).status).toBe(200);
   });
 
   afterAll(async () => {

@@ -107,7 +107,7 @@ describe("egress policy through the API", () => {
   it("creates a VM with an allow list and names a bad entry", async () => {
     const bad = await api.call("POST", "/v1/microvms", { key, body: { image: "base", network: { egress: { allow: ["not a host!"] } } } });
     expect(bad.status).toBe(400);
-    expect(bad.body.error).toMatchObject({ code: "ValidationError", details: { field: "network.egress" } });
+    expect(bad.body.error).toMatchObject({ code: "ValidationError", details: { field: "network.egress.allow[0]" } });
     expect(bad.body.error.message).toContain('"not a host!"');
     const id = await createVm({ network: { egress: { allow: ["*.debian.org"] } } });
     expect((await api.call("GET", `/v1/microvms/${id}`, { key })).body.network).toEqual({ egress: { allow: ["*.debian.org"] } });

@@ -7,7 +7,7 @@ import type { MicroVm } from "../../src/vmm/engine.ts";
 import { Jailer, vmUidRange } from "../../src/vmm/jail/index.ts";
 import { vmObjects } from "../../src/vmm/network/nft.ts";
 import { passtDir } from "../../src/vmm/network/passt.ts";
-import { machinePaths, qemuOverheadMiB } from "../../src/vmm/qemu.ts";
+import { machinePaths, qemuOverheadMiB, socketPaths } from "../../src/vmm/qemu.ts";
 import { sleep } from "../../src/util/process.ts";
 import { useEngine } from "../support/engine-fixture.ts";
 
@@ -92,9 +92,11 @@ describe("a jailed QEMU process", () => {
     expect(inJail("etc")).toBe(false);
     expect(inJail("root")).toBe(false);
     expect(inJail("proc/self")).toBe(false);
-    // Its own disk and boot files are there; its record, console, QMP socket, other VMs and the server's data are not.
+    // Its own disk and boot files are there; its record, console, other VMs and the server's data are not.
     expect(inJail(join(vm.dir, "disk.qcow2"))).toBe(true);
-    expect(inJail(machinePaths(vm.dir).qmp)).toBe(false);
+    // Its socket directory is there (a save's socket is made in it), but the QMP socket is root's alone.
+    const connect = `import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])`;
+    expect(asUid(vm.record.uid, ["/usr/bin/python3", "-c", connect, socketPaths(vm.record.processName).qmp], { inMountNsOf: pid }).output).toMatch(/Permission denied/);
     expect(inJail(machinePaths(vm.dir).console)).toBe(false);
     expect(inJail(ctx.snapshot.manifest.kernel)).toBe(true);
     expect(inJail(join(vm.dir, "vm.json"))).toBe(false);
@@ -234,7 +236,7 @@ describe("a jailed QEMU process", () => {
     writeFileSync(canary, "host secret\n", { mode: 0o644 });
     // The VM's uid can write nothing in its directory but its disk: no link can be planted beside the files the server opens.
     // Not on the host, nor inside its jail, where an escaped QEMU would be.
-    for (const path of [machinePaths(vm.dir).console, machinePaths(vm.dir).log, machinePaths(vm.dir).qmp, join(machinePaths(vm.dir).migrationDir, "state.sock")]) {
+    for (const path of [machinePaths(vm.dir).console, machinePaths(vm.dir).log, socketPaths(vm.record.processName).qmp, socketPaths(vm.record.processName).migration]) {
       expect(asUid(uid, ["ln", "-sf", canary, path]).output, path).toMatch(/Permission denied/);
       expect(asUid(uid, ["ln", "-sf", canary, path], { inMountNsOf: vm.record.pid! }).output, path).toMatch(/Permission denied|Read-only/);
     }
@@ -331,7 +333,10 @@ describe("a guest that uses more than it was given", () => {
       timeoutMs: 90_000,
     });
     expect(r).toMatchObject({ timedOut: false, exitCode: 137 });
-    expect(readFileSync(machinePaths(hog.dir).console, "utf8")).toMatch(/memwatch: killed pid \d+ \(tail, \d+ MiB resident\)/);
+    // The agent logs the kill on the serial console, which drains through the emulated UART after the exec's answer.
+    const killed = /memwatch: killed pid \d+ \(tail, \d+ MiB resident\)/;
+    for (let i = 0; i < 50 && !killed.test(readFileSync(machinePaths(hog.dir).console, "utf8")); i++) await sleep(100);
+    expect(readFileSync(machinePaths(hog.dir).console, "utf8")).toMatch(killed);
     const reading = await jailer().readCgroup(hog.id);
     const peakBytes = Number(statusField(pid, "VmHWM")?.replace(" kB", "")) * 1024;
     expect(peakBytes).toBeLessThanOrEqual(reading.limits.memoryBytes);

@@ -2,12 +2,13 @@ import { execFileSync } from "node:child_process";
 import { randomInt } from "node:crypto";
 import { existsSync, readdirSync } from "node:fs";
 import { createServer, type Server } from "node:net";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import type { MicroVm } from "../../src/vmm/engine.ts";
 import { type Egress, InvalidEgressError } from "../../src/vmm/network/index.ts";
 import { vmObjects } from "../../src/vmm/network/nft.ts";
 import { passtDir } from "../../src/vmm/network/passt.ts";
 import { isAlive, processArgv } from "../../src/util/process.ts";
+import { fakeResolver, type FakeResolver } from "../support/dns-resolver.ts";
 import { useEngine } from "../support/engine-fixture.ts";
 
 const ctx = await useEngine();
@@ -56,11 +57,24 @@ function pickTestHost(): { ip: string; ip192: string; port: number } {
 removeLeftoverTestHosts();
 const TESTHOST = pickTestHost();
 const hostSide = (ip: string) => ip.replace(/\.2$/, ".1");
+/** The test host's 10.x /30: the operator's COCOON_EGRESS_PRIVATE_ALLOW where a case opens it. */
+const TESTHOST_NET = `${TESTHOST.ip.replace(/\.2$/, ".0")}/30`;
+
+/** The operator's settings a VM's network is built with (read when its rules are installed); unset after each test. */
+function operatorSettings(s: { privateAllow?: string; dnsUpstream?: string }): void {
+  for (const [name, value] of [["COCOON_EGRESS_PRIVATE_ALLOW", s.privateAllow], ["COCOON_DNS_UPSTREAM", s.dnsUpstream]] as const) {
+    if (value === undefined) delete process.env[name];
+    else process.env[name] = value;
+  }
+}
+afterEach(() => operatorSettings({}));
 
 let loopbackServer: Server;
 let hostAddrServer: Server;
 let hostIp: string;
 let nsServerPid: number;
+/** Stands in for the host's resolver where a case needs names that resolve to the test host, the host or the metadata address. */
+let resolver: FakeResolver;
 
 function tcpServer(host: string): Promise<Server> {
   return new Promise((resolve) => {
@@ -89,6 +103,10 @@ beforeAll(async () => {
   const server = `require("net").createServer((c) => c.end("hello from the test host\\n")).listen(${TESTHOST.port}, "0.0.0.0")`;
   nsServerPid = Number(sh(`ip netns exec ${NS} setsid node -e '${server}' >/dev/null 2>&1 & echo $!`).trim());
   hostIp = (JSON.parse(sh("ip -4 -j addr show scope global")) as { addr_info: { local: string }[] }[])[0]!.addr_info[0]!.local;
+  resolver = await fakeResolver((name) => {
+    const ip = { "metadata.test": "169.254.169.254", "host.test": hostIp, "private.test": TESTHOST.ip, "private192.test": TESTHOST.ip192 }[name];
+    return ip ? { ips: [ip] } : undefined;
+  });
   loopbackServer = await tcpServer("127.0.0.1");
   hostAddrServer = await tcpServer(hostIp);
   // The host must reach the test host before any VM is asked to: a failure here is the fixture's, not the policy's.
@@ -104,6 +122,7 @@ beforeAll(async () => {
 });
 
 afterAll(() => {
+  resolver?.close();
   loopbackServer?.close();
   hostAddrServer?.close();
   if (nsServerPid) sh(`kill ${nsServerPid} 2>/dev/null || true`);
@@ -170,7 +189,8 @@ describe("egress policy", () => {
     expectBlocked("none", results, [...Object.keys(targets), "internet deb.debian.org"]);
   });
 
-  it('"internet": a public mirror works, the host, private, link-local and other VMs do not', async () => {
+  it('"internet": a public mirror works, the host, private, link-local and other VMs do not, even a private range the operator opened', async () => {
+    operatorSettings({ privateAllow: TESTHOST_NET }); // opens it to allow lists only
     const vm = await launch("internet");
     const targets = await blockedTargets();
     const results = await attempts(vm, { ...targets, mirror: "deb.debian.org:80" });
@@ -179,7 +199,8 @@ describe("egress policy", () => {
     expectBlocked("internet", results, Object.keys(targets));
   });
 
-  it("allow list: an allowed CIDR and domain work, everything else does not, names are checked when connecting", async () => {
+  it("allow list: an allowed CIDR (inside the operator's COCOON_EGRESS_PRIVATE_ALLOW) and domain work, everything else does not, names are checked when connecting", async () => {
+    operatorSettings({ privateAllow: TESTHOST_NET });
     const vm = await launch({ allow: [`${TESTHOST.ip}/32`, "deb.debian.org"] });
     const targets = await blockedTargets();
     const results = await attempts(vm, { ...targets, cidr: `${TESTHOST.ip}:${TESTHOST.port}`, domain: "deb.debian.org:80" });
@@ -213,8 +234,52 @@ describe("egress policy", () => {
   });
 });
 
+describe("egress floors", () => {
+  const field = (allow: string[]) => launch({ allow }).then(() => "launched", (err: InvalidEgressError) => `${err.field}: ${err.message}`);
+
+  it("an allow list cannot name a floor, 0.0.0.0/0, or a private range the operator did not open", async () => {
+    expect(await field(["deb.debian.org", "169.254.169.254"])).toMatch(/^network\.egress\.allow\[1\]: .*link-local, cloud metadata/);
+    expect(await field(["0.0.0.0/0"])).toMatch(/^network\.egress\.allow\[0\]: .*use "internet"/);
+    expect(await field([`${hostIp}/32`])).toMatch(/^network\.egress\.allow\[0\]: .*an address of the host/);
+    expect(await field(["127.0.0.1"])).toMatch(/loopback/);
+    expect(await field([TESTHOST.ip])).toMatch(/^network\.egress\.allow\[0\]: .*COCOON_EGRESS_PRIVATE_ALLOW/);
+    operatorSettings({ privateAllow: TESTHOST_NET });
+    expect(await field([TESTHOST.ip192])).toMatch(/COCOON_EGRESS_PRIVATE_ALLOW/); // outside the operator's range
+    expect(await field([TESTHOST_NET])).toMatch(/an address of the host/); // the /30 holds the host's end of the link
+    expect(ctx.engine.list()).toEqual([]);
+  });
+
+  it("names that resolve to the metadata address, the host or a private range open nothing; the operator's range opens by name", async () => {
+    operatorSettings({ dnsUpstream: resolver.upstream });
+    const closed = await launch({ allow: ["metadata.test", "host.test", "private.test", "private192.test"] });
+    const names = await closed.agent.exec({ command: "for n in metadata host private private192; do getent hosts $n.test || echo $n: rc=$?; done" });
+    console.log(`[floors] the guest resolves:\n${names.stdout.trim()}`);
+    // Answered: the names resolve, the addresses stay closed.
+    expect(names.stdout).toMatch(/^169\.254\.169\.254\s+metadata\.test$/m);
+    expect(names.stdout).toMatch(new RegExp(`^${TESTHOST.ip.replace(/\./g, "\\.")}\\s+private\\.test$`, "m"));
+    const results = await attempts(closed, {
+      "metadata by name": "metadata.test:80",
+      "host address by name": `host.test:${portOf(hostAddrServer)}`,
+      "private 10.x by name": `private.test:${TESTHOST.port}`,
+      "private 192.168.x by name": `private192.test:${TESTHOST.port}`,
+      "private 10.x by address": `${TESTHOST.ip}:${TESTHOST.port}`,
+    });
+    expectBlocked("floors", results, Object.keys(results));
+    const set = sh(`nft list set inet cocoon dns_${closed.record.network!.uid}`);
+    for (const ip of ["169.254.169.254", hostIp, TESTHOST.ip, TESTHOST.ip192]) expect(set).not.toContain(ip); // never written to the VM's set
+
+    operatorSettings({ dnsUpstream: resolver.upstream, privateAllow: TESTHOST_NET });
+    const opened = await launch({ allow: ["private.test", "private192.test", "metadata.test"] });
+    const reach = await attempts(opened, { "10.x by name": `private.test:${TESTHOST.port}`, "192.168.x by name": `private192.test:${TESTHOST.port}`, metadata: "metadata.test:80" });
+    console.log(`[floors, operator opens ${TESTHOST_NET}] ${JSON.stringify(reach)}`);
+    expect(reach["10.x by name"]).toBe("ok hello from the test host");
+    expectBlocked("floors, operator range", reach, ["192.168.x by name", "metadata"]);
+  });
+});
+
 describe("egress across the VM's life", () => {
   it("clones keep the same guest address, each with its own policy; suspend, resume and a server restart keep it; terminate leaves nothing", async () => {
+    operatorSettings({ privateAllow: TESTHOST_NET });
     const [a, b] = await Promise.all([launch({ allow: [`${TESTHOST.ip}/32`] }), launch("internet")]);
     const ids = await Promise.all([a!, b!].map((vm) => vm.agent.exec({ command: "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0 2>/dev/null | awk '{print $4}' || true" })));
     expect(ids[0]!.stdout).toBe(ids[1]!.stdout);

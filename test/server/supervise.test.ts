@@ -1,6 +1,6 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, beforeEach, describe, expect, it } from "vitest";
 import { freeLoopbackPort } from "../../src/util/ports.ts";
 import { isAlive } from "../../src/util/process.ts";
 import { CocoonServer } from "../support/cocoon-server.ts";
@@ -9,8 +9,13 @@ import { TEST_ROOT } from "../support/paths.ts";
 /** `npm start` runs the server supervised (issue #11): a crash is followed by a restart, and the VMs live on. */
 const server = new CocoonServer({ dataDir: await mkdtemp(join(TEST_ROOT, "supervise-")), port: await freeLoopbackPort(), supervise: true });
 
+beforeEach(({ onTestFailed }) => onTestFailed(() => void process.stderr.write(`[supervised server] log tail:\n${server.output().slice(-4000)}\n`)));
+
 afterAll(async () => {
+  // A supervisor killed outright leaves its server: end both.
+  const child = serverPid();
   await server.stop("SIGKILL");
+  if (child && isAlive(child)) process.kill(child, "SIGKILL");
   await rm(server.opts.dataDir, { recursive: true, force: true });
 });
 

@@ -6,6 +6,7 @@ import { ImageCatalog } from "../../src/images/catalog.ts";
 import { ImageService, type ImageServiceOpts } from "../../src/images/service.ts";
 import { MicroVmService, type HostCapacity } from "../../src/lifecycle/microvms.ts";
 import { openDatabase, type Db } from "../../src/store/db.ts";
+import { ServerSecrets } from "../../src/store/secrets.ts";
 import { ServerMetrics } from "../../src/telemetry/metrics.ts";
 import { VmSampler } from "../../src/telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "../../src/server/bootstrap.ts";
@@ -21,6 +22,8 @@ export interface ApiContext {
   microvms: MicroVmService;
   /** Dockerfile images (their files under the fixture's own data directory). */
   images: ImageService;
+  /** The server's master key (store/secrets.ts). */
+  secrets: ServerSecrets;
   /** Sends a request; JSON bodies are encoded, JSON answers decoded. */
   call(method: string, path: string, opts?: { key?: string; body?: unknown; raw?: string | Buffer; headers?: Record<string, string> }): Promise<{ status: number; body: any; text: string }>;
   /** Creates a tenant and a key for it with the given permissions. */
@@ -43,7 +46,8 @@ export async function useApi(
 ): Promise<ApiContext> {
   const dataDir = await mkdtemp(join(TEST_ROOT, "api-"));
   const db = await openDatabase(dataDir);
-  const adminKey = (await bootstrapAdminKey(db, dataDir))!;
+  const secrets = await ServerSecrets.open(dataDir);
+  const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
   const engine = await Engine.open(engineConfig(dataDir));
   const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
   // The shared images directory: the default shape's snapshot is already built there.
@@ -64,6 +68,7 @@ export async function useApi(
   await microvms.start(opts.policyIntervalMs ?? 250);
   const app: Api = await buildApi({
     db,
+    secrets,
     microvms,
     images: imageService,
     accelerator: engine.accelerator,
@@ -81,6 +86,7 @@ export async function useApi(
     engine,
     microvms: microvms!,
     images: imageService,
+    secrets,
     async call(method, path, o = {}) {
       const headers: Record<string, string> = { ...o.headers };
       if (o.key) headers.authorization = `Bearer ${o.key}`;

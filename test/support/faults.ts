@@ -2,6 +2,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { detectCgroups } from "../../src/vmm/jail/cgroups.ts";
+import { SOCKETS_ROOT } from "../../src/vmm/qemu.ts";
 import { isAlive, processArgv } from "../../src/util/process.ts";
 import type { CocoonServer } from "./cocoon-server.ts";
 import { makeZip } from "./zip.ts";
@@ -209,6 +210,10 @@ export class FaultHarness {
       for (const name of existsSync(parent) ? readdirSync(parent, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name) : []) {
         if (!qemus.has(name)) leaks.push(`cgroup ${parent}/${name} without its QEMU`);
       }
+    }
+    // Socket directories belong to running QEMU processes.
+    for (const name of existsSync(SOCKETS_ROOT) ? readdirSync(SOCKETS_ROOT) : []) {
+      if (records.has(name) && !qemus.has(name)) leaks.push(`${SOCKETS_ROOT}/${name} without its QEMU`);
     }
     // passt, its files and nftables objects exist only for running VMs with egress.
     const egressUids = new Set([...records.entries()].filter(([name, r]) => qemus.has(name) && r.network.egress !== "none").map(([, r]) => r.uid));

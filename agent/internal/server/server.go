@@ -153,6 +153,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m = map[string]http.HandlerFunc{"GET": s.getApp, "POST": s.postApp, "DELETE": s.deleteApp}
 	case "/logs":
 		m = map[string]http.HandlerFunc{"GET": s.logs}
+	case "/hook":
+		m = map[string]http.HandlerFunc{"POST": s.hook}
 	default:
 		if rest := strings.TrimPrefix(path, "/exec/"); rest != path && strings.HasSuffix(rest, "/kill") {
 			m = map[string]http.HandlerFunc{"POST": s.execKill}

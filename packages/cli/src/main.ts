@@ -2,6 +2,7 @@ import { Command } from "commander";
 import { CocoonError, ConnectionError, UnauthorizedError } from "@cocoon/sdk";
 import { registerAdminCommands } from "./commands/admin.ts";
 import { registerImageCommands } from "./commands/image.ts";
+import { registerMcpCommand } from "./commands/mcp.ts";
 import { registerServerCommand } from "./commands/server.ts";
 import { registerVmCommands } from "./commands/vm.ts";
 import { CliError } from "./common.ts";
@@ -22,11 +23,12 @@ registerServerCommand(program);
 registerImageCommands(program);
 registerVmCommands(program);
 registerAdminCommands(program);
+registerMcpCommand(program);
 
 try {
   await program.parseAsync();
-  // Every command but `server` is done here: exit now rather than wait for idle
-  // keep-alive sockets. (stdout and stderr writes are synchronous on Linux.)
+  // Every command but `server` is done here (`mcp` once its stdin ended): exit now
+  // rather than wait for idle keep-alive sockets. (stdout and stderr writes are synchronous on Linux.)
   if (program.args[0] !== "server") process.exit(process.exitCode ?? 0);
 } catch (err) {
   process.stderr.write(`cocoon: ${await describe(err)}\n`);

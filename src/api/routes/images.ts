@@ -4,10 +4,13 @@ import { Ajv } from "ajv";
 import { rm } from "node:fs/promises";
 import { ApiError } from "../../errors.ts";
 import { fetchCode, stageStream, type StagedCode } from "../../images/intake.ts";
-import type { ImageService } from "../../images/service.ts";
+import { HOOK_LIMITS, HOOK_NAMES, type ImageHooks } from "../../images/hooks.ts";
+import { IMAGE_VERSION_STATUSES, type ImageService } from "../../images/service.ts";
+import type { NetworkConnectors } from "../../lifecycle/connectors.ts";
 import type { Db } from "../../store/db.ts";
 import type { ImageRow } from "../../store/schema.ts";
-import { findLiveKey } from "../../store/tenants.ts";
+import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
+import { findLiveKey, settingsOf } from "../../store/tenants.ts";
 import { grants } from "../auth.ts";
 import type { Api } from "../server.ts";
 
@@ -19,8 +22,29 @@ const CreateFields = {
   vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 16, description: "vCPUs of the build and of every VM of the image (default 1)" })),
   memoryMiB: Type.Optional(Type.Integer({ minimum: 128, maximum: 32768, description: "memory of the build and of every VM of the image (default 512)" })),
 };
+const TagsBody = Type.Record(Type.String({ minLength: 1, maxLength: TAG_LIMITS.keyLength }), Type.String({ maxLength: TAG_LIMITS.valueLength }), { maxProperties: 64 });
+const HookNames = Type.Union(HOOK_NAMES.map((n) => Type.Literal(n)));
+/** Fields of a JSON create beyond the multipart ones (lifecycle hooks, runtime env, managed base, idempotency). */
+const JsonOnlyFields = {
+  baseImage: Type.Optional(Type.String({ minLength: 1, maxLength: 63, description: "a managed image to build on: FROM it when the Dockerfile has none" })),
+  env: Type.Optional(Type.Record(Type.String({ pattern: "^[A-Za-z_][A-Za-z0-9_]*$", maxLength: 256 }), Type.String({ maxLength: 32768 }), { maxProperties: 256, description: "runtime env of the app and execs, over the Dockerfile's ENV" })),
+  hooks: Type.Optional(
+    Type.Object(
+      {
+        port: Type.Integer({ minimum: 1, maximum: 65535, description: "guest port of the hook listener" }),
+        enabled: Type.Optional(Type.Array(HookNames, { maxItems: HOOK_NAMES.length, description: "hooks to call (default all: ready, validate, run, suspend, resume, terminate)" })),
+        timeoutSeconds: Type.Optional(Type.Record(HookNames, Type.Integer({ minimum: HOOK_LIMITS.timeoutSeconds.min, maximum: HOOK_LIMITS.timeoutSeconds.max }))),
+      },
+      { additionalProperties: false },
+    ),
+  ),
+  description: Type.Optional(Type.String({ maxLength: 1024 })),
+  egressConnectors: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 64 }), { maxItems: 16, description: "default egress connectors of the image's VMs" })),
+  tags: Type.Optional(TagsBody),
+  clientToken: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: "idempotency: a retry with the same token and request returns the same version" })),
+};
 const CreateJson = Type.Object(
-  { ...CreateFields, codeUri: Type.String({ minLength: 1, maxLength: 4096, description: "s3://bucket/key, https://… or file://… (admin)" }) },
+  { ...CreateFields, ...JsonOnlyFields, codeUri: Type.String({ minLength: 1, maxLength: 4096, description: "s3://bucket/key, https://… or file://… (admin)" }) },
   { additionalProperties: false },
 );
 const CreateMultipart = Type.Object(CreateFields, { additionalProperties: false });
@@ -36,7 +60,7 @@ const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 128 })
  * zip) or JSON with `codeUri`; list, describe, build log, delete.
  * Registered in its own scope so that @fastify/multipart parses only here.
  */
-export async function registerImageRoutes(root: Api, images: ImageService, db: Db): Promise<void> {
+export async function registerImageRoutes(root: Api, images: ImageService, db: Db, connectors: NetworkConnectors): Promise<void> {
   await root.register(async (scope) => {
     const app = scope.withTypeProvider<TypeBoxTypeProvider>();
     const limits = images.archiveLimits;
@@ -86,9 +110,17 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
             const body = req.body as unknown;
             if (!checkJson(body)) throw schemaError(checkJson.errors);
             const admin = await isAdmin(db, req.headers.authorization);
-            staged = await fetchCode(body.codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {}, httpsCa: images.httpsCa });
-            const { codeUri: _uri, ...rest } = body;
-            fields = rest;
+            const { codeUri, clientToken, ...rest } = body;
+            const { s3Allow } = await settingsOf(db, req.tenantId);
+            const prepare = async () => ({ ...rest, code: await fetchCode(codeUri, { stagingDir: images.stagingDir, maxBytes: limits.maxCompressedBytes, admin, s3: images.s3 ?? {}, s3Allow, httpsCa: images.httpsCa }) });
+            // Unknown connector names are refused before anything is fetched.
+            if (rest.egressConnectors) await connectors.egressOf(rest.egressConnectors, "egressConnectors");
+            if (clientToken !== undefined) {
+              return reply.status(202).send(imageView(await images.createOnce(req.tenantId, { operation: "create-image", clientToken }, { codeUri, ...rest }, prepare)));
+            }
+            const prepared = await prepare();
+            staged = prepared.code;
+            return reply.status(202).send(imageView(await images.create(req.tenantId, prepared)));
           }
           const row = await images.create(req.tenantId, { ...fields, code: staged });
           return reply.status(202).send(imageView(row));
@@ -116,6 +148,43 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
       async (req, reply) => {
         const stream = await images.buildLog(req.tenantId, req.params.id, req.query.follow ?? false);
         return reply.header("content-type", "text/plain; charset=utf-8").header("x-content-type-options", "nosniff").send(stream);
+      },
+    );
+
+    app.patch(
+      "/v1/images/:id",
+      {
+        config: { permission: "image:create" },
+        schema: {
+          description: "Mark one version (by id) ACTIVE or INACTIVE: an INACTIVE version is never launched; running VMs keep running.",
+          params: IdParams,
+          body: Type.Object({ status: Type.Union(IMAGE_VERSION_STATUSES.map((st) => Type.Literal(st))) }, { additionalProperties: false }),
+        },
+      },
+      async (req) => imageView(await images.setStatus(req.tenantId, req.params.id, req.body.status)),
+    );
+
+    // Tags of an image name (all its versions).
+    const imageTags = async (tenantId: string, idOrName: string) => ({ type: "microvm-image" as const, id: (await images.get(tenantId, idOrName)).name });
+    app.get("/v1/images/:id/tags", { config: { permission: "image:read" }, schema: { params: IdParams } }, async (req) => ({
+      tags: await listTags(db, req.tenantId, await imageTags(req.tenantId, req.params.id)),
+    }));
+    app.post(
+      "/v1/images/:id/tags",
+      { config: { permission: "image:create" }, schema: { params: IdParams, body: Type.Object({ tags: TagsBody }, { additionalProperties: false }) } },
+      async (req) => {
+        const resource = await imageTags(req.tenantId, req.params.id);
+        await tagResource(db, req.tenantId, resource, req.body.tags);
+        return { tags: await listTags(db, req.tenantId, resource) };
+      },
+    );
+    app.delete(
+      "/v1/images/:id/tags",
+      { config: { permission: "image:create" }, schema: { params: IdParams, querystring: Type.Object({ keys: Type.Union([Type.String({ maxLength: 128 }), Type.Array(Type.String({ maxLength: 128 }), { maxItems: 64 })]) }, { additionalProperties: false }) } },
+      async (req) => {
+        const resource = await imageTags(req.tenantId, req.params.id);
+        await untagResource(db, req.tenantId, resource, [req.query.keys].flat());
+        return { tags: await listTags(db, req.tenantId, resource) };
       },
     );
 
@@ -176,5 +245,10 @@ export function imageView(row: ImageRow) {
     ...(row.build_ms !== null ? { buildMs: row.build_ms } : {}),
     command: config.argv ?? [],
     labels: config.labels ?? {},
+    status: row.status,
+    ...(row.hooks ? { hooks: JSON.parse(row.hooks) as ImageHooks } : {}),
+    ...(row.description ? { description: row.description } : {}),
+    ...(row.base_image ? { baseImage: row.base_image } : {}),
+    ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}),
   };
 }

@@ -1,7 +1,10 @@
 import { Type } from "@fastify/type-provider-typebox";
 import { ApiError } from "../../errors.ts";
+import { checkS3Allow } from "../../images/intake.ts";
 import type { Db } from "../../store/db.ts";
-import { createApiKey, createTenant, findTenant, listKeys, revokeKey } from "../../store/tenants.ts";
+import type { Tenant } from "../../store/schema.ts";
+import type { ServerSecrets } from "../../store/secrets.ts";
+import { createApiKey, createTenant, findTenant, listKeys, listTenants, revokeKey, tenantSettings, updateTenantSettings } from "../../store/tenants.ts";
 import type { Api } from "../server.ts";
 
 const PERMISSION = Type.String({
@@ -9,17 +12,49 @@ const PERMISSION = Type.String({
   description: "e.g. microvm:*, image:read, admin:*; microvm:endpoint reaches the tenant's VM endpoints with the key",
 });
 
-/** Tenants and API keys (admin only). */
-export function registerKeyRoutes(app: Api, db: Db): void {
+const S3_ALLOW = Type.Array(Type.String({ minLength: 1, maxLength: 1100 }), {
+  maxItems: 100,
+  description: 'S3 locations the tenant\'s code URIs may read, "bucket/" or "bucket/prefix" (a plain prefix of bucket/key); empty: no s3:// at all',
+});
+const TenantParams = Type.Object({ tenant: Type.String({ minLength: 1, maxLength: 64, description: "tenant id or name" }) });
+
+const tenantView = (t: Tenant) => ({ tenantId: t.id, name: t.name, createdAt: t.created_at, ...tenantSettings(t) });
+
+/** Tenants, their settings and API keys (admin only). */
+export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): void {
   const admin = { permission: "admin:*" };
+  const tenantOr404 = async (idOrName: string) => {
+    const tenant = await findTenant(db, idOrName);
+    if (!tenant) throw new ApiError("NotFound", `tenant ${idOrName} not found`, { field: "tenant" });
+    return tenant;
+  };
 
   app.post(
     "/v1/tenants",
-    { config: admin, schema: { body: Type.Object({ name: Type.String({ minLength: 1, maxLength: 64, pattern: "^[A-Za-z0-9][A-Za-z0-9._-]*$" }) }, { additionalProperties: false }) } },
+    {
+      config: admin,
+      schema: {
+        body: Type.Object({ name: Type.String({ minLength: 1, maxLength: 64, pattern: "^[A-Za-z0-9][A-Za-z0-9._-]*$" }), s3Allow: Type.Optional(S3_ALLOW) }, { additionalProperties: false }),
+      },
+    },
     async (req, reply) => {
+      const s3Allow = checkS3Allow(req.body.s3Allow ?? []);
       if (await findTenant(db, req.body.name)) throw new ApiError("Conflict", `tenant ${req.body.name} already exists`, { field: "name" });
-      const t = await createTenant(db, req.body.name);
-      return reply.status(201).send({ tenantId: t.id, name: t.name, createdAt: t.created_at });
+      return reply.status(201).send(tenantView(await createTenant(db, req.body.name, { s3Allow })));
+    },
+  );
+
+  app.get("/v1/tenants", { config: admin }, async () => ({ tenants: (await listTenants(db)).map(tenantView) }));
+
+  app.get("/v1/tenants/:tenant", { config: admin, schema: { params: TenantParams } }, async (req) => tenantView(await tenantOr404(req.params.tenant)));
+
+  app.patch(
+    "/v1/tenants/:tenant",
+    { config: admin, schema: { params: TenantParams, body: Type.Object({ s3Allow: Type.Optional(S3_ALLOW) }, { additionalProperties: false }) } },
+    async (req) => {
+      const s3Allow = req.body.s3Allow && checkS3Allow(req.body.s3Allow);
+      const tenant = await tenantOr404(req.params.tenant);
+      return tenantView(s3Allow ? await updateTenantSettings(db, tenant.id, { s3Allow }) : tenant);
     },
   );
 
@@ -41,7 +76,7 @@ export function registerKeyRoutes(app: Api, db: Db): void {
     async (req, reply) => {
       const tenant = await findTenant(db, req.body.tenant);
       if (!tenant) throw new ApiError("NotFound", `tenant ${req.body.tenant} not found`, { field: "tenant" });
-      const { key, apiKey } = await createApiKey(db, { tenantId: tenant.id, permissions: req.body.permissions, description: req.body.description });
+      const { key, apiKey } = await createApiKey(db, secrets, { tenantId: tenant.id, permissions: req.body.permissions, description: req.body.description });
       return reply.status(201).send({ keyId: key.id, apiKey, tenantId: tenant.id, permissions: req.body.permissions, createdAt: key.created_at });
     },
   );

@@ -3,8 +3,11 @@ import { pipeline, Transform, type Readable } from "node:stream";
 import { ApiError } from "../../errors.ts";
 import type { GuestService } from "../../lifecycle/guest.ts";
 import { LIMITS, type MicroVmService } from "../../lifecycle/microvms.ts";
-import type { AccessTokens, PortSelection } from "../../router/access-tokens.ts";
+import { GRANT_LIMITS, grantAccessToken, grantShellToken } from "../../router/access-grants.ts";
+import type { AccessTokens } from "../../router/access-tokens.ts";
+import type { Db } from "../../store/db.ts";
 import type { MicroVmRow } from "../../store/schema.ts";
+import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
 import { drained } from "../../util/streams.ts";
 import { errorBody, type Api } from "../server.ts";
 
@@ -17,6 +20,7 @@ const int = (limits: { min: number; max: number }, description: string) =>
 const CreateBody = Type.Object(
   {
     image: Type.String({ minLength: 1, maxLength: 128, description: "image name or id" }),
+    imageVersion: Type.Optional(Type.Integer({ minimum: 1, description: "a version of the image (default: its latest READY, ACTIVE one)" })),
     vcpus: Type.Optional(int(LIMITS.vcpus, "vCPUs (default 1)")),
     memoryMiB: Type.Optional(int(LIMITS.memoryMiB, "memory in MiB (default 512)")),
     diskGiB: Type.Optional(int(LIMITS.diskGiB, "disk in GiB (default: the image's)")),
@@ -26,6 +30,7 @@ const CreateBody = Type.Object(
         {
           suspendAfterSeconds: Type.Optional(int(LIMITS.suspendAfterSeconds, "suspend after this many idle seconds; 0 disables (default 900)")),
           autoResume: Type.Optional(Type.Boolean({ description: "resume on the next request or exec (default true)" })),
+          terminateAfterSuspendedSeconds: Type.Optional(int(LIMITS.terminateAfterSuspendedSeconds, "terminate after this many seconds suspended; 0 never (default 0)")),
         },
         { additionalProperties: false },
       ),
@@ -41,6 +46,9 @@ const CreateBody = Type.Object(
               Type.Object({ allow: Type.Array(Type.String({ minLength: 1, maxLength: 253 }), { maxItems: 256 }) }, { additionalProperties: false }),
             ]),
           ),
+          egressConnectors: Type.Optional(
+            Type.Array(Type.String({ minLength: 1, maxLength: 64 }), { maxItems: 16, description: "named egress connectors (GET /v1/network-connectors); instead of egress" }),
+          ),
         },
         { additionalProperties: false },
       ),
@@ -48,6 +56,8 @@ const CreateBody = Type.Object(
     endpoint: Type.Optional(Type.Object({ public: Type.Optional(Type.Boolean()) }, { additionalProperties: false })),
     appPort: Type.Optional(int(LIMITS.appPort, "guest port the endpoint forwards to (default: the image's EXPOSE)")),
     metadata: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.Unknown(), { maxProperties: 64 })),
+    runHookPayload: Type.Optional(Type.String({ maxLength: 16 * 1024, description: "body of the image's /run hook (at most 16 KiB)" })),
+    clientToken: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: "idempotency: a retry with the same token and request returns the same VM" })),
   },
   { additionalProperties: false },
 );
@@ -68,23 +78,20 @@ const ExecBody = Type.Object(
 
 const PathQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4096, pattern: "^/" }) });
 
-const Port = Type.Integer({ minimum: 1, maximum: 65_535 });
-const AuthTokenBody = Type.Object(
-  {
-    ports: Type.Union([Type.Literal("all"), Type.Array(Port, { minItems: 1, maxItems: 256 }), Type.Object({ from: Port, to: Port }, { additionalProperties: false })], {
-      description: '"all", a list of ports, or {from, to} (inclusive)',
-    }),
-    expiresInSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: 3600, default: 900, description: "lifetime, default 900" })),
-  },
-  { additionalProperties: false },
-);
+const PortSpecBody = Type.Union([
+  Type.Object({ port: int(LIMITS.appPort, "one guest port") }, { additionalProperties: false }),
+  Type.Object({ range: Type.Object({ startPort: int(LIMITS.appPort, "first port"), endPort: int(LIMITS.appPort, "last port") }, { additionalProperties: false }) }, { additionalProperties: false }),
+  Type.Object({ allPorts: Type.Literal(true) }, { additionalProperties: false }),
+]);
+const ExpiresInMinutes = Type.Integer({ minimum: GRANT_LIMITS.expiresInMinutes.min, maximum: GRANT_LIMITS.expiresInMinutes.max, description: "minutes until the token expires (1–60)" });
+const TagsBody = Type.Record(Type.String({ minLength: 1, maxLength: TAG_LIMITS.keyLength }), Type.String({ maxLength: TAG_LIMITS.valueLength }), { maxProperties: 64 });
 
-/** MicroVM lifecycle, exec, files, events and endpoint access tokens (API.md). */
+/** MicroVM lifecycle, exec, files, events, access tokens and tags (API.md). */
 export async function registerMicroVmRoutes(
   app: Api,
-  deps: { microvms: MicroVmService; guest: GuestService; accessTokens: AccessTokens; endpointUrl: (id: string) => string },
+  deps: { microvms: MicroVmService; guest: GuestService; tokens: { access: AccessTokens; shell: AccessTokens }; db: Db; endpointUrl: (id: string) => string },
 ): Promise<void> {
-  const { microvms, guest } = deps;
+  const { microvms, guest, tokens, db } = deps;
   const toView = (row: MicroVmRow) => microVmView(row, deps.endpointUrl(row.id));
   app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody } }, async (req, reply) => {
     if (req.body.metadata) checkMetadata(req.body.metadata);
@@ -130,104 +137,41 @@ export async function registerMicroVmRoutes(
     events: await microvms.events(req.tenantId, req.params.id),
   }));
 
-  app.post("/v1/microvms/:id/exec", { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: ExecBody } }, async (req, reply) => {
-    const body = req.body;
-    const abort = new AbortController();
-    // The response closing before it finished means the client went away: kill the command.
-    reply.raw.on("close", () => {
-      if (!reply.raw.writableFinished) abort.abort();
-    });
-    const exec = { command: body.command, env: body.env, cwd: body.cwd, user: body.user, stdin: body.stdin, timeoutMs: Math.round((body.timeoutSeconds ?? 60) * 1000) };
-    if (!String(req.headers.accept).includes("application/x-ndjson")) {
-      const r = await guest.exec(req.tenantId, req.params.id, exec, abort.signal);
-      const truncated = Object.fromEntries(Object.entries(r.truncated).filter(([, cut]) => cut));
-      return {
-        exitCode: r.exitCode,
-        stdout: r.stdout,
-        stderr: r.stderr,
-        durationMs: r.durationMs,
-        ...(r.timedOut ? { timedOut: true } : {}),
-        ...(Object.keys(truncated).length ? { truncated } : {}),
-      };
-    }
-    // Streamed: the command is started before committing to a 200, so a missing command is still a 400;
-    // each line waits for the client to take the last (back-pressure up to the guest's pipe).
-    const events = guest.execStream(req.tenantId, req.params.id, exec, abort.signal);
-    const first = await events.next();
-    reply.hijack();
-    const out = reply.raw;
-    out.writeHead(200, { "content-type": "application/x-ndjson", "x-request-id": req.id });
-    try {
-      for (let ev = first; !ev.done && !out.destroyed; ev = await events.next()) {
-        const e = ev.value;
-        let line: string | undefined;
-        if (e.type === "stdout" || e.type === "stderr") line = JSON.stringify({ [e.type]: e.data.toString() });
-        else if (e.type === "exit") line = JSON.stringify({ exitCode: e.exitCode, durationMs: e.durationMs, ...(e.timedOut ? { timedOut: true } : {}) });
-        if (line !== undefined && !out.write(`${line}\n`)) await drained(out);
-      }
-    } catch (err) {
-      // Headers are sent: the stream ends with the error as its last line.
-      if (!out.destroyed) out.write(`${JSON.stringify(errorBody("BadGateway", `the command's output stream failed: ${(err as Error).message}`))}\n`);
-    } finally {
-      await events.return(undefined);
-      out.end();
-    }
-  });
-
-  app.get("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req, reply) => {
-    const found = await guest.read(req.tenantId, req.params.id, req.query.path);
-    if ("entries" in found) return { path: req.query.path, entries: found.entries };
-    return reply.header("content-type", "application/octet-stream").header("content-length", found.sizeBytes).send(found.file);
-  });
-
-  // Uploads stream to the guest, in a scope whose only parser hands over the raw
-  // body: no string parser ever holds one, and the limit is counted on the stream.
-  await app.register(async (scope) => {
-    scope.removeAllContentTypeParsers();
-    scope.addContentTypeParser("*", (_request, payload, done) => done(null, payload));
-    scope.withTypeProvider<TypeBoxTypeProvider>().put(
-      "/v1/microvms/:id/files",
-      { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } },
-      async (req) => {
-        if (Number(req.headers["content-length"] ?? 0) > UPLOAD_LIMIT_BYTES) throw tooLarge();
-        const body = req.body as Readable | undefined;
-        // pipeline, not pipe: a client that goes away mid-upload ends the upload to the guest too.
-        const limited = body ? pipeline(body, limitBytes(UPLOAD_LIMIT_BYTES), () => undefined) : Buffer.alloc(0);
-        return guest.write(req.tenantId, req.params.id, req.query.path, limited);
-      },
-    );
-  });
-
-  app.delete("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req) => {
-    await guest.remove(req.tenantId, req.params.id, req.query.path);
-    return { path: req.query.path, removed: true };
-  });
-
+  // Endpoint access for others: an X-aws-proxy-auth token for some ports, or one that opens GET /v1/microvms/{id}/shell.
+  // Endpoint access for others: an X-aws-proxy-auth token for some ports, or one that opens GET /v1/microvms/{id}/shell.
   app.post(
     "/v1/microvms/:id/auth-tokens",
-    {
-      config: { permission: "microvm:exec" },
-      schema: {
-        params: IdParams,
-        body: AuthTokenBody,
-        description: "An access token for the VM's endpoints on the ports named, until it expires: send it as X-aws-proxy-auth (or Authorization: Bearer).",
-      },
-    },
+    { config: { permission: "microvm:read" }, schema: { params: IdParams, body: Type.Object({ ports: Type.Array(PortSpecBody, { minItems: 1, maxItems: GRANT_LIMITS.specs }), expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }) } },
     async (req, reply) => {
-      const row = await microvms.get(req.tenantId, req.params.id);
-      if (row.state === "TERMINATED") throw new ApiError("InvalidState", `microVM ${row.id} is TERMINATED`, { state: row.state });
-      const { ports } = req.body;
-      let selection: PortSelection;
-      if (ports === "all") selection = { all: true };
-      else if (Array.isArray(ports)) selection = { ports };
-      else {
-        if (ports.from > ports.to) throw new ApiError("ValidationError", `body.ports.from (${ports.from}) must not exceed body.ports.to (${ports.to})`, { field: "body.ports.from" });
-        selection = { from: ports.from, to: ports.to };
-      }
-      // Whole seconds: the token carries its expiry in seconds.
-      const expiresAt = new Date((Math.floor(Date.now() / 1000) + (req.body.expiresInSeconds ?? 900)) * 1000);
-      const token = deps.accessTokens.issue({ microVmId: row.id, ports: selection, expiresAt });
-      return reply.status(201).send({ token, expiresAt: expiresAt.toISOString(), microVmId: row.id, ports });
+      const grant = await grantAccessToken(tokens.access, microvms, req.tenantId, req.params.id, { ports: req.body.ports, expiresInMinutes: req.body.expiresInMinutes });
+      return reply.status(201).send({ token: grant.token, header: "X-aws-proxy-auth", expiresAt: grant.expiresAt.toISOString() });
+    },
+  );
+  app.post(
+    "/v1/microvms/:id/shell-auth-tokens",
+    { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: Type.Object({ expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }) } },
+    async (req, reply) => {
+      const grant = await grantShellToken(tokens.shell, microvms, req.tenantId, req.params.id, req.body.expiresInMinutes);
+      return reply.status(201).send({ token: grant.token, header: "X-aws-proxy-auth", expiresAt: grant.expiresAt.toISOString(), url: `/v1/microvms/${req.params.id}/shell` });
+    },
+  );
+
+  const vmTags = async (tenantId: string, id: string) => ({ type: "microvm" as const, id: (await microvms.get(tenantId, id)).id });
+  app.get("/v1/microvms/:id/tags", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) => ({
+    tags: await listTags(db, req.tenantId, await vmTags(req.tenantId, req.params.id)),
+  }));
+  app.post("/v1/microvms/:id/tags", { config: { permission: "microvm:create" }, schema: { params: IdParams, body: Type.Object({ tags: TagsBody }, { additionalProperties: false }) } }, async (req) => {
+    const resource = await vmTags(req.tenantId, req.params.id);
+    await tagResource(db, req.tenantId, resource, req.body.tags);
+    return { tags: await listTags(db, req.tenantId, resource) };
+  });
+  app.delete(
+    "/v1/microvms/:id/tags",
+    { config: { permission: "microvm:create" }, schema: { params: IdParams, querystring: Type.Object({ keys: Type.Union([Type.String({ maxLength: 128 }), Type.Array(Type.String({ maxLength: 128 }), { maxItems: 64 })]) }, { additionalProperties: false }) } },
+    async (req) => {
+      const resource = await vmTags(req.tenantId, req.params.id);
+      await untagResource(db, req.tenantId, resource, [req.query.keys].flat());
+      return { tags: await listTags(db, req.tenantId, resource) };
     },
   );
 }
@@ -276,9 +220,10 @@ function microVmView(row: MicroVmRow, url: string) {
     expiresAt: row.expires_at,
     lastActivityAt: row.last_activity_at,
     ...(row.terminated_at ? { terminatedAt: row.terminated_at } : {}),
-    idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1 },
+    ...(row.image_version !== null ? { imageVersion: row.image_version } : {}),
+    idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1, terminateAfterSuspendedSeconds: row.terminate_after_suspended_seconds },
     maxRuntimeSeconds: row.max_runtime_seconds,
-    network: { egress: JSON.parse(row.egress) as unknown },
+    network: { egress: JSON.parse(row.egress) as unknown, ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}) },
     endpoint: { url, token: row.endpoint_token, public: row.endpoint_public === 1, ...(row.app_port ? { appPort: row.app_port } : {}) },
     metadata: JSON.parse(row.metadata) as Record<string, unknown>,
   };

@@ -1,8 +1,8 @@
 import type { PortForward } from "../qemu.ts";
-import { DnsFilter } from "./dns.ts";
-import { allowResolved, ensureTable, installVm, removeVm } from "./nft.ts";
+import { DnsBudget, DnsFilter, DNS_LIMITS } from "./dns.ts";
+import { ensureTable, hostNets, installVm, refreshHostNets, removeVm, ResolvedSet, TABLE } from "./nft.ts";
 import { passtPaths, startPasst, stopPasst } from "./passt.ts";
-import { nameAllowed, parseEgress, splitAllowList, type Egress } from "./policy.ts";
+import { egressPrivateAllow, nameAllowed, parseEgress, splitAllowList, type Egress } from "./policy.ts";
 
 export { InvalidEgressError, parseEgress, type Egress } from "./policy.ts";
 
@@ -22,12 +22,18 @@ export type NetBackend = { kind: "user" } | { kind: "passt"; socket: string };
  * - "internet" / allow list: a passt process as a uid of the VM's own, nftables
  *   rules matching that uid, and a DNS filter in this process.
  * The DNS filters live in the server process: a restarted server recreates them
- * with `adopt`; VMs keep running meanwhile (only name lookups pause).
+ * with `adopt`; VMs keep running meanwhile (only name lookups pause). They
+ * share one budget of queries in flight (DNS_LIMITS).
  */
 export class NetworkManager {
-  private readonly dns = new Map<number, DnsFilter>();
+  private readonly dns = new Map<number, { filter: DnsFilter; resolved?: ResolvedSet }>();
+  private readonly dnsBudget = new DnsBudget(DNS_LIMITS.inFlightTotal);
+  /** While any VM has rules: the host's networks are re-read every few seconds and host_nets rewritten when they change. */
+  private hostNetsWatch: { timer: NodeJS.Timeout; last: string } | undefined;
 
-  constructor(private readonly log?: (msg: string) => void) {}
+  constructor(private readonly log?: (msg: string) => void) {
+    egressPrivateAllow(); // a bad COCOON_EGRESS_PRIVATE_ALLOW stops the server at start, not its first VM
+  }
 
   /** A record for a new VM whose processes run as `uid`: validates the policy. */
   allocate(egress: unknown, uid: number): VmNetworkRecord {
@@ -69,22 +75,47 @@ export class NetworkManager {
   /** Closes the VM's DNS filter only (server shutdown; the VM runs on). */
   detach(net: VmNetworkRecord | undefined): void {
     if (net?.uid === undefined) return;
-    this.dns.get(net.uid)?.close();
+    const dns = this.dns.get(net.uid);
+    dns?.filter.close();
+    dns?.resolved?.close();
     this.dns.delete(net.uid);
+    if (this.dns.size === 0 && this.hostNetsWatch) {
+      clearInterval(this.hostNetsWatch.timer);
+      this.hostNetsWatch = undefined;
+    }
   }
 
   private async rules(net: VmNetworkRecord): Promise<void> {
     const uid = net.uid!;
     const allow = typeof net.egress === "object" ? splitAllowList(net.egress.allow) : { cidrs: [], names: [], suffixes: [] };
     const mode = net.egress === "internet" ? "internet" : "allow";
+    const privateAllow = egressPrivateAllow();
     this.detach(net);
-    const dns = await DnsFilter.start({
+    const resolved = mode === "allow" ? new ResolvedSet(`inet ${TABLE} dns_${uid}`, { privateAllow, log: this.log }) : undefined;
+    const filter = await DnsFilter.start({
       log: this.log,
+      budget: this.dnsBudget,
       allowName: mode === "allow" ? (q) => nameAllowed(allow, q) : undefined,
-      onResolved: mode === "allow" ? (ips, ttl) => allowResolved(uid, ips, ttl) : undefined,
+      onResolved: resolved && ((ips, ttl) => resolved.add(ips, ttl)),
     });
-    this.dns.set(uid, dns);
+    this.dns.set(uid, { filter, resolved });
     await ensureTable();
-    await installVm({ uid, dnsPort: dns.port, mode, allow });
+    await installVm({ uid, dnsPort: filter.port, mode, allow, privateAllow });
+    this.watchHostNets();
+  }
+
+  private watchHostNets(): void {
+    if (this.hostNetsWatch) return;
+    const poll = () => {
+      const nets = hostNets();
+      if (JSON.stringify(nets) === watch.last) return;
+      watch.last = JSON.stringify(nets);
+      refreshHostNets(nets).catch((err: Error) => this.log?.(`refreshing the host's networks in nftables: ${err.message}`));
+    };
+    const watch = { last: JSON.stringify(hostNets()), timer: setInterval(poll, HOST_NETS_POLL_MS).unref() };
+    this.hostNetsWatch = watch;
   }
 }
+
+/** How often the host's networks are compared with host_nets (getifaddrs, no process). The host's own addresses need no poll: `fib daddr type local` is live. */
+const HOST_NETS_POLL_MS = 5000;

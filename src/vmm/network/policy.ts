@@ -1,5 +1,5 @@
-import { isIPv4 } from "node:net";
 import { InvalidArgumentError } from "../../errors.ts";
+import { cidrListFromEnv, describeRange, FLOOR_RANGES, hostRanges, parseCidr, PRIVATE_RANGES, uncoveredOverlap, type Cidr } from "./addresses.ts";
 
 /**
  * A VM's egress policy (API.md `network.egress`):
@@ -7,9 +7,11 @@ import { InvalidArgumentError } from "../../errors.ts";
  * - "internet": public addresses only;
  * - { allow }: only the listed IPv4 CIDRs and domain names ("*.example.org"
  *   matches every name under example.org, not example.org itself).
- * In every mode the host, private, link-local and multicast ranges and other
- * VMs are unreachable, except a CIDR an allow list names explicitly (the host's
- * own addresses never are).
+ * Floors hold in every mode: loopback, link-local (cloud metadata), multicast,
+ * broadcast, reserved, the host's own addresses and other VMs are never
+ * reachable. Private ranges (RFC 1918, CGNAT, the host's networks, …) only
+ * where the operator allows them (COCOON_EGRESS_PRIVATE_ALLOW) and an allow
+ * list opens them; "internet" never reaches them.
  */
 export type Egress = "none" | "internet" | { allow: string[] };
 
@@ -23,32 +25,26 @@ export interface AllowList {
 }
 
 export class InvalidEgressError extends InvalidArgumentError {
-  constructor(message: string) {
-    super("network.egress", message);
+  constructor(message: string, field = "network.egress") {
+    super(field, message);
     this.name = "InvalidEgressError";
   }
 }
 
 /**
- * Destinations a guest never reaches unless an allow entry names them: "this"
- * network, private (RFC 1918), shared (CGNAT), loopback, link-local (cloud
- * metadata), IETF protocol assignments, benchmarking, multicast, reserved and
- * broadcast. The host's own addresses and on-link subnets are blocked too
- * (by nftables `fib` and a set refreshed from the routing table).
+ * The private ranges the operator lets allow lists open
+ * (COCOON_EGRESS_PRIVATE_ALLOW, comma-separated IPv4 CIDRs, empty by
+ * default), read at each use. A floor cannot be lifted: a range overlapping
+ * one is an error naming the variable.
  */
-export const BLOCKED_V4 = [
-  "0.0.0.0/8",
-  "10.0.0.0/8",
-  "100.64.0.0/10",
-  "127.0.0.0/8",
-  "169.254.0.0/16",
-  "172.16.0.0/12",
-  "192.0.0.0/24",
-  "192.168.0.0/16",
-  "198.18.0.0/15",
-  "224.0.0.0/4",
-  "240.0.0.0/4",
-] as const;
+export function egressPrivateAllow(env: NodeJS.ProcessEnv = process.env): Cidr[] {
+  const list = cidrListFromEnv("COCOON_EGRESS_PRIVATE_ALLOW", env, { family: 4 });
+  for (const cidr of list) {
+    const floor = uncoveredOverlap(cidr, FLOOR_RANGES);
+    if (floor) throw new Error(`COCOON_EGRESS_PRIVATE_ALLOW: ${cidr.text} overlaps ${describeRange(floor)}, which no setting opens`);
+  }
+  return list;
+}
 
 const LABEL = /^(?!-)[a-z0-9-]{1,63}(?<!-)$/;
 
@@ -56,46 +52,59 @@ function isDomain(name: string): boolean {
   return name.length <= 253 && name.includes(".") && name.split(".").every((l) => LABEL.test(l)) && !/^[\d.]+$/.test(name);
 }
 
-function parseCidr(entry: string): string | undefined {
-  const [addr, bits, extra] = entry.split("/");
-  if (extra !== undefined || !addr || !isIPv4(addr)) return undefined;
-  const prefix = bits === undefined ? 32 : Number(bits);
-  if (!/^\d{1,2}$/.test(bits ?? "32") || prefix > 32) return undefined;
-  // Normalise to the network address so nftables accepts it.
-  const n = addr.split(".").reduce((acc, o) => acc * 256 + Number(o), 0);
-  const mask = prefix === 0 ? 0 : (0xffffffff << (32 - prefix)) >>> 0;
-  const net = (n & mask) >>> 0;
-  return `${[24, 16, 8, 0].map((s) => (net >>> s) & 255).join(".")}/${prefix}`;
+type AllowEntry = { kind: "cidr"; cidr: Cidr } | { kind: "name"; name: string } | { kind: "suffix"; suffix: string };
+
+function parseAllowEntry(raw: string, field: string): AllowEntry {
+  const entry = raw.trim().toLowerCase().replace(/\.$/, "");
+  const cidr = /^[\d./]+$/.test(entry) ? parseCidr(entry) : undefined;
+  if (cidr) return { kind: "cidr", cidr };
+  if (entry.startsWith("*.") && isDomain(entry.slice(2))) return { kind: "suffix", suffix: entry.slice(2) };
+  if (isDomain(entry)) return { kind: "name", name: entry };
+  throw new InvalidEgressError(`${field}: "${raw}" is not an IPv4 address, CIDR, domain name or *.domain wildcard`, field);
 }
 
-/** Validates an egress value from the API or a record; throws InvalidEgressError naming the bad entry. */
-export function parseEgress(value: unknown): Egress {
+/**
+ * Validates a new egress policy from the API or a caller; throws
+ * InvalidEgressError naming the bad entry (`network.egress.allow[3]`): not a
+ * CIDR or name, `0.0.0.0/0`, a range overlapping a floor (loopback,
+ * link-local, multicast, the host's own addresses) or a private range outside
+ * `privateAllow`. Stored records are not re-checked (`splitAllowList`): the
+ * nftables rules deny what a changed setting no longer allows.
+ */
+export function parseEgress(value: unknown, privateAllow: readonly Cidr[] = egressPrivateAllow()): Egress {
   if (value === undefined || value === null) return "none";
   if (value === "none" || value === "internet") return value;
   if (typeof value === "object" && !Array.isArray(value) && Array.isArray((value as { allow?: unknown }).allow)) {
     const allow = (value as { allow: unknown[] }).allow;
     if (Object.keys(value).length !== 1) throw new InvalidEgressError(`network.egress allows only the key "allow"`);
-    if (allow.length > 256) throw new InvalidEgressError("network.egress.allow holds at most 256 entries");
-    for (const entry of allow) {
-      if (typeof entry !== "string") throw new InvalidEgressError(`network.egress.allow entries must be strings, got ${JSON.stringify(entry)}`);
-    }
-    splitAllowList(allow as string[]);
+    if (allow.length > 256) throw new InvalidEgressError("network.egress.allow holds at most 256 entries", "network.egress.allow");
+    const host = hostRanges();
+    allow.forEach((entry, i) => {
+      const field = `network.egress.allow[${i}]`;
+      if (typeof entry !== "string") throw new InvalidEgressError(`${field} must be a string, got ${JSON.stringify(entry)}`, field);
+      const parsed = parseAllowEntry(entry, field);
+      if (parsed.kind !== "cidr") return;
+      const cidr = parsed.cidr;
+      if (cidr.first === 0n && cidr.last === 0xffffffffn) throw new InvalidEgressError(`${field}: ${entry} would open every address; use "internet" (public addresses only)`, field);
+      const floor = uncoveredOverlap(cidr, [...FLOOR_RANGES, ...host.addresses]);
+      if (floor) throw new InvalidEgressError(`${field}: ${entry} overlaps ${describeRange(floor)}, which is never reachable`, field);
+      const priv = uncoveredOverlap(cidr, [...PRIVATE_RANGES, ...host.nets], privateAllow);
+      if (priv) throw new InvalidEgressError(`${field}: ${entry} overlaps ${describeRange(priv)}, which the operator has not opened (COCOON_EGRESS_PRIVATE_ALLOW)`, field);
+    });
     return { allow: [...(allow as string[])] };
   }
   throw new InvalidEgressError(`network.egress must be "none", "internet" or {"allow": [...]}, got ${JSON.stringify(value)}`);
 }
 
-/** Splits allow entries into CIDRs, names and wildcard suffixes; throws on an entry that is none of them. */
+/** Splits allow entries (validated by parseEgress when the VM was created) into CIDRs, names and wildcard suffixes. */
 export function splitAllowList(entries: string[]): AllowList {
   const list: AllowList = { cidrs: [], names: [], suffixes: [] };
-  for (const raw of entries) {
-    const entry = raw.trim().toLowerCase().replace(/\.$/, "");
-    const cidr = /^[\d./]+$/.test(entry) ? parseCidr(entry) : undefined;
-    if (cidr) list.cidrs.push(cidr);
-    else if (entry.startsWith("*.") && isDomain(entry.slice(2))) list.suffixes.push(entry.slice(2));
-    else if (isDomain(entry)) list.names.push(entry);
-    else throw new InvalidEgressError(`network.egress.allow: "${raw}" is not an IPv4 address, CIDR, domain name or *.domain wildcard`);
-  }
+  entries.forEach((raw, i) => {
+    const e = parseAllowEntry(raw, `network.egress.allow[${i}]`);
+    if (e.kind === "cidr") list.cidrs.push(e.cidr.text);
+    else if (e.kind === "name") list.names.push(e.name);
+    else list.suffixes.push(e.suffix);
+  });
   return list;
 }
 
@@ -104,5 +113,3 @@ export function nameAllowed(list: AllowList, qname: string): boolean {
   const name = qname.toLowerCase().replace(/\.$/, "");
   return list.names.includes(name) || list.suffixes.some((s) => name.endsWith(`.${s}`));
 }
-
-export const egressLabel = (e: Egress): string => (typeof e === "string" ? e : `allow(${e.allow.join(",")})`);
