@@ -174,6 +174,79 @@ export async function registerMicroVmRoutes(
       return { tags: await listTags(db, req.tenantId, resource) };
     },
   );
+
+  app.post("/v1/microvms/:id/exec", { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: ExecBody } }, async (req, reply) => {
+    const body = req.body;
+    const abort = new AbortController();
+    // The response closing before it finished means the client went away: kill the command.
+    reply.raw.on("close", () => {
+      if (!reply.raw.writableFinished) abort.abort();
+    });
+    const exec = { command: body.command, env: body.env, cwd: body.cwd, user: body.user, stdin: body.stdin, timeoutMs: Math.round((body.timeoutSeconds ?? 60) * 1000) };
+    if (!String(req.headers.accept).includes("application/x-ndjson")) {
+      const r = await guest.exec(req.tenantId, req.params.id, exec, abort.signal);
+      const truncated = Object.fromEntries(Object.entries(r.truncated).filter(([, cut]) => cut));
+      return {
+        exitCode: r.exitCode,
+        stdout: r.stdout,
+        stderr: r.stderr,
+        durationMs: r.durationMs,
+        ...(r.timedOut ? { timedOut: true } : {}),
+        ...(Object.keys(truncated).length ? { truncated } : {}),
+      };
+    }
+    // Streamed: the command is started before committing to a 200, so a missing command is still a 400;
+    // each line waits for the client to take the last (back-pressure up to the guest's pipe).
+    const events = guest.execStream(req.tenantId, req.params.id, exec, abort.signal);
+    const first = await events.next();
+    reply.hijack();
+    const out = reply.raw;
+    out.writeHead(200, { "content-type": "application/x-ndjson", "x-request-id": req.id });
+    try {
+      for (let ev = first; !ev.done && !out.destroyed; ev = await events.next()) {
+        const e = ev.value;
+        let line: string | undefined;
+        if (e.type === "stdout" || e.type === "stderr") line = JSON.stringify({ [e.type]: e.data.toString() });
+        else if (e.type === "exit") line = JSON.stringify({ exitCode: e.exitCode, durationMs: e.durationMs, ...(e.timedOut ? { timedOut: true } : {}) });
+        if (line !== undefined && !out.write(`${line}\n`)) await drained(out);
+      }
+    } catch (err) {
+      // Headers are sent: the stream ends with the error as its last line.
+      if (!out.destroyed) out.write(`${JSON.stringify(errorBody("BadGateway", `the command's output stream failed: ${(err as Error).message}`))}\n`);
+    } finally {
+      await events.return(undefined);
+      out.end();
+    }
+  });
+
+  app.get("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req, reply) => {
+    const found = await guest.read(req.tenantId, req.params.id, req.query.path);
+    if ("entries" in found) return { path: req.query.path, entries: found.entries };
+    return reply.header("content-type", "application/octet-stream").header("content-length", found.sizeBytes).send(found.file);
+  });
+
+  // Uploads stream to the guest, in a scope whose only parser hands over the raw
+  // body: no string parser ever holds one, and the limit is counted on the stream.
+  await app.register(async (scope) => {
+    scope.removeAllContentTypeParsers();
+    scope.addContentTypeParser("*", (_request, payload, done) => done(null, payload));
+    scope.withTypeProvider<TypeBoxTypeProvider>().put(
+      "/v1/microvms/:id/files",
+      { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } },
+      async (req) => {
+        if (Number(req.headers["content-length"] ?? 0) > UPLOAD_LIMIT_BYTES) throw tooLarge();
+        const body = req.body as Readable | undefined;
+        // pipeline, not pipe: a client that goes away mid-upload ends the upload to the guest too.
+        const limited = body ? pipeline(body, limitBytes(UPLOAD_LIMIT_BYTES), () => undefined) : Buffer.alloc(0);
+        return guest.write(req.tenantId, req.params.id, req.query.path, limited);
+      },
+    );
+  });
+
+  app.delete("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req) => {
+    await guest.remove(req.tenantId, req.params.id, req.query.path);
+    return { path: req.query.path, removed: true };
+  });
 }
 
 /** metadata is kept and answered as JSON: bounded so that it always is (JSON.stringify recurses). */
