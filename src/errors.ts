@@ -7,15 +7,19 @@ export const ERROR_CODES = {
   ValidationError: { status: 400, doc: "The request is malformed or a field is out of range; the message names the field and the limit." },
   CommandNotFound: { status: 400, doc: "exec: the program does not exist in the VM." },
   Unauthorized: { status: 401, doc: "No API key, or an unknown or revoked one." },
-  Forbidden: { status: 403, doc: "The key lacks the permission the route needs." },
+  Forbidden: { status: 403, doc: "The key lacks the permission the route needs, or a browser request authenticated only by a cookie came from another origin." },
   NotFound: { status: 404, doc: "No such resource in the caller's tenant (another tenant's resources do not exist)." },
+  RequestTimeout: { status: 408, doc: "The request (headers or body) did not arrive within the server's time limit." },
   InvalidState: { status: 409, doc: "The resource is in a state that does not allow the action; the message names both." },
   Conflict: { status: 409, doc: "The resource already exists or is in use." },
   PayloadTooLarge: { status: 413, doc: "The request body exceeds its limit." },
+  UnsupportedMediaType: { status: 415, doc: "The route does not take a body of that Content-Type (JSON routes take application/json)." },
   QuotaExceeded: { status: 429, doc: "A quota of the tenant or of a resource is reached (e.g. 50 tags per resource); the message names it and the limit." },
   RateLimited: { status: 429, doc: "Too many requests of this kind are in progress (e.g. image builds waiting for a slot); retry later." },
+  HeadersTooLarge: { status: 431, doc: "The request's headers exceed the server's limit (16 KiB)." },
   CapacityExceeded: { status: 503, doc: "The host has no capacity for the VM right now; retry later." },
   Internal: { status: 500, doc: "A server fault; details are in the server log under the request id." },
+  BadGateway: { status: 502, doc: "A VM's app or agent answered garbage (an invalid status, a malformed response) or did not answer." },
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
@@ -33,6 +37,23 @@ export class ApiError extends Error {
 
   get status(): number {
     return ERROR_CODES[this.code].status;
+  }
+}
+
+/**
+ * Thrown when cocoon-agent (the guest) refuses a request or answers garbage;
+ * `code` is the agent's error code (agent/PROTOCOL.md). The API maps it to
+ * its own codes in one place (the error handler): the guest is not trusted,
+ * so its 5xx is the host's 502, and its message is passed on only for 4xx.
+ */
+export class AgentError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = "AgentError";
   }
 }
 

@@ -22,3 +22,9 @@ export async function authenticate(db: Db, authorization: string | undefined, pe
   }
   return key.tenant_id;
 }
+
+/** Whether `apiKey` is a live key of `tenantId` holding `permission` (no error: for credentials tried in turn). */
+export async function keyOfTenantGrants(db: Db, apiKey: string, tenantId: string, permission: string): Promise<boolean> {
+  const key = await findLiveKey(db, apiKey);
+  return key?.tenant_id === tenantId && grants(JSON.parse(key.permissions) as string[], permission);
+}

@@ -2,9 +2,15 @@ import swagger from "@fastify/swagger";
 import websocket from "@fastify/websocket";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import { Ajv } from "ajv";
-import Fastify, { type FastifyError } from "fastify";
 import { handleMcpHttpRequest, loopbackUrl } from "@cocoon/mcp";
-import { ApiError, InvalidArgumentError, type ErrorCode } from "../errors.ts";
+import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest } from "fastify";
+import { AsyncLocalStorage } from "node:async_hooks";
+import type { IncomingMessage } from "node:http";
+import { randomUUID } from "node:crypto";
+import type { Socket } from "node:net";
+import type { Writable } from "node:stream";
+import { AgentError, ApiError, ERROR_CODES, InvalidArgumentError, type ErrorCode } from "../errors.ts";
+import { GuestService } from "../lifecycle/guest.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
 import type { ServerSecrets } from "../store/secrets.ts";
@@ -12,25 +18,43 @@ import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { AccessTokens } from "../router/access-tokens.ts";
-import { EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
-import { registerAwsApi } from "./aws/index.ts";
-import { authenticate } from "./auth.ts";
+import { ENDPOINT_PERMISSION, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import { checkUpgradeHeaders } from "../router/websocket.ts";
+import { authenticate, keyOfTenantGrants } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
+import { registerAwsApi } from "./aws/index.ts";
 import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
 import { registerMicroVmRoutes } from "./routes/microvms.ts";
 import { registerObserveRoutes } from "./routes/observe.ts";
-import { registerTerminalRoute } from "./routes/terminal.ts";
+import { registerTerminalRoutes } from "./routes/terminal.ts";
+import { TerminalTickets } from "./tickets.ts";
 
 export const VERSION = "0.1.0";
 
+/** JSON and text bodies; file uploads stream and have their own limit (routes/microvms.ts). */
+export const BODY_LIMIT_BYTES = 1024 * 1024;
+
+/**
+ * How long a client may take to send a request (slow-loris uploads end
+ * there). Headers must be complete within `headersMs`; the whole request,
+ * body included, within `requestMs` (uploads larger than that needs at the
+ * client's rate are cut: 15 min is 9 MB/s for the 8 GiB upload limit).
+ * Answers may take as long as they take (a long exec, a WebSocket).
+ */
+export interface ApiTimeouts {
+  headersMs: number;
+  requestMs: number;
+}
+export const DEFAULT_TIMEOUTS: ApiTimeouts = { headersMs: 30_000, requestMs: 15 * 60_000 };
+
 export interface ApiDeps {
   db: Db;
+  microvms: MicroVmService;
   /** The server's master key (store/secrets.ts): seals API key secrets for SigV4, signs endpoint and shell tokens. */
   secrets: ServerSecrets;
-  microvms: MicroVmService;
   accelerator: Accelerator;
   /** The QEMU jail's cgroup version; absent when QEMU runs unjailed (COCOON_JAIL=off, or not root). */
   jail?: { cgroupVersion: 1 | 2 };
@@ -42,23 +66,76 @@ export interface ApiDeps {
   metricsPublic?: boolean;
   /** Endpoints are `http://{id}.{endpointDomain}:{port}/` (default vm.localhost). */
   endpointDomain?: string;
+  /** Request logging (pino, JSON lines), to `logStream` (default stdout). */
   logger?: boolean;
+  logStream?: Writable;
+  timeouts?: Partial<ApiTimeouts>;
 }
 
 export type Api = ReturnType<typeof createFastify>;
 
-function createFastify(logger: boolean) {
+/** Query parameters that carry credentials: logged as [REDACTED]. */
+const SECRET_PARAMS = new Set(["access_token", "cocoon_token", "ticket", "token"]);
+/** Headers that carry credentials, wherever a log line holds request headers. */
+const SECRET_HEADERS = ["authorization", "cookie", "x-aws-proxy-auth", "proxy-authorization"];
+
+/** The request whose handling is running, for a last-resort handler's log line (src/server/main.ts). */
+const requestContext = new AsyncLocalStorage<{ requestId: string }>();
+export const currentRequestId = (): string | undefined => requestContext.getStore()?.requestId;
+
+function createFastify(deps: Pick<ApiDeps, "logger" | "logStream" | "timeouts">) {
+  const timeouts = { ...DEFAULT_TIMEOUTS, ...deps.timeouts };
   return Fastify({
-    logger: logger ? { level: "info" } : false,
-    // 1 MiB for JSON; file uploads stream and are not bound by it.
-    bodyLimit: 1024 * 1024,
-    requestIdHeader: "x-request-id",
+    logger: deps.logger
+      ? {
+          level: "info",
+          ...(deps.logStream ? { stream: deps.logStream } : {}),
+          serializers: { req: (req: FastifyRequest) => ({ method: req.method, url: redactUrl(req.url), host: req.host, remoteAddress: req.ip }) },
+          redact: { paths: SECRET_HEADERS.flatMap((h) => [`req.headers["${h}"]`, `headers["${h}"]`]), censor: "[REDACTED]" },
+        }
+      : false,
+    bodyLimit: BODY_LIMIT_BYTES,
+    // A client's x-request-id names its request in our log if it is a plain token; anything else gets our own.
+    genReqId: (req: IncomingMessage) => {
+      const id = req.headers["x-request-id"];
+      return typeof id === "string" && /^[A-Za-z0-9._:-]{1,128}$/.test(id) ? id : randomUUID();
+    },
+    requestTimeout: timeouts.requestMs,
+    http: {
+      headersTimeout: timeouts.headersMs,
+      requestTimeout: timeouts.requestMs,
+      // How often Node looks for requests past those limits.
+      connectionsCheckingInterval: Math.min(30_000, Math.max(250, Math.floor(timeouts.headersMs / 4))),
+    },
+    // Errors Fastify raises before routing (a path with a bad percent-encoding, a too-long parameter).
+    frameworkErrors: (err, request, reply) => {
+      const { status, body } = toErrorResponse(err as FastifyError);
+      // An upgrade's socket left Node's HTTP handling: once answered, nothing else would close it.
+      if (request.headers.upgrade !== undefined) reply.raw.once("finish", () => request.raw.socket.end());
+      void (reply as unknown as FastifyReply).status(status).send(body);
+    },
+    // Errors Node's HTTP parser raises before Fastify sees a request: answered on the raw socket, in the envelope.
+    clientErrorHandler: (err: Error & { code?: string }, socket: Socket) => {
+      if (err.code === "ECONNRESET" || socket.destroyed) return;
+      const [status, code, message] =
+        err.code === "ERR_HTTP_REQUEST_TIMEOUT"
+          ? [408, "RequestTimeout", `the request did not arrive within the server's limit (headers ${timeouts.headersMs / 1000} s, whole request ${timeouts.requestMs / 1000} s)`]
+          : err.code === "HPE_HEADER_OVERFLOW"
+            ? [431, "HeadersTooLarge", "the request's headers exceed 16 KiB"]
+            : [400, "ValidationError", `malformed HTTP request (${err.code ?? "parse error"})`];
+      const body = JSON.stringify(errorBody(code as ErrorCode, message));
+      // Only if nothing of a response was written on this connection yet.
+      if (socket.writable && socket.bytesWritten === 0) {
+        socket.write(`HTTP/1.1 ${status} ${code}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+      }
+      socket.destroy();
+    },
   }).withTypeProvider<TypeBoxTypeProvider>();
 }
 
 /** The HTTP API of API.md: routes only translate HTTP to lifecycle calls and back. */
 export async function buildApi(deps: ApiDeps): Promise<Api> {
-  const app = createFastify(deps.logger ?? false);
+  const app = createFastify(deps);
   await app.register(swagger, {
     openapi: {
       info: { title: "Cocoon API", version: VERSION },
@@ -77,18 +154,36 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     void reply.status(status).send(body);
   });
   app.setNotFoundHandler((request, reply) => {
-    void reply.status(404).send(errorBody("NotFound", `no route ${request.method} ${request.url.split("?")[0]}`));
+    void reply.status(404).send(errorBody("NotFound", `no route ${request.method} ${request.url.split("?")[0]!.slice(0, 200)}`));
   });
-  // Uploads (PUT …/files) arrive as a stream of any content type.
-  app.addContentTypeParser("*", (_request, payload, done) => done(null, payload));
+  // Many clients send Content-Type: application/json on every request: an empty body is no body.
+  const json = app.getDefaultJsonParser("error", "error");
+  app.addContentTypeParser("application/json", { parseAs: "string" }, (request, body, done) =>
+    (body as string).trim() === "" ? done(null, undefined) : json(request, body as string, done),
+  );
   app.decorateRequest("tenantId", "");
   await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
-  app.addHook("onRequest", async (request) => {
-    const permission = (request.routeOptions.config as { permission?: string }).permission;
-    if (!permission) return;
-    // Browsers cannot set headers on a WebSocket: those upgrades may carry the key as ?access_token=.
-    const token = request.headers.upgrade === "websocket" ? (request.query as { access_token?: string }).access_token : undefined;
-    request.tenantId = await authenticate(deps.db, request.headers.authorization ?? (token ? `Bearer ${token}` : undefined), permission);
+  const tickets = new TerminalTickets();
+  app.addHook("onRequest", (request, _reply, done) => requestContext.run({ requestId: request.id }, done));
+  app.addHook("onRequest", async (request, reply) => {
+    void reply.header("x-request-id", request.id);
+    const config = request.routeOptions.config as { permission?: string; ticketed?: boolean; upgrade?: boolean };
+    // An upgrade is answered in the envelope like any request until it is accepted.
+    if (request.ws) {
+      if (!config.upgrade) throw new ApiError("ValidationError", `${request.method} ${request.url.split("?")[0]!.slice(0, 200)} is not a WebSocket route`);
+      checkUpgradeHeaders(request.headers);
+    }
+    if (!config.permission) return;
+    // Browsers cannot set headers on a WebSocket: those upgrades carry a one-time ticket (or, kept
+    // for older clients, the key itself as ?access_token=).
+    const query = request.query as { access_token?: string; ticket?: string };
+    const upgrade = request.headers.upgrade?.toLowerCase() === "websocket";
+    if (upgrade && config.ticketed && typeof query.ticket === "string") {
+      request.tenantId = tickets.redeem(query.ticket, (request.params as { id?: string }).id ?? "");
+      return;
+    }
+    const token = upgrade && typeof query.access_token === "string" ? query.access_token : undefined;
+    request.tenantId = await authenticate(deps.db, request.headers.authorization ?? (token ? `Bearer ${token}` : undefined), config.permission);
   });
 
   app.get("/v1/health", { schema: { security: [] } }, async () => ({
@@ -105,17 +200,19 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     const address = app.server.address();
     return `http://${id}.${domain}:${typeof address === "object" && address ? address.port : 7070}/`;
   };
+  const guest = new GuestService(deps.microvms, deps.sampler);
   // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
   const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
   const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
-  registerMicroVmRoutes(app, deps.microvms, endpointUrl, { access: accessTokens, shell: shellTokens }, deps.db);
+  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl });
   registerConnectorRoutes(app, deps.microvms.connectors);
   await registerConsoleRoutes(app, domain); // the web console, /console/
-  await registerEndpointRoutes(app, new EndpointRouter(deps.db, deps.microvms, accessTokens), domain);
-  registerTerminalRoute(app, deps.microvms, shellTokens);
+  const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);
+  await registerEndpointRoutes(app, new EndpointRouter(deps.microvms, guest, accessTokens, apiKeyReaches), domain);
+  registerTerminalRoutes(app, { microvms: deps.microvms, guest, tickets, shellTokens });
   // The AWS Lambda MicroVMs API (docs/aws-api.md): the same core behind AWS's protocol.
   await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl });
-  registerObserveRoutes(app, { microvms: deps.microvms, sampler: deps.sampler, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
+  registerObserveRoutes(app, { guest, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   // MCP over streamable HTTP (packages/mcp, docs/mcp.md): its tools call this API on loopback with the caller's key.
   app.route({
     method: ["GET", "POST", "DELETE"],
@@ -138,6 +235,10 @@ declare module "fastify" {
   interface FastifyContextConfig {
     /** Permission the route needs, e.g. "microvm:create"; absent: no authentication. */
     permission?: string;
+    /** A WebSocket route that also takes a one-time `?ticket=` (TerminalTickets) instead of a key. */
+    ticketed?: boolean;
+    /** The route accepts WebSocket upgrades (a wsHandler); an upgrade to any other route is a 400. */
+    upgrade?: boolean;
   }
 }
 
@@ -145,18 +246,66 @@ export function errorBody(code: ErrorCode, message: string, details?: Record<str
   return { error: { code, message, ...(details ? { details } : {}) } };
 }
 
-/** Maps any thrown error to a registered code; only ApiError and client errors keep their message. */
+/** `url` with the values of credential parameters replaced, for logs. */
+export function redactUrl(url: string): string {
+  const q = url.indexOf("?");
+  if (q < 0) return url;
+  const params = url
+    .slice(q + 1)
+    .split("&")
+    .map((pair) => {
+      const eq = pair.indexOf("=");
+      const name = eq < 0 ? pair : pair.slice(0, eq);
+      let decoded = name;
+      try {
+        decoded = decodeURIComponent(name);
+      } catch {
+        // an undecodable name is no credential of ours
+      }
+      return SECRET_PARAMS.has(decoded) ? `${name}=[REDACTED]` : pair;
+    });
+  return `${url.slice(0, q)}?${params.join("&")}`;
+}
+
+/** Fastify's own errors for a client's mistake, by code: the status and message to answer with. */
+const FRAMEWORK_ERRORS: Record<string, [ErrorCode, (err: FastifyError) => string]> = {
+  FST_ERR_BAD_URL: ["ValidationError", () => "the URL path has an invalid percent-encoding"],
+  FST_ERR_MAX_PARAM_LENGTH: ["ValidationError", () => "a path parameter exceeds 100 characters"],
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: ["UnsupportedMediaType", (err) => err.message],
+  FST_ERR_CTP_BODY_TOO_LARGE: ["PayloadTooLarge", () => `the request body exceeds its limit of ${BODY_LIMIT_BYTES} bytes`],
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: ["ValidationError", () => "Content-Length does not match the body"],
+  FST_ERR_CTP_INVALID_JSON_BODY: ["ValidationError", () => "the body is not valid JSON"],
+};
+
+/**
+ * Maps any thrown error to a registered code, in one place: API errors, bad
+ * arguments, schema failures, Fastify's own client errors, and the guest's
+ * (AgentError: its 4xx pass on with its message; anything else from the
+ * guest is a 502, since the guest, not the server, failed). Anything else is
+ * a 500 whose details stay in the log.
+ */
 function toErrorResponse(err: FastifyError): { status: number; body: ReturnType<typeof errorBody> } {
-  if (err instanceof ApiError) return { status: err.status, body: errorBody(err.code, err.message, err.details) };
-  if (err instanceof InvalidArgumentError) return { status: 400, body: errorBody("ValidationError", err.message, { field: err.field }) };
+  const answer = (code: ErrorCode, message: string, details?: Record<string, unknown>) => ({ status: ERROR_CODES[code].status, body: errorBody(code, message, details) });
+  if (err instanceof ApiError) return answer(err.code, err.message, err.details);
+  if (err instanceof InvalidArgumentError) return answer("ValidationError", err.message, { field: err.field });
+  if (err instanceof AgentError) {
+    if (err.status === 404) return answer("NotFound", err.message);
+    if (err.status === 409) return answer("Conflict", err.message);
+    if (err.status === 400) return answer(err.code === "CommandNotFound" ? "CommandNotFound" : "ValidationError", err.message);
+    return answer("BadGateway", `the microVM's agent failed: ${err.message}`);
+  }
   if (err.validation) {
     const first = err.validation[0];
     const field = `${err.validationContext ?? "body"}${first?.instancePath?.replace(/\//g, ".") ?? ""}`;
-    return { status: 400, body: errorBody("ValidationError", `${field} ${first?.message ?? "is invalid"}`, { field }) };
+    return answer("ValidationError", `${field} ${first?.message ?? "is invalid"}`, { field });
   }
-  if (err.statusCode === 413) return { status: 413, body: errorBody("PayloadTooLarge", err.message) };
-  if (err.statusCode && err.statusCode >= 400 && err.statusCode < 500) {
-    return { status: 400, body: errorBody("ValidationError", err.message) };
-  }
-  return { status: 500, body: errorBody("Internal", "internal error; see the server log") };
+  const known = err.code ? FRAMEWORK_ERRORS[err.code] : undefined;
+  if (known) return answer(known[0], known[1](err));
+  // JSON.parse's SyntaxError (Fastify sets 400), proto poisoning, and any other client error Fastify raises.
+  if (err.statusCode === 413) return answer("PayloadTooLarge", err.message);
+  if (err.statusCode === 415) return answer("UnsupportedMediaType", err.message);
+  if (err.statusCode && err.statusCode >= 400 && err.statusCode < 500) return answer("ValidationError", err.message);
+  // A body so deeply nested that a parser ran out of stack is the client's doing.
+  if (err instanceof RangeError && /call stack/i.test(err.message)) return answer("ValidationError", "the body is nested too deeply");
+  return answer("Internal", "internal error; see the server log");
 }

@@ -1,6 +1,5 @@
 import { EventEmitter } from "node:events";
-import { createWriteStream, type WriteStream } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { createReadStream, createWriteStream, type WriteStream } from "node:fs";
 import { PassThrough, type Readable } from "node:stream";
 
 /** Past this, a build log keeps only its start and end in memory (the file has everything). */
@@ -66,9 +65,11 @@ export class BuildLog extends EventEmitter {
   }
 }
 
-/** A finished build's log, from its file. */
+/** A finished build's log, streamed from its file (it may be large: never read whole); empty if there is none. */
 export async function readBuildLog(path: string): Promise<Readable> {
   const out = new PassThrough();
-  out.end(await readFile(path).catch(() => Buffer.alloc(0)));
+  const file = createReadStream(path).on("error", () => out.end());
+  out.once("close", () => file.destroy()); // the reader went away
+  file.pipe(out);
   return out;
 }

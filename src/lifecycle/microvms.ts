@@ -9,7 +9,6 @@ import { IdempotencyTokens } from "../store/idempotency.ts";
 import { checkQuota } from "../store/tenants.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
-import { AgentError, type ExecEvent, type ExecRequest } from "../vmm/agent-client.ts";
 import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
@@ -374,22 +373,6 @@ export class MicroVmService {
         return this.transition(id, tenantId, "TERMINATED", { terminated_at: new Date().toISOString() }, "terminated", `terminated (${cause})`);
       }),
     );
-  }
-
-  /**
-   * Runs a command; a SUSPENDED VM with autoResume is resumed first, one
-   * without it is a 409. Counts as activity.
-   */
-  async *exec(tenantId: string, id: string, req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {
-    const vm = await this.runningVm(tenantId, id, "exec in");
-    try {
-      yield* vm.agent.execStream(req, signal);
-    } catch (err) {
-      if (err instanceof AgentError && (err.code === "CommandNotFound" || err.code === "BadRequest")) {
-        throw new ApiError(err.code === "CommandNotFound" ? "CommandNotFound" : "ValidationError", err.message);
-      }
-      throw err;
-    }
   }
 
   /** The engine VM of a RUNNING VM (resuming it if allowed); marks activity. */

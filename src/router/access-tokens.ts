@@ -20,7 +20,10 @@ const MAX_TOKEN_LENGTH = 8192;
  * has not expired, on any server holding the secret.
  */
 export class AccessTokens {
-  constructor(private readonly secret: Buffer) {}
+  /** secret: ≥32 random bytes, persisted by the caller */
+  constructor(private readonly secret: Buffer) {
+    if (secret.length < 32) throw new Error(`an access token secret needs at least 32 bytes, got ${secret.length}`);
+  }
 
   issue(claims: AccessTokenClaims): string {
     const payload = Buffer.from(JSON.stringify({ id: claims.microVmId, p: claims.ports, exp: Math.floor(claims.expiresAt.getTime() / 1000) })).toString("base64url");

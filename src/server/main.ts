@@ -1,6 +1,6 @@
 import { chmod, mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { buildApi } from "../api/server.ts";
+import { buildApi, currentRequestId } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
@@ -17,6 +17,11 @@ import { startRuntime } from "./runtime.ts";
 export async function runServer(flags: { listen?: string; dataDir?: string; metricsPublic?: boolean }): Promise<void> {
   const config = resolveServerConfig(flags);
   const log = (line: string) => console.error(`[cocoon] ${line}`);
+  // Last resort: a fault no code path handles is logged with what is known of
+  // it and the server keeps serving the other requests and VMs. Known cases
+  // never rely on this: each is handled (and tested) where it happens.
+  process.on("unhandledRejection", (reason) => log(`BUG: unhandled rejection (kept serving): ${describeFault(reason)}`));
+  process.on("uncaughtException", (err, origin) => log(`BUG: uncaught exception in ${origin} (kept serving): ${describeFault(err)}`));
   log(`data directory ${config.dataDir}`);
   // Keys, records and saved VM memory live here: the server's alone.
   await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
@@ -71,4 +76,11 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   };
   process.once("SIGINT", stop);
   process.once("SIGTERM", stop);
+}
+
+/** An unexpected error with its stack and, when an HTTP request was behind it, the request's id (its log lines carry it). */
+function describeFault(reason: unknown): string {
+  const requestId = currentRequestId();
+  const what = reason instanceof Error ? (reason.stack ?? reason.message) : String(reason);
+  return `${requestId ? `request ${requestId}: ` : ""}${what}`;
 }

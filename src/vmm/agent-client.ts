@@ -1,20 +1,49 @@
 import { randomBytes } from "node:crypto";
-import { Agent, request, type IncomingMessage } from "node:http";
+import { Agent, request, type ClientRequest, type IncomingMessage } from "node:http";
 import type { Socket } from "node:net";
 import type { Readable } from "node:stream";
+import { AgentError } from "../errors.ts";
 import { sleep } from "../util/process.ts";
 
-/** Thrown when cocoon-agent refuses a request; `code` is the agent's error code (agent/PROTOCOL.md). */
-export class AgentError extends Error {
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-  ) {
-    super(message);
-    this.name = "AgentError";
-  }
+export { AgentError };
+
+const MiB = 2 ** 20;
+
+/**
+ * What the agent (the guest: untrusted) can make the host hold or wait for.
+ * An answer past a cap, or late, is an AgentError, never memory growth or a
+ * hang. Timeouts are per call; streams (exec, logs, files, terminal) have an
+ * idle limit instead of a total one where silence is not normal.
+ */
+export interface AgentLimits {
+  /** A JSON answer (a directory listing of ~200k entries fits). */
+  jsonBytes: number;
+  /** An error answer: its message is all that is kept. */
+  errorBytes: number;
+  /** One line of exec's NDJSON stream (the agent sends ≤ 32 KiB of output per line, base64). */
+  execLineBytes: number;
+  /** Output kept per stream (stdout, stderr) by `exec`, which collects; the rest is drained and reported as truncated. */
+  execOutputBytes: number;
+  /** Until the response headers arrive, for every request. */
+  headersTimeoutMs: number;
+  /** A whole JSON call, unless the call sets its own. */
+  callTimeoutMs: number;
+  /** A transfer (file down- or upload) with no byte either way for this long is cut. */
+  idleTimeoutMs: number;
+  /** Extra time an exec may take past its own timeout (the agent kills it at the timeout and drains its output). */
+  execGraceMs: number;
 }
+
+export const AGENT_LIMITS: AgentLimits = {
+  jsonBytes: 32 * MiB,
+  errorBytes: 64 * 1024,
+  execLineBytes: 1 * MiB,
+  execOutputBytes: 4 * MiB,
+  headersTimeoutMs: 30_000,
+  callTimeoutMs: 30_000,
+  idleTimeoutMs: 60_000,
+  execGraceMs: 30_000,
+};
 
 export interface ExecRequest {
   /** argv, or a string run through `/bin/sh -c`. */
@@ -38,6 +67,8 @@ export interface ExecResult {
   stdout: string;
   stderr: string;
   durationMs: number;
+  /** Streams that produced more than AgentLimits.execOutputBytes: only their first bytes are in stdout/stderr. */
+  truncated: { stdout: boolean; stderr: boolean };
 }
 
 /** What the app did with a lifecycle hook call (agent/PROTOCOL.md `POST /hook`). */
@@ -68,19 +99,31 @@ interface RequestOpts {
   body?: Buffer | Readable;
   signal?: AbortSignal;
   headers?: Record<string, string>;
+  /** No byte either way for this long cuts the request; 0: none (streams where silence is normal). Default AgentLimits.idleTimeoutMs. */
+  idleTimeoutMs?: number;
+}
+
+interface JsonOpts extends RequestOpts {
+  /** The whole call, answer read; 0: none (an upload, bounded by its idle timeout). Default AgentLimits.callTimeoutMs. */
+  timeoutMs?: number;
 }
 
 /**
  * HTTP client for one VM's cocoon-agent, reached through the VM's forwarded
  * loopback port. Keeps connections alive: a VM answers many small requests.
+ * The agent runs in the guest, so every answer is bounded (AgentLimits).
  */
 export class AgentClient {
   private readonly agent = new Agent({ keepAlive: true, maxSockets: 64 });
+  private readonly limits: AgentLimits;
 
   constructor(
     readonly port: number,
     private token: string,
-  ) {}
+    limits: Partial<AgentLimits> = {},
+  ) {
+    this.limits = { ...AGENT_LIMITS, ...limits };
+  }
 
   /** Drops pooled connections; they die with the QEMU process anyway. */
   close(): void {
@@ -95,8 +138,7 @@ export class AgentClient {
         // A short limit per attempt: before the guest listens, a forwarder may
         // hold the connection while it retries the guest (passt backs off in
         // seconds), where a fresh attempt would get through at once.
-        const attempt = AbortSignal.timeout(1000);
-        await this.json("GET", "/health", { signal: signal ? AbortSignal.any([signal, attempt]) : attempt });
+        await this.json("GET", "/health", { signal, timeoutMs: 1000 });
         return;
       } catch (err) {
         if (signal?.aborted) throw err;
@@ -133,8 +175,9 @@ export class AgentClient {
     }
   }
 
+  /** Flushes the guest's page cache to its disk (before a snapshot); a large cache under TCG takes a while. */
   sync(): Promise<unknown> {
-    return this.json("POST", "/sync");
+    return this.json("POST", "/sync", { timeoutMs: 120_000 });
   }
 
   /** Waits for the root device to reach `sizeBytes` (the host grew it), then grows the filesystem to fill it. */
@@ -146,40 +189,71 @@ export class AgentClient {
     return this.json("PUT", "/env", { json: env });
   }
 
-  stats(): Promise<Record<string, number>> {
-    return this.json("GET", "/stats");
+  stats(signal?: AbortSignal): Promise<Record<string, number>> {
+    return this.json("GET", "/stats", { signal });
   }
 
-  /** Runs a command and yields its output as it arrives. */
+  /**
+   * Runs a command and yields its output as it arrives. The caller pulls:
+   * while it does not, the agent's stream (and the command's pipes) wait.
+   * Ends at the command's own timeout plus AgentLimits.execGraceMs at the latest.
+   */
   async *execStream(req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {
-    const res = await this.send("POST", "/exec", { json: toAgentExec(req), signal });
-    let buffered = "";
-    for await (const chunk of res) {
-      buffered += chunk.toString();
-      let nl: number;
-      while ((nl = buffered.indexOf("\n")) >= 0) {
-        const line = buffered.slice(0, nl);
-        buffered = buffered.slice(nl + 1);
-        if (line.trim()) yield fromAgentEvent(JSON.parse(line));
+    const deadline = req.timeoutMs ? AbortSignal.timeout(req.timeoutMs + this.limits.execGraceMs) : undefined;
+    const signals = [signal, deadline].filter((s): s is AbortSignal => s !== undefined);
+    const res = await this.send("POST", "/exec", { json: toAgentExec(req), signal: signals.length ? AbortSignal.any(signals) : undefined, idleTimeoutMs: 0 });
+    let buffered: Buffer = Buffer.alloc(0);
+    try {
+      for await (const chunk of res) {
+        buffered = buffered.length ? Buffer.concat([buffered, chunk as Buffer]) : (chunk as Buffer);
+        let nl: number;
+        while ((nl = buffered.indexOf(10)) >= 0) {
+          const line = buffered.subarray(0, nl);
+          buffered = buffered.subarray(nl + 1);
+          if (line.length) yield parseExecLine(line);
+        }
+        if (buffered.length > this.limits.execLineBytes) {
+          throw new AgentError(502, "BadResponse", `an exec output line from the agent exceeds ${this.limits.execLineBytes} bytes`);
+        }
       }
+    } catch (err) {
+      if (deadline?.aborted && !signal?.aborted) {
+        throw new AgentError(504, "Timeout", `the agent did not end the command within its timeout + ${this.limits.execGraceMs / 1000} s`);
+      }
+      throw err;
+    } finally {
+      res.destroy();
     }
   }
 
-  /** Runs a command to completion. */
+  /**
+   * Runs a command to completion, keeping at most AgentLimits.execOutputBytes
+   * of each stream (the rest is read and dropped, so the command is not
+   * blocked on a full pipe, and `truncated` says so).
+   */
   async exec(req: ExecRequest, signal?: AbortSignal): Promise<ExecResult> {
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
+    const cap = this.limits.execOutputBytes;
+    const kept = { stdout: [] as Buffer[], stderr: [] as Buffer[] };
+    const size = { stdout: 0, stderr: 0 };
+    const truncated = { stdout: false, stderr: false };
     for await (const ev of this.execStream(req, signal)) {
-      if (ev.type === "stdout") out.push(ev.data);
-      else if (ev.type === "stderr") err.push(ev.data);
-      else if (ev.type === "exit") {
+      if (ev.type === "stdout" || ev.type === "stderr") {
+        const room = cap - size[ev.type];
+        if (ev.data.length > room) truncated[ev.type] = true;
+        if (room > 0) {
+          const part = ev.data.subarray(0, room);
+          kept[ev.type].push(part);
+          size[ev.type] += part.length;
+        }
+      } else if (ev.type === "exit") {
         return {
           exitCode: ev.exitCode,
           signal: ev.signal,
           timedOut: ev.timedOut,
           durationMs: ev.durationMs,
-          stdout: Buffer.concat(out).toString(),
-          stderr: Buffer.concat(err).toString(),
+          stdout: Buffer.concat(kept.stdout).toString(),
+          stderr: Buffer.concat(kept.stderr).toString(),
+          truncated,
         };
       }
     }
@@ -190,7 +264,7 @@ export class AgentClient {
   async readFile(path: string, signal?: AbortSignal): Promise<IncomingMessage> {
     const res = await this.send("GET", "/files", { query: { path }, signal });
     if (!String(res.headers["content-type"]).startsWith("application/octet-stream")) {
-      res.resume();
+      res.destroy();
       throw new AgentError(409, "Conflict", `${path} is a directory`);
     }
     return res;
@@ -198,7 +272,7 @@ export class AgentClient {
 
   /** Streams `body` into a file in the guest (parents created, replaced atomically). */
   writeFile(path: string, body: Buffer | Readable, opts: { mode?: string; user?: string } = {}): Promise<{ path: string; size: number }> {
-    return this.json("PUT", "/files", { query: { path, mode: opts.mode, user: opts.user }, body });
+    return this.json("PUT", "/files", { query: { path, mode: opts.mode, user: opts.user }, body, timeoutMs: 0 });
   }
 
   async list(path: string): Promise<FileEntry[]> {
@@ -213,8 +287,9 @@ export class AgentClient {
     return this.json("POST", "/files/mkdir", { query: { path } });
   }
 
+  /** Removes a file or (recursive) a tree; a large tree under TCG takes a while. */
   remove(path: string, recursive = false): Promise<unknown> {
-    return this.json("DELETE", "/files", { query: { path, recursive } });
+    return this.json("DELETE", "/files", { query: { path, recursive }, timeoutMs: 120_000 });
   }
 
   /** Starts (or replaces) the supervised app process; `stopSignal` (default SIGTERM) is what stops it. */
@@ -228,26 +303,17 @@ export class AgentClient {
 
   /** The app's buffered output, then (with follow) new output until the stream is destroyed. */
   logs(follow: boolean, signal?: AbortSignal): Promise<IncomingMessage> {
-    return this.send("GET", "/logs", { query: { follow }, signal });
+    return this.send("GET", "/logs", { query: { follow }, signal, idleTimeoutMs: follow ? 0 : undefined });
   }
 
   /** Opens an interactive PTY; frames are described in agent/PROTOCOL.md. */
   pty(opts: { cmd?: string; cols?: number; rows?: number; user?: string; cwd?: string }): Promise<Socket> {
-    return new Promise((resolve, reject) => {
-      const req = request({
-        host: "127.0.0.1",
-        port: this.port,
-        path: `/pty${queryString(opts)}`,
-        headers: { Authorization: `Bearer ${this.token}`, Connection: "Upgrade", Upgrade: "cocoon-pty" },
-      });
-      req.on("upgrade", (_res, socket, head) => {
-        if (head.length) socket.unshift(head);
-        resolve(socket);
-      });
-      req.on("response", (res) => errorFrom(res).then(reject, reject));
-      req.on("error", reject);
-      req.end();
-    });
+    return this.upgrade(`/pty${queryString(opts)}`, "cocoon-pty");
+  }
+
+  /** A raw TCP connection to `port` on the guest's loopback, dialled by the agent (agent/PROTOCOL.md, Tunnel). */
+  tunnel(port: number): Promise<Socket> {
+    return this.upgrade(`/tunnel${queryString({ port })}`, "cocoon-tunnel");
   }
 
   /**
@@ -259,16 +325,27 @@ export class AgentClient {
     const answer = await this.json<{ status?: number; body?: string; error?: string; timedOut?: boolean; durationMs: number }>("POST", "/hook", {
       json: { port: req.port, path: req.path, body: (req.body ?? Buffer.alloc(0)).toString("base64"), contentType: req.contentType, timeoutMs: req.timeoutMs },
       // The agent keeps the hook's own limit; this one only covers an agent that stopped answering.
-      signal: AbortSignal.timeout(req.timeoutMs + 5000),
+      timeoutMs: req.timeoutMs + 5000,
     });
     return { ...answer, body: answer.body === undefined ? undefined : Buffer.from(answer.body, "base64") };
   }
 
-  async json<T = unknown>(method: string, path: string, opts: RequestOpts = {}): Promise<T> {
-    const res = await this.send(method, path, opts);
-    const chunks: Buffer[] = [];
-    for await (const c of res) chunks.push(c as Buffer);
-    return JSON.parse(Buffer.concat(chunks).toString() || "null") as T;
+  async json<T = unknown>(method: string, path: string, opts: JsonOpts = {}): Promise<T> {
+    const timeoutMs = opts.timeoutMs ?? this.limits.callTimeoutMs;
+    const deadline = timeoutMs > 0 ? AbortSignal.timeout(timeoutMs) : undefined;
+    const signals = [opts.signal, deadline].filter((s): s is AbortSignal => s !== undefined);
+    try {
+      const res = await this.send(method, path, { ...opts, signal: signals.length ? AbortSignal.any(signals) : undefined });
+      const text = (await readCapped(res, this.limits.jsonBytes, `the agent's answer to ${method} ${path}`)).toString();
+      try {
+        return JSON.parse(text || "null") as T;
+      } catch {
+        throw new AgentError(502, "BadResponse", `the agent's answer to ${method} ${path} is not JSON`);
+      }
+    } catch (err) {
+      if (deadline?.aborted && !opts.signal?.aborted) throw new AgentError(504, "Timeout", `the agent did not answer ${method} ${path} within ${timeoutMs} ms`);
+      throw err;
+    }
   }
 
   /** Sends a request; resolves with the response if it is 2xx, else rejects with an AgentError. */
@@ -281,16 +358,63 @@ export class AgentClient {
         headers["Content-Type"] = "application/json";
       }
       if (Buffer.isBuffer(payload)) headers["Content-Length"] = String(payload.length);
+      const idleTimeoutMs = opts.idleTimeoutMs ?? this.limits.idleTimeoutMs;
       const req = request(
-        { host: "127.0.0.1", port: this.port, method, path: `${path}${queryString(opts.query ?? {})}`, headers, agent: this.agent, signal: opts.signal },
+        {
+          host: "127.0.0.1",
+          port: this.port,
+          method,
+          path: `${path}${queryString(opts.query ?? {})}`,
+          headers,
+          agent: this.agent,
+          signal: opts.signal,
+          ...(idleTimeoutMs > 0 ? { timeout: idleTimeoutMs } : {}),
+        },
         (res) => {
           if ((res.statusCode ?? 500) < 300) resolve(res);
-          else errorFrom(res).then(reject, reject);
+          else errorFrom(res, this.limits.errorBytes).then(reject, reject);
         },
       );
-      req.on("error", reject);
+      req.on("timeout", () => req.destroy(new AgentError(504, "Timeout", `the agent sent nothing for ${idleTimeoutMs} ms (${method} ${path})`)));
+      this.bound(req, method, path, reject);
       if (payload === undefined || Buffer.isBuffer(payload)) req.end(payload);
       else payload.on("error", (e) => req.destroy(e)).pipe(req);
+    });
+  }
+
+  /** An HTTP upgrade to one of the agent's raw protocols; resolves with the socket after `101`. */
+  private upgrade(path: string, protocol: string): Promise<Socket> {
+    return new Promise((resolve, reject) => {
+      const req = request({
+        host: "127.0.0.1",
+        port: this.port,
+        path,
+        headers: { Authorization: `Bearer ${this.token}`, Connection: "Upgrade", Upgrade: protocol },
+      });
+      req.on("upgrade", (_res, socket, head) => {
+        socket.setTimeout(0); // a terminal or a tunnel may be silent for hours
+        if (head.length) socket.unshift(head);
+        resolve(socket);
+      });
+      req.on("response", (res) => errorFrom(res, this.limits.errorBytes).then(reject, reject));
+      this.bound(req, "GET", path, reject);
+      req.end();
+    });
+  }
+
+  /** Rejects (and ends) `req` if no response headers arrive in time; any request error rejects. */
+  private bound(req: ClientRequest, method: string, path: string, reject: (err: Error) => void): void {
+    const timer = setTimeout(
+      () => req.destroy(new AgentError(504, "Timeout", `the agent did not answer ${method} ${path.split("?")[0]} within ${this.limits.headersTimeoutMs} ms`)),
+      this.limits.headersTimeoutMs,
+    );
+    const done = () => clearTimeout(timer);
+    req.once("response", done);
+    req.once("upgrade", done);
+    req.once("close", done);
+    req.on("error", (err) => {
+      done();
+      reject(err);
     });
   }
 }
@@ -302,16 +426,48 @@ function queryString(query: Query): string {
   return s ? `?${s}` : "";
 }
 
-async function errorFrom(res: IncomingMessage): Promise<AgentError> {
+/** The whole body of `res`, or an AgentError (and the response destroyed) once it passes `maxBytes`. */
+async function readCapped(res: IncomingMessage, maxBytes: number, what: string): Promise<Buffer> {
+  const declared = Number(res.headers["content-length"] ?? 0);
+  const tooLarge = () => new AgentError(502, "BadResponse", `${what} exceeds ${maxBytes} bytes`);
+  if (declared > maxBytes) {
+    res.destroy();
+    throw tooLarge();
+  }
   const chunks: Buffer[] = [];
-  for await (const c of res) chunks.push(c as Buffer);
+  let size = 0;
+  for await (const c of res) {
+    size += (c as Buffer).length;
+    if (size > maxBytes) {
+      res.destroy();
+      throw tooLarge();
+    }
+    chunks.push(c as Buffer);
+  }
+  return Buffer.concat(chunks);
+}
+
+/** The agent's error answer as an AgentError; only its first `maxBytes` are read. */
+async function errorFrom(res: IncomingMessage, maxBytes: number): Promise<AgentError> {
+  const status = res.statusCode ?? 500;
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const c of res) {
+    chunks.push((c as Buffer).subarray(0, Math.max(0, maxBytes - size)));
+    size += (c as Buffer).length;
+    if (size >= maxBytes) {
+      res.destroy();
+      break;
+    }
+  }
   const text = Buffer.concat(chunks).toString();
   try {
-    const { error } = JSON.parse(text) as { error: { code: string; message: string } };
-    return new AgentError(res.statusCode ?? 500, error.code, error.message);
+    const { error } = JSON.parse(text) as { error?: { code?: unknown; message?: unknown } };
+    if (typeof error?.code === "string" && typeof error.message === "string") return new AgentError(status, error.code.slice(0, 64), error.message.slice(0, 2000));
   } catch {
-    return new AgentError(res.statusCode ?? 500, "Internal", text.slice(0, 500) || `agent answered ${res.statusCode}`);
+    // not the agent's JSON error: described below
   }
+  return new AgentError(status, "Internal", text.slice(0, 500) || `agent answered ${status}`);
 }
 
 function toAgentExec(req: ExecRequest): Record<string, unknown> {
@@ -325,7 +481,30 @@ function toAgentExec(req: ExecRequest): Record<string, unknown> {
   };
 }
 
-function fromAgentEvent(raw: { type: string; data?: string } & Record<string, unknown>): ExecEvent {
-  if (raw.type === "stdout" || raw.type === "stderr") return { type: raw.type, data: Buffer.from(raw.data ?? "", "base64") };
-  return raw as unknown as ExecEvent;
+/** One NDJSON line of exec's stream as an event; anything else from the guest is a BadResponse. */
+function parseExecLine(line: Buffer): ExecEvent {
+  let raw: { type?: unknown; data?: unknown; pid?: unknown; exitCode?: unknown; signal?: unknown; timedOut?: unknown; durationMs?: unknown };
+  try {
+    raw = JSON.parse(line.toString()) as typeof raw;
+  } catch {
+    throw new AgentError(502, "BadResponse", "the agent's exec stream has a line that is not JSON");
+  }
+  const num = (v: unknown) => (typeof v === "number" && Number.isFinite(v) ? v : 0);
+  switch (raw?.type) {
+    case "started":
+      return { type: "started", pid: num(raw.pid) };
+    case "stdout":
+    case "stderr":
+      return { type: raw.type, data: Buffer.from(typeof raw.data === "string" ? raw.data : "", "base64") };
+    case "exit":
+      return {
+        type: "exit",
+        exitCode: num(raw.exitCode),
+        signal: typeof raw.signal === "string" ? raw.signal : "",
+        timedOut: raw.timedOut === true,
+        durationMs: num(raw.durationMs),
+      };
+    default:
+      throw new AgentError(502, "BadResponse", "the agent's exec stream has a line of an unknown type");
+  }
 }

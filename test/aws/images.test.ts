@@ -247,9 +247,10 @@ describe("a VM of the image: hooks, port tokens, versions", () => {
     const host = `8080-${vmId}.vm.localhost`;
     for (const t of [forApp, forRange, forAll]) expect(await endpointGet(host, "/", { "x-aws-proxy-auth": t })).toEqual({ status: 200, text: "app on 8080\n" });
     expect((await endpointGet(`${vmId}.vm.localhost`, "/", { "x-aws-proxy-auth": forApp })).status).toBe(200);
-    expect((await endpointGet(host, "/", { "x-aws-proxy-auth": forOther })).status).toBe(401);
-    expect((await endpointGet(host, "/", { "x-aws-proxy-auth": `${forApp}x` })).status).toBe(401);
-    expect((await endpointGet(host, "/")).status).toBe(401);
+    // Without a credential for the port the VM's endpoint does not exist (404, as for another tenant's VM).
+    expect((await endpointGet(host, "/", { "x-aws-proxy-auth": forOther })).status).toBe(404);
+    expect((await endpointGet(host, "/", { "x-aws-proxy-auth": `${forApp}x` })).status).toBe(404);
+    expect((await endpointGet(host, "/")).status).toBe(404);
     // The expiry is in the token, signed: the same token is refused once it has passed.
     const tokens = new AccessTokens(api.secrets.derive("endpoint-access-tokens"));
     expect(tokens.verify(forApp, vmId, 8080)).toBe(true);

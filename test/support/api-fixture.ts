@@ -1,7 +1,7 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, inject } from "vitest";
-import { buildApi, type Api } from "../../src/api/server.ts";
+import { buildApi, type Api, type ApiDeps } from "../../src/api/server.ts";
 import { ImageCatalog } from "../../src/images/catalog.ts";
 import { ImageService, type ImageServiceOpts } from "../../src/images/service.ts";
 import { MicroVmService, type HostCapacity } from "../../src/lifecycle/microvms.ts";
@@ -36,7 +36,13 @@ export interface ApiContext {
  * terminated and removed after the file.
  */
 export async function useApi(
-  opts: { capacity?: HostCapacity; policyIntervalMs?: number; images?: Partial<Omit<ImageServiceOpts, "db" | "engine" | "terminateVm">> } = {},
+  opts: {
+    capacity?: HostCapacity;
+    policyIntervalMs?: number;
+    images?: Partial<Omit<ImageServiceOpts, "db" | "engine" | "terminateVm">>;
+    /** API options (request timeouts, a log stream to inspect). */
+    api?: Pick<ApiDeps, "timeouts" | "logger" | "logStream">;
+  } = {},
 ): Promise<ApiContext> {
   const dataDir = await mkdtemp(join(TEST_ROOT, "api-"));
   const db = await openDatabase(dataDir);
@@ -70,6 +76,7 @@ export async function useApi(
     metrics,
     sampler: new VmSampler(),
     logger: process.env.COCOON_TEST_LOG === "1",
+    ...opts.api,
   });
   const address = await app.listen({ host: "127.0.0.1", port: 0 });
   const ctx: ApiContext = {

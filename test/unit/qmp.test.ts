@@ -66,4 +66,39 @@ describe("QmpClient", () => {
       },
     );
   });
+
+  it("closes the connection with an error, not a throw, when the peer sends a line that is not JSON", async () => {
+    await withFakeQmp(
+      (msg, sock) => (msg.execute === "qmp_capabilities" ? sock.write(`${JSON.stringify({ return: {}, id: msg.id })}\n`) : sock.write("{not json\n")),
+      async (path) => {
+        const qmp = await QmpClient.connect(path);
+        const closed = new Promise<Error | undefined>((r) => qmp.once("close", r));
+        await expect(qmp.execute("query-status")).rejects.toThrow("QMP query-status: QMP peer sent a line that is not JSON");
+        expect((await closed)?.message).toContain("not JSON");
+        expect(qmp.isClosed).toBe(true);
+      },
+    );
+  });
+
+  it("closes the connection when a line passes its cap, without buffering the rest", async () => {
+    let written = 0;
+    await withFakeQmp(
+      (msg, sock) => {
+        if (msg.execute === "qmp_capabilities") return void sock.write(`${JSON.stringify({ return: {}, id: msg.id })}\n`);
+        // An endless line: the client must hang up, not grow.
+        const chunk = Buffer.alloc(64 * 1024, "x");
+        const pump = () => {
+          while (!sock.destroyed && sock.write(chunk)) written += chunk.length;
+          if (!sock.destroyed) sock.once("drain", pump);
+        };
+        sock.on("error", () => undefined);
+        pump();
+      },
+      async (path) => {
+        const qmp = await QmpClient.connect(path, { maxLineBytes: 1024 * 1024 });
+        await expect(qmp.execute("query-status")).rejects.toThrow("longer than 1048576 bytes");
+        expect(written).toBeLessThan(64 * 1024 * 1024);
+      },
+    );
+  });
 });

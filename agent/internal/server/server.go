@@ -159,6 +159,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m = map[string]http.HandlerFunc{"POST": s.mkdir}
 	case "/pty":
 		m = map[string]http.HandlerFunc{"GET": s.pty}
+	case "/tunnel":
+		m = map[string]http.HandlerFunc{"GET": s.tunnel}
 	case "/app":
 		m = map[string]http.HandlerFunc{"GET": s.getApp, "POST": s.postApp, "DELETE": s.deleteApp}
 	case "/logs":

@@ -110,8 +110,10 @@ export const api = {
   deleteImage: (id: string, force: boolean) => call<unknown>("DELETE", `/v1/images/${encodeURIComponent(id)}${force ? "?force=true" : ""}`),
   vmLogsPath: (id: string) => `${vmPath(id)}/logs?follow=true`,
   buildLogPath: (id: string) => `/v1/images/${encodeURIComponent(id)}/build-log?follow=true`,
-  terminalUrl: (id: string, cols: number, rows: number) => {
+  /** The terminal's WebSocket URL with a one-time ticket (30 s, one use): the API key never goes into a URL. */
+  terminalUrl: async (id: string, cols: number, rows: number, signal?: AbortSignal) => {
+    const { ticket } = await call<{ ticket: string; expiresAt: string }>("POST", `${vmPath(id)}/terminal/tickets`, { signal });
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    return `${proto}//${location.host}${vmPath(id)}/terminal?cols=${cols}&rows=${rows}&access_token=${encodeURIComponent(session.get())}`;
+    return `${proto}//${location.host}${vmPath(id)}/terminal?cols=${cols}&rows=${rows}&ticket=${encodeURIComponent(ticket)}`;
   },
 };

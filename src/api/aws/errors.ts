@@ -31,6 +31,9 @@ const FROM_COCOON: Record<ErrorCode, { type: AwsErrorType; status: number }> = {
   ValidationError: { type: "ValidationException", status: 400 },
   CommandNotFound: { type: "ValidationException", status: 400 },
   PayloadTooLarge: { type: "ValidationException", status: 400 },
+  RequestTimeout: { type: "ValidationException", status: 400 },
+  UnsupportedMediaType: { type: "ValidationException", status: 400 },
+  HeadersTooLarge: { type: "ValidationException", status: 400 },
   Unauthorized: { type: "UnrecognizedClientException", status: 403 },
   Forbidden: { type: "AccessDeniedException", status: 403 },
   NotFound: { type: "ResourceNotFoundException", status: 404 },
@@ -40,6 +43,8 @@ const FROM_COCOON: Record<ErrorCode, { type: AwsErrorType; status: number }> = {
   RateLimited: { type: "ThrottlingException", status: 429 },
   CapacityExceeded: { type: "InsufficientCapacityException", status: 500 },
   Internal: { type: "InternalServerException", status: 500 },
+  // The VM's app or agent failed, not the service: a server error the client may retry.
+  BadGateway: { type: "InternalServerException", status: 502 },
 };
 
 /** A failure that exists only at this edge (signatures, unknown operations). */

@@ -1,6 +1,7 @@
 import fastifyStatic from "@fastify/static";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { endpointHostPattern } from "../../router/endpoint.ts";
 import { REPO_ROOT } from "../../util/repo-root.ts";
 import { errorBody, type Api } from "../server.ts";
 
@@ -9,10 +10,12 @@ export const CONSOLE_DIST = join(REPO_ROOT, "packages/console/dist");
 
 /**
  * Serves the web console under /console/ (static files only; it talks to the
- * public /v1 API). Not on `{id}.{domain}` hosts: those paths belong to the VM's app.
+ * public /v1 API). Not on endpoint hosts (`{id}.{domain}`, `{port}-{id}.{domain}`):
+ * those paths belong to the VM's app.
  */
 export async function registerConsoleRoutes(app: Api, domain: string, dir = CONSOLE_DIST): Promise<void> {
-  const notVmHost = new RegExp(`^(?!vm-[0-9a-f]+\\.${domain.replace(/\./g, "\\.")}(:\\d+)?$)`);
+  const vmHost = endpointHostPattern(domain);
+  const notVmHost = new RegExp(`^(?!${vmHost.source.slice(1)})`, "i");
   const constraints = { host: notVmHost };
   app.get("/console", { constraints, schema: { hide: true } }, async (_req, reply) => reply.redirect("/console/"));
   if (!existsSync(`${dir}/index.html`)) {

@@ -8,8 +8,8 @@ import { createApiKey, createTenant, findTenant, listKeys, listTenants, QUOTA_LI
 import type { Api } from "../server.ts";
 
 const PERMISSION = Type.String({
-  pattern: "^(admin:\\*|image:(\\*|create|read|delete)|microvm:(\\*|create|read|exec|suspend|resume|terminate))$",
-  description: "e.g. microvm:*, image:read, admin:*",
+  pattern: "^(admin:\\*|image:(\\*|create|read|delete)|microvm:(\\*|create|read|exec|endpoint|suspend|resume|terminate))$",
+  description: "e.g. microvm:*, image:read, admin:*; microvm:endpoint reaches the tenant's VM endpoints with the key",
 });
 
 const S3_ALLOW = Type.Array(Type.String({ minLength: 1, maxLength: 1100 }), {

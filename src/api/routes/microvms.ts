@@ -1,14 +1,18 @@
-import { Type } from "@fastify/type-provider-typebox";
-import type { Readable } from "node:stream";
+import { Type, type TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
+import { pipeline, Transform, type Readable } from "node:stream";
 import { ApiError } from "../../errors.ts";
+import type { GuestService } from "../../lifecycle/guest.ts";
 import { LIMITS, type MicroVmService } from "../../lifecycle/microvms.ts";
 import { GRANT_LIMITS, grantAccessToken, grantShellToken } from "../../router/access-grants.ts";
 import type { AccessTokens } from "../../router/access-tokens.ts";
 import type { Db } from "../../store/db.ts";
 import type { MicroVmRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
-import { AgentError } from "../../vmm/agent-client.ts";
-import type { Api } from "../server.ts";
+import { drained } from "../../util/streams.ts";
+import { errorBody, type Api } from "../server.ts";
+
+/** The largest upload (`PUT …/files`), streamed to the guest; JSON and text bodies keep the 1 MiB limit. */
+export const UPLOAD_LIMIT_BYTES = 8 * 2 ** 30;
 
 const int = (limits: { min: number; max: number }, description: string) =>
   Type.Integer({ minimum: limits.min, maximum: limits.max, description });
@@ -83,9 +87,14 @@ const ExpiresInMinutes = Type.Integer({ minimum: GRANT_LIMITS.expiresInMinutes.m
 const TagsBody = Type.Record(Type.String({ minLength: 1, maxLength: TAG_LIMITS.keyLength }), Type.String({ maxLength: TAG_LIMITS.valueLength }), { maxProperties: 64 });
 
 /** MicroVM lifecycle, exec, files, events, access tokens and tags (API.md). */
-export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpointUrl: (id: string) => string, tokens: { access: AccessTokens; shell: AccessTokens }, db: Db): void {
-  const toView = (row: MicroVmRow) => microVmView(row, endpointUrl(row.id));
+export async function registerMicroVmRoutes(
+  app: Api,
+  deps: { microvms: MicroVmService; guest: GuestService; tokens: { access: AccessTokens; shell: AccessTokens }; db: Db; endpointUrl: (id: string) => string },
+): Promise<void> {
+  const { microvms, guest, tokens, db } = deps;
+  const toView = (row: MicroVmRow) => microVmView(row, deps.endpointUrl(row.id));
   app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody } }, async (req, reply) => {
+    if (req.body.metadata) checkMetadata(req.body.metadata);
     const row = await microvms.create(req.tenantId, req.body);
     return reply.status(201).send(toView(row));
   });
@@ -128,6 +137,7 @@ export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpoi
     events: await microvms.events(req.tenantId, req.params.id),
   }));
 
+  // Endpoint access for others: an X-aws-proxy-auth token for some ports, or one that opens GET /v1/microvms/{id}/shell.
   // Endpoint access for others: an X-aws-proxy-auth token for some ports, or one that opens GET /v1/microvms/{id}/shell.
   app.post(
     "/v1/microvms/:id/auth-tokens",
@@ -172,68 +182,101 @@ export function registerMicroVmRoutes(app: Api, microvms: MicroVmService, endpoi
     reply.raw.on("close", () => {
       if (!reply.raw.writableFinished) abort.abort();
     });
-    const events = microvms.exec(
-      req.tenantId,
-      req.params.id,
-      { command: body.command, env: body.env, cwd: body.cwd, user: body.user, stdin: body.stdin, timeoutMs: Math.round((body.timeoutSeconds ?? 60) * 1000) },
-      abort.signal,
-    );
-    if (String(req.headers.accept).includes("application/x-ndjson")) {
-      // Start the command before committing to a 200, so a missing command is still a 400.
-      const first = await events.next();
-      reply.raw.writeHead(200, { "content-type": "application/x-ndjson" });
-      for (let ev = first; !ev.done; ev = await events.next()) {
+    const exec = { command: body.command, env: body.env, cwd: body.cwd, user: body.user, stdin: body.stdin, timeoutMs: Math.round((body.timeoutSeconds ?? 60) * 1000) };
+    if (!String(req.headers.accept).includes("application/x-ndjson")) {
+      const r = await guest.exec(req.tenantId, req.params.id, exec, abort.signal);
+      const truncated = Object.fromEntries(Object.entries(r.truncated).filter(([, cut]) => cut));
+      return {
+        exitCode: r.exitCode,
+        stdout: r.stdout,
+        stderr: r.stderr,
+        durationMs: r.durationMs,
+        ...(r.timedOut ? { timedOut: true } : {}),
+        ...(Object.keys(truncated).length ? { truncated } : {}),
+      };
+    }
+    // Streamed: the command is started before committing to a 200, so a missing command is still a 400;
+    // each line waits for the client to take the last (back-pressure up to the guest's pipe).
+    const events = guest.execStream(req.tenantId, req.params.id, exec, abort.signal);
+    const first = await events.next();
+    reply.hijack();
+    const out = reply.raw;
+    out.writeHead(200, { "content-type": "application/x-ndjson", "x-request-id": req.id });
+    try {
+      for (let ev = first; !ev.done && !out.destroyed; ev = await events.next()) {
         const e = ev.value;
-        if (e.type === "stdout" || e.type === "stderr") reply.raw.write(`${JSON.stringify({ [e.type]: e.data.toString() })}\n`);
-        else if (e.type === "exit") reply.raw.write(`${JSON.stringify({ exitCode: e.exitCode, durationMs: e.durationMs, ...(e.timedOut ? { timedOut: true } : {}) })}\n`);
+        let line: string | undefined;
+        if (e.type === "stdout" || e.type === "stderr") line = JSON.stringify({ [e.type]: e.data.toString() });
+        else if (e.type === "exit") line = JSON.stringify({ exitCode: e.exitCode, durationMs: e.durationMs, ...(e.timedOut ? { timedOut: true } : {}) });
+        if (line !== undefined && !out.write(`${line}\n`)) await drained(out);
       }
-      reply.raw.end();
-      return reply;
+    } catch (err) {
+      // Headers are sent: the stream ends with the error as its last line.
+      if (!out.destroyed) out.write(`${JSON.stringify(errorBody("BadGateway", `the command's output stream failed: ${(err as Error).message}`))}\n`);
+    } finally {
+      await events.return(undefined);
+      out.end();
     }
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    for await (const e of events) {
-      if (e.type === "stdout") out.push(e.data);
-      else if (e.type === "stderr") err.push(e.data);
-      else if (e.type === "exit") {
-        return { exitCode: e.exitCode, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString(), durationMs: e.durationMs, ...(e.timedOut ? { timedOut: true } : {}) };
-      }
-    }
-    throw new ApiError("Internal", "the command's output ended before it exited");
   });
 
   app.get("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req, reply) => {
-    const vm = await microvms.runningVm(req.tenantId, req.params.id, "read files in");
-    const stat = await guestCall(() => vm.agent.stat(req.query.path));
-    if (stat.type === "dir") return { path: req.query.path, entries: await guestCall(() => vm.agent.list(req.query.path)) };
-    const file = await guestCall(() => vm.agent.readFile(req.query.path));
-    return reply.header("content-type", "application/octet-stream").header("content-length", file.headers["content-length"]).send(file);
+    const found = await guest.read(req.tenantId, req.params.id, req.query.path);
+    if ("entries" in found) return { path: req.query.path, entries: found.entries };
+    return reply.header("content-type", "application/octet-stream").header("content-length", found.sizeBytes).send(found.file);
   });
 
-  app.put("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery }, bodyLimit: 8 * 2 ** 30 }, async (req) => {
-    const vm = await microvms.runningVm(req.tenantId, req.params.id, "write files in");
-    const body = req.body as Readable | Buffer | undefined;
-    return guestCall(() => vm.agent.writeFile(req.query.path, body ?? Buffer.alloc(0)));
+  // Uploads stream to the guest, in a scope whose only parser hands over the raw
+  // body: no string parser ever holds one, and the limit is counted on the stream.
+  await app.register(async (scope) => {
+    scope.removeAllContentTypeParsers();
+    scope.addContentTypeParser("*", (_request, payload, done) => done(null, payload));
+    scope.withTypeProvider<TypeBoxTypeProvider>().put(
+      "/v1/microvms/:id/files",
+      { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } },
+      async (req) => {
+        if (Number(req.headers["content-length"] ?? 0) > UPLOAD_LIMIT_BYTES) throw tooLarge();
+        const body = req.body as Readable | undefined;
+        // pipeline, not pipe: a client that goes away mid-upload ends the upload to the guest too.
+        const limited = body ? pipeline(body, limitBytes(UPLOAD_LIMIT_BYTES), () => undefined) : Buffer.alloc(0);
+        return guest.write(req.tenantId, req.params.id, req.query.path, limited);
+      },
+    );
   });
 
   app.delete("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req) => {
-    const vm = await microvms.runningVm(req.tenantId, req.params.id, "remove files in");
-    await guestCall(() => vm.agent.remove(req.query.path, true));
+    await guest.remove(req.tenantId, req.params.id, req.query.path);
     return { path: req.query.path, removed: true };
   });
 }
 
-/** Guest-side refusals (no such file, a directory where a file was expected…) become 4xx with the agent's message. */
-async function guestCall<T>(fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if (err instanceof AgentError && err.status < 500) {
-      const code = err.status === 404 ? "NotFound" : err.status === 409 ? "Conflict" : "ValidationError";
-      throw new ApiError(code, err.message);
-    }
-    throw err;
+/** metadata is kept and answered as JSON: bounded so that it always is (JSON.stringify recurses). */
+const METADATA_LIMITS = { bytes: 64 * 1024, depth: 32 };
+
+function checkMetadata(metadata: Record<string, unknown>): void {
+  const tooDeep = () => new ApiError("ValidationError", `body.metadata must not nest deeper than ${METADATA_LIMITS.depth} levels`, { field: "body.metadata" });
+  const pending: [unknown, number][] = [[metadata, 1]];
+  while (pending.length) {
+    const [value, depth] = pending.pop()!;
+    if (typeof value !== "object" || value === null) continue;
+    if (depth > METADATA_LIMITS.depth) throw tooDeep();
+    for (const child of Object.values(value)) pending.push([child, depth + 1]);
   }
+  if (Buffer.byteLength(JSON.stringify(metadata)) > METADATA_LIMITS.bytes) {
+    throw new ApiError("ValidationError", `body.metadata must not exceed ${METADATA_LIMITS.bytes} bytes as JSON`, { field: "body.metadata" });
+  }
+}
+
+const tooLarge = () => new ApiError("PayloadTooLarge", `the upload exceeds ${UPLOAD_LIMIT_BYTES} bytes`, { limitBytes: UPLOAD_LIMIT_BYTES });
+
+/** Passes `maxBytes` through, then fails the stream with PayloadTooLarge. */
+function limitBytes(maxBytes: number): Transform {
+  let seen = 0;
+  return new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      seen += chunk.length;
+      done(seen > maxBytes ? tooLarge() : null, chunk);
+    },
+  });
 }
 
 function microVmView(row: MicroVmRow, url: string) {

@@ -1,39 +1,53 @@
 import { Type } from "@fastify/type-provider-typebox";
-import type { Socket } from "node:net";
 import type WebSocket from "ws";
 import { ApiError } from "../../errors.ts";
+import type { GuestService, PtySession } from "../../lifecycle/guest.ts";
 import type { MicroVmService } from "../../lifecycle/microvms.ts";
 import type { AccessTokens } from "../../router/access-tokens.ts";
-import { encodePtyFrame, PTY_FRAME, PtyFrameDecoder, resizeFrame } from "../../vmm/pty-frames.ts";
+import { BoundedSender, closeWebSocket } from "../../router/websocket.ts";
 import type { Api } from "../server.ts";
+import type { TerminalTickets } from "../tickets.ts";
 
+const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 64 }) });
 const TerminalQuery = Type.Object({
   cols: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 80 })),
   rows: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 24 })),
-  access_token: Type.Optional(Type.String({ maxLength: 256, description: "API key, for clients that cannot set headers (browsers)" })),
+  ticket: Type.Optional(Type.String({ maxLength: 128, description: "a one-time ticket from POST …/terminal/tickets (browsers)" })),
+  access_token: Type.Optional(Type.String({ maxLength: 256, description: "API key, for clients that can neither set headers nor get a ticket (deprecated: it ends up in URLs)" })),
 });
+/** Keystrokes typed while the VM resumes are held up to this much. */
+const MAX_PENDING_INPUT_BYTES = 1024 * 1024;
 
 /**
  * GET /v1/microvms/{id}/terminal (WebSocket): an interactive shell on a PTY.
  * Binary messages carry keystrokes in and terminal output out; a text message
  * `{"type":"resize","cols":N,"rows":N}` resizes; the server's last message is
  * `{"type":"exit","exitCode":N}`. A SUSPENDED VM is resumed first; input
- * counts as activity.
+ * counts as activity. Browsers authenticate with a one-time ticket
+ * (`POST …/terminal/tickets`, then `?ticket=`), not their key in the URL.
  */
-export function registerTerminalRoute(app: Api, microvms: MicroVmService, shellTokens: AccessTokens): void {
+export function registerTerminalRoutes(app: Api, deps: { microvms: MicroVmService; guest: GuestService; tickets: TerminalTickets; shellTokens: AccessTokens }): void {
+  const { microvms, guest, tickets, shellTokens } = deps;
+
+  app.post("/v1/microvms/:id/terminal/tickets", { config: { permission: "microvm:exec" }, schema: { params: IdParams } }, async (req, reply) => {
+    const row = await microvms.get(req.tenantId, req.params.id);
+    return reply.status(201).send(tickets.issue(req.tenantId, row.id));
+  });
+
   app.route({
     method: "GET",
     url: "/v1/microvms/:id/terminal",
-    config: { permission: "microvm:exec" },
-    schema: { params: Type.Object({ id: Type.String({ maxLength: 64 }) }), querystring: TerminalQuery },
-    // A plain GET (no upgrade) learns what this route wants, after the usual 404 for a VM it cannot see.
-    handler: async (req) => {
-      await microvms.get(req.tenantId, req.params.id);
+    config: { permission: "microvm:exec", ticketed: true, upgrade: true },
+    schema: { params: IdParams, querystring: TerminalQuery },
+    // The VM is the tenant's before anything happens: another tenant's is a 404 before the upgrade.
+    preHandler: async (req) => void (await microvms.get(req.tenantId, req.params.id)),
+    // A plain GET (no upgrade) learns what this route wants.
+    handler: async () => {
       throw new ApiError("ValidationError", "the terminal is a WebSocket: send Connection: Upgrade, Upgrade: websocket");
     },
-    wsHandler: (socket, req) => {
+    wsHandler: (socket: WebSocket, req) => {
       const { cols = 80, rows = 24 } = req.query as { cols?: number; rows?: number };
-      void serveTerminal(socket, microvms, req.tenantId, (req.params as { id: string }).id, { cols, rows });
+      return serveTerminal(socket, guest, req.tenantId, (req.params as { id: string }).id, { cols, rows });
     },
   });
 
@@ -43,25 +57,21 @@ export function registerTerminalRoute(app: Api, microvms: MicroVmService, shellT
   app.route({
     method: "GET",
     url: "/v1/microvms/:id/shell",
+    config: { upgrade: true },
     schema: {
-      params: Type.Object({ id: Type.String({ maxLength: 64 }) }),
+      params: IdParams,
       querystring: Type.Object({ cols: TerminalQuery.properties.cols, rows: TerminalQuery.properties.rows, token: Type.Optional(Type.String({ maxLength: 8192 })) }),
     },
-    handler: async (req) => {
-      await shellTarget(req.params.id, req.headers["x-aws-proxy-auth"], req.query.token);
+    // Checked before the upgrade: a refusal is an HTTP error.
+    preHandler: async (req) => {
+      req.tenantId = await shellTarget(req.params.id, req.headers["x-aws-proxy-auth"], req.query.token);
+    },
+    handler: async () => {
       throw new ApiError("ValidationError", "the shell is a WebSocket: send Connection: Upgrade, Upgrade: websocket");
     },
-    wsHandler: async (socket, req) => {
-      const { cols = 80, rows = 24, token } = req.query as { cols?: number; rows?: number; token?: string };
-      const id = (req.params as { id: string }).id;
-      let tenantId: string;
-      try {
-        tenantId = await shellTarget(id, req.headers["x-aws-proxy-auth"], token);
-      } catch (err) {
-        socket.close(1008, (err as Error).message.slice(0, 120));
-        return;
-      }
-      await serveTerminal(socket, microvms, tenantId, id, { cols, rows });
+    wsHandler: (socket: WebSocket, req) => {
+      const { cols = 80, rows = 24 } = req.query as { cols?: number; rows?: number };
+      return serveTerminal(socket, guest, req.tenantId, (req.params as { id: string }).id, { cols, rows });
     },
   });
 
@@ -77,54 +87,55 @@ export function registerTerminalRoute(app: Api, microvms: MicroVmService, shellT
 
 /**
  * One terminal session on a WebSocket: binary messages are keystrokes in and
- * output out; `{"type":"resize","cols","rows"}` resizes; the last message is
- * `{"type":"exit","exitCode"}`. A SUSPENDED VM is resumed first; input counts
- * as activity.
+ * output out (with back-pressure on the shell); `{"type":"resize","cols","rows"}`
+ * resizes; the last message is `{"type":"exit","exitCode"}`. A SUSPENDED VM is
+ * resumed first; input counts as activity once the terminal is open.
  */
-async function serveTerminal(socket: WebSocket, microvms: MicroVmService, tenantId: string, id: string, size: { cols: number; rows: number }): Promise<void> {
+async function serveTerminal(socket: WebSocket, guest: GuestService, tenantId: string, id: string, size: { cols: number; rows: number }): Promise<void> {
   // Listen at once: messages sent right after the upgrade would otherwise be
   // lost while the VM resumes. They are forwarded once the PTY is open.
-  const pending: Buffer[] = [];
-  let pty: Socket | undefined;
+  const pending: [Buffer, boolean][] = [];
+  let pendingBytes = 0;
+  let session: PtySession | undefined;
   socket.on("message", (msg: Buffer, isBinary: boolean) => {
-    void microvms.touch(id);
-    const frame = toPtyFrame(msg, isBinary);
-    if (pty) pty.write(frame);
-    else pending.push(frame);
+    if (session) return toTerminal(session, msg, isBinary);
+    pendingBytes += msg.length;
+    if (pendingBytes > MAX_PENDING_INPUT_BYTES) return closeWebSocket(socket, 1009, "too much input before the terminal opened");
+    pending.push([msg, isBinary]);
   });
   try {
-    const vm = await microvms.runningVm(tenantId, id, "open a terminal in");
-    pty = await vm.agent.pty(size);
+    session = await guest.terminal(tenantId, id, size);
   } catch (err) {
     socket.send(JSON.stringify({ type: "error", message: (err as Error).message }));
-    socket.close(1011, "terminal unavailable");
-    return;
+    return closeWebSocket(socket, 1011, "terminal unavailable");
   }
-  for (const frame of pending.splice(0)) pty.write(frame);
-  const decoder = new PtyFrameDecoder();
-  pty.on("data", (chunk: Buffer) => {
-    for (const frame of decoder.push(chunk)) {
-      if (frame.type === PTY_FRAME.data) socket.send(frame.payload);
-      else if (frame.type === PTY_FRAME.exit) {
-        socket.send(JSON.stringify({ type: "exit", exitCode: frame.payload.readInt32BE(0) }));
-        socket.close(1000);
-      }
-    }
+  const opened = session;
+  socket.on("close", () => opened.close());
+  if (socket.readyState !== socket.OPEN) return opened.close();
+  for (const [msg, isBinary] of pending.splice(0)) toTerminal(opened, msg, isBinary);
+  const output = new BoundedSender(socket, opened);
+  opened.on("data", (data: Buffer) => output.send(data, true));
+  opened.on("exit", (exitCode: number) => {
+    socket.send(JSON.stringify({ type: "exit", exitCode }));
+    closeWebSocket(socket, 1000);
   });
-  pty.on("close", () => socket.close(1000));
-  pty.on("error", () => socket.close(1011));
-  socket.on("close", () => pty?.destroy());
+  opened.on("end", (err?: Error) => closeWebSocket(socket, err ? 1011 : 1000, err ? `terminal failed: ${err.message}` : ""));
 }
 
-/** A client message as an agent frame: binary is keystrokes; text is a JSON control message, or typed text. */
-function toPtyFrame(msg: Buffer, isBinary: boolean): Buffer {
+/** A client message to the terminal: binary is keystrokes; text is a JSON control message, or typed text. */
+function toTerminal(session: PtySession, msg: Buffer, isBinary: boolean): void {
   if (!isBinary) {
     try {
-      const ctl = JSON.parse(msg.toString()) as { type?: string; cols?: number; rows?: number };
-      if (ctl.type === "resize" && ctl.cols && ctl.rows) return resizeFrame(ctl.cols, ctl.rows);
+      const ctl = JSON.parse(msg.toString()) as { type?: string; cols?: unknown; rows?: unknown };
+      if (ctl.type === "resize") {
+        const dim = (v: unknown) => (Number.isInteger(v) && (v as number) >= 1 && (v as number) <= 1000 ? (v as number) : undefined);
+        const [cols, rows] = [dim(ctl.cols), dim(ctl.rows)];
+        if (cols && rows) session.resize(cols, rows);
+        return;
+      }
     } catch {
       // not JSON: plain text typed by a simple client
     }
   }
-  return encodePtyFrame(PTY_FRAME.data, msg);
+  session.write(msg);
 }

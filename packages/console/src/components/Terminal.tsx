@@ -4,7 +4,8 @@ import { useEffect, useRef, useState } from "react";
 import { api } from "../api.ts";
 
 /**
- * xterm.js over GET /v1/microvms/{id}/terminal (WebSocket): binary frames are
+ * xterm.js over GET /v1/microvms/{id}/terminal (WebSocket, opened with a
+ * one-time ticket so the API key stays out of URLs): binary frames are
  * keystrokes and output, text frames JSON ({type:"resize"} out; {type:"exit"}
  * or {type:"error"} in). A suspended VM is resumed by the server.
  */
@@ -25,28 +26,40 @@ export function Terminal({ id }: { id: string }) {
     } catch {
       // not laid out yet
     }
-    const ws = new WebSocket(api.terminalUrl(id, term.cols, term.rows));
-    ws.binaryType = "arraybuffer";
     const encoder = new TextEncoder();
+    const abort = new AbortController();
+    let ws: WebSocket | undefined;
     setStatus("connecting… (a suspended microVM is resumed first)");
-    ws.onopen = () => {
-      setStatus("connected");
-      term.focus();
-    };
-    ws.onmessage = (ev: MessageEvent<ArrayBuffer | string>) => {
-      if (typeof ev.data !== "string") {
-        term.write(new Uint8Array(ev.data));
-        return;
-      }
-      try {
-        const msg = JSON.parse(ev.data) as { type?: string; exitCode?: number; message?: string };
-        if (msg.type === "exit") setStatus(`shell exited with status ${msg.exitCode}`);
-        else if (msg.type === "error") setStatus(`error: ${msg.message}`);
-      } catch {
-        term.write(ev.data);
-      }
-    };
-    ws.onclose = () => setStatus((s) => (s === "connected" || s.startsWith("connecting") ? "disconnected" : s));
+    // A one-time ticket first (POST with the key), then the WebSocket with the ticket.
+    api.terminalUrl(id, term.cols, term.rows, abort.signal).then(
+      (url) => {
+        if (abort.signal.aborted) return;
+        const socket = new WebSocket(url);
+        ws = socket;
+        socket.binaryType = "arraybuffer";
+        socket.onopen = () => {
+          setStatus("connected");
+          term.focus();
+        };
+        socket.onmessage = (ev: MessageEvent<ArrayBuffer | string>) => {
+          if (typeof ev.data !== "string") {
+            term.write(new Uint8Array(ev.data));
+            return;
+          }
+          try {
+            const msg = JSON.parse(ev.data) as { type?: string; exitCode?: number; message?: string };
+            if (msg.type === "exit") setStatus(`shell exited with status ${msg.exitCode}`);
+            else if (msg.type === "error") setStatus(`error: ${msg.message}`);
+          } catch {
+            term.write(ev.data);
+          }
+        };
+        socket.onclose = () => setStatus((s) => (s === "connected" || s.startsWith("connecting") ? "disconnected" : s));
+      },
+      (err: Error) => {
+        if (!abort.signal.aborted) setStatus(`error: ${err.message}`);
+      },
+    );
     // Tab belongs to the shell; Ctrl+] leaves the terminal for keyboard users (as in telnet).
     term.attachCustomKeyEventHandler((e) => {
       if (e.type === "keydown" && e.ctrlKey && e.key === "]") {
@@ -56,8 +69,8 @@ export function Terminal({ id }: { id: string }) {
       }
       return true;
     });
-    const input = term.onData((d) => ws.readyState === WebSocket.OPEN && ws.send(encoder.encode(d)));
-    const resize = term.onResize(({ cols, rows }) => ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify({ type: "resize", cols, rows })));
+    const input = term.onData((d) => ws?.readyState === WebSocket.OPEN && ws.send(encoder.encode(d)));
+    const resize = term.onResize(({ cols, rows }) => ws?.readyState === WebSocket.OPEN && ws.send(JSON.stringify({ type: "resize", cols, rows })));
     const observer = new ResizeObserver(() => {
       try {
         fit.fit();
@@ -70,7 +83,8 @@ export function Terminal({ id }: { id: string }) {
       observer.disconnect();
       input.dispose();
       resize.dispose();
-      ws.close();
+      abort.abort();
+      ws?.close();
       term.dispose();
     };
   }, [id, generation]);
