@@ -1,8 +1,11 @@
-import { access, readFile } from "node:fs/promises";
-import { join } from "node:path";
+import { readdirSync } from "node:fs";
+import { access } from "node:fs/promises";
+import { dirname, join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { ImageService, type ImageServiceOpts } from "../../src/images/service.ts";
-import { isAlive } from "../../src/util/process.ts";
+import { isAlive, processArgv } from "../../src/util/process.ts";
+import { Engine } from "../../src/vmm/engine.ts";
+import { engineConfig } from "../support/engine-fixture.ts";
 import { useApi } from "../support/api-fixture.ts";
 import { makeZip } from "../support/zip.ts";
 
@@ -30,6 +33,12 @@ async function waitBuilt(imageId: string, timeoutMs = 300_000): Promise<Record<s
     await new Promise((r) => setTimeout(r, 250));
   }
 }
+/** QEMU processes whose disk is `<dir>/disk.qcow2`. */
+const qemuPidsOf = (dir: string) =>
+  readdirSync("/proc")
+    .filter((n) => /^\d+$/.test(n))
+    .map(Number)
+    .filter((pid) => isAlive(pid) && processArgv(pid)?.[0]?.endsWith("qemu-system-x86_64") && processArgv(pid)!.some((a) => a.includes(`${dir}/disk.qcow2`)));
 const buildLog = async (imageId: string) => (await api.call("GET", `/v1/images/${imageId}/build-log`, { key: alice })).text;
 
 describe("build slots", () => {
@@ -70,17 +79,21 @@ describe("a server restart during a build", () => {
       if (Date.now() > deadline) throw new Error(`the build never reached RUN:\n${await buildLog(res.body.imageId)}`);
       await new Promise((r) => setTimeout(r, 250));
     }
-    const pid = Number(await readFile(join(dir, "build.pid"), "utf8"));
-    expect(isAlive(pid)).toBe(true);
+    // The build VM: a template QEMU whose disk is the snapshot being built.
+    const pid = qemuPidsOf(join(dir, "snapshot"))[0]!;
+    expect(pid).toBeGreaterThan(0);
 
-    // What a restarted server does first: a new service over the same database and directory.
+    // What a restarted server does first: its engine ends the template VMs an earlier one left,
+    // then a new image service over the same database and directory fails their builds.
+    const dataDir = dirname(opts.imagesDir);
+    const engine = await Engine.open(engineConfig(dataDir));
+    await engine.close();
     const restarted = new ImageService(opts);
     await restarted.start();
     const row = (await api.call("GET", `/v1/images/${res.body.imageId}`, { key: alice })).body;
     expect(row).toMatchObject({ state: "FAILED", stateReason: "the server restarted during the build" });
     await expect(access(join(dir, "snapshot"))).rejects.toThrow();
     await expect(access(join(dir, "code.zip"))).rejects.toThrow();
-    for (let i = 0; i < 40 && isAlive(pid); i++) await new Promise((r) => setTimeout(r, 100));
     expect(isAlive(pid)).toBe(false);
     await restarted.close();
 
