@@ -74,3 +74,35 @@ export function checkIntRange(field: string, value: number, limits: { min: numbe
     throw new InvalidArgumentError(field, `${field} must be an integer between ${limits.min} and ${limits.max}, got ${value}`);
   }
 }
+
+/** Thrown for a request that cannot be honoured in the VM's current status. */
+export class InvalidVmStateError extends Error {
+  constructor(
+    readonly vmId: string,
+    /** The engine's status of the VM (vmm/vm.ts VmStatus). */
+    readonly status: string,
+    action: string,
+  ) {
+    super(`cannot ${action} microVM ${vmId}: it is ${status}`);
+    this.name = "InvalidVmStateError";
+  }
+}
+
+export class VmNotFoundError extends Error {
+  constructor(readonly vmId: string) {
+    super(`microVM ${vmId} not found`);
+    this.name = "VmNotFoundError";
+  }
+}
+
+/**
+ * Thrown when a snapshot cannot be launched or resumed on this host: it was
+ * made by another QEMU build, under another accelerator, or in an older
+ * layout. The message says what differs and what to do (rebuild the image).
+ */
+export class SnapshotIncompatibleError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "SnapshotIncompatibleError";
+  }
+}

@@ -9,7 +9,8 @@ import type { IncomingMessage } from "node:http";
 import { randomUUID } from "node:crypto";
 import type { Socket } from "node:net";
 import type { Writable } from "node:stream";
-import { AgentError, ApiError, ERROR_CODES, InvalidArgumentError, type ErrorCode } from "../errors.ts";
+import { ApiError, ERROR_CODES, type ErrorCode } from "../errors.ts";
+import { toApiError } from "./error-mapping.ts";
 import { GuestService } from "../lifecycle/guest.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
@@ -278,22 +279,14 @@ const FRAMEWORK_ERRORS: Record<string, [ErrorCode, (err: FastifyError) => string
 };
 
 /**
- * Maps any thrown error to a registered code, in one place: API errors, bad
- * arguments, schema failures, Fastify's own client errors, and the guest's
- * (AgentError: its 4xx pass on with its message; anything else from the
- * guest is a 502, since the guest, not the server, failed). Anything else is
- * a 500 whose details stay in the log.
+ * Maps any thrown error to a registered code: what is thrown below the API
+ * (`toApiError`, shared with the AWS door), schema failures, Fastify's own
+ * client errors. Anything else is a 500 whose details stay in the log.
  */
 function toErrorResponse(err: FastifyError): { status: number; body: ReturnType<typeof errorBody> } {
   const answer = (code: ErrorCode, message: string, details?: Record<string, unknown>) => ({ status: ERROR_CODES[code].status, body: errorBody(code, message, details) });
-  if (err instanceof ApiError) return answer(err.code, err.message, err.details);
-  if (err instanceof InvalidArgumentError) return answer("ValidationError", err.message, { field: err.field });
-  if (err instanceof AgentError) {
-    if (err.status === 404) return answer("NotFound", err.message);
-    if (err.status === 409) return answer("Conflict", err.message);
-    if (err.status === 400) return answer(err.code === "CommandNotFound" ? "CommandNotFound" : "ValidationError", err.message);
-    return answer("BadGateway", `the microVM's agent failed: ${err.message}`);
-  }
+  const thrown = toApiError(err);
+  if (thrown) return answer(thrown.code, thrown.message, thrown.details);
   if (err.validation) {
     const first = err.validation[0];
     const field = `${err.validationContext ?? "body"}${first?.instancePath?.replace(/\//g, ".") ?? ""}`;

@@ -15,13 +15,14 @@ import { AGENT_PORT, machinePaths, type Accelerator, type GuestMemory, type Mach
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snapshot.ts";
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
-import { InvalidVmStateError, MicroVm, newToken, newVmId, VmNotFoundError, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
+import { InvalidVmStateError, VmNotFoundError } from "../errors.ts";
+import { MicroVm, newToken, newVmId, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
 import { WarmPool } from "./warm-pool.ts";
 
 export { SNAPSHOT_FORMAT, snapshotDisk, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
 export type { DiskChain } from "./qemu.ts";
 export type { BootOpts, GuestBootAssets, TemplateVm } from "./templates.ts";
-export { InvalidVmStateError, MicroVm, newVmId, SnapshotIncompatibleError, VM_LIMITS, VmNotFoundError, type VmRecord, type VmStatus } from "./vm.ts";
+export { MicroVm, newVmId, VM_LIMITS, type VmRecord, type VmStatus } from "./vm.ts";
 
 export interface EngineConfig {
   /** Holds `vms/<name>/` (one directory per VM) and `templates/` (records of running templates). */

@@ -1,10 +1,10 @@
 import { execFileSync } from "node:child_process";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { InvalidArgumentError } from "../errors.ts";
+import { InvalidArgumentError, SnapshotIncompatibleError } from "../errors.ts";
 import { exists } from "../util/files.ts";
 import type { Accelerator, DiskChain } from "./qemu.ts";
-import { SnapshotIncompatibleError } from "./vm.ts";
+
 
 /** Layout of snapshot directories this engine writes and reads (`SnapshotManifest.formatVersion`). */
 export const SNAPSHOT_FORMAT = 3;

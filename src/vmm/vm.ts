@@ -88,37 +88,6 @@ export class MicroVm {
   }
 }
 
-/** Thrown for a request that cannot be honoured in the VM's current status. */
-export class InvalidVmStateError extends Error {
-  constructor(
-    readonly vmId: string,
-    readonly status: VmStatus,
-    action: string,
-  ) {
-    super(`cannot ${action} microVM ${vmId}: it is ${status}`);
-    this.name = "InvalidVmStateError";
-  }
-}
-
-export class VmNotFoundError extends Error {
-  constructor(readonly vmId: string) {
-    super(`microVM ${vmId} not found`);
-    this.name = "VmNotFoundError";
-  }
-}
-
-/**
- * Thrown when a snapshot cannot be launched or resumed on this host: it was
- * made by another QEMU build, under another accelerator, or in an older
- * layout. The message says what differs and what to do (rebuild the image).
- */
-export class SnapshotIncompatibleError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "SnapshotIncompatibleError";
-  }
-}
-
 /** Per-VM limits (DESIGN.md). */
 export const VM_LIMITS = { vcpus: { min: 1, max: 16 }, memoryMiB: { min: 128, max: 32768 }, diskGiB: { min: 1, max: 32 } } as const;
 

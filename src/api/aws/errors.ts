@@ -1,5 +1,6 @@
 import type { FastifyError } from "fastify";
-import { ApiError, InvalidArgumentError, type ErrorCode } from "../../errors.ts";
+import type { ErrorCode } from "../../errors.ts";
+import { toApiError } from "../error-mapping.ts";
 
 /**
  * Errors of the AWS front door, as the AWS SDK parses them: the type in the
@@ -70,18 +71,18 @@ export interface AwsErrorResponse {
 /** Maps anything thrown under the AWS door; 5xx details stay in the server log. */
 export function toAwsError(err: FastifyError | Error): AwsErrorResponse {
   if (err instanceof AwsError) return response(err.type, err.status, err.message);
-  if (err instanceof ApiError) {
-    const { type, status } = FROM_COCOON[err.code];
-    if (status >= 500 && err.code === "Internal") return response(type, status, "internal error; see the server log");
-    const d = err.details ?? {};
+  const known = toApiError(err);
+  if (known) {
+    const { type, status } = FROM_COCOON[known.code];
+    if (status >= 500 && known.code === "Internal") return response(type, status, "internal error; see the server log");
+    const d = known.details ?? {};
     const extra: Record<string, unknown> = {};
     if (typeof d.resourceId === "string") extra.resourceId = d.resourceId;
     if (typeof d.resourceType === "string") extra.resourceType = d.resourceType;
     if (type === "ServiceQuotaExceededException" && typeof d.quota === "string") extra.quotaCode = d.quota;
-    const res = response(type, status, err.message, extra);
+    const res = response(type, status, known.message, extra);
     return type === "ThrottlingException" ? { ...res, retryAfterSeconds: 5, body: { ...res.body, retryAfterSeconds: 5 } } : res;
   }
-  if (err instanceof InvalidArgumentError) return response("ValidationException", 400, err.message);
   const fastify = err as FastifyError;
   if (fastify.validation) {
     const first = fastify.validation[0];
