@@ -134,7 +134,6 @@ async function main(): Promise<void> {
     imagesDir: join(dataDir, "images"),
     rootfs: runtime.rootfs,
     assetsDir: join(root, "assets"),
-    terminateVm: async () => undefined,
     registryCaFile: registry?.caFile,
     registryPrivateAllow: LOOPBACK_REGISTRY,
     log,

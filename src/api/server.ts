@@ -195,7 +195,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db, deps.secrets);
-  if (deps.images) await registerImageRoutes(app, deps.images, deps.db, deps.microvms.connectors);
+  if (deps.images) await registerImageRoutes(app, deps.images, deps.microvms, deps.db);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
     const address = app.server.address();

@@ -37,7 +37,8 @@ export interface ImageRef {
  * snapshot are built on its first launch (base's at server start), then cached.
  */
 export class ImageCatalog {
-  private readonly built: ImageService | undefined;
+  /** The tenants' Dockerfile images, when this server builds them. */
+  readonly built: ImageService | undefined;
   private readonly shapes = new KeyedMutex();
 
   constructor(

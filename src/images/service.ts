@@ -28,7 +28,7 @@ import { DEFAULT_PULL_LIMITS, type PullLimits } from "./registry/layers.ts";
 import { PullError, RegistryPuller, type PulledImage } from "./registry/puller.ts";
 import { formatReference } from "./registry/reference.ts";
 import { prepareScratchDisk, SCRATCH_DISK_GIB } from "./scratch-disk.ts";
-import { checkImageTransition, isBuilding, type ImageState } from "./states.ts";
+import { checkImageTransition, imageStatesBefore, invalidImageState, isBuilding, type ImageState } from "./states.ts";
 
 export interface ImageServiceOpts {
   db: Db;
@@ -60,8 +60,6 @@ export interface ImageServiceOpts {
   pullLimits?: PullLimits;
   /** The key registry passwords are sealed with (made on first use; default `<imagesDir>/.credentials.key`). */
   credentialsKeyFile?: string;
-  /** Ends a microVM (DELETE ?force=true of an image it uses). */
-  terminateVm: (tenantId: string, vmId: string, cause: string) => Promise<unknown>;
   log?: (line: string) => void;
 }
 
@@ -235,6 +233,7 @@ export class ImageService {
       const root = chainRoot(plan, plan.target);
       const parent = root.kind === "image" ? parents.get(root.name)!.row : undefined;
       // Per tenant: the quota count and the insert are one step.
+      let hasSlot = false;
       const row = await this.names.run(tenantId, async () => {
         const held = await this.db.selectFrom("images").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();
         await checkQuota(this.db, tenantId, "images", Number(held?.n ?? 0), "image versions");
@@ -245,12 +244,16 @@ export class ImageService {
           .where("name", "=", req.name)
           .executeTakeFirst();
         const id = `img-${randomBytes(8).toString("hex")}`;
+        // A free build slot is taken with the check, synchronously: the row says BUILDING only
+        // when its build starts now, PENDING while it waits for a slot.
+        hasSlot = this.active.size < this.maxConcurrent;
+        if (hasSlot) this.active.set(id, { vcpus, memoryMiB });
         const newRow: ImageRow = {
           id,
           tenant_id: tenantId,
           name: req.name,
           version: (last?.v ?? 0) + 1,
-          state: "BUILDING",
+          state: hasSlot ? "BUILDING" : "PENDING",
           state_reason: null,
           created_at: new Date().toISOString(),
           ready_at: null,
@@ -275,13 +278,18 @@ export class ImageService {
           egress_connectors: req.egressConnectors ? JSON.stringify(req.egressConnectors) : null,
           aws_fields: req.awsFields ? JSON.stringify(req.awsFields) : null,
         };
-        await mkdir(this.dirOf(id), { recursive: true });
-        await rename(req.code.path, join(this.dirOf(id), "code.zip"));
-        await this.db.insertInto("images").values(newRow).execute();
-        if (req.tags) await tagResource(this.db, tenantId, { type: "microvm-image", id: req.name }, req.tags);
+        try {
+          if (req.tags) await tagResource(this.db, tenantId, { type: "microvm-image", id: req.name }, req.tags);
+          await mkdir(this.dirOf(id), { recursive: true });
+          await rename(req.code.path, join(this.dirOf(id), "code.zip"));
+          await this.db.insertInto("images").values(newRow).execute();
+        } catch (err) {
+          if (hasSlot) this.releaseSlot(id);
+          throw err;
+        }
         return newRow;
       });
-      this.startBuild(row, { dockerfile, buildArgs: req.buildArgs, target: req.target, env: req.env, hooks }, plan, archive, parents);
+      this.startBuild(row, hasSlot, { dockerfile, buildArgs: req.buildArgs, target: req.target, env: req.env, hooks }, plan, archive, parents);
       return row;
     } finally {
       await rm(req.code.path, { force: true });
@@ -393,12 +401,12 @@ export class ImageService {
   }
 
   /**
-   * Deletes one version (by id) or every version (by name). 409 while it is
-   * building, while microVMs use it (unless `force`: they are terminated), or
-   * while another image is built on it (its disk backs theirs; force does not
-   * override that).
+   * The image versions a delete of `idOrName` removes: one version (by id)
+   * or every version (by name). 409 while one is building, or while another
+   * image is built on it (its disk backs theirs). Which microVMs use them is
+   * the lifecycle's to check (`MicroVmService.deleteImage`); nothing changes here.
    */
-  async delete(tenantId: string, idOrName: string, force: boolean): Promise<string[]> {
+  async versionsToDelete(tenantId: string, idOrName: string): Promise<ImageRow[]> {
     if (managedImage(idOrName)) throw new ApiError("Conflict", `image ${idOrName} is managed by Cocoon and cannot be deleted`, { image: idOrName });
     const one = await this.get(tenantId, idOrName);
     const rows = one.id === idOrName ? [one] : await this.list(tenantId, { name: one.name });
@@ -410,24 +418,26 @@ export class ImageService {
         images: children.map((c) => c.id),
       });
     }
-    const users = await this.db.selectFrom("microvms").select(["id", "state"]).where("image_id", "in", ids).where("state", "!=", "TERMINATED").execute();
-    const live = users.filter((u) => u.state !== "FAILED");
-    if (live.length && !force) {
-      throw new ApiError("Conflict", `image ${idOrName} is used by ${live.length} microVM(s) (${live.map((u) => u.id).join(", ")}); terminate them or add ?force=true`, {
-        microVms: live.map((u) => u.id),
-      });
-    }
+    return rows;
+  }
+
+  /** Marks the versions DELETING: none is launched from now on. */
+  async beginDelete(rows: ImageRow[]): Promise<void> {
     for (const r of rows) await this.transition(r, "DELETING");
-    for (const u of users) await this.opts.terminateVm(tenantId, u.id, `image ${idOrName} deleted`).catch((err: Error) => this.opts.log?.(`terminating ${u.id}: ${err.message}`));
+  }
+
+  /** Removes the versions (files, rows) once nothing uses them, and the name's tags with its last version. */
+  async finishDelete(tenantId: string, rows: ImageRow[]): Promise<void> {
     for (const r of rows) await this.removeRow(r);
-    const left = await this.db.selectFrom("images").select("id").where("tenant_id", "=", tenantId).where("name", "=", one.name).executeTakeFirst();
-    if (!left) await deleteTags(this.db, tenantId, { type: "microvm-image", id: one.name });
-    return ids;
+    const name = rows[0]?.name;
+    const left = name && (await this.db.selectFrom("images").select("id").where("tenant_id", "=", tenantId).where("name", "=", name).executeTakeFirst());
+    if (name && !left) await deleteTags(this.db, tenantId, { type: "microvm-image", id: name });
   }
 
   // ---- builds ------------------------------------------------------------------
 
-  private startBuild(row: ImageRow, source: BuildSource, createPlan: BuildPlan, archive: CodeArchive, parents: Parents): void {
+  /** Runs a build: at once if `hasSlot` (taken at create), else once a slot is handed over (PENDING → BUILDING). */
+  private startBuild(row: ImageRow, hasSlot: boolean, source: BuildSource, createPlan: BuildPlan, archive: CodeArchive, parents: Parents): void {
     const dir = this.dirOf(row.id);
     const log = new BuildLog(join(dir, "build.log"));
     this.logs.set(row.id, log);
@@ -437,10 +447,12 @@ export class ImageService {
       const started = Date.now();
       try {
         log.line(`==> image ${row.name} version ${row.version} (${row.id}); Dockerfile ${row.dockerfile_digest}, code ${row.code_digest}`);
-        if (this.active.size >= this.maxConcurrent) {
+        if (!hasSlot) {
           log.line(`==> waiting for a build slot (${this.active.size} builds running)`);
           await new Promise<void>((resolve, reject) => {
+            // Taken synchronously when the slot is handed over: no other build can take it meanwhile.
             const take = () => {
+              this.active.set(row.id, { vcpus: row.vcpus, memoryMiB: row.memory_mib });
               controller.signal.removeEventListener("abort", cancel);
               resolve();
             };
@@ -452,16 +464,15 @@ export class ImageService {
             controller.signal.addEventListener("abort", cancel, { once: true });
           });
         }
-        this.active.set(row.id, { vcpus: row.vcpus, memoryMiB: row.memory_mib });
         const timeoutMs = this.opts.buildTimeoutMs ?? 600_000;
         const timer = setTimeout(() => controller.abort(new BuildError(`the build timed out after ${Math.round(timeoutMs / 1000)} s`)), timeoutMs);
         let built: { plan: BuildPlan; diskGiB: number };
         try {
+          if (!hasSlot) await this.transition(row, "BUILDING");
           built = await this.buildStages(row, source, createPlan, archive, parents, log, controller.signal, timeoutMs);
         } finally {
           clearTimeout(timer);
-          this.active.delete(row.id);
-          this.queue.shift()?.();
+          this.releaseSlot(row.id);
         }
         const snap = join(dir, "snapshot");
         const diskBytes = await allocated(join(snap, "disk.qcow2"));
@@ -619,6 +630,12 @@ export class ImageService {
     }
   }
 
+  /** Gives a build slot back, to the first build waiting for one. */
+  private releaseSlot(imageId: string): void {
+    this.active.delete(imageId);
+    this.queue.shift()?.();
+  }
+
   /** Host capacity the builds holding a slot take (their build VMs' shapes): admission counts it (lifecycle). */
   buildsInFlight(): VmShape {
     const total = { vcpus: 0, memoryMiB: 0 };
@@ -648,9 +665,12 @@ export class ImageService {
 
   /** The only writer of images.state. */
   private async transition(row: ImageRow, to: ImageState, update: ImageUpdate = {}): Promise<void> {
-    const current = await this.db.selectFrom("images").select("state").where("id", "=", row.id).executeTakeFirstOrThrow();
-    checkImageTransition(row.id, current.state as ImageState, to, to.toLowerCase());
-    await this.db.updateTable("images").set({ ...update, state: to }).where("id", "=", row.id).execute();
+    // Conditional on the current state being one `to` may follow: an illegal transition changes nothing.
+    const done = await this.db.updateTable("images").set({ ...update, state: to }).where("id", "=", row.id).where("state", "in", imageStatesBefore(to)).executeTakeFirst();
+    if (done.numUpdatedRows === 0n) {
+      const current = await this.db.selectFrom("images").select("state").where("id", "=", row.id).executeTakeFirstOrThrow();
+      throw invalidImageState(row.id, current.state, to.toLowerCase());
+    }
   }
 }
 

@@ -393,6 +393,30 @@ export class MicroVmService {
     });
   }
 
+  /**
+   * Deletes an image version (by id) or every version of a name: 409 while
+   * microVMs use one (unless `force`: they are terminated first), while one
+   * is building, or while another image is built on it. No new VM launches
+   * from a version once its delete has begun.
+   */
+  async deleteImage(tenantId: string, idOrName: string, force: boolean): Promise<string[]> {
+    const images = this.images.built;
+    if (!images) throw new ApiError("NotFound", `image ${idOrName} not found`);
+    const rows = await images.versionsToDelete(tenantId, idOrName);
+    const ids = rows.map((r) => r.id);
+    const users = await this.db.selectFrom("microvms").select(["id", "state"]).where("tenant_id", "=", tenantId).where("image_id", "in", ids).where("state", "!=", "TERMINATED").execute();
+    const live = users.filter((u) => u.state !== "FAILED");
+    if (live.length && !force) {
+      throw new ApiError("Conflict", `image ${idOrName} is used by ${live.length} microVM(s) (${live.map((u) => u.id).join(", ")}); terminate them or add ?force=true`, {
+        microVms: live.map((u) => u.id),
+      });
+    }
+    await images.beginDelete(rows);
+    for (const u of users) await this.terminate(tenantId, u.id, `image ${idOrName} deleted`).catch((err: Error) => this.log(`terminating ${u.id}: ${err.message}`));
+    await images.finishDelete(tenantId, rows);
+    return ids;
+  }
+
   /** The managed images (catalog): launchable by every tenant and bases of builds. */
   managedImages(): ManagedImageView[] {
     return this.images.managedImages();

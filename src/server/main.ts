@@ -43,7 +43,6 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     httpsCa: config.httpsCaFile ? await readFile(config.httpsCaFile, "utf8") : undefined,
     registryCaFile: config.registryCaFile,
     registryPrivateAllow: config.registryPrivateAllow,
-    terminateVm: (tenantId, vmId, cause) => microvms!.terminate(tenantId, vmId, cause),
     log,
   });
   await imageService.start();

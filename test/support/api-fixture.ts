@@ -39,7 +39,7 @@ export async function useApi(
   opts: {
     capacity?: HostCapacity;
     policyIntervalMs?: number;
-    images?: Partial<Omit<ImageServiceOpts, "db" | "engine" | "terminateVm">>;
+    images?: Partial<Omit<ImageServiceOpts, "db" | "engine">>;
     /** API options (request timeouts, a log stream to inspect). */
     api?: Pick<ApiDeps, "timeouts" | "logger" | "logStream">;
   } = {},
@@ -58,7 +58,6 @@ export async function useApi(
     imagesDir: join(dataDir, "images"),
     rootfs: inject("rootfs"),
     assetsDir: TEST_ASSETS,
-    terminateVm: (tenantId, vmId, cause) => microvms!.terminate(tenantId, vmId, cause),
     ...opts.images,
   });
   await imageService.start();

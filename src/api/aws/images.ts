@@ -102,7 +102,7 @@ export function registerImageOperations(scope: AwsScope, deps: AwsApiDeps): void
 
   scope.delete("/microvm-images/:imageIdentifier", { config: { awsPermission: "image:delete" }, schema: { params: ImageId } }, async (req) => {
     const name = (await versionsOf(images(), req.aws.tenantId, req.params.imageIdentifier))[0]!.name;
-    await images().delete(req.aws.tenantId, name, false);
+    await deps.microvms.deleteImage(req.aws.tenantId, name, false);
     return { imageIdentifier: req.params.imageIdentifier, state: "DELETED" };
   });
 
@@ -134,7 +134,7 @@ export function registerImageOperations(scope: AwsScope, deps: AwsApiDeps): void
 
   scope.delete("/microvm-images/:imageIdentifier/versions/:imageVersion", { config: { awsPermission: "image:delete" }, schema: { params: VersionId } }, async (req) => {
     const row = await versionOf(images(), req.aws.tenantId, req.params);
-    await images().delete(req.aws.tenantId, row.id, false);
+    await deps.microvms.deleteImage(req.aws.tenantId, row.id, false);
     return { imageIdentifier: req.params.imageIdentifier, imageVersion: String(row.version), state: "DELETED" };
   });
 

@@ -7,7 +7,7 @@ import { stageStream, type StagedCode } from "../../images/intake.ts";
 import { HOOK_LIMITS, HOOK_NAMES, type ImageHooks } from "../../images/hooks.ts";
 import { managedImage, managedImages, managedImageView } from "../../images/managed.ts";
 import { IMAGE_VERSION_STATUSES, type ImageService } from "../../images/service.ts";
-import type { NetworkConnectors } from "../../lifecycle/connectors.ts";
+import type { MicroVmService } from "../../lifecycle/microvms.ts";
 import type { Db } from "../../store/db.ts";
 import type { ImageRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
@@ -63,7 +63,8 @@ const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 128 })
  * zip) or JSON with `codeUri`; list, describe, build log, delete.
  * Registered in its own scope so that @fastify/multipart parses only here.
  */
-export async function registerImageRoutes(root: Api, images: ImageService, db: Db, connectors: NetworkConnectors): Promise<void> {
+export async function registerImageRoutes(root: Api, images: ImageService, microvms: MicroVmService, db: Db): Promise<void> {
+  const connectors = microvms.connectors;
   await root.register(async (scope) => {
     const app = scope.withTypeProvider<TypeBoxTypeProvider>();
     const limits = images.archiveLimits;
@@ -205,7 +206,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, db: D
         config: { permission: "image:delete" },
         schema: { params: IdParams, querystring: Type.Object({ force: Type.Optional(Type.Boolean({ default: false })) }, { additionalProperties: false }) },
       },
-      async (req) => ({ imageIds: await images.delete(req.tenantId, req.params.id, req.query.force ?? false), deleted: true }),
+      async (req) => ({ imageIds: await microvms.deleteImage(req.tenantId, req.params.id, req.query.force ?? false), deleted: true }),
     );
   });
   registerRegistryRoutes(root, images.registries);
