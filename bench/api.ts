@@ -65,9 +65,8 @@ async function main(): Promise<void> {
   const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
   const runtime = await startRuntime({ dataDir, assetsDir: join(root, "assets"), warmPoolSize: 1, log });
   const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(dataDir, "images"), assetsDir: join(root, "assets"), rootfs: runtime.rootfs, assets: runtime.assets, log });
-  let microvms: MicroVmService | undefined;
-  const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
-  microvms = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
+  const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
+  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
   await microvms.start();
   const app = await buildApi({ db, secrets, microvms, accelerator: runtime.engine.accelerator, metrics, sampler: new VmSampler() });
   await app.listen({ host: "127.0.0.1", port: 0 });

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# `npm test`: installs what is missing, type-checks, tests the agent (go test),
-# then runs the suite, which boots real microVMs.
+# `npm test`: installs what is missing, type-checks and lints, tests the agent
+# (go test), then runs the suite: the unit tier (no QEMU; alone: `npm run
+# test:unit`) and the integration tier, which boots real microVMs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 npx tsc --noEmit
+npx eslint .
 npm run typecheck -w packages/console --silent
 (cd agent && CGO_ENABLED=0 go vet ./... && CGO_ENABLED=0 go test ./...)
 npx vitest run "$@"

@@ -93,7 +93,7 @@ export function checkS3Allow(entries: readonly string[]): string[] {
     const bucket = slash < 0 ? entry : entry.slice(0, slash);
     const prefix = entry.slice(slash + 1);
     if (slash < 0 || !S3_BUCKET.test(bucket)) throw new InvalidArgumentError(field, `${field}: "${entry}" must be "bucket/" or "bucket/prefix" with an S3 bucket name (3-63 of a-z, 0-9, ".", "-")`);
-    if (prefix.length > 1024 || /[\x00-\x1f\x7f]/.test(prefix) || hasDotSegment(prefix)) throw new InvalidArgumentError(field, `${field}: the prefix must be at most 1024 characters, without control characters or . and .. segments`);
+    if (prefix.length > 1024 || /\p{Cc}/u.test(prefix) || hasDotSegment(prefix)) throw new InvalidArgumentError(field, `${field}: the prefix must be at most 1024 characters, without control characters or . and .. segments`);
     return entry;
   });
 }

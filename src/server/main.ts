@@ -31,7 +31,6 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const adminKey = await bootstrapAdminKey(db, secrets, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
   const runtime = await startRuntime({ ...config, log });
-  let microvms: MicroVmService | undefined;
   const imageService = new ImageService({
     db,
     engine: runtime.engine,
@@ -47,9 +46,9 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   });
   await imageService.start();
   const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
-  const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
+  const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
-  microvms = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });
+  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
@@ -63,12 +62,12 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   // terminals, log follows) are not waited for past a bound.
   const stop = async () => {
     log("shutting down: suspending running VMs");
-    microvms!.stop();
+    microvms.stop();
     sampler.stop();
     await Promise.race([api.close(), new Promise((resolve) => setTimeout(resolve, 10_000))]);
-    await microvms!.drain(60_000);
+    await microvms.drain(60_000);
     await imageService.close();
-    await microvms!.suspendAll();
+    await microvms.suspendAll();
     await runtime.engine.close();
     await db.destroy();
     process.exit(0);

@@ -142,7 +142,7 @@ export class AgentClient {
         return;
       } catch (err) {
         if (signal?.aborted) throw err;
-        if (Date.now() > deadline) throw new Error(`agent not ready within ${timeoutMs} ms: ${(err as Error).message}`);
+        if (Date.now() > deadline) throw new Error(`agent not ready within ${timeoutMs} ms: ${(err as Error).message}`, { cause: err });
         await sleep(50);
       }
     }

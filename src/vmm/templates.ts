@@ -133,7 +133,7 @@ export class Templates {
       } catch (err) {
         await resources.release();
         const console = await readFile(machinePaths(opts.dir).console, "utf8").catch(() => "");
-        if (attempt >= 2) throw new Error(`cold boot failed twice: ${(err as Error).message}; console: ${console.slice(-1500)}`);
+        if (attempt >= 2) throw new Error(`cold boot failed twice: ${(err as Error).message}; console: ${console.slice(-1500)}`, { cause: err });
         this.config.log?.(`cold boot attempt ${attempt} failed (${(err as Error).message}); retrying`);
       }
     }

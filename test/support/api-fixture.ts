@@ -51,7 +51,6 @@ export async function useApi(
   const engine = await Engine.open(engineConfig(dataDir));
   const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
   // The shared images directory: the default shape's snapshot is already built there.
-  let microvms: MicroVmService | undefined;
   const imageService = new ImageService({
     db,
     engine,
@@ -62,8 +61,8 @@ export async function useApi(
   });
   await imageService.start();
   const images = new ImageCatalog(engine, { db, imagesDir: TEST_IMAGES, assetsDir: TEST_ASSETS, rootfs: inject("rootfs"), assets, images: imageService });
-  const metrics = new ServerMetrics({ vmsByState: () => microvms!.countByState(), capacity: () => microvms!.usage() });
-  microvms = new MicroVmService({ db, engine, images, capacity: opts.capacity, observer: metrics });
+  const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
+  const microvms: MicroVmService = new MicroVmService({ db, engine, images, capacity: opts.capacity, observer: metrics });
   await microvms.start(opts.policyIntervalMs ?? 250);
   const app: Api = await buildApi({
     db,
@@ -83,7 +82,7 @@ export async function useApi(
     adminKey,
     db,
     engine,
-    microvms: microvms!,
+    microvms,
     images: imageService,
     secrets,
     async call(method, path, o = {}) {
@@ -111,7 +110,7 @@ export async function useApi(
     },
   };
   afterAll(async () => {
-    microvms!.stop();
+    microvms.stop();
     await app.close();
     await imageService.close();
     for (const vm of engine.list()) await engine.terminate(vm.id).catch(() => undefined);

@@ -264,7 +264,7 @@ function passtUids(): number[] {
 }
 
 function nftUids(): number[] {
-  let text = "";
+  let text: string;
   try {
     text = execFileSync("nft", ["list", "table", "inet", "cocoon"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] });
   } catch {

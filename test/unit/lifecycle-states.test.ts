@@ -7,7 +7,14 @@ describe("the MicroVM state machine", () => {
     const seen = new Set<MicroVmState>(["PENDING"]);
     for (let grew = true; grew; ) {
       grew = false;
-      for (const from of [...seen]) for (const to of MICROVM_STATES) if (canTransition(from, to) && !seen.has(to)) (seen.add(to), (grew = true));
+      for (const from of [...seen]) {
+        for (const to of MICROVM_STATES) {
+          if (canTransition(from, to) && !seen.has(to)) {
+            seen.add(to);
+            grew = true;
+          }
+        }
+      }
     }
     expect([...seen].sort()).toEqual([...MICROVM_STATES].sort());
   });

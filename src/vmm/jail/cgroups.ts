@@ -144,7 +144,7 @@ export class Cgroups {
         } catch (err) {
           const code = (err as NodeJS.ErrnoException).code;
           if (code === "ENOENT") break;
-          if (code !== "EBUSY" || attempt >= 500) throw new Error(`cannot remove cgroup ${dir}: ${(err as Error).message}`);
+          if (code !== "EBUSY" || attempt >= 500) throw new Error(`cannot remove cgroup ${dir}: ${(err as Error).message}`, { cause: err });
           await killMembers(dir);
           await sleep(10);
         }
