@@ -12,7 +12,7 @@ import { newVmId } from "../src/vmm/engine.ts";
 import type { TimedOperation } from "../src/vmm/phases.ts";
 import { qemuBuild } from "../src/vmm/snapshot.ts";
 import { startApiStack } from "./api-stack.ts";
-import { summarize, summaryTable, writeResults, type Summary } from "./stats.ts";
+import { GUEST_FORK_EXEC_US_COMMAND, summarize, summaryTable, timed, writeResults, type Summary } from "./stats.ts";
 
 const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
 const count = (name: string, dflt: number) => Number(process.env[name] ?? dflt);
@@ -22,6 +22,7 @@ const STAGGER_MS = 1500;
 const BURST = count("BENCH_BURST", 8);
 const DIRECT = count("BENCH_DIRECT", 10);
 const RESUMES = count("BENCH_RESUMES", 10);
+const EXECS = count("BENCH_EXECS", 40);
 const log = (line: string) => console.error(`[bench] ${line}`);
 
 async function main(): Promise<void> {
@@ -96,6 +97,11 @@ async function main(): Promise<void> {
       resume.push(performance.now() - t);
       resumeExec.push(performance.now() - resumed);
     }
+    log(`exec round trip ×${EXECS}`);
+    for (let i = 0; i < 10; i++) await vm.agent.exec({ command: ["true"] }); // past the first translations
+    const exec: number[] = [];
+    for (let i = 0; i < EXECS; i++) exec.push((await timed(() => vm.agent.exec({ command: ["true"] })))[1]);
+    const guestForkExecMs = Number((await vm.agent.exec({ command: GUEST_FORK_EXEC_US_COMMAND })).stdout.trim()) / 1000;
     await engine.terminate(vm.id);
     const resumePhases = phaseSummaries(phases.resume);
     const warmPhases = phaseSummaries(phases.warm);
@@ -107,6 +113,8 @@ async function main(): Promise<void> {
       burstMs: summarize(burst),
       directRestoreToFirstExecMs: summarize(direct),
       resumeToFirstExecMs: summarize(resume),
+      execRoundTripMs: summarize(exec),
+      guestForkExecMs,
       phasesMs: { directLaunch: { ...directPhases, "first exec": summarize(directExec) }, resume: { ...resumePhases, "first exec": summarize(resumeExec) }, warmPool: warmPhases },
     };
     const results = {
@@ -130,7 +138,10 @@ async function main(): Promise<void> {
         [`create → first command, burst of ${BURST}`, figures.burstMs],
         ["direct restore (no pool) → first exec", figures.directRestoreToFirstExecMs],
         ["resume → first exec", figures.resumeToFirstExecMs],
+        ["exec round trip (`true`, engine → agent)", figures.execRoundTripMs],
       ]),
+      "",
+      `- fork+exec of /bin/true inside the guest: ${guestForkExecMs} ms, so the exec path adds **${Math.round((figures.execRoundTripMs.p50 - guestForkExecMs) * 10) / 10} ms** (p50)`,
       "",
       "Where the time goes (each phase's own p50/p95; the engine's `phases`):",
       "",
