@@ -6,7 +6,9 @@
  *   resources leaked (goal: 0 and 0), the same rounds as the test
  *   (test/support/faults.ts);
  * - the server's RSS while BENCH_FLOOD_VMS VMs (default 50) each flood
- *   their exec's stdout (bounded: each answer keeps 4 MiB per stream).
+ *   their exec's stdout with FLOOD_MIB (32 MiB, 8 times what an answer keeps
+ *   of a stream: 4 MiB), all at once; small enough that every exec answers
+ *   within fetch's 300 s wait for headers under TCG.
  * Writes bench/results/faults.{json,md}.
  */
 import { execFileSync } from "node:child_process";
@@ -23,6 +25,7 @@ import { summarize, summaryTable, writeResults } from "./stats.ts";
 const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
 const ROUNDS = Number(process.env.BENCH_FAULT_ROUNDS ?? 50);
 const FLOOD_VMS = Number(process.env.BENCH_FLOOD_VMS ?? 50);
+const FLOOD_MIB = 32;
 const SEED = Number(process.env.COCOON_FAULT_SEED ?? Math.floor(Math.random() * 2 ** 31));
 const log = (line: string) => console.error(`[bench] ${line}`);
 
@@ -75,14 +78,15 @@ async function flood(): Promise<{ vms: number; baselineRssMiB: number; peakRssMi
     const sampler = setInterval(() => {
       if (server.process) peakRssMiB = Math.max(peakRssMiB, rssMiB(pid));
     }, 100);
-    log(`${FLOOD_VMS} VMs each write 256 MiB to an exec's stdout at once`);
+    log(`${FLOOD_VMS} VMs each write ${FLOOD_MIB} MiB to an exec's stdout at once`);
     const answers = await Promise.all(
-      ids.map((id) => server.call("POST", `/v1/microvms/${id}/exec`, { command: "head -c 256M /dev/zero", timeoutSeconds: 600 }, { timeoutMs: 900_000 })),
-    ).catch((err: unknown) => {
-      if (server.process) throw err;
-      throw new Error(`the server exited during the flood (${server.exitStatus()}):\n${server.output().slice(-6000)}`, { cause: err });
-    });
-    clearInterval(sampler);
+      ids.map((id) => server.call("POST", `/v1/microvms/${id}/exec`, { command: `head -c ${FLOOD_MIB}M /dev/zero`, timeoutSeconds: 290 }, { timeoutMs: 300_000 })),
+    )
+      .catch((err: unknown) => {
+        if (server.process) throw err;
+        throw new Error(`the server exited during the flood (${server.exitStatus()}):\n${server.output().slice(-6000)}`, { cause: err });
+      })
+      .finally(() => clearInterval(sampler));
     const truncated = answers.filter((a) => a.status === 200 && a.body.truncated?.stdout).length;
     const afterRssMiB = rssMiB(pid);
     for (const id of ids) await server.call("DELETE", `/v1/microvms/${id}`);
@@ -139,7 +143,7 @@ async function main(): Promise<void> {
     ...(flooded
       ? [
           "",
-          `Server RSS with ${flooded.vms} VMs each writing 256 MiB to an exec's stdout at once: ${flooded.baselineRssMiB} MiB before, peak ${flooded.peakRssMiB} MiB, ${flooded.afterRssMiB} MiB after; ${flooded.truncated} answers truncated at 4 MiB per stream.`,
+          `Server RSS with ${flooded.vms} VMs each writing ${FLOOD_MIB} MiB to an exec's stdout at once: ${flooded.baselineRssMiB} MiB before, peak ${flooded.peakRssMiB} MiB, ${flooded.afterRssMiB} MiB after; ${flooded.truncated} answers truncated at 4 MiB per stream.`,
         ]
       : []),
     "",
