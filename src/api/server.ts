@@ -137,7 +137,7 @@ function createFastify(deps: Pick<ApiDeps, "logger" | "logStream" | "timeouts">)
   }).withTypeProvider<TypeBoxTypeProvider>();
 }
 
-/** The HTTP API of API.md: routes only translate HTTP to lifecycle calls and back. */
+/** The HTTP API of docs/api.md: routes only translate HTTP to lifecycle calls and back. */
 export async function buildApi(deps: ApiDeps): Promise<Api> {
   const app = createFastify(deps);
   // The answers' shapes are named schemas (schemas.ts), components of the served document under their own names.

@@ -60,7 +60,7 @@ const checkMultipart = ajv.compile<Static<typeof CreateMultipart>>(CreateMultipa
 const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 128 }) });
 
 /**
- * MicroVM Images (API.md): create from multipart (`name`, `dockerfile`, `code`
+ * MicroVM Images (docs/api.md): create from multipart (`name`, `dockerfile`, `code`
  * zip) or JSON with `codeUri`; list, describe, build log, delete.
  * Registered in its own scope so that @fastify/multipart parses only here.
  */
@@ -246,7 +246,7 @@ async function isAdmin(db: Db, authorization: string | undefined): Promise<boole
   return key ? grants(JSON.parse(key.permissions) as string[], "admin:*") : false;
 }
 
-/** The API view of an image (API.md). */
+/** The API view of an image (docs/api.md). */
 export function imageView(row: ImageRow): ImageView {
   const config = JSON.parse(row.config) as { labels?: Record<string, string>; argv?: string[]; volumes?: string[]; stopSignal?: string };
   return {

@@ -87,7 +87,7 @@ const PortSpecBody = Type.Union([
 const ExpiresInMinutes = Type.Integer({ minimum: GRANT_LIMITS.expiresInMinutes.min, maximum: GRANT_LIMITS.expiresInMinutes.max, description: "minutes until the token expires (1–60)" });
 const TagsBody = Type.Record(Type.String({ minLength: 1, maxLength: TAG_LIMITS.keyLength }), Type.String({ maxLength: TAG_LIMITS.valueLength }), { maxProperties: 64 });
 
-/** MicroVM lifecycle, exec, files, events, access tokens and tags (API.md). */
+/** MicroVM lifecycle, exec, files, events, access tokens and tags (docs/api.md). */
 export async function registerMicroVmRoutes(
   app: Api,
   deps: { microvms: MicroVmService; guest: GuestService; tokens: { access: AccessTokens; shell: AccessTokens }; db: Db; endpointUrl: (id: string) => string },
