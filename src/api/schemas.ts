@@ -162,7 +162,8 @@ export const ImageSchema = Type.Object(
     hooks: Type.Optional(
       Type.Object({
         port: Type.Integer(),
-        hooks: Type.Record(Type.Union(HOOK_NAMES.map((n) => Type.Literal(n))), Type.Object({ timeoutSeconds: Type.Integer() }), { description: "the enabled hooks" }),
+        // Partial: a record over a union of names would require every name.
+        hooks: Type.Partial(Type.Record(Type.Union(HOOK_NAMES.map((n) => Type.Literal(n))), Type.Object({ timeoutSeconds: Type.Integer() })), { description: "the enabled hooks" }),
       }),
     ),
     description: Type.Optional(Type.String()),

@@ -77,6 +77,10 @@ describe("the OpenAPI contract", () => {
       expect(await call("POST", "/v1/microvms", key, { vcpus: 99 })).toMatchObject({ status: 400, body: { error: { code: "ValidationError" } } });
       expect(await call("GET", "/v1/microvms", undefined)).toMatchObject({ status: 401, body: { error: { code: "Unauthorized" } } });
       expect(await call("GET", "/v1/keys", key)).toMatchObject({ status: 403, body: { error: { code: "Forbidden" } } });
+      expect(await call("POST", "/v1/images", key, { name: "app" })).toMatchObject({
+        status: 400,
+        body: { error: { code: "ValidationError", message: "body must have required property 'codeUri'", details: { field: "body" } } },
+      });
       expect((await admin("DELETE", `/v1/keys/${created.body.keyId as string}`)).body).toEqual({ keyId: created.body.keyId, revoked: true });
     });
   });

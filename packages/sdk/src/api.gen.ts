@@ -493,7 +493,55 @@ export interface paths {
                 path?: never;
                 cookie?: never;
             };
-            requestBody?: never;
+            requestBody: {
+                content: {
+                    "application/json": {
+                        /** @description image name; builds of one name are versions 1, 2, … */
+                        name: string;
+                        /** @description Dockerfile text (default: Dockerfile at the archive root) */
+                        dockerfile?: string;
+                        buildArgs?: {
+                            [key: string]: string;
+                        };
+                        /** @description the Dockerfile stage to build (FROM … AS name); default the last */
+                        target?: string;
+                        /** @description vCPUs of the build and of every VM of the image (default 1) */
+                        vcpus?: number;
+                        /** @description memory of the build and of every VM of the image (default 512) */
+                        memoryMiB?: number;
+                        /** @description a managed image to build on: FROM it when the Dockerfile has none */
+                        baseImage?: string;
+                        /** @description runtime env of the app and execs, over the Dockerfile's ENV */
+                        env?: {
+                            [key: string]: string;
+                        };
+                        hooks?: {
+                            /** @description guest port of the hook listener */
+                            port: number;
+                            /** @description hooks to call (default all: ready, validate, run, suspend, resume, terminate) */
+                            enabled?: ("ready" | "validate" | "run" | "suspend" | "resume" | "terminate")[];
+                            timeoutSeconds?: {
+                                ready?: number;
+                                validate?: number;
+                                run?: number;
+                                suspend?: number;
+                                resume?: number;
+                                terminate?: number;
+                            };
+                        };
+                        description?: string;
+                        /** @description default egress connectors of the image's VMs */
+                        egressConnectors?: string[];
+                        tags?: {
+                            [key: string]: string;
+                        };
+                        /** @description idempotency: a retry with the same token and request returns the same version */
+                        clientToken?: string;
+                        /** @description s3://bucket/key, https://… or file://… (admin) */
+                        codeUri: string;
+                    };
+                };
+            };
             responses: {
                 /** @description A MicroVM image version (GET /v1/images/{id}). */
                 202: {
@@ -2641,22 +2689,22 @@ export interface components {
                 port: number;
                 /** @description the enabled hooks */
                 hooks: {
-                    ready: {
+                    ready?: {
                         timeoutSeconds: number;
                     };
-                    validate: {
+                    validate?: {
                         timeoutSeconds: number;
                     };
-                    run: {
+                    run?: {
                         timeoutSeconds: number;
                     };
-                    suspend: {
+                    suspend?: {
                         timeoutSeconds: number;
                     };
-                    resume: {
+                    resume?: {
                         timeoutSeconds: number;
                     };
-                    terminate: {
+                    terminate?: {
                         timeoutSeconds: number;
                     };
                 };
@@ -2820,6 +2868,12 @@ type ReadonlyArray<T> = [
 ] extends [
     unknown[]
 ] ? Readonly<Exclude<T, undefined>> : Readonly<Exclude<T, undefined>[]>;
+export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["hooks"]["enabled"]> = ["ready"];
+export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["hooks"]["enabled"]> = ["validate"];
+export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf2Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["hooks"]["enabled"]> = ["run"];
+export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf3Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["hooks"]["enabled"]> = ["suspend"];
+export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf4Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["hooks"]["enabled"]> = ["resume"];
+export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf5Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["hooks"]["enabled"]> = ["terminate"];
 export const pathsV1ImagesIdPatchRequestBodyContentApplicationJsonStatusAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images/{id}"]["patch"]["requestBody"]["content"]["application/json"]["status"]> = ["ACTIVE"];
 export const pathsV1ImagesIdPatchRequestBodyContentApplicationJsonStatusAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images/{id}"]["patch"]["requestBody"]["content"]["application/json"]["status"]> = ["INACTIVE"];
 export const pathsV1MicrovmsPostRequestBodyContentApplicationJsonNetworkEgressAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/microvms"]["post"]["requestBody"]["content"]["application/json"]["network"]["egress"]> = ["none"];

@@ -37,7 +37,8 @@ const JsonOnlyFields = {
       {
         port: Type.Integer({ minimum: 1, maximum: 65535, description: "guest port of the hook listener" }),
         enabled: Type.Optional(Type.Array(HookNames, { maxItems: HOOK_NAMES.length, description: "hooks to call (default all: ready, validate, run, suspend, resume, terminate)" })),
-        timeoutSeconds: Type.Optional(Type.Record(HookNames, Type.Integer({ minimum: HOOK_LIMITS.timeoutSeconds.min, maximum: HOOK_LIMITS.timeoutSeconds.max }))),
+        // Partial: a record over a union of names would require a timeout for every hook.
+        timeoutSeconds: Type.Optional(Type.Partial(Type.Record(HookNames, Type.Integer({ minimum: HOOK_LIMITS.timeoutSeconds.min, maximum: HOOK_LIMITS.timeoutSeconds.max })))),
       },
       { additionalProperties: false },
     ),
@@ -82,6 +83,9 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
           description:
             "Build an image: multipart/form-data with `name`, `dockerfile` (text or file), `code` (.zip) and optionally `buildArgs` (JSON), `target`, `vcpus`, `memoryMiB`; or JSON " +
             "`{name, codeUri, dockerfile?, buildArgs?, target?, vcpus?, memoryMiB?, baseImage?, env?, hooks?, description?, egressConnectors?, tags?, clientToken?}`. Answers 202 with the image PENDING or BUILDING.",
+          // The JSON form, documented (and checked by Fastify for application/json); a multipart body is read and
+          // checked part by part below, and a body of any other type by checkJson.
+          body: { content: { "application/json": { schema: CreateJson } } },
           response: { 202: ref("Image") },
         },
       },
