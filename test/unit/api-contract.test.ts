@@ -81,6 +81,9 @@ describe("the OpenAPI contract", () => {
         status: 400,
         body: { error: { code: "ValidationError", message: "body must have required property 'codeUri'", details: { field: "body" } } },
       });
+      // A timeout for one hook is enough (the others keep their defaults): the body passes, and the code URI is what is refused.
+      const oneTimeout = { name: "app", codeUri: "s3://elsewhere/app.zip", hooks: { port: 8080, timeoutSeconds: { ready: 5 } } };
+      expect(await call("POST", "/v1/images", key, oneTimeout)).toMatchObject({ status: 403, body: { error: { code: "Forbidden", details: { field: "codeUri" } } } });
       expect((await admin("DELETE", `/v1/keys/${created.body.keyId as string}`)).body).toEqual({ keyId: created.body.keyId, revoked: true });
     });
   });
