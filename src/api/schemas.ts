@@ -79,6 +79,7 @@ export const MicroVmSchema = Type.Object(
       appPort: Type.Optional(Type.Integer({ description: "the guest port the endpoint reaches" })),
     }),
     metadata: Type.Record(Type.String(), Type.Unknown(), { description: "the caller's labels, as given" }),
+    forkedFrom: Type.Optional(Type.String({ description: "the microVM it was forked from (POST /v1/microvms/{id}/fork)" })),
   },
   { $id: "MicroVm", description: "A microVM (GET /v1/microvms/{id})." },
 );
@@ -172,6 +173,7 @@ export const ImageSchema = Type.Object(
     volumes: Type.Optional(Type.Array(Type.String())),
     stopSignal: Type.Optional(Type.String()),
     packages: Type.Optional(Type.Array(Type.String(), { description: "a managed image's Debian packages" })),
+    sourceMicroVmId: Type.Optional(Type.String({ description: "the running microVM this image is a snapshot of (POST /v1/microvms/{id}/snapshots)" })),
   },
   { $id: "Image", description: "A MicroVM image version (GET /v1/images/{id})." },
 );

@@ -1480,6 +1480,133 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/microvms/{id}/snapshots": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    id: string;
+                };
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/json": {
+                        /** @description the image's name (a new version if it exists) */
+                        name: string;
+                    };
+                };
+            };
+            responses: {
+                /** @description A MicroVM image version (GET /v1/images/{id}). */
+                201: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Image"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "4XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "5XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/microvms/{id}/fork": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    id: string;
+                };
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/json": {
+                        /** @description new VMs (default 1) */
+                        count?: number;
+                    };
+                };
+            };
+            responses: {
+                /** @description Default Response */
+                201: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            /** @description the children, RUNNING */
+                            microVms: components["schemas"]["MicroVm"][];
+                        };
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "4XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "5XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/microvms/{id}/events": {
         parameters: {
             query?: never;
@@ -2577,6 +2704,8 @@ export interface components {
             metadata: {
                 [key: string]: unknown;
             };
+            /** @description the microVM it was forked from (POST /v1/microvms/{id}/fork) */
+            forkedFrom?: string;
         };
         /** @description One page of the tenant's microVMs, newest first (by createdAt, then microVmId, descending); the cursor is stable under inserts. */
         MicroVmPage: {
@@ -2717,6 +2846,8 @@ export interface components {
             stopSignal?: string;
             /** @description a managed image's Debian packages */
             packages?: string[];
+            /** @description the running microVM this image is a snapshot of (POST /v1/microvms/{id}/snapshots) */
+            sourceMicroVmId?: string;
         };
         /** @description The managed images first, then the tenant's own by name and version. */
         ImageList: {

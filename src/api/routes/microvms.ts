@@ -11,6 +11,7 @@ import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/ta
 import { drained } from "../../util/streams.ts";
 import { nonJson, ref, type MicroVmView } from "../schemas.ts";
 import { errorBody, type Api } from "../server.ts";
+import { imageView } from "./images.ts";
 
 /** The largest upload (`PUT …/files`), streamed to the guest; JSON and text bodies keep the 1 MiB limit. */
 export const UPLOAD_LIMIT_BYTES = 8 * 2 ** 30;
@@ -134,6 +135,23 @@ export async function registerMicroVmRoutes(
   );
   app.delete("/v1/microvms/:id", { config: { permission: "microvm:terminate" }, schema: { params: IdParams, response: { 200: ref("MicroVm") } } }, async (req) =>
     toView(await microvms.terminate(req.tenantId, req.params.id)),
+  );
+  // Named snapshots and forks of a running VM (docs/api.md): the VM runs on.
+  app.post(
+    "/v1/microvms/:id/snapshots",
+    {
+      config: { permission: "image:create" },
+      schema: { params: IdParams, body: Type.Object({ name: Type.String({ minLength: 1, maxLength: 63, description: "the image's name (a new version if it exists)" }) }, { additionalProperties: false }), response: { 201: ref("Image") } },
+    },
+    async (req, reply) => reply.status(201).send(imageView(await microvms.snapshot(req.tenantId, req.params.id, req.body.name))),
+  );
+  app.post(
+    "/v1/microvms/:id/fork",
+    {
+      config: { permission: "microvm:create" },
+      schema: { params: IdParams, body: Type.Object({ count: Type.Optional(int(LIMITS.forkCount, "new VMs (default 1)")) }, { additionalProperties: false }), response: { 201: Type.Object({ microVms: Type.Array(ref("MicroVm"), { description: "the children, RUNNING" }) }) } },
+    },
+    async (req, reply) => reply.status(201).send({ microVms: (await microvms.fork(req.tenantId, req.params.id, req.body.count ?? 1)).map(toView) }),
   );
   app.get("/v1/microvms/:id/events", { config: { permission: "microvm:read" }, schema: { params: IdParams, response: { 200: ref("MicroVmEvents") } } }, async (req) => ({
     events: await microvms.events(req.tenantId, req.params.id),
@@ -317,5 +335,6 @@ function microVmView(row: MicroVmRow, url: string): MicroVmView {
     network: { egress: JSON.parse(row.egress) as MicroVmView["network"]["egress"], ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}) },
     endpoint: { url, token: row.endpoint_token, public: row.endpoint_public === 1, ...(row.app_port ? { appPort: row.app_port } : {}) },
     metadata: JSON.parse(row.metadata) as Record<string, unknown>,
+    ...(row.forked_from ? { forkedFrom: row.forked_from } : {}),
   };
 }
