@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # `npm test`: installs what is missing, type-checks and lints, tests the agent
 # (go test), then runs the suite: the unit tier (no QEMU; alone: `npm run
-# test:unit`) and the integration tier, which boots real microVMs.
+# test:unit`) and the integration tier, which boots real microVMs. The unit
+# tier's test/unit/api-contract.test.ts fails when the committed API types
+# (packages/sdk/src/api.gen.ts) differ from the server's OpenAPI document:
+# `npm run gen:api` regenerates them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -11,6 +11,7 @@ import type { Socket } from "node:net";
 import type { Writable } from "node:stream";
 import { ApiError, ERROR_CODES, type ErrorCode } from "../errors.ts";
 import { toApiError } from "./error-mapping.ts";
+import { API_SCHEMAS, ref } from "./schemas.ts";
 import { GuestService } from "../lifecycle/guest.ts";
 import type { MicroVmService } from "../lifecycle/microvms.ts";
 import type { Db } from "../store/db.ts";
@@ -71,6 +72,8 @@ export interface ApiDeps {
   logger?: boolean;
   logStream?: Writable;
   timeouts?: Partial<ApiTimeouts>;
+  /** Check every JSON answer against its documented schema (schemas.ts); one that differs is a 500 naming the difference. The tests' servers do. */
+  checkAnswers?: boolean;
 }
 
 export type Api = ReturnType<typeof createFastify>;
@@ -134,15 +137,39 @@ function createFastify(deps: Pick<ApiDeps, "logger" | "logStream" | "timeouts">)
   }).withTypeProvider<TypeBoxTypeProvider>();
 }
 
-/** The HTTP API of API.md: routes only translate HTTP to lifecycle calls and back. */
+/** The HTTP API of docs/api.md: routes only translate HTTP to lifecycle calls and back. */
 export async function buildApi(deps: ApiDeps): Promise<Api> {
   const app = createFastify(deps);
+  // The answers' shapes are named schemas (schemas.ts), components of the served document under their own names.
+  for (const schema of API_SCHEMAS) app.addSchema(schema);
   await app.register(swagger, {
     openapi: {
-      info: { title: "Cocoon API", version: VERSION },
+      info: {
+        title: "Cocoon API",
+        version: VERSION,
+        description: "The /v1 HTTP API (docs/api.md). Errors are `{\"error\": {code, message, details?}}` (ErrorEnvelope); lists are newest first with a `nextToken` cursor.",
+      },
       components: { securitySchemes: { apiKey: { type: "http", scheme: "bearer" } } },
       security: [{ apiKey: [] }],
     },
+    refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => (typeof json.$id === "string" ? json.$id : `def-${i}`) },
+  });
+  // Response schemas document the answers; the views are typed by them (schemas.ts), and answers are sent as built
+  // (checked against them first when asked: the tests prove the document true).
+  const answers = deps.checkAnswers ? new Ajv({ strict: false, validateFormats: false, allErrors: false, schemas: API_SCHEMAS }) : undefined;
+  app.setSerializerCompiler(({ schema, method, url, httpStatus }) => {
+    if (!answers) return (data) => JSON.stringify(data);
+    const check = answers.compile(schema);
+    return (data) => {
+      if (!check(data)) throw new ApiError("Internal", `the answer of ${method} ${url} (${httpStatus}) is not as documented: ${answers.errorsText(check.errors)}`);
+      return JSON.stringify(data);
+    };
+  });
+  // Every documented route may answer an error, in the envelope.
+  app.addHook("onRoute", (route) => {
+    if (!route.url.startsWith("/v1/") || (route.schema as { hide?: boolean } | undefined)?.hide) return;
+    const schema = (route.schema ??= {}) as { response?: Record<string, unknown> };
+    schema.response = { ...schema.response, "4XX": ref("ErrorEnvelope"), "5XX": ref("ErrorEnvelope") };
   });
   // Query strings and params arrive as text and are coerced ("10" → 10); JSON
   // bodies are not: coercion would turn ["ls"] into "ls" (argv into a shell string).
@@ -187,7 +214,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     request.tenantId = await authenticate(deps.db, request.headers.authorization ?? (token ? `Bearer ${token}` : undefined), config.permission);
   });
 
-  app.get("/v1/health", { schema: { security: [] } }, async () => ({
+  app.get("/v1/health", { schema: { security: [], response: { 200: ref("Health") } } }, async () => ({
     status: "ok",
     accelerator: deps.accelerator,
     jail: deps.jail ? { enabled: true, cgroupVersion: deps.jail.cgroupVersion } : { enabled: false },

@@ -8,7 +8,7 @@ export interface VmShape {
   memoryMiB: number;
 }
 
-/** The shape of VMs created without one (API.md defaults). */
+/** The shape of VMs created without one (docs/api.md defaults). */
 export const DEFAULT_SHAPE: VmShape = { vcpus: 1, memoryMiB: 512 };
 
 /**

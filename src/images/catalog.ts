@@ -32,7 +32,7 @@ export interface ImageRef {
 
 /**
  * The images a tenant can launch: the managed images (`base`, `python`,
- * `node`; API.md), shared by every tenant, and the tenant's own READY
+ * `node`; docs/api.md), shared by every tenant, and the tenant's own READY
  * Dockerfile images (ImageService). A managed image's root filesystem and
  * snapshot are built on its first launch (base's at server start), then cached.
  */

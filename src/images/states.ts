@@ -4,7 +4,7 @@ import { IMAGE_STATES, type ImageState } from "../store/schema.ts";
 export { IMAGE_STATES, type ImageState };
 
 /**
- * Image states (DESIGN.md):
+ * Image states (docs/architecture.md):
  *
  *   PENDING ──build slot──> BUILDING ──snapshot published──> READY
  *   PENDING | BUILDING ──step failed, timeout, never ready, server restart──> FAILED

@@ -636,7 +636,7 @@ export class MicroVmService {
   }
 }
 
-/** A VM's endpoint token (API.md, Endpoints): its own for every VM, forks included. */
+/** A VM's endpoint token (docs/api.md, Endpoints): its own for every VM, forks included. */
 function newEndpointToken(): string {
   return `et_${randomBytes(24).toString("base64url")}`;
 }

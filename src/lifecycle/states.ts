@@ -5,7 +5,7 @@ import type { VmStatus } from "../vmm/engine.ts";
 export { MICROVM_STATES, type MicroVmState };
 
 /**
- * MicroVM states (DESIGN.md):
+ * MicroVM states (docs/architecture.md):
  *
  *   PENDING ──launched──> RUNNING ──suspend──> SUSPENDING ──> SUSPENDED ──resume──> RESUMING ──> RUNNING
  *   PENDING | RUNNING | SUSPENDED | FAILED ──terminate──> TERMINATING ──> TERMINATED

@@ -25,7 +25,7 @@ export interface ServerConfig {
   registryPrivateAllow: Cidr[];
 }
 
-/** Flags win over COCOON_* environment variables, which win over defaults (API.md). */
+/** Flags win over COCOON_* environment variables, which win over defaults (docs/api.md). */
 export function resolveServerConfig(flags: { listen?: string; dataDir?: string; assetsDir?: string }): ServerConfig {
   const listen = flags.listen ?? process.env.COCOON_LISTEN ?? "127.0.0.1:7070";
   const match = /^(.*):(\d+)$/.exec(listen);

@@ -7,7 +7,7 @@ import type { Accelerator } from "./qemu.ts";
 
 /**
  * Picks KVM only where a guest really runs on it. `/dev/kvm` can exist and
- * still hang every guest (a nested, paravirtual hypervisor: DESIGN.md), so the
+ * still hang every guest (a nested, paravirtual hypervisor: docs/architecture.md), so the
  * probe boots the real kernel under KVM and waits for it to reach init. The
  * answer is cached per host boot and kernel in `<cacheDir>/accelerator.json`.
  * `COCOON_ACCELERATOR=kvm|tcg` overrides the probe.

@@ -85,6 +85,6 @@ export async function saveState(qmp: QmpClient, socketPath: string, file: string
 export async function restoreState(qmp: QmpClient, fd: number, timeoutMs = 120_000): Promise<void> {
   await setCapabilities(qmp);
   await qmp.execute("migrate-incoming", { uri: `fd:${fd}` });
-  // `cont` before `completed` leaves the guest's network dead (DESIGN.md).
+  // `cont` before `completed` leaves the guest's network dead (docs/architecture.md).
   await waitForMigration(qmp, 2, timeoutMs);
 }

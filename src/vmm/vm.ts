@@ -94,7 +94,7 @@ export class MicroVm {
   }
 }
 
-/** Per-VM limits (DESIGN.md). */
+/** Per-VM limits (docs/api.md). */
 export const VM_LIMITS = { vcpus: { min: 1, max: 16 }, memoryMiB: { min: 128, max: 32768 }, diskGiB: { min: 1, max: 32 } } as const;
 
 export function checkShape(shape: { vcpus: number; memoryMiB: number }): void {

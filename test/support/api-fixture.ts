@@ -74,6 +74,8 @@ export async function useApi(
     metrics,
     sampler: new VmSampler(),
     logger: process.env.COCOON_TEST_LOG === "1",
+    // Every answer in every test is checked against the OpenAPI document's schemas.
+    checkAnswers: true,
     ...opts.api,
   });
   const address = await app.listen({ host: "127.0.0.1", port: 0 });

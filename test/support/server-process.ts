@@ -77,7 +77,7 @@ export async function useServerProcess(): Promise<ServerProcess> {
   };
 }
 
-/** Kills, by the pid in `vms/<id>/vm.json`, any QEMU the server left running (it daemonizes them). */
+/** Kills, by the pid in `vms/<id>/vm.json`, any QEMU the server left running (it spawns them detached). */
 async function killLeftoverQemu(dataDir: string): Promise<void> {
   const vmsDir = join(dataDir, "vms");
   for (const id of await readdir(vmsDir).catch(() => [] as string[])) {

@@ -10,7 +10,7 @@ export interface GlobalOpts {
   json?: boolean;
 }
 
-/** The server's data directory, where it writes `admin.key`: COCOON_DATA_DIR, else ~/.cocoon (API.md). */
+/** The server's data directory, where it writes `admin.key`: COCOON_DATA_DIR, else ~/.cocoon (docs/api.md). */
 export function dataDir(): string {
   return resolve(process.env.COCOON_DATA_DIR ?? join(homedir(), ".cocoon"));
 }

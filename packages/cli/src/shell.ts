@@ -2,7 +2,7 @@ import WebSocket from "ws";
 import { CliError } from "./common.ts";
 
 /**
- * `GET /v1/microvms/{id}/terminal` as a WebSocket (API.md), with the route's
+ * `GET /v1/microvms/{id}/terminal` as a WebSocket (docs/api.md), with the route's
  * framing: binary messages carry keystrokes in and terminal output out; a
  * text message `{"type":"resize","cols","rows"}` resizes the PTY; the server
  * ends with `{"type":"exit","exitCode":N}`, or `{"type":"error","message"}`.

@@ -1,7 +1,8 @@
-// The console talks to the public v1 API only (../shared/API.md), on the
+// The console talks to the public v1 API only (docs/api.md), on the
 // server it was loaded from, with the API key kept in sessionStorage.
 
-import type { ImageInfo, MicroVmEvent, MicroVmInfo, MicroVmState } from "@cocoon/sdk";
+import type { ApiErrorCode, ErrorEnvelope, Health, ImageInfo, MicroVmEvent, MicroVmInfo, MicroVmPage, MicroVmState } from "@cocoon/sdk";
+import { microVmStateValues } from "@cocoon/sdk/api";
 
 const KEY = "cocoon.apiKey";
 
@@ -11,28 +12,20 @@ export const session = {
   clear: () => sessionStorage.removeItem(KEY),
 };
 
-// The API's shapes come from the SDK's types (type-only: nothing of the SDK is bundled).
+// The API's shapes are generated from its OpenAPI document (the SDK's api.gen.ts, npm run gen:api):
+// types, and the states as a value from @cocoon/sdk/api alone (nothing else of the SDK is bundled).
 export type VmState = MicroVmState;
-export const VM_STATES: VmState[] = ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"];
+export const VM_STATES: readonly VmState[] = microVmStateValues;
 export type Vm = MicroVmInfo;
 export type VmEvent = MicroVmEvent;
-
-export interface Metrics {
-  cpuPercent?: number;
-  memoryUsedMiB?: number;
-  diskUsedMiB?: number;
-  netRxBytes?: number;
-  netTxBytes?: number;
-  samples?: { at: string; cpuPercent?: number; memoryUsedMiB?: number }[];
-}
-
+export type Metrics = import("@cocoon/sdk/api").components["schemas"]["VmMetrics"];
 export type Image = ImageInfo;
 
-/** An error answer of the API: `{error: {code, message, details: {field}}}`. */
+/** An error answer of the API (ErrorEnvelope), or the console's own `Connection` when the server cannot be reached. */
 export class ApiError extends Error {
   constructor(
     readonly status: number,
-    readonly code: string,
+    readonly code: ApiErrorCode | "Connection" | "Error",
     message: string,
     readonly field?: string,
   ) {
@@ -59,9 +52,11 @@ async function call<T>(method: string, path: string, opts: { json?: unknown; bod
   const text = await res.text();
   const parsed = text ? (safeJson(text) as unknown) : undefined;
   if (!res.ok) {
-    const e = (parsed as { error?: { code?: string; message?: string; details?: { field?: string } } } | undefined)?.error;
+    // Not every error answer is the server's (a proxy's, say): each field is checked.
+    const e = (parsed as Partial<ErrorEnvelope> | undefined)?.error;
     if (res.status === 401 && !opts.key) window.dispatchEvent(new Event("cocoon:unauthorized"));
-    throw new ApiError(res.status, e?.code ?? "Error", e?.message ?? `${method} ${path}: HTTP ${res.status}`, e?.details?.field);
+    const field = e?.details?.field;
+    throw new ApiError(res.status, e?.code ?? "Error", e?.message ?? `${method} ${path}: HTTP ${res.status}`, typeof field === "string" ? field : undefined);
   }
   return parsed as T;
 }
@@ -78,7 +73,7 @@ function safeJson(text: string): unknown {
 export async function stream(path: string, onText: (text: string) => void, signal: AbortSignal): Promise<void> {
   const res = await fetch(path, { headers: { authorization: `Bearer ${session.get()}` }, signal });
   if (!res.ok || !res.body) {
-    const e = (safeJson(await res.text()) as { error?: { message?: string } })?.error;
+    const e = (safeJson(await res.text()) as Partial<ErrorEnvelope> | undefined)?.error;
     throw new ApiError(res.status, "Error", e?.message ?? `HTTP ${res.status}`);
   }
   const reader = res.body.getReader();
@@ -93,10 +88,11 @@ export async function stream(path: string, onText: (text: string) => void, signa
 const vmPath = (id: string) => `/v1/microvms/${encodeURIComponent(id)}`;
 
 export const api = {
-  health: () => call<{ status: string; accelerator: string; version: string }>("GET", "/v1/health"),
+  health: () => call<Health>("GET", "/v1/health"),
   /** Checks a key before keeping it. */
-  check: (key: string) => call<{ microVms: Vm[] }>("GET", "/v1/microvms?limit=1", { key }),
-  listVms: (state?: string) => call<{ microVms: Vm[] }>("GET", `/v1/microvms?limit=1000${state ? `&state=${encodeURIComponent(state)}` : ""}`),
+  check: (key: string) => call<MicroVmPage>("GET", "/v1/microvms?limit=1", { key }),
+  /** The newest 1000 VMs (the API lists newest first). */
+  listVms: (state?: string) => call<MicroVmPage>("GET", `/v1/microvms?limit=1000${state ? `&state=${encodeURIComponent(state)}` : ""}`),
   getVm: (id: string) => call<Vm>("GET", vmPath(id)),
   createVm: (body: unknown) => call<Vm>("POST", "/v1/microvms", { json: body }),
   suspend: (id: string) => call<Vm>("POST", `${vmPath(id)}/suspend`),

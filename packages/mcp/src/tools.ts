@@ -1,4 +1,4 @@
-import { CocoonError, CommandNotFoundError, type CocoonClient, type Egress, type ExecResult, type MicroVmInfo, type MicroVmState } from "@cocoon/sdk";
+import { CocoonError, CommandNotFoundError, MICROVM_STATES, type CocoonClient, type Egress, type ExecResult, type MicroVmInfo, type MicroVmState } from "@cocoon/sdk";
 import { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
@@ -218,7 +218,8 @@ export function createMcpServer(client: CocoonClient): McpServer {
       title: "List sandboxes",
       description: "Lists your sandboxes, newest first (terminated ones only when asked): id, state, image, size and age.",
       inputSchema: {
-        state: z.enum(["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"]).optional().describe("only sandboxes in this state"),
+        // The API's states, from its OpenAPI document (never empty: zod wants a non-empty tuple).
+        state: z.enum(MICROVM_STATES as readonly [MicroVmState, ...MicroVmState[]]).optional().describe("only sandboxes in this state"),
       },
       annotations: { readOnlyHint: true },
     },

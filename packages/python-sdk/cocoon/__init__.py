@@ -1,4 +1,4 @@
-"""cocoon: the Python client of the Cocoon HTTP API (API.md), sync (:class:`Cocoon`)
+"""cocoon: the Python client of the Cocoon HTTP API (docs/api.md), sync (:class:`Cocoon`)
 and asyncio (:class:`AsyncCocoon`), with no dependencies beyond the standard library.
 
 >>> from cocoon import Cocoon
@@ -11,6 +11,7 @@ from ._terminal import AsyncTerminal, Terminal
 from .aio import AsyncCocoon, AsyncFiles, AsyncImages, AsyncKeys, AsyncMicroVm, AsyncMicroVmPage, AsyncMicroVms, AsyncTenants, CreatingMicroVm
 from .client import Cocoon, Files, Images, Keys, MicroVm, MicroVmPage, MicroVms, Tenants
 from .errors import (
+    BadGatewayError,
     CapacityExceededError,
     CocoonError,
     CommandNotFoundError,
@@ -21,6 +22,7 @@ from .errors import (
     InvalidStateError,
     NotFoundError,
     PayloadTooLargeError,
+    QuotaExceededError,
     RateLimitError,
     TimeoutError,
     UnauthorizedError,
@@ -37,6 +39,7 @@ from .types import (
     Health,
     IdlePolicy,
     ImageInfo,
+    ImageState,
     KeyInfo,
     Metrics,
     MetricsSample,
@@ -59,6 +62,7 @@ __all__ = [
     "AsyncMicroVms",
     "AsyncTenants",
     "AsyncTerminal",
+    "BadGatewayError",
     "CapacityExceededError",
     "Cocoon",
     "CocoonError",
@@ -78,6 +82,7 @@ __all__ = [
     "Health",
     "IdlePolicy",
     "ImageInfo",
+    "ImageState",
     "Images",
     "InternalError",
     "InvalidStateError",
@@ -93,6 +98,7 @@ __all__ = [
     "MicroVms",
     "NotFoundError",
     "PayloadTooLargeError",
+    "QuotaExceededError",
     "RateLimitError",
     "TenantInfo",
     "Tenants",

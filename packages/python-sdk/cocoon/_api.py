@@ -1,4 +1,4 @@
-"""The requests of the Cocoon API (API.md), built once for both clients: the sync
+"""The requests of the Cocoon API (docs/api.md), built once for both clients: the sync
 and async classes only send them and read the answers."""
 
 from __future__ import annotations

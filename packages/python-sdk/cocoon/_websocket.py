@@ -147,7 +147,7 @@ class FrameParser:
 
 
 class TerminalSession:
-    """The terminal route's messages (API.md, src/api/routes/terminal.ts): binary
+    """The terminal route's messages (docs/api.md, src/api/routes/terminal.ts): binary
     frames carry PTY output; text frames carry ``{"type": "exit", "exitCode"}`` or
     ``{"type": "error", "message"}``. Feeding received bytes returns the output
     and the frames to send back (pong, the close reply)."""

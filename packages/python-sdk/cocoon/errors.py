@@ -77,11 +77,15 @@ class ConflictError(CocoonError):
 
 
 class PayloadTooLargeError(CocoonError):
-    """Raised when the request body exceeds its limit (413)."""
+    """Raised when the request body (413) or its headers (431) exceed their limit."""
 
 
 class RateLimitError(CocoonError):
-    """Raised when a rate or quota limit was hit (429); retry later."""
+    """Raised when too many requests of a kind are in progress (429); retry later."""
+
+
+class QuotaExceededError(CocoonError):
+    """Raised when a quota of the tenant or of a resource is reached (429); the message names it and the limit."""
 
 
 class CapacityExceededError(CocoonError):
@@ -92,26 +96,36 @@ class InternalError(CocoonError):
     """Raised on a server fault (5xx); the server log has the details under ``request_id``."""
 
 
+class BadGatewayError(CocoonError):
+    """Raised when a VM's app or agent answered garbage or did not answer (502)."""
+
+
 class TimeoutError(CocoonError, builtins.TimeoutError):  # noqa: A001 (mirrors the TypeScript SDK's name)
-    """Raised when a call did not complete within its ``request_timeout_seconds``."""
+    """Raised when a call did not complete within its ``request_timeout_seconds``, or the server did not receive the request within its own limit (408)."""
 
 
 class ConnectionError(CocoonError, builtins.ConnectionError):  # noqa: A001
     """Raised when the server could not be reached (connection refused or reset, DNS, TLS)."""
 
 
+# Every code of the API's ErrorCode (its OpenAPI document); test/unit/api-contract.test.ts keeps them equal.
 _BY_CODE: Dict[str, Type[CocoonError]] = {
     "ValidationError": ValidationError,
     "CommandNotFound": CommandNotFoundError,
     "Unauthorized": UnauthorizedError,
     "Forbidden": ForbiddenError,
     "NotFound": NotFoundError,
+    "RequestTimeout": TimeoutError,
     "InvalidState": InvalidStateError,
     "Conflict": ConflictError,
     "PayloadTooLarge": PayloadTooLargeError,
+    "UnsupportedMediaType": ValidationError,
+    "QuotaExceeded": QuotaExceededError,
     "RateLimited": RateLimitError,
+    "HeadersTooLarge": PayloadTooLargeError,
     "CapacityExceeded": CapacityExceededError,
     "Internal": InternalError,
+    "BadGateway": BadGatewayError,
 }
 
 # For bodies without a known code (a proxy's answer, a future code): the class of the status.

@@ -1,4 +1,4 @@
-"""Resource shapes of the Cocoon API (API.md) as dataclasses with snake_case fields.
+"""Resource shapes of the Cocoon API (docs/api.md) as dataclasses with snake_case fields.
 
 Times are ISO-8601 strings as the API sends them. Each result keeps the whole
 JSON object it was read from in ``raw`` (camelCase), so fields a newer server
@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
 MicroVmState = Literal["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"]
-"""A microVM's lifecycle state: PENDING → RUNNING ⇄ (SUSPENDING → SUSPENDED → RESUMING) → TERMINATING → TERMINATED; FAILED from any."""
+"""A microVM's lifecycle state: PENDING → RUNNING → SUSPENDING → SUSPENDED → RESUMING → RUNNING;
+PENDING, RUNNING, SUSPENDED or FAILED → TERMINATING → TERMINATED; any but TERMINATED → FAILED.
+(The server's OpenAPI document's MicroVmState; test/unit/api-contract.test.ts keeps them equal.)"""
+
+ImageState = Literal["PENDING", "BUILDING", "READY", "FAILED", "DELETING"]
+"""An image's state: PENDING (waiting for a build slot) → BUILDING → READY; PENDING or BUILDING → FAILED;
+READY or FAILED → DELETING. (The OpenAPI document's ImageState, kept equal by the same test.)"""
 
 Egress = Union[Literal["none", "internet"], Dict[str, List[str]]]
 """Outbound network access as the API writes it: ``"none"``, ``"internet"``, or ``{"allow": [CIDRs and host names]}``."""
@@ -227,11 +233,11 @@ class Metrics:
 
 @dataclass
 class ImageInfo:
-    """An image (``GET /v1/images/{id}``); ``state`` is BUILDING, READY or FAILED."""
+    """An image (``GET /v1/images/{id}``); ``state`` is an :data:`ImageState`."""
 
     image_id: str
     name: str
-    state: str
+    state: ImageState
     created_at: str
     state_reason: Optional[str] = None
     ready_at: Optional[str] = None

@@ -5,22 +5,10 @@
  * `signal` rejects with `signal.reason` (an `AbortError`), as `fetch` does.
  */
 
-/** The error codes of the Cocoon API (API.md), plus the SDK's own `Timeout` and `Connection`. */
-export type CocoonErrorCode =
-  | "ValidationError"
-  | "CommandNotFound"
-  | "Unauthorized"
-  | "Forbidden"
-  | "NotFound"
-  | "InvalidState"
-  | "Conflict"
-  | "PayloadTooLarge"
-  | "RateLimited"
-  | "CapacityExceeded"
-  | "Internal"
-  | "Timeout"
-  | "Connection"
-  | (string & {});
+import type { ApiErrorCode } from "./types.ts";
+
+/** The error codes of the Cocoon API (generated from its OpenAPI document), plus the SDK's own `Timeout` and `Connection`. */
+export type CocoonErrorCode = ApiErrorCode | "Timeout" | "Connection" | (string & {});
 
 export interface CocoonErrorInit {
   /** The API error code, e.g. `NotFound`; `Timeout`/`Connection` for failures the SDK detects itself. */
@@ -75,33 +63,43 @@ export class NotFoundError extends CocoonError {}
 export class InvalidStateError extends CocoonError {}
 /** Thrown when the resource already exists or is in use (409). */
 export class ConflictError extends CocoonError {}
-/** Thrown when the request body exceeds its limit (413). */
+/** Thrown when the request body (413) or its headers (431) exceed their limit. */
 export class PayloadTooLargeError extends CocoonError {}
-/** Thrown when a rate or quota limit was hit (429); retry later. */
+/** Thrown when too many requests of a kind are in progress (429); retry later. */
 export class RateLimitError extends CocoonError {}
+/** Thrown when a quota of the tenant or of a resource is reached (429); the message names it and the limit. */
+export class QuotaExceededError extends CocoonError {}
 /** Thrown when the host has no capacity for the VM right now (503); retry later. */
 export class CapacityExceededError extends CocoonError {}
 /** Thrown on a server fault (5xx); the server log has the details under `requestId`. */
 export class InternalError extends CocoonError {}
-/** Thrown when a call did not complete within its `timeoutMs`. */
+/** Thrown when a VM's app or agent answered garbage or did not answer (502). */
+export class BadGatewayError extends CocoonError {}
+/** Thrown when a call did not complete within its `timeoutMs`, or the server did not receive the request within its own limit (408). */
 export class TimeoutError extends CocoonError {}
 /** Thrown when the server could not be reached (connection refused, reset, DNS). */
 export class ConnectionError extends CocoonError {}
 
 type ErrorClass = new (init: CocoonErrorInit) => CocoonError;
 
-const BY_CODE: Record<string, ErrorClass> = {
+/** Every code the API answers with has its class: a code added to the API fails to compile here until it has one. */
+const BY_CODE: Record<ApiErrorCode, ErrorClass> = {
   ValidationError,
+  UnsupportedMediaType: ValidationError,
   CommandNotFound: CommandNotFoundError,
   Unauthorized: UnauthorizedError,
   Forbidden: ForbiddenError,
   NotFound: NotFoundError,
+  RequestTimeout: TimeoutError,
   InvalidState: InvalidStateError,
   Conflict: ConflictError,
   PayloadTooLarge: PayloadTooLargeError,
+  HeadersTooLarge: PayloadTooLargeError,
   RateLimited: RateLimitError,
+  QuotaExceeded: QuotaExceededError,
   CapacityExceeded: CapacityExceededError,
   Internal: InternalError,
+  BadGateway: BadGatewayError,
 };
 
 /** For bodies without a known code (a proxy's answer, a future code): the class of the status. */
@@ -129,6 +127,6 @@ export function errorFromResponse(status: number, bodyText: string, requestId: s
   const message = typeof parsed?.message === "string" ? parsed.message : `HTTP ${status}${bodyText ? `: ${bodyText.slice(0, 200)}` : ""}`;
   const details = parsed?.details && typeof parsed.details === "object" ? (parsed.details as Record<string, unknown>) : undefined;
   const fallback = BY_STATUS[status] ?? (status >= 500 ? (["Internal", InternalError] as const) : (["Unknown", CocoonError] as const));
-  const cls = (code && BY_CODE[code]) || fallback[1];
+  const cls = (code && Object.hasOwn(BY_CODE, code) && BY_CODE[code as ApiErrorCode]) || fallback[1];
   return new cls({ code: code ?? fallback[0], status, message, details, requestId });
 }

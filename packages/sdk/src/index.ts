@@ -1,5 +1,5 @@
 /**
- * @cocoon/sdk — the TypeScript client of the Cocoon HTTP API (API.md), built
+ * @cocoon/sdk — the TypeScript client of the Cocoon HTTP API (docs/api.md), built
  * on the global fetch, with no runtime dependencies.
  */
 export { CocoonClient, DEFAULT_TIMEOUT_MS, type CocoonClientOpts } from "./client.ts";
@@ -18,11 +18,15 @@ export {
   ConflictError,
   PayloadTooLargeError,
   RateLimitError,
+  QuotaExceededError,
   CapacityExceededError,
   InternalError,
+  BadGatewayError,
   TimeoutError,
   ConnectionError,
   type CocoonErrorCode,
   type CocoonErrorInit,
 } from "./errors.ts";
 export type * from "./types.ts";
+// The API's enumerations as values, from the generated types (also importable alone as @cocoon/sdk/api).
+export { microVmStateValues as MICROVM_STATES, imageStateValues as IMAGE_STATES, errorCodeValues as API_ERROR_CODES } from "./api.gen.ts";

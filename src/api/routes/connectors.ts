@@ -1,5 +1,6 @@
 import { Type } from "@fastify/type-provider-typebox";
 import type { NetworkConnectors } from "../../lifecycle/connectors.ts";
+import { ref } from "../schemas.ts";
 import type { Api } from "../server.ts";
 
 /**
@@ -22,13 +23,14 @@ export function registerConnectorRoutes(app: Api, connectors: NetworkConnectors)
           },
           { additionalProperties: false },
         ),
+        response: { 201: ref("NetworkConnector") },
       },
     },
     async (req, reply) => reply.status(201).send(await connectors.create(req.body)),
   );
-  app.get("/v1/network-connectors", { config: admin }, async () => ({ connectors: await connectors.list() }));
-  app.delete("/v1/network-connectors/:name", { config: admin, schema: { params: Type.Object({ name: Type.String({ maxLength: 64 }) }) } }, async (req) => {
+  app.get("/v1/network-connectors", { config: admin, schema: { response: { 200: Type.Object({ connectors: Type.Array(ref("NetworkConnector"), { description: "the built-in INTERNET_EGRESS first, then by name" }) }) } } }, async () => ({ connectors: await connectors.list() }));
+  app.delete("/v1/network-connectors/:name", { config: admin, schema: { params: Type.Object({ name: Type.String({ maxLength: 64 }) }), response: { 200: Type.Object({ name: Type.String(), deleted: Type.Literal(true) }) } } }, async (req) => {
     await connectors.delete(req.params.name);
-    return { name: req.params.name, deleted: true };
+    return { name: req.params.name, deleted: true as const };
   });
 }

@@ -6,13 +6,14 @@ import { ApiError } from "../../errors.ts";
 import { stageStream, type StagedCode } from "../../images/intake.ts";
 import { HOOK_LIMITS, HOOK_NAMES, type ImageHooks } from "../../images/hooks.ts";
 import { managedImage, managedImages, managedImageView } from "../../images/managed.ts";
-import { IMAGE_VERSION_STATUSES, type ImageService } from "../../images/service.ts";
+import { IMAGE_VERSION_STATUSES, type ImageService, type ImageVersionStatus } from "../../images/service.ts";
 import type { MicroVmService } from "../../lifecycle/microvms.ts";
 import type { Db } from "../../store/db.ts";
 import type { ImageRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
 import { findLiveKey } from "../../store/tenants.ts";
 import { grants } from "../auth.ts";
+import { nonJson, ref, type ImageView } from "../schemas.ts";
 import type { Api } from "../server.ts";
 import { registerRegistryRoutes } from "./registries.ts";
 
@@ -36,7 +37,8 @@ const JsonOnlyFields = {
       {
         port: Type.Integer({ minimum: 1, maximum: 65535, description: "guest port of the hook listener" }),
         enabled: Type.Optional(Type.Array(HookNames, { maxItems: HOOK_NAMES.length, description: "hooks to call (default all: ready, validate, run, suspend, resume, terminate)" })),
-        timeoutSeconds: Type.Optional(Type.Record(HookNames, Type.Integer({ minimum: HOOK_LIMITS.timeoutSeconds.min, maximum: HOOK_LIMITS.timeoutSeconds.max }))),
+        // Partial: a record over a union of names would require a timeout for every hook.
+        timeoutSeconds: Type.Optional(Type.Partial(Type.Record(HookNames, Type.Integer({ minimum: HOOK_LIMITS.timeoutSeconds.min, maximum: HOOK_LIMITS.timeoutSeconds.max })))),
       },
       { additionalProperties: false },
     ),
@@ -59,7 +61,7 @@ const checkMultipart = ajv.compile<Static<typeof CreateMultipart>>(CreateMultipa
 const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 128 }) });
 
 /**
- * MicroVM Images (API.md): create from multipart (`name`, `dockerfile`, `code`
+ * MicroVM Images (docs/api.md): create from multipart (`name`, `dockerfile`, `code`
  * zip) or JSON with `codeUri`; list, describe, build log, delete.
  * Registered in its own scope so that @fastify/multipart parses only here.
  */
@@ -80,7 +82,11 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
         schema: {
           description:
             "Build an image: multipart/form-data with `name`, `dockerfile` (text or file), `code` (.zip) and optionally `buildArgs` (JSON), `target`, `vcpus`, `memoryMiB`; or JSON " +
-            "`{name, dockerfile, codeUri, buildArgs?, target?, vcpus?, memoryMiB?}`. Answers 202 with the image BUILDING.",
+            "`{name, codeUri, dockerfile?, buildArgs?, target?, vcpus?, memoryMiB?, baseImage?, env?, hooks?, description?, egressConnectors?, tags?, clientToken?}`. Answers 202 with the image PENDING or BUILDING.",
+          // The JSON form, documented (and checked by Fastify for application/json); a multipart body is read and
+          // checked part by part below, and a body of any other type by checkJson.
+          body: { content: { "application/json": { schema: CreateJson } } },
+          response: { 202: ref("Image") },
         },
       },
       async (req, reply) => {
@@ -136,7 +142,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
 
     app.get(
       "/v1/images",
-      { config: { permission: "image:read" }, schema: { querystring: Type.Object({ name: Type.Optional(Type.String({ maxLength: 63 })) }, { additionalProperties: false }) } },
+      { config: { permission: "image:read" }, schema: { querystring: Type.Object({ name: Type.Optional(Type.String({ maxLength: 63 })) }, { additionalProperties: false }), response: { 200: ref("ImageList") } } },
       // The managed images first (always READY), then the tenant's own.
       async (req) => ({
         images: [
@@ -146,7 +152,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
       }),
     );
 
-    app.get("/v1/images/:id", { config: { permission: "image:read" }, schema: { params: IdParams } }, async (req) => {
+    app.get("/v1/images/:id", { config: { permission: "image:read" }, schema: { params: IdParams, response: { 200: ref("Image") } } }, async (req) => {
       const managed = managedImage(req.params.id);
       return managed ? managedImageView(managed) : imageView(await images.get(req.tenantId, req.params.id));
     });
@@ -155,7 +161,12 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
       "/v1/images/:id/build-log",
       {
         config: { permission: "image:read" },
-        schema: { params: IdParams, querystring: Type.Object({ follow: Type.Optional(Type.Boolean({ default: false })) }, { additionalProperties: false }) },
+        schema: {
+          description: "The build's log as text/plain; with follow=true it streams until the build ends.",
+          params: IdParams,
+          querystring: Type.Object({ follow: Type.Optional(Type.Boolean({ default: false })) }, { additionalProperties: false }),
+          response: { 200: nonJson("the build log", { "text/plain": { schema: { type: "string" } } }) },
+        },
       },
       async (req, reply) => {
         const stream = await images.buildLog(req.tenantId, req.params.id, req.query.follow ?? false);
@@ -171,6 +182,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
           description: "Mark one version (by id) ACTIVE or INACTIVE: an INACTIVE version is never launched; running VMs keep running.",
           params: IdParams,
           body: Type.Object({ status: Type.Union(IMAGE_VERSION_STATUSES.map((st) => Type.Literal(st))) }, { additionalProperties: false }),
+          response: { 200: ref("Image") },
         },
       },
       async (req) => imageView(await images.setStatus(req.tenantId, req.params.id, req.body.status)),
@@ -178,12 +190,12 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
 
     // Tags of an image name (all its versions).
     const imageTags = async (tenantId: string, idOrName: string) => ({ type: "microvm-image" as const, id: (await images.get(tenantId, idOrName)).name });
-    app.get("/v1/images/:id/tags", { config: { permission: "image:read" }, schema: { params: IdParams } }, async (req) => ({
+    app.get("/v1/images/:id/tags", { config: { permission: "image:read" }, schema: { params: IdParams, response: { 200: ref("TagSet") } } }, async (req) => ({
       tags: await listTags(db, req.tenantId, await imageTags(req.tenantId, req.params.id)),
     }));
     app.post(
       "/v1/images/:id/tags",
-      { config: { permission: "image:create" }, schema: { params: IdParams, body: Type.Object({ tags: TagsBody }, { additionalProperties: false }) } },
+      { config: { permission: "image:create" }, schema: { params: IdParams, body: Type.Object({ tags: TagsBody }, { additionalProperties: false }), response: { 200: ref("TagSet") } } },
       async (req) => {
         const resource = await imageTags(req.tenantId, req.params.id);
         await tagResource(db, req.tenantId, resource, req.body.tags);
@@ -192,7 +204,7 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
     );
     app.delete(
       "/v1/images/:id/tags",
-      { config: { permission: "image:create" }, schema: { params: IdParams, querystring: Type.Object({ keys: Type.Union([Type.String({ maxLength: 128 }), Type.Array(Type.String({ maxLength: 128 }), { maxItems: 64 })]) }, { additionalProperties: false }) } },
+      { config: { permission: "image:create" }, schema: { params: IdParams, querystring: Type.Object({ keys: Type.Union([Type.String({ maxLength: 128 }), Type.Array(Type.String({ maxLength: 128 }), { maxItems: 64 })]) }, { additionalProperties: false }), response: { 200: ref("TagSet") } } },
       async (req) => {
         const resource = await imageTags(req.tenantId, req.params.id);
         await untagResource(db, req.tenantId, resource, [req.query.keys].flat());
@@ -204,9 +216,14 @@ export async function registerImageRoutes(root: Api, images: ImageService, micro
       "/v1/images/:id",
       {
         config: { permission: "image:delete" },
-        schema: { params: IdParams, querystring: Type.Object({ force: Type.Optional(Type.Boolean({ default: false })) }, { additionalProperties: false }) },
+        schema: {
+          description: "Deletes the image (by id: that version; by name: all its versions); force=true first terminates the VMs using it.",
+          params: IdParams,
+          querystring: Type.Object({ force: Type.Optional(Type.Boolean({ default: false })) }, { additionalProperties: false }),
+          response: { 200: Type.Object({ imageIds: Type.Array(Type.String(), { description: "the versions deleted" }), deleted: Type.Literal(true) }) },
+        },
       },
-      async (req) => ({ imageIds: await microvms.deleteImage(req.tenantId, req.params.id, req.query.force ?? false), deleted: true }),
+      async (req) => ({ imageIds: await microvms.deleteImage(req.tenantId, req.params.id, req.query.force ?? false), deleted: true as const }),
     );
   });
   registerRegistryRoutes(root, images.registries);
@@ -233,8 +250,8 @@ async function isAdmin(db: Db, authorization: string | undefined): Promise<boole
   return key ? grants(JSON.parse(key.permissions) as string[], "admin:*") : false;
 }
 
-/** The API view of an image (API.md). */
-export function imageView(row: ImageRow) {
+/** The API view of an image (docs/api.md). */
+export function imageView(row: ImageRow): ImageView {
   const config = JSON.parse(row.config) as { labels?: Record<string, string>; argv?: string[]; volumes?: string[]; stopSignal?: string };
   return {
     imageId: row.id,
@@ -260,7 +277,7 @@ export function imageView(row: ImageRow) {
     ...(row.build_ms !== null ? { buildMs: row.build_ms } : {}),
     command: config.argv ?? [],
     labels: config.labels ?? {},
-    status: row.status,
+    status: row.status as ImageVersionStatus,
     ...(row.hooks ? { hooks: JSON.parse(row.hooks) as ImageHooks } : {}),
     ...(row.description ? { description: row.description } : {}),
     ...(row.base_image ? { baseImage: row.base_image } : {}),

@@ -5,6 +5,7 @@ import type { Db } from "../../store/db.ts";
 import type { Tenant } from "../../store/schema.ts";
 import type { ServerSecrets } from "../../store/secrets.ts";
 import { createApiKey, createTenant, findTenant, listKeys, listTenants, QUOTA_LIMITS, revokeKey, tenantSettings, updateTenantSettings } from "../../store/tenants.ts";
+import { ref } from "../schemas.ts";
 import type { Api } from "../server.ts";
 
 const PERMISSION = Type.String({
@@ -48,6 +49,7 @@ export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): voi
           { name: Type.String({ minLength: 1, maxLength: 64, pattern: "^[A-Za-z0-9][A-Za-z0-9._-]*$" }), s3Allow: Type.Optional(S3_ALLOW), quotas: Type.Optional(QUOTAS) },
           { additionalProperties: false },
         ),
+        response: { 201: ref("Tenant") },
       },
     },
     async (req, reply) => {
@@ -57,13 +59,16 @@ export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): voi
     },
   );
 
-  app.get("/v1/tenants", { config: admin }, async () => ({ tenants: (await listTenants(db)).map(tenantView) }));
+  app.get("/v1/tenants", { config: admin, schema: { response: { 200: Type.Object({ tenants: Type.Array(ref("Tenant")) }) } } }, async () => ({ tenants: (await listTenants(db)).map(tenantView) }));
 
-  app.get("/v1/tenants/:tenant", { config: admin, schema: { params: TenantParams } }, async (req) => tenantView(await tenantOr404(req.params.tenant)));
+  app.get("/v1/tenants/:tenant", { config: admin, schema: { params: TenantParams, response: { 200: ref("Tenant") } } }, async (req) => tenantView(await tenantOr404(req.params.tenant)));
 
   app.patch(
     "/v1/tenants/:tenant",
-    { config: admin, schema: { params: TenantParams, body: Type.Object({ s3Allow: Type.Optional(S3_ALLOW), quotas: Type.Optional(QUOTAS) }, { additionalProperties: false }) } },
+    { config: admin, schema: { params: TenantParams, body: Type.Object({ s3Allow: Type.Optional(S3_ALLOW), quotas: Type.Optional(QUOTAS) }, { additionalProperties: false }),
+        response: { 200: ref("Tenant") },
+      },
+    },
     async (req) => {
       const s3Allow = req.body.s3Allow && checkS3Allow(req.body.s3Allow);
       const tenant = await tenantOr404(req.params.tenant);
@@ -84,6 +89,7 @@ export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): voi
           },
           { additionalProperties: false },
         ),
+        response: { 201: ref("CreatedApiKey") },
       },
     },
     async (req, reply) => {
@@ -94,7 +100,7 @@ export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): voi
     },
   );
 
-  app.get("/v1/keys", { config: admin }, async () => ({
+  app.get("/v1/keys", { config: admin, schema: { response: { 200: Type.Object({ keys: Type.Array(ref("ApiKey")) }) } } }, async () => ({
     keys: (await listKeys(db)).map((k) => ({
       keyId: k.id,
       tenantId: k.tenant_id,
@@ -105,8 +111,8 @@ export function registerKeyRoutes(app: Api, db: Db, secrets: ServerSecrets): voi
     })),
   }));
 
-  app.delete("/v1/keys/:keyId", { config: admin, schema: { params: Type.Object({ keyId: Type.String({ maxLength: 64 }) }) } }, async (req) => {
+  app.delete("/v1/keys/:keyId", { config: admin, schema: { params: Type.Object({ keyId: Type.String({ maxLength: 64 }) }), response: { 200: Type.Object({ keyId: Type.String(), revoked: Type.Literal(true) }) } } }, async (req) => {
     if (!(await revokeKey(db, req.params.keyId))) throw new ApiError("NotFound", `key ${req.params.keyId} not found`);
-    return { keyId: req.params.keyId, revoked: true };
+    return { keyId: req.params.keyId, revoked: true as const };
   });
 }

@@ -9,6 +9,7 @@ import type { Db } from "../../store/db.ts";
 import type { MicroVmRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
 import { drained } from "../../util/streams.ts";
+import { nonJson, ref, type MicroVmView } from "../schemas.ts";
 import { errorBody, type Api } from "../server.ts";
 import { imageView } from "./images.ts";
 
@@ -87,14 +88,14 @@ const PortSpecBody = Type.Union([
 const ExpiresInMinutes = Type.Integer({ minimum: GRANT_LIMITS.expiresInMinutes.min, maximum: GRANT_LIMITS.expiresInMinutes.max, description: "minutes until the token expires (1–60)" });
 const TagsBody = Type.Record(Type.String({ minLength: 1, maxLength: TAG_LIMITS.keyLength }), Type.String({ maxLength: TAG_LIMITS.valueLength }), { maxProperties: 64 });
 
-/** MicroVM lifecycle, exec, files, events, access tokens and tags (API.md). */
+/** MicroVM lifecycle, exec, files, events, access tokens and tags (docs/api.md). */
 export async function registerMicroVmRoutes(
   app: Api,
   deps: { microvms: MicroVmService; guest: GuestService; tokens: { access: AccessTokens; shell: AccessTokens }; db: Db; endpointUrl: (id: string) => string },
 ): Promise<void> {
   const { microvms, guest, tokens, db } = deps;
   const toView = (row: MicroVmRow) => microVmView(row, deps.endpointUrl(row.id));
-  app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody } }, async (req, reply) => {
+  app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody, response: { 201: ref("MicroVm") } } }, async (req, reply) => {
     if (req.body.metadata) checkMetadata(req.body.metadata);
     const row = await microvms.create(req.tenantId, req.body);
     return reply.status(201).send(toView(row));
@@ -107,13 +108,14 @@ export async function registerMicroVmRoutes(
       schema: {
         querystring: Type.Object(
           {
-            state: Type.Optional(Type.String({ maxLength: 32 })),
-            image: Type.Optional(Type.String({ maxLength: 128 })),
-            limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
-            nextToken: Type.Optional(Type.String({ maxLength: 256 })),
+            state: Type.Optional(Type.String({ maxLength: 32, description: "only VMs in this state (MicroVmState)" })),
+            image: Type.Optional(Type.String({ maxLength: 128, description: "only VMs of this image (name or id)" })),
+            limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100, description: "page size" })),
+            nextToken: Type.Optional(Type.String({ maxLength: 256, description: "the nextToken of the previous page" })),
           },
           { additionalProperties: false },
         ),
+        response: { 200: ref("MicroVmPage") },
       },
     },
     async (req) => {
@@ -122,24 +124,24 @@ export async function registerMicroVmRoutes(
     },
   );
 
-  app.get("/v1/microvms/:id", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) =>
+  app.get("/v1/microvms/:id", { config: { permission: "microvm:read" }, schema: { params: IdParams, response: { 200: ref("MicroVm") } } }, async (req) =>
     toView(await microvms.get(req.tenantId, req.params.id)),
   );
-  app.post("/v1/microvms/:id/suspend", { config: { permission: "microvm:suspend" }, schema: { params: IdParams } }, async (req) =>
+  app.post("/v1/microvms/:id/suspend", { config: { permission: "microvm:suspend" }, schema: { params: IdParams, response: { 200: ref("MicroVm") } } }, async (req) =>
     toView(await microvms.suspend(req.tenantId, req.params.id)),
   );
-  app.post("/v1/microvms/:id/resume", { config: { permission: "microvm:resume" }, schema: { params: IdParams } }, async (req) =>
+  app.post("/v1/microvms/:id/resume", { config: { permission: "microvm:resume" }, schema: { params: IdParams, response: { 200: ref("MicroVm") } } }, async (req) =>
     toView(await microvms.resume(req.tenantId, req.params.id)),
   );
-  app.delete("/v1/microvms/:id", { config: { permission: "microvm:terminate" }, schema: { params: IdParams } }, async (req) =>
+  app.delete("/v1/microvms/:id", { config: { permission: "microvm:terminate" }, schema: { params: IdParams, response: { 200: ref("MicroVm") } } }, async (req) =>
     toView(await microvms.terminate(req.tenantId, req.params.id)),
   );
-  // Named snapshots and forks of a running VM (API.md): the VM runs on.
+  // Named snapshots and forks of a running VM (docs/api.md): the VM runs on.
   app.post(
     "/v1/microvms/:id/snapshots",
     {
       config: { permission: "image:create" },
-      schema: { params: IdParams, body: Type.Object({ name: Type.String({ minLength: 1, maxLength: 63, description: "the image's name (a new version if it exists)" }) }, { additionalProperties: false }) },
+      schema: { params: IdParams, body: Type.Object({ name: Type.String({ minLength: 1, maxLength: 63, description: "the image's name (a new version if it exists)" }) }, { additionalProperties: false }), response: { 201: ref("Image") } },
     },
     async (req, reply) => reply.status(201).send(imageView(await microvms.snapshot(req.tenantId, req.params.id, req.body.name))),
   );
@@ -147,11 +149,11 @@ export async function registerMicroVmRoutes(
     "/v1/microvms/:id/fork",
     {
       config: { permission: "microvm:create" },
-      schema: { params: IdParams, body: Type.Object({ count: Type.Optional(int(LIMITS.forkCount, "new VMs (default 1)")) }, { additionalProperties: false }) },
+      schema: { params: IdParams, body: Type.Object({ count: Type.Optional(int(LIMITS.forkCount, "new VMs (default 1)")) }, { additionalProperties: false }), response: { 201: Type.Object({ microVms: Type.Array(ref("MicroVm"), { description: "the children, RUNNING" }) }) } },
     },
     async (req, reply) => reply.status(201).send({ microVms: (await microvms.fork(req.tenantId, req.params.id, req.body.count ?? 1)).map(toView) }),
   );
-  app.get("/v1/microvms/:id/events", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) => ({
+  app.get("/v1/microvms/:id/events", { config: { permission: "microvm:read" }, schema: { params: IdParams, response: { 200: ref("MicroVmEvents") } } }, async (req) => ({
     events: await microvms.events(req.tenantId, req.params.id),
   }));
 
@@ -159,7 +161,7 @@ export async function registerMicroVmRoutes(
   // Endpoint access for others: an X-aws-proxy-auth token for some ports, or one that opens GET /v1/microvms/{id}/shell.
   app.post(
     "/v1/microvms/:id/auth-tokens",
-    { config: { permission: "microvm:read" }, schema: { params: IdParams, body: Type.Object({ ports: Type.Array(PortSpecBody, { minItems: 1, maxItems: GRANT_LIMITS.specs }), expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }) } },
+    { config: { permission: "microvm:read" }, schema: { params: IdParams, body: Type.Object({ ports: Type.Array(PortSpecBody, { minItems: 1, maxItems: GRANT_LIMITS.specs }), expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }), response: { 201: ref("AccessGrant") } } },
     async (req, reply) => {
       const grant = await grantAccessToken(tokens.access, microvms, req.tenantId, req.params.id, { ports: req.body.ports, expiresInMinutes: req.body.expiresInMinutes });
       return reply.status(201).send({ token: grant.token, header: "X-aws-proxy-auth", expiresAt: grant.expiresAt.toISOString() });
@@ -167,7 +169,7 @@ export async function registerMicroVmRoutes(
   );
   app.post(
     "/v1/microvms/:id/shell-auth-tokens",
-    { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: Type.Object({ expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }) } },
+    { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: Type.Object({ expiresInMinutes: ExpiresInMinutes }, { additionalProperties: false }), response: { 201: ref("AccessGrant") } } },
     async (req, reply) => {
       const grant = await grantShellToken(tokens.shell, microvms, req.tenantId, req.params.id, req.body.expiresInMinutes);
       return reply.status(201).send({ token: grant.token, header: "X-aws-proxy-auth", expiresAt: grant.expiresAt.toISOString(), url: `/v1/microvms/${req.params.id}/shell` });
@@ -175,17 +177,17 @@ export async function registerMicroVmRoutes(
   );
 
   const vmTags = async (tenantId: string, id: string) => ({ type: "microvm" as const, id: (await microvms.get(tenantId, id)).id });
-  app.get("/v1/microvms/:id/tags", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) => ({
+  app.get("/v1/microvms/:id/tags", { config: { permission: "microvm:read" }, schema: { params: IdParams, response: { 200: ref("TagSet") } } }, async (req) => ({
     tags: await listTags(db, req.tenantId, await vmTags(req.tenantId, req.params.id)),
   }));
-  app.post("/v1/microvms/:id/tags", { config: { permission: "microvm:create" }, schema: { params: IdParams, body: Type.Object({ tags: TagsBody }, { additionalProperties: false }) } }, async (req) => {
+  app.post("/v1/microvms/:id/tags", { config: { permission: "microvm:create" }, schema: { params: IdParams, body: Type.Object({ tags: TagsBody }, { additionalProperties: false }), response: { 200: ref("TagSet") } } }, async (req) => {
     const resource = await vmTags(req.tenantId, req.params.id);
     await tagResource(db, req.tenantId, resource, req.body.tags);
     return { tags: await listTags(db, req.tenantId, resource) };
   });
   app.delete(
     "/v1/microvms/:id/tags",
-    { config: { permission: "microvm:create" }, schema: { params: IdParams, querystring: Type.Object({ keys: Type.Union([Type.String({ maxLength: 128 }), Type.Array(Type.String({ maxLength: 128 }), { maxItems: 64 })]) }, { additionalProperties: false }) } },
+    { config: { permission: "microvm:create" }, schema: { params: IdParams, querystring: Type.Object({ keys: Type.Union([Type.String({ maxLength: 128 }), Type.Array(Type.String({ maxLength: 128 }), { maxItems: 64 })]) }, { additionalProperties: false }), response: { 200: ref("TagSet") } } },
     async (req) => {
       const resource = await vmTags(req.tenantId, req.params.id);
       await untagResource(db, req.tenantId, resource, [req.query.keys].flat());
@@ -193,7 +195,13 @@ export async function registerMicroVmRoutes(
     },
   );
 
-  app.post("/v1/microvms/:id/exec", { config: { permission: "microvm:exec" }, schema: { params: IdParams, body: ExecBody } }, async (req, reply) => {
+  app.post("/v1/microvms/:id/exec", { config: { permission: "microvm:exec" }, schema: {
+        description: "Runs a command to completion (ExecResult); with Accept: application/x-ndjson, streams lines {stdout}, {stderr}, then {exitCode, durationMs, timedOut?} (an ErrorEnvelope line if the stream fails).",
+        params: IdParams,
+        body: ExecBody,
+        response: { 200: ref("ExecResult") },
+      },
+    }, async (req, reply) => {
     const body = req.body;
     const abort = new AbortController();
     // The response closing before it finished means the client went away: kill the command.
@@ -237,7 +245,17 @@ export async function registerMicroVmRoutes(
     }
   });
 
-  app.get("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req, reply) => {
+  app.get("/v1/microvms/:id/files",
+    {
+      config: { permission: "microvm:exec" },
+      schema: {
+        description: "A directory's entries (FileListing), or a file's bytes as application/octet-stream.",
+        params: IdParams,
+        querystring: PathQuery,
+        response: { 200: nonJson("a directory's entries, or a file's bytes", { "application/json": { schema: ref("FileListing") }, "application/octet-stream": { schema: { type: "string", format: "binary" } } }) },
+      },
+    },
+    async (req, reply) => {
     const found = await guest.read(req.tenantId, req.params.id, req.query.path);
     if ("entries" in found) return { path: req.query.path, entries: found.entries };
     return reply.header("content-type", "application/octet-stream").header("content-length", found.sizeBytes).send(found.file);
@@ -250,7 +268,7 @@ export async function registerMicroVmRoutes(
     scope.addContentTypeParser("*", (_request, payload, done) => done(null, payload));
     scope.withTypeProvider<TypeBoxTypeProvider>().put(
       "/v1/microvms/:id/files",
-      { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } },
+      { config: { permission: "microvm:exec" }, schema: { description: "Writes the body's bytes (at most 8 GiB) to the file, replacing it.", params: IdParams, querystring: PathQuery, response: { 200: ref("FileWritten") } } },
       async (req) => {
         if (Number(req.headers["content-length"] ?? 0) > UPLOAD_LIMIT_BYTES) throw tooLarge();
         const body = req.body as Readable | undefined;
@@ -261,9 +279,9 @@ export async function registerMicroVmRoutes(
     );
   });
 
-  app.delete("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery } }, async (req) => {
+  app.delete("/v1/microvms/:id/files", { config: { permission: "microvm:exec" }, schema: { params: IdParams, querystring: PathQuery, response: { 200: Type.Object({ path: Type.String(), removed: Type.Literal(true) }) } } }, async (req) => {
     await guest.remove(req.tenantId, req.params.id, req.query.path);
-    return { path: req.query.path, removed: true };
+    return { path: req.query.path, removed: true as const };
   });
 }
 
@@ -297,7 +315,7 @@ function limitBytes(maxBytes: number): Transform {
   });
 }
 
-function microVmView(row: MicroVmRow, url: string) {
+function microVmView(row: MicroVmRow, url: string): MicroVmView {
   return {
     microVmId: row.id,
     image: row.image_name,
@@ -314,7 +332,7 @@ function microVmView(row: MicroVmRow, url: string) {
     ...(row.image_version !== null ? { imageVersion: row.image_version } : {}),
     idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1, terminateAfterSuspendedSeconds: row.terminate_after_suspended_seconds },
     maxRuntimeSeconds: row.max_runtime_seconds,
-    network: { egress: JSON.parse(row.egress) as unknown, ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}) },
+    network: { egress: JSON.parse(row.egress) as MicroVmView["network"]["egress"], ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}) },
     endpoint: { url, token: row.endpoint_token, public: row.endpoint_public === 1, ...(row.app_port ? { appPort: row.app_port } : {}) },
     metadata: JSON.parse(row.metadata) as Record<string, unknown>,
     ...(row.forked_from ? { forkedFrom: row.forked_from } : {}),

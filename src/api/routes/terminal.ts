@@ -5,6 +5,7 @@ import type { GuestService, PtySession } from "../../lifecycle/guest.ts";
 import type { MicroVmService } from "../../lifecycle/microvms.ts";
 import type { AccessTokens } from "../../router/access-tokens.ts";
 import { BoundedSender, closeWebSocket } from "../../router/websocket.ts";
+import { ref } from "../schemas.ts";
 import type { Api } from "../server.ts";
 import type { TerminalTickets } from "../tickets.ts";
 
@@ -29,7 +30,7 @@ const MAX_PENDING_INPUT_BYTES = 1024 * 1024;
 export function registerTerminalRoutes(app: Api, deps: { microvms: MicroVmService; guest: GuestService; tickets: TerminalTickets; shellTokens: AccessTokens }): void {
   const { microvms, guest, tickets, shellTokens } = deps;
 
-  app.post("/v1/microvms/:id/terminal/tickets", { config: { permission: "microvm:exec" }, schema: { params: IdParams } }, async (req, reply) => {
+  app.post("/v1/microvms/:id/terminal/tickets", { config: { permission: "microvm:exec" }, schema: { params: IdParams, response: { 201: ref("TerminalTicket") } } }, async (req, reply) => {
     const row = await microvms.get(req.tenantId, req.params.id);
     return reply.status(201).send(tickets.issue(req.tenantId, row.id));
   });
@@ -38,7 +39,7 @@ export function registerTerminalRoutes(app: Api, deps: { microvms: MicroVmServic
     method: "GET",
     url: "/v1/microvms/:id/terminal",
     config: { permission: "microvm:exec", ticketed: true, upgrade: true },
-    schema: { params: IdParams, querystring: TerminalQuery },
+    schema: { description: "A WebSocket terminal (PTY) in the VM: binary frames are input and output, text frames control (resize) and the exit.", params: IdParams, querystring: TerminalQuery },
     // The VM is the tenant's before anything happens: another tenant's is a 404 before the upgrade.
     preHandler: async (req) => void (await microvms.get(req.tenantId, req.params.id)),
     // A plain GET (no upgrade) learns what this route wants.
@@ -59,6 +60,8 @@ export function registerTerminalRoutes(app: Api, deps: { microvms: MicroVmServic
     url: "/v1/microvms/:id/shell",
     config: { upgrade: true },
     schema: {
+      description: "The terminal's WebSocket opened with a shell auth token (X-aws-proxy-auth, or ?token=) instead of an API key.",
+      security: [],
       params: IdParams,
       querystring: Type.Object({ cols: TerminalQuery.properties.cols, rows: TerminalQuery.properties.rows, token: Type.Optional(Type.String({ maxLength: 8192 })) }),
     },

@@ -2,7 +2,7 @@ import { InvalidArgumentError } from "../../errors.ts";
 import { cidrListFromEnv, describeRange, FLOOR_RANGES, hostRanges, parseCidr, PRIVATE_RANGES, uncoveredOverlap, type Cidr } from "./addresses.ts";
 
 /**
- * A VM's egress policy (API.md `network.egress`):
+ * A VM's egress policy (docs/api.md `network.egress`):
  * - "none": no packet leaves the VM;
  * - "internet": public addresses only;
  * - { allow }: only the listed IPv4 CIDRs and domain names ("*.example.org"

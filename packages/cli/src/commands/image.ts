@@ -1,6 +1,6 @@
 import { readFile } from "node:fs/promises";
 import type { Command } from "commander";
-import type { ImageInfo } from "@cocoon/sdk";
+import type { ImageInfo, ImageState } from "@cocoon/sdk";
 import { makeClient } from "../config.ts";
 import { CliError, globals } from "../common.ts";
 import { age, printFields, printJson, printTable, seconds, withProgress } from "../output.ts";
@@ -63,7 +63,7 @@ export function registerImageCommands(program: Command): void {
       let final = started;
       let elapsedMs = 0;
       if (o.wait && started.state !== "READY") {
-        let state = started.state;
+        let state: ImageState = started.state;
         ({ result: final, elapsedMs } = await withProgress(`building ${o.name}`, () =>
           client.images.waitUntilReady(started.imageId, {
             onPoll: (i) => {
