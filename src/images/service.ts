@@ -8,9 +8,9 @@ import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import type { ImageRow, ImageUpdate } from "../store/schema.ts";
 import { deleteTags, tagResource } from "../store/tags.ts";
+import { serialized } from "../store/locks.ts";
 import { checkQuota, settingsOf } from "../store/tenants.ts";
 import { sha256 } from "../util/files.ts";
-import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { snapshotDisk, VM_LIMITS, type DiskChain, type Engine, type Snapshot } from "../vmm/engine.ts";
 import type { Cidr } from "../vmm/network/addresses.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
@@ -130,7 +130,6 @@ export class ImageService {
   private readonly opts: ImageServiceOpts;
   private readonly limits: ArchiveLimits;
   private readonly logs = new Map<string, BuildLog>();
-  private readonly names = new KeyedMutex();
   /** Builds holding a build slot, by image id, with the shape of their build VMs (host capacity they take). */
   private readonly active = new Map<string, VmShape>();
   private readonly queue: (() => void)[] = [];
@@ -234,7 +233,7 @@ export class ImageService {
       const parent = root.kind === "image" ? parents.get(root.name)!.row : undefined;
       // Per tenant: the quota count and the insert are one step.
       let hasSlot = false;
-      const row = await this.names.run(tenantId, async () => {
+      const row = await serialized(this.db, `image-versions:${tenantId}`, async () => {
         const held = await this.db.selectFrom("images").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();
         await checkQuota(this.db, tenantId, "images", Number(held?.n ?? 0), "image versions");
         const last = await this.db

@@ -6,6 +6,7 @@ import type { ManagedImageView } from "../images/managed.ts";
 import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
+import { serialized } from "../store/locks.ts";
 import { checkQuota } from "../store/tenants.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
@@ -238,6 +239,8 @@ export class MicroVmService {
       egress_connectors: connectorNames ? JSON.stringify(connectorNames) : null,
       hooks: image.hooks ? JSON.stringify(image.hooks) : null,
       image_version: image.version,
+      node_id: null,
+      node_epoch: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
     await this.locks.run("admission", async () => {
@@ -314,7 +317,7 @@ export class MicroVmService {
         if (cause === SHUTDOWN) await this.transition(id, tenantId, "SUSPENDING");
         else {
           // The tenant's suspended VMs keep their memory on the host: counted and entered in one step.
-          await this.locks.run(`suspended-quota:${tenantId}`, async () => {
+          await serialized(this.db, `suspended-quota:${tenantId}`, async () => {
             const held = await this.db.selectFrom("microvms").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).where("state", "in", ["SUSPENDING", "SUSPENDED"]).executeTakeFirst();
             await checkQuota(this.db, tenantId, "suspendedMicroVms", Number(held?.n ?? 0), "suspended microVMs");
             await this.transition(id, tenantId, "SUSPENDING");

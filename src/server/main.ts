@@ -5,7 +5,7 @@ import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
-import { openDatabase } from "../store/db.ts";
+import { closeDatabase, openDatabase, openPostgres } from "../store/db.ts";
 import { ServerSecrets } from "../store/secrets.ts";
 import { ServerMetrics } from "../telemetry/metrics.ts";
 import { VmSampler } from "../telemetry/vm-samples.ts";
@@ -26,7 +26,8 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   // Keys, records and saved VM memory live here: the server's alone.
   await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
   await chmod(config.dataDir, 0o700);
-  const db = await openDatabase(config.dataDir);
+  // Single host: SQLite in the data directory. Many hosts: the PostgreSQL they share (docs/cluster.md).
+  const db = config.databaseUrl ? await openPostgres(config.databaseUrl, { log }) : await openDatabase(config.dataDir);
   const secrets = await ServerSecrets.open(config.dataDir);
   const adminKey = await bootstrapAdminKey(db, secrets, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
@@ -69,7 +70,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     await imageService.close();
     await microvms.suspendAll();
     await runtime.engine.close();
-    await db.destroy();
+    await closeDatabase(db);
     process.exit(0);
   };
   process.once("SIGINT", stop);

@@ -20,6 +20,7 @@ export interface Database {
   network_connectors: NetworkConnectorsTable;
   registry_credentials: RegistryCredentialsTable;
   base_shapes: BaseShapesTable;
+  nodes: NodesTable;
 }
 
 export interface TenantsTable {
@@ -82,6 +83,9 @@ export interface MicroVmsTable {
   hooks: Generated<string | null>;
   /** The version of its image it was launched from (null for VMs made before versions were recorded). */
   image_version: Generated<number | null>;
+  /** Cluster (docs/cluster.md): the node that owns the VM, and its epoch then; null on a single host, and while no node owns it. */
+  node_id: Generated<string | null>;
+  node_epoch: Generated<number | null>;
 }
 
 export interface EventsTable {
@@ -195,3 +199,26 @@ export interface BaseShapesTable {
   tenant_id: string;
   created_at: string;
 }
+
+/** Cluster (docs/cluster.md): the servers sharing one PostgreSQL database, each with a lease on the database's clock. */
+export const NODE_STATES = ["active", "draining", "dead"] as const;
+export type NodeState = (typeof NODE_STATES)[number];
+
+export interface NodesTable {
+  id: string;
+  url: string;
+  epoch: number;
+  state: NodeState;
+  state_reason: string | null;
+  qemu_build: string;
+  accelerator: string;
+  cpu_signature: string;
+  vcpus: number;
+  memory_mib: number;
+  build_vcpus: Generated<number>;
+  build_memory_mib: Generated<number>;
+  registered_at: Date;
+  lease_expires_at: Date;
+}
+
+export type NodeRow = Selectable<NodesTable>;
