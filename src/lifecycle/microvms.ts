@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { sql } from "kysely";
 import { cpus, totalmem } from "node:os";
 import { ApiError, checkIntRange } from "../errors.ts";
 import type { ImageCatalog } from "../images/catalog.ts";
@@ -7,6 +8,7 @@ import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import { serialized } from "../store/locks.ts";
+import { liveUsage, ownedBy, type ClusterNode, type Tx } from "./cluster.ts";
 import { checkQuota } from "../store/tenants.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
@@ -14,7 +16,7 @@ import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts"
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
 import { NetworkConnectors } from "./connectors.ts";
-import { checkTransition, holdsHostResources, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
+import { canTransition, checkTransition, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
 export interface CreateMicroVmRequest {
@@ -86,6 +88,8 @@ export class MicroVmService {
   private readonly observer: LifecycleObserver | undefined;
   private readonly log: (line: string) => void;
   private readonly tokens: IdempotencyTokens;
+  /** On a cluster (docs/cluster.md), this server's node: it admits, runs and writes only its own VMs. */
+  private readonly cluster: ClusterNode | undefined;
   readonly connectors: NetworkConnectors;
 
   constructor(opts: {
@@ -97,12 +101,15 @@ export class MicroVmService {
     /** Receives launch/suspend/resume latencies (telemetry). */
     observer?: LifecycleObserver;
     log?: (line: string) => void;
+    /** This server's node on a cluster, registered; none on a single host. */
+    cluster?: ClusterNode;
   }) {
     this.db = opts.db;
     this.engine = opts.engine;
     this.images = opts.images;
     this.capacity = opts.capacity ?? hostCapacity();
     this.observer = opts.observer;
+    this.cluster = opts.cluster;
     this.log = opts.log ?? (() => undefined);
     this.tokens = new IdempotencyTokens(opts.db);
     this.connectors = new NetworkConnectors(opts.db);
@@ -114,7 +121,7 @@ export class MicroVmService {
    * (`reconcileState`), ends engine VMs nobody owns, then starts the policy loop.
    */
   async start(policyIntervalMs = 1000): Promise<void> {
-    const rows = await this.db.selectFrom("microvms").selectAll().where("state", "not in", ["TERMINATED", "FAILED"]).execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").selectAll().where("state", "not in", ["TERMINATED", "FAILED"])).execute();
     const known = new Set(rows.map((r) => r.id));
     for (const row of rows) {
       const vm = this.engine.list().find((v) => v.id === row.id);
@@ -155,7 +162,7 @@ export class MicroVmService {
    * on their next request. The server's own doing: no tenant quota applies.
    */
   async suspendAll(): Promise<void> {
-    const rows = await this.db.selectFrom("microvms").select(["id", "tenant_id"]).where("state", "=", "RUNNING").execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").select(["id", "tenant_id"]).where("state", "=", "RUNNING")).execute();
     for (const row of rows) {
       await this.suspend(row.tenant_id, row.id, SHUTDOWN).catch((err: Error) => this.log(`suspending ${row.id} at shutdown: ${err.message}`));
     }
@@ -243,9 +250,9 @@ export class MicroVmService {
       node_epoch: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
-    await this.locks.run("admission", async () => {
-      await this.admit(shape);
-      await this.db.insertInto("microvms").values(pending).execute();
+    await this.admitted(shape, async (tx) => {
+      const owner = this.cluster?.owner();
+      await tx.insertInto("microvms").values({ ...pending, node_id: owner?.nodeId ?? null, node_epoch: owner?.epoch ?? null }).execute();
     });
     const started = performance.now();
     // Held until RUNNING: a terminate or suspend of the PENDING VM waits for its launch to finish.
@@ -283,6 +290,31 @@ export class MicroVmService {
   }
 
   /**
+   * get(), for a call that acts on the VM: on a cluster the VM must be this
+   * node's (MisdirectedRequest names its node otherwise). With `claimOrphan`
+   * (terminate), a VM whose node is dead and that runs nowhere (FAILED,
+   * SUSPENDED, TERMINATED) becomes this node's, in one conditional update.
+   */
+  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean } = {}): Promise<MicroVmRow> {
+    const row = await this.get(tenantId, id);
+    if (!this.cluster || row.node_id === this.cluster.id) return row;
+    const node = row.node_id ? await this.db.selectFrom("nodes").select(["id", "url", "state"]).select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("live")).where("id", "=", row.node_id).executeTakeFirst() : undefined;
+    if (opts.claimOrphan && !node?.live && ["FAILED", "SUSPENDED", "TERMINATED"].includes(row.state)) {
+      const owner = this.cluster.owner();
+      const claimed = await this.db
+        .updateTable("microvms")
+        .set({ node_id: owner.nodeId, node_epoch: owner.epoch })
+        .where("id", "=", id)
+        .where("node_id", "=", row.node_id)
+        .where("node_epoch", "=", row.node_epoch)
+        .returningAll()
+        .executeTakeFirst();
+      if (claimed) return claimed;
+    }
+    throw new ApiError("MisdirectedRequest", `microVM ${id} is run by node ${row.node_id ?? "(none)"}${node?.live ? ` (${node.url})` : ", which is not live"}`, { node: row.node_id, url: node?.live ? node.url : undefined });
+  }
+
+  /**
    * A tenant's VMs, newest first, `limit` at a time; `nextToken` (opaque)
    * continues after the last one returned. `state` must be a MicroVM state.
    */
@@ -312,7 +344,7 @@ export class MicroVmService {
   suspend(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
     return this.track(
       this.locks.run(id, async () => {
-        const row = await this.get(tenantId, id);
+        const row = await this.getHere(tenantId, id);
         checkTransition(id, row.state, "SUSPENDING", "suspend");
         if (cause === SHUTDOWN) await this.transition(id, tenantId, "SUSPENDING");
         else {
@@ -342,12 +374,9 @@ export class MicroVmService {
   }
 
   private async resumeLocked(tenantId: string, id: string, cause: string): Promise<MicroVmRow> {
-    const row = await this.get(tenantId, id);
+    const row = await this.getHere(tenantId, id);
     checkTransition(id, row.state, "RESUMING", "resume");
-    await this.locks.run("admission", async () => {
-      await this.admit({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
-      await this.transition(id, tenantId, "RESUMING");
-    });
+    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => this.transitionIn(tx, id, tenantId, "RESUMING"));
     const started = performance.now();
     try {
       await this.engine.resume(id);
@@ -364,7 +393,7 @@ export class MicroVmService {
   terminate(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
     return this.track(
       this.locks.run(id, async () => {
-        const row = await this.get(tenantId, id);
+        const row = await this.getHere(tenantId, id, { claimOrphan: true });
         if (row.state === "TERMINATED") return row; // idempotent, like DELETE should be
         checkTransition(id, row.state, "TERMINATING", "terminate");
         await this.transition(id, tenantId, "TERMINATING");
@@ -382,13 +411,13 @@ export class MicroVmService {
   async runningVm(tenantId: string, id: string, action: string): Promise<MicroVm> {
     // Fast path without the VM's lock, so concurrent requests to a running VM
     // do not queue behind each other; only a VM that needs resuming takes it.
-    const current = await this.get(tenantId, id);
+    const current = await this.getHere(tenantId, id);
     if (current.state === "RUNNING") {
       await this.touch(id);
       return this.engine.get(id);
     }
     return this.locks.run(id, async () => {
-      let row = await this.get(tenantId, id);
+      let row = await this.getHere(tenantId, id);
       if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
       if (row.state !== "RUNNING") throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${row.state}`, { state: row.state });
       await this.touch(id);
@@ -427,20 +456,13 @@ export class MicroVmService {
 
   /** Host capacity and what live VMs (creates in flight included: PENDING) and image builds hold of it. */
   async usage(): Promise<{ vcpus: number; memoryMiB: number; usedVcpus: number; usedMemoryMiB: number }> {
-    const live = await this.db.selectFrom("microvms").select(["state", "vcpus", "memory_mib"]).where("state", "not in", ["TERMINATED", "FAILED", "SUSPENDED"]).execute();
     // Image builds run VMs too: their shapes count while they hold a build slot.
-    const builds = this.images.buildsInFlight();
-    const used = { vcpus: builds.vcpus, memoryMiB: builds.memoryMiB };
-    for (const r of live) {
-      if (!holdsHostResources(r.state)) continue;
-      used.vcpus += r.vcpus;
-      used.memoryMiB += r.memory_mib;
-    }
+    const used = await liveUsage(this.db, this.images.buildsInFlight(), this.cluster?.id);
     return { ...this.capacity, usedVcpus: used.vcpus, usedMemoryMiB: used.memoryMiB };
   }
 
   async countByState(): Promise<Record<string, number>> {
-    const rows = await this.db.selectFrom("microvms").select(["state", (eb) => eb.fn.countAll<number>().as("n")]).groupBy("state").execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").select(["state", (eb) => eb.fn.countAll<number>().as("n")])).groupBy("state").execute();
     return Object.fromEntries(rows.map((r) => [r.state, Number(r.n)]));
   }
 
@@ -449,7 +471,7 @@ export class MicroVmService {
    * terminate); neither resumes it nor counts as activity (metrics, logs).
    */
   async peek(tenantId: string, id: string): Promise<{ row: MicroVmRow; vm?: MicroVm }> {
-    const row = await this.get(tenantId, id);
+    const row = await this.getHere(tenantId, id);
     return { row, vm: this.engine.list().find((v) => v.id === id) };
   }
 
@@ -463,6 +485,23 @@ export class MicroVmService {
     if (now - (this.lastTouch.get(id) ?? 0) < 1000) return;
     this.lastTouch.set(id, now);
     await this.db.updateTable("microvms").set({ last_activity_at: new Date(now).toISOString() }).where("id", "=", id).execute();
+  }
+
+  /**
+   * Runs `enter` (the write that takes host room: a PENDING row, a RESUMING
+   * state) only if the host can take `shape` on top of live VMs and creates in
+   * flight, in one critical section with that check; 503 otherwise. On a
+   * cluster the section is the node's row lock (ClusterNode.admit).
+   */
+  private async admitted(shape: { vcpus: number; memoryMiB: number }, enter: (tx: Tx) => Promise<unknown>): Promise<void> {
+    if (this.cluster) {
+      await this.cluster.admit(shape, this.images.buildsInFlight(), enter);
+      return;
+    }
+    await this.locks.run("admission", async () => {
+      await this.admit(shape);
+      await this.db.transaction().execute(enter);
+    });
   }
 
   /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight. */
@@ -483,7 +522,7 @@ export class MicroVmService {
   /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */
   private async applyPolicies(): Promise<void> {
     const now = Date.now();
-    const rows = await this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"]).execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"])).execute();
     for (const row of rows) {
       try {
         if (Date.parse(row.expires_at) <= now) {
@@ -537,16 +576,46 @@ export class MicroVmService {
    * names the state the VM is in.
    */
   private async transition(id: string, tenantId: string, to: MicroVmState, update: Omit<MicroVmUpdate, "state"> = {}, eventType?: string, message = ""): Promise<MicroVmRow> {
-    return this.db.transaction().execute(async (tx) => {
-      const row = await tx.updateTable("microvms").set({ ...update, state: to }).where("id", "=", id).where("state", "in", statesBefore(to)).returningAll().executeTakeFirst();
-      if (!row) {
-        const current = await tx.selectFrom("microvms").select("state").where("id", "=", id).executeTakeFirst();
-        if (!current) throw new ApiError("NotFound", `microVM ${id} not found`);
-        throw invalidState(id, current.state, `move to ${to}:`);
+    return this.db.transaction().execute((tx) => this.transitionIn(tx, id, tenantId, to, update, eventType, message));
+  }
+
+  /**
+   * transition() within `tx`. On a cluster the write is also conditional on
+   * this node owning the VM at its epoch with a live lease: a node its peers
+   * declared dead (frozen, cut off) changes nothing.
+   */
+  private async transitionIn(tx: Tx, id: string, tenantId: string, to: MicroVmState, update: Omit<MicroVmUpdate, "state"> = {}, eventType?: string, message = ""): Promise<MicroVmRow> {
+    const owner = this.cluster?.owner();
+    const row = await tx
+      .updateTable("microvms")
+      .set({ ...update, state: to })
+      .where("id", "=", id)
+      .where("state", "in", statesBefore(to))
+      .$if(owner !== undefined, (qb) => qb.where(ownedBy(owner!)))
+      .returningAll()
+      .executeTakeFirst();
+    if (!row) {
+      const current = await tx.selectFrom("microvms").select(["state", "node_id"]).where("id", "=", id).executeTakeFirst();
+      if (!current) throw new ApiError("NotFound", `microVM ${id} not found`);
+      if (owner && canTransition(current.state, to)) {
+        throw new ApiError("Conflict", `microVM ${id} is no longer this node's to change (node ${owner.nodeId}, epoch ${owner.epoch}): its lease was lost`, { node: owner.nodeId });
       }
-      if (eventType) await tx.insertInto("events").values(event(id, tenantId, eventType, message)).execute();
-      return row;
-    });
+      throw invalidState(id, current.state, `move to ${to}:`);
+    }
+    if (eventType) await tx.insertInto("events").values(event(id, tenantId, eventType, message)).execute();
+    return row;
+  }
+
+  /** Narrows a query of microvms to this node's VMs on a cluster (every VM on a single host). */
+  private mine<QB extends { where: (column: "node_id", op: "=", value: string) => QB }>(qb: QB): QB {
+    return this.cluster ? qb.where("node_id", "=", this.cluster.id) : qb;
+  }
+
+  /** Fencing (ClusterNode): the node lost its lease, so its running guests are ended; suspended ones stay on disk, still its own. */
+  async endRunningVms(): Promise<void> {
+    for (const vm of this.engine.list()) {
+      if (vm.status !== "suspended") await this.engine.terminate(vm.id).catch((err: Error) => this.log(`fencing: ending ${vm.id}: ${err.message}`));
+    }
   }
 }
 

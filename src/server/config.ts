@@ -25,6 +25,10 @@ export interface ServerConfig {
   registryPrivateAllow: Cidr[];
   /** A PostgreSQL URL (COCOON_DATABASE_URL): the store many hosts share (docs/cluster.md). Unset: SQLite in the data directory. */
   databaseUrl?: string;
+  /** Cluster: this node's id (COCOON_NODE_ID; default: one made at first start, kept in the data directory). */
+  nodeId?: string;
+  /** Cluster: the URL its peers reach it at (COCOON_NODE_URL; default http://LISTEN). */
+  nodeUrl: string;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (API.md). */
@@ -49,6 +53,8 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     registryCaFile: process.env.COCOON_REGISTRY_CA_FILE ? resolve(process.env.COCOON_REGISTRY_CA_FILE) : undefined,
     registryPrivateAllow: RegistryEgress.allowFromEnv(),
     databaseUrl: databaseUrlFromEnv(),
+    nodeId: nodeIdFromEnv(),
+    nodeUrl: process.env.COCOON_NODE_URL || `http://${listen}`,
   };
 }
 
@@ -68,5 +74,12 @@ function databaseUrlFromEnv(): string | undefined {
   const raw = process.env.COCOON_DATABASE_URL;
   if (raw === undefined || raw === "") return undefined;
   if (!/^postgres(ql)?:\/\//.test(raw)) throw new Error("COCOON_DATABASE_URL must be a postgres:// or postgresql:// URL");
+  return raw;
+}
+
+function nodeIdFromEnv(): string | undefined {
+  const raw = process.env.COCOON_NODE_ID;
+  if (raw === undefined || raw === "") return undefined;
+  if (!/^[a-z0-9][a-z0-9-]{0,62}$/.test(raw)) throw new Error(`COCOON_NODE_ID must be 1 to 63 lowercase letters, digits and dashes, got "${raw}"`);
   return raw;
 }

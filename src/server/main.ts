@@ -1,9 +1,12 @@
+import { randomBytes } from "node:crypto";
 import { chmod, mkdir, readFile } from "node:fs/promises";
+import { cpus } from "node:os";
 import { join } from "node:path";
 import { buildApi, currentRequestId } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
+import { ClusterNode } from "../lifecycle/cluster.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
 import { closeDatabase, openDatabase, openPostgres } from "../store/db.ts";
 import { ServerSecrets } from "../store/secrets.ts";
@@ -12,6 +15,8 @@ import { VmSampler } from "../telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "./bootstrap.ts";
 import { resolveServerConfig } from "./config.ts";
 import { startRuntime } from "./runtime.ts";
+import { writeFileAtomic } from "../util/files.ts";
+import { qemuBuild } from "../vmm/snapshot.ts";
 
 /** `cocoon server`: prepares assets, re-adopts VMs, serves the API until SIGINT/SIGTERM. */
 export async function runServer(flags: { listen?: string; dataDir?: string; metricsPublic?: boolean }): Promise<void> {
@@ -49,7 +54,23 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
-  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });
+  // Many hosts: this server is a node with a lease (docs/cluster.md); it registers before it reconciles its VMs.
+  const cluster = config.databaseUrl
+    ? new ClusterNode(
+        db,
+        {
+          id: config.nodeId ?? (await persistentNodeId(config.dataDir)),
+          url: config.nodeUrl,
+          qemuBuild: qemuBuild(),
+          accelerator: runtime.engine.accelerator,
+          cpuSignature: cpus()[0]?.model ?? "unknown",
+          ...capacity,
+        },
+        { onFenced: () => microvms.endRunningVms(), log },
+      )
+    : undefined;
+  await cluster?.start();
+  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster });
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
@@ -69,12 +90,23 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     await microvms.drain(60_000);
     await imageService.close();
     await microvms.suspendAll();
+    await cluster?.leave();
     await runtime.engine.close();
     await closeDatabase(db);
     process.exit(0);
   };
   process.once("SIGINT", stop);
   process.once("SIGTERM", stop);
+}
+
+/** A node id made at the first start on a cluster and kept in the data directory. */
+async function persistentNodeId(dataDir: string): Promise<string> {
+  const path = join(dataDir, "node-id");
+  const kept = (await readFile(path, "utf8").catch(() => "")).trim();
+  if (kept) return kept;
+  const id = `node-${randomBytes(4).toString("hex")}`;
+  await writeFileAtomic(path, `${id}\n`, 0o600);
+  return id;
 }
 
 /** An unexpected error with its stack and, when an HTTP request was behind it, the request's id (its log lines carry it). */
