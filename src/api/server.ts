@@ -19,7 +19,8 @@ import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { AccessTokens } from "../router/access-tokens.ts";
-import { ENDPOINT_PERMISSION, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import { ENDPOINT_PERMISSION, endpointHostPattern, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import type { NodeChannel } from "../router/node-channel.ts";
 import { checkUpgradeHeaders } from "../router/websocket.ts";
 import { authenticate, keyOfTenantGrants } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
@@ -63,6 +64,8 @@ export interface ApiDeps {
   sampler: VmSampler;
   /** MicroVM Images (Dockerfile builds); without it only the built-in `base` exists. */
   images?: ImageService;
+  /** Cluster (docs/cluster.md): the signed channel requests for another node's VM are forwarded over. */
+  nodeChannel?: NodeChannel;
   /** Serve /metrics without an admin key (--metrics-public). */
   metricsPublic?: boolean;
   /** Endpoints are `http://{id}.{endpointDomain}:{port}/` (default vm.localhost). */
@@ -163,6 +166,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     (body as string).trim() === "" ? done(null, undefined) : json(request, body as string, done),
   );
   app.decorateRequest("tenantId", "");
+  app.decorateRequest("forwarded", false);
   await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
   const tickets = new TerminalTickets();
   app.addHook("onRequest", (request, _reply, done) => requestContext.run({ requestId: request.id }, done));
@@ -173,6 +177,13 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     if (request.ws) {
       if (!config.upgrade) throw new ApiError("ValidationError", `${request.method} ${request.url.split("?")[0]!.slice(0, 200)} is not a WebSocket route`);
       checkUpgradeHeaders(request.headers);
+    }
+    // Forwarded by a peer node (cluster): authenticated there, the tenant is in its signature.
+    const forwarded = deps.nodeChannel?.verify(request.headers, request.method, request.url);
+    if (forwarded) {
+      request.forwarded = true;
+      if (config.permission) request.tenantId = forwarded.tenantId;
+      return;
     }
     if (!config.permission) return;
     // Browsers cannot set headers on a WebSocket: those upgrades carry a one-time ticket (or, kept
@@ -186,6 +197,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     const token = upgrade && typeof query.access_token === "string" ? query.access_token : undefined;
     request.tenantId = await authenticate(deps.db, request.headers.authorization ?? (token ? `Bearer ${token}` : undefined), config.permission);
   });
+  if (deps.nodeChannel) forwardToOwners(app, deps.nodeChannel, deps.microvms, endpointHostPattern(deps.endpointDomain ?? "vm.localhost"));
 
   app.get("/v1/health", { schema: { security: [] } }, async () => ({
     status: "ok",
@@ -228,8 +240,35 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   return app;
 }
 
+/** Calls on a VM whose state lives in the database alone: any node answers them itself. */
+const DATABASE_ONLY = /^\/v1\/microvms\/[^/?]+(\/(events|tags))?(\?|$)/;
+
+/**
+ * Cluster routing: a request for a VM another live node runs (its /v1 calls
+ * but those the database answers, its endpoint in either form, WebSockets
+ * included) is forwarded there over the node channel once this node has
+ * authenticated it; the answer streams back as is.
+ */
+function forwardToOwners(app: Api, channel: NodeChannel, microvms: MicroVmService, hostPattern: RegExp): void {
+  app.addHook("onRequest", async (request, reply) => {
+    if (request.forwarded) return;
+    const params = request.params as { id?: unknown };
+    const byPath = request.url.startsWith("/v1/microvms/") && typeof params.id === "string" ? params.id : undefined;
+    const id = byPath ?? hostPattern.exec(request.headers.host ?? "")?.[2]?.toLowerCase();
+    if (!id || (byPath && request.method === "GET" && DATABASE_ONLY.test(request.url))) return;
+    const nodeUrl = await microvms.ownerUrl(id, request.tenantId || undefined);
+    if (!nodeUrl) return;
+    reply.hijack();
+    if (request.ws) channel.forwardUpgrade(request.raw, request.raw.socket, nodeUrl, request.tenantId);
+    else await channel.forwardHttp(request.raw, reply.raw, nodeUrl, request.tenantId);
+    return reply;
+  });
+}
+
 declare module "fastify" {
   interface FastifyRequest {
+    /** Forwarded by a peer node over the node channel (cluster): served here, never forwarded again. */
+    forwarded?: boolean;
     /** The tenant of the API key that authenticated the request. */
     tenantId: string;
   }

@@ -290,6 +290,26 @@ export class MicroVmService {
   }
 
   /**
+   * On a cluster, the URL of the live node other than this one that runs VM
+   * `id` (of `tenantId` when given), where calls on it are forwarded; undefined
+   * when it is this node's, its node is not live, or there is no such VM.
+   */
+  async ownerUrl(id: string, tenantId?: string): Promise<string | undefined> {
+    if (!this.cluster) return undefined;
+    const row = await this.db
+      .selectFrom("microvms")
+      .innerJoin("nodes", "nodes.id", "microvms.node_id")
+      .select("nodes.url")
+      .where("microvms.id", "=", id)
+      .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
+      .where("nodes.id", "!=", this.cluster.id)
+      .where("nodes.state", "!=", "dead")
+      .where("nodes.lease_expires_at", ">", sql<Date>`now()`)
+      .executeTakeFirst();
+    return row?.url;
+  }
+
+  /**
    * get(), for a call that acts on the VM: on a cluster the VM must be this
    * node's (MisdirectedRequest names its node otherwise). With `claimOrphan`
    * (terminate), a VM whose node is dead and that runs nowhere (FAILED,

@@ -7,6 +7,7 @@ import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
 import { ClusterNode } from "../lifecycle/cluster.ts";
+import { NodeChannel } from "../router/node-channel.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
 import { closeDatabase, openDatabase, openPostgres } from "../store/db.ts";
 import { ServerSecrets } from "../store/secrets.ts";
@@ -74,7 +75,9 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
-  const api = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
+  // Cluster: every node derives the channel's key from the master key they share.
+  const nodeChannel = cluster ? new NodeChannel(secrets.derive("cluster-node-channel")) : undefined;
+  const api = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true, nodeChannel });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   // SIGTERM/SIGINT: stop taking requests, let lifecycle operations under way
