@@ -25,6 +25,7 @@ import { checkUpgradeHeaders } from "../router/websocket.ts";
 import { authenticate, keyOfTenantGrants } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
 import { registerAwsApi } from "./aws/index.ts";
+import { registerClusterRoutes } from "./routes/cluster.ts";
 import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
@@ -207,6 +208,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db, deps.secrets);
+  if (deps.nodeChannel) registerClusterRoutes(app, deps.db);
   if (deps.images) await registerImageRoutes(app, deps.images, deps.microvms, deps.db);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
@@ -217,7 +219,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
   const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
   const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
-  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl });
+  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl, nodeChannel: deps.nodeChannel });
   registerConnectorRoutes(app, deps.microvms.connectors);
   await registerConsoleRoutes(app, domain); // the web console, /console/
   const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);

@@ -60,6 +60,8 @@ export interface ImageServiceOpts {
   pullLimits?: PullLimits;
   /** The key registry passwords are sealed with (made on first use; default `<imagesDir>/.credentials.key`). */
   credentialsKeyFile?: string;
+  /** Cluster (docs/cluster.md): this server's node; its builds are recorded as its own, and only its own are reconciled at start. */
+  nodeId?: string;
   log?: (line: string) => void;
 }
 
@@ -179,7 +181,12 @@ export class ImageService {
   async start(): Promise<void> {
     await rm(this.stagingDir, { recursive: true, force: true });
     await this.puller.removeStale();
-    const rows = await this.db.selectFrom("images").selectAll().where("state", "in", ["PENDING", "BUILDING", "DELETING"]).execute();
+    const rows = await this.db
+      .selectFrom("images")
+      .selectAll()
+      .where("state", "in", ["PENDING", "BUILDING", "DELETING"])
+      .$if(this.opts.nodeId !== undefined, (qb) => qb.where("node_id", "=", this.opts.nodeId!))
+      .execute();
     for (const row of rows) {
       const dir = this.dirOf(row.id);
       await rm(join(dir, "snapshot"), { recursive: true, force: true });
@@ -276,6 +283,7 @@ export class ImageService {
           base_image: req.baseImage ?? null,
           egress_connectors: req.egressConnectors ? JSON.stringify(req.egressConnectors) : null,
           aws_fields: req.awsFields ? JSON.stringify(req.awsFields) : null,
+          node_id: this.opts.nodeId ?? null,
         };
         try {
           if (req.tags) await tagResource(this.db, tenantId, { type: "microvm-image", id: req.name }, req.tags);

@@ -81,6 +81,8 @@ export class ClusterNode {
     private readonly opts: {
       /** Ends every VM of this node's engine: its rows are no longer its own. */
       onFenced: () => Promise<void>;
+      /** What this node's image builds hold now (published with each renewal, for peers placing VMs). */
+      builds?: () => { vcpus: number; memoryMiB: number };
       log?: (line: string) => void;
       timing?: LeaseTiming;
     },
@@ -162,9 +164,10 @@ export class ClusterNode {
 
   /** Extends the lease; false when it updates nothing (the node was declared dead, or its lease ran out). */
   async renew(): Promise<boolean> {
+    const builds = this.opts.builds?.() ?? { vcpus: 0, memoryMiB: 0 };
     const res = await this.db
       .updateTable("nodes")
-      .set({ lease_expires_at: this.leaseExpiry() })
+      .set({ lease_expires_at: this.leaseExpiry(), build_vcpus: builds.vcpus, build_memory_mib: builds.memoryMiB })
       .where("id", "=", this.info.id)
       .where("epoch", "=", this.epoch)
       .where("state", "!=", "dead")
@@ -205,16 +208,6 @@ export class ClusterNode {
     });
   }
 
-  /** Takes no new VMs (its running ones run on); `active` again with undrain. */
-  async setDraining(draining: boolean): Promise<void> {
-    await this.db
-      .updateTable("nodes")
-      .set({ state: draining ? "draining" : "active" })
-      .where("id", "=", this.info.id)
-      .where("epoch", "=", this.epoch)
-      .where("state", "!=", "dead")
-      .execute();
-  }
 
   /**
    * Admission on this node: locks its row (admissions on it queue there,
@@ -245,6 +238,30 @@ export class ClusterNode {
     });
   }
 
+  /**
+   * Live, active peers that could run a VM of `shape` (the same QEMU build
+   * and accelerator) and have room for it as the database sees them now,
+   * roomiest first: where a create this node has no room for is offered.
+   * Each re-checks under its own row lock (admit).
+   */
+  async peersWithRoom(shape: { vcpus: number; memoryMiB: number }): Promise<string[]> {
+    const peers = await this.db
+      .selectFrom("nodes")
+      .selectAll()
+      .where("id", "!=", this.info.id)
+      .where("state", "=", "active")
+      .where("lease_expires_at", ">", sql<Date>`now()`)
+      .where("qemu_build", "=", this.info.qemuBuild)
+      .where("accelerator", "=", this.info.accelerator)
+      .execute();
+    const withRoom: { url: string; freeMiB: number }[] = [];
+    for (const peer of peers) {
+      const used = await liveUsage(this.db, { vcpus: peer.build_vcpus, memoryMiB: peer.build_memory_mib }, peer.id);
+      if (used.vcpus + shape.vcpus <= peer.vcpus && used.memoryMiB + shape.memoryMiB <= peer.memory_mib) withRoom.push({ url: peer.url, freeMiB: peer.memory_mib - used.memoryMiB });
+    }
+    return withRoom.sort((a, b) => b.freeMiB - a.freeMiB).map((p) => p.url);
+  }
+
   private leaseExpiry() {
     return sql<Date>`now() + make_interval(secs => ${this.timing.leaseSeconds})`;
   }
@@ -269,6 +286,41 @@ export async function liveUsage(db: Db | Tx, builds: { vcpus: number; memoryMiB:
     used.memoryMiB += r.memory_mib;
   }
   return used;
+}
+
+/**
+ * Draining: node `nodeId` takes no new VMs (its VMs run on and are served);
+ * `active` again when `draining` is false. Any node (an operator's call) may
+ * set it; a dead node stays dead. Undefined when there is no such live node.
+ */
+export async function setNodeDraining(db: Db, nodeId: string, draining: boolean): Promise<NodeRow | undefined> {
+  return db
+    .updateTable("nodes")
+    .set({ state: draining ? "draining" : "active" })
+    .where("id", "=", nodeId)
+    .where("state", "!=", "dead")
+    .returningAll()
+    .executeTakeFirst();
+}
+
+/**
+ * This node cannot make the VM (no room, or its image is another node's) and
+ * `peers` (URLs, best first) may: the router offers them the create. `why` is
+ * the answer when none takes it.
+ */
+export class TryPeersError extends ApiError {
+  constructor(
+    why: ApiError,
+    readonly peers: string[],
+  ) {
+    super(why.code, why.message, why.details);
+  }
+}
+
+/** The URL of node `nodeId` while its lease is live and it takes VMs. */
+export async function activeNodeUrl(db: Db, nodeId: string): Promise<string | undefined> {
+  const node = await db.selectFrom("nodes").select("url").where("id", "=", nodeId).where("state", "=", "active").where("lease_expires_at", ">", sql<Date>`now()`).executeTakeFirst();
+  return node?.url;
 }
 
 /** The nodes of the cluster with their leases as the database sees them (metrics, tests, operators). */

@@ -3,12 +3,12 @@ import { sql } from "kysely";
 import { cpus, totalmem } from "node:os";
 import { ApiError, checkIntRange } from "../errors.ts";
 import type { ImageCatalog } from "../images/catalog.ts";
-import type { ManagedImageView } from "../images/managed.ts";
+import { MANAGED_VERSION, type ManagedImageView } from "../images/managed.ts";
 import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import { serialized } from "../store/locks.ts";
-import { liveUsage, ownedBy, type ClusterNode, type Tx } from "./cluster.ts";
+import { activeNodeUrl, liveUsage, ownedBy, TryPeersError, type ClusterNode, type Tx } from "./cluster.ts";
 import { checkQuota } from "../store/tenants.ts";
 import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
@@ -188,6 +188,15 @@ export class MicroVmService {
 
   private async launch(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
     const image = await this.images.resolve(tenantId, req.image, req.imageVersion);
+    if (this.cluster && image.version !== MANAGED_VERSION) {
+      // A tenant's image is on the disk of the node that built it: its VMs launch there.
+      const built = await this.db.selectFrom("images").select("node_id").where("id", "=", image.imageId).executeTakeFirst();
+      if (built?.node_id && built.node_id !== this.cluster.id) {
+        const url = await activeNodeUrl(this.db, built.node_id);
+        const why = new ApiError("MisdirectedRequest", `image ${image.name} version ${image.version} is on node ${built.node_id}${url ? "" : ", which takes no VMs now"}`, { node: built.node_id });
+        throw new TryPeersError(why, url ? [url] : []);
+      }
+    }
     // A Dockerfile image has the shape it was built (snapshotted) with.
     const shape = { vcpus: req.vcpus ?? image.shape?.vcpus ?? 1, memoryMiB: req.memoryMiB ?? image.shape?.memoryMiB ?? 512 };
     const diskGiB = req.diskGiB ?? image.diskGiB;
@@ -253,6 +262,12 @@ export class MicroVmService {
     await this.admitted(shape, async (tx) => {
       const owner = this.cluster?.owner();
       await tx.insertInto("microvms").values({ ...pending, node_id: owner?.nodeId ?? null, node_epoch: owner?.epoch ?? null }).execute();
+    }).catch(async (err: unknown) => {
+      // A cluster node without room offers the create to its peers (the router forwards it), for images every node has.
+      if (this.cluster && err instanceof ApiError && err.code === "CapacityExceeded" && image.version === MANAGED_VERSION) {
+        throw new TryPeersError(err, await this.cluster.peersWithRoom(shape));
+      }
+      throw err;
     });
     const started = performance.now();
     // Held until RUNNING: a terminate or suspend of the PENDING VM waits for its launch to finish.

@@ -50,6 +50,18 @@ export class NodeChannel {
     return { ...out, ...this.signature(tenantId, req.method ?? "GET", req.url ?? "/") };
   }
 
+  /** Sends a JSON request for `tenantId` to the node at `nodeUrl` (a create offered to a peer); its answer as is. */
+  async call(nodeUrl: string, tenantId: string, method: string, url: string, body: unknown): Promise<{ status: number; body: unknown }> {
+    const res = await fetch(new URL(url, nodeUrl), {
+      method,
+      headers: { "content-type": "application/json", ...this.signature(tenantId, method, url) },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(300_000),
+    });
+    const text = await res.text();
+    return { status: res.status, body: text ? (JSON.parse(text) as unknown) : undefined };
+  }
+
   /** Forwards an HTTP request to the node at `nodeUrl` and streams its answer back. */
   forwardHttp(req: IncomingMessage, res: ServerResponse, nodeUrl: string, tenantId: string): Promise<void> {
     return new Promise((resolve) => {

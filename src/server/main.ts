@@ -38,6 +38,8 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const adminKey = await bootstrapAdminKey(db, secrets, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
   const runtime = await startRuntime({ ...config, log });
+  // Many hosts: this server is a node of a cluster (docs/cluster.md).
+  const nodeId = config.databaseUrl ? (config.nodeId ?? (await persistentNodeId(config.dataDir))) : undefined;
   const imageService = new ImageService({
     db,
     engine: runtime.engine,
@@ -49,25 +51,26 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     httpsCa: config.httpsCaFile ? await readFile(config.httpsCaFile, "utf8") : undefined,
     registryCaFile: config.registryCaFile,
     registryPrivateAllow: config.registryPrivateAllow,
+    nodeId,
     log,
   });
   await imageService.start();
   const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
-  // Many hosts: this server is a node with a lease (docs/cluster.md); it registers before it reconciles its VMs.
-  const cluster = config.databaseUrl
+  // A node holds a lease; it registers before it reconciles its VMs.
+  const cluster = nodeId
     ? new ClusterNode(
         db,
         {
-          id: config.nodeId ?? (await persistentNodeId(config.dataDir)),
+          id: nodeId,
           url: config.nodeUrl,
           qemuBuild: qemuBuild(),
           accelerator: runtime.engine.accelerator,
           cpuSignature: cpus()[0]?.model ?? "unknown",
           ...capacity,
         },
-        { onFenced: () => microvms.endRunningVms(), log },
+        { onFenced: () => microvms.endRunningVms(), builds: () => images.buildsInFlight(), log },
       )
     : undefined;
   await cluster?.start();

@@ -237,6 +237,8 @@ export const migrations: Record<string, Migration> = {
       await db.schema.alterTable("microvms").addColumn("node_id", "text").execute();
       await db.schema.alterTable("microvms").addColumn("node_epoch", "integer").execute();
       await db.schema.createIndex("microvms_node").on("microvms").columns(["node_id", "state"]).execute();
+      // The node that builds and holds an image version (its files are on that node's disk).
+      await db.schema.alterTable("images").addColumn("node_id", "text").execute();
     },
   },
 };

@@ -143,6 +143,8 @@ export interface ImagesTable {
   egress_connectors: Generated<string | null>;
   /** JSON: AWS fields accepted and echoed back but not acted on. */
   aws_fields: Generated<string | null>;
+  /** Cluster (docs/cluster.md): the node that builds and holds it; null on a single host. */
+  node_id: Generated<string | null>;
 }
 
 /** clientToken idempotency: the resource an operation with this token made. */

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ClusterNode, listNodes, ownedBy, type NodeInfo, type VmOwner } from "../../src/lifecycle/cluster.ts";
+import { ClusterNode, listNodes, ownedBy, setNodeDraining, type NodeInfo, type VmOwner } from "../../src/lifecycle/cluster.ts";
 import { closeDatabase, openPostgres, type Db } from "../../src/store/db.ts";
 import type { MicroVmRow, MicroVmState } from "../../src/store/schema.ts";
 import { startPostgres, type TestPostgres } from "../support/postgres.ts";
@@ -129,9 +129,9 @@ describe("cluster nodes", () => {
     // Builds hold capacity too.
     await dbs[0]!.updateTable("microvms").set({ state: "TERMINATED" }).where("node_id", "=", "h").execute();
     await expect(here.admit({ vcpus: 1, memoryMiB: 256 }, { vcpus: 4, memoryMiB: 512 }, async () => undefined)).rejects.toMatchObject({ code: "CapacityExceeded", details: { resource: "vcpus" } });
-    await here.setDraining(true);
+    await setNodeDraining(dbs[0]!, "h", true);
     await expect(here.admit({ vcpus: 1, memoryMiB: 256 }, { vcpus: 0, memoryMiB: 0 }, async () => undefined)).rejects.toMatchObject({ code: "CapacityExceeded", details: { state: "draining" } });
-    await here.setDraining(false);
+    await setNodeDraining(dbs[0]!, "h", false);
     await expect(here.admit({ vcpus: 1, memoryMiB: 256 }, { vcpus: 0, memoryMiB: 0 }, async () => "in")).resolves.toBe("in");
   });
 
