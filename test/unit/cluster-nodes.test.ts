@@ -29,6 +29,8 @@ async function database(servers: number): Promise<Db[]> {
 }
 
 const SHORT = { leaseSeconds: 1, renewEveryMs: 200 };
+/** For cases about something else than expiry: no lease runs out during them. */
+const LONG = { leaseSeconds: 60, renewEveryMs: 1000 };
 
 function info(id: string, capacity = { vcpus: 4, memoryMiB: 4096 }): NodeInfo {
   return { id, url: `http://127.0.0.1:0/${id}`, qemuBuild: "qemu-7.2", accelerator: "tcg", cpuSignature: "test", ...capacity };
@@ -133,6 +135,27 @@ describe("cluster nodes", () => {
     await expect(here.admit({ vcpus: 1, memoryMiB: 256 }, { vcpus: 0, memoryMiB: 0 }, async () => undefined)).rejects.toMatchObject({ code: "CapacityExceeded", details: { state: "draining" } });
     await setNodeDraining(dbs[0]!, "h", false);
     await expect(here.admit({ vcpus: 1, memoryMiB: 256 }, { vcpus: 0, memoryMiB: 0 }, async () => "in")).resolves.toBe("in");
+  });
+
+  it("offers a create to live, active peers of the same QEMU build with room, roomiest first", async () => {
+    const [db] = await database(1);
+    const make = (id: string, capacity: { vcpus: number; memoryMiB: number }, qemuBuild = "qemu-7.2") =>
+      new ClusterNode(db!, { ...info(id, capacity), qemuBuild }, { onFenced: async () => undefined, timing: LONG });
+    const self = make("self", { vcpus: 1, memoryMiB: 1024 });
+    const roomy = make("roomy", { vcpus: 8, memoryMiB: 8192 });
+    const small = make("small", { vcpus: 8, memoryMiB: 2048 });
+    const full = make("full", { vcpus: 1, memoryMiB: 8192 });
+    const other = make("other-build", { vcpus: 8, memoryMiB: 8192 }, "qemu-8.2");
+    const drained = make("drained", { vcpus: 8, memoryMiB: 8192 });
+    for (const n of [self, roomy, small, full, other, drained]) await n.register();
+    await db!.insertInto("microvms").values([vmRow(full.owner(), "RUNNING"), vmRow(roomy.owner(), "SUSPENDED", 8)]).execute();
+    await setNodeDraining(db!, "drained", true);
+    expect(await self.peersWithRoom({ vcpus: 1, memoryMiB: 512 })).toEqual([info("roomy").url, info("small").url]);
+    // What a peer's builds hold counts (published with its renewals).
+    const building = new ClusterNode(db!, info("roomy", { vcpus: 8, memoryMiB: 8192 }), { onFenced: async () => undefined, builds: () => ({ vcpus: 8, memoryMiB: 512 }), timing: LONG });
+    await building.register();
+    expect(await building.renew()).toBe(true);
+    expect(await self.peersWithRoom({ vcpus: 1, memoryMiB: 512 })).toEqual([info("small").url]);
   });
 
   it("renews on its own and a node that stops renewing is reaped by its peers", async () => {
