@@ -11,20 +11,22 @@ import { TEST_ROOT } from "../support/paths.ts";
 import { startPostgres, type TestPostgres } from "../support/postgres.ts";
 
 /*
- * Two real `cocoon server` processes on this box sharing a real PostgreSQL 15
- * (docs/cluster.md): separate data directories, ports and VM uid ranges. Each
- * node admits 1 vCPU (2 cores × COCOON_VCPU_OVERCOMMIT 0.5), so one VM fills it.
+ * Three real `cocoon server` processes on this box sharing a real PostgreSQL
+ * 15 (docs/cluster.md): separate data directories, ports and VM uid ranges.
+ * Nodes a and b admit 1 vCPU each (2 cores × COCOON_VCPU_OVERCOMMIT 0.5), so
+ * one VM fills them; c is drained from the start, a front door that only
+ * forwards.
  */
 let postgres: TestPostgres;
 let db: Db;
-const nodes: Record<"a" | "b", CocoonServer> = {} as never;
+const nodes: Record<"a" | "b" | "c", CocoonServer> = {} as never;
 
 beforeAll(async () => {
   postgres = await startPostgres();
   const url = await postgres.newDatabase();
   db = await openPostgres(url);
-  const uidRanges = { a: "1600000000-1600065535", b: "1600065536-1600131071" };
-  for (const id of ["a", "b"] as const) {
+  const uidRanges = { a: "1600000000-1600065535", b: "1600065536-1600131071", c: "1600131072-1600196607" };
+  for (const id of ["a", "b", "c"] as const) {
     const dataDir = await mkdtemp(join(TEST_ROOT, `cluster-${id}-`));
     nodes[id] = new CocoonServer({
       dataDir,
@@ -34,9 +36,12 @@ beforeAll(async () => {
   }
   // The first node makes the admin key; every node shares the master key (sealed secrets are in the database).
   await nodes.a.start();
-  await copyFile(join(nodes.a.opts.dataDir, "master.key"), join(nodes.b.opts.dataDir, "master.key"));
-  await copyFile(join(nodes.a.opts.dataDir, "admin.key"), join(nodes.b.opts.dataDir, "admin.key"));
-  await nodes.b.start();
+  for (const id of ["b", "c"] as const) {
+    await copyFile(join(nodes.a.opts.dataDir, "master.key"), join(nodes[id].opts.dataDir, "master.key"));
+    await copyFile(join(nodes.a.opts.dataDir, "admin.key"), join(nodes[id].opts.dataDir, "admin.key"));
+  }
+  await Promise.all([nodes.b.start(), nodes.c.start()]);
+  expect((await nodes.a.call("POST", "/v1/cluster/nodes/c/drain")).status).toBe(200);
 });
 
 afterAll(async () => {
@@ -86,7 +91,7 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(second.status).toBe(201);
     onB = second.body.microVmId;
     expect(await nodeOf(onB)).toMatchObject({ node_id: "b", state: "RUNNING" });
-    for (const node of [nodes.a, nodes.b]) {
+    for (const node of [nodes.a, nodes.b, nodes.c]) {
       const full = await node.call("POST", "/v1/microvms", { image: "base" });
       expect(full.status).toBe(503);
       expect(full.body.error.code).toBe("CapacityExceeded");
@@ -102,7 +107,7 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     const read = await fetch(`${nodes.b.url}/v1/microvms/${onA}/files?path=/srv/www/index.html`, { headers: auth });
     expect(await read.text()).toBe("hello from a");
     await nodes.b.call("POST", `/v1/microvms/${onA}/exec`, { command: "nohup perl /srv/static-server.pl /srv/www 8080 > /dev/null 2>&1 &" });
-    const ready = await nodes.b.call("POST", `/v1/microvms/${onA}/exec`, {
+    const ready = await nodes.c.call("POST", `/v1/microvms/${onA}/exec`, {
       command: ["bash", "-c", "for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && exit 0; sleep 0.2; done; exit 1"],
       timeoutSeconds: 120,
     });
@@ -110,14 +115,14 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     const token = created.body.endpoint.token as string;
     const page = await fetch(`${nodes.b.url}/v1/microvms/${onA}/http/?cocoon_token=${token}`, { redirect: "manual" });
     expect(await page.text()).toBe("hello from a");
-    const ws = new WebSocket(`${nodes.b.url.replace("http", "ws")}/v1/microvms/${onA}/http/ws?cocoon_token=${token}`);
+    const ws = new WebSocket(`${nodes.c.url.replace("http", "ws")}/v1/microvms/${onA}/http/ws?cocoon_token=${token}`);
     const echoed = await new Promise<string>((resolve, reject) => {
-      ws.once("open", () => ws.send("through b"));
+      ws.once("open", () => ws.send("through c"));
       ws.once("message", (data) => resolve(String(data)));
       ws.once("error", reject);
     });
     ws.close();
-    expect(echoed).toBe("echo:through b");
+    expect(echoed).toBe("echo:through c");
     // The forwarding's cost, for SPECIFICATION.md (not asserted): exec of `true` on the owner, and through its peer.
     const median = async (node: CocoonServer) => {
       const times: number[] = [];
@@ -129,6 +134,15 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
       return times.sort((x, y) => x - y)[3]!;
     };
     console.log(`[figure] exec round trip, median of 7: on the VM's node ${(await median(nodes.a)).toFixed(1)} ms, through a peer ${(await median(nodes.b)).toFixed(1)} ms`);
+    // Suspended through c, then 20 requests through all three nodes at once: one resume (on b), all served.
+    expect((await nodes.c.call("POST", `/v1/microvms/${onB}/suspend`)).body.state).toBe("SUSPENDED");
+    const answers = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => [nodes.a, nodes.b, nodes.c][i % 3]!.call("POST", `/v1/microvms/${onB}/exec`, { command: ["echo", String(i)] })),
+    );
+    expect(answers.map((a) => a.body.stdout)).toEqual(Array.from({ length: 20 }, (_, i) => `${i}\n`));
+    const events = (await nodes.a.call("GET", `/v1/microvms/${onB}/events`)).body.events.map((e: { type: string }) => e.type);
+    expect(events.filter((t: string) => t === "resumed")).toHaveLength(1);
+    expect(await nodeOf(onB)).toMatchObject({ node_id: "b", state: "RUNNING" });
     // A forged node signature is no key.
     const forged = await fetch(`${nodes.b.url}/v1/microvms/${onA}/exec`, {
       method: "POST",
@@ -146,7 +160,7 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     console.log(`[figure] node failure detected ${(detectedMs / 1000).toFixed(1)} s after kill -9 (lease 15 s, renewal 3 s)`);
     expect(await nodeOf(onA)).toMatchObject({ state: "FAILED", state_reason: "node a stopped renewing its lease" });
     const nodesNow = await db.selectFrom("nodes").select(["id", "state"]).orderBy("id").execute();
-    expect(nodesNow).toEqual([{ id: "a", state: "dead" }, { id: "b", state: "active" }]);
+    expect(nodesNow).toEqual([{ id: "a", state: "dead" }, { id: "b", state: "active" }, { id: "c", state: "draining" }]);
     // The dead node's FAILED VM runs nowhere: any node may terminate it (it claims it).
     expect((await nodes.b.call("DELETE", `/v1/microvms/${onA}`)).body.state).toBe("TERMINATED");
     await nodes.a.start();
@@ -178,6 +192,6 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect((await nodes.b.call("DELETE", `/v1/microvms/${elsewhere.body.microVmId}`)).body.state).toBe("TERMINATED");
     expect((await nodes.b.call("POST", "/v1/cluster/nodes/b/activate")).body).toMatchObject({ state: "active" });
     const states = (await nodes.b.call("GET", "/v1/cluster/nodes")).body.nodes.map((n: { nodeId: string; state: string; leaseLive: boolean }) => [n.nodeId, n.state, n.leaseLive]);
-    expect(states).toEqual([["a", "active", true], ["b", "active", true]]);
+    expect(states).toEqual([["a", "active", true], ["b", "active", true], ["c", "draining", true]]);
   });
 });
