@@ -179,11 +179,12 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
       if (!config.upgrade) throw new ApiError("ValidationError", `${request.method} ${request.url.split("?")[0]!.slice(0, 200)} is not a WebSocket route`);
       checkUpgradeHeaders(request.headers);
     }
-    // Forwarded by a peer node (cluster): authenticated there, the tenant is in its signature.
+    // Forwarded by a peer node (cluster): authenticated there, the tenant is in its signature; one
+    // that names none (a terminal ticket, redeemable only here) is authenticated here like any request.
     const forwarded = deps.nodeChannel?.verify(request.headers, request.method, request.url);
-    if (forwarded) {
-      request.forwarded = true;
-      if (config.permission) request.tenantId = forwarded.tenantId;
+    if (forwarded) request.forwarded = true;
+    if (forwarded && (!config.permission || forwarded.tenantId)) {
+      request.tenantId = forwarded.tenantId;
       return;
     }
     if (!config.permission) return;
@@ -192,7 +193,10 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     const query = request.query as { access_token?: string; ticket?: string };
     const upgrade = request.headers.upgrade?.toLowerCase() === "websocket";
     if (upgrade && config.ticketed && typeof query.ticket === "string") {
-      request.tenantId = tickets.redeem(query.ticket, (request.params as { id?: string }).id ?? "");
+      const id = (request.params as { id?: string }).id ?? "";
+      // Cluster: the ticket was issued by the VM's node (its ticket route is forwarded there): it is redeemed there.
+      if (deps.nodeChannel && !request.forwarded && (await deps.microvms.ownerUrl(id))) return;
+      request.tenantId = tickets.redeem(query.ticket, id);
       return;
     }
     const token = upgrade && typeof query.access_token === "string" ? query.access_token : undefined;

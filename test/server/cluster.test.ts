@@ -143,6 +143,21 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     const events = (await nodes.a.call("GET", `/v1/microvms/${onB}/events`)).body.events.map((e: { type: string }) => e.type);
     expect(events.filter((t: string) => t === "resumed")).toHaveLength(1);
     expect(await nodeOf(onB)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    // A terminal ticket taken through a, used through c: both forwarded to b, which issued and redeems it, once.
+    const { ticket } = (await nodes.a.call("POST", `/v1/microvms/${onB}/terminal/tickets`)).body as { ticket: string };
+    const terminal = new WebSocket(`${nodes.c.url.replace("http", "ws")}/v1/microvms/${onB}/terminal?ticket=${ticket}`);
+    const typed = await new Promise<string>((resolve, reject) => {
+      let output = "";
+      terminal.once("open", () => terminal.send(Buffer.from("echo term-$((40+2)); exit\n"), { binary: true }));
+      terminal.on("message", (data: Buffer, isBinary: boolean) => {
+        if (isBinary) output += data.toString();
+        else if ((JSON.parse(data.toString()) as { type: string }).type === "exit") resolve(output);
+      });
+      terminal.once("error", reject);
+    });
+    expect(typed).toContain("term-42");
+    const again = new WebSocket(`${nodes.a.url.replace("http", "ws")}/v1/microvms/${onB}/terminal?ticket=${ticket}`);
+    await expect(new Promise((resolve, reject) => again.once("open", resolve).once("error", reject))).rejects.toThrow("401");
     // A forged node signature is no key.
     const forged = await fetch(`${nodes.b.url}/v1/microvms/${onA}/exec`, {
       method: "POST",
