@@ -25,6 +25,7 @@ import { checkUpgradeHeaders } from "../router/websocket.ts";
 import { authenticate, keyOfTenantGrants } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
 import { registerAwsApi } from "./aws/index.ts";
+import { parseArn } from "./aws/protocol.ts";
 import { registerClusterRoutes } from "./routes/cluster.ts";
 import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
@@ -248,6 +249,8 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
 
 /** Calls on a VM whose state lives in the database alone: any node answers them itself. */
 const DATABASE_ONLY = /^\/v1\/microvms\/[^/?]+(\/(events|tags))?(\?|$)/;
+/** The AWS door's operations that act on a VM's node (SuspendMicrovm, ResumeMicrovm, TerminateMicrovm). */
+const AWS_ON_NODE = /^\/2025-09-09\/microvms\/[^/?]+(\/(suspend|resume))?(\?|$)/;
 
 /**
  * Cluster routing: a request for a VM another live node runs (its /v1 calls
@@ -258,9 +261,12 @@ const DATABASE_ONLY = /^\/v1\/microvms\/[^/?]+(\/(events|tags))?(\?|$)/;
 function forwardToOwners(app: Api, channel: NodeChannel, microvms: MicroVmService, hostPattern: RegExp): void {
   app.addHook("onRequest", async (request, reply) => {
     if (request.forwarded) return;
-    const params = request.params as { id?: unknown };
+    const params = request.params as { id?: unknown; microvmIdentifier?: unknown };
     const byPath = request.url.startsWith("/v1/microvms/") && typeof params.id === "string" ? params.id : undefined;
-    const id = byPath ?? hostPattern.exec(request.headers.host ?? "")?.[2]?.toLowerCase();
+    // The AWS door: its SigV4 signature (Host included) is checked by the owner; the id may be an ARN.
+    const identifier = request.method !== "GET" && AWS_ON_NODE.test(request.url) && typeof params.microvmIdentifier === "string" ? params.microvmIdentifier : undefined;
+    const byAws = identifier === undefined ? undefined : (parseArn(identifier)?.id ?? identifier);
+    const id = byPath ?? byAws ?? hostPattern.exec(request.headers.host ?? "")?.[2]?.toLowerCase();
     if (!id || (byPath && request.method === "GET" && DATABASE_ONLY.test(request.url))) return;
     const nodeUrl = await microvms.ownerUrl(id, request.tenantId || undefined);
     if (!nodeUrl) return;

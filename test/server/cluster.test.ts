@@ -1,3 +1,4 @@
+import { LambdaMicrovmsClient, ResumeMicrovmCommand, SuspendMicrovmCommand } from "@aws-sdk/client-lambda-microvms";
 import { execFileSync } from "node:child_process";
 import { copyFile, mkdtemp, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
@@ -158,6 +159,13 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(typed).toContain("term-42");
     const again = new WebSocket(`${nodes.a.url.replace("http", "ws")}/v1/microvms/${onB}/terminal?ticket=${ticket}`);
     await expect(new Promise((resolve, reject) => again.once("open", resolve).once("error", reject))).rejects.toThrow("401");
+    // The AWS door through c: SigV4 is checked by b, where the VM is suspended and resumed.
+    const key = (await nodes.a.call("POST", "/v1/keys", { tenant: "admin", permissions: ["microvm:*"] })).body as { keyId: string; apiKey: string };
+    const aws = new LambdaMicrovmsClient({ endpoint: nodes.c.url, region: "eu-west-3", credentials: { accessKeyId: key.keyId, secretAccessKey: key.apiKey } });
+    await aws.send(new SuspendMicrovmCommand({ microvmIdentifier: onB }));
+    expect(await nodeOf(onB)).toMatchObject({ node_id: "b", state: "SUSPENDED" });
+    await aws.send(new ResumeMicrovmCommand({ microvmIdentifier: onB }));
+    expect(await nodeOf(onB)).toMatchObject({ node_id: "b", state: "RUNNING" });
     // A forged node signature is no key.
     const forged = await fetch(`${nodes.b.url}/v1/microvms/${onA}/exec`, {
       method: "POST",
