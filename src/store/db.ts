@@ -59,8 +59,9 @@ export async function openPostgres(url: string, opts: { log?: (line: string) => 
   // An idle connection the server closes (restart, timeout) is replaced on the next checkout; without a listener it would end the process.
   pool.on("error", (err) => opts.log?.(`database connection lost: ${err.message}`));
   // A pool of its own for advisory locks (store/locks.ts): a lock held across a long operation never starves queries.
-  // Its sessions wait for a lock as long as its holder works (a section may span a VM's launch).
-  const lockPool = new pg.Pool({ ...config, max: 20, options: "-c TimeZone=UTC" });
+  // Its sessions wait for a lock as long as its holder works (a section may span a VM's launch), and a section
+  // waits for a free session as long as it takes (one per key held at once in this process).
+  const lockPool = new pg.Pool({ ...config, max: 20, connectionTimeoutMillis: 0, options: "-c TimeZone=UTC" });
   lockPool.on("error", (err) => opts.log?.(`database lock connection lost: ${err.message}`));
   const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
   registerPostgresLocks(db, lockPool);
