@@ -14,9 +14,11 @@ cd "$(dirname "$0")/.."
 # (packages/python-sdk, test/python); skopeo (registry pulls into an OCI layout)
 # and umoci (layers unpacked into a root filesystem) for FROM <registry image>
 # (src/images/registry); docker-registry (distribution v2) and apache2-utils
-# (htpasswd, bcrypt) for the registry the tests run on loopback.
+# (htpasswd, bcrypt) for the registry the tests run on loopback; postgresql
+# (15) for the many-hosts store (docs/cluster.md; the tests start their own).
 PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates passt nftables iproute2 chromium openssl busybox-static
-  python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils)
+  python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils
+  postgresql)
 # From Debian's bookworm-backports: Go 1.23 (/usr/lib/go-1.23, beside bookworm's
 # 1.19) for SysProcAttr.CgroupFD, which the agent needs (agent/internal/process).
 BACKPORTS=(golang-1.23-go)

@@ -12,6 +12,7 @@ export const ERROR_CODES = {
   RequestTimeout: { status: 408, doc: "The request (headers or body) did not arrive within the server's time limit." },
   InvalidState: { status: 409, doc: "The resource is in a state that does not allow the action; the message names both." },
   Conflict: { status: 409, doc: "The resource already exists or is in use." },
+  MisdirectedRequest: { status: 421, doc: "Cluster (docs/cluster.md): the microVM is run by another node; details.node and details.url name it. Send the request there." },
   PayloadTooLarge: { status: 413, doc: "The request body exceeds its limit." },
   UnsupportedMediaType: { status: 415, doc: "The route does not take a body of that Content-Type (JSON routes take application/json)." },
   QuotaExceeded: { status: 429, doc: "A quota of the tenant or of a resource is reached (e.g. 50 tags per resource); the message names it and the limit." },

@@ -20,11 +20,14 @@ import type { ServerMetrics } from "../telemetry/metrics.ts";
 import type { VmSampler } from "../telemetry/vm-samples.ts";
 import type { Accelerator } from "../vmm/qemu.ts";
 import { AccessTokens } from "../router/access-tokens.ts";
-import { ENDPOINT_PERMISSION, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import { ENDPOINT_PERMISSION, endpointHostPattern, EndpointRouter, registerEndpointRoutes } from "../router/endpoint.ts";
+import type { NodeChannel } from "../router/node-channel.ts";
 import { checkUpgradeHeaders } from "../router/websocket.ts";
 import { authenticate, keyOfTenantGrants } from "./auth.ts";
 import type { ImageService } from "../images/service.ts";
 import { registerAwsApi } from "./aws/index.ts";
+import { parseArn } from "./aws/protocol.ts";
+import { registerClusterRoutes } from "./routes/cluster.ts";
 import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
@@ -64,6 +67,8 @@ export interface ApiDeps {
   sampler: VmSampler;
   /** MicroVM Images (Dockerfile builds); without it only the built-in `base` exists. */
   images?: ImageService;
+  /** Cluster (docs/cluster.md): the signed channel requests for another node's VM are forwarded over. */
+  nodeChannel?: NodeChannel;
   /** Serve /metrics without an admin key (--metrics-public). */
   metricsPublic?: boolean;
   /** Endpoints are `http://{id}.{endpointDomain}:{port}/` (default vm.localhost). */
@@ -190,6 +195,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
     (body as string).trim() === "" ? done(null, undefined) : json(request, body as string, done),
   );
   app.decorateRequest("tenantId", "");
+  app.decorateRequest("forwarded", false);
   await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
   const tickets = new TerminalTickets();
   app.addHook("onRequest", (request, _reply, done) => requestContext.run({ requestId: request.id }, done));
@@ -201,18 +207,30 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
       if (!config.upgrade) throw new ApiError("ValidationError", `${request.method} ${request.url.split("?")[0]!.slice(0, 200)} is not a WebSocket route`);
       checkUpgradeHeaders(request.headers);
     }
+    // Forwarded by a peer node (cluster): authenticated there, the tenant is in its signature; one
+    // that names none (a terminal ticket, redeemable only here) is authenticated here like any request.
+    const forwarded = deps.nodeChannel?.verify(request.headers, request.method, request.url);
+    if (forwarded) request.forwarded = true;
+    if (forwarded && (!config.permission || forwarded.tenantId)) {
+      request.tenantId = forwarded.tenantId;
+      return;
+    }
     if (!config.permission) return;
     // Browsers cannot set headers on a WebSocket: those upgrades carry a one-time ticket (or, kept
     // for older clients, the key itself as ?access_token=).
     const query = request.query as { access_token?: string; ticket?: string };
     const upgrade = request.headers.upgrade?.toLowerCase() === "websocket";
     if (upgrade && config.ticketed && typeof query.ticket === "string") {
-      request.tenantId = tickets.redeem(query.ticket, (request.params as { id?: string }).id ?? "");
+      const id = (request.params as { id?: string }).id ?? "";
+      // Cluster: the ticket was issued by the VM's node (its ticket route is forwarded there): it is redeemed there.
+      if (deps.nodeChannel && !request.forwarded && (await deps.microvms.ownerUrl(id))) return;
+      request.tenantId = tickets.redeem(query.ticket, id);
       return;
     }
     const token = upgrade && typeof query.access_token === "string" ? query.access_token : undefined;
     request.tenantId = await authenticate(deps.db, request.headers.authorization ?? (token ? `Bearer ${token}` : undefined), config.permission);
   });
+  if (deps.nodeChannel) forwardToOwners(app, deps.nodeChannel, deps.microvms, endpointHostPattern(deps.endpointDomain ?? "vm.localhost"));
 
   app.get("/v1/health", { schema: { security: [], response: { 200: ref("Health") } } }, async () => ({
     status: "ok",
@@ -222,6 +240,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   }));
   app.get("/v1/openapi.json", { schema: { hide: true } }, async () => app.swagger());
   registerKeyRoutes(app, deps.db, deps.secrets);
+  if (deps.nodeChannel) registerClusterRoutes(app, deps.db);
   if (deps.images) await registerImageRoutes(app, deps.images, deps.microvms, deps.db);
   const domain = deps.endpointDomain ?? "vm.localhost";
   const endpointUrl = (id: string) => {
@@ -232,7 +251,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
   const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
   const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
-  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl });
+  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl, nodeChannel: deps.nodeChannel });
   registerConnectorRoutes(app, deps.microvms.connectors);
   await registerConsoleRoutes(app, domain); // the web console, /console/
   const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);
@@ -255,8 +274,40 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   return app;
 }
 
+/** Calls on a VM whose state lives in the database alone: any node answers them itself. */
+const DATABASE_ONLY = /^\/v1\/microvms\/[^/?]+(\/(events|tags))?(\?|$)/;
+/** The AWS door's operations that act on a VM's node (SuspendMicrovm, ResumeMicrovm, TerminateMicrovm). */
+const AWS_ON_NODE = /^\/2025-09-09\/microvms\/[^/?]+(\/(suspend|resume))?(\?|$)/;
+
+/**
+ * Cluster routing: a request for a VM another live node runs (its /v1 calls
+ * but those the database answers, its endpoint in either form, WebSockets
+ * included) is forwarded there over the node channel once this node has
+ * authenticated it; the answer streams back as is.
+ */
+function forwardToOwners(app: Api, channel: NodeChannel, microvms: MicroVmService, hostPattern: RegExp): void {
+  app.addHook("onRequest", async (request, reply) => {
+    if (request.forwarded) return;
+    const params = request.params as { id?: unknown; microvmIdentifier?: unknown };
+    const byPath = request.url.startsWith("/v1/microvms/") && typeof params.id === "string" ? params.id : undefined;
+    // The AWS door: its SigV4 signature (Host included) is checked by the owner; the id may be an ARN.
+    const identifier = request.method !== "GET" && AWS_ON_NODE.test(request.url) && typeof params.microvmIdentifier === "string" ? params.microvmIdentifier : undefined;
+    const byAws = identifier === undefined ? undefined : (parseArn(identifier)?.id ?? identifier);
+    const id = byPath ?? byAws ?? hostPattern.exec(request.headers.host ?? "")?.[2]?.toLowerCase();
+    if (!id || (byPath && request.method === "GET" && DATABASE_ONLY.test(request.url))) return;
+    const nodeUrl = await microvms.ownerUrl(id, request.tenantId || undefined);
+    if (!nodeUrl) return;
+    reply.hijack();
+    if (request.ws) channel.forwardUpgrade(request.raw, request.raw.socket, nodeUrl, request.tenantId);
+    else await channel.forwardHttp(request.raw, reply.raw, nodeUrl, request.tenantId);
+    return reply;
+  });
+}
+
 declare module "fastify" {
   interface FastifyRequest {
+    /** Forwarded by a peer node over the node channel (cluster): served here, never forwarded again. */
+    forwarded?: boolean;
     /** The tenant of the API key that authenticated the request. */
     tenantId: string;
   }

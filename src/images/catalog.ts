@@ -3,7 +3,7 @@ import type { Engine, GuestBootAssets, Snapshot } from "../vmm/engine.ts";
 import { DEFAULT_SHAPE, prepareBaseImage, type VmShape } from "./base-image.ts";
 import type { Db } from "../store/db.ts";
 import { checkQuota } from "../store/tenants.ts";
-import { KeyedMutex } from "../util/keyed-mutex.ts";
+import { serialized } from "../store/locks.ts";
 import type { ImageHooks } from "./hooks.ts";
 import { MANAGED_VERSION, managedImage, managedImages, prepareManagedRootfs, type ManagedImageView } from "./managed.ts";
 import type { ImageService } from "./service.ts";
@@ -39,7 +39,6 @@ export interface ImageRef {
 export class ImageCatalog {
   /** The tenants' Dockerfile images, when this server builds them. */
   readonly built: ImageService | undefined;
-  private readonly shapes = new KeyedMutex();
 
   constructor(
     private readonly engine: Engine,
@@ -61,7 +60,7 @@ export class ImageCatalog {
   private async chargeShape(tenantId: string, name: string, shape: VmShape): Promise<void> {
     if (shape.vcpus === DEFAULT_SHAPE.vcpus && shape.memoryMiB === DEFAULT_SHAPE.memoryMiB) return;
     const { db } = this.opts;
-    await this.shapes.run(tenantId, async () => {
+    await serialized(db, `base-shapes:${tenantId}`, async () => {
       const known = await db.selectFrom("base_shapes").select("tenant_id").where("image_name", "=", name).where("vcpus", "=", shape.vcpus).where("memory_mib", "=", shape.memoryMiB).executeTakeFirst();
       if (known) return;
       const held = await db.selectFrom("base_shapes").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();

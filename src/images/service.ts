@@ -8,9 +8,9 @@ import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import type { ImageRow, ImageUpdate, MicroVmRow } from "../store/schema.ts";
 import { deleteTags, tagResource } from "../store/tags.ts";
+import { serialized } from "../store/locks.ts";
 import { checkQuota, settingsOf } from "../store/tenants.ts";
 import { sha256 } from "../util/files.ts";
-import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { snapshotDisk, VM_LIMITS, type DiskChain, type Engine, type Snapshot } from "../vmm/engine.ts";
 import type { Cidr } from "../vmm/network/addresses.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
@@ -60,6 +60,8 @@ export interface ImageServiceOpts {
   pullLimits?: PullLimits;
   /** The key registry passwords are sealed with (made on first use; default `<imagesDir>/.credentials.key`). */
   credentialsKeyFile?: string;
+  /** Cluster (docs/cluster.md): this server's node; its builds are recorded as its own, and only its own are reconciled at start. */
+  nodeId?: string;
   log?: (line: string) => void;
 }
 
@@ -136,7 +138,6 @@ export class ImageService {
   private readonly opts: ImageServiceOpts;
   private readonly limits: ArchiveLimits;
   private readonly logs = new Map<string, BuildLog>();
-  private readonly names = new KeyedMutex();
   /** Builds holding a build slot, by image id, with the shape of their build VMs (host capacity they take). */
   private readonly active = new Map<string, VmShape>();
   private readonly queue: (() => void)[] = [];
@@ -186,7 +187,12 @@ export class ImageService {
   async start(): Promise<void> {
     await rm(this.stagingDir, { recursive: true, force: true });
     await this.puller.removeStale();
-    const rows = await this.db.selectFrom("images").selectAll().where("state", "in", ["PENDING", "BUILDING", "DELETING"]).execute();
+    const rows = await this.db
+      .selectFrom("images")
+      .selectAll()
+      .where("state", "in", ["PENDING", "BUILDING", "DELETING"])
+      .$if(this.opts.nodeId !== undefined, (qb) => qb.where("node_id", "=", this.opts.nodeId!))
+      .execute();
     for (const row of rows) {
       const dir = this.dirOf(row.id);
       await rm(join(dir, "snapshot"), { recursive: true, force: true });
@@ -239,7 +245,7 @@ export class ImageService {
       const parent = root.kind === "image" ? parents.get(root.name)!.row : undefined;
       // Per tenant: the quota count and the insert are one step.
       let hasSlot = false;
-      const row = await this.names.run(tenantId, async () => {
+      const row = await serialized(this.db, `image-versions:${tenantId}`, async () => {
         const held = await this.db.selectFrom("images").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();
         await checkQuota(this.db, tenantId, "images", Number(held?.n ?? 0), "image versions");
         const last = await this.db
@@ -283,6 +289,7 @@ export class ImageService {
           base_image: req.baseImage ?? null,
           egress_connectors: req.egressConnectors ? JSON.stringify(req.egressConnectors) : null,
           aws_fields: req.awsFields ? JSON.stringify(req.awsFields) : null,
+          node_id: this.opts.nodeId ?? null,
         };
         try {
           if (req.tags) await tagResource(this.db, tenantId, { type: "microvm-image", id: req.name }, req.tags);
@@ -329,7 +336,7 @@ export class ImageService {
     const { name, vm } = req;
     checkName(name);
     const source = await this.db.selectFrom("images").selectAll().where("tenant_id", "=", tenantId).where("id", "=", vm.image_id).executeTakeFirst();
-    const row = await this.names.run(tenantId, async () => {
+    const row = await serialized(this.db, `image-versions:${tenantId}`, async () => {
       const held = await this.db.selectFrom("images").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();
       await checkQuota(this.db, tenantId, "images", Number(held?.n ?? 0), "image versions");
       const last = await this.db.selectFrom("images").select((eb) => eb.fn.max<number>("version").as("v")).where("tenant_id", "=", tenantId).where("name", "=", name).executeTakeFirst();
@@ -362,6 +369,8 @@ export class ImageService {
         base_image: source?.base_image ?? (source ? null : vm.image_name),
         egress_connectors: vm.egress_connectors,
         aws_fields: null,
+        // Its files are on this node, like a build's.
+        node_id: this.opts.nodeId ?? null,
       };
       await mkdir(this.dirOf(newRow.id), { recursive: true });
       await this.db.insertInto("images").values(newRow).execute();

@@ -1,11 +1,14 @@
 import { randomBytes } from "node:crypto";
+import { sql } from "kysely";
 import { cpus, totalmem } from "node:os";
 import { ApiError, checkIntRange } from "../errors.ts";
 import type { ImageCatalog } from "../images/catalog.ts";
-import type { ManagedImageView } from "../images/managed.ts";
+import { MANAGED_VERSION, type ManagedImageView } from "../images/managed.ts";
 import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images/hooks.ts";
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
+import { serialized } from "../store/locks.ts";
+import { activeNodeUrl, liveUsage, ownedBy, TryPeersError, type ClusterNode, type Tx } from "./cluster.ts";
 import { checkQuota } from "../store/tenants.ts";
 import type { ImageRow, MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
@@ -13,7 +16,7 @@ import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts"
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
 import { NetworkConnectors } from "./connectors.ts";
-import { checkTransition, holdsHostResources, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
+import { canTransition, checkTransition, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
 export interface CreateMicroVmRequest {
@@ -87,6 +90,8 @@ export class MicroVmService {
   private readonly observer: LifecycleObserver | undefined;
   private readonly log: (line: string) => void;
   private readonly tokens: IdempotencyTokens;
+  /** On a cluster (docs/cluster.md), this server's node: it admits, runs and writes only its own VMs. */
+  private readonly cluster: ClusterNode | undefined;
   readonly connectors: NetworkConnectors;
 
   constructor(opts: {
@@ -98,12 +103,15 @@ export class MicroVmService {
     /** Receives launch/suspend/resume latencies (telemetry). */
     observer?: LifecycleObserver;
     log?: (line: string) => void;
+    /** This server's node on a cluster, registered; none on a single host. */
+    cluster?: ClusterNode;
   }) {
     this.db = opts.db;
     this.engine = opts.engine;
     this.images = opts.images;
     this.capacity = opts.capacity ?? hostCapacity();
     this.observer = opts.observer;
+    this.cluster = opts.cluster;
     this.log = opts.log ?? (() => undefined);
     this.tokens = new IdempotencyTokens(opts.db);
     this.connectors = new NetworkConnectors(opts.db);
@@ -115,7 +123,7 @@ export class MicroVmService {
    * (`reconcileState`), ends engine VMs nobody owns, then starts the policy loop.
    */
   async start(policyIntervalMs = 1000): Promise<void> {
-    const rows = await this.db.selectFrom("microvms").selectAll().where("state", "not in", ["TERMINATED", "FAILED"]).execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").selectAll().where("state", "not in", ["TERMINATED", "FAILED"])).execute();
     const known = new Set(rows.map((r) => r.id));
     for (const row of rows) {
       const vm = this.engine.list().find((v) => v.id === row.id);
@@ -156,7 +164,7 @@ export class MicroVmService {
    * on their next request. The server's own doing: no tenant quota applies.
    */
   async suspendAll(): Promise<void> {
-    const rows = await this.db.selectFrom("microvms").select(["id", "tenant_id"]).where("state", "=", "RUNNING").execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").select(["id", "tenant_id"]).where("state", "=", "RUNNING")).execute();
     for (const row of rows) {
       await this.suspend(row.tenant_id, row.id, SHUTDOWN).catch((err: Error) => this.log(`suspending ${row.id} at shutdown: ${err.message}`));
     }
@@ -182,6 +190,15 @@ export class MicroVmService {
 
   private async launch(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
     const image = await this.images.resolve(tenantId, req.image, req.imageVersion);
+    if (this.cluster && image.version !== MANAGED_VERSION) {
+      // A tenant's image is on the disk of the node that built it: its VMs launch there.
+      const built = await this.db.selectFrom("images").select("node_id").where("id", "=", image.imageId).executeTakeFirst();
+      if (built?.node_id && built.node_id !== this.cluster.id) {
+        const url = await activeNodeUrl(this.db, built.node_id);
+        const why = new ApiError("MisdirectedRequest", `image ${image.name} version ${image.version} is on node ${built.node_id}${url ? "" : ", which takes no VMs now"}`, { node: built.node_id });
+        throw new TryPeersError(why, url ? [url] : []);
+      }
+    }
     // A Dockerfile image has the shape it was built (snapshotted) with.
     const shape = { vcpus: req.vcpus ?? image.shape?.vcpus ?? 1, memoryMiB: req.memoryMiB ?? image.shape?.memoryMiB ?? 512 };
     const diskGiB = req.diskGiB ?? image.diskGiB;
@@ -241,11 +258,19 @@ export class MicroVmService {
       hooks: image.hooks ? JSON.stringify(image.hooks) : null,
       image_version: image.version,
       forked_from: null,
+      node_id: null,
+      node_epoch: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
-    await this.locks.run("admission", async () => {
-      await this.admit(shape);
-      await this.db.insertInto("microvms").values(pending).execute();
+    await this.admitted(shape, async (tx) => {
+      const owner = this.cluster?.owner();
+      await tx.insertInto("microvms").values({ ...pending, node_id: owner?.nodeId ?? null, node_epoch: owner?.epoch ?? null }).execute();
+    }).catch(async (err: unknown) => {
+      // A cluster node without room offers the create to its peers (the router forwards it), for images every node has.
+      if (this.cluster && err instanceof ApiError && err.code === "CapacityExceeded" && image.version === MANAGED_VERSION) {
+        throw new TryPeersError(err, await this.cluster.peersWithRoom(shape));
+      }
+      throw err;
     });
     const started = performance.now();
     // Held until RUNNING: a terminate or suspend of the PENDING VM waits for its launch to finish.
@@ -278,7 +303,7 @@ export class MicroVmService {
   snapshot(tenantId: string, id: string, name: string): Promise<ImageRow> {
     return this.track(
       this.locks.run(id, async () => {
-        const row = await this.get(tenantId, id);
+        const row = await this.getHere(tenantId, id);
         const images = this.images.built;
         if (!images) throw new ApiError("Conflict", "this server keeps no tenant images, so it cannot keep snapshots");
         if (row.state !== "RUNNING") throw invalidState(id, row.state, "snapshot");
@@ -303,7 +328,7 @@ export class MicroVmService {
     checkRange("forkCount", count, "count");
     return this.track(
       this.locks.run(id, async () => {
-        const parent = await this.get(tenantId, id);
+        const parent = await this.getHere(tenantId, id);
         if (parent.state !== "RUNNING") throw invalidState(id, parent.state, "fork");
         const now = new Date();
         const children: MicroVmRow[] = Array.from({ length: count }, () => ({
@@ -319,9 +344,10 @@ export class MicroVmService {
           suspended_at: null,
           forked_from: parent.id,
         }));
-        await this.locks.run("admission", async () => {
-          await this.admit({ vcpus: parent.vcpus * count, memoryMiB: parent.memory_mib * count });
-          await this.db.insertInto("microvms").values(children).execute();
+        // Children run where their parent does: on a cluster, this node, at its current epoch.
+        await this.admitted({ vcpus: parent.vcpus * count, memoryMiB: parent.memory_mib * count }, async (tx) => {
+          const owner = this.cluster?.owner();
+          await tx.insertInto("microvms").values(children.map((c) => ({ ...c, node_id: owner?.nodeId ?? null, node_epoch: owner?.epoch ?? null }))).execute();
         });
         const started = performance.now();
         // Held until each child is RUNNING or FAILED, as a create holds its VM's.
@@ -369,6 +395,51 @@ export class MicroVmService {
   }
 
   /**
+   * On a cluster, the URL of the live node other than this one that runs VM
+   * `id` (of `tenantId` when given), where calls on it are forwarded; undefined
+   * when it is this node's, its node is not live, or there is no such VM.
+   */
+  async ownerUrl(id: string, tenantId?: string): Promise<string | undefined> {
+    if (!this.cluster) return undefined;
+    const row = await this.db
+      .selectFrom("microvms")
+      .innerJoin("nodes", "nodes.id", "microvms.node_id")
+      .select("nodes.url")
+      .where("microvms.id", "=", id)
+      .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
+      .where("nodes.id", "!=", this.cluster.id)
+      .where("nodes.state", "!=", "dead")
+      .where("nodes.lease_expires_at", ">", sql<Date>`now()`)
+      .executeTakeFirst();
+    return row?.url;
+  }
+
+  /**
+   * get(), for a call that acts on the VM: on a cluster the VM must be this
+   * node's (MisdirectedRequest names its node otherwise). With `claimOrphan`
+   * (terminate), a VM whose node is dead and that runs nowhere (FAILED,
+   * SUSPENDED, TERMINATED) becomes this node's, in one conditional update.
+   */
+  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean } = {}): Promise<MicroVmRow> {
+    const row = await this.get(tenantId, id);
+    if (!this.cluster || row.node_id === this.cluster.id) return row;
+    const node = row.node_id ? await this.db.selectFrom("nodes").select(["id", "url", "state"]).select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("live")).where("id", "=", row.node_id).executeTakeFirst() : undefined;
+    if (opts.claimOrphan && !node?.live && ["FAILED", "SUSPENDED", "TERMINATED"].includes(row.state)) {
+      const owner = this.cluster.owner();
+      const claimed = await this.db
+        .updateTable("microvms")
+        .set({ node_id: owner.nodeId, node_epoch: owner.epoch })
+        .where("id", "=", id)
+        .where("node_id", "=", row.node_id)
+        .where("node_epoch", "=", row.node_epoch)
+        .returningAll()
+        .executeTakeFirst();
+      if (claimed) return claimed;
+    }
+    throw new ApiError("MisdirectedRequest", `microVM ${id} is run by node ${row.node_id ?? "(none)"}${node?.live ? ` (${node.url})` : ", which is not live"}`, { node: row.node_id, url: node?.live ? node.url : undefined });
+  }
+
+  /**
    * A tenant's VMs, newest first, `limit` at a time; `nextToken` (opaque)
    * continues after the last one returned. `state` must be a MicroVM state.
    */
@@ -398,12 +469,12 @@ export class MicroVmService {
   suspend(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
     return this.track(
       this.locks.run(id, async () => {
-        const row = await this.get(tenantId, id);
+        const row = await this.getHere(tenantId, id);
         checkTransition(id, row.state, "SUSPENDING", "suspend");
         if (cause === SHUTDOWN) await this.transition(id, tenantId, "SUSPENDING");
         else {
           // The tenant's suspended VMs keep their memory on the host: counted and entered in one step.
-          await this.locks.run(`suspended-quota:${tenantId}`, async () => {
+          await serialized(this.db, `suspended-quota:${tenantId}`, async () => {
             const held = await this.db.selectFrom("microvms").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).where("state", "in", ["SUSPENDING", "SUSPENDED"]).executeTakeFirst();
             await checkQuota(this.db, tenantId, "suspendedMicroVms", Number(held?.n ?? 0), "suspended microVMs");
             await this.transition(id, tenantId, "SUSPENDING");
@@ -428,12 +499,9 @@ export class MicroVmService {
   }
 
   private async resumeLocked(tenantId: string, id: string, cause: string): Promise<MicroVmRow> {
-    const row = await this.get(tenantId, id);
+    const row = await this.getHere(tenantId, id);
     checkTransition(id, row.state, "RESUMING", "resume");
-    await this.locks.run("admission", async () => {
-      await this.admit({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
-      await this.transition(id, tenantId, "RESUMING");
-    });
+    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => this.transitionIn(tx, id, tenantId, "RESUMING"));
     const started = performance.now();
     try {
       await this.engine.resume(id);
@@ -450,7 +518,7 @@ export class MicroVmService {
   terminate(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
     return this.track(
       this.locks.run(id, async () => {
-        const row = await this.get(tenantId, id);
+        const row = await this.getHere(tenantId, id, { claimOrphan: true });
         if (row.state === "TERMINATED") return row; // idempotent, like DELETE should be
         checkTransition(id, row.state, "TERMINATING", "terminate");
         await this.transition(id, tenantId, "TERMINATING");
@@ -468,13 +536,13 @@ export class MicroVmService {
   async runningVm(tenantId: string, id: string, action: string): Promise<MicroVm> {
     // Fast path without the VM's lock, so concurrent requests to a running VM
     // do not queue behind each other; only a VM that needs resuming takes it.
-    const current = await this.get(tenantId, id);
+    const current = await this.getHere(tenantId, id);
     if (current.state === "RUNNING") {
       await this.touch(id);
       return this.engine.get(id);
     }
     return this.locks.run(id, async () => {
-      let row = await this.get(tenantId, id);
+      let row = await this.getHere(tenantId, id);
       if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
       if (row.state !== "RUNNING") throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${row.state}`, { state: row.state });
       await this.touch(id);
@@ -513,20 +581,13 @@ export class MicroVmService {
 
   /** Host capacity and what live VMs (creates in flight included: PENDING) and image builds hold of it. */
   async usage(): Promise<{ vcpus: number; memoryMiB: number; usedVcpus: number; usedMemoryMiB: number }> {
-    const live = await this.db.selectFrom("microvms").select(["state", "vcpus", "memory_mib"]).where("state", "not in", ["TERMINATED", "FAILED", "SUSPENDED"]).execute();
     // Image builds run VMs too: their shapes count while they hold a build slot.
-    const builds = this.images.buildsInFlight();
-    const used = { vcpus: builds.vcpus, memoryMiB: builds.memoryMiB };
-    for (const r of live) {
-      if (!holdsHostResources(r.state)) continue;
-      used.vcpus += r.vcpus;
-      used.memoryMiB += r.memory_mib;
-    }
+    const used = await liveUsage(this.db, this.images.buildsInFlight(), this.cluster?.id);
     return { ...this.capacity, usedVcpus: used.vcpus, usedMemoryMiB: used.memoryMiB };
   }
 
   async countByState(): Promise<Record<string, number>> {
-    const rows = await this.db.selectFrom("microvms").select(["state", (eb) => eb.fn.countAll<number>().as("n")]).groupBy("state").execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").select(["state", (eb) => eb.fn.countAll<number>().as("n")])).groupBy("state").execute();
     return Object.fromEntries(rows.map((r) => [r.state, Number(r.n)]));
   }
 
@@ -535,7 +596,7 @@ export class MicroVmService {
    * terminate); neither resumes it nor counts as activity (metrics, logs).
    */
   async peek(tenantId: string, id: string): Promise<{ row: MicroVmRow; vm?: MicroVm }> {
-    const row = await this.get(tenantId, id);
+    const row = await this.getHere(tenantId, id);
     return { row, vm: this.engine.list().find((v) => v.id === id) };
   }
 
@@ -549,6 +610,23 @@ export class MicroVmService {
     if (now - (this.lastTouch.get(id) ?? 0) < 1000) return;
     this.lastTouch.set(id, now);
     await this.db.updateTable("microvms").set({ last_activity_at: new Date(now).toISOString() }).where("id", "=", id).execute();
+  }
+
+  /**
+   * Runs `enter` (the write that takes host room: a PENDING row, a RESUMING
+   * state) only if the host can take `shape` on top of live VMs and creates in
+   * flight, in one critical section with that check; 503 otherwise. On a
+   * cluster the section is the node's row lock (ClusterNode.admit).
+   */
+  private async admitted(shape: { vcpus: number; memoryMiB: number }, enter: (tx: Tx) => Promise<unknown>): Promise<void> {
+    if (this.cluster) {
+      await this.cluster.admit(shape, this.images.buildsInFlight(), enter);
+      return;
+    }
+    await this.locks.run("admission", async () => {
+      await this.admit(shape);
+      await this.db.transaction().execute(enter);
+    });
   }
 
   /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight. */
@@ -569,7 +647,7 @@ export class MicroVmService {
   /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */
   private async applyPolicies(): Promise<void> {
     const now = Date.now();
-    const rows = await this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"]).execute();
+    const rows = await this.mine(this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"])).execute();
     for (const row of rows) {
       try {
         if (Date.parse(row.expires_at) <= now) {
@@ -623,16 +701,46 @@ export class MicroVmService {
    * names the state the VM is in.
    */
   private async transition(id: string, tenantId: string, to: MicroVmState, update: Omit<MicroVmUpdate, "state"> = {}, eventType?: string, message = ""): Promise<MicroVmRow> {
-    return this.db.transaction().execute(async (tx) => {
-      const row = await tx.updateTable("microvms").set({ ...update, state: to }).where("id", "=", id).where("state", "in", statesBefore(to)).returningAll().executeTakeFirst();
-      if (!row) {
-        const current = await tx.selectFrom("microvms").select("state").where("id", "=", id).executeTakeFirst();
-        if (!current) throw new ApiError("NotFound", `microVM ${id} not found`);
-        throw invalidState(id, current.state, `move to ${to}:`);
+    return this.db.transaction().execute((tx) => this.transitionIn(tx, id, tenantId, to, update, eventType, message));
+  }
+
+  /**
+   * transition() within `tx`. On a cluster the write is also conditional on
+   * this node owning the VM at its epoch with a live lease: a node its peers
+   * declared dead (frozen, cut off) changes nothing.
+   */
+  private async transitionIn(tx: Tx, id: string, tenantId: string, to: MicroVmState, update: Omit<MicroVmUpdate, "state"> = {}, eventType?: string, message = ""): Promise<MicroVmRow> {
+    const owner = this.cluster?.owner();
+    const row = await tx
+      .updateTable("microvms")
+      .set({ ...update, state: to })
+      .where("id", "=", id)
+      .where("state", "in", statesBefore(to))
+      .$if(owner !== undefined, (qb) => qb.where(ownedBy(owner!)))
+      .returningAll()
+      .executeTakeFirst();
+    if (!row) {
+      const current = await tx.selectFrom("microvms").select(["state", "node_id"]).where("id", "=", id).executeTakeFirst();
+      if (!current) throw new ApiError("NotFound", `microVM ${id} not found`);
+      if (owner && canTransition(current.state, to)) {
+        throw new ApiError("Conflict", `microVM ${id} is no longer this node's to change (node ${owner.nodeId}, epoch ${owner.epoch}): its lease was lost`, { node: owner.nodeId });
       }
-      if (eventType) await tx.insertInto("events").values(event(id, tenantId, eventType, message)).execute();
-      return row;
-    });
+      throw invalidState(id, current.state, `move to ${to}:`);
+    }
+    if (eventType) await tx.insertInto("events").values(event(id, tenantId, eventType, message)).execute();
+    return row;
+  }
+
+  /** Narrows a query of microvms to this node's VMs on a cluster (every VM on a single host). */
+  private mine<QB extends { where: (column: "node_id", op: "=", value: string) => QB }>(qb: QB): QB {
+    return this.cluster ? qb.where("node_id", "=", this.cluster.id) : qb;
+  }
+
+  /** Fencing (ClusterNode): the node lost its lease, so its running guests are ended; suspended ones stay on disk, still its own. */
+  async endRunningVms(): Promise<void> {
+    for (const vm of this.engine.list()) {
+      if (vm.status !== "suspended") await this.engine.terminate(vm.id).catch((err: Error) => this.log(`fencing: ending ${vm.id}: ${err.message}`));
+    }
   }
 }
 

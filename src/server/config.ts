@@ -23,6 +23,12 @@ export interface ServerConfig {
   registryCaFile?: string;
   /** CIDRs of private addresses FROM may pull from, e.g. an internal registry (COCOON_REGISTRY_PRIVATE_ALLOW, comma-separated; none by default). */
   registryPrivateAllow: Cidr[];
+  /** A PostgreSQL URL (COCOON_DATABASE_URL): the store many hosts share (docs/cluster.md). Unset: SQLite in the data directory. */
+  databaseUrl?: string;
+  /** Cluster: this node's id (COCOON_NODE_ID; default: one made at first start, kept in the data directory). */
+  nodeId?: string;
+  /** Cluster: the URL its peers reach it at (COCOON_NODE_URL; default http://LISTEN). */
+  nodeUrl: string;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (docs/api.md). */
@@ -46,6 +52,9 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     httpsCaFile: process.env.COCOON_HTTPS_CA_FILE ? resolve(process.env.COCOON_HTTPS_CA_FILE) : undefined,
     registryCaFile: process.env.COCOON_REGISTRY_CA_FILE ? resolve(process.env.COCOON_REGISTRY_CA_FILE) : undefined,
     registryPrivateAllow: RegistryEgress.allowFromEnv(),
+    databaseUrl: databaseUrlFromEnv(),
+    nodeId: nodeIdFromEnv(),
+    nodeUrl: process.env.COCOON_NODE_URL || `http://${listen}`,
   };
 }
 
@@ -58,4 +67,19 @@ function envNumber(name: string, fallback: number, limits: { min: number; max: n
     throw new Error(`${name} must be ${limits.integer ? "an integer" : "a number"} between ${limits.min} and ${limits.max}, got "${raw}"`);
   }
   return n;
+}
+
+/** COCOON_DATABASE_URL: only PostgreSQL URLs (the single-host SQLite needs none). */
+function databaseUrlFromEnv(): string | undefined {
+  const raw = process.env.COCOON_DATABASE_URL;
+  if (raw === undefined || raw === "") return undefined;
+  if (!/^postgres(ql)?:\/\//.test(raw)) throw new Error("COCOON_DATABASE_URL must be a postgres:// or postgresql:// URL");
+  return raw;
+}
+
+function nodeIdFromEnv(): string | undefined {
+  const raw = process.env.COCOON_NODE_ID;
+  if (raw === undefined || raw === "") return undefined;
+  if (!/^[a-z0-9][a-z0-9-]{0,62}$/.test(raw)) throw new Error(`COCOON_NODE_ID must be 1 to 63 lowercase letters, digits and dashes, got "${raw}"`);
+  return raw;
 }

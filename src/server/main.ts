@@ -1,17 +1,23 @@
+import { randomBytes } from "node:crypto";
 import { chmod, mkdir, readFile } from "node:fs/promises";
+import { cpus } from "node:os";
 import { join } from "node:path";
 import { buildApi, currentRequestId } from "../api/server.ts";
 import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
+import { ClusterNode } from "../lifecycle/cluster.ts";
+import { NodeChannel } from "../router/node-channel.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
-import { openDatabase } from "../store/db.ts";
+import { closeDatabase, openDatabase, openPostgres } from "../store/db.ts";
 import { ServerSecrets } from "../store/secrets.ts";
 import { ServerMetrics } from "../telemetry/metrics.ts";
 import { VmSampler } from "../telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "./bootstrap.ts";
 import { resolveServerConfig } from "./config.ts";
 import { startRuntime } from "./runtime.ts";
+import { writeFileAtomic } from "../util/files.ts";
+import { qemuBuild } from "../vmm/snapshot.ts";
 
 /** `cocoon server`: prepares assets, re-adopts VMs, serves the API until SIGINT/SIGTERM. */
 export async function runServer(flags: { listen?: string; dataDir?: string; metricsPublic?: boolean }): Promise<void> {
@@ -26,11 +32,14 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   // Keys, records and saved VM memory live here: the server's alone.
   await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
   await chmod(config.dataDir, 0o700);
-  const db = await openDatabase(config.dataDir);
+  // Single host: SQLite in the data directory. Many hosts: the PostgreSQL they share (docs/cluster.md).
+  const db = config.databaseUrl ? await openPostgres(config.databaseUrl, { log }) : await openDatabase(config.dataDir);
   const secrets = await ServerSecrets.open(config.dataDir);
   const adminKey = await bootstrapAdminKey(db, secrets, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
   const runtime = await startRuntime({ ...config, log });
+  // Many hosts: this server is a node of a cluster (docs/cluster.md).
+  const nodeId = config.databaseUrl ? (config.nodeId ?? (await persistentNodeId(config.dataDir))) : undefined;
   const imageService = new ImageService({
     db,
     engine: runtime.engine,
@@ -42,17 +51,36 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     httpsCa: config.httpsCaFile ? await readFile(config.httpsCaFile, "utf8") : undefined,
     registryCaFile: config.registryCaFile,
     registryPrivateAllow: config.registryPrivateAllow,
+    nodeId,
     log,
   });
   await imageService.start();
   const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
-  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });
+  // A node holds a lease; it registers before it reconciles its VMs.
+  const cluster = nodeId
+    ? new ClusterNode(
+        db,
+        {
+          id: nodeId,
+          url: config.nodeUrl,
+          qemuBuild: qemuBuild(),
+          accelerator: runtime.engine.accelerator,
+          cpuSignature: cpus()[0]?.model ?? "unknown",
+          ...capacity,
+        },
+        { onFenced: () => microvms.endRunningVms(), builds: () => images.buildsInFlight(), log },
+      )
+    : undefined;
+  await cluster?.start();
+  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster });
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
-  const api = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true });
+  // Cluster: every node derives the channel's key from the master key they share.
+  const nodeChannel = cluster ? new NodeChannel(secrets.derive("cluster-node-channel")) : undefined;
+  const api = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true, nodeChannel });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   // SIGTERM/SIGINT: stop taking requests, let lifecycle operations under way
@@ -68,12 +96,23 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     await microvms.drain(60_000);
     await imageService.close();
     await microvms.suspendAll();
+    await cluster?.leave();
     await runtime.engine.close();
-    await db.destroy();
+    await closeDatabase(db);
     process.exit(0);
   };
   process.once("SIGINT", stop);
   process.once("SIGTERM", stop);
+}
+
+/** A node id made at the first start on a cluster and kept in the data directory. */
+async function persistentNodeId(dataDir: string): Promise<string> {
+  const path = join(dataDir, "node-id");
+  const kept = (await readFile(path, "utf8").catch(() => "")).trim();
+  if (kept) return kept;
+  const id = `node-${randomBytes(4).toString("hex")}`;
+  await writeFileAtomic(path, `${id}\n`, 0o600);
+  return id;
 }
 
 /** An unexpected error with its stack and, when an HTTP request was behind it, the request's id (its log lines carry it). */

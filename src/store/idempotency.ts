@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import { ApiError } from "../errors.ts";
-import { KeyedMutex } from "../util/keyed-mutex.ts";
 import type { Db } from "./db.ts";
+import { serialized } from "./locks.ts";
 
 /** A client token: 1–64 printable ASCII characters (as AWS's clientToken). */
 const TOKEN = /^[\x21-\x7e]{1,64}$/;
@@ -21,17 +21,16 @@ export interface IdempotencyKey {
  * same token and the same request gets that id back instead of a second
  * resource; the same token with a different request is a Conflict (409).
  * A call that fails remembers nothing, so it can be retried. Calls with one
- * token are serialized, so two concurrent retries never both create.
+ * token are serialized (across every server sharing the database), so two
+ * concurrent retries never both create.
  */
 export class IdempotencyTokens {
-  private readonly locks = new KeyedMutex();
-
   constructor(private readonly db: Db) {}
 
   async run(key: IdempotencyKey, request: unknown, create: () => Promise<string>): Promise<{ resourceId: string; replayed: boolean }> {
     if (!TOKEN.test(key.token)) throw new ApiError("ValidationError", "clientToken must be 1 to 64 printable ASCII characters", { field: "clientToken" });
     const digest = createHash("sha256").update(canonicalJson(request)).digest("hex");
-    return this.locks.run(`${key.tenantId}\n${key.operation}\n${key.token}`, async () => {
+    return serialized(this.db, `idempotency:${key.tenantId}\n${key.operation}\n${key.token}`, async () => {
       const since = new Date(Date.now() - TOKEN_TTL_MS).toISOString();
       await this.db.deleteFrom("idempotency_tokens").where("created_at", "<", since).execute();
       const seen = await this.db

@@ -1,9 +1,22 @@
 import type { Kysely, Migration } from "kysely";
+import { isPostgres } from "./dialect.ts";
+
+/**
+ * Column types that differ by engine. On SQLite they are exactly what these
+ * migrations always declared (so existing databases and new ones agree); on
+ * PostgreSQL a byte count needs 64 bits and an id sequence is a bigserial.
+ */
+function types(db: Kysely<unknown>) {
+  const pg = isPostgres(db);
+  return { bytes: pg ? "bigint" : "integer", serialId: pg ? "bigserial" : "integer", autoIncrement: !pg } as const;
+}
 
 /**
  * Versioned schema migrations, applied in name order and recorded by Kysely's
- * Migrator. Only portable DDL is used, so a PostgreSQL dialect can run them too.
- * Never edit a released migration: add a new one.
+ * Migrator, on SQLite and on PostgreSQL alike (test/unit/store-engines.test.ts
+ * runs them on both). Only portable DDL: TEXT, INTEGER, defaults that are
+ * constants, `types(db)` where the engines differ. Never edit a released
+ * migration: add a new one.
  */
 export const migrations: Record<string, Migration> = {
   "0001_tenants_keys_microvms": {
@@ -51,7 +64,7 @@ export const migrations: Record<string, Migration> = {
       await db.schema.createIndex("microvms_tenant_created").on("microvms").columns(["tenant_id", "created_at", "id"]).execute();
       await db.schema
         .createTable("events")
-        .addColumn("id", "integer", (c) => c.primaryKey().autoIncrement())
+        .addColumn("id", types(db).serialId, (c) => (types(db).autoIncrement ? c.primaryKey().autoIncrement() : c.primaryKey()))
         .addColumn("microvm_id", "text", (c) => c.notNull())
         .addColumn("tenant_id", "text", (c) => c.notNull())
         .addColumn("type", "text", (c) => c.notNull())
@@ -80,9 +93,9 @@ export const migrations: Record<string, Migration> = {
         .addColumn("state_reason", "text")
         .addColumn("created_at", "text", (c) => c.notNull())
         .addColumn("ready_at", "text")
-        .addColumn("size_bytes", "integer", (c) => c.notNull())
-        .addColumn("disk_bytes", "integer", (c) => c.notNull())
-        .addColumn("memory_bytes", "integer", (c) => c.notNull())
+        .addColumn("size_bytes", types(db).bytes, (c) => c.notNull())
+        .addColumn("disk_bytes", types(db).bytes, (c) => c.notNull())
+        .addColumn("memory_bytes", types(db).bytes, (c) => c.notNull())
         .addColumn("app_port", "integer")
         .addColumn("vcpus", "integer", (c) => c.notNull())
         .addColumn("memory_mib", "integer", (c) => c.notNull())
@@ -190,6 +203,42 @@ export const migrations: Record<string, Migration> = {
         .addColumn("updated_at", "text", (c) => c.notNull())
         .addPrimaryKeyConstraint("registry_credentials_pk", ["tenant_id", "host"])
         .execute();
+    },
+  },
+  // ---- many hosts (issue #15; docs/cluster.md). Written on SQLite too, used only on PostgreSQL ----
+  "0009_cluster_nodes": {
+    async up(db: Kysely<unknown>) {
+      const pg = isPostgres(db);
+      // Lease times are the database's clock (now()), never a node's: a timestamp type on PostgreSQL.
+      const time = pg ? "timestamptz" : "text";
+      await db.schema
+        .createTable("nodes")
+        .addColumn("id", "text", (c) => c.primaryKey())
+        // The internal URL other nodes proxy to (COCOON_NODE_URL).
+        .addColumn("url", "text", (c) => c.notNull())
+        // Raised at every registration: a write made under an older epoch is a fenced node's and matches nothing.
+        .addColumn("epoch", "integer", (c) => c.notNull())
+        // active | draining | dead
+        .addColumn("state", "text", (c) => c.notNull())
+        .addColumn("state_reason", "text")
+        // What a snapshot needs of the node that restores it (snapshots move only between identical builds).
+        .addColumn("qemu_build", "text", (c) => c.notNull())
+        .addColumn("accelerator", "text", (c) => c.notNull())
+        .addColumn("cpu_signature", "text", (c) => c.notNull())
+        // Capacity for live VMs, and what the node's image builds hold of it now (refreshed with the lease).
+        .addColumn("vcpus", "integer", (c) => c.notNull())
+        .addColumn("memory_mib", "integer", (c) => c.notNull())
+        .addColumn("build_vcpus", "integer", (c) => c.notNull().defaultTo(0))
+        .addColumn("build_memory_mib", "integer", (c) => c.notNull().defaultTo(0))
+        .addColumn("registered_at", time, (c) => c.notNull())
+        .addColumn("lease_expires_at", time, (c) => c.notNull())
+        .execute();
+      // The node that owns a VM and the epoch it owned it at: every state write is conditional on both.
+      await db.schema.alterTable("microvms").addColumn("node_id", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("node_epoch", "integer").execute();
+      await db.schema.createIndex("microvms_node").on("microvms").columns(["node_id", "state"]).execute();
+      // The node that builds and holds an image version (its files are on that node's disk).
+      await db.schema.alterTable("images").addColumn("node_id", "text").execute();
     },
   },
   // ---- named snapshots and forks (issue #17) ----

@@ -20,6 +20,7 @@ export interface Database {
   network_connectors: NetworkConnectorsTable;
   registry_credentials: RegistryCredentialsTable;
   base_shapes: BaseShapesTable;
+  nodes: NodesTable;
 }
 
 export interface TenantsTable {
@@ -84,6 +85,9 @@ export interface MicroVmsTable {
   image_version: Generated<number | null>;
   /** The microVM it was forked from (POST /v1/microvms/{id}/fork); null for a launch. */
   forked_from: Generated<string | null>;
+  /** Cluster (docs/cluster.md): the node that owns the VM, and its epoch then; null on a single host, and while no node owns it. */
+  node_id: Generated<string | null>;
+  node_epoch: Generated<number | null>;
 }
 
 export interface EventsTable {
@@ -143,6 +147,8 @@ export interface ImagesTable {
   egress_connectors: Generated<string | null>;
   /** JSON: AWS fields accepted and echoed back but not acted on. */
   aws_fields: Generated<string | null>;
+  /** Cluster (docs/cluster.md): the node that builds and holds it; null on a single host. */
+  node_id: Generated<string | null>;
 }
 
 /** clientToken idempotency: the resource an operation with this token made. */
@@ -199,3 +205,26 @@ export interface BaseShapesTable {
   tenant_id: string;
   created_at: string;
 }
+
+/** Cluster (docs/cluster.md): the servers sharing one PostgreSQL database, each with a lease on the database's clock. */
+export const NODE_STATES = ["active", "draining", "dead"] as const;
+export type NodeState = (typeof NODE_STATES)[number];
+
+export interface NodesTable {
+  id: string;
+  url: string;
+  epoch: number;
+  state: NodeState;
+  state_reason: string | null;
+  qemu_build: string;
+  accelerator: string;
+  cpu_signature: string;
+  vcpus: number;
+  memory_mib: number;
+  build_vcpus: Generated<number>;
+  build_memory_mib: Generated<number>;
+  registered_at: Date;
+  lease_expires_at: Date;
+}
+
+export type NodeRow = Selectable<NodesTable>;

@@ -10,7 +10,7 @@ import type { ApiContext } from "./api-fixture.ts";
  * "echo:<text>" (elsewhere an upgrade gets the file, or 404). Request bodies
  * are not read: tests send none.
  */
-const STATIC_SERVER = String.raw`
+export const STATIC_SERVER = String.raw`
 use IO::Socket::INET; use Digest::SHA qw(sha1); use MIME::Base64;
 my ($root, $port) = @ARGV;
 my $s = IO::Socket::INET->new(LocalPort => $port, Listen => 64, ReuseAddr => 1) or die "listen: $!";

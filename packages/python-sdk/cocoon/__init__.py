@@ -12,6 +12,7 @@ from .aio import AsyncCocoon, AsyncFiles, AsyncImages, AsyncKeys, AsyncMicroVm, 
 from .client import Cocoon, Files, Images, Keys, MicroVm, MicroVmPage, MicroVms, Tenants
 from .errors import (
     BadGatewayError,
+    MisdirectedRequestError,
     CapacityExceededError,
     CocoonError,
     CommandNotFoundError,
@@ -63,6 +64,7 @@ __all__ = [
     "AsyncTenants",
     "AsyncTerminal",
     "BadGatewayError",
+    "MisdirectedRequestError",
     "CapacityExceededError",
     "Cocoon",
     "CocoonError",

@@ -100,6 +100,10 @@ class BadGatewayError(CocoonError):
     """Raised when a VM's app or agent answered garbage or did not answer (502)."""
 
 
+class MisdirectedRequestError(CocoonError):
+    """Raised by a cluster node that does not run the VM and cannot forward to the node that does (421); ``details`` names it."""
+
+
 class TimeoutError(CocoonError, builtins.TimeoutError):  # noqa: A001 (mirrors the TypeScript SDK's name)
     """Raised when a call did not complete within its ``request_timeout_seconds``, or the server did not receive the request within its own limit (408)."""
 
@@ -126,6 +130,7 @@ _BY_CODE: Dict[str, Type[CocoonError]] = {
     "CapacityExceeded": CapacityExceededError,
     "Internal": InternalError,
     "BadGateway": BadGatewayError,
+    "MisdirectedRequest": MisdirectedRequestError,
 }
 
 # For bodies without a known code (a proxy's answer, a future code): the class of the status.

@@ -2606,6 +2606,7 @@ export interface components {
          *     RequestTimeout (408): The request (headers or body) did not arrive within the server's time limit.
          *     InvalidState (409): The resource is in a state that does not allow the action; the message names both.
          *     Conflict (409): The resource already exists or is in use.
+         *     MisdirectedRequest (421): Cluster (docs/cluster.md): the microVM is run by another node; details.node and details.url name it. Send the request there.
          *     PayloadTooLarge (413): The request body exceeds its limit.
          *     UnsupportedMediaType (415): The route does not take a body of that Content-Type (JSON routes take application/json).
          *     QuotaExceeded (429): A quota of the tenant or of a resource is reached (e.g. 50 tags per resource); the message names it and the limit.
@@ -2616,7 +2617,7 @@ export interface components {
          *     BadGateway (502): A VM's app or agent answered garbage (an invalid status, a malformed response) or did not answer.
          * @enum {string}
          */
-        ErrorCode: "ValidationError" | "CommandNotFound" | "Unauthorized" | "Forbidden" | "NotFound" | "RequestTimeout" | "InvalidState" | "Conflict" | "PayloadTooLarge" | "UnsupportedMediaType" | "QuotaExceeded" | "RateLimited" | "HeadersTooLarge" | "CapacityExceeded" | "Internal" | "BadGateway";
+        ErrorCode: "ValidationError" | "CommandNotFound" | "Unauthorized" | "Forbidden" | "NotFound" | "RequestTimeout" | "InvalidState" | "Conflict" | "MisdirectedRequest" | "PayloadTooLarge" | "UnsupportedMediaType" | "QuotaExceeded" | "RateLimited" | "HeadersTooLarge" | "CapacityExceeded" | "Internal" | "BadGateway";
         /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
         ErrorEnvelope: {
             error: {
@@ -3009,7 +3010,7 @@ export const pathsV1ImagesIdPatchRequestBodyContentApplicationJsonStatusAnyOf0Va
 export const pathsV1ImagesIdPatchRequestBodyContentApplicationJsonStatusAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images/{id}"]["patch"]["requestBody"]["content"]["application/json"]["status"]> = ["INACTIVE"];
 export const pathsV1MicrovmsPostRequestBodyContentApplicationJsonNetworkEgressAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/microvms"]["post"]["requestBody"]["content"]["application/json"]["network"]["egress"]> = ["none"];
 export const pathsV1MicrovmsPostRequestBodyContentApplicationJsonNetworkEgressAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/microvms"]["post"]["requestBody"]["content"]["application/json"]["network"]["egress"]> = ["internet"];
-export const errorCodeValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["ErrorCode"]> = ["ValidationError", "CommandNotFound", "Unauthorized", "Forbidden", "NotFound", "RequestTimeout", "InvalidState", "Conflict", "PayloadTooLarge", "UnsupportedMediaType", "QuotaExceeded", "RateLimited", "HeadersTooLarge", "CapacityExceeded", "Internal", "BadGateway"];
+export const errorCodeValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["ErrorCode"]> = ["ValidationError", "CommandNotFound", "Unauthorized", "Forbidden", "NotFound", "RequestTimeout", "InvalidState", "Conflict", "MisdirectedRequest", "PayloadTooLarge", "UnsupportedMediaType", "QuotaExceeded", "RateLimited", "HeadersTooLarge", "CapacityExceeded", "Internal", "BadGateway"];
 export const microVmStateValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["MicroVmState"]> = ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"];
 export const imageStateValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["ImageState"]> = ["PENDING", "BUILDING", "READY", "FAILED", "DELETING"];
 export const microVmNetworkEgressAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["MicroVm"]["network"]["egress"]> = ["none"];

@@ -75,6 +75,8 @@ export class CapacityExceededError extends CocoonError {}
 export class InternalError extends CocoonError {}
 /** Thrown when a VM's app or agent answered garbage or did not answer (502). */
 export class BadGatewayError extends CocoonError {}
+/** Thrown by a cluster node that does not run the VM and cannot forward to the node that does (421); `details.node` and `details.url` name it. */
+export class MisdirectedRequestError extends CocoonError {}
 /** Thrown when a call did not complete within its `timeoutMs`, or the server did not receive the request within its own limit (408). */
 export class TimeoutError extends CocoonError {}
 /** Thrown when the server could not be reached (connection refused, reset, DNS). */
@@ -100,6 +102,7 @@ const BY_CODE: Record<ApiErrorCode, ErrorClass> = {
   CapacityExceeded: CapacityExceededError,
   Internal: InternalError,
   BadGateway: BadGatewayError,
+  MisdirectedRequest: MisdirectedRequestError,
 };
 
 /** For bodies without a known code (a proxy's answer, a future code): the class of the status. */

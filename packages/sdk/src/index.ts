@@ -22,6 +22,7 @@ export {
   CapacityExceededError,
   InternalError,
   BadGatewayError,
+  MisdirectedRequestError,
   TimeoutError,
   ConnectionError,
   type CocoonErrorCode,

@@ -40,6 +40,8 @@ const FROM_COCOON: Record<ErrorCode, { type: AwsErrorType; status: number }> = {
   NotFound: { type: "ResourceNotFoundException", status: 404 },
   InvalidState: { type: "ConflictException", status: 409 },
   Conflict: { type: "ConflictException", status: 409 },
+  // Cluster: the VM is another node's; the message names it.
+  MisdirectedRequest: { type: "ConflictException", status: 409 },
   QuotaExceeded: { type: "ServiceQuotaExceededException", status: 402 },
   RateLimited: { type: "ThrottlingException", status: 429 },
   CapacityExceeded: { type: "InsufficientCapacityException", status: 500 },

@@ -1,4 +1,7 @@
 import { Type, type TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
+import type { FastifyReply } from "fastify";
+import { TryPeersError } from "../../lifecycle/cluster.ts";
+import type { NodeChannel } from "../../router/node-channel.ts";
 import { pipeline, Transform, type Readable } from "node:stream";
 import { ApiError } from "../../errors.ts";
 import type { GuestService } from "../../lifecycle/guest.ts";
@@ -91,14 +94,34 @@ const TagsBody = Type.Record(Type.String({ minLength: 1, maxLength: TAG_LIMITS.k
 /** MicroVM lifecycle, exec, files, events, access tokens and tags (docs/api.md). */
 export async function registerMicroVmRoutes(
   app: Api,
-  deps: { microvms: MicroVmService; guest: GuestService; tokens: { access: AccessTokens; shell: AccessTokens }; db: Db; endpointUrl: (id: string) => string },
+  deps: {
+    microvms: MicroVmService;
+    guest: GuestService;
+    tokens: { access: AccessTokens; shell: AccessTokens };
+    db: Db;
+    endpointUrl: (id: string) => string;
+    /** Cluster: creates this node has no room for are offered to its peers over it. */
+    nodeChannel?: NodeChannel;
+  },
 ): Promise<void> {
   const { microvms, guest, tokens, db } = deps;
   const toView = (row: MicroVmRow) => microVmView(row, deps.endpointUrl(row.id));
   app.post("/v1/microvms", { config: { permission: "microvm:create" }, schema: { body: CreateBody, response: { 201: ref("MicroVm") } } }, async (req, reply) => {
     if (req.body.metadata) checkMetadata(req.body.metadata);
-    const row = await microvms.create(req.tenantId, req.body);
-    return reply.status(201).send(toView(row));
+    try {
+      const row = await microvms.create(req.tenantId, req.body);
+      return reply.status(201).send(toView(row));
+    } catch (err) {
+      // Cluster: not here (no room, or the image is another node's); the first peer that admits it (under its own row lock) makes it.
+      // Offered once: never from a peer's offer.
+      if (!(err instanceof TryPeersError) || !deps.nodeChannel || req.forwarded) throw err;
+      for (const peer of err.peers) {
+        const answer = await deps.nodeChannel.call(peer, req.tenantId, "POST", req.url, req.body).catch(() => undefined);
+        // Relayed as the peer answered it (the peer's own route checked its answer).
+        if (answer && answer.status !== 503) return (reply as FastifyReply).status(answer.status).send(answer.body);
+      }
+      throw err;
+    }
   });
 
   app.get(

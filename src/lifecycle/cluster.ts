@@ -1,0 +1,351 @@
+import { sql, type Expression, type ExpressionBuilder, type SqlBool, type Transaction } from "kysely";
+import { ApiError } from "../errors.ts";
+import type { Db } from "../store/db.ts";
+import type { Database, NodeRow } from "../store/schema.ts";
+import { holdsHostResources, statesBefore, type MicroVmState } from "./states.ts";
+
+/** What a node is: where its peers reach it, and what a VM or snapshot needs of the host that runs it. */
+export interface NodeInfo {
+  id: string;
+  /** The internal URL its peers reach it at (COCOON_NODE_URL). */
+  url: string;
+  /** `qemuBuild()`: snapshots move only between identical builds. */
+  qemuBuild: string;
+  accelerator: string;
+  cpuSignature: string;
+  /** Capacity for live VMs (hostCapacity). */
+  vcpus: number;
+  memoryMiB: number;
+}
+
+/** The node that may write a VM's state, at the epoch of its registration. */
+export interface VmOwner {
+  nodeId: string;
+  epoch: number;
+}
+
+export interface LeaseTiming {
+  /** A lease not renewed for this long is expired and any node reaps it. */
+  leaseSeconds: number;
+  /** How often a node renews its lease and reaps expired ones. */
+  renewEveryMs: number;
+}
+
+/** Renewal every 3 s, a lease of 15 s: a dead node is reaped within ~18 s. */
+export const DEFAULT_LEASE: LeaseTiming = { leaseSeconds: 15, renewEveryMs: 3000 };
+
+export type Tx = Transaction<Database>;
+
+/** A VM's row is this node's at this epoch, and the node's lease is live on the database's clock. */
+export function ownedBy(owner: VmOwner) {
+  return (eb: ExpressionBuilder<Database, "microvms">): Expression<SqlBool> =>
+    eb.and([
+      eb("microvms.node_id", "=", owner.nodeId),
+      eb("microvms.node_epoch", "=", owner.epoch),
+      eb.exists(
+        eb
+          .selectFrom("nodes")
+          .select("nodes.id")
+          .where("nodes.id", "=", owner.nodeId)
+          .where("nodes.epoch", "=", owner.epoch)
+          .where("nodes.state", "!=", "dead")
+          .where("nodes.lease_expires_at", ">", sql<Date>`now()`),
+      ),
+    ]);
+}
+
+/**
+ * This server's membership of a cluster (docs/cluster.md): a row in `nodes`
+ * with a lease on the database's clock, renewed every few seconds. Every
+ * coordination is a row, a row lock or a lease in PostgreSQL; there is no
+ * membership protocol of its own.
+ *
+ * - Register: the node's epoch is raised, so whatever an earlier life of the
+ *   node still tries to write (a frozen process that wakes up) matches nothing.
+ * - Renew: conditional on the epoch, a state other than dead, and a lease not
+ *   yet expired. A renewal that updates nothing means the node was declared
+ *   dead: it fences itself (`onFenced` ends its VMs) and registers again.
+ * - Reap: any node marks expired leases dead and fails the live VMs they
+ *   owned, in one transaction; suspended VMs stay the node's (their state is
+ *   on its disk) and are served again when it comes back.
+ */
+export class ClusterNode {
+  private epoch = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private ticking: Promise<void> | undefined;
+  private readonly timing: LeaseTiming;
+
+  constructor(
+    private readonly db: Db,
+    readonly info: NodeInfo,
+    private readonly opts: {
+      /** Ends every VM of this node's engine: its rows are no longer its own. */
+      onFenced: () => Promise<void>;
+      /** What this node's image builds hold now (published with each renewal, for peers placing VMs). */
+      builds?: () => { vcpus: number; memoryMiB: number };
+      log?: (line: string) => void;
+      timing?: LeaseTiming;
+    },
+  ) {
+    this.timing = opts.timing ?? DEFAULT_LEASE;
+  }
+
+  get id(): string {
+    return this.info.id;
+  }
+
+  owner(): VmOwner {
+    if (this.epoch === 0) throw new Error("cluster node used before register()");
+    return { nodeId: this.info.id, epoch: this.epoch };
+  }
+
+  /**
+   * Joins (or rejoins) the cluster with a new epoch. A previous life of this
+   * node whose lease is still live (a quick restart) hands its VMs over to the
+   * new epoch; one whose lease expired first has its live VMs failed (as a
+   * reap would), and keeps only its suspended ones.
+   */
+  async register(): Promise<void> {
+    const { info } = this;
+    const lease = this.leaseExpiry();
+    this.epoch = await this.db.transaction().execute(async (tx) => {
+      const previous = await tx.selectFrom("nodes").selectAll().where("id", "=", info.id).forUpdate().executeTakeFirst();
+      const values = {
+        url: info.url,
+        state: "active" as const,
+        state_reason: null,
+        qemu_build: info.qemuBuild,
+        accelerator: info.accelerator,
+        cpu_signature: info.cpuSignature,
+        vcpus: info.vcpus,
+        memory_mib: info.memoryMiB,
+        lease_expires_at: lease,
+      };
+      if (!previous) {
+        await tx.insertInto("nodes").values({ id: info.id, epoch: 1, registered_at: sql<Date>`now()`, ...values }).execute();
+        return 1;
+      }
+      const live = await tx.selectFrom("nodes").select("id").where("id", "=", info.id).where("state", "!=", "dead").where("lease_expires_at", ">", sql<Date>`now()`).executeTakeFirst();
+      if (!live) await failLiveVms(tx, [previous], `node ${info.id} stopped renewing its lease`);
+      const epoch = previous.epoch + 1;
+      await tx.updateTable("nodes").set({ ...values, epoch, registered_at: sql<Date>`now()` }).where("id", "=", info.id).execute();
+      await tx.updateTable("microvms").set({ node_epoch: epoch }).where("node_id", "=", info.id).where("state", "not in", ["TERMINATED", "FAILED"]).execute();
+      return epoch;
+    });
+    this.opts.log?.(`cluster: node ${info.id} registered at epoch ${this.epoch} (${info.url})`);
+  }
+
+  /** Registers, then renews and reaps every `renewEveryMs` until stop(). */
+  async start(): Promise<void> {
+    await this.register();
+    this.timer = setInterval(() => {
+      // One tick at a time: a slow database must not pile renewals up.
+      if (this.ticking) return;
+      this.ticking = this.tick().finally(() => (this.ticking = undefined));
+    }, this.timing.renewEveryMs);
+  }
+
+  /** Stops renewing (the lease then runs out): tests, and leave(). */
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    this.timer = undefined;
+    await this.ticking;
+  }
+
+  private async tick(): Promise<void> {
+    try {
+      if (!(await this.renew())) await this.fence();
+      await this.reap();
+    } catch (err) {
+      // The database unreachable: the lease runs out unless a later tick renews it.
+      this.opts.log?.(`cluster: lease renewal failed: ${(err as Error).message}`);
+    }
+  }
+
+  /** Extends the lease; false when it updates nothing (the node was declared dead, or its lease ran out). */
+  async renew(): Promise<boolean> {
+    const builds = this.opts.builds?.() ?? { vcpus: 0, memoryMiB: 0 };
+    const res = await this.db
+      .updateTable("nodes")
+      .set({ lease_expires_at: this.leaseExpiry(), build_vcpus: builds.vcpus, build_memory_mib: builds.memoryMiB })
+      .where("id", "=", this.info.id)
+      .where("epoch", "=", this.epoch)
+      .where("state", "!=", "dead")
+      .where("lease_expires_at", ">", sql<Date>`now()`)
+      .executeTakeFirst();
+    return res.numUpdatedRows > 0n;
+  }
+
+  /** Declared dead by its peers: ends its VMs (others may act on their rows now), then rejoins under a new epoch. */
+  async fence(): Promise<void> {
+    this.opts.log?.(`cluster: node ${this.info.id} lost its lease at epoch ${this.epoch}: ending its VMs and registering again`);
+    await this.opts.onFenced();
+    await this.register();
+  }
+
+  /** Marks every expired lease dead and fails the live VMs of those nodes, atomically; returns the nodes reaped. */
+  async reap(): Promise<string[]> {
+    return this.db.transaction().execute(async (tx) => {
+      const dead = await tx
+        .updateTable("nodes")
+        .set({ state: "dead", state_reason: "its lease expired" })
+        .where("state", "!=", "dead")
+        .where("lease_expires_at", "<=", sql<Date>`now()`)
+        .returningAll()
+        .execute();
+      for (const node of dead) await failLiveVms(tx, [node], `node ${node.id} stopped renewing its lease`);
+      if (dead.length > 0) this.opts.log?.(`cluster: reaped ${dead.map((n) => n.id).join(", ")}`);
+      return dead.map((n) => n.id);
+    });
+  }
+
+  /** A graceful stop (its VMs suspended): declared dead now rather than when its lease runs out; live VMs left are failed. */
+  async leave(): Promise<void> {
+    await this.stop();
+    await this.db.transaction().execute(async (tx) => {
+      const left = await tx.updateTable("nodes").set({ state: "dead", state_reason: "stopped" }).where("id", "=", this.info.id).where("epoch", "=", this.epoch).returningAll().execute();
+      await failLiveVms(tx, left, `node ${this.info.id} stopped`);
+    });
+  }
+
+
+  /**
+   * Admission on this node: locks its row (admissions on it queue there,
+   * whichever server makes them), re-checks that it is active and has room
+   * for `shape` beside its live VMs and `builds`, and runs `enter` (the
+   * insert that takes the room) in the same transaction. CapacityExceeded
+   * (503) when it has no room or takes no new VMs.
+   */
+  async admit<T>(shape: { vcpus: number; memoryMiB: number }, builds: { vcpus: number; memoryMiB: number }, enter: (tx: Tx, owner: VmOwner) => Promise<T>): Promise<T> {
+    const owner = this.owner();
+    return this.db.transaction().execute(async (tx) => {
+      const node = await tx.selectFrom("nodes").selectAll().where("id", "=", owner.nodeId).where("epoch", "=", owner.epoch).forUpdate().executeTakeFirst();
+      if (!node || node.state !== "active") {
+        throw new ApiError("CapacityExceeded", `node ${owner.nodeId} takes no new microVMs: it is ${node?.state ?? "fenced"}`, { node: owner.nodeId, state: node?.state ?? "fenced" });
+      }
+      const used = await liveUsage(tx, builds, owner.nodeId);
+      const capacity = { vcpus: node.vcpus, memoryMiB: node.memory_mib };
+      for (const key of ["vcpus", "memoryMiB"] as const) {
+        if (used[key] + shape[key] > capacity[key]) {
+          throw new ApiError("CapacityExceeded", `node ${owner.nodeId} is at capacity: ${used[key]} of ${capacity[key]} ${key} in use, ${shape[key]} more requested`, {
+            resource: key,
+            used: used[key],
+            capacity: capacity[key],
+          });
+        }
+      }
+      return enter(tx, owner);
+    });
+  }
+
+  /**
+   * Live, active peers that could run a VM of `shape` (the same QEMU build
+   * and accelerator) and have room for it as the database sees them now,
+   * roomiest first: where a create this node has no room for is offered.
+   * Each re-checks under its own row lock (admit).
+   */
+  async peersWithRoom(shape: { vcpus: number; memoryMiB: number }): Promise<string[]> {
+    const peers = await this.db
+      .selectFrom("nodes")
+      .selectAll()
+      .where("id", "!=", this.info.id)
+      .where("state", "=", "active")
+      .where("lease_expires_at", ">", sql<Date>`now()`)
+      .where("qemu_build", "=", this.info.qemuBuild)
+      .where("accelerator", "=", this.info.accelerator)
+      .execute();
+    const withRoom: { url: string; freeMiB: number }[] = [];
+    for (const peer of peers) {
+      const used = await liveUsage(this.db, { vcpus: peer.build_vcpus, memoryMiB: peer.build_memory_mib }, peer.id);
+      if (used.vcpus + shape.vcpus <= peer.vcpus && used.memoryMiB + shape.memoryMiB <= peer.memory_mib) withRoom.push({ url: peer.url, freeMiB: peer.memory_mib - used.memoryMiB });
+    }
+    return withRoom.sort((a, b) => b.freeMiB - a.freeMiB).map((p) => p.url);
+  }
+
+  private leaseExpiry() {
+    return sql<Date>`now() + make_interval(secs => ${this.timing.leaseSeconds})`;
+  }
+}
+
+/**
+ * What live VMs (creates in flight included: PENDING) and `builds` (image
+ * builds run VMs too) hold of a host's capacity: of node `nodeId` on a
+ * cluster, of the one host otherwise.
+ */
+export async function liveUsage(db: Db | Tx, builds: { vcpus: number; memoryMiB: number }, nodeId?: string): Promise<{ vcpus: number; memoryMiB: number }> {
+  const rows = await db
+    .selectFrom("microvms")
+    .select(["state", "vcpus", "memory_mib"])
+    .where("state", "not in", ["TERMINATED", "FAILED", "SUSPENDED"])
+    .$if(nodeId !== undefined, (qb) => qb.where("node_id", "=", nodeId!))
+    .execute();
+  const used = { ...builds };
+  for (const r of rows) {
+    if (!holdsHostResources(r.state)) continue;
+    used.vcpus += r.vcpus;
+    used.memoryMiB += r.memory_mib;
+  }
+  return used;
+}
+
+/**
+ * Draining: node `nodeId` takes no new VMs (its VMs run on and are served);
+ * `active` again when `draining` is false. Any node (an operator's call) may
+ * set it; a dead node stays dead. Undefined when there is no such live node.
+ */
+export async function setNodeDraining(db: Db, nodeId: string, draining: boolean): Promise<NodeRow | undefined> {
+  return db
+    .updateTable("nodes")
+    .set({ state: draining ? "draining" : "active" })
+    .where("id", "=", nodeId)
+    .where("state", "!=", "dead")
+    .returningAll()
+    .executeTakeFirst();
+}
+
+/**
+ * This node cannot make the VM (no room, or its image is another node's) and
+ * `peers` (URLs, best first) may: the router offers them the create. `why` is
+ * the answer when none takes it.
+ */
+export class TryPeersError extends ApiError {
+  constructor(
+    why: ApiError,
+    readonly peers: string[],
+  ) {
+    super(why.code, why.message, why.details);
+  }
+}
+
+/** The URL of node `nodeId` while its lease is live and it takes VMs. */
+export async function activeNodeUrl(db: Db, nodeId: string): Promise<string | undefined> {
+  const node = await db.selectFrom("nodes").select("url").where("id", "=", nodeId).where("state", "=", "active").where("lease_expires_at", ">", sql<Date>`now()`).executeTakeFirst();
+  return node?.url;
+}
+
+/** The nodes of the cluster with their leases as the database sees them (metrics, tests, operators). */
+export async function listNodes(db: Db): Promise<(NodeRow & { lease_live: boolean })[]> {
+  return db
+    .selectFrom("nodes")
+    .selectAll()
+    .select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("lease_live"))
+    .orderBy("id")
+    .execute();
+}
+
+/** Fails the VMs a dead node was running (its suspended ones keep their state on its disk), with an event each. */
+async function failLiveVms(tx: Tx, nodes: NodeRow[], reason: string): Promise<void> {
+  const live: MicroVmState[] = ["PENDING", "RUNNING", "SUSPENDING", "RESUMING", "TERMINATING"];
+  for (const node of nodes) {
+    const failed = await tx
+      .updateTable("microvms")
+      .set({ state: "FAILED", state_reason: reason })
+      .where("node_id", "=", node.id)
+      .where("node_epoch", "=", node.epoch)
+      .where("state", "in", live.filter((s) => statesBefore("FAILED").includes(s)))
+      .returning(["id", "tenant_id"])
+      .execute();
+    const at = new Date().toISOString();
+    for (const vm of failed) await tx.insertInto("events").values({ microvm_id: vm.id, tenant_id: vm.tenant_id, type: "failed", message: reason, at }).execute();
+  }
+}
