@@ -20,6 +20,8 @@ export interface CgroupLimits {
   memoryBytes: number;
   /** Tasks (QEMU threads: vCPUs, I/O workers, RCU…). */
   pids: number;
+  /** Share of CPU under contention, relative to other VMs (cgroup v2 cpu.weight, 1–10000; v1 cpu.shares is 10.24×). */
+  cpuWeight?: number;
 }
 
 /** What a VM's cgroup currently holds and has enforced, read back from the kernel. */
@@ -68,6 +70,8 @@ export class Cgroups {
   constructor(
     readonly layout: CgroupLayout,
     private readonly parent: string,
+    /** Memory all VMs under `parent` may use together (its limit); undefined: none. */
+    private readonly parentMemoryBytes?: number,
   ) {}
 
   /** The VM's directories, one per hierarchy (v1 may mount controllers together). */
@@ -83,11 +87,13 @@ export class Cgroups {
   async create(name: string, limits: CgroupLimits): Promise<string[]> {
     if (this.layout.version === 2) await this.enableV2Controllers();
     for (const dir of this.dirs(name)) await mkdir(dir, { recursive: true });
+    await this.limitParent();
     const quota = Math.round(limits.cpus * CPU_PERIOD_US);
     if (this.layout.version === 2) {
       const dir = this.dir("cpu", name);
       await writeFile(join(dir, "cpu.max"), `${quota} ${CPU_PERIOD_US}`);
       await writeOptional(join(dir, "cpu.max.burst"), String(quota));
+      if (limits.cpuWeight) await writeFile(join(dir, "cpu.weight"), String(limits.cpuWeight));
       await writeFile(join(dir, "memory.max"), String(limits.memoryBytes));
       // Guest RAM pushed to swap would escape the limit in all but name.
       await writeOptional(join(dir, "memory.swap.max"), "0");
@@ -96,6 +102,7 @@ export class Cgroups {
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_period_us"), String(CPU_PERIOD_US));
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_quota_us"), String(quota));
       await writeOptional(join(this.dir("cpu", name), "cpu.cfs_burst_us"), String(quota));
+      if (limits.cpuWeight) await writeFile(join(this.dir("cpu", name), "cpu.shares"), String(Math.round(limits.cpuWeight * 10.24)));
       await writeFile(join(this.dir("memory", name), "memory.limit_in_bytes"), String(limits.memoryBytes));
       await writeOptional(join(this.dir("memory", name), "memory.memsw.limit_in_bytes"), String(limits.memoryBytes));
       await writeFile(join(this.dir("pids", name), "pids.max"), String(limits.pids));
@@ -149,6 +156,23 @@ export class Cgroups {
           await sleep(10);
         }
       }
+    }
+  }
+
+  /**
+   * Caps the memory of all VMs together: when they all allocate at once the
+   * kernel reclaims and, failing that, OOM-kills inside the parent (the
+   * biggest QEMU), never the server or the rest of the host. Written at every
+   * create, so a changed setting applies without a restart.
+   */
+  private async limitParent(): Promise<void> {
+    if (this.parentMemoryBytes === undefined) return;
+    const dir = join(this.layout.mounts.memory, this.parent);
+    try {
+      if (this.layout.version === 2) await writeFile(join(dir, "memory.max"), String(this.parentMemoryBytes));
+      else await writeFile(join(dir, "memory.limit_in_bytes"), String(this.parentMemoryBytes));
+    } catch (err) {
+      throw new Error(`cannot limit the memory of all VMs (${dir}) to ${this.parentMemoryBytes} bytes: ${(err as Error).message}`, { cause: err });
     }
   }
 

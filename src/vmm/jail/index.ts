@@ -1,6 +1,7 @@
 import { chmod, mkdir, readFile, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { dirname, isAbsolute, join } from "node:path";
 import { Cgroups, detectCgroups, type CgroupReading } from "./cgroups.ts";
+import { hostMemoryBudget } from "../host-memory.ts";
 
 export { detectCgroups, type CgroupReading } from "./cgroups.ts";
 
@@ -63,6 +64,8 @@ export interface JailConfig {
    * is throttled.
    */
   cpuHeadroom: number;
+  /** Memory all VMs may use together, in bytes: the limit of their parent cgroup (host-memory.ts). */
+  vmMemoryBytes: number;
 }
 
 /**
@@ -85,6 +88,7 @@ export function jailConfigFromEnv(env = process.env): JailConfig | undefined {
     maxTasks: 512,
     // Half a CPU: a restore runs QEMU's main loop beside the vCPU; measured in bench/jail.ts.
     cpuHeadroom: 0.5,
+    vmMemoryBytes: hostMemoryBudget(env).vmMemoryMiB * 2 ** 20,
   };
 }
 
@@ -137,7 +141,7 @@ export class Jailer {
   private readonly cgroups: Cgroups;
 
   constructor(readonly config: JailConfig) {
-    this.cgroups = new Cgroups(detectCgroups(), config.cgroupParent);
+    this.cgroups = new Cgroups(detectCgroups(), config.cgroupParent, config.vmMemoryBytes);
   }
 
   get cgroupVersion(): 1 | 2 {
@@ -187,7 +191,13 @@ export class Jailer {
     const table = entries.map(([source, options], i) => `${fstabPath(source)} ${fstabPath(i === 0 ? root : join(root, source))} none ${options} 0 0`);
     await writeFile(fstab, `${table.join("\n")}\n`, { mode: 0o600 });
     try {
-      const procs = await this.cgroups.create(opts.name, { cpus: opts.vcpus + this.config.cpuHeadroom, memoryBytes: opts.memoryBytes, pids: this.config.maxTasks });
+      const procs = await this.cgroups.create(opts.name, {
+        cpus: opts.vcpus + this.config.cpuHeadroom,
+        memoryBytes: opts.memoryBytes,
+        pids: this.config.maxTasks,
+        // Under contention VMs share the host's CPU by their vCPUs (the default weight, 100, per vCPU).
+        cpuWeight: Math.min(10_000, 100 * opts.vcpus),
+      });
       const c = this.config;
       const ids = String(opts.uid);
       return {
