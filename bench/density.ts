@@ -1,0 +1,195 @@
+/**
+ * Density benchmark, with the server's default settings (COCOON_* from the
+ * environment, as `cocoon server` reads them): creates idle 256 MiB base VMs
+ * one after another until BENCH_DENSITY_VMS (200) or the first refusal, then
+ * measures, with all of them idle, the host CPU each one's QEMU and the server
+ * use over BENCH_IDLE_SECONDS (30, from /proc/<pid>/stat), host memory per VM
+ * (PSS of each QEMU, /proc/<pid>/smaps_rollup) and exec round trips among
+ * them. Writes bench/results/density.{json,md}.
+ */
+import { mkdir, readdir, readFile, rm } from "node:fs/promises";
+import { cpus } from "node:os";
+import { join } from "node:path";
+import { buildApi } from "../src/api/server.ts";
+import { ImageCatalog } from "../src/images/catalog.ts";
+import { MicroVmService } from "../src/lifecycle/microvms.ts";
+import { bootstrapAdminKey } from "../src/server/bootstrap.ts";
+import { resolveServerConfig } from "../src/server/config.ts";
+import { startRuntime } from "../src/server/runtime.ts";
+import { hostCapacity } from "../src/lifecycle/microvms.ts";
+import { openDatabase } from "../src/store/db.ts";
+import { ServerSecrets } from "../src/store/secrets.ts";
+import { ServerMetrics } from "../src/telemetry/metrics.ts";
+import { VmSampler } from "../src/telemetry/vm-samples.ts";
+import { sleep } from "../src/util/process.ts";
+import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
+
+const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
+const VMS = Number(process.env.BENCH_DENSITY_VMS ?? 200);
+const IDLE_SECONDS = Number(process.env.BENCH_IDLE_SECONDS ?? 30);
+const EXECS = Number(process.env.BENCH_DENSITY_EXECS ?? 100);
+const MEMORY_MIB = 256;
+const log = (line: string) => console.error(`[bench] ${line}`);
+const TICKS_PER_SECOND = 100; // USER_HZ, what /proc/<pid>/stat counts in on Linux
+
+/** CPU time (user + system, all threads) a process has used, in seconds. */
+async function cpuSeconds(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_SECOND;
+}
+
+/** CPU time of a process's vCPU threads (named "CPU n/TCG" or "CPU n/KVM") and of its other threads, in seconds. */
+async function cpuSecondsByThread(pid: number): Promise<{ vcpu: number; other: number }> {
+  const split = { vcpu: 0, other: 0 };
+  for (const tid of await readdir(`/proc/${pid}/task`)) {
+    const stat = await readFile(`/proc/${pid}/task/${tid}/stat`, "utf8").catch(() => "");
+    const name = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    split[/^CPU \d+\//.test(name) ? "vcpu" : "other"] += (Number(fields[11]) + Number(fields[12])) / TICKS_PER_SECOND;
+  }
+  return split;
+}
+
+/** Proportional set size of a process, in MiB. */
+async function pssMiB(pid: number): Promise<number> {
+  const rollup = await readFile(`/proc/${pid}/smaps_rollup`, "utf8");
+  return Number(/^Pss:\s+(\d+) kB/m.exec(rollup)?.[1] ?? NaN) / 1024;
+}
+
+async function main(): Promise<void> {
+  const dataDir = join(root, "density-data");
+  await rm(dataDir, { recursive: true, force: true });
+  await mkdir(dataDir, { recursive: true });
+  const config = resolveServerConfig({ dataDir, assetsDir: join(root, "assets") });
+  const db = await openDatabase(dataDir);
+  const secrets = await ServerSecrets.open(dataDir);
+  const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
+  const runtime = await startRuntime({ ...config, log });
+  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, log });
+  const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
+  const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit }, config.memory);
+  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log });
+  await microvms.start();
+  const sampler = new VmSampler();
+  sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
+  const app = await buildApi({ db, secrets, microvms, accelerator: runtime.engine.accelerator, metrics, sampler });
+  await app.listen({ host: "127.0.0.1", port: 0 });
+  const port = (app.server.address() as { port: number }).port;
+  const api = async (method: string, path: string, body?: unknown) => {
+    const res = await fetch(`http://127.0.0.1:${port}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${adminKey}`, ...(body ? { "content-type": "application/json" } : {}) },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    return { status: res.status, body: (await res.json()) as any };
+  };
+  try {
+    log(`creating up to ${VMS} idle ${MEMORY_MIB} MiB VMs`);
+    const ids: string[] = [];
+    const create: number[] = [];
+    let refusal: string | undefined;
+    while (ids.length < VMS) {
+      const [res, ms] = await timed(() => api("POST", "/v1/microvms", { image: "base", memoryMiB: MEMORY_MIB, idlePolicy: { suspendAfterSeconds: 0 } }));
+      if (res.status !== 201) {
+        refusal = `${res.status} ${res.body.error?.code}: ${res.body.error?.message}`;
+        log(`refused after ${ids.length}: ${refusal}`);
+        break;
+      }
+      ids.push(res.body.microVmId);
+      create.push(ms);
+      if (ids.length % 10 === 0) log(`${ids.length} running`);
+    }
+    const vms = ids.map((id) => runtime.engine.get(id));
+    const pids = vms.map((vm) => vm.record.pid!);
+    log(`${ids.length} VMs; settling 10 s, then ${IDLE_SECONDS} s idle`);
+    await sleep(10_000);
+    const hostStat = async () => (await readFile("/proc/stat", "utf8")).split("\n")[0]!.split(/\s+/).slice(1).map(Number);
+    // The guest's own view of idleness: its local timer interrupts (LOC) per second in the first VM.
+    const guestTimer = async () => {
+      const res = await api("POST", `/v1/microvms/${ids[0]}/exec`, { command: ["cat", "/proc/interrupts"] });
+      return Number(/^\s*LOC:\s+(\d+)/m.exec(res.body.stdout ?? "")?.[1] ?? NaN);
+    };
+    const locBefore = await guestTimer();
+    const qemuBefore = await Promise.all(pids.map(cpuSeconds));
+    const threadsBefore = await Promise.all(pids.map(cpuSecondsByThread));
+    const serverBefore = process.cpuUsage();
+    const hostBefore = await hostStat();
+    const t0 = performance.now();
+    await sleep(IDLE_SECONDS * 1000);
+    const elapsed = (performance.now() - t0) / 1000;
+    const qemuAfter = await Promise.all(pids.map(cpuSeconds));
+    const threadsAfter = await Promise.all(pids.map(cpuSecondsByThread));
+    const vcpuSeconds = threadsAfter.reduce((sum, t, i) => sum + t.vcpu - threadsBefore[i]!.vcpu, 0);
+    const otherSeconds = threadsAfter.reduce((sum, t, i) => sum + t.other - threadsBefore[i]!.other, 0);
+    const serverUsage = process.cpuUsage(serverBefore);
+    const hostAfter = await hostStat();
+    const guestTimerPerSecond = (await guestTimer()) - locBefore;
+    const perVmPercent = qemuAfter.map((a, i) => ((a - qemuBefore[i]!) / elapsed) * 100);
+    const qemuTotalPercent = perVmPercent.reduce((a, b) => a + b, 0);
+    const serverPercent = ((serverUsage.user + serverUsage.system) / 1e6 / elapsed) * 100;
+    const hostDelta = hostAfter.map((v, i) => v - hostBefore[i]!);
+    const hostTotal = hostDelta.reduce((a, b) => a + b, 0);
+    const hostBusyPercent = ((hostTotal - hostDelta[3]! - hostDelta[4]!) / hostTotal) * 100 * cpus().length; // of one core
+    const pss = await Promise.all(pids.map(pssMiB));
+
+    log(`exec ×${EXECS} among them`);
+    const exec: number[] = [];
+    for (let i = 0; i < EXECS && ids.length; i++) {
+      const id = ids[Math.floor(Math.random() * ids.length)]!;
+      const [res, ms] = await timed(() => api("POST", `/v1/microvms/${id}/exec`, { command: ["true"] }));
+      if (res.status !== 200 || res.body.exitCode !== 0) throw new Error(`exec in ${id}: ${res.status} ${JSON.stringify(res.body)}`);
+      exec.push(ms);
+    }
+
+    const round = (v: number, digits = 2) => Math.round(v * 10 ** digits) / 10 ** digits;
+    const figures = {
+      vmsRequested: VMS,
+      vmsAdmitted: ids.length,
+      refusal,
+      createMs: summarize(create),
+      idleSeconds: round(elapsed, 1),
+      idleCpuPercentOfCorePerVm: { mean: round(qemuTotalPercent / Math.max(1, ids.length), 3), ...summarize(perVmPercent) },
+      idleCpuPercentOfCore: { qemuTotal: round(qemuTotalPercent), server: round(serverPercent), hostBusy: round(hostBusyPercent) },
+      /** Where the QEMUs' idle CPU went: the guest (vCPU threads) or QEMU's own threads (main loop, I/O). */
+      idleCpuShare: { vcpuThreads: round(vcpuSeconds / Math.max(1e-9, vcpuSeconds + otherSeconds)), otherThreads: round(otherSeconds / Math.max(1e-9, vcpuSeconds + otherSeconds)) },
+      guestTimerInterruptsPerSecond: round(guestTimerPerSecond / elapsed, 1),
+      pssMiBPerVm: { mean: round(pss.reduce((a, b) => a + b, 0) / Math.max(1, pss.length), 1), ...summarize(pss) },
+      execMs: summarize(exec),
+      load: (await readFile("/proc/loadavg", "utf8")).trim(),
+    };
+    const md = [
+      `# Density benchmark (${new Date().toISOString()})`,
+      "",
+      `Accelerator **${runtime.engine.accelerator}**, ${cpus().length} cores, default settings; idle base VMs of ${MEMORY_MIB} MiB, 1 vCPU, created one after another.`,
+      "",
+      `- VMs admitted: **${ids.length}** of ${VMS} requested${refusal ? ` (then: ${refusal})` : ""}`,
+      `- Idle host CPU per VM (its QEMU, over ${figures.idleSeconds} s): **${figures.idleCpuPercentOfCorePerVm.mean} % of a core** (p95 ${figures.idleCpuPercentOfCorePerVm.p95} %)`,
+      `- Idle host CPU in all, % of one core: QEMUs ${figures.idleCpuPercentOfCore.qemuTotal} (${Math.round(figures.idleCpuShare.vcpuThreads * 100)} % of it in vCPU threads), server ${figures.idleCpuPercentOfCore.server}; whole host (other work included) ${figures.idleCpuPercentOfCore.hostBusy}`,
+      `- Guest timer interrupts per second in an idle VM: ${figures.guestTimerInterruptsPerSecond}`,
+      `- Host memory per VM (PSS of its QEMU): **${figures.pssMiBPerVm.mean} MiB** (p95 ${figures.pssMiBPerVm.p95})`,
+      `- Load average at the end: ${figures.load}`,
+      "",
+      ...summaryTable("ms", [
+        ["POST /v1/microvms → 201 RUNNING (one after another)", figures.createMs],
+        ["exec `true` among the idle VMs", figures.execMs],
+      ]),
+      "",
+    ].join("\n");
+    await writeResults("density", { at: new Date().toISOString(), accelerator: runtime.engine.accelerator, ...figures }, md);
+    console.log(md);
+  } finally {
+    microvms.stop();
+    sampler.stop();
+    await app.close();
+    for (const v of runtime.engine.list()) await runtime.engine.terminate(v.id).catch(() => undefined);
+    await runtime.engine.close();
+    await db.destroy();
+  }
+  process.exit(0);
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
