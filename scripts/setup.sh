@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 # (src/images/registry); docker-registry (distribution v2) and apache2-utils
 # (htpasswd, bcrypt) for the registry the tests run on loopback.
 PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static
-  python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils)
+  python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils
+  bubblewrap runc runsc)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
