@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 # (packages/python-sdk, test/python); skopeo (registry pulls into an OCI layout)
 # and umoci (layers unpacked into a root filesystem) for FROM <registry image>
 # (src/images/registry); docker-registry (distribution v2) and apache2-utils
-# (htpasswd, bcrypt) for the registry the tests run on loopback.
+# (htpasswd, bcrypt) for the registry the tests run on loopback; bubblewrap,
+# runc and runsc (gVisor) for the baselines npm run bench measures (bench/baselines.ts).
 PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static
   python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils
   bubblewrap runc runsc)
