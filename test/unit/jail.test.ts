@@ -51,10 +51,10 @@ describe("detectCgroups", () => {
 });
 
 describe("Cgroups on v2", () => {
-  it("delegates the controllers down the parent and writes cpu.max, memory.max, swap and pids limits", async () => {
+  it("delegates the controllers down the parent, caps all VMs' memory there, and writes cpu.max, cpu.weight, memory.max, swap and pids limits", async () => {
     const root = fakeV2Root("cpu memory pids\n");
-    const cgroups = new Cgroups({ version: 2, mounts: { cpu: root, memory: root, pids: root } }, "cocoon");
-    const procs = await cgroups.create("vm-1", { cpus: 2, memoryBytes: 640 * 1024 * 1024, pids: 512 });
+    const cgroups = new Cgroups({ version: 2, mounts: { cpu: root, memory: root, pids: root } }, "cocoon", 8 * 1024 ** 3);
+    const procs = await cgroups.create("vm-1", { cpus: 2, memoryBytes: 640 * 1024 * 1024, pids: 512, cpuWeight: 200 });
     const vm = join(root, "cocoon", "vm-1");
     expect(procs).toEqual([join(vm, "cgroup.procs")]);
     expect(readFileSync(join(root, "cgroup.subtree_control"), "utf8")).toBe("+cpu +memory +pids");
@@ -62,6 +62,8 @@ describe("Cgroups on v2", () => {
     expect(readFileSync(join(vm, "cpu.max"), "utf8")).toBe("200000 100000");
     expect(readFileSync(join(vm, "memory.max"), "utf8")).toBe(String(640 * 1024 * 1024));
     expect(readFileSync(join(vm, "pids.max"), "utf8")).toBe("512");
+    expect(readFileSync(join(vm, "cpu.weight"), "utf8")).toBe("200");
+    expect(readFileSync(join(root, "cocoon", "memory.max"), "utf8")).toBe(String(8 * 1024 ** 3));
   });
 });
 

@@ -21,7 +21,7 @@ export interface CgroupLimits {
   /** Tasks (QEMU threads: vCPUs, I/O workers, RCU…). */
   pids: number;
   /** Share of CPU under contention, relative to other VMs (cgroup v2 cpu.weight, 1–10000; v1 cpu.shares is 10.24×). */
-  cpuWeight?: number;
+  cpuWeight: number;
 }
 
 /** What a VM's cgroup currently holds and has enforced, read back from the kernel. */
@@ -93,7 +93,7 @@ export class Cgroups {
       const dir = this.dir("cpu", name);
       await writeFile(join(dir, "cpu.max"), `${quota} ${CPU_PERIOD_US}`);
       await writeOptional(join(dir, "cpu.max.burst"), String(quota));
-      if (limits.cpuWeight) await writeFile(join(dir, "cpu.weight"), String(limits.cpuWeight));
+      await writeFile(join(dir, "cpu.weight"), String(limits.cpuWeight));
       await writeFile(join(dir, "memory.max"), String(limits.memoryBytes));
       // Guest RAM pushed to swap would escape the limit in all but name.
       await writeOptional(join(dir, "memory.swap.max"), "0");
@@ -102,7 +102,7 @@ export class Cgroups {
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_period_us"), String(CPU_PERIOD_US));
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_quota_us"), String(quota));
       await writeOptional(join(this.dir("cpu", name), "cpu.cfs_burst_us"), String(quota));
-      if (limits.cpuWeight) await writeFile(join(this.dir("cpu", name), "cpu.shares"), String(Math.round(limits.cpuWeight * 10.24)));
+      await writeFile(join(this.dir("cpu", name), "cpu.shares"), String(Math.round(limits.cpuWeight * 10.24)));
       await writeFile(join(this.dir("memory", name), "memory.limit_in_bytes"), String(limits.memoryBytes));
       await writeOptional(join(this.dir("memory", name), "memory.memsw.limit_in_bytes"), String(limits.memoryBytes));
       await writeFile(join(this.dir("pids", name), "pids.max"), String(limits.pids));
@@ -119,7 +119,7 @@ export class Cgroups {
     if (this.layout.version === 2) {
       const [quota, period] = (await text("cpu", "cpu.max")).trim().split(" ").map(Number);
       return {
-        limits: { cpus: quota! / period!, memoryBytes: Number(await text("memory", "memory.max")), pids },
+        limits: { cpus: quota! / period!, memoryBytes: Number(await text("memory", "memory.max")), pids, cpuWeight: Number(await text("cpu", "cpu.weight")) },
         memoryBytes: Number(await text("memory", "memory.current")),
         cpuPeriods: field(cpuStat, "nr_periods"),
         cpuThrottled: field(cpuStat, "nr_throttled"),
@@ -129,7 +129,7 @@ export class Cgroups {
     const quota = Number(await text("cpu", "cpu.cfs_quota_us"));
     const period = Number(await text("cpu", "cpu.cfs_period_us"));
     return {
-      limits: { cpus: quota / period, memoryBytes: Number(await text("memory", "memory.limit_in_bytes")), pids },
+      limits: { cpus: quota / period, memoryBytes: Number(await text("memory", "memory.limit_in_bytes")), pids, cpuWeight: Math.round(Number(await text("cpu", "cpu.shares")) / 10.24) },
       memoryBytes: Number(await text("memory", "memory.usage_in_bytes")),
       cpuPeriods: field(cpuStat, "nr_periods"),
       cpuThrottled: field(cpuStat, "nr_throttled"),
