@@ -39,14 +39,13 @@ async function cpuSeconds(pid: number): Promise<number> {
   return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_SECOND;
 }
 
-/** CPU time of a process's vCPU threads (named "CPU n/TCG" or "CPU n/KVM") and of its other threads, in seconds. */
-async function cpuSecondsByThread(pid: number): Promise<{ vcpu: number; other: number }> {
-  const split = { vcpu: 0, other: 0 };
+/** CPU time of a process's main thread (QEMU's main loop: timers, devices, slirp) and of its other threads (vCPU, RCU, I/O workers), in seconds. */
+async function cpuSecondsByThread(pid: number): Promise<{ main: number; other: number }> {
+  const split = { main: 0, other: 0 };
   for (const tid of await readdir(`/proc/${pid}/task`)) {
     const stat = await readFile(`/proc/${pid}/task/${tid}/stat`, "utf8").catch(() => "");
-    const name = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
     const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    split[/^CPU \d+\//.test(name) ? "vcpu" : "other"] += (Number(fields[11]) + Number(fields[12])) / TICKS_PER_SECOND;
+    split[Number(tid) === pid ? "main" : "other"] += (Number(fields[11] ?? 0) + Number(fields[12] ?? 0)) / TICKS_PER_SECOND;
   }
   return split;
 }
@@ -120,7 +119,7 @@ async function main(): Promise<void> {
     const elapsed = (performance.now() - t0) / 1000;
     const qemuAfter = await Promise.all(pids.map(cpuSeconds));
     const threadsAfter = await Promise.all(pids.map(cpuSecondsByThread));
-    const vcpuSeconds = threadsAfter.reduce((sum, t, i) => sum + t.vcpu - threadsBefore[i]!.vcpu, 0);
+    const mainSeconds = threadsAfter.reduce((sum, t, i) => sum + t.main - threadsBefore[i]!.main, 0);
     const otherSeconds = threadsAfter.reduce((sum, t, i) => sum + t.other - threadsBefore[i]!.other, 0);
     const serverUsage = process.cpuUsage(serverBefore);
     const hostAfter = await hostStat();
@@ -151,8 +150,8 @@ async function main(): Promise<void> {
       idleSeconds: round(elapsed, 1),
       idleCpuPercentOfCorePerVm: { mean: round(qemuTotalPercent / Math.max(1, ids.length), 3), ...summarize(perVmPercent) },
       idleCpuPercentOfCore: { qemuTotal: round(qemuTotalPercent), server: round(serverPercent), hostBusy: round(hostBusyPercent) },
-      /** Where the QEMUs' idle CPU went: the guest (vCPU threads) or QEMU's own threads (main loop, I/O). */
-      idleCpuShare: { vcpuThreads: round(vcpuSeconds / Math.max(1e-9, vcpuSeconds + otherSeconds)), otherThreads: round(otherSeconds / Math.max(1e-9, vcpuSeconds + otherSeconds)) },
+      /** Where the QEMUs' idle CPU went: QEMU's main loop, or its other threads (the vCPU running the guest, RCU, I/O workers). */
+      idleCpuShare: { mainLoop: round(mainSeconds / Math.max(1e-9, mainSeconds + otherSeconds)), otherThreads: round(otherSeconds / Math.max(1e-9, mainSeconds + otherSeconds)) },
       guestTimerInterruptsPerSecond: round(guestTimerPerSecond / elapsed, 1),
       pssMiBPerVm: { mean: round(pss.reduce((a, b) => a + b, 0) / Math.max(1, pss.length), 1), ...summarize(pss) },
       execMs: summarize(exec),
@@ -165,7 +164,7 @@ async function main(): Promise<void> {
       "",
       `- VMs admitted: **${ids.length}** of ${VMS} requested${refusal ? ` (then: ${refusal})` : ""}`,
       `- Idle host CPU per VM (its QEMU, over ${figures.idleSeconds} s): **${figures.idleCpuPercentOfCorePerVm.mean} % of a core** (p95 ${figures.idleCpuPercentOfCorePerVm.p95} %)`,
-      `- Idle host CPU in all, % of one core: QEMUs ${figures.idleCpuPercentOfCore.qemuTotal} (${Math.round(figures.idleCpuShare.vcpuThreads * 100)} % of it in vCPU threads), server ${figures.idleCpuPercentOfCore.server}; whole host (other work included) ${figures.idleCpuPercentOfCore.hostBusy}`,
+      `- Idle host CPU in all, % of one core: QEMUs ${figures.idleCpuPercentOfCore.qemuTotal} (${Math.round(figures.idleCpuShare.mainLoop * 100)} % of it in their main loops, the rest in vCPU and other threads), server ${figures.idleCpuPercentOfCore.server}; whole host (other work included) ${figures.idleCpuPercentOfCore.hostBusy}`,
       `- Guest timer interrupts per second in an idle VM: ${figures.guestTimerInterruptsPerSecond}`,
       `- Host memory per VM (PSS of its QEMU): **${figures.pssMiBPerVm.mean} MiB** (p95 ${figures.pssMiBPerVm.p95})`,
       `- Load average at the end: ${figures.load}`,
