@@ -31,6 +31,8 @@ const EXECS = Number(process.env.BENCH_DENSITY_EXECS ?? 100);
 const MEMORY_MIB = 256;
 const log = (line: string) => console.error(`[bench] ${line}`);
 const TICKS_PER_SECOND = 100; // USER_HZ, what /proc/<pid>/stat counts in on Linux
+/** src/vmm/qemu.ts's tb-size under TCG. */
+const TCG_CODE_CACHE_MIB = 256;
 
 /** CPU time (user + system, all threads) a process has used, in seconds. */
 async function cpuSeconds(pid: number): Promise<number> {
@@ -46,6 +48,28 @@ async function cpuSecondsByThread(pid: number): Promise<{ main: number; other: n
     const stat = await readFile(`/proc/${pid}/task/${tid}/stat`, "utf8").catch(() => "");
     const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
     split[Number(tid) === pid ? "main" : "other"] += (Number(fields[11] ?? 0) + Number(fields[12] ?? 0)) / TICKS_PER_SECOND;
+  }
+  return split;
+}
+
+/**
+ * Where a QEMU's PSS lies, in MiB: guest RAM (the snapshot's memory file,
+ * mapped copy-on-write), TCG's translated-code cache (the anonymous mapping of
+ * TCG_CODE_CACHE_MIB) and the rest (QEMU's heap, libraries, device buffers).
+ */
+async function pssBreakdownMiB(pid: number): Promise<{ guestRam: number; codeCache: number; rest: number }> {
+  const split = { guestRam: 0, codeCache: 0, rest: 0 };
+  let kind: keyof typeof split = "rest";
+  for (const line of (await readFile(`/proc/${pid}/smaps`, "utf8")).split("\n")) {
+    const mapping = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
+    if (mapping) {
+      const sizeMiB = (parseInt(mapping[2]!, 16) - parseInt(mapping[1]!, 16)) / 2 ** 20;
+      const name = mapping[3] ?? "";
+      kind = name.endsWith("/memory") ? "guestRam" : !name && Math.abs(sizeMiB - TCG_CODE_CACHE_MIB) < 1 ? "codeCache" : "rest";
+      continue;
+    }
+    const pss = /^Pss:\s+(\d+) kB/.exec(line);
+    if (pss) split[kind] += Number(pss[1]) / 1024;
   }
   return split;
 }
@@ -131,6 +155,8 @@ async function main(): Promise<void> {
     const hostTotal = hostDelta.reduce((a, b) => a + b, 0);
     const hostBusyPercent = ((hostTotal - hostDelta[3]! - hostDelta[4]!) / hostTotal) * 100 * cpus().length; // of one core
     const pss = await Promise.all(pids.map(pssMiB));
+    const breakdowns = await Promise.all(pids.map(pssBreakdownMiB));
+    const meanOf = (key: "guestRam" | "codeCache" | "rest") => round(breakdowns.reduce((sum, b) => sum + b[key], 0) / Math.max(1, breakdowns.length), 1);
 
     log(`exec ×${EXECS} among them`);
     const exec: number[] = [];
@@ -154,6 +180,7 @@ async function main(): Promise<void> {
       idleCpuShare: { mainLoop: round(mainSeconds / Math.max(1e-9, mainSeconds + otherSeconds)), otherThreads: round(otherSeconds / Math.max(1e-9, mainSeconds + otherSeconds)) },
       guestTimerInterruptsPerSecond: round(guestTimerPerSecond / elapsed, 1),
       pssMiBPerVm: { mean: round(pss.reduce((a, b) => a + b, 0) / Math.max(1, pss.length), 1), ...summarize(pss) },
+      pssMiBPerVmBreakdown: { guestRam: meanOf("guestRam"), tcgCodeCache: meanOf("codeCache"), rest: meanOf("rest") },
       execMs: summarize(exec),
       load: (await readFile("/proc/loadavg", "utf8")).trim(),
     };
@@ -167,6 +194,7 @@ async function main(): Promise<void> {
       `- Idle host CPU in all, % of one core: QEMUs ${figures.idleCpuPercentOfCore.qemuTotal} (${Math.round(figures.idleCpuShare.mainLoop * 100)} % of it in their main loops, the rest in vCPU and other threads), server ${figures.idleCpuPercentOfCore.server}; whole host (other work included) ${figures.idleCpuPercentOfCore.hostBusy}`,
       `- Guest timer interrupts per second in an idle VM: ${figures.guestTimerInterruptsPerSecond}`,
       `- Host memory per VM (PSS of its QEMU): **${figures.pssMiBPerVm.mean} MiB** (p95 ${figures.pssMiBPerVm.p95})`,
+      `- of which guest RAM ${figures.pssMiBPerVmBreakdown.guestRam} MiB, TCG's translated code ${figures.pssMiBPerVmBreakdown.tcgCodeCache} MiB, QEMU's own ${figures.pssMiBPerVmBreakdown.rest} MiB`,
       `- Load average at the end: ${figures.load}`,
       "",
       ...summaryTable("ms", [
