@@ -157,9 +157,12 @@ describe("web console", () => {
     await page.locator("table.list tr", { hasText: "console-demo" }).filter({ hasText: "READY" }).waitFor();
     await shot("image-details");
     await page.getByRole("link", { name: "Launch a microVM" }).click();
-    // The launch form, not the images page still on screen (its "Images" region matches the label too).
+    // The URL changes before the launch form replaces the images page, whose
+    // "Images" region, search box and table match the label "Image" too: read
+    // the field inside the launch form, once it is there.
     await page.waitForURL(/#\/vms\/new\//);
-    expect(await page.getByLabel("Image").inputValue()).toBe("console-demo");
+    const launchForm = page.getByRole("region", { name: "Create a microVM" });
+    expect(await launchForm.getByLabel("Image", { exact: true }).inputValue()).toBe("console-demo");
     await page.goBack();
 
     await page.getByRole("button", { name: "Delete image" }).click();
