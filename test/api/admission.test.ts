@@ -5,11 +5,12 @@ import { detectCgroups, jailConfigFromEnv } from "../../src/vmm/jail/index.ts";
 import { useApi } from "../support/api-fixture.ts";
 
 // A small host: all VMs together may use VM_MEMORY_MIB (their parent
-// cgroup's limit), with a low reserve, so a few idle base VMs fill it and
+// cgroup's limit), with a low reserve, so a few idle 256 MiB VMs fill it and
 // two of them allocating cannot both fit. The parent is this file's own, so
 // its limit never touches other VMs on the machine.
-const VM_MEMORY_MIB = 420;
-const HOG_MIB = 300;
+const VM_MEMORY_MIB = 400;
+const MEMORY_MIB = 256;
+const HOG_MIB = 180;
 const parent = `cocoon-admission-${process.pid}`;
 const jail = { ...jailConfigFromEnv()!, cgroupParent: parent, vmMemoryBytes: VM_MEMORY_MIB * 2 ** 20 };
 const api = await useApi({ capacity: { vcpus: 64, memoryMiB: 64 * 512, real: { reserveMiB: 64, vmMemoryMiB: VM_MEMORY_MIB } }, jail });
@@ -32,11 +33,11 @@ describe("admission by real memory", () => {
     const ids: string[] = [];
     let refused: { status: number; body: any } | undefined;
     while (!refused && ids.length < 12) {
-      const res = await api.call("POST", "/v1/microvms", { key, body: { image: "base", idlePolicy: { suspendAfterSeconds: 0 } } });
+      const res = await api.call("POST", "/v1/microvms", { key, body: { image: "base", memoryMiB: MEMORY_MIB, idlePolicy: { suspendAfterSeconds: 0 } } });
       if (res.status === 201) ids.push(res.body.microVmId);
       else refused = res;
     }
-    // Nominally (512 MiB each) not even one fits in 420 MiB; by their real use several do.
+    // Nominally (256 MiB each) only one fits in 400 MiB; by their real use several do.
     expect(refused?.status, JSON.stringify(refused?.body)).toBe(503);
     expect(refused!.body.error).toMatchObject({ code: "CapacityExceeded", details: { resource: "vmMemoryMiB", capacity: VM_MEMORY_MIB } });
     expect(refused!.body.error.message).toContain(`of the ${VM_MEMORY_MIB} MiB all VMs may use`);
