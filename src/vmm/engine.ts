@@ -279,6 +279,7 @@ export class Engine extends EventEmitter {
    */
   async close(): Promise<void> {
     clearInterval(this.consoleWatch);
+    this.jailer?.close();
     await this.warm.close();
     for (const vm of this.vms.values()) {
       vm.machine?.removeAllListeners("exit");

@@ -13,7 +13,8 @@ const MEMORY_MIB = 256;
 const HOG_MIB = 180;
 const parent = `cocoon-admission-${process.pid}`;
 const jail = { ...jailConfigFromEnv()!, cgroupParent: parent, vmMemoryBytes: VM_MEMORY_MIB * 2 ** 20 };
-const api = await useApi({ capacity: { vcpus: 64, memoryMiB: 64 * 512, real: { reserveMiB: 64, vmMemoryMiB: VM_MEMORY_MIB } }, jail });
+const guardKills: string[] = [];
+const api = await useApi({ capacity: { vcpus: 64, memoryMiB: 64 * 512, real: { reserveMiB: 64, vmMemoryMiB: VM_MEMORY_MIB } }, jail, log: (line) => void (line.startsWith("memory guard: ") && guardKills.push(line)) });
 const layout = detectCgroups();
 
 afterAll(async () => {
@@ -54,12 +55,14 @@ describe("admission by real memory", () => {
       if (Date.now() > deadline) throw new Error(`no hog was stopped: ${(await Promise.all(hogs.map(state))).join(", ")}`);
       await new Promise((r) => setTimeout(r, 500));
     }
-    // The kernel ended the biggest QEMUs, inside the VMs' parent cgroup: the
-    // server (this process) runs on, and the idle VM still answers.
-    expect(await parentOomKills()).toBeGreaterThan(killsBefore);
+    // The biggest QEMUs were ended inside the VMs' parent cgroup, by the
+    // kernel's OOM killer or, where the VMs crawled at the cap first, by the
+    // engine's memory guard: the server (this process) runs on, and the idle VM
+    // still answers.
+    expect((await parentOomKills()) > killsBefore || guardKills.length > 0, `no OOM kill in ${parent} and no guard kill`).toBe(true);
     expect(await state(innocent)).toBe("RUNNING");
     const exec = await api.call("POST", `/v1/microvms/${innocent}/exec`, { key, body: { command: ["echo", "alive"] } });
     expect(exec.body).toMatchObject({ exitCode: 0, stdout: "alive\n" });
     for (const id of ids) await api.call("DELETE", `/v1/microvms/${id}`, { key });
-  });
+  }, 240_000);
 });

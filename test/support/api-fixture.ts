@@ -41,6 +41,8 @@ export async function useApi(
     capacity?: HostCapacity;
     /** The engine's QEMU jail (default: from the environment). */
     jail?: JailConfig;
+    /** Receives the engine's log lines. */
+    log?: (line: string) => void;
     policyIntervalMs?: number;
     images?: Partial<Omit<ImageServiceOpts, "db" | "engine">>;
     /** API options (request timeouts, a log stream to inspect). */
@@ -51,7 +53,7 @@ export async function useApi(
   const db = await openDatabase(dataDir);
   const secrets = await ServerSecrets.open(dataDir);
   const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
-  const engine = await Engine.open({ ...engineConfig(dataDir), jail: opts.jail });
+  const engine = await Engine.open({ ...engineConfig(dataDir), jail: opts.jail, log: opts.log });
   const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
   // The shared images directory: the default shape's snapshot is already built there.
   const imageService = new ImageService({

@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { Cgroups, detectCgroups } from "../../src/vmm/jail/cgroups.ts";
+import { Cgroups, detectCgroups, GUARD_READINGS, stuckAtCap } from "../../src/vmm/jail/cgroups.ts";
 import { vmUidRange } from "../../src/vmm/jail/index.ts";
 
 /** A mountinfo line as the kernel writes it. */
@@ -77,5 +77,30 @@ describe("vmUidRange", () => {
     for (const bad of ["0-100000", "5000-5001", "abc", "300000-200000"]) {
       expect(() => vmUidRange({ COCOON_VM_UIDS: bad })).toThrow(/COCOON_VM_UIDS must be FIRST-LAST/);
     }
+  });
+});
+
+describe("stuckAtCap (the VMs' memory guard)", () => {
+  const MiB = 2 ** 20;
+  const reading = (s: number, o: { usageMiB?: number; hits?: number; stalledMs?: number } = {}) => ({
+    at: s * 1000,
+    usageBytes: (o.usageMiB ?? 399) * MiB,
+    limitBytes: 400 * MiB,
+    limitHits: o.hits ?? s * 100,
+    fullStallUs: (o.stalledMs ?? s * 800) * 1000,
+  });
+  const series = (f: (s: number) => ReturnType<typeof reading>) => Array.from({ length: GUARD_READINGS }, (_, s) => f(s));
+
+  it("acts when every reading is at the cap, the limit keeps being hit and tasks stall most of the time", () => {
+    expect(stuckAtCap(series((s) => reading(s)))).toBe(true);
+  });
+
+  it.each([
+    ["too few readings", [reading(0), reading(1)]],
+    ["below the cap once", series((s) => reading(s, { usageMiB: s === 2 ? 380 : 399 }))],
+    ["the limit not hit in one interval", series((s) => reading(s, { hits: s === 2 ? 100 : s * 100 }))],
+    ["a cap full of page cache reclaimed without stalls", series((s) => reading(s, { stalledMs: s * 100 }))],
+  ])("waits on %s", (_name, readings) => {
+    expect(stuckAtCap(readings)).toBe(false);
   });
 });

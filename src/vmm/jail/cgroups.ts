@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import { access, mkdir, readFile, rmdir, writeFile } from "node:fs/promises";
+import { access, mkdir, readdir, readFile, rmdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { sleep } from "../../util/process.ts";
 
@@ -37,6 +37,40 @@ export interface CgroupReading {
 }
 
 const CPU_PERIOD_US = 100_000;
+
+/** One reading of the VMs' parent cgroup's memory. */
+export interface ParentMemoryReading {
+  /** When it was read (ms). */
+  at: number;
+  usageBytes: number;
+  limitBytes: number;
+  /** How often a charge has hit the limit so far (v2 memory.events max, v1 memory.failcnt). */
+  limitHits: number;
+  /** Time all tasks were stalled on memory so far, in µs (PSI "full": the parent's on v2, the host's on v1, which has none per cgroup). */
+  fullStallUs: number;
+}
+
+/** Readings the guard needs in a row (one a second) before it acts. */
+export const GUARD_READINGS = 4;
+
+/**
+ * Whether all VMs together are stuck at their cap: every reading of the
+ * last GUARD_READINGS within 2 % of the limit, the limit hit again between
+ * each, and tasks fully stalled on memory for at least half that time. The
+ * kernel's OOM killer acts only once reclaim makes no progress, and VMs
+ * whose guest RAM and QEMU binaries are file pages (reclaimed, read back,
+ * reclaimed) make just enough to escape it for minutes, all of them
+ * crawling; this is the sign of it. A cap full of page cache that reclaim
+ * frees without stalls is not.
+ */
+export function stuckAtCap(readings: ParentMemoryReading[]): boolean {
+  if (readings.length < GUARD_READINGS) return false;
+  const last = readings.slice(-GUARD_READINGS);
+  const first = last[0]!;
+  const end = last.at(-1)!;
+  const stalledShare = (end.fullStallUs - first.fullStallUs) / 1000 / Math.max(1, end.at - first.at);
+  return stalledShare >= 0.5 && last.every((r, i) => r.usageBytes >= r.limitBytes * 0.98 && (i === 0 || r.limitHits > last[i - 1]!.limitHits));
+}
 
 /**
  * Finds the cgroup hierarchy of each controller from /proc/self/mountinfo: a
@@ -174,6 +208,49 @@ export class Cgroups {
     } catch (err) {
       throw new Error(`cannot limit the memory of all VMs (${dir}) to ${this.parentMemoryBytes} bytes: ${(err as Error).message}`, { cause: err });
     }
+  }
+
+  /** The parent's memory use, limit and limit hits; undefined without a parent limit or before the first VM. */
+  async readParentMemory(): Promise<ParentMemoryReading | undefined> {
+    if (this.parentMemoryBytes === undefined) return undefined;
+    const dir = join(this.layout.mounts.memory, this.parent);
+    const num = async (file: string) => Number((await readFile(join(dir, file), "utf8")).trim());
+    const fullStallUs = async (file: string) => Number(/^full .*total=(\d+)/m.exec(await readFile(file, "utf8"))?.[1] ?? 0);
+    try {
+      if (this.layout.version === 2) {
+        const events = await readFile(join(dir, "memory.events"), "utf8");
+        return {
+          at: Date.now(),
+          usageBytes: await num("memory.current"),
+          limitBytes: await num("memory.max"),
+          limitHits: Number(/^max (\d+)/m.exec(events)?.[1] ?? 0),
+          fullStallUs: await fullStallUs(join(dir, "memory.pressure")),
+        };
+      }
+      return {
+        at: Date.now(),
+        usageBytes: await num("memory.usage_in_bytes"),
+        limitBytes: await num("memory.limit_in_bytes"),
+        limitHits: await num("memory.failcnt"),
+        fullStallUs: await fullStallUs("/proc/pressure/memory"),
+      };
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** SIGKILLs what runs in the VM cgroup using the most memory; returns its name and use. */
+  async killBiggest(): Promise<{ name: string; bytes: number } | undefined> {
+    const parent = join(this.layout.mounts.memory, this.parent);
+    const file = this.layout.version === 2 ? "memory.current" : "memory.usage_in_bytes";
+    let biggest: { name: string; bytes: number } | undefined;
+    for (const entry of await readdir(parent, { withFileTypes: true }).catch(() => [])) {
+      if (!entry.isDirectory()) continue;
+      const bytes = Number(await readFile(join(parent, entry.name, file), "utf8").catch(() => "0"));
+      if (!biggest || bytes > biggest.bytes) biggest = { name: entry.name, bytes };
+    }
+    if (biggest) for (const dir of this.dirs(biggest.name)) await killMembers(dir);
+    return biggest;
   }
 
   /** v2 only: a controller limits a child only if every ancestor delegates it. */

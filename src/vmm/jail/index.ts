@@ -1,6 +1,6 @@
 import { chmod, mkdir, readFile, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { dirname, isAbsolute, join } from "node:path";
-import { Cgroups, detectCgroups, type CgroupReading } from "./cgroups.ts";
+import { Cgroups, detectCgroups, GUARD_READINGS, stuckAtCap, type CgroupReading, type ParentMemoryReading } from "./cgroups.ts";
 import { hostMemoryBudget } from "../host-memory.ts";
 
 export { detectCgroups, type CgroupReading } from "./cgroups.ts";
@@ -139,9 +139,39 @@ const DEFAULT_DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom"];
 
 export class Jailer {
   private readonly cgroups: Cgroups;
+  private readonly memoryGuard: NodeJS.Timeout;
 
-  constructor(readonly config: JailConfig) {
+  constructor(
+    readonly config: JailConfig,
+    log: (msg: string) => void = () => undefined,
+  ) {
     this.cgroups = new Cgroups(detectCgroups(), config.cgroupParent, config.vmMemoryBytes);
+    // The VMs' memory cap, watched once a second (one file of the parent,
+    // whatever the number of VMs): when they are stuck at it the biggest VM's
+    // QEMU is killed, as the kernel's OOM killer would, but before every VM crawls.
+    const readings: ParentMemoryReading[] = [];
+    let busy = false;
+    this.memoryGuard = setInterval(() => {
+      if (busy) return;
+      busy = true;
+      void (async () => {
+        const reading = await this.cgroups.readParentMemory();
+        if (!reading) return;
+        readings.push(reading);
+        if (readings.length > GUARD_READINGS) readings.shift();
+        if (!stuckAtCap(readings)) return;
+        readings.length = 0;
+        const killed = await this.cgroups.killBiggest();
+        if (killed) log(`memory guard: all VMs at their ${Math.round(reading.limitBytes / 2 ** 20)} MiB cap for ${GUARD_READINGS} s: killed ${killed.name} (${Math.round(killed.bytes / 2 ** 20)} MiB)`);
+      })()
+        .catch((err: Error) => log(`memory guard: ${err.message}`))
+        .finally(() => (busy = false));
+    }, 1000).unref();
+  }
+
+  /** Stops watching the VMs' memory cap. */
+  close(): void {
+    clearInterval(this.memoryGuard);
   }
 
   get cgroupVersion(): 1 | 2 {
