@@ -1,3 +1,3 @@
 module cocoon/agent
 
-go 1.19
+go 1.23

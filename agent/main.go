@@ -71,7 +71,9 @@ func runInit() {
 
 	cfg, err := initsys.Boot()
 	// From now on every process we start runs in the workload cgroup.
-	process.SetWorkload(cfg.Workload)
+	if werr := process.SetWorkload(cfg.Workload); werr != nil && err == nil {
+		err = werr
+	}
 	if cfg.Workload != "" {
 		go memwatch.Watch(cfg.Workload)
 	}

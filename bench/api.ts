@@ -4,17 +4,7 @@
  * through the router, and resume-on-request. Writes bench/results/api.{json,md}.
  */
 import { request } from "node:http";
-import { mkdir, rm } from "node:fs/promises";
-import { join } from "node:path";
-import { buildApi } from "../src/api/server.ts";
-import { ImageCatalog } from "../src/images/catalog.ts";
-import { MicroVmService } from "../src/lifecycle/microvms.ts";
-import { bootstrapAdminKey } from "../src/server/bootstrap.ts";
-import { startRuntime } from "../src/server/runtime.ts";
-import { openDatabase } from "../src/store/db.ts";
-import { ServerSecrets } from "../src/store/secrets.ts";
-import { ServerMetrics } from "../src/telemetry/metrics.ts";
-import { VmSampler } from "../src/telemetry/vm-samples.ts";
+import { startApiStack } from "./api-stack.ts";
 import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
 
 const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
@@ -57,28 +47,7 @@ async function throughput(port: number, path: string, headers: Record<string, st
 }
 
 async function main(): Promise<void> {
-  const dataDir = join(root, "api-data");
-  await rm(dataDir, { recursive: true, force: true });
-  await mkdir(dataDir, { recursive: true });
-  const db = await openDatabase(dataDir);
-  const secrets = await ServerSecrets.open(dataDir);
-  const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
-  const runtime = await startRuntime({ dataDir, assetsDir: join(root, "assets"), warmPoolSize: 1, log });
-  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(dataDir, "images"), assetsDir: join(root, "assets"), rootfs: runtime.rootfs, assets: runtime.assets, log });
-  const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
-  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log });
-  await microvms.start();
-  const app = await buildApi({ db, secrets, microvms, accelerator: runtime.engine.accelerator, metrics, sampler: new VmSampler() });
-  await app.listen({ host: "127.0.0.1", port: 0 });
-  const port = (app.server.address() as { port: number }).port;
-  const api = async (method: string, path: string, body?: unknown) => {
-    const res = await fetch(`http://127.0.0.1:${port}${path}`, {
-      method,
-      headers: { authorization: `Bearer ${adminKey}`, ...(body ? { "content-type": "application/json" } : {}) },
-      body: body ? JSON.stringify(body) : undefined,
-    });
-    return (await res.json()) as any;
-  };
+  const { runtime, port, api, close } = await startApiStack({ root, dataDirName: "api-data", warmPoolSize: 1, log });
   try {
     log(`POST /v1/microvms → RUNNING ×${CREATES} (warm pool of 1, refilled between creates)`);
     const create: number[] = [];
@@ -149,11 +118,7 @@ async function main(): Promise<void> {
     await writeResults("api", { at: new Date().toISOString(), accelerator: runtime.engine.accelerator, ...figures }, md);
     console.log(md);
   } finally {
-    microvms.stop();
-    await app.close();
-    for (const v of runtime.engine.list()) await runtime.engine.terminate(v.id).catch(() => undefined);
-    await runtime.engine.close();
-    await db.destroy();
+    await close();
   }
   process.exit(0);
 }

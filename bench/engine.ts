@@ -9,7 +9,7 @@ import { cpus, freemem, totalmem } from "node:os";
 import { join } from "node:path";
 import { startRuntime } from "../src/server/runtime.ts";
 import { newVmId, type MicroVm } from "../src/vmm/engine.ts";
-import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
+import { GUEST_FORK_EXEC_US_COMMAND, summarize, summaryTable, timed, writeResults } from "./stats.ts";
 
 const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
 const count = (name: string, dflt: number) => Number(process.env[name] ?? dflt);
@@ -84,9 +84,7 @@ async function main(): Promise<void> {
     const health: number[] = [];
     for (let i = 0; i < EXECS; i++) exec.push((await timed(() => vm.agent.exec({ command: ["true"] })))[1]);
     for (let i = 0; i < EXECS; i++) health.push((await timed(() => vm.agent.json("GET", "/health")))[1]);
-    const inGuest = await vm.agent.exec({
-      command: "a=$(date +%s%N); for i in $(seq 50); do /bin/true; done; b=$(date +%s%N); echo $(( (b-a)/50000 ))",
-    });
+    const inGuest = await vm.agent.exec({ command: GUEST_FORK_EXEC_US_COMMAND });
 
     log(`suspend/resume of a ${baseImage.manifest.memoryMiB} MiB VM ×${SUSPENDS}`);
     const suspend: number[] = [];

@@ -38,3 +38,6 @@ export async function writeResults(name: string, results: unknown, markdown: str
   await writeFile(join(dir, `${name}.json`), `${JSON.stringify(results, null, 2)}\n`);
   await writeFile(join(dir, `${name}.md`), markdown);
 }
+
+/** A guest command printing the µs one fork+exec of /bin/true takes inside the guest (mean of 50). */
+export const GUEST_FORK_EXEC_US_COMMAND = "a=$(date +%s%N); for i in $(seq 50); do /bin/true; done; b=$(date +%s%N); echo $(( (b-a)/50000 ))";

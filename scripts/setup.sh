@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Host tools: QEMU (microvm machine) and qemu-img, mmdebstrap + mke2fs for the
-# base root filesystem, Go for the in-guest agent, apt-get for the guest kernel;
+# base root filesystem, Go 1.23 for the in-guest agent (BACKPORTS), apt-get for the guest kernel;
 # passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md);
 # chromium for the web console's end-to-end test (test/console); openssl (a
 # self-signed certificate) and busybox-static (a FROM scratch binary) for
@@ -16,24 +16,30 @@ cd "$(dirname "$0")/.."
 # (src/images/registry); docker-registry (distribution v2) and apache2-utils
 # (htpasswd, bcrypt) for the registry the tests run on loopback; bubblewrap,
 # runc and runsc (gVisor) for the baselines npm run bench measures (bench/baselines.ts).
-PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs golang-go ca-certificates passt nftables iproute2 chromium openssl busybox-static
+PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates passt nftables iproute2 chromium openssl busybox-static
   python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils
   bubblewrap runc runsc)
+# From Debian's bookworm-backports: Go 1.23 (/usr/lib/go-1.23, beside bookworm's
+# 1.19) for SysProcAttr.CgroupFD, which the agent needs (agent/internal/process).
+BACKPORTS=(golang-1.23-go)
 
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+missing=() missing_backports=()
+for pkg in "${PACKAGES[@]}"; do installed "$pkg" || missing+=("$pkg"); done
+for pkg in "${BACKPORTS[@]}"; do installed "$pkg" || missing_backports+=("$pkg"); done
 # The guest kernel comes from apt's package lists; they must exist and be recent.
 lists_fresh=$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -1)
-if [ ${#missing[@]} -gt 0 ] || [ -z "$lists_fresh" ]; then
+if [ ${#missing[@]} -gt 0 ] || [ ${#missing_backports[@]} -gt 0 ] || [ -z "$lists_fresh" ]; then
   if [ "$(id -u)" -eq 0 ]; then
-    echo "[setup] apt-get update${missing:+ and install ${missing[*]}}" >&2
+    echo "[setup] apt-get update; missing: ${missing[*]:-} ${missing_backports[*]:-}" >&2
+    grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ ||
+      echo "deb http://deb.debian.org/debian bookworm-backports main" >/etc/apt/sources.list.d/bookworm-backports.list
     apt-get update -qq
     [ ${#missing[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    [ ${#missing_backports[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports "${missing_backports[@]}" >&2
   else
-    echo "[setup] missing Debian packages: ${missing[*]:-none} (apt lists may also be stale)." >&2
-    echo "[setup] run as root: apt-get update && apt-get install -y ${PACKAGES[*]}" >&2
+    echo "[setup] missing Debian packages: ${missing[*]:-} ${missing_backports[*]:-} (apt lists may also be stale)." >&2
+    echo "[setup] run as root: apt-get update && apt-get install -y ${PACKAGES[*]} && apt-get install -y -t bookworm-backports ${BACKPORTS[*]}" >&2
     exit 1
   fi
 fi

@@ -8,5 +8,6 @@ bash scripts/setup.sh
 npx tsc --noEmit
 npx eslint .
 npm run typecheck -w packages/console --silent
-(cd agent && CGO_ENABLED=0 go vet ./... && CGO_ENABLED=0 go test ./...)
+# Go 1.23 from bookworm-backports (src/vmm/guest/agent.ts: GO).
+(cd agent && CGO_ENABLED=0 /usr/lib/go-1.23/bin/go vet ./... && CGO_ENABLED=0 /usr/lib/go-1.23/bin/go test ./...)
 npx vitest run "$@"

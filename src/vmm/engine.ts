@@ -1,6 +1,7 @@
 import { EventEmitter } from "node:events";
 import { constants, readdirSync } from "node:fs";
 import { mkdir, open, readdir, readFile, rename, rm, stat, truncate } from "node:fs/promises";
+import { cpus } from "node:os";
 import { join } from "node:path";
 import { exists, fsyncDir, writeFileAtomic } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
@@ -12,6 +13,7 @@ import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { parseEgress, type Egress } from "./network/index.ts";
 import { AGENT_PORT, machinePaths, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
+import { PhaseClock } from "./phases.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snapshot.ts";
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
@@ -33,6 +35,8 @@ export interface EngineConfig {
   bootTimeoutMs?: number;
   /** VMs per snapshot kept restored and warm for instant launches (0: none). */
   warmPoolSize?: number;
+  /** What runs of launches may grow a snapshot's warm pool to (default the larger of `warmPoolSize` and 8: a burst). */
+  warmPoolMax?: number;
   /** The QEMU jail; default from the environment (`jailConfigFromEnv`), `false` runs QEMU unjailed. */
   jail?: JailConfig | false;
   log?: (msg: string) => void;
@@ -48,7 +52,9 @@ const CONSOLE_CAP_BYTES = 16 * 2 ** 20;
  * The VMM engine: launch from snapshot, suspend, resume, terminate, and
  * re-adoption of VMs left running by a previous server; cold boots and
  * snapshots through `Templates`, warm VMs through `WarmPool`, host resources
- * through `HostSide`. Operations on one VM are serialized. Emits `exit`
+ * through `HostSide`. Operations on one VM are serialized. Emits `phases`
+ * (operation, ms per phase: `PhaseClock`) when a launch, a resume or a warm
+ * pool's restore ends, and `exit`
  * (vm, reason) when a running VM's QEMU process dies on its own.
  *
  * Every VM holds two release stacks (`MicroVm.host`: its uid and directory;
@@ -71,8 +77,16 @@ export class Engine extends EventEmitter {
     this.vmsDir = join(config.dataDir, "vms");
     this.host = new HostSide(config.jail, config.log);
     this.templates = new Templates(config, this.host);
-    this.warm = new WarmPool(config.warmPoolSize ?? 0, {
-      restore: (snapshot) => this.clone(snapshot, newVmId(), { pooled: true, egress: "none", extraPorts: [] }),
+    const size = config.warmPoolSize ?? 0;
+    // Restores for the pool run one per host CPU: under TCG each keeps a CPU busy.
+    const limits = { size, max: config.warmPoolMax ?? Math.max(size, 8), concurrency: cpus().length, shrinkAfterMs: 30_000 };
+    this.warm = new WarmPool(limits, {
+      restore: async (snapshot) => {
+        const clock = new PhaseClock();
+        const vm = await this.clone(snapshot, newVmId(), { pooled: true, egress: "none", extraPorts: [] }, clock);
+        this.emit("phases", "warm", clock.phases);
+        return vm;
+      },
       handOut: (vm, id) => this.handOut(vm, id),
       destroy: (vm) => this.destroy(vm),
       log: config.log,
@@ -137,7 +151,8 @@ export class Engine extends EventEmitter {
    * and a secret of its own. Returns once the agent has answered.
    *
    * With a warm pool, the restore has already happened in the background and
-   * launching only re-keys a warm VM, handed out under `id` if one is given.
+   * launching only re-keys a warm VM, handed out under `id` if one is given;
+   * with none ready, the launch waits for the pool's next one (`WarmPool`).
    * `guestPorts` adds ports forwarded to host loopback beyond the snapshot's
    * own (forwards and egress are fixed per QEMU process): such a VM, or one
    * with egress, takes the direct path.
@@ -151,9 +166,12 @@ export class Engine extends EventEmitter {
     const egress = parseEgress(opts.egress ?? "none");
     const extraPorts = (opts.guestPorts ?? []).filter((p) => !m.guestPorts.includes(p));
     if (opts.id && this.vms.has(opts.id)) throw new Error(`microVM ${opts.id} exists already`);
+    const clock = new PhaseClock();
     const warm = egress !== "none" || extraPorts.length > 0 ? undefined : await this.warm.take(snapshot, opts.id);
+    if (warm) clock.mark("hand-out");
     void this.warm.fill(snapshot);
-    const vm = warm ?? (await this.clone(snapshot, opts.id ?? newVmId(), { pooled: false, egress, extraPorts }));
+    const vm = warm ?? (await this.clone(snapshot, opts.id ?? newVmId(), { pooled: false, egress, extraPorts }, clock));
+    this.emit("phases", "launch", clock.phases);
     if (opts.diskGiB !== undefined) {
       await this.growDisk(vm, opts.diskGiB).catch(async (err: unknown) => {
         await this.withVm(vm.id, (v) => this.destroy(v));
@@ -253,7 +271,9 @@ export class Engine extends EventEmitter {
       // Fresh host ports: the old ones were released with the old process.
       const forwards = await allocateForwards([AGENT_PORT, ...vm.record.forwards.map((f) => f.guestPort)]);
       vm.record = { ...vm.record, agentPort: forwards[0]!.hostPort, forwards: forwards.slice(1) };
-      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended);
+      const clock = new PhaseClock();
+      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock);
+      this.emit("phases", "resume", clock.phases);
       // Only now: until the record said running, a restart kept the VM suspended.
       await rm(files.suspended, { force: true });
       return vm;
@@ -297,7 +317,7 @@ export class Engine extends EventEmitter {
    * pool's). Its directory is named after its process, which keeps its name
    * if a pooled VM is later handed out under another id.
    */
-  private async clone(snapshot: Snapshot, id: string, opts: { pooled: boolean; egress: Egress; extraPorts: number[] }): Promise<MicroVm> {
+  private async clone(snapshot: Snapshot, id: string, opts: { pooled: boolean; egress: Egress; extraPorts: number[] }, clock: PhaseClock): Promise<MicroVm> {
     const m = snapshot.manifest;
     const dir = join(this.vmsDir, id);
     await mkdir(dir, { mode: 0o700 });
@@ -332,7 +352,8 @@ export class Engine extends EventEmitter {
         // -u: the snapshot's disk is not opened (its size is in the manifest), so no header is followed.
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
         await this.host.prepareFiles(uid, [disk]);
-        await this.restoreInto(vm, { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false }, snapshotFiles(snapshot.dir).state);
+        clock.mark("prepare");
+        await this.restoreInto(vm, { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false }, snapshotFiles(snapshot.dir).state, clock);
         return vm;
       } catch (err) {
         await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed launch of ${id}: ${e.message}`));
@@ -361,7 +382,7 @@ export class Engine extends EventEmitter {
    * running, with the new secret, only once all of that has worked; on any
    * failure the process and everything it held are released.
    */
-  private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string): Promise<void> {
+  private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, clock: PhaseClock): Promise<void> {
     const snapshot = await this.loadSnapshot(vm.record.snapshotDir);
     const spec: MachineSpec = {
       vmDir: vm.dir,
@@ -380,15 +401,19 @@ export class Engine extends EventEmitter {
     const token = newToken();
     vm.process = new ReleaseStack();
     try {
-      const machine = await this.host.startProcess(spec, vm.record.network, vm.record.uid, vm.process);
+      const machine = await this.host.startProcess(spec, vm.record.network, vm.record.uid, vm.process, clock);
       vm.machine = machine;
       await machine.restore();
+      clock.mark("restore");
       await machine.cont();
+      clock.mark("cont");
       vm.agent.close();
       vm.agent = new AgentClient(vm.record.agentPort, vm.record.token);
       await vm.agent.restore({ newToken: token, hostname: vm.id });
+      clock.mark("re-key");
       vm.record = { ...vm.record, status: "running", pid: machine.pid, token };
       await this.saveRecord(vm);
+      clock.mark("record");
       this.watchExit(vm, machine);
     } catch (err) {
       await this.releaseProcess(vm).catch((e: Error) => this.config.log?.(`releasing ${vm.id}'s process after a failed restore: ${e.message}`));

@@ -6,6 +6,7 @@ import { killQemuNamed, Machine } from "./machine.ts";
 import { NetworkManager, type VmNetworkRecord } from "./network/index.ts";
 import { qemuOverheadMiB, socketPaths, type MachineSpec } from "./qemu.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
+import type { PhaseClock } from "./phases.ts";
 import type { ReleaseStack } from "./release-stack.ts";
 import type { PortForward } from "./qemu.ts";
 
@@ -73,19 +74,22 @@ export class HostSide {
    * part-way (or a crash: see `adoptProcess`) leaves nothing behind once
    * `stack` is released.
    */
-  async startProcess(spec: MachineSpec, network: VmNetworkRecord, uid: number, stack: ReleaseStack): Promise<Machine> {
+  async startProcess(spec: MachineSpec, network: VmNetworkRecord, uid: number, stack: ReleaseStack, clock?: PhaseClock): Promise<Machine> {
     const identity: ProcessIdentity = { name: spec.name, vmDir: spec.vmDir, network };
     const steps = this.releaseSteps(identity);
     stack.push("sockets", steps.sockets);
     await this.prepareSockets(spec.name, uid);
     stack.push("network", steps.network);
     spec.net = await this.network.start(network, spec.forwards);
+    clock?.mark("network");
     stack.push("jail", steps.jail);
     spec.jail = await this.prepareJail(spec, uid);
     spec.uid = uid;
+    clock?.mark("jail");
     const started: { machine?: Machine } = {};
     stack.push("qemu", () => (started.machine ? started.machine.stop() : steps.qemu()));
     started.machine = await Machine.start(spec);
+    clock?.mark("spawn");
     return started.machine;
   }
 

@@ -11,50 +11,82 @@ export interface WarmPoolOps {
   log?: (msg: string) => void;
 }
 
+export interface WarmPoolLimits {
+  /** Warm VMs kept per snapshot when launches are rare (0: no pool at all). */
+  size: number;
+  /** The most a run of launches can grow a snapshot's pool to. */
+  max: number;
+  /** Restores under way at once per snapshot (they share the host's CPUs with running VMs). */
+  concurrency: number;
+  /** A pool grown past `size` gives back one VM per this interval without a launch that found it empty. */
+  shrinkAfterMs: number;
+}
+
+/** One snapshot's pool. */
+interface Pool {
+  snapshot: Snapshot;
+  ready: MicroVm[];
+  restoring: number;
+  /** How many VMs the pool aims to hold ready: `size`, grown by each launch that found it empty, up to `max`. */
+  target: number;
+  /** Launches waiting for the next VM the pool restores, oldest first. */
+  waiting: ((vm: MicroVm | undefined) => void)[];
+  lastMissAt: number;
+}
+
 /**
- * VMs restored ahead of demand, `size` per snapshot. A warm VM has been
- * restored and has served one exec (under TCG a fresh process must translate
- * every guest code path once, ~200 ms), so a launch only re-keys it.
+ * VMs restored ahead of demand. A warm VM has been restored and has served one
+ * exec (under TCG a fresh process must translate every guest code path once,
+ * ~200 ms), so a launch only re-keys it.
+ *
+ * The pool follows demand: a launch that finds it empty waits for the next
+ * VM it restores (restores run `concurrency` at a time, oldest launch first,
+ * rather than all at once against each other) and grows the pool by one, up
+ * to `max`, so a burst or a fast run of launches is met by a pool sized for
+ * it next time; once launches slow down, it shrinks back to `size`.
  */
 export class WarmPool {
-  private readonly pools = new Map<string, MicroVm[]>();
-  private readonly filling = new Map<string, Promise<void>>();
+  private readonly pools = new Map<string, Pool>();
+  /** Who waits for the end of one of a pool's restores (`fill`, `drop`). */
+  private readonly restored = new Map<Pool, (() => void)[]>();
+  private readonly shrinker: NodeJS.Timeout;
   private closing = false;
 
   constructor(
-    private readonly size: number,
+    private readonly limits: WarmPoolLimits,
     private readonly ops: WarmPoolOps,
-  ) {}
-
-  /** Fills the snapshot's pool up to `size`; resolves when it is full (or the pool closes). One fill runs per snapshot at a time. */
-  fill(snapshot: Snapshot): Promise<void> {
-    const running = this.filling.get(snapshot.dir);
-    if (running || this.size === 0 || this.closing) return running ?? Promise.resolve();
-    const pool = this.pools.get(snapshot.dir) ?? [];
-    this.pools.set(snapshot.dir, pool);
-    const fill = (async () => {
-      try {
-        while (pool.length < this.size && !this.closing) {
-          const vm = await this.ops.restore(snapshot);
-          if (this.closing) {
-            await this.ops.destroy(vm);
-            break;
-          }
-          await vm.agent.exec({ command: ["true"] });
-          pool.push(vm);
-        }
-      } catch (err) {
-        this.ops.log?.(`warm pool for ${snapshot.dir}: ${(err as Error).message}`);
-      }
-    })().finally(() => this.filling.delete(snapshot.dir)); // a microtask: runs after the set below
-    this.filling.set(snapshot.dir, fill);
-    return fill;
+  ) {
+    this.shrinker = setInterval(() => void this.shrink(), limits.shrinkAfterMs);
+    this.shrinker.unref();
   }
 
-  /** Hands out a warm VM of the snapshot as `id`; undefined if none is ready. An unusable one is discarded. */
+  /** Starts restores until the snapshot's pool holds its target (plus the launches waiting); resolves when it does. */
+  async fill(snapshot: Snapshot): Promise<void> {
+    const pool = this.pool(snapshot);
+    if (!pool) return;
+    this.startRestores(pool);
+    while (!this.closing && pool.ready.length < pool.target && pool.restoring > 0) await this.nextRestore(pool);
+  }
+
+  /**
+   * Hands out a warm VM of the snapshot as `id`. With none ready, waits for
+   * the next one the pool restores; undefined if the pool is off or its
+   * restores fail (the caller restores directly). An unusable one is discarded.
+   */
   async take(snapshot: Snapshot, id: string | undefined): Promise<MicroVm | undefined> {
-    const pool = this.pools.get(snapshot.dir) ?? [];
-    for (let vm = pool.shift(); vm; vm = pool.shift()) {
+    const pool = this.pool(snapshot);
+    if (!pool) return undefined;
+    for (;;) {
+      let vm = pool.ready.shift();
+      if (!vm) {
+        pool.target = Math.min(this.limits.max, pool.target + 1);
+        pool.lastMissAt = Date.now();
+        const next = new Promise<MicroVm | undefined>((resolve) => pool.waiting.push(resolve));
+        this.startRestores(pool);
+        vm = await next;
+        if (!vm) return undefined;
+      }
+      this.startRestores(pool);
       try {
         return await this.ops.handOut(vm, id);
       } catch (err) {
@@ -62,25 +94,90 @@ export class WarmPool {
         await this.ops.destroy(vm).catch(() => undefined);
       }
     }
-    return undefined;
   }
 
   /** Forgets a pooled VM whose process ended (the engine destroys it). */
   remove(vm: MicroVm): void {
-    for (const pool of this.pools.values()) if (pool.includes(vm)) pool.splice(pool.indexOf(vm), 1);
+    for (const pool of this.pools.values()) if (pool.ready.includes(vm)) pool.ready.splice(pool.ready.indexOf(vm), 1);
   }
 
   /** Ends the warm VMs of a snapshot (its image is being deleted). */
   async drop(snapshotDir: string): Promise<void> {
-    await this.filling.get(snapshotDir);
-    for (const vm of this.pools.get(snapshotDir)?.splice(0) ?? []) await this.ops.destroy(vm);
+    const pool = this.pools.get(snapshotDir);
+    if (!pool) return;
     this.pools.delete(snapshotDir);
+    pool.target = 0;
+    for (const resolve of pool.waiting.splice(0)) resolve(undefined);
+    while (pool.restoring > 0) await this.nextRestore(pool);
+    for (const vm of pool.ready.splice(0)) await this.ops.destroy(vm);
   }
 
   /** Stops filling and ends every warm VM. */
   async close(): Promise<void> {
     this.closing = true;
-    await Promise.all(this.filling.values());
+    clearInterval(this.shrinker);
     for (const dir of [...this.pools.keys()]) await this.drop(dir);
+  }
+
+  private pool(snapshot: Snapshot): Pool | undefined {
+    if (this.limits.size === 0 || this.closing) return undefined;
+    let pool = this.pools.get(snapshot.dir);
+    if (!pool) {
+      pool = { snapshot, ready: [], restoring: 0, target: this.limits.size, waiting: [], lastMissAt: 0 };
+      this.pools.set(snapshot.dir, pool);
+    }
+    return pool;
+  }
+
+  /** Resolves when one of the pool's restores under way ends. */
+  private nextRestore(pool: Pool): Promise<void> {
+    return new Promise((resolve) => {
+      const list = this.restored.get(pool) ?? [];
+      list.push(resolve);
+      this.restored.set(pool, list);
+    });
+  }
+
+  private startRestores(pool: Pool): void {
+    const wanted = () => pool.target + pool.waiting.length - pool.ready.length - pool.restoring;
+    while (!this.closing && this.pools.get(pool.snapshot.dir) === pool && pool.restoring < this.limits.concurrency && wanted() > 0) {
+      pool.restoring++;
+      void this.restoreOne(pool);
+    }
+  }
+
+  private async restoreOne(pool: Pool): Promise<void> {
+    let vm: MicroVm | undefined;
+    try {
+      vm = await this.ops.restore(pool.snapshot);
+      await vm.agent.exec({ command: ["true"] });
+    } catch (err) {
+      this.ops.log?.(`warm pool for ${pool.snapshot.dir}: ${(err as Error).message}`);
+      if (vm) await this.ops.destroy(vm).catch(() => undefined);
+      vm = undefined;
+    }
+    pool.restoring--;
+    const live = vm && !this.closing && this.pools.get(pool.snapshot.dir) === pool;
+    if (vm && !live) await this.ops.destroy(vm).catch(() => undefined);
+    else if (vm) {
+      const waiter = pool.waiting.shift();
+      if (waiter) waiter(vm);
+      else pool.ready.push(vm);
+    } else {
+      // Not retried here: the launches waiting restore directly, and the next launch tries the pool again.
+      for (const resolve of pool.waiting.splice(0)) resolve(undefined);
+    }
+    for (const resolve of this.restored.get(pool)?.splice(0) ?? []) resolve();
+    if (vm && live) this.startRestores(pool);
+  }
+
+  /** Gives back one VM of each pool grown past `size` that no launch found empty for a while. */
+  private async shrink(): Promise<void> {
+    for (const pool of this.pools.values()) {
+      if (pool.target <= this.limits.size || Date.now() - pool.lastMissAt < this.limits.shrinkAfterMs) continue;
+      pool.target--;
+      const surplus = pool.ready.length > pool.target ? pool.ready.pop() : undefined;
+      if (surplus) await this.ops.destroy(surplus).catch((err: Error) => this.ops.log?.(`warm pool: ${err.message}`));
+    }
   }
 }

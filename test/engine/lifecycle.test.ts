@@ -205,6 +205,15 @@ describe("warm pool", () => {
       expect(next.id).not.toBe(vm.id);
       await engine.terminate(vm.id);
       await engine.terminate(next.id);
+      // A burst: launches that find the pool empty wait for its restores, each
+      // gets a VM of its own, and the pool grows to meet the next burst.
+      const burst = await Promise.all([1, 2, 3].map(() => engine.launch(ctx.snapshot)));
+      expect(new Set(burst.map((v) => v.id)).size).toBe(3);
+      for (const v of burst) expect((await v.agent.exec({ command: "hostname" })).stdout.trim()).toBe(v.id);
+      await engine.prewarm(ctx.snapshot);
+      const pooled = (await readdir(join(dataDir, "vms"))).filter((d) => !burst.some((v) => v.dir.endsWith(`/${d}`)));
+      expect(pooled.length).toBeGreaterThanOrEqual(3);
+      for (const v of burst) await engine.terminate(v.id);
     } finally {
       await engine.prewarm(ctx.snapshot);
       await engine.close();
