@@ -50,19 +50,20 @@ describe("admission by real memory", () => {
     const hog = `nohup perl -e '$x = "x" x (${HOG_MIB} * 2**20); sleep 3600' >/dev/null 2>&1 &`;
     await Promise.all(hogs.map((id) => api.call("POST", `/v1/microvms/${id}/exec`, { key, body: { command: hog } })));
     const state = async (id: string) => (await api.call("GET", `/v1/microvms/${id}`, { key })).body.state as string;
-    const deadline = Date.now() + 120_000;
-    while (!(await Promise.all(hogs.map(state))).includes("FAILED")) {
-      if (Date.now() > deadline) throw new Error(`no hog was stopped: ${(await Promise.all(hogs.map(state))).join(", ")}`);
+    // At most one hog fits beside the idle VM: the others must be ended.
+    const deadline = Date.now() + 150_000;
+    while ((await Promise.all(hogs.map(state))).filter((s) => s !== "FAILED").length > 1) {
+      if (Date.now() > deadline) throw new Error(`hogs not stopped: ${(await Promise.all(hogs.map(state))).join(", ")}; guard: ${guardKills.join("; ")}`);
       await new Promise((r) => setTimeout(r, 500));
     }
-    // The biggest QEMUs were ended inside the VMs' parent cgroup, by the
-    // kernel's OOM killer or, where the VMs crawled at the cap first, by the
-    // engine's memory guard: the server (this process) runs on, and the idle VM
+    // They were ended inside the VMs' parent cgroup, by the kernel's OOM
+    // killer or, where the VMs crawled at the cap first, by the engine's
+    // memory guard: the server (this process) runs on, and the idle VM
     // still answers.
     expect((await parentOomKills()) > killsBefore || guardKills.length > 0, `no OOM kill in ${parent} and no guard kill`).toBe(true);
     expect(await state(innocent)).toBe("RUNNING");
     const exec = await api.call("POST", `/v1/microvms/${innocent}/exec`, { key, body: { command: ["echo", "alive"] } });
     expect(exec.body).toMatchObject({ exitCode: 0, stdout: "alive\n" });
     for (const id of ids) await api.call("DELETE", `/v1/microvms/${id}`, { key });
-  }, 240_000);
+  }, 280_000);
 });

@@ -87,7 +87,7 @@ describe("stuckAtCap (the VMs' memory guard)", () => {
     usageBytes: (o.usageMiB ?? 399) * MiB,
     limitBytes: 400 * MiB,
     limitHits: o.hits ?? s * 100,
-    fullStallUs: (o.stalledMs ?? s * 800) * 1000,
+    stallUs: (o.stalledMs ?? s * 800) * 1000,
   });
   const series = (f: (s: number) => ReturnType<typeof reading>) => Array.from({ length: GUARD_READINGS }, (_, s) => f(s));
 

@@ -46,8 +46,12 @@ export interface ParentMemoryReading {
   limitBytes: number;
   /** How often a charge has hit the limit so far (v2 memory.events max, v1 memory.failcnt). */
   limitHits: number;
-  /** Time all tasks were stalled on memory so far, in µs (PSI "full": the parent's on v2, the host's on v1, which has none per cgroup). */
-  fullStallUs: number;
+  /**
+   * Time tasks were stalled on memory so far, in µs: on v2 the parent's PSI
+   * "full" (all its tasks); on v1, which has none per cgroup, the host's
+   * "some" (the host's "full" needs every task on it stalled, the server's too).
+   */
+  stallUs: number;
 }
 
 /** Readings the guard needs in a row (one a second) before it acts. */
@@ -56,7 +60,7 @@ export const GUARD_READINGS = 4;
 /**
  * Whether all VMs together are stuck at their cap: every reading of the
  * last GUARD_READINGS within 2 % of the limit, the limit hit again between
- * each, and tasks fully stalled on memory for at least half that time. The
+ * each, and tasks stalled on memory for at least half that time. The
  * kernel's OOM killer acts only once reclaim makes no progress, and VMs
  * whose guest RAM and QEMU binaries are file pages (reclaimed, read back,
  * reclaimed) make just enough to escape it for minutes, all of them
@@ -68,7 +72,7 @@ export function stuckAtCap(readings: ParentMemoryReading[]): boolean {
   const last = readings.slice(-GUARD_READINGS);
   const first = last[0]!;
   const end = last.at(-1)!;
-  const stalledShare = (end.fullStallUs - first.fullStallUs) / 1000 / Math.max(1, end.at - first.at);
+  const stalledShare = (end.stallUs - first.stallUs) / 1000 / Math.max(1, end.at - first.at);
   return stalledShare >= 0.5 && last.every((r, i) => r.usageBytes >= r.limitBytes * 0.98 && (i === 0 || r.limitHits > last[i - 1]!.limitHits));
 }
 
@@ -215,7 +219,7 @@ export class Cgroups {
     if (this.parentMemoryBytes === undefined) return undefined;
     const dir = join(this.layout.mounts.memory, this.parent);
     const num = async (file: string) => Number((await readFile(join(dir, file), "utf8")).trim());
-    const fullStallUs = async (file: string) => Number(/^full .*total=(\d+)/m.exec(await readFile(file, "utf8"))?.[1] ?? 0);
+    const stallUs = async (file: string, kind: "some" | "full") => Number(new RegExp(`^${kind} .*total=(\\d+)`, "m").exec(await readFile(file, "utf8"))?.[1] ?? 0);
     try {
       if (this.layout.version === 2) {
         const events = await readFile(join(dir, "memory.events"), "utf8");
@@ -224,7 +228,7 @@ export class Cgroups {
           usageBytes: await num("memory.current"),
           limitBytes: await num("memory.max"),
           limitHits: Number(/^max (\d+)/m.exec(events)?.[1] ?? 0),
-          fullStallUs: await fullStallUs(join(dir, "memory.pressure")),
+          stallUs: await stallUs(join(dir, "memory.pressure"), "full"),
         };
       }
       return {
@@ -232,21 +236,26 @@ export class Cgroups {
         usageBytes: await num("memory.usage_in_bytes"),
         limitBytes: await num("memory.limit_in_bytes"),
         limitHits: await num("memory.failcnt"),
-        fullStallUs: await fullStallUs("/proc/pressure/memory"),
+        stallUs: await stallUs("/proc/pressure/memory", "some"),
       };
     } catch {
       return undefined;
     }
   }
 
-  /** SIGKILLs what runs in the VM cgroup using the most memory; returns its name and use. */
+  /**
+   * SIGKILLs what runs in the VM cgroup with the most anonymous memory (what
+   * it allocated; page cache charged to it, such as a snapshot's pages it
+   * happened to read first, is not its doing); returns its name and that.
+   */
   async killBiggest(): Promise<{ name: string; bytes: number } | undefined> {
     const parent = join(this.layout.mounts.memory, this.parent);
-    const file = this.layout.version === 2 ? "memory.current" : "memory.usage_in_bytes";
+    const key = this.layout.version === 2 ? "anon" : "rss";
     let biggest: { name: string; bytes: number } | undefined;
     for (const entry of await readdir(parent, { withFileTypes: true }).catch(() => [])) {
       if (!entry.isDirectory()) continue;
-      const bytes = Number(await readFile(join(parent, entry.name, file), "utf8").catch(() => "0"));
+      const stat = await readFile(join(parent, entry.name, "memory.stat"), "utf8").catch(() => "");
+      const bytes = Number(new RegExp(`^${key} (\\d+)`, "m").exec(stat)?.[1] ?? 0);
       if (!biggest || bytes > biggest.bytes) biggest = { name: entry.name, bytes };
     }
     if (biggest) for (const dir of this.dirs(biggest.name)) await killMembers(dir);

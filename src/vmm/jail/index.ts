@@ -162,7 +162,7 @@ export class Jailer {
         if (!stuckAtCap(readings)) return;
         readings.length = 0;
         const killed = await this.cgroups.killBiggest();
-        if (killed) log(`memory guard: all VMs at their ${Math.round(reading.limitBytes / 2 ** 20)} MiB cap for ${GUARD_READINGS} s: killed ${killed.name} (${Math.round(killed.bytes / 2 ** 20)} MiB)`);
+        if (killed) log(`memory guard: all VMs at their ${Math.round(reading.limitBytes / 2 ** 20)} MiB cap for ${GUARD_READINGS} s: killed ${killed.name} (${Math.round(killed.bytes / 2 ** 20)} MiB allocated)`);
       })()
         .catch((err: Error) => log(`memory guard: ${err.message}`))
         .finally(() => (busy = false));
