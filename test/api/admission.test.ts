@@ -17,7 +17,9 @@ const guardKills: string[] = [];
 const api = await useApi({ capacity: { vcpus: 64, memoryMiB: 64 * 512, real: { reserveMiB: 64, vmMemoryMiB: VM_MEMORY_MIB } }, jail, log: (line) => void (line.startsWith("memory guard: ") && guardKills.push(line)) });
 const layout = detectCgroups();
 
+// Runs before the fixture's own cleanup (after-hooks run last first): the VMs' cgroups must be gone before their parent.
 afterAll(async () => {
+  for (const vm of api.engine.list()) await api.engine.terminate(vm.id).catch(() => undefined);
   for (const mount of new Set(Object.values(layout.mounts))) await rmdir(join(mount, parent)).catch(() => undefined);
 });
 
