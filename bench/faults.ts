@@ -72,11 +72,16 @@ async function flood(): Promise<{ vms: number; baselineRssMiB: number; peakRssMi
     const pid = serverPid(server);
     const baselineRssMiB = rssMiB(pid);
     let peakRssMiB = baselineRssMiB;
-    const sampler = setInterval(() => (peakRssMiB = Math.max(peakRssMiB, rssMiB(pid))), 100);
+    const sampler = setInterval(() => {
+      if (server.process) peakRssMiB = Math.max(peakRssMiB, rssMiB(pid));
+    }, 100);
     log(`${FLOOD_VMS} VMs each write 256 MiB to an exec's stdout at once`);
     const answers = await Promise.all(
       ids.map((id) => server.call("POST", `/v1/microvms/${id}/exec`, { command: "head -c 256M /dev/zero", timeoutSeconds: 600 }, { timeoutMs: 900_000 })),
-    );
+    ).catch((err: unknown) => {
+      if (server.process) throw err;
+      throw new Error(`the server exited during the flood (${server.exitStatus()}):\n${server.output().slice(-6000)}`, { cause: err });
+    });
     clearInterval(sampler);
     const truncated = answers.filter((a) => a.status === 200 && a.body.truncated?.stdout).length;
     const afterRssMiB = rssMiB(pid);

@@ -6,7 +6,7 @@ import type { Readable } from "node:stream";
 import { ApiError, checkIntRange } from "../errors.ts";
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
-import type { ImageRow, ImageUpdate } from "../store/schema.ts";
+import type { ImageRow, ImageUpdate, MicroVmRow } from "../store/schema.ts";
 import { deleteTags, tagResource } from "../store/tags.ts";
 import { checkQuota, settingsOf } from "../store/tenants.ts";
 import { sha256 } from "../util/files.ts";
@@ -93,6 +93,12 @@ export type ImageVersionStatus = (typeof IMAGE_VERSION_STATUSES)[number];
 
 const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const RESERVED = new Set(["scratch", "debian", ...MANAGED_IMAGES.map((m) => m.name)]);
+
+/** An image name a tenant may use (400 naming the field otherwise). */
+function checkName(name: string): void {
+  if (!NAME.test(name)) throw new ApiError("ValidationError", `name must match ${NAME.source}, got "${name}"`, { field: "name" });
+  if (RESERVED.has(name)) throw new ApiError("ValidationError", `name ${name} is reserved for a built-in image`, { field: "name" });
+}
 
 /** What a build needs again once it has its slot (the Dockerfile is planned a second time with the pulled configs). */
 interface BuildSource {
@@ -205,8 +211,7 @@ export class ImageService {
    */
   async create(tenantId: string, req: CreateImageRequest): Promise<ImageRow> {
     try {
-      if (!NAME.test(req.name)) throw new ApiError("ValidationError", `name must match ${NAME.source}, got "${req.name}"`, { field: "name" });
-      if (RESERVED.has(req.name)) throw new ApiError("ValidationError", `name ${req.name} is reserved for a built-in image`, { field: "name" });
+      checkName(req.name);
       const vcpus = req.vcpus ?? 1;
       const memoryMiB = req.memoryMiB ?? 512;
       checkIntRange("vcpus", vcpus, VM_LIMITS.vcpus);
@@ -269,6 +274,7 @@ export class ImageService {
           code_digest: `sha256:${req.code.sha256}`,
           code_source: req.code.source,
           parent_image_id: parent?.id ?? null,
+          source_microvm_id: null,
           config: JSON.stringify(plan.config),
           build_ms: null,
           status: "ACTIVE",
@@ -305,6 +311,78 @@ export class ImageService {
   async createOnce(tenantId: string, token: { operation: string; clientToken: string }, request: unknown, prepare: () => Promise<CreateImageRequest>): Promise<ImageRow> {
     const { resourceId } = await this.tokens.run({ tenantId, operation: token.operation, token: token.clientToken }, request, async () => (await this.create(tenantId, await prepare())).id);
     return this.get(tenantId, resourceId);
+  }
+
+  /**
+   * A snapshot of a running microVM as a new version of image `name`: the
+   * tenant's quota checked and the row inserted BUILDING in one step, then
+   * `capture` writes the snapshot into the version's directory (the VM
+   * keeps running) and the version is READY. It keeps the VM's shape, disk
+   * size, app port and its image's configuration; its disk is layered on its
+   * image's, which is its parent (so cannot be deleted before it).
+   */
+  async createSnapshot(
+    tenantId: string,
+    req: { name: string; vm: MicroVmRow },
+    capture: (snapshotDir: string) => Promise<{ pauseMs: number }>,
+  ): Promise<{ row: ImageRow; pauseMs: number }> {
+    const { name, vm } = req;
+    checkName(name);
+    const source = await this.db.selectFrom("images").selectAll().where("tenant_id", "=", tenantId).where("id", "=", vm.image_id).executeTakeFirst();
+    const row = await this.names.run(tenantId, async () => {
+      const held = await this.db.selectFrom("images").select((eb) => eb.fn.countAll<number>().as("n")).where("tenant_id", "=", tenantId).executeTakeFirst();
+      await checkQuota(this.db, tenantId, "images", Number(held?.n ?? 0), "image versions");
+      const last = await this.db.selectFrom("images").select((eb) => eb.fn.max<number>("version").as("v")).where("tenant_id", "=", tenantId).where("name", "=", name).executeTakeFirst();
+      const newRow: ImageRow = {
+        id: `img-${randomBytes(8).toString("hex")}`,
+        tenant_id: tenantId,
+        name,
+        version: (last?.v ?? 0) + 1,
+        state: "BUILDING",
+        state_reason: null,
+        created_at: new Date().toISOString(),
+        ready_at: null,
+        size_bytes: 0,
+        disk_bytes: 0,
+        memory_bytes: 0,
+        app_port: vm.app_port,
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+        dockerfile_digest: source?.dockerfile_digest ?? "",
+        code_digest: source?.code_digest ?? "",
+        code_source: `microvm:${vm.id}`,
+        parent_image_id: source?.id ?? null,
+        source_microvm_id: vm.id,
+        config: source?.config ?? "{}",
+        build_ms: null,
+        status: "ACTIVE",
+        hooks: vm.hooks,
+        description: `snapshot of microVM ${vm.id}`,
+        base_image: source?.base_image ?? (source ? null : vm.image_name),
+        egress_connectors: vm.egress_connectors,
+        aws_fields: null,
+      };
+      await mkdir(this.dirOf(newRow.id), { recursive: true });
+      await this.db.insertInto("images").values(newRow).execute();
+      return newRow;
+    });
+    const started = Date.now();
+    const snap = join(this.dirOf(row.id), "snapshot");
+    try {
+      const { pauseMs } = await capture(snap);
+      const diskBytes = await allocated(join(snap, "disk.qcow2"));
+      const memoryBytes = await allocated(join(snap, "state"));
+      const update = { ready_at: new Date().toISOString(), disk_bytes: diskBytes, memory_bytes: memoryBytes, size_bytes: diskBytes + memoryBytes, build_ms: Date.now() - started };
+      await this.transition(row, "READY", update);
+      return { row: { ...row, ...update, state: "READY" }, pauseMs };
+    } catch (err) {
+      await rm(snap, { recursive: true, force: true });
+      await this.transition(row, "FAILED", { state_reason: `the snapshot failed: ${(err as Error).message}`, build_ms: Date.now() - started }).catch(
+        (e: Error) => this.opts.log?.(`image ${row.id}: recording the failure: ${e.message}`),
+      );
+      throw err;
+    }
   }
 
   async list(tenantId: string, filter: { name?: string } = {}): Promise<ImageRow[]> {

@@ -7,7 +7,7 @@ import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import { checkQuota } from "../store/tenants.ts";
-import type { MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
+import type { ImageRow, MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
 import { hostMemoryBudget, memAvailableMiB, pssMiB, type HostMemoryBudget } from "../vmm/host-memory.ts";
@@ -47,6 +47,8 @@ export const LIMITS = {
   suspendAfterSeconds: { min: 0, max: 28_800 },
   terminateAfterSuspendedSeconds: { min: 0, max: 28_800 },
   appPort: { min: 1, max: 65_535 },
+  /** Children of one fork call. */
+  forkCount: { min: 1, max: 16 },
 } as const;
 
 /**
@@ -232,7 +234,7 @@ export class MicroVmService {
       max_runtime_seconds: maxRuntimeSeconds,
       egress: JSON.stringify(egress),
       endpoint_public: req.endpoint?.public ? 1 : 0,
-      endpoint_token: `et_${randomBytes(24).toString("base64url")}`,
+      endpoint_token: newEndpointToken(),
       app_port: appPort ?? null,
       metadata: JSON.stringify(req.metadata ?? {}),
       created_at: now.toISOString(),
@@ -244,6 +246,7 @@ export class MicroVmService {
       egress_connectors: connectorNames ? JSON.stringify(connectorNames) : null,
       hooks: image.hooks ? JSON.stringify(image.hooks) : null,
       image_version: image.version,
+      forked_from: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
     await this.locks.run("admission", async () => {
@@ -271,6 +274,92 @@ export class MicroVmService {
       this.observer?.observe("launch", (performance.now() - started) / 1000);
       return row;
     });
+  }
+
+  /**
+   * A named snapshot of a RUNNING VM: a new version of image `name` holding
+   * its memory, devices and disk as they are now, launchable like any image.
+   * The VM runs on; it is paused only while its state is captured.
+   */
+  snapshot(tenantId: string, id: string, name: string): Promise<ImageRow> {
+    return this.track(
+      this.locks.run(id, async () => {
+        const row = await this.get(tenantId, id);
+        const images = this.images.built;
+        if (!images) throw new ApiError("Conflict", "this server keeps no tenant images, so it cannot keep snapshots");
+        if (row.state !== "RUNNING") throw invalidState(id, row.state, "snapshot");
+        const { row: image, pauseMs } = await images.createSnapshot(tenantId, { name, vm: row }, (dir) => this.engine.snapshotRunning(id, dir));
+        this.observer?.observe("snapshot_pause", pauseMs / 1000);
+        const message = `snapshot ${image.name} version ${image.version} (${image.id}) taken; paused ${Math.round(pauseMs)} ms`;
+        await this.db.insertInto("events").values(event(id, tenantId, "snapshot", message)).execute();
+        return image;
+      }),
+    );
+  }
+
+  /**
+   * Forks a RUNNING VM into `count` new VMs with its memory, processes and
+   * disk of one instant, each with an identity of its own (agent secret,
+   * hostname, machine-id, entropy, clock, endpoint token) and its own copy
+   * of the parent's settings; the parent runs on. The children are admitted
+   * and recorded PENDING in one step, as a create is. A child whose restore
+   * fails is FAILED with the reason; if every child fails, the error is thrown.
+   */
+  fork(tenantId: string, id: string, count: number): Promise<MicroVmRow[]> {
+    checkRange("forkCount", count, "count");
+    return this.track(
+      this.locks.run(id, async () => {
+        const parent = await this.get(tenantId, id);
+        if (parent.state !== "RUNNING") throw invalidState(id, parent.state, "fork");
+        const now = new Date();
+        const children: MicroVmRow[] = Array.from({ length: count }, () => ({
+          ...parent,
+          id: newVmId(),
+          state: "PENDING",
+          state_reason: null,
+          endpoint_token: newEndpointToken(),
+          created_at: now.toISOString(),
+          expires_at: new Date(now.getTime() + parent.max_runtime_seconds * 1000).toISOString(),
+          last_activity_at: now.toISOString(),
+          terminated_at: null,
+          suspended_at: null,
+          forked_from: parent.id,
+        }));
+        await this.locks.run("admission", async () => {
+          await this.admit({ vcpus: parent.vcpus * count, memoryMiB: parent.memory_mib * count });
+          await this.db.insertInto("microvms").values(children).execute();
+        });
+        const started = performance.now();
+        // Held until each child is RUNNING or FAILED, as a create holds its VM's.
+        return underLocks(this.locks, children.map((c) => c.id), async () => {
+          let forked: Awaited<ReturnType<Engine["fork"]>>;
+          try {
+            forked = await this.engine.fork(id, children.map((c) => c.id));
+          } catch (err) {
+            const reason = `the fork failed: ${(err as Error).message}`;
+            for (const c of children) await this.transition(c.id, tenantId, "FAILED", { state_reason: reason }, "failed", reason).catch(() => undefined);
+            throw err;
+          }
+          const rows: MicroVmRow[] = [];
+          for (const [i, child] of children.entries()) {
+            const result = forked.children[i]!;
+            if (result instanceof Error) {
+              const reason = `the fork failed: ${result.message}`;
+              rows.push(await this.transition(child.id, tenantId, "FAILED", { state_reason: reason }, "failed", reason));
+            } else {
+              rows.push(await this.transition(child.id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString() }, "created", `forked from ${id}`));
+            }
+          }
+          const running = rows.filter((r) => r.state === "RUNNING").length;
+          if (running === 0) throw forked.children[0] as Error;
+          this.observer?.observe("snapshot_pause", forked.pauseMs / 1000);
+          this.observer?.observe("fork", (performance.now() - started) / 1000);
+          const message = `forked into ${rows.map((r) => r.id).join(", ")} (${running} of ${count} running); paused ${Math.round(forked.pauseMs)} ms`;
+          await this.db.insertInto("events").values(event(id, tenantId, "forked", message)).execute();
+          return rows;
+        });
+      }),
+    );
   }
 
   /** The VM whatever its tenant: only for the endpoint router, which authorizes by the VM's own token. */
@@ -567,6 +656,17 @@ export class MicroVmService {
       return row;
     });
   }
+}
+
+/** A VM's endpoint token (API.md, Endpoints): its own for every VM, forks included. */
+function newEndpointToken(): string {
+  return `et_${randomBytes(24).toString("base64url")}`;
+}
+
+/** Runs `fn` holding every key's lock (taken in order; the keys are new VMs' ids, which nothing else holds). */
+function underLocks<T>(locks: KeyedMutex, keys: string[], fn: () => Promise<T>): Promise<T> {
+  const [first, ...rest] = keys;
+  return first === undefined ? fn() : locks.run(first, () => underLocks(locks, rest, fn));
 }
 
 /** The cause of the suspends a graceful server shutdown makes. */

@@ -192,4 +192,12 @@ export const migrations: Record<string, Migration> = {
         .execute();
     },
   },
+  // ---- named snapshots and forks (issue #17) ----
+  "0017_snapshots_forks": {
+    async up(db: Kysely<unknown>) {
+      // An image that is a snapshot of a running microVM names it; a forked microVM names its parent.
+      await db.schema.alterTable("images").addColumn("source_microvm_id", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("forked_from", "text").execute();
+    },
+  },
 };

@@ -82,6 +82,8 @@ export interface MicroVmsTable {
   hooks: Generated<string | null>;
   /** The version of its image it was launched from (null for VMs made before versions were recorded). */
   image_version: Generated<number | null>;
+  /** The microVM it was forked from (POST /v1/microvms/{id}/fork); null for a launch. */
+  forked_from: Generated<string | null>;
 }
 
 export interface EventsTable {
@@ -125,6 +127,8 @@ export interface ImagesTable {
   /** "upload", or the codeUri (s3://…, https://…, file://…). */
   code_source: string;
   parent_image_id: string | null;
+  /** The running microVM this image is a snapshot of (POST /v1/microvms/{id}/snapshots); null for a build. */
+  source_microvm_id: Generated<string | null>;
   /** JSON ImageConfig (images/dockerfile.ts): env, workdir, user, argv, healthcheck, labels. */
   config: string;
   build_ms: number | null;

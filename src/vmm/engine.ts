@@ -3,11 +3,13 @@ import { constants, readdirSync } from "node:fs";
 import { mkdir, open, readdir, readFile, rename, rm, stat, truncate } from "node:fs/promises";
 import { cpus } from "node:os";
 import { join } from "node:path";
+import { randomBytes } from "node:crypto";
 import { exists, fsyncDir, writeFileAtomic } from "../util/files.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { isAlive, processArgv, run } from "../util/process.ts";
 import { decideAdoption } from "./adoption.ts";
 import { AgentClient } from "./agent-client.ts";
+import { adoptCaptureLayers, captureVm, writeCaptureManifest, type VmCapture } from "./capture.ts";
 import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
@@ -280,6 +282,87 @@ export class Engine extends EventEmitter {
     });
   }
 
+  // ---- named snapshots and forks of a running VM (capture.ts) -------------------
+
+  /**
+   * Snapshots a running VM into `dir` (which becomes a snapshot directory,
+   * launchable like an image's) while it keeps running; `pauseMs` is how
+   * long its vCPUs were stopped.
+   */
+  async snapshotRunning(id: string, dir: string): Promise<{ snapshot: Snapshot; pauseMs: number }> {
+    return this.withVm(id, async (vm) => {
+      const capture = await captureVm(vm, dir);
+      const snapshot = await writeCaptureManifest(capture, vm, await this.loadSnapshot(vm.record.snapshotDir));
+      return { snapshot, pauseMs: capture.pauseMs };
+    });
+  }
+
+  /**
+   * Forks a running VM into new VMs under `childIds`: each restores the
+   * parent's memory and devices of one instant, over disk layers shared
+   * read-only with its siblings and a copy-on-write overlay of its own, then
+   * gets a secret, hostname, machine-id, entropy and clock of its own (the
+   * agent's re-key). The parent runs on. One child's failure fails only it.
+   */
+  async fork(id: string, childIds: string[]): Promise<{ pauseMs: number; children: (MicroVm | Error)[] }> {
+    for (const childId of childIds) if (this.vms.has(childId)) throw new Error(`microVM ${childId} exists already`);
+    // Under vms/ (so a link to its layers stays on one filesystem); without a record, a restart removes it.
+    const dir = join(this.vmsDir, `.fork-${randomBytes(6).toString("hex")}`);
+    try {
+      const { capture, parent } = await this.withVm(id, async (vm) => ({ capture: await captureVm(vm, dir), parent: vm.record }));
+      const children = await Promise.all(childIds.map((childId) => this.forkChild(parent, capture, childId).catch((err: Error) => err)));
+      return { pauseMs: capture.pauseMs, children };
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** One child of a fork: the parent's shape, ports and egress; the capture restored into anonymous memory, as a resume. */
+  private async forkChild(parent: VmRecord, capture: VmCapture, id: string): Promise<MicroVm> {
+    const dir = join(this.vmsDir, id);
+    await mkdir(dir, { mode: 0o700 });
+    const forwards = await allocateForwards([AGENT_PORT, ...parent.forwards.map((f) => f.guestPort)]);
+    const record: VmRecord = {
+      id,
+      processName: id,
+      status: "starting",
+      snapshotDir: parent.snapshotDir,
+      vcpus: parent.vcpus,
+      memoryMiB: parent.memoryMiB,
+      diskBytes: parent.diskBytes,
+      token: capture.token,
+      uid: 0,
+      agentPort: forwards[0]!.hostPort,
+      forwards: forwards.slice(1),
+      network: { egress: "none" },
+      createdAt: new Date().toISOString(),
+    };
+    const vm = new MicroVm(dir, record);
+    vm.host.push("directory", () => rm(vm.dir, { recursive: true, force: true }));
+    const uid = this.host.allocateUid(vm.host);
+    vm.record = { ...record, uid, network: this.host.network.allocate(parent.network.egress, uid) };
+    this.vms.set(id, vm);
+    return this.locks.run(id, async () => {
+      try {
+        // Before anything runs: a crash from here leaves a record adoption discards (status starting).
+        await this.saveRecord(vm);
+        const layers = await adoptCaptureLayers(capture, dir);
+        vm.record = { ...vm.record, diskLayers: layers };
+        await this.saveRecord(vm);
+        const disk = vmFiles(dir).disk;
+        // -u: the layer is not opened; the chain is the record's.
+        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
+        await this.host.prepareFiles(uid, [disk]);
+        // Timed as a whole by the lifecycle (the fork metric), not by phase.
+        await this.restoreInto(vm, { kind: "anonymous" }, capture.state, new PhaseClock());
+        return vm;
+      } catch (err) {
+        await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed fork into ${id}: ${e.message}`));
+        throw err;
+      }
+    });
+  }
+
   /** Ends a VM: its process is gone, its directory removed and everything it held released. */
   terminate(id: string): Promise<void> {
     return this.withVm(id, (vm) => this.destroy(vm));
@@ -353,7 +436,9 @@ export class Engine extends EventEmitter {
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
         await this.host.prepareFiles(uid, [disk]);
         clock.mark("prepare");
-        await this.restoreInto(vm, { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false }, snapshotFiles(snapshot.dir).state, clock);
+        // A snapshot of a running VM carries its RAM in the state (capture.ts): restored like a resume.
+        const memory: GuestMemory = m.ramInState ? { kind: "anonymous" } : { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
+        await this.restoreInto(vm, memory, snapshotFiles(snapshot.dir).state, clock);
         return vm;
       } catch (err) {
         await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed launch of ${id}: ${e.message}`));
@@ -394,7 +479,7 @@ export class Engine extends EventEmitter {
       kernel: snapshot.manifest.kernel,
       initramfs: snapshot.manifest.initramfs,
       cmdline: snapshot.manifest.cmdline,
-      disk: { path: vmFiles(vm.dir).disk, backing: [snapshotDisk(snapshot).path, ...snapshotDisk(snapshot).backing] },
+      disk: { path: vmFiles(vm.dir).disk, backing: [...(vm.record.diskLayers ?? []), snapshotDisk(snapshot).path, ...snapshotDisk(snapshot).backing] },
       forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
       incomingState: stateFile,
     };

@@ -75,6 +75,15 @@ export class Machine extends EventEmitter {
     await saveState(this.qmp, socketPaths(this.name).migration, file, this.uid);
   }
 
+  /**
+   * Writes device state and all of RAM to `file` while paused (the caller
+   * pauses and continues), not yet durable: the capture of a running VM,
+   * whose pause this bounds (vmm/capture.ts).
+   */
+  saveWhilePaused(file: string): Promise<void> {
+    return saveState(this.qmp, socketPaths(this.name).migration, file, this.uid, { durable: false });
+  }
+
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */
   restore(): Promise<void> {
     return restoreState(this.qmp, INHERITED_FD.incomingState);

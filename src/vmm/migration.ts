@@ -49,7 +49,8 @@ async function waitForMigration(qmp: QmpClient, pollMs: number, timeoutMs: numbe
  * a jailed QEMU connects as `uid`, so the socket is made that uid's alone
  * before QEMU is told where it is.
  */
-export async function saveState(qmp: QmpClient, socketPath: string, file: string, uid: number | undefined, timeoutMs = 120_000): Promise<void> {
+export async function saveState(qmp: QmpClient, socketPath: string, file: string, uid: number | undefined, opts: { durable?: boolean; timeoutMs?: number } = {}): Promise<void> {
+  const timeoutMs = opts.timeoutMs ?? 120_000;
   await rm(socketPath, { force: true });
   const server = createServer();
   await new Promise<void>((resolve, reject) => server.once("error", reject).listen(socketPath, resolve));
@@ -73,7 +74,8 @@ export async function saveState(qmp: QmpClient, socketPath: string, file: string
     server.close();
     await rm(socketPath, { force: true });
   }
-  await fsyncFile(file);
+  // A capture of a running VM syncs its copy after the VM runs again (captureVm).
+  if (opts.durable !== false) await fsyncFile(file);
 }
 
 /**

@@ -31,6 +31,12 @@ export interface SnapshotManifest {
   diskBacking: string[];
   /** Virtual size of `disk.qcow2`, in bytes (a clone's overlay gets it without opening the chain). */
   diskBytes: number;
+  /**
+   * The RAM is in `state` and there is no `memory` file: a snapshot of a
+   * running VM (capture.ts). Clones restore it into anonymous memory, as a
+   * resume does, instead of mapping a memory file.
+   */
+  ramInState?: boolean;
 }
 
 export interface Snapshot {

@@ -33,6 +33,12 @@ export interface VmRecord {
   memoryMiB: number;
   /** The root disk's size (its overlay's virtual size). */
   diskBytes: number;
+  /**
+   * A forked VM's own read-only copies of the disk layers it was forked
+   * with (in its directory, nearest first): its overlay sits on them, and
+   * they on the snapshot's disk. Absent for a VM launched from a snapshot.
+   */
+  diskLayers?: string[];
   /** A warm-pool VM not yet handed out; discarded on restart. */
   pooled?: boolean;
   /** Secret the guest's agent holds now (running) or held when suspended; rotated on every launch and resume. */

@@ -75,6 +75,16 @@ describe("cocoon CLI against a real server", () => {
     expect(shell.stdout).toContain("from-shell-42");
     expect(shell.code).toBe(5);
 
+    const forked = await cocoon(["vm", "fork", id, "-n", "1"]);
+    expect(forked.code, forked.stderr).toBe(0);
+    const child = forked.stdout.trim().split(" ")[0]!;
+    expect(forked.stdout).toMatch(/^vm-[0-9a-f]+ RUNNING\n$/);
+    expect((await cocoon(["vm", "exec", child, "--", "cat /srv/in/up.txt"])).stdout).toBe("copied up\n");
+    expect((await cocoon(["vm", "rm", child])).code).toBe(0);
+    const snap = await cocoon(["vm", "snapshot", id, "cli-snap"]);
+    expect(snap.code, snap.stderr).toBe(0);
+    expect(snap.stdout).toMatch(/^img-[0-9a-f]+ cli-snap version 1 READY \(/);
+
     const rm1 = await cocoon(["vm", "rm", id]);
     expect(rm1).toMatchObject({ code: 0, stdout: `${id}\n` });
     expect((await cocoon(["vm", "ls"])).stdout).not.toContain(id);

@@ -41,7 +41,7 @@ page.on("request", (req) => {
 
 const shot = (name: string) => page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
 const badge = (state: string) => page.locator("#vmTitle .badge").filter({ hasText: new RegExp(`^${state}$`) });
-const api = async (path: string) => (await fetch(`${server.url}${path}`, { headers: { authorization: `Bearer ${server.adminKey}` } })).json() as Promise<{ state: string }>;
+const api = async (path: string) => (await fetch(`${server.url}${path}`, { headers: { authorization: `Bearer ${server.adminKey}` } })).json() as Promise<{ state: string; forkedFrom?: string }>;
 
 describe("web console", () => {
   it("signs in, creates a VM, runs a command in its terminal, suspends, resumes and terminates it", { timeout: 240_000 }, async () => {
@@ -102,6 +102,19 @@ describe("web console", () => {
     // The state history chart, drawn from the events, shows the round trip.
     await page.locator('svg[aria-label="State history: running, then suspended, then running"]').waitFor({ timeout: 10_000 });
     await shot("vm-state-history");
+
+    // Snapshot and fork with the buttons; the child's page names its parent.
+    await page.getByRole("textbox", { name: "Snapshot image name" }).fill("console-snap");
+    await page.getByRole("button", { name: "Snapshot", exact: true }).click();
+    await page.getByRole("status").filter({ hasText: "Snapshot console-snap version 1 is READY" }).waitFor({ timeout: 60_000 });
+    await page.getByRole("button", { name: "Fork" }).click();
+    await page.getByRole("link", { name: id }).waitFor({ timeout: 60_000 });
+    const child = decodeURIComponent(new URL(page.url()).hash.split("/")[2]!);
+    expect((await api(`/v1/microvms/${child}`)).forkedFrom).toBe(id);
+    await shot("vm-forked");
+    await fetch(`${server.url}/v1/microvms/${child}`, { method: "DELETE", headers: { authorization: `Bearer ${server.adminKey}` } });
+    await page.getByRole("link", { name: id }).click();
+    await badge("RUNNING").waitFor({ timeout: 10_000 });
 
     // The terminal resumes a suspended VM.
     await page.getByRole("button", { name: "Suspend" }).click();

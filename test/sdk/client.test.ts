@@ -51,6 +51,14 @@ describe("@cocoon/sdk against a real server", () => {
       expect((await vm.resume()).state).toBe("RUNNING");
       expect((await vm.exec("cat /root/state")).stdout).toBe("kept\n");
 
+      const [child] = await vm.fork({ count: 1 });
+      expect(child!.info).toMatchObject({ state: "RUNNING", forkedFrom: vm.id });
+      expect((await child!.exec("cat /root/state; hostname")).stdout).toBe(`kept\n${child!.id}\n`);
+      expect(await child!.terminate()).toBe(true);
+      expect(await vm.snapshot("sdk-snap")).toMatchObject({ name: "sdk-snap", version: 1, state: "READY", sourceMicroVmId: vm.id });
+      await client.images.delete("sdk-snap");
+      await expect(client.microvms.fork(vm.id, { count: 17 })).rejects.toBeInstanceOf(ValidationError);
+
       const listed = await client.microvms.list({ state: "RUNNING" });
       expect(listed.microVms.map((v) => v.id)).toContain(vm.id);
       const types = (await vm.events()).map((e) => e.message);

@@ -44,4 +44,28 @@ describe("server restart without loss", () => {
     expect(events).toEqual(expect.arrayContaining(["suspended (server shutdown)", "resumed (exec in)"]));
     expect((await server.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
   });
+
+  it("keeps forked VMs, with their own memory and disk, across kill -9 and SIGTERM", async () => {
+    // The server of the test above runs on.
+    const created = await server.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    const parent = created.body.microVmId as string;
+    await server.call("POST", `/v1/microvms/${parent}/exec`, { command: "echo parent > /root/f; echo parent > /dev/shm/m" });
+    const forked = await server.call("POST", `/v1/microvms/${parent}/fork`, { count: 1 });
+    expect(forked.status, JSON.stringify(forked.body)).toBe(201);
+    const child = forked.body.microVms[0].microVmId as string;
+    await server.call("POST", `/v1/microvms/${child}/exec`, { command: "echo child > /root/f; echo child > /dev/shm/m" });
+    const read = async (id: string) => (await server.call("POST", `/v1/microvms/${id}/exec`, { command: "cat /root/f /dev/shm/m" })).body.stdout;
+
+    await server.stop("SIGKILL");
+    await server.start();
+    expect((await server.call("GET", `/v1/microvms/${child}`)).body).toMatchObject({ state: "RUNNING", forkedFrom: parent });
+    expect(await read(child)).toBe("child\nchild\n");
+
+    expect(await server.stop("SIGTERM")).toBe(0);
+    await server.start();
+    expect((await server.call("GET", `/v1/microvms/${child}`)).body.state).toBe("SUSPENDED");
+    expect(await read(child)).toBe("child\nchild\n");
+    expect(await read(parent)).toBe("parent\nparent\n");
+    for (const id of [parent, child]) expect((await server.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
+  });
 });

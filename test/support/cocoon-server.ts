@@ -34,6 +34,12 @@ export class CocoonServer {
     return this.child?.exitCode === null && this.child.signalCode === null ? this.child : undefined;
   }
 
+  /** How the process ended ("running" while it runs). */
+  exitStatus(): string {
+    if (this.process || !this.child) return "running";
+    return this.child.signalCode ? `signal ${this.child.signalCode}` : `exit code ${this.child.exitCode}`;
+  }
+
   output(): string {
     return this.log;
   }

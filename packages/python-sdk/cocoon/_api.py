@@ -69,6 +69,14 @@ def resume(microvm_id: str) -> Request:
     return Request("POST", vm_path(microvm_id, "/resume"))
 
 
+def fork(microvm_id: str, count: int) -> Request:
+    return Request("POST", vm_path(microvm_id, "/fork"), json={"count": count})
+
+
+def snapshot(microvm_id: str, name: str) -> Request:
+    return Request("POST", vm_path(microvm_id, "/snapshots"), json={"name": name})
+
+
 def terminate(microvm_id: str) -> Request:
     return Request("DELETE", vm_path(microvm_id))
 

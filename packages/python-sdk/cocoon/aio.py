@@ -144,6 +144,16 @@ class AsyncMicroVms:
         """Resumes a SUSPENDED VM where it was. :raises InvalidStateError: it is not SUSPENDED."""
         return AsyncMicroVm(self._http, MicroVmInfo.from_api(await self._http.json(_api.resume(microvm_id), self._http.config.timeout_for(request_timeout_seconds))))
 
+    async def fork(self, microvm_id: str, count: int = 1, *, request_timeout_seconds: Optional[float] = None) -> List["AsyncMicroVm"]:
+        """Forks a RUNNING VM into ``count`` (1-16) new VMs with its memory, processes and disk of this instant, each with
+        an identity of its own; the parent runs on. :raises InvalidStateError: it is not RUNNING."""
+        body = await self._http.json(_api.fork(microvm_id, count), self._http.config.timeout_for(request_timeout_seconds))
+        return [AsyncMicroVm(self._http, MicroVmInfo.from_api(v)) for v in body["microVms"]]
+
+    async def snapshot(self, microvm_id: str, name: str, *, request_timeout_seconds: Optional[float] = None) -> ImageInfo:
+        """Snapshots a RUNNING VM (memory and disk as they are now) into a new version of image ``name``; it runs on."""
+        return ImageInfo.from_api(await self._http.json(_api.snapshot(microvm_id, name), self._http.config.timeout_for(request_timeout_seconds)))
+
     async def terminate(self, microvm_id: str, *, request_timeout_seconds: Optional[float] = None) -> bool:
         """Terminates a microVM. :returns: False if it does not exist (404)."""
         try:
@@ -243,6 +253,15 @@ class AsyncMicroVm:
     async def resume(self, *, request_timeout_seconds: Optional[float] = None) -> MicroVmInfo:
         self.info = MicroVmInfo.from_api(await self._http.json(_api.resume(self.id), self._http.config.timeout_for(request_timeout_seconds)))
         return self.info
+
+    async def fork(self, count: int = 1, *, request_timeout_seconds: Optional[float] = None) -> List["AsyncMicroVm"]:
+        """Forks the VM into ``count`` new ones (see ``microvms.fork``)."""
+        body = await self._http.json(_api.fork(self.id, count), self._http.config.timeout_for(request_timeout_seconds))
+        return [AsyncMicroVm(self._http, MicroVmInfo.from_api(v)) for v in body["microVms"]]
+
+    async def snapshot(self, name: str, *, request_timeout_seconds: Optional[float] = None) -> ImageInfo:
+        """Snapshots the VM into a new version of image ``name`` (see ``microvms.snapshot``)."""
+        return ImageInfo.from_api(await self._http.json(_api.snapshot(self.id, name), self._http.config.timeout_for(request_timeout_seconds)))
 
     async def terminate(self, *, request_timeout_seconds: Optional[float] = None) -> bool:
         """Terminates the VM. :returns: False if it no longer exists (404)."""

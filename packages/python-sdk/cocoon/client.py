@@ -133,6 +133,16 @@ class MicroVms:
         """Resumes a SUSPENDED VM exactly where it was. :raises InvalidStateError: it is not SUSPENDED."""
         return MicroVm(self._http, MicroVmInfo.from_api(self._http.json(_api.resume(microvm_id), self._http.config.timeout_for(request_timeout_seconds))))
 
+    def fork(self, microvm_id: str, count: int = 1, *, request_timeout_seconds: Optional[float] = None) -> List["MicroVm"]:
+        """Forks a RUNNING VM into ``count`` (1-16) new VMs with its memory, processes and disk of this instant, each with
+        an identity of its own; the parent runs on. :raises InvalidStateError: it is not RUNNING."""
+        body = self._http.json(_api.fork(microvm_id, count), self._http.config.timeout_for(request_timeout_seconds))
+        return [MicroVm(self._http, MicroVmInfo.from_api(v)) for v in body["microVms"]]
+
+    def snapshot(self, microvm_id: str, name: str, *, request_timeout_seconds: Optional[float] = None) -> ImageInfo:
+        """Snapshots a RUNNING VM (memory and disk as they are now) into a new version of image ``name``; it runs on."""
+        return ImageInfo.from_api(self._http.json(_api.snapshot(microvm_id, name), self._http.config.timeout_for(request_timeout_seconds)))
+
     def terminate(self, microvm_id: str, *, request_timeout_seconds: Optional[float] = None) -> bool:
         """Terminates a microVM (its files are removed; it stays listed as TERMINATED).
         :returns: True if it was terminated, False if it does not exist (404)."""
@@ -249,6 +259,15 @@ class MicroVm:
         """Resumes the VM where it was; ``info`` is updated. :raises InvalidStateError: it is not SUSPENDED."""
         self.info = MicroVmInfo.from_api(self._http.json(_api.resume(self.id), self._http.config.timeout_for(request_timeout_seconds)))
         return self.info
+
+    def fork(self, count: int = 1, *, request_timeout_seconds: Optional[float] = None) -> List["MicroVm"]:
+        """Forks the VM into ``count`` new ones (see ``microvms.fork``)."""
+        body = self._http.json(_api.fork(self.id, count), self._http.config.timeout_for(request_timeout_seconds))
+        return [MicroVm(self._http, MicroVmInfo.from_api(v)) for v in body["microVms"]]
+
+    def snapshot(self, name: str, *, request_timeout_seconds: Optional[float] = None) -> ImageInfo:
+        """Snapshots the VM into a new version of image ``name`` (see ``microvms.snapshot``)."""
+        return ImageInfo.from_api(self._http.json(_api.snapshot(self.id, name), self._http.config.timeout_for(request_timeout_seconds)))
 
     def terminate(self, *, request_timeout_seconds: Optional[float] = None) -> bool:
         """Terminates the VM. :returns: False if it no longer exists (404), True otherwise."""

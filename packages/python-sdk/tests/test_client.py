@@ -117,6 +117,13 @@ def test_suspend_and_resume_keep_state(client: Cocoon, vm: MicroVm) -> None:
     assert client.microvms.get(vm.id).state == "SUSPENDED"
     assert vm.resume().state == "RUNNING"
     assert vm.exec("cat /root/state").stdout == "kept\n"
+    (child,) = vm.fork(1)
+    assert child.state == "RUNNING" and child.info.raw["forkedFrom"] == vm.id
+    assert child.exec("cat /root/state").stdout == "kept\n"
+    assert child.terminate()
+    image = vm.snapshot("py-snap")
+    assert (image.name, image.state, image.raw["version"]) == ("py-snap", "READY", 1)
+    client.images.delete("py-snap")
 
 
 def test_list_pages_through_vms(client: Cocoon, vm: MicroVm) -> None:

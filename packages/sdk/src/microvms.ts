@@ -1,6 +1,6 @@
 import { NotFoundError, ValidationError } from "./errors.ts";
 import { lines, textChunks, type CallOpts, type Transport } from "./http.ts";
-import type { CreateMicroVmOpts, ExecEvent, ExecOpts, ExecResult, FileEntry, ListMicroVmsOpts, MicroVmEvent, MicroVmInfo, MicroVmState, WriteInfo } from "./types.ts";
+import type { CreateMicroVmOpts, ExecEvent, ExecOpts, ExecResult, FileEntry, ImageInfo, ListMicroVmsOpts, MicroVmEvent, MicroVmInfo, MicroVmState, WriteInfo } from "./types.ts";
 
 /** A command: argv (run as is) or a string (run through `/bin/sh -c`). */
 export type Command = string | string[];
@@ -63,6 +63,25 @@ export class MicroVms {
   /** Resumes a SUSPENDED VM exactly where it was (state RUNNING). @throws InvalidStateError if it is not SUSPENDED. */
   async resume(microVmId: string, call?: CallOpts): Promise<MicroVm> {
     return new MicroVm(this.http, await this.http.json<MicroVmInfo>({ method: "POST", path: vmPath(microVmId, "/resume") }, call));
+  }
+
+  /**
+   * Forks a RUNNING VM into `count` (1–16) new VMs with its memory, processes
+   * and disk of this instant, each with an identity of its own; the parent runs on.
+   * @throws ValidationError for a bad count, InvalidStateError if it is not RUNNING, CapacityExceededError when the host cannot take them.
+   */
+  async fork(microVmId: string, opts: { count?: number } = {}, call?: CallOpts): Promise<MicroVm[]> {
+    const res = await this.http.json<{ microVms: MicroVmInfo[] }>({ method: "POST", path: vmPath(microVmId, "/fork"), json: { count: opts.count ?? 1 } }, call);
+    return res.microVms.map((info) => new MicroVm(this.http, info));
+  }
+
+  /**
+   * Snapshots a RUNNING VM (memory and disk, as they are now) into a new
+   * version of image `name`, launchable with `create({image: name})`; the VM runs on.
+   * @throws ValidationError for a bad name, InvalidStateError if it is not RUNNING, QuotaExceededError past the tenant's image quota.
+   */
+  async snapshot(microVmId: string, name: string, call?: CallOpts): Promise<ImageInfo> {
+    return this.http.json<ImageInfo>({ method: "POST", path: vmPath(microVmId, "/snapshots"), json: { name } }, call);
   }
 
   /**
@@ -166,6 +185,16 @@ export class MicroVm {
   async resume(call?: CallOpts): Promise<MicroVmInfo> {
     this.current = await this.http.json<MicroVmInfo>({ method: "POST", path: vmPath(this.id, "/resume") }, call);
     return this.current;
+  }
+
+  /** Forks the VM into `count` new ones (see `microvms.fork`). */
+  async fork(opts: { count?: number } = {}, call?: CallOpts): Promise<MicroVm[]> {
+    return new MicroVms(this.http).fork(this.id, opts, call);
+  }
+
+  /** Snapshots the VM into a new version of image `name` (see `microvms.snapshot`). */
+  async snapshot(name: string, call?: CallOpts): Promise<ImageInfo> {
+    return new MicroVms(this.http).snapshot(this.id, name, call);
   }
 
   /** Terminates the VM. @returns false if it no longer exists (404), true otherwise. */

@@ -90,6 +90,8 @@ export interface MicroVmInfo {
   /** `url` is `http://{id}.{domain}:{port}/`; `token` authorizes requests to it; `appPort` is the guest port it reaches. */
   endpoint: { url: string; token?: string; public: boolean; appPort?: number };
   metadata: Record<string, unknown>;
+  /** The microVM it was forked from (`fork`). */
+  forkedFrom?: string;
   [field: string]: unknown;
 }
 
@@ -178,6 +180,9 @@ export interface ImageInfo {
   appPort?: number;
   dockerfileDigest?: string;
   codeDigest?: string;
+  version?: number;
+  /** The running microVM this image is a snapshot of (`snapshot`). */
+  sourceMicroVmId?: string;
   [field: string]: unknown;
 }
 

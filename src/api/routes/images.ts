@@ -256,6 +256,7 @@ export function imageView(row: ImageRow) {
     codeDigest: row.code_digest,
     codeSource: row.code_source,
     ...(row.parent_image_id ? { parentImageId: row.parent_image_id } : {}),
+    ...(row.source_microvm_id ? { sourceMicroVmId: row.source_microvm_id } : {}),
     ...(row.build_ms !== null ? { buildMs: row.build_ms } : {}),
     command: config.argv ?? [],
     labels: config.labels ?? {},

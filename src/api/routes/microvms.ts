@@ -10,6 +10,7 @@ import type { MicroVmRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
 import { drained } from "../../util/streams.ts";
 import { errorBody, type Api } from "../server.ts";
+import { imageView } from "./images.ts";
 
 /** The largest upload (`PUT …/files`), streamed to the guest; JSON and text bodies keep the 1 MiB limit. */
 export const UPLOAD_LIMIT_BYTES = 8 * 2 ** 30;
@@ -132,6 +133,23 @@ export async function registerMicroVmRoutes(
   );
   app.delete("/v1/microvms/:id", { config: { permission: "microvm:terminate" }, schema: { params: IdParams } }, async (req) =>
     toView(await microvms.terminate(req.tenantId, req.params.id)),
+  );
+  // Named snapshots and forks of a running VM (API.md): the VM runs on.
+  app.post(
+    "/v1/microvms/:id/snapshots",
+    {
+      config: { permission: "image:create" },
+      schema: { params: IdParams, body: Type.Object({ name: Type.String({ minLength: 1, maxLength: 63, description: "the image's name (a new version if it exists)" }) }, { additionalProperties: false }) },
+    },
+    async (req, reply) => reply.status(201).send(imageView(await microvms.snapshot(req.tenantId, req.params.id, req.body.name))),
+  );
+  app.post(
+    "/v1/microvms/:id/fork",
+    {
+      config: { permission: "microvm:create" },
+      schema: { params: IdParams, body: Type.Object({ count: Type.Optional(int(LIMITS.forkCount, "new VMs (default 1)")) }, { additionalProperties: false }) },
+    },
+    async (req, reply) => reply.status(201).send({ microVms: (await microvms.fork(req.tenantId, req.params.id, req.body.count ?? 1)).map(toView) }),
   );
   app.get("/v1/microvms/:id/events", { config: { permission: "microvm:read" }, schema: { params: IdParams } }, async (req) => ({
     events: await microvms.events(req.tenantId, req.params.id),
@@ -299,5 +317,6 @@ function microVmView(row: MicroVmRow, url: string) {
     network: { egress: JSON.parse(row.egress) as unknown, ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}) },
     endpoint: { url, token: row.endpoint_token, public: row.endpoint_public === 1, ...(row.app_port ? { appPort: row.app_port } : {}) },
     metadata: JSON.parse(row.metadata) as Record<string, unknown>,
+    ...(row.forked_from ? { forkedFrom: row.forked_from } : {}),
   };
 }

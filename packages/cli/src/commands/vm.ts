@@ -83,6 +83,31 @@ export function registerVmCommands(program: Command): void {
       });
   }
 
+  vm.command("fork")
+    .description("fork a RUNNING microVM: new VMs with its memory, processes and disk of this instant (it runs on)")
+    .argument("<id>", "microVM id")
+    .option("-n, --count <n>", "how many, 1-16 (default 1)", intOption)
+    .action(async (id: string, o: { count?: number }, cmd: Command) => {
+      const g = globals(cmd);
+      const { client } = await makeClient(g);
+      const { result, elapsedMs } = await withProgress(`forking ${id}`, () => client.microvms.fork(id, { count: o.count }));
+      if (g.json) return printJson(result.map((v) => v.info));
+      for (const child of result) process.stdout.write(`${child.id} ${child.state}\n`);
+      process.stderr.write(`forked in ${seconds(elapsedMs)}\n`);
+    });
+
+  vm.command("snapshot")
+    .description("snapshot a RUNNING microVM (memory and disk) into a new version of an image; it runs on")
+    .argument("<id>", "microVM id")
+    .argument("<name>", "image name (a new version if it exists)")
+    .action(async (id: string, name: string, _o: unknown, cmd: Command) => {
+      const g = globals(cmd);
+      const { client } = await makeClient(g);
+      const { result, elapsedMs } = await withProgress(`snapshotting ${id}`, () => client.microvms.snapshot(id, name));
+      if (g.json) return printJson(result);
+      process.stdout.write(`${result.imageId} ${result.name} version ${String(result.version)} ${result.state} (${seconds(elapsedMs)})\n`);
+    });
+
   vm.command("rm")
     .alias("terminate")
     .description("terminate microVMs (their files are removed; they stay listed as TERMINATED)")

@@ -15,10 +15,13 @@ export function VmDetail({ id, tab }: { id: string; tab: string }) {
   const [busy, setBusy] = useState("");
   const [actionError, setActionError] = useState("");
   const [confirming, setConfirming] = useState(false);
+  const [snapshotName, setSnapshotName] = useState("");
+  const [notice, setNotice] = useState("");
 
-  const act = async (name: string, fn: () => Promise<Vm>) => {
+  const act = async (name: string, fn: () => Promise<unknown>) => {
     setBusy(name);
     setActionError("");
+    setNotice("");
     try {
       await fn();
     } catch (err) {
@@ -59,6 +62,35 @@ export function VmDetail({ id, tab }: { id: string; tab: string }) {
           <button type="button" disabled={!!busy || vm.state !== "SUSPENDED"} onClick={() => act("resume", () => api.resume(id))}>
             {busy === "resume" ? "Resuming…" : "Resume"}
           </button>
+          <button
+            type="button"
+            disabled={!!busy || vm.state !== "RUNNING"}
+            title="A new microVM with this one's memory, processes and disk of this instant; this one runs on"
+            onClick={() =>
+              act("fork", async () => {
+                const [child] = (await api.fork(id, 1)).microVms;
+                if (child) location.hash = `#/vms/${encodeURIComponent(child.microVmId)}`;
+              })
+            }
+          >
+            {busy === "fork" ? "Forking…" : "Fork"}
+          </button>
+          <form
+            className="row"
+            aria-label="Snapshot"
+            onSubmit={(e) => {
+              e.preventDefault();
+              void act("snapshot", async () => {
+                const image = await api.snapshot(id, snapshotName);
+                setNotice(`Snapshot ${image.name} version ${String(image.version)} is ${image.state}: launch it as image ${image.name}.`);
+              });
+            }}
+          >
+            <input aria-label="Snapshot image name" placeholder="image name" value={snapshotName} onChange={(e) => setSnapshotName(e.target.value)} required />
+            <button type="submit" disabled={!!busy || vm.state !== "RUNNING" || !snapshotName}>
+              {busy === "snapshot" ? "Snapshotting…" : "Snapshot"}
+            </button>
+          </form>
           {!confirming ? (
             <button type="button" className="danger" disabled={!!busy || gone} onClick={() => setConfirming(true)}>
               Terminate
@@ -77,6 +109,11 @@ export function VmDetail({ id, tab }: { id: string; tab: string }) {
         </div>
       </div>
       {vm.stateReason && <p className="hint">Reason: {vm.stateReason}</p>}
+      {notice && (
+        <p className="hint" role="status">
+          {notice}
+        </p>
+      )}
       {actionError && (
         <p className="error" role="alert">
           {actionError}
@@ -98,6 +135,14 @@ export function VmDetail({ id, tab }: { id: string; tab: string }) {
               <dd>
                 {vm.image} <span className="hint">({vm.imageId})</span>
               </dd>
+              {vm.forkedFrom && (
+                <>
+                  <dt>Forked from</dt>
+                  <dd>
+                    <a href={`#/vms/${encodeURIComponent(vm.forkedFrom)}`}>{vm.forkedFrom}</a>
+                  </dd>
+                </>
+              )}
               <dt>Size</dt>
               <dd>
                 {vm.vcpus} vCPU · {vm.memoryMiB} MiB · {vm.diskGiB} GiB

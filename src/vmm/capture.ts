@@ -1,0 +1,120 @@
+import { chmod, chown, link, mkdir } from "node:fs/promises";
+import { join } from "node:path";
+import { InvalidVmStateError } from "../errors.ts";
+import { fsyncFile, writeFileAtomic } from "../util/files.ts";
+import { run } from "../util/process.ts";
+import { qemuBuild, SNAPSHOT_FORMAT, snapshotDisk, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
+import { vmFiles, type MicroVm } from "./vm.ts";
+
+/**
+ * Captures of a running VM (named snapshots and forks): its memory, devices
+ * and disk at one instant, while it keeps running. The VM is paused while
+ * its overlay is copied and its device state and RAM are written (QEMU's
+ * `stop` has drained and flushed its disk, so the copy is consistent with
+ * the RAM); everything else (older layers, which are read-only, and making
+ * the files durable) happens after it runs again.
+ *
+ * A capture directory holds `state` (device state and all RAM, the stream
+ * a resume reads), `disk.qcow2` (the overlay as it was) and `layer-<n>.qcow2`
+ * (the VM's own older layers, hard links where the filesystem allows): with
+ * the VM's snapshot disk under them, the explicit chain of its disk.
+ */
+export interface VmCapture {
+  dir: string;
+  /** The agent secret inside the captured memory: whoever restores it re-keys with it. */
+  token: string;
+  /** Device state and RAM. */
+  state: string;
+  /** The captured disk layers, nearest first: `disk.qcow2`, then the VM's older layers. */
+  layers: string[];
+  /** How long the VM's vCPUs were stopped. */
+  pauseMs: number;
+}
+
+/** Captures `vm` (running) into `dir`, which must not hold a capture yet. The caller holds the VM's lock. */
+export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
+  const machine = vm.machine;
+  if (vm.status !== "running" || !machine) throw new InvalidVmStateError(vm.id, vm.status, "snapshot");
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const files = snapshotFiles(dir);
+  const token = vm.record.token;
+  const started = performance.now();
+  await machine.pause();
+  try {
+    await run("cp", ["--sparse=always", vmFiles(vm.dir).disk, files.disk]);
+    await machine.saveWhilePaused(files.state);
+  } finally {
+    // The guest goes on as it was whether or not the capture worked.
+    await machine.cont();
+  }
+  const pauseMs = performance.now() - started;
+  const layers = [files.disk];
+  for (const [i, layer] of (vm.record.diskLayers ?? []).entries()) {
+    const copy = join(dir, `layer-${i + 1}.qcow2`);
+    await linkOrCopy(layer, copy);
+    layers.push(copy);
+  }
+  await sealLayers(layers);
+  await chmod(files.state, 0o600);
+  await fsyncFile(files.state);
+  return { dir, token, state: files.state, layers, pauseMs };
+}
+
+/**
+ * Makes a capture a snapshot that launches like an image's: its manifest
+ * names the disk chain explicitly (the captured layers, then the chain of
+ * the snapshot the VM was launched from) and says the RAM is in the state.
+ */
+export async function writeCaptureManifest(capture: VmCapture, vm: MicroVm, from: Snapshot): Promise<Snapshot> {
+  const m = from.manifest;
+  const base = snapshotDisk(from);
+  const manifest: SnapshotManifest = {
+    formatVersion: SNAPSHOT_FORMAT,
+    createdAt: new Date().toISOString(),
+    accelerator: m.accelerator,
+    qemuBuild: qemuBuild(),
+    vcpus: vm.record.vcpus,
+    memoryMiB: vm.record.memoryMiB,
+    kernel: m.kernel,
+    initramfs: m.initramfs,
+    cmdline: m.cmdline,
+    token: capture.token,
+    guestPorts: vm.record.forwards.map((f) => f.guestPort),
+    diskBacking: [...capture.layers.slice(1), base.path, ...base.backing],
+    diskBytes: vm.record.diskBytes,
+    ramInState: true,
+  };
+  await writeFileAtomic(snapshotFiles(capture.dir).manifest, JSON.stringify(manifest, null, 2), 0o600);
+  return { dir: capture.dir, manifest };
+}
+
+/** A forked VM's own links (or copies) of a capture's layers, in its directory, nearest first. */
+export async function adoptCaptureLayers(capture: VmCapture, vmDir: string): Promise<string[]> {
+  const layers: string[] = [];
+  for (const [i, layer] of capture.layers.entries()) {
+    const own = join(vmDir, `layer-${i}.qcow2`);
+    await linkOrCopy(layer, own);
+    layers.push(own);
+  }
+  return layers;
+}
+
+/** Layers are read-only for good: root's, mode 0444 (a jailed QEMU opens them read-only). */
+async function sealLayers(layers: string[]): Promise<void> {
+  for (const p of layers) {
+    await fsyncFile(p);
+    await chown(p, 0, 0);
+    await chmod(p, 0o444);
+  }
+}
+
+/** A hard link (layers never change, so sharing the inode is sharing the data), or a sparse copy across filesystems. */
+async function linkOrCopy(from: string, to: string): Promise<void> {
+  try {
+    await link(from, to);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "EXDEV") throw err;
+    await run("cp", ["--sparse=always", from, to]);
+    await chmod(to, 0o444);
+  }
+}
