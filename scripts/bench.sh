@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(engine launch jail api network images faults)
+[ ${#suites[@]} -gt 0 ] || suites=(engine launch jail api network images faults density baselines)
 for suite in "${suites[@]}"; do
   echo "== bench/$suite.ts" >&2
   npx tsx "bench/$suite.ts"

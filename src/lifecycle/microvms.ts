@@ -13,10 +13,12 @@ import { checkQuota } from "../store/tenants.ts";
 import type { ImageRow, MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
+import { hostMemoryBudget, memAvailableMiB, pssMiB, type HostMemoryBudget } from "../vmm/host-memory.ts";
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
+import { decideAdmission, type HostCapacity, type HostUsage } from "./admission.ts";
 import { NetworkConnectors } from "./connectors.ts";
-import { canTransition, checkTransition, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
+import { canTransition, checkTransition, holdsHostResources, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
 export interface CreateMicroVmRequest {
@@ -52,16 +54,18 @@ export const LIMITS = {
   forkCount: { min: 1, max: 16 },
 } as const;
 
-export interface HostCapacity {
-  /** vCPUs the host admits across live VMs (cores × overcommit). */
-  vcpus: number;
-  memoryMiB: number;
+/**
+ * Host capacity for live VMs: cores × vcpuOvercommit, memory × memoryOvercommit
+ * committed, and the real-memory budget (see admission.ts).
+ */
+export function hostCapacity(overcommit: { vcpu: number; memory: number } = { vcpu: 128, memory: 4 }, budget: HostMemoryBudget = hostMemoryBudget()): HostCapacity {
+  return { vcpus: Math.floor(cpus().length * overcommit.vcpu), memoryMiB: Math.floor((totalmem() / 2 ** 20) * overcommit.memory), real: budget };
 }
 
-/** Host capacity for live VMs: cores × vcpuOvercommit, and memory × memoryOvercommit. */
-export function hostCapacity(overcommit: { vcpu: number; memory: number } = { vcpu: 4, memory: 0.9 }): HostCapacity {
-  return { vcpus: Math.floor(cpus().length * overcommit.vcpu), memoryMiB: Math.floor((totalmem() / 2 ** 20) * overcommit.memory) };
-}
+export type { HostCapacity } from "./admission.ts";
+
+/** How long a QEMU's PSS reading is used for admission before it is read again. */
+const PSS_TTL_MS = 5000;
 
 export interface MicroVmEvent {
   type: string;
@@ -82,6 +86,8 @@ export class MicroVmService {
   private policyTimer: NodeJS.Timeout | undefined;
   /** When each VM's activity was last written (see touch). */
   private readonly lastTouch = new Map<string, number>();
+  /** Recent PSS readings by QEMU pid (readPss). */
+  private readonly pss = new Map<number, { at: number; mib: number }>();
 
   private readonly db: Db;
   private readonly engine: Engine;
@@ -629,19 +635,37 @@ export class MicroVmService {
     });
   }
 
-  /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight. */
+  /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight (decideAdmission). */
   private async admit(shape: { vcpus: number; memoryMiB: number }): Promise<void> {
-    const u = await this.usage();
-    const used = { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB };
-    for (const key of ["vcpus", "memoryMiB"] as const) {
-      if (used[key] + shape[key] > this.capacity[key]) {
-        throw new ApiError("CapacityExceeded", `host is at capacity: ${used[key]} of ${this.capacity[key]} ${key} in use, ${shape[key]} more requested`, {
-          resource: key,
-          used: used[key],
-          capacity: this.capacity[key],
-        });
-      }
+    const decision = decideAdmission(shape, await this.hostUsage(), this.capacity);
+    if (!decision.admitted) {
+      throw new ApiError("CapacityExceeded", decision.message, { resource: decision.resource, used: decision.used, capacity: decision.capacity });
     }
+  }
+
+  /** What live VMs and builds commit, and, with real limits, what their QEMUs use now (PSS) and the host's MemAvailable. */
+  private async hostUsage(): Promise<HostUsage> {
+    const u = await this.usage();
+    if (!this.capacity.real) return { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB };
+    const live = await this.db.selectFrom("microvms").select(["id", "state"]).where("state", "not in", ["TERMINATED", "FAILED", "SUSPENDED"]).execute();
+    const pids = new Map(this.engine.list().map((vm) => [vm.id, vm.status === "running" ? vm.record.pid : undefined]));
+    // Warm-pool VMs are in the VMs' cgroup too: unanswered, a pool grown by a burst let admission overfill it.
+    const vmPids = [...live.filter((r) => holdsHostResources(r.state)).map((r) => pids.get(r.id)), ...this.engine.pooledPids()];
+    const vmPssMiB = await Promise.all(vmPids.map((pid) => this.readPss(pid)));
+    return { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB, real: { memAvailableMiB: await memAvailableMiB(), vmPssMiB, buildsMiB: this.images.buildsInFlight().memoryMiB } };
+  }
+
+  /** A QEMU's PSS, read at most every PSS_TTL_MS per process: reading 200 of them at every create would cost more than the create. */
+  private async readPss(pid: number | undefined): Promise<number | undefined> {
+    if (pid === undefined) return undefined;
+    const now = Date.now();
+    const cached = this.pss.get(pid);
+    if (cached && now - cached.at < PSS_TTL_MS) return cached.mib;
+    const mib = await pssMiB(pid);
+    if (mib === undefined) this.pss.delete(pid);
+    else this.pss.set(pid, { at: now, mib });
+    if (this.pss.size > 4096) for (const [p, c] of this.pss) if (now - c.at >= PSS_TTL_MS) this.pss.delete(p);
+    return mib;
   }
 
   /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */

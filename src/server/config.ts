@@ -1,6 +1,7 @@
 import { homedir } from "node:os";
 import { join, resolve } from "node:path";
 import { RegistryEgress } from "../images/registry/egress.ts";
+import { hostMemoryBudget, type HostMemoryBudget } from "../vmm/host-memory.ts";
 import type { Cidr } from "../vmm/network/addresses.ts";
 
 export interface ServerConfig {
@@ -13,10 +14,12 @@ export interface ServerConfig {
   warmPoolSize: number;
   /** An image build that takes longer fails (COCOON_BUILD_TIMEOUT_SECONDS, default 600). */
   buildTimeoutSeconds: number;
-  /** vCPUs admitted per host core (COCOON_VCPU_OVERCOMMIT, default 4). */
+  /** vCPUs admitted per host core (COCOON_VCPU_OVERCOMMIT, default 128: sandboxes are mostly idle, each VM's cgroup weighs its share by its vCPUs and caps it at them). */
   vcpuOvercommit: number;
-  /** Share of host memory that live VMs may be given (COCOON_MEMORY_OVERCOMMIT, default 0.9; above 1 overcommits). */
+  /** Guest memory committed to live VMs, as a multiple of host memory (COCOON_MEMORY_OVERCOMMIT, default 4); what they really use is admitted by `memory`. */
   memoryOvercommit: number;
+  /** Host memory kept from VMs, and what all VMs may use (COCOON_MEMORY_RESERVE_MIB, COCOON_VM_MEMORY_MIB). */
+  memory: HostMemoryBudget;
   /** A PEM file of extra CA certificates trusted for https:// code URIs, besides the bundled roots (COCOON_HTTPS_CA_FILE). */
   httpsCaFile?: string;
   /** A PEM file of CA certificates trusted for container registries, besides the system's (COCOON_REGISTRY_CA_FILE). */
@@ -47,8 +50,9 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     assetsDir: resolve(flags.assetsDir ?? process.env.COCOON_ASSETS_DIR ?? join(dataDir, "assets")),
     warmPoolSize: envNumber("COCOON_WARM_POOL", 1, { min: 0, max: 16, integer: true }),
     buildTimeoutSeconds: envNumber("COCOON_BUILD_TIMEOUT_SECONDS", 600, { min: 10, max: 86_400, integer: true }),
-    vcpuOvercommit: envNumber("COCOON_VCPU_OVERCOMMIT", 4, { min: 0.1, max: 64 }),
-    memoryOvercommit: envNumber("COCOON_MEMORY_OVERCOMMIT", 0.9, { min: 0.1, max: 4 }),
+    vcpuOvercommit: envNumber("COCOON_VCPU_OVERCOMMIT", 128, { min: 0.1, max: 1024 }),
+    memoryOvercommit: envNumber("COCOON_MEMORY_OVERCOMMIT", 4, { min: 0.1, max: 16 }),
+    memory: hostMemoryBudget(),
     httpsCaFile: process.env.COCOON_HTTPS_CA_FILE ? resolve(process.env.COCOON_HTTPS_CA_FILE) : undefined,
     registryCaFile: process.env.COCOON_REGISTRY_CA_FILE ? resolve(process.env.COCOON_REGISTRY_CA_FILE) : undefined,
     registryPrivateAllow: RegistryEgress.allowFromEnv(),

@@ -57,7 +57,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   await imageService.start();
   const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
   const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
-  const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit });
+  const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit }, config.memory);
   // A node holds a lease; it registers before it reconciles its VMs.
   const cluster = nodeId
     ? new ClusterNode(

@@ -114,7 +114,11 @@ interface JsonOpts extends RequestOpts {
  * The agent runs in the guest, so every answer is bounded (AgentLimits).
  */
 export class AgentClient {
-  private readonly agent = new Agent({ keepAlive: true, maxSockets: 64 });
+  // keepAliveMsecs is the TCP keep-alive idle time of these sockets: Node's
+  // default (1 s) sends every idle connection a probe each second, which
+  // wakes the guest and its QEMU forever; the peer is a local VM, so probe
+  // only after ten minutes of silence.
+  private readonly agent = new Agent({ keepAlive: true, keepAliveMsecs: 600_000, maxSockets: 64 });
   private readonly limits: AgentLimits;
 
   constructor(

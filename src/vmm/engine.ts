@@ -125,6 +125,11 @@ export class Engine extends EventEmitter {
     return [...this.vms.values()];
   }
 
+  /** The warm pool's QEMU pids (undefined for a restore under way): they hold host memory though no one has them yet. */
+  pooledPids(): (number | undefined)[] {
+    return this.warm.pids();
+  }
+
   /** Reads a snapshot this host can restore (SnapshotIncompatibleError otherwise). */
   loadSnapshot(dir: string): Promise<Snapshot> {
     return loadSnapshot(dir, { accelerator: this.accelerator });
@@ -382,6 +387,7 @@ export class Engine extends EventEmitter {
    */
   async close(): Promise<void> {
     clearInterval(this.consoleWatch);
+    this.jailer?.close();
     await this.warm.close();
     for (const vm of this.vms.values()) {
       vm.machine?.removeAllListeners("exit");

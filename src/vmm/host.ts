@@ -36,7 +36,7 @@ export class HostSide {
   constructor(jail: JailConfig | false | undefined, log?: (msg: string) => void) {
     this.network = new NetworkManager(log);
     const config = jail === false ? undefined : (jail ?? jailConfigFromEnv());
-    this.jailer = config && new Jailer(config);
+    this.jailer = config && new Jailer(config, log);
     if (!this.jailer) log?.("QEMU runs unjailed (COCOON_JAIL=off or not root): VMs share the server's uid and namespaces");
   }
 

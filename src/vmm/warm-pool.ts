@@ -60,6 +60,16 @@ export class WarmPool {
     this.shrinker.unref();
   }
 
+  /** The QEMU pids of the VMs every pool holds ready, and undefined for each restore under way: admission counts what they use. */
+  pids(): (number | undefined)[] {
+    const pids: (number | undefined)[] = [];
+    for (const pool of this.pools.values()) {
+      for (const vm of pool.ready) pids.push(vm.record.pid);
+      for (let i = 0; i < pool.restoring; i++) pids.push(undefined);
+    }
+    return pids;
+  }
+
   /** Starts restores until the snapshot's pool holds its target (plus the launches waiting); resolves when it does. */
   async fill(snapshot: Snapshot): Promise<void> {
     const pool = this.pool(snapshot);

@@ -43,7 +43,7 @@ afterAll(async () => {
 });
 
 describe(`the jail's cgroups on this host (v${cgroups.layout.version})`, () => {
-  const limits = { cpus: 0.5, memoryBytes: 96 * 1024 * 1024, pids: 16 };
+  const limits = { cpus: 0.5, memoryBytes: 96 * 1024 * 1024, pids: 16, cpuWeight: 200 };
   let procs: string[];
 
   it("creates a cgroup whose limits read back as written", async () => {

@@ -1,7 +1,7 @@
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import { rm } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { describe, expect, inject, it } from "vitest";
 import type { MicroVm } from "../../src/vmm/engine.ts";
 import { Jailer, vmUidRange } from "../../src/vmm/jail/index.ts";
@@ -136,14 +136,18 @@ describe("a jailed QEMU process", () => {
     }
   });
 
-  it("is in a cgroup capping CPU at its vCPUs and memory at its RAM, each plus QEMU's overhead", async () => {
+  it("is in a cgroup capping CPU at its vCPUs and memory at its RAM, each plus QEMU's overhead, weighted by its vCPUs, under a parent capping all VMs' memory", async () => {
     const vm = await ctx.engine.launch(ctx.snapshot, { id: "vm-jail-cg" });
     const reading = await jailer().readCgroup(vm.id);
     expect(reading.limits).toEqual({
       cpus: vm.record.vcpus + jailer().config.cpuHeadroom,
       memoryBytes: (vm.record.memoryMiB + qemuOverheadMiB(ctx.engine.accelerator)) * 1024 * 1024,
       pids: jailer().config.maxTasks,
+      cpuWeight: 100 * vm.record.vcpus,
     });
+    const parent = dirname(jailer().cgroupDirs(vm.id).find((d) => existsSync(join(d, "memory.max")) || existsSync(join(d, "memory.limit_in_bytes")))!);
+    const parentLimit = existsSync(join(parent, "memory.max")) ? join(parent, "memory.max") : join(parent, "memory.limit_in_bytes");
+    expect(Number(readFileSync(parentLimit, "utf8"))).toBe(jailer().config.vmMemoryBytes);
     const cgroups = readFileSync(`/proc/${vm.record.pid}/cgroup`, "utf8");
     expect(cgroups).toMatch(new RegExp(`(memory|^0:):/cocoon/${vm.id}$`, "m"));
     expect(cgroups).toMatch(new RegExp(`(cpu|^0:):/cocoon/${vm.id}$`, "m"));

@@ -11,6 +11,7 @@ import { ServerMetrics } from "../../src/telemetry/metrics.ts";
 import { VmSampler } from "../../src/telemetry/vm-samples.ts";
 import { bootstrapAdminKey } from "../../src/server/bootstrap.ts";
 import { Engine } from "../../src/vmm/engine.ts";
+import type { JailConfig } from "../../src/vmm/jail/index.ts";
 import { engineConfig } from "./engine-fixture.ts";
 import { TEST_ASSETS, TEST_IMAGES, TEST_ROOT } from "./paths.ts";
 
@@ -38,6 +39,10 @@ export interface ApiContext {
 export async function useApi(
   opts: {
     capacity?: HostCapacity;
+    /** The engine's QEMU jail (default: from the environment). */
+    jail?: JailConfig;
+    /** Receives the engine's log lines. */
+    log?: (line: string) => void;
     policyIntervalMs?: number;
     images?: Partial<Omit<ImageServiceOpts, "db" | "engine">>;
     /** API options (request timeouts, a log stream to inspect). */
@@ -48,7 +53,7 @@ export async function useApi(
   const db = await openDatabase(dataDir);
   const secrets = await ServerSecrets.open(dataDir);
   const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
-  const engine = await Engine.open(engineConfig(dataDir));
+  const engine = await Engine.open({ ...engineConfig(dataDir), jail: opts.jail, log: opts.log });
   const assets = { kernel: inject("kernel"), initramfs: inject("initramfs") };
   // The shared images directory: the default shape's snapshot is already built there.
   const imageService = new ImageService({

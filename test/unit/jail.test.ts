@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { Cgroups, detectCgroups } from "../../src/vmm/jail/cgroups.ts";
+import { Cgroups, detectCgroups, GUARD_READINGS, stuckAtCap } from "../../src/vmm/jail/cgroups.ts";
 import { vmUidRange } from "../../src/vmm/jail/index.ts";
 
 /** A mountinfo line as the kernel writes it. */
@@ -51,10 +51,10 @@ describe("detectCgroups", () => {
 });
 
 describe("Cgroups on v2", () => {
-  it("delegates the controllers down the parent and writes cpu.max, memory.max, swap and pids limits", async () => {
+  it("delegates the controllers down the parent, caps all VMs' memory there, and writes cpu.max, cpu.weight, memory.max, swap and pids limits", async () => {
     const root = fakeV2Root("cpu memory pids\n");
-    const cgroups = new Cgroups({ version: 2, mounts: { cpu: root, memory: root, pids: root } }, "cocoon");
-    const procs = await cgroups.create("vm-1", { cpus: 2, memoryBytes: 640 * 1024 * 1024, pids: 512 });
+    const cgroups = new Cgroups({ version: 2, mounts: { cpu: root, memory: root, pids: root } }, "cocoon", 8 * 1024 ** 3);
+    const procs = await cgroups.create("vm-1", { cpus: 2, memoryBytes: 640 * 1024 * 1024, pids: 512, cpuWeight: 200 });
     const vm = join(root, "cocoon", "vm-1");
     expect(procs).toEqual([join(vm, "cgroup.procs")]);
     expect(readFileSync(join(root, "cgroup.subtree_control"), "utf8")).toBe("+cpu +memory +pids");
@@ -62,6 +62,8 @@ describe("Cgroups on v2", () => {
     expect(readFileSync(join(vm, "cpu.max"), "utf8")).toBe("200000 100000");
     expect(readFileSync(join(vm, "memory.max"), "utf8")).toBe(String(640 * 1024 * 1024));
     expect(readFileSync(join(vm, "pids.max"), "utf8")).toBe("512");
+    expect(readFileSync(join(vm, "cpu.weight"), "utf8")).toBe("200");
+    expect(readFileSync(join(root, "cocoon", "memory.max"), "utf8")).toBe(String(8 * 1024 ** 3));
   });
 });
 
@@ -75,5 +77,30 @@ describe("vmUidRange", () => {
     for (const bad of ["0-100000", "5000-5001", "abc", "300000-200000"]) {
       expect(() => vmUidRange({ COCOON_VM_UIDS: bad })).toThrow(/COCOON_VM_UIDS must be FIRST-LAST/);
     }
+  });
+});
+
+describe("stuckAtCap (the VMs' memory guard)", () => {
+  const MiB = 2 ** 20;
+  const reading = (s: number, o: { usageMiB?: number; hits?: number; stalledMs?: number } = {}) => ({
+    at: s * 1000,
+    usageBytes: (o.usageMiB ?? 399) * MiB,
+    limitBytes: 400 * MiB,
+    limitHits: o.hits ?? s * 100,
+    stallUs: (o.stalledMs ?? s * 800) * 1000,
+  });
+  const series = (f: (s: number) => ReturnType<typeof reading>) => Array.from({ length: GUARD_READINGS }, (_, s) => f(s));
+
+  it("acts when every reading is at the cap, the limit keeps being hit and tasks stall most of the time", () => {
+    expect(stuckAtCap(series((s) => reading(s)))).toBe(true);
+  });
+
+  it.each([
+    ["too few readings", [reading(0), reading(1)]],
+    ["below the cap once", series((s) => reading(s, { usageMiB: s === 2 ? 380 : 399 }))],
+    ["the limit not hit in one interval", series((s) => reading(s, { hits: s === 2 ? 100 : s * 100 }))],
+    ["a cap full of page cache reclaimed without stalls", series((s) => reading(s, { stalledMs: s * 100 }))],
+  ])("waits on %s", (_name, readings) => {
+    expect(stuckAtCap(readings)).toBe(false);
   });
 });

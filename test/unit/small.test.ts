@@ -18,7 +18,7 @@ describe("resolveServerConfig", () => {
     process.env.COCOON_VCPU_OVERCOMMIT = "2.5";
     expect(resolveServerConfig({}).vcpuOvercommit).toBe(2.5);
     process.env.COCOON_VCPU_OVERCOMMIT = "lots";
-    expect(() => resolveServerConfig({})).toThrow('COCOON_VCPU_OVERCOMMIT must be a number between 0.1 and 64, got "lots"');
+    expect(() => resolveServerConfig({})).toThrow('COCOON_VCPU_OVERCOMMIT must be a number between 0.1 and 1024, got "lots"');
     delete process.env.COCOON_VCPU_OVERCOMMIT;
     process.env.COCOON_WARM_POOL = "1.5";
     expect(() => resolveServerConfig({})).toThrow("COCOON_WARM_POOL must be an integer between 0 and 16");

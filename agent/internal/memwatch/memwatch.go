@@ -8,7 +8,8 @@
 // pipeline twice the guest's memory was fully stalled 70 % of the time, with
 // no OOM kill in 60 s. Like systemd-oomd, memwatch reads the workload's
 // pressure stall information (PSI) and acts when the whole workload has been
-// stalled on memory for most of a window while it kept hitting its limit.
+// stalled on memory for most of a window while it kept hitting its limit. It
+// reads them only once a PSI trigger has reported a stall (see Watch).
 package memwatch
 
 import (
@@ -20,6 +21,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 const (
@@ -55,10 +57,36 @@ func thrashing(old, now sample) bool {
 	return now.LimitHits > old.LimitHits && float64(now.FullStall-old.FullStall) >= stallShare*float64(elapsed)
 }
 
-// Watch reads dir's counters every interval and, whenever the workload
-// thrashes, kills its process with the highest OOM score, as the kernel's
-// OOM killer would have. It never returns.
+// Watch waits for the workload to stall on memory and, whenever it then
+// thrashes, kills its process with the highest OOM score, as the kernel's OOM
+// killer would have. It never returns.
+//
+// An idle guest must cost its host nothing, so Watch does not poll: it arms a
+// PSI trigger on the workload's memory.pressure and sleeps in ppoll until the
+// kernel reports a stall; only then does it read the counters every interval,
+// until the workload has been calm for a whole window. A kernel that refuses
+// the trigger gets the interval loop all the time.
 func Watch(dir string) {
+	trigger, err := openTrigger(filepath.Join(dir, "memory.pressure"))
+	if err != nil {
+		log.Printf("cocoon-agent: memwatch: no PSI trigger (%v); reading the counters every %v", err, interval)
+	}
+	for {
+		if trigger >= 0 {
+			if err := waitTrigger(trigger); err != nil {
+				log.Printf("cocoon-agent: memwatch: PSI trigger: %v; reading the counters every %v", err, interval)
+				syscall.Close(trigger)
+				trigger = -1
+			}
+		}
+		watchWhileStalled(dir, trigger >= 0)
+	}
+}
+
+// watchWhileStalled reads dir's counters every interval and acts on
+// thrashing. With untilCalm it returns once a whole window has passed and
+// the last interval saw no full stall; without, it never returns.
+func watchWhileStalled(dir string, untilCalm bool) {
 	var history []sample
 	warned := false
 	for range time.Tick(interval) {
@@ -77,6 +105,9 @@ func Watch(dir string) {
 		}
 		history = history[len(history)-window-1:]
 		if !thrashing(history[0], s) {
+			if untilCalm && calm(history[len(history)-2], s) {
+				return
+			}
 			continue
 		}
 		stalled := (s.FullStall - history[0].FullStall).Seconds()
@@ -88,6 +119,56 @@ func Watch(dir string) {
 		}
 		// The next kill needs a whole window of its own.
 		history = history[:0]
+	}
+}
+
+// calm says whether the workload was never fully stalled on memory between
+// two readings.
+func calm(old, now sample) bool {
+	return now.FullStall == old.FullStall
+}
+
+// triggerSpec wakes the watcher when the whole workload was stalled on memory
+// for 200 ms within two seconds, well before a window of thrashing (a
+// two-second window is also what an unprivileged writer may ask for).
+const triggerSpec = "full 200000 2000000"
+
+// openTrigger arms a PSI trigger on a memory pressure file and returns its
+// descriptor (raw, so Go's poller never takes it over).
+func openTrigger(pressure string) (int, error) {
+	fd, err := syscall.Open(pressure, syscall.O_RDWR|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	if _, err := syscall.Write(fd, []byte(triggerSpec+"\x00")); err != nil {
+		syscall.Close(fd)
+		return -1, fmt.Errorf("arm %q: %w", triggerSpec, err)
+	}
+	return fd, nil
+}
+
+// waitTrigger blocks until the trigger on fd fires (POLLPRI).
+func waitTrigger(fd int) error {
+	const pollPri, pollErr = 0x2, 0x8
+	pfd := struct {
+		fd      int32
+		events  int16
+		revents int16
+	}{fd: int32(fd), events: pollPri}
+	for {
+		_, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, 0, 0, 0, 0)
+		if e == syscall.EINTR {
+			continue
+		}
+		if e != 0 {
+			return e
+		}
+		if pfd.revents&pollErr != 0 {
+			return fmt.Errorf("the trigger's cgroup is gone")
+		}
+		if pfd.revents&pollPri != 0 {
+			return nil
+		}
 	}
 }
 

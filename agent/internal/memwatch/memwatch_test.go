@@ -3,6 +3,7 @@ package memwatch
 import (
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -48,5 +49,28 @@ func TestRead(t *testing.T) {
 	write("memory.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
 	if _, err := read(dir); err == nil {
 		t.Fatal("read of a memory.pressure without a full line succeeded")
+	}
+}
+
+func TestCalm(t *testing.T) {
+	old := sample{At: time.Unix(1000, 0), FullStall: 5 * time.Second, LimitHits: 100}
+	if !calm(old, sample{At: old.At.Add(time.Second), FullStall: old.FullStall, LimitHits: 300}) {
+		t.Error("a second without a full stall is not calm")
+	}
+	if calm(old, sample{At: old.At.Add(time.Second), FullStall: old.FullStall + time.Millisecond, LimitHits: 100}) {
+		t.Error("a second with a full stall is calm")
+	}
+}
+
+// TestTrigger arms the trigger on a real pressure file, the host's
+// (skipped where the kernel has no PSI or forbids triggers).
+func TestTrigger(t *testing.T) {
+	fd, err := openTrigger("/proc/pressure/memory")
+	if err != nil {
+		t.Skipf("cannot arm a trigger here: %v", err)
+	}
+	syscall.Close(fd)
+	if _, err := openTrigger(filepath.Join(t.TempDir(), "memory.pressure")); err == nil {
+		t.Error("openTrigger on a missing file succeeded")
 	}
 }

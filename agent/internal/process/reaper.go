@@ -5,7 +5,6 @@ import (
 	"os/signal"
 	"sync"
 	"syscall"
-	"time"
 )
 
 // Reaper is the single owner of wait4 in the agent. As PID 1 every orphan in
@@ -62,18 +61,13 @@ func (r *Reaper) Start(start func() (int, error)) (int, <-chan syscall.WaitStatu
 func (r *Reaper) loop() {
 	defer recoverLog("reaper")
 	// Signals coalesce, so one SIGCHLD may stand for many exits: each wake
-	// drains wait4 until nothing is left. The ticker is a safety net for a
-	// wake-up lost before Notify took effect.
+	// drains wait4 until nothing is left. Notify is in effect before the
+	// first drain, so no exit is missed, and an idle guest is never woken.
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGCHLD)
-	tick := time.NewTicker(5 * time.Second)
-	defer tick.Stop()
 	for {
 		r.reapAll()
-		select {
-		case <-sig:
-		case <-tick.C:
-		}
+		<-sig
 	}
 }
 

@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import { access, mkdir, readFile, rmdir, writeFile } from "node:fs/promises";
+import { access, mkdir, readdir, readFile, rmdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { sleep } from "../../util/process.ts";
 
@@ -20,6 +20,8 @@ export interface CgroupLimits {
   memoryBytes: number;
   /** Tasks (QEMU threads: vCPUs, I/O workers, RCU…). */
   pids: number;
+  /** Share of CPU under contention, relative to other VMs (cgroup v2 cpu.weight, 1–10000; v1 cpu.shares is 10.24×). */
+  cpuWeight: number;
 }
 
 /** What a VM's cgroup currently holds and has enforced, read back from the kernel. */
@@ -35,6 +37,44 @@ export interface CgroupReading {
 }
 
 const CPU_PERIOD_US = 100_000;
+
+/** One reading of the VMs' parent cgroup's memory. */
+export interface ParentMemoryReading {
+  /** When it was read (ms). */
+  at: number;
+  usageBytes: number;
+  limitBytes: number;
+  /** How often a charge has hit the limit so far (v2 memory.events max, v1 memory.failcnt). */
+  limitHits: number;
+  /**
+   * Time tasks were stalled on memory so far, in µs: on v2 the parent's PSI
+   * "full" (all its tasks); on v1, which has none per cgroup, the host's
+   * "some" (the host's "full" needs every task on it stalled, the server's too).
+   */
+  stallUs: number;
+}
+
+/** Readings the guard needs in a row (one a second) before it acts. */
+export const GUARD_READINGS = 4;
+
+/**
+ * Whether all VMs together are stuck at their cap: every reading of the
+ * last GUARD_READINGS within 2 % of the limit, the limit hit again between
+ * each, and tasks stalled on memory for at least half that time. The
+ * kernel's OOM killer acts only once reclaim makes no progress, and VMs
+ * whose guest RAM and QEMU binaries are file pages (reclaimed, read back,
+ * reclaimed) make just enough to escape it for minutes, all of them
+ * crawling; this is the sign of it. A cap full of page cache that reclaim
+ * frees without stalls is not.
+ */
+export function stuckAtCap(readings: ParentMemoryReading[]): boolean {
+  if (readings.length < GUARD_READINGS) return false;
+  const last = readings.slice(-GUARD_READINGS);
+  const first = last[0]!;
+  const end = last.at(-1)!;
+  const stalledShare = (end.stallUs - first.stallUs) / 1000 / Math.max(1, end.at - first.at);
+  return stalledShare >= 0.5 && last.every((r, i) => r.usageBytes >= r.limitBytes * 0.98 && (i === 0 || r.limitHits > last[i - 1]!.limitHits));
+}
 
 /**
  * Finds the cgroup hierarchy of each controller from /proc/self/mountinfo: a
@@ -68,6 +108,8 @@ export class Cgroups {
   constructor(
     readonly layout: CgroupLayout,
     private readonly parent: string,
+    /** Memory all VMs under `parent` may use together (its limit); undefined: none. */
+    private readonly parentMemoryBytes?: number,
   ) {}
 
   /** The VM's directories, one per hierarchy (v1 may mount controllers together). */
@@ -83,11 +125,13 @@ export class Cgroups {
   async create(name: string, limits: CgroupLimits): Promise<string[]> {
     if (this.layout.version === 2) await this.enableV2Controllers();
     for (const dir of this.dirs(name)) await mkdir(dir, { recursive: true });
+    await this.limitParent();
     const quota = Math.round(limits.cpus * CPU_PERIOD_US);
     if (this.layout.version === 2) {
       const dir = this.dir("cpu", name);
       await writeFile(join(dir, "cpu.max"), `${quota} ${CPU_PERIOD_US}`);
       await writeOptional(join(dir, "cpu.max.burst"), String(quota));
+      await writeFile(join(dir, "cpu.weight"), String(limits.cpuWeight));
       await writeFile(join(dir, "memory.max"), String(limits.memoryBytes));
       // Guest RAM pushed to swap would escape the limit in all but name.
       await writeOptional(join(dir, "memory.swap.max"), "0");
@@ -96,6 +140,7 @@ export class Cgroups {
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_period_us"), String(CPU_PERIOD_US));
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_quota_us"), String(quota));
       await writeOptional(join(this.dir("cpu", name), "cpu.cfs_burst_us"), String(quota));
+      await writeFile(join(this.dir("cpu", name), "cpu.shares"), String(Math.round(limits.cpuWeight * 10.24)));
       await writeFile(join(this.dir("memory", name), "memory.limit_in_bytes"), String(limits.memoryBytes));
       await writeOptional(join(this.dir("memory", name), "memory.memsw.limit_in_bytes"), String(limits.memoryBytes));
       await writeFile(join(this.dir("pids", name), "pids.max"), String(limits.pids));
@@ -112,7 +157,7 @@ export class Cgroups {
     if (this.layout.version === 2) {
       const [quota, period] = (await text("cpu", "cpu.max")).trim().split(" ").map(Number);
       return {
-        limits: { cpus: quota! / period!, memoryBytes: Number(await text("memory", "memory.max")), pids },
+        limits: { cpus: quota! / period!, memoryBytes: Number(await text("memory", "memory.max")), pids, cpuWeight: Number(await text("cpu", "cpu.weight")) },
         memoryBytes: Number(await text("memory", "memory.current")),
         cpuPeriods: field(cpuStat, "nr_periods"),
         cpuThrottled: field(cpuStat, "nr_throttled"),
@@ -122,7 +167,7 @@ export class Cgroups {
     const quota = Number(await text("cpu", "cpu.cfs_quota_us"));
     const period = Number(await text("cpu", "cpu.cfs_period_us"));
     return {
-      limits: { cpus: quota / period, memoryBytes: Number(await text("memory", "memory.limit_in_bytes")), pids },
+      limits: { cpus: quota / period, memoryBytes: Number(await text("memory", "memory.limit_in_bytes")), pids, cpuWeight: Math.round(Number(await text("cpu", "cpu.shares")) / 10.24) },
       memoryBytes: Number(await text("memory", "memory.usage_in_bytes")),
       cpuPeriods: field(cpuStat, "nr_periods"),
       cpuThrottled: field(cpuStat, "nr_throttled"),
@@ -150,6 +195,71 @@ export class Cgroups {
         }
       }
     }
+  }
+
+  /**
+   * Caps the memory of all VMs together: when they all allocate at once the
+   * kernel reclaims and, failing that, OOM-kills inside the parent (the
+   * biggest QEMU), never the server or the rest of the host. Written at every
+   * create, so a changed setting applies without a restart.
+   */
+  private async limitParent(): Promise<void> {
+    if (this.parentMemoryBytes === undefined) return;
+    const dir = join(this.layout.mounts.memory, this.parent);
+    try {
+      if (this.layout.version === 2) await writeFile(join(dir, "memory.max"), String(this.parentMemoryBytes));
+      else await writeFile(join(dir, "memory.limit_in_bytes"), String(this.parentMemoryBytes));
+    } catch (err) {
+      throw new Error(`cannot limit the memory of all VMs (${dir}) to ${this.parentMemoryBytes} bytes: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /** The parent's memory use, limit and limit hits; undefined without a parent limit or before the first VM. */
+  async readParentMemory(): Promise<ParentMemoryReading | undefined> {
+    if (this.parentMemoryBytes === undefined) return undefined;
+    const dir = join(this.layout.mounts.memory, this.parent);
+    const num = async (file: string) => Number((await readFile(join(dir, file), "utf8")).trim());
+    const stallUs = async (file: string, kind: "some" | "full") => Number(new RegExp(`^${kind} .*total=(\\d+)`, "m").exec(await readFile(file, "utf8"))?.[1] ?? 0);
+    try {
+      if (this.layout.version === 2) {
+        const events = await readFile(join(dir, "memory.events"), "utf8");
+        return {
+          at: Date.now(),
+          usageBytes: await num("memory.current"),
+          limitBytes: await num("memory.max"),
+          limitHits: Number(/^max (\d+)/m.exec(events)?.[1] ?? 0),
+          stallUs: await stallUs(join(dir, "memory.pressure"), "full"),
+        };
+      }
+      return {
+        at: Date.now(),
+        usageBytes: await num("memory.usage_in_bytes"),
+        limitBytes: await num("memory.limit_in_bytes"),
+        limitHits: await num("memory.failcnt"),
+        stallUs: await stallUs("/proc/pressure/memory", "some"),
+      };
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * SIGKILLs what runs in the VM cgroup with the most anonymous memory (what
+   * it allocated; page cache charged to it, such as a snapshot's pages it
+   * happened to read first, is not its doing); returns its name and that.
+   */
+  async killBiggest(): Promise<{ name: string; bytes: number } | undefined> {
+    const parent = join(this.layout.mounts.memory, this.parent);
+    const key = this.layout.version === 2 ? "anon" : "rss";
+    let biggest: { name: string; bytes: number } | undefined;
+    for (const entry of await readdir(parent, { withFileTypes: true }).catch(() => [])) {
+      if (!entry.isDirectory()) continue;
+      const stat = await readFile(join(parent, entry.name, "memory.stat"), "utf8").catch(() => "");
+      const bytes = Number(new RegExp(`^${key} (\\d+)`, "m").exec(stat)?.[1] ?? 0);
+      if (!biggest || bytes > biggest.bytes) biggest = { name: entry.name, bytes };
+    }
+    if (biggest) for (const dir of this.dirs(biggest.name)) await killMembers(dir);
+    return biggest;
   }
 
   /** v2 only: a controller limits a child only if every ancestor delegates it. */

@@ -1,6 +1,7 @@
 import { chmod, mkdir, readFile, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { dirname, isAbsolute, join } from "node:path";
-import { Cgroups, detectCgroups, type CgroupReading } from "./cgroups.ts";
+import { Cgroups, detectCgroups, GUARD_READINGS, stuckAtCap, type CgroupReading, type ParentMemoryReading } from "./cgroups.ts";
+import { hostMemoryBudget } from "../host-memory.ts";
 
 export { detectCgroups, type CgroupReading } from "./cgroups.ts";
 
@@ -63,6 +64,8 @@ export interface JailConfig {
    * is throttled.
    */
   cpuHeadroom: number;
+  /** Memory all VMs may use together, in bytes: the limit of their parent cgroup (host-memory.ts). */
+  vmMemoryBytes: number;
 }
 
 /**
@@ -85,6 +88,7 @@ export function jailConfigFromEnv(env = process.env): JailConfig | undefined {
     maxTasks: 512,
     // Half a CPU: a restore runs QEMU's main loop beside the vCPU; measured in bench/jail.ts.
     cpuHeadroom: 0.5,
+    vmMemoryBytes: hostMemoryBudget(env).vmMemoryMiB * 2 ** 20,
   };
 }
 
@@ -135,9 +139,39 @@ const DEFAULT_DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom"];
 
 export class Jailer {
   private readonly cgroups: Cgroups;
+  private readonly memoryGuard: NodeJS.Timeout;
 
-  constructor(readonly config: JailConfig) {
-    this.cgroups = new Cgroups(detectCgroups(), config.cgroupParent);
+  constructor(
+    readonly config: JailConfig,
+    log: (msg: string) => void = () => undefined,
+  ) {
+    this.cgroups = new Cgroups(detectCgroups(), config.cgroupParent, config.vmMemoryBytes);
+    // The VMs' memory cap, watched once a second (one file of the parent,
+    // whatever the number of VMs): when they are stuck at it the biggest VM's
+    // QEMU is killed, as the kernel's OOM killer would, but before every VM crawls.
+    const readings: ParentMemoryReading[] = [];
+    let busy = false;
+    this.memoryGuard = setInterval(() => {
+      if (busy) return;
+      busy = true;
+      void (async () => {
+        const reading = await this.cgroups.readParentMemory();
+        if (!reading) return;
+        readings.push(reading);
+        if (readings.length > GUARD_READINGS) readings.shift();
+        if (!stuckAtCap(readings)) return;
+        readings.length = 0;
+        const killed = await this.cgroups.killBiggest();
+        if (killed) log(`memory guard: all VMs at their ${Math.round(reading.limitBytes / 2 ** 20)} MiB cap for ${GUARD_READINGS} s: killed ${killed.name} (${Math.round(killed.bytes / 2 ** 20)} MiB allocated)`);
+      })()
+        .catch((err: Error) => log(`memory guard: ${err.message}`))
+        .finally(() => (busy = false));
+    }, 1000).unref();
+  }
+
+  /** Stops watching the VMs' memory cap. */
+  close(): void {
+    clearInterval(this.memoryGuard);
   }
 
   get cgroupVersion(): 1 | 2 {
@@ -187,7 +221,13 @@ export class Jailer {
     const table = entries.map(([source, options], i) => `${fstabPath(source)} ${fstabPath(i === 0 ? root : join(root, source))} none ${options} 0 0`);
     await writeFile(fstab, `${table.join("\n")}\n`, { mode: 0o600 });
     try {
-      const procs = await this.cgroups.create(opts.name, { cpus: opts.vcpus + this.config.cpuHeadroom, memoryBytes: opts.memoryBytes, pids: this.config.maxTasks });
+      const procs = await this.cgroups.create(opts.name, {
+        cpus: opts.vcpus + this.config.cpuHeadroom,
+        memoryBytes: opts.memoryBytes,
+        pids: this.config.maxTasks,
+        // Under contention VMs share the host's CPU by their vCPUs (the default weight, 100, per vCPU).
+        cpuWeight: Math.min(10_000, 100 * opts.vcpus),
+      });
       const c = this.config;
       const ids = String(opts.uid);
       return {
