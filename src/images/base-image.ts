@@ -1,6 +1,7 @@
 import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
 import { SNAPSHOT_FORMAT, type Engine, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
 import { qemuBuild } from "../vmm/snapshot.ts";
+import { guestCmdline } from "../vmm/qemu.ts";
 
 /** vCPUs and memory of a snapshot; every clone of it has the same. */
 export interface VmShape {
@@ -34,6 +35,8 @@ export async function prepareBaseImage(
       memoryMiB: shape.memoryMiB,
       snapshotFormat: SNAPSHOT_FORMAT,
       qemu: qemuBuild(),
+      // The guest kernel booted with it (nowatchdog, ...): the snapshot keeps that kernel's state.
+      cmdline: guestCmdline({ accelerator: engine.accelerator, hostname: "" }),
     },
     log: opts.log,
     build: async (dir) => {
