@@ -83,15 +83,17 @@ describe("a server restart during a build", () => {
     const pid = qemuPidsOf(join(dir, "snapshot"))[0]!;
     expect(pid).toBeGreaterThan(0);
 
-    // What a restarted server does first: its engine ends the template VMs an earlier one left,
-    // then a new image service over the same database and directory fails their builds.
-    const dataDir = dirname(opts.imagesDir);
-    const engine = await Engine.open(engineConfig(dataDir));
-    await engine.close();
+    // What a restarted server does: a new image service over the same database and directory fails
+    // the builds an earlier one left, and its engine ends their template VMs. (A real restart ends
+    // the VMs first; here the old service lives on in this process, and once its build VM is killed
+    // it would record its own failure first: the first terminal state written is the one kept.)
     const restarted = new ImageService(opts);
     await restarted.start();
     const row = (await api.call("GET", `/v1/images/${res.body.imageId}`, { key: alice })).body;
     expect(row).toMatchObject({ state: "FAILED", stateReason: "the server restarted during the build" });
+    const dataDir = dirname(opts.imagesDir);
+    const engine = await Engine.open(engineConfig(dataDir));
+    await engine.close();
     await expect(access(join(dir, "snapshot"))).rejects.toThrow();
     await expect(access(join(dir, "code.zip"))).rejects.toThrow();
     expect(isAlive(pid)).toBe(false);
