@@ -324,40 +324,24 @@ export class Engine extends EventEmitter {
 
   /** One child of a fork: the parent's shape, ports and egress; the capture restored into anonymous memory, as a resume. */
   private async forkChild(parent: VmRecord, capture: VmCapture, id: string): Promise<MicroVm> {
-    const dir = join(this.vmsDir, id);
-    await mkdir(dir, { mode: 0o700 });
-    const forwards = await allocateForwards([AGENT_PORT, ...parent.forwards.map((f) => f.guestPort)]);
-    const record: VmRecord = {
+    const vm = await this.newVm(
       id,
-      processName: id,
-      status: "starting",
-      snapshotDir: parent.snapshotDir,
-      vcpus: parent.vcpus,
-      memoryMiB: parent.memoryMiB,
-      diskBytes: parent.diskBytes,
-      token: capture.token,
-      uid: 0,
-      agentPort: forwards[0]!.hostPort,
-      forwards: forwards.slice(1),
-      network: { egress: "none" },
-      createdAt: new Date().toISOString(),
-    };
-    const vm = new MicroVm(dir, record);
-    vm.host.push("directory", () => rm(vm.dir, { recursive: true, force: true }));
-    const uid = this.host.allocateUid(vm.host);
-    vm.record = { ...record, uid, network: this.host.network.allocate(parent.network.egress, uid) };
+      { snapshotDir: parent.snapshotDir, vcpus: parent.vcpus, memoryMiB: parent.memoryMiB, diskBytes: parent.diskBytes, token: capture.token },
+      parent.forwards.map((f) => f.guestPort),
+      parent.network.egress,
+    );
     this.vms.set(id, vm);
     return this.locks.run(id, async () => {
       try {
         // Before anything runs: a crash from here leaves a record adoption discards (status starting).
         await this.saveRecord(vm);
-        const layers = await adoptCaptureLayers(capture, dir);
+        const layers = await adoptCaptureLayers(capture, vm.dir);
         vm.record = { ...vm.record, diskLayers: layers };
         await this.saveRecord(vm);
-        const disk = vmFiles(dir).disk;
+        const disk = vmFiles(vm.dir).disk;
         // -u: the layer is not opened; the chain is the record's.
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
-        await this.host.prepareFiles(uid, [disk]);
+        await this.host.prepareFiles(vm.record.uid, [disk]);
         // Timed as a whole by the lifecycle (the fork metric), not by phase.
         await this.restoreInto(vm, { kind: "anonymous" }, capture.state, new PhaseClock());
         return vm;
@@ -401,25 +385,24 @@ export class Engine extends EventEmitter {
   // ---- internals ---------------------------------------------------------------
 
   /**
-   * Restores a new VM from a snapshot (the direct launch path, and the warm
-   * pool's). Its directory is named after its process, which keeps its name
-   * if a pooled VM is later handed out under another id.
+   * A new VM's host side before its process: its directory (released with its
+   * host stack), host ports for the agent and `guestPorts`, a uid and a
+   * network of its own. Launches and fork children both start here.
    */
-  private async clone(snapshot: Snapshot, id: string, opts: { pooled: boolean; egress: Egress; extraPorts: number[] }, clock: PhaseClock): Promise<MicroVm> {
-    const m = snapshot.manifest;
+  private async newVm(
+    id: string,
+    from: Pick<VmRecord, "snapshotDir" | "vcpus" | "memoryMiB" | "diskBytes" | "token" | "pooled">,
+    guestPorts: number[],
+    egress: Egress,
+  ): Promise<MicroVm> {
     const dir = join(this.vmsDir, id);
     await mkdir(dir, { mode: 0o700 });
-    const forwards = await allocateForwards([AGENT_PORT, ...m.guestPorts, ...opts.extraPorts]);
+    const forwards = await allocateForwards([AGENT_PORT, ...guestPorts]);
     const record: VmRecord = {
       id,
       processName: id,
       status: "starting",
-      pooled: opts.pooled || undefined,
-      snapshotDir: snapshot.dir,
-      vcpus: m.vcpus,
-      memoryMiB: m.memoryMiB,
-      diskBytes: m.diskBytes,
-      token: m.token,
+      ...from,
       uid: 0,
       agentPort: forwards[0]!.hostPort,
       forwards: forwards.slice(1),
@@ -429,17 +412,33 @@ export class Engine extends EventEmitter {
     const vm = new MicroVm(dir, record);
     vm.host.push("directory", () => rm(vm.dir, { recursive: true, force: true }));
     const uid = this.host.allocateUid(vm.host);
-    vm.record = { ...record, uid, network: this.host.network.allocate(opts.egress, uid) };
+    vm.record = { ...record, uid, network: this.host.network.allocate(egress, uid) };
+    return vm;
+  }
+
+  /**
+   * Restores a new VM from a snapshot (the direct launch path, and the warm
+   * pool's). Its directory is named after its process, which keeps its name
+   * if a pooled VM is later handed out under another id.
+   */
+  private async clone(snapshot: Snapshot, id: string, opts: { pooled: boolean; egress: Egress; extraPorts: number[] }, clock: PhaseClock): Promise<MicroVm> {
+    const m = snapshot.manifest;
+    const vm = await this.newVm(
+      id,
+      { snapshotDir: snapshot.dir, vcpus: m.vcpus, memoryMiB: m.memoryMiB, diskBytes: m.diskBytes, token: m.token, pooled: opts.pooled || undefined },
+      [...m.guestPorts, ...opts.extraPorts],
+      opts.egress,
+    );
     if (!opts.pooled) this.vms.set(id, vm);
     return this.locks.run(id, async () => {
       try {
         // Recorded before QEMU starts, so a crash mid-launch leaves a record that
         // adoption cleans up instead of an untracked process.
         await this.saveRecord(vm);
-        const disk = vmFiles(dir).disk;
+        const disk = vmFiles(vm.dir).disk;
         // -u: the snapshot's disk is not opened (its size is in the manifest), so no header is followed.
         await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
-        await this.host.prepareFiles(uid, [disk]);
+        await this.host.prepareFiles(vm.record.uid, [disk]);
         clock.mark("prepare");
         // A snapshot of a running VM carries its RAM in the state (capture.ts): restored like a resume.
         const memory: GuestMemory = m.ramInState ? { kind: "anonymous" } : { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
