@@ -4,18 +4,7 @@
  * 512 MiB filled), and POST /fork → 201 with 1 and with 10 children RUNNING.
  * Writes bench/results/fork.{json,md}.
  */
-import { mkdir, rm } from "node:fs/promises";
-import { join } from "node:path";
-import { buildApi } from "../src/api/server.ts";
-import { ImageCatalog } from "../src/images/catalog.ts";
-import { ImageService } from "../src/images/service.ts";
-import { MicroVmService } from "../src/lifecycle/microvms.ts";
-import { bootstrapAdminKey } from "../src/server/bootstrap.ts";
-import { startRuntime } from "../src/server/runtime.ts";
-import { openDatabase } from "../src/store/db.ts";
-import { ServerSecrets } from "../src/store/secrets.ts";
-import { ServerMetrics } from "../src/telemetry/metrics.ts";
-import { VmSampler } from "../src/telemetry/vm-samples.ts";
+import { startApiStack } from "./api-stack.ts";
 import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
 
 const root = process.env.COCOON_BENCH_DIR ?? "/tmp/cocoon-bench";
@@ -25,33 +14,15 @@ const WIDE_FORKS = Number(process.env.BENCH_WIDE_FORKS ?? 2);
 const log = (line: string) => console.error(`[bench] ${line}`);
 
 async function main(): Promise<void> {
-  const dataDir = join(root, "fork-data");
-  await rm(dataDir, { recursive: true, force: true });
-  await mkdir(dataDir, { recursive: true });
-  const db = await openDatabase(dataDir);
-  const secrets = await ServerSecrets.open(dataDir);
-  const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
-  const runtime = await startRuntime({ dataDir, assetsDir: join(root, "assets"), warmPoolSize: 0, log });
-  const imageService = new ImageService({ db, engine: runtime.engine, imagesDir: join(dataDir, "tenant-images"), rootfs: runtime.rootfs, assetsDir: join(root, "assets"), log });
-  await imageService.start();
-  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(dataDir, "images"), assetsDir: join(root, "assets"), rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
-  const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   // Room for a parent and ten children whatever the host's cores (admission is not what is measured).
-  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, observer: metrics, log, capacity: { vcpus: 64, memoryMiB: 16 * 1024 } });
-  await microvms.start();
-  const app = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, metrics, sampler: new VmSampler() });
-  await app.listen({ host: "127.0.0.1", port: 0 });
-  const port = (app.server.address() as { port: number }).port;
-  const api = async (method: string, path: string, body?: unknown) => {
-    const res = await fetch(`http://127.0.0.1:${port}${path}`, {
-      method,
-      headers: { authorization: `Bearer ${adminKey}`, ...(body ? { "content-type": "application/json" } : {}) },
-      body: body ? JSON.stringify(body) : undefined,
-    });
-    const json = (await res.json()) as any;
-    if (res.status >= 300) throw new Error(`${method} ${path}: ${res.status} ${JSON.stringify(json)}`);
-    return json;
-  };
+  const { runtime, api, close } = await startApiStack({
+    root,
+    dataDirName: "fork-data",
+    warmPoolSize: 0,
+    log,
+    tenantImages: true,
+    capacity: { vcpus: 64, memoryMiB: 16 * 1024 },
+  });
   /** The pauses the VM's events report, in order. */
   const pauses = async (id: string): Promise<number[]> =>
     ((await api("GET", `/v1/microvms/${id}/events`)).events as { message: string }[]).flatMap((e) => {
@@ -115,12 +86,7 @@ async function main(): Promise<void> {
     console.log(md);
     await writeResults("fork", figures, md);
   } finally {
-    await app.close();
-    microvms.stop();
-    await imageService.close();
-    for (const v of runtime.engine.list()) await runtime.engine.terminate(v.id).catch(() => undefined);
-    await runtime.engine.close();
-    await db.destroy();
+    await close();
   }
 }
 
