@@ -14,7 +14,7 @@ import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { parseEgress, type Egress } from "./network/index.ts";
-import { AGENT_PORT, machinePaths, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
+import { AGENT_PORT, machinePaths, qemuInstall, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
 import { PhaseClock } from "./phases.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snapshot.ts";
@@ -340,7 +340,7 @@ export class Engine extends EventEmitter {
         await this.saveRecord(vm);
         const disk = vmFiles(vm.dir).disk;
         // -u: the layer is not opened; the chain is the record's.
-        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
+        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
         await this.host.prepareFiles(vm.record.uid, [disk]);
         // Timed as a whole by the lifecycle (the fork metric), not by phase.
         await this.restoreInto(vm, { kind: "anonymous" }, capture.state, new PhaseClock());
@@ -437,7 +437,7 @@ export class Engine extends EventEmitter {
         await this.saveRecord(vm);
         const disk = vmFiles(vm.dir).disk;
         // -u: the snapshot's disk is not opened (its size is in the manifest), so no header is followed.
-        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
+        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
         await this.host.prepareFiles(vm.record.uid, [disk]);
         clock.mark("prepare");
         // A snapshot of a running VM carries its RAM in the state (capture.ts): restored like a resume.

@@ -20,6 +20,36 @@ export interface PortForward {
   guestPort: number;
 }
 
+/** The QEMU binaries VMs run on, and the firmware directory that goes with them. */
+export interface QemuInstall {
+  system: string;
+  img: string;
+  /** Firmware and ROMs (`-L`); absent: the binary's own default (Debian's /usr/share/qemu). */
+  dataDir?: string;
+}
+
+/**
+ * Debian's QEMU from PATH, or the one under COCOON_QEMU_PREFIX: a prefix
+ * holding bin/qemu-system-x86_64, bin/qemu-img and share/qemu (another build
+ * unpacked beside the system's, to measure or test it). It must be under
+ * /usr: the jail mounts /usr only, read-only.
+ */
+export function qemuInstallFromEnv(env: NodeJS.ProcessEnv): QemuInstall {
+  const prefix = env.COCOON_QEMU_PREFIX;
+  if (!prefix) return { system: "qemu-system-x86_64", img: "qemu-img" };
+  if (!/^\/usr(\/[A-Za-z0-9_.+-]+)+$/.test(prefix) || prefix.split("/").some((p) => p === "." || p === "..")) {
+    throw new Error(`COCOON_QEMU_PREFIX must be an absolute path of plain names under /usr (the jail mounts /usr only), got "${prefix}"`);
+  }
+  return { system: join(prefix, "bin", "qemu-system-x86_64"), img: join(prefix, "bin", "qemu-img"), dataDir: join(prefix, "share", "qemu") };
+}
+
+let install: QemuInstall | undefined;
+
+/** This process's QEMU (`qemuInstallFromEnv`), read once. */
+export function qemuInstall(): QemuInstall {
+  return (install ??= qemuInstallFromEnv(process.env));
+}
+
 /** Where guest RAM lives. */
 export type GuestMemory =
   /** A file; `shared` writes go to the file (a snapshot template), otherwise a private copy-on-write mapping of it (a clone). */
@@ -193,6 +223,7 @@ export function qemuArgs(spec: MachineSpec): string[] {
   const hostfwd = spec.forwards.map((f) => `,hostfwd=tcp:127.0.0.1:${f.hostPort}-${GUEST_NET.ip}:${f.guestPort}`).join("");
   return [
     "-name", `${spec.name},process=cocoon-${spec.name}`,
+    ...(qemuInstall().dataDir ? ["-L", qemuInstall().dataDir!] : []),
     // x-option-roms=off: no firmware ROMs to load; rtc=on: the guest reads wall time at boot.
     "-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem",
     "-accel", spec.accelerator === "tcg" ? `tcg,tb-size=${TCG_CODE_CACHE_MIB}` : "kvm",
@@ -242,7 +273,7 @@ export function qemuArgs(spec: MachineSpec): string[] {
  */
 export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: QmpClient }> {
   const paths = { ...machinePaths(spec.vmDir), ...socketPaths(spec.name) };
-  const qemuArgv = ["qemu-system-x86_64", ...qemuArgs(spec)];
+  const qemuArgv = [qemuInstall().system, ...qemuArgs(spec)];
   const lastFd = spec.incomingState ? INHERITED_FD.incomingState : INHERITED_FD.qmp;
   const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv, lastFd) : qemuArgv;
   const listener = await listenUnix(`${paths.qmp}.new`);

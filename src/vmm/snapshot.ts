@@ -3,7 +3,7 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { InvalidArgumentError, SnapshotIncompatibleError } from "../errors.ts";
 import { exists } from "../util/files.ts";
-import type { Accelerator, DiskChain } from "./qemu.ts";
+import { qemuInstall, type Accelerator, type DiskChain } from "./qemu.ts";
 
 
 /** Layout of snapshot directories this engine writes and reads (`SnapshotManifest.formatVersion`). */
@@ -60,7 +60,7 @@ let build: string | undefined;
 
 /** The QEMU build on this host (its `--version` line, package revision included). */
 export function qemuBuild(): string {
-  build ??= execFileSync("qemu-system-x86_64", ["--version"], { encoding: "utf8" }).split("\n")[0]!.trim();
+  build ??= execFileSync(qemuInstall().system, ["--version"], { encoding: "utf8" }).split("\n")[0]!.trim();
   return build;
 }
 

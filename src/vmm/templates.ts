@@ -9,7 +9,7 @@ import { buildCpio } from "./guest/cpio.ts";
 import { allocateForwards, type HostSide } from "./host.ts";
 import type { Machine } from "./machine.ts";
 import type { Egress, VmNetworkRecord } from "./network/index.ts";
-import { AGENT_PORT, guestCmdline, machinePaths, type Accelerator, type MachineSpec, type PortForward } from "./qemu.ts";
+import { AGENT_PORT, guestCmdline, machinePaths, qemuInstall, type Accelerator, type MachineSpec, type PortForward } from "./qemu.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
 import { checkShape, newToken } from "./vm.ts";
@@ -100,7 +100,7 @@ export class Templates {
       try {
         // -u: the backing file is not opened (its size is known), so no header is followed.
         await rm(files.disk, { force: true });
-        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", opts.backingDisk, "-F", "qcow2", files.disk, String(diskBytes)]);
+        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", opts.backingDisk, "-F", "qcow2", files.disk, String(diskBytes)]);
         // The template's QEMU writes its RAM and disk: both belong to its uid until `snapshot`.
         await writeFile(files.memory, "", { mode: 0o600 });
         await truncate(files.memory, opts.memoryMiB * 1024 * 1024);
@@ -229,7 +229,7 @@ async function writeSecretInitramfs(base: string, path: string, token: string): 
 
 /** A qcow2's virtual size; `qemu-img info` reads the header only, never opening a backing file. */
 export async function qcow2VirtualBytes(path: string): Promise<number> {
-  const info = JSON.parse(await run("qemu-img", ["info", "--output=json", "-U", path])) as { "virtual-size": number };
+  const info = JSON.parse(await run(qemuInstall().img, ["info", "--output=json", "-U", path])) as { "virtual-size": number };
   return info["virtual-size"];
 }
 
