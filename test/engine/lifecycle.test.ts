@@ -51,7 +51,8 @@ describe("suspend and resume", () => {
     const vm = await ctx.engine.launch(ctx.snapshot);
     const pid = (await vm.agent.exec({ command: COUNTER })).stdout.trim();
     // A process holding a file open and appending to it through that descriptor.
-    await vm.agent.exec({ command: `nohup sh -c 'exec 3>>/root/journal; while read line < /tmp/fifo; do echo "$line" >&3; done' >/dev/null 2>&1 & mkfifo /tmp/fifo 2>/dev/null; echo first > /tmp/fifo` });
+    // The fifo exists before the reader starts: a reader that finds none ends, and the write then waits forever.
+    await vm.agent.exec({ command: `mkfifo /tmp/fifo; nohup sh -c 'exec 3>>/root/journal; while read line < /tmp/fifo; do echo "$line" >&3; done' >/dev/null 2>&1 & echo first > /tmp/fifo` });
     await vm.agent.writeFile("/root/disk-write", Buffer.from("persisted"));
     const before = await readCounter(vm, pid);
 
