@@ -42,7 +42,7 @@ function kvmBootsGuest(kernel: string, initramfs: string, timeoutMs: number): Pr
   return new Promise((resolve) => {
     const qemu = spawn(
       qemuInstall().system,
-      [...(qemuInstall().dataDir ? ["-L", qemuInstall().dataDir!] : []), "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
+      [...(qemuInstall().dataDir ? ["-L", qemuInstall().dataDir!] : []), "-M", "microvm", "-bios", "qboot.rom", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-serial", "stdio", "-kernel", kernel, "-initrd", initramfs, "-append", "console=ttyS0 panic=-1"],
       { stdio: ["ignore", "pipe", "ignore"] },
     );
