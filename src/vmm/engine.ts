@@ -19,7 +19,7 @@ import { PhaseClock } from "./phases.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snapshot.ts";
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
-import { InvalidVmStateError, VmNotFoundError } from "../errors.ts";
+import { InvalidVmStateError, SnapshotIncompatibleError, VmNotFoundError } from "../errors.ts";
 import { MicroVm, newToken, newVmId, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
 import { WarmPool } from "./warm-pool.ts";
 
@@ -279,7 +279,14 @@ export class Engine extends EventEmitter {
       const forwards = await allocateForwards([AGENT_PORT, ...vm.record.forwards.map((f) => f.guestPort)]);
       vm.record = { ...vm.record, agentPort: forwards[0]!.hostPort, forwards: forwards.slice(1) };
       const clock = new PhaseClock();
-      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock);
+      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock).catch((err: unknown) => {
+        // Its saved state is its snapshot's build's (a QEMU upgrade since): no rebuild brings it back.
+        if (!(err instanceof SnapshotIncompatibleError)) throw err;
+        throw new SnapshotIncompatibleError(
+          `microVM ${id} was suspended by a QEMU build this host no longer runs, which alone can restore its saved state (${err.reason})`,
+          "terminate it, or resume it on a host running the build that suspended it",
+        );
+      });
       this.emit("phases", "resume", clock.phases);
       // Only now: until the record said running, a restart kept the VM suspended.
       await rm(files.suspended, { force: true });

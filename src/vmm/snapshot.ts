@@ -73,15 +73,14 @@ export async function loadSnapshot(dir: string, host: { accelerator: Accelerator
   const files = snapshotFiles(dir);
   if (!(await exists(files.manifest))) throw new InvalidArgumentError("snapshot", `no complete snapshot in ${dir}`);
   const manifest = JSON.parse(await readFile(files.manifest, "utf8")) as SnapshotManifest;
-  const rebuild = "rebuild the image (a build on this host makes a snapshot it can restore)";
   if (manifest.formatVersion !== SNAPSHOT_FORMAT) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} has format ${String(manifest.formatVersion)}, this server reads ${SNAPSHOT_FORMAT}: ${rebuild}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} has format ${String(manifest.formatVersion)}, this server reads ${SNAPSHOT_FORMAT}`);
   }
   if (manifest.accelerator !== host.accelerator) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made under ${manifest.accelerator} but this host runs ${host.accelerator}: ${rebuild}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made under ${manifest.accelerator} but this host runs ${host.accelerator}`);
   }
   if (manifest.qemuBuild !== qemuBuild()) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made by "${manifest.qemuBuild}" but this host runs "${qemuBuild()}": ${rebuild}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made by "${manifest.qemuBuild}" but this host runs "${qemuBuild()}"`);
   }
   return { dir, manifest };
 }
