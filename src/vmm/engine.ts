@@ -14,7 +14,7 @@ import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { parseEgress, type Egress } from "./network/index.ts";
-import { AGENT_PORT, machinePaths, qemuInstall, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
+import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
 import { PhaseClock } from "./phases.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snapshot.ts";
@@ -107,6 +107,8 @@ export class Engine extends EventEmitter {
   /** Opens the engine over a data directory: ends orphaned templates and re-adopts every VM found there. */
   static async open(config: EngineConfig): Promise<Engine> {
     const engine = new Engine(config);
+    // Probed here, once per process, rather than on a launch's path (it runs a QEMU for ~0.1 s).
+    qemuFeatures();
     await mkdir(engine.vmsDir, { recursive: true, mode: 0o700 });
     await engine.templates.endOrphans();
     await engine.adoptAll();

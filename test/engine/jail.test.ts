@@ -109,7 +109,10 @@ describe("a jailed QEMU process", () => {
     const memory = join(ctx.snapshot.dir, "memory");
     if (qemuFeatures().readOnlyPrivateMapping) {
       expect(statSync(memory).mode & 0o777).toBe(0o444);
-      expect(asUid(vm.record.uid, ["sh", "-c", `echo x >> ${memory}`], { inMountNsOf: pid }).output).toMatch(/Read-only file system/);
+      expect(asUid(vm.record.uid, ["sh", "-c", `echo x >> ${memory}`], { inMountNsOf: pid }).output).toMatch(/Permission denied/);
+      // Mounted read-only as well: the mount table's options for it begin with "ro".
+      const mount = readFileSync(`/proc/${pid}/mountinfo`, "utf8").split("\n").map((l) => l.split(" ")).find((f) => f[4] === memory);
+      expect(mount?.[5]).toMatch(/^ro,/);
     } else {
       expect(statSync(memory).mode & 0o777).toBe(0o666);
     }
