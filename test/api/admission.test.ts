@@ -49,7 +49,11 @@ describe("admission by real memory", () => {
     // Every VM but the first starts allocating at once.
     const [innocent, ...hogs] = ids as [string, ...string[]];
     const killsBefore = await parentOomKills();
-    const hog = `nohup perl -e '$x = "x" x (${HOG_MIB} * 2**20); sleep 3600' >/dev/null 2>&1 &`;
+    // vec() grows one string in place: HOG_MIB resident at its peak, which
+    // fits in the guest. ("x" x N builds a temporary and copies it, 2N at the
+    // peak: the guest's own OOM killer ended such hogs part way, at sizes
+    // that sometimes let two of them fit beside the idle VM.)
+    const hog = `nohup perl -e 'vec($x, ${HOG_MIB} * 2**20 - 1, 8) = 1; sleep 3600' >/dev/null 2>&1 &`;
     await Promise.all(hogs.map((id) => api.call("POST", `/v1/microvms/${id}/exec`, { key, body: { command: hog } })));
     const state = async (id: string) => (await api.call("GET", `/v1/microvms/${id}`, { key })).body.state as string;
     // At most one hog fits beside the idle VM: the others must be ended.
