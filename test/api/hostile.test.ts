@@ -18,7 +18,9 @@ const log = new PassThrough();
 let logText = "";
 log.on("data", (d: Buffer) => (logText += d.toString()));
 const TIMEOUTS = { headersMs: 2_000, requestMs: 4_000 };
-const api = await useApi({ policyIntervalMs: 500, api: { timeouts: TIMEOUTS, logger: true, logStream: log } });
+/** A small budget for buffered exec answers: one 4 MiB answer of NULs (60 MiB charged) fits, a second does not. */
+const EXEC_OUTPUT_BUDGET_MIB = 96;
+const api = await useApi({ policyIntervalMs: 500, api: { timeouts: TIMEOUTS, logger: true, logStream: log, execOutputBudgetBytes: EXEC_OUTPUT_BUDGET_MIB * 2 ** 20 } });
 const port = Number(new URL(api.url).port);
 const owner = await api.tenantKey("heidi");
 const stranger = await api.tenantKey("ivan");
@@ -397,6 +399,44 @@ describe("guests that flood", () => {
     expect(res.body.stdout.length).toBe(4 * MiB);
     expect(growthMiB).toBeLessThan(200);
     console.log(`exec flood: RSS grew ${growthMiB.toFixed(0)} MiB at most`);
+    await healthy();
+  });
+
+  it("buffered floods at once, and an answer read slowly, share one output budget: past it output is cut and flagged, and it comes back as answers are sent", { timeout: 300_000 }, async () => {
+    const nulFlood = (mib: number) => api.call("POST", `/v1/microvms/${ID}/exec`, { key: owner, body: { command: `head -c ${mib}M /dev/zero`, timeoutSeconds: 200 } });
+    // NULs are the worst case: 15 bytes charged per byte kept (answerBytes).
+    const keptAtMost = (EXEC_OUTPUT_BUDGET_MIB * MiB) / 15;
+    const floods = await Promise.all([nulFlood(8), nulFlood(8), nulFlood(8)]);
+    for (const f of floods) expect(f.body).toMatchObject({ exitCode: 0, truncated: { stdout: true } });
+    const kept = floods.map((f) => (f.body.stdout as string).length);
+    expect(kept.reduce((a, b) => a + b)).toBeLessThanOrEqual(keptAtMost);
+    // Each answer sent gave its share back: one flood alone keeps its 4 MiB.
+    expect(((await nulFlood(8)).body.stdout as string).length).toBe(4 * MiB);
+
+    // A client that stops reading its 24 MiB answer holds its charge...
+    const slow = await new Promise<{ resume(): Promise<number> }>((resolve, reject) => {
+      const req = request({ host: "127.0.0.1", port, method: "POST", path: `/v1/microvms/${ID}/exec`, headers: { authorization: `Bearer ${owner}`, "content-type": "application/json" } }, (res) => {
+        res.pause();
+        resolve({
+          resume: () =>
+            new Promise((done) => {
+              let bytes = 0;
+              res.on("data", (d: Buffer) => (bytes += d.length));
+              res.on("end", () => done(bytes));
+              res.resume();
+            }),
+        });
+      });
+      req.on("error", reject);
+      req.end(JSON.stringify({ command: "head -c 4M /dev/zero", timeoutSeconds: 200 }));
+    });
+    // ...so another answer keeps only what is left of the budget...
+    const squeezed = await nulFlood(4);
+    expect(squeezed.body).toMatchObject({ exitCode: 0, truncated: { stdout: true } });
+    expect((squeezed.body.stdout as string).length).toBeLessThan(4 * MiB);
+    // ...until the slow one is read to its end.
+    expect(await slow.resume()).toBeGreaterThan(24 * MiB);
+    expect(((await nulFlood(4)).body.stdout as string).length).toBe(4 * MiB);
     await healthy();
   });
 
