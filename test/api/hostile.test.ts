@@ -6,7 +6,7 @@ import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
 import { machinePaths } from "../../src/vmm/qemu.ts";
 import { useApi } from "../support/api-fixture.ts";
-import { serveStatic, startApp } from "../support/guest-apps.ts";
+import { serveStatic, startApp, webSocketApp } from "../support/guest-apps.ts";
 
 /**
  * The hostile-request corpus: requests nobody should send, and guests that
@@ -54,27 +54,14 @@ await serveStatic(api, owner, ID, 8080, {
  * code (1005), on "badcode" one with code 999 (not allowed on the wire), on
  * "reason" one with code 4000 and a 122-byte UTF-8 reason; anything else is echoed.
  */
-const WS_APP = `nohup perl -MIO::Socket::INET -MDigest::SHA=sha1 -MMIME::Base64 -e '
-  my $s = IO::Socket::INET->new(LocalPort => 8081, Listen => 16, ReuseAddr => 1) or die;
-  while (my $c = $s->accept) {
-    $c->autoflush(1);
-    my $key; while (my $l = <$c>) { $key = $1 if $l =~ /^Sec-WebSocket-Key:\\s*(\\S+)/i; last if $l eq "\\r\\n" }
-    next unless $key;
-    my $accept = encode_base64(sha1($key . "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"), "");
-    print $c "HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\nSec-WebSocket-Accept: $accept\\r\\n\\r\\n";
-    while (read($c, my $h, 2) == 2) {
-      my ($b0, $b1) = unpack("CC", $h); my $len = $b1 & 127;
-      read($c, my $mask, 4); my $p = ""; read($c, $p, $len) if $len;
-      $p ^= substr($mask x (1 + $len / 4), 0, $len);
-      last if ($b0 & 15) == 8;
-      if ($p eq "drop") { last }
+const WS_APP = webSocketApp(
+  8081,
+  `if ($p eq "drop") { last }
       elsif ($p eq "nocode") { print $c pack("CC", 0x88, 0); last }
       elsif ($p eq "badcode") { print $c pack("CCn", 0x88, 2, 999); last }
       elsif ($p eq "reason") { my $r = "\\xc3\\xa9" x 60; print $c pack("CCn", 0x88, 122, 4000) . $r; last }
-      else { my $o = "echo:$p"; print $c pack("CC", 0x81, length $o) . $o }
-    }
-    close $c;
-  }' > /dev/null 2>&1 &`;
+      else { my $o = "echo:$p"; print $c pack("CC", 0x81, length $o) . $o }`,
+);
 await startApp(api, owner, ID, WS_APP, 8081);
 
 interface Answer {
