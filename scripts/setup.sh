@@ -23,9 +23,10 @@ PACKAGES=(mmdebstrap e2fsprogs ca-certificates passt nftables iproute2 chromium 
   postgresql bubblewrap runc runsc)
 # From Debian's bookworm-backports: Go 1.23 (/usr/lib/go-1.23, beside bookworm's
 # 1.19) for SysProcAttr.CgroupFD, which the agent needs (agent/internal/process);
-# QEMU 10.0, which launches and runs guests faster under TCG than bookworm's 7.2
-# and maps snapshot memory files read-only (SPECIFICATION.md "Launch and
-# resume", SECURITY.md). Snapshots record the QEMU build (src/vmm/snapshot.ts):
+# QEMU 10.0, whose TCG runs guest code faster than bookworm's 7.2 (the exec
+# round trip x1.8; a restore's first answer is ~20 % slower) and which maps
+# snapshot memory files read-only (SPECIFICATION.md "QEMU 7.2 and 10.0 side
+# by side", SECURITY.md). Snapshots record the QEMU build (src/vmm/snapshot.ts):
 # after an upgrade the base image is rebuilt, other images and suspended VMs
 # of the old build are refused with a message saying what to do.
 BACKPORTS=(golang-1.23-go qemu-system-x86 qemu-utils)
