@@ -21,7 +21,7 @@ import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snap
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
 import { InvalidVmStateError, VmNotFoundError } from "../errors.ts";
 import { MicroVm, newToken, newVmId, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
-import { createVolumeFile, removeVolumeFile, volumeFile, type VolumeAttachment } from "./volumes.ts";
+import { createVolumeFile, listVolumeIds, removeVolumeFile, volumeFile, type VolumeAttachment } from "./volumes.ts";
 import { WarmPool } from "./warm-pool.ts";
 
 export { SNAPSHOT_FORMAT, snapshotDisk, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
@@ -299,6 +299,11 @@ export class Engine extends EventEmitter {
   /** Makes the file of a new volume (an empty ext4 of `sizeGiB`). */
   createVolume(volumeId: string, sizeGiB: number): Promise<void> {
     return createVolumeFile(this.config.dataDir, volumeId, sizeGiB);
+  }
+
+  /** The ids of the volume files on this host. */
+  volumeIds(): Promise<string[]> {
+    return listVolumeIds(this.config.dataDir);
   }
 
   /** Removes a volume's file; the caller made sure no VM has it. */

@@ -1,5 +1,5 @@
 import { constants } from "node:fs";
-import { mkdir, open, rename, rm } from "node:fs/promises";
+import { mkdir, open, readdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { InvalidArgumentError } from "../errors.ts";
 import { fsyncDir, fsyncFile } from "../util/files.ts";
@@ -63,4 +63,10 @@ export async function removeVolumeFile(dataDir: string, volumeId: string): Promi
   const path = volumeFile(dataDir, volumeId);
   await rm(path, { force: true });
   await rm(`${path}.new`, { force: true });
+}
+
+/** The ids of the volume files in the data directory (a file left half-made counts under its id). */
+export async function listVolumeIds(dataDir: string): Promise<string[]> {
+  const names = await readdir(join(dataDir, "volumes")).catch(() => [] as string[]);
+  return [...new Set(names.map((n) => /^(vol-[0-9a-f]{12})\.raw(\.new)?$/.exec(n)?.[1]).filter((id): id is string => id !== undefined))];
 }
