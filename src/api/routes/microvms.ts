@@ -14,6 +14,7 @@ import type { MicroVmRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
 import { drained } from "../../util/streams.ts";
 import { nonJson, ref, type MicroVmView } from "../schemas.ts";
+import type { OutputBudget } from "../output-budget.ts";
 import { errorBody, type Api } from "../server.ts";
 import { imageView } from "./images.ts";
 
@@ -114,6 +115,8 @@ export async function registerMicroVmRoutes(
     tokens: { access: AccessTokens; shell: AccessTokens };
     db: Db;
     endpointUrl: (id: string) => string;
+    /** What buffered exec answers may hold in memory at once. */
+    execOutputBudget: OutputBudget;
     /** Cluster: creates this node has no room for are offered to its peers over it. */
     nodeChannel?: NodeChannel;
   },
@@ -247,7 +250,14 @@ export async function registerMicroVmRoutes(
     });
     const exec = { command: body.command, env: body.env, cwd: body.cwd, user: body.user, stdin: body.stdin, timeoutMs: Math.round((body.timeoutSeconds ?? 60) * 1000) };
     if (!String(req.headers.accept).includes("application/x-ndjson")) {
-      const r = await guest.exec(req.tenantId, req.params.id, exec, abort.signal);
+      // The output's charge is held until the answer is sent or the client is gone.
+      const share = deps.execOutputBudget.hold();
+      reply.raw.once("close", share.release);
+      if (reply.raw.closed) share.release();
+      const r = await guest.exec(req.tenantId, req.params.id, exec, { signal: abort.signal, keep: share.keep }).catch((err: unknown) => {
+        share.release();
+        throw err;
+      });
       const truncated = Object.fromEntries(Object.entries(r.truncated).filter(([, cut]) => cut));
       return {
         exitCode: r.exitCode,
