@@ -263,7 +263,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   await registerEndpointRoutes(app, new EndpointRouter(deps.microvms, guest, accessTokens, apiKeyReaches), domain);
   registerTerminalRoutes(app, { microvms: deps.microvms, guest, tickets, shellTokens });
   // The AWS Lambda MicroVMs API (docs/aws-api.md): the same core behind AWS's protocol.
-  await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl });
+  await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl, nodeChannel: deps.nodeChannel });
   registerObserveRoutes(app, { guest, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   // MCP over streamable HTTP (packages/mcp, docs/mcp.md): its tools call this API on loopback with the caller's key.
   app.route({

@@ -129,15 +129,12 @@ export async function registerMicroVmRoutes(
       const row = await microvms.create(req.tenantId, req.body);
       return reply.status(201).send(toView(row));
     } catch (err) {
-      // Cluster: not here (no room, or the image is another node's); the first peer that admits it (under its own row lock) makes it.
-      // Offered once: never from a peer's offer.
+      // Cluster: not here (no room, or the image is another node's): offered to the peers, once (never from a peer's offer).
       if (!(err instanceof TryPeersError) || !deps.nodeChannel || req.forwarded) throw err;
-      for (const peer of err.peers) {
-        const answer = await deps.nodeChannel.call(peer, req.tenantId, "POST", req.url, req.body).catch(() => undefined);
-        // Relayed as the peer answered it (the peer's own route checked its answer).
-        if (answer && answer.status !== 503) return (reply as FastifyReply).status(answer.status).send(answer.body);
-      }
-      throw err;
+      const answer = await deps.nodeChannel.offerCreate(err.peers, req.tenantId, req.body);
+      if (!answer) throw err;
+      // Relayed as the peer answered it (the peer's own route checked its answer).
+      return (reply as FastifyReply).status(answer.status).send(answer.body);
     }
   });
 
