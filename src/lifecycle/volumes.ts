@@ -148,6 +148,10 @@ export class VolumeService {
    */
   async attach(tx: Tx, tenantId: string, microVmId: string, attachments: (VolumeAttachment & { name: string })[]): Promise<void> {
     if (attachments.length === 0) return;
+    // Found before the lock was taken: a delete may have come in between.
+    const still = new Set((await tx.selectFrom("volumes").select("id").where("id", "in", attachments.map((a) => a.volumeId)).execute()).map((r) => r.id));
+    const gone = attachments.findIndex((a) => !still.has(a.volumeId));
+    if (gone >= 0) throw new ApiError("NotFound", `volume ${attachments[gone]!.name} not found`, { field: `volumes[${gone}].name` });
     const held = await this.liveAttachments(tx, attachments.map((a) => a.volumeId));
     for (const [slot, a] of attachments.entries()) {
       const others = held.filter((h) => h.volume_id === a.volumeId);
