@@ -201,7 +201,7 @@ export const TenantSchema = Type.Object(
     name: Type.String(),
     createdAt: iso("when it was created"),
     s3Allow: Type.Array(Type.String(), { description: 'S3 locations its code URIs may read ("bucket/" or "bucket/prefix")' }),
-    quotas: Type.Object({ images: Type.Integer(), suspendedMicroVms: Type.Integer(), baseShapes: Type.Integer() }, { description: "its quotas: its overrides over the operator's defaults" }),
+    quotas: Type.Object({ images: Type.Integer(), suspendedMicroVms: Type.Integer(), baseShapes: Type.Integer(), volumes: Type.Integer(), volumeGiB: Type.Integer() }, { description: "its quotas: its overrides over the operator's defaults" }),
   },
   { $id: "Tenant" },
 );
@@ -258,6 +258,21 @@ export const RegistryCredentials = Type.Object(
   { $id: "RegistryCredentials", description: "Credentials for a registry (the password is never answered)." },
 );
 
+export const VolumeSchema = Type.Object(
+  {
+    volumeId: Type.String(),
+    name: Type.String(),
+    sizeGiB: Type.Integer(),
+    state: Type.Union([Type.Literal("AVAILABLE"), Type.Literal("ATTACHED")], { description: "ATTACHED while a microVM that is neither TERMINATED nor FAILED holds it" }),
+    attachedTo: Type.Array(
+      Type.Object({ microVmId: Type.String(), path: Type.String({ description: "where the guest mounts it" }), readOnly: Type.Boolean() }),
+      { description: "the microVMs holding it: one read-write, or any number read-only" },
+    ),
+    createdAt: iso("when it was created"),
+  },
+  { $id: "Volume", description: "A persistent volume: an ext4 disk that outlives the microVMs it is attached to (docs/volumes.md)." },
+);
+
 /** Every named schema, registered with the app (server.ts). */
 export const API_SCHEMAS: TSchema[] = [
   ErrorCodeSchema,
@@ -282,6 +297,7 @@ export const API_SCHEMAS: TSchema[] = [
   TerminalTicket,
   NetworkConnectorSchema,
   RegistryCredentials,
+  VolumeSchema,
 ];
 
 /** A route's answer by the name of its schema. */
@@ -293,3 +309,4 @@ export const nonJson = (description: string, content: Record<string, { schema: u
 /** The static types of the views, for the functions that build them. */
 export type MicroVmView = Omit<Static<typeof MicroVmSchema>, "state"> & { state: MicroVmState };
 export type ImageView = Omit<Static<typeof ImageSchema>, "state"> & { state: ImageState };
+export type VolumeView = Static<typeof VolumeSchema>;

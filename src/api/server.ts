@@ -36,6 +36,7 @@ import { registerKeyRoutes } from "./routes/keys.ts";
 import { registerMicroVmRoutes } from "./routes/microvms.ts";
 import { registerObserveRoutes } from "./routes/observe.ts";
 import { registerTerminalRoutes } from "./routes/terminal.ts";
+import { registerVolumeRoutes } from "./routes/volumes.ts";
 import { TerminalTickets } from "./tickets.ts";
 
 export const VERSION = "0.1.0";
@@ -256,6 +257,7 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
   await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl, execOutputBudget: new OutputBudget(deps.execOutputBudgetBytes ?? 256 * 2 ** 20), nodeChannel: deps.nodeChannel });
   registerConnectorRoutes(app, deps.microvms.connectors);
+  registerVolumeRoutes(app, deps.microvms.volumes);
   await registerConsoleRoutes(app, domain); // the web console, /console/
   const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);
   await registerEndpointRoutes(app, new EndpointRouter(deps.microvms, guest, accessTokens, apiKeyReaches), domain);

@@ -18,6 +18,7 @@ import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
 import { decideAdmission, type HostCapacity, type HostUsage } from "./admission.ts";
 import { NetworkConnectors } from "./connectors.ts";
+import { VolumeService, type VolumeRequest } from "./volumes.ts";
 import { canTransition, checkTransition, holdsHostResources, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
@@ -42,6 +43,8 @@ export interface CreateMicroVmRequest {
   /** Guest port the VM's endpoint forwards to (default: the image's EXPOSE). */
   appPort?: number;
   metadata?: Record<string, unknown>;
+  /** Persistent volumes to attach, in order (lifecycle/volumes.ts). */
+  volumes?: VolumeRequest[];
 }
 
 export const LIMITS = {
@@ -99,6 +102,7 @@ export class MicroVmService {
   /** On a cluster (docs/cluster.md), this server's node: it admits, runs and writes only its own VMs. */
   private readonly cluster: ClusterNode | undefined;
   readonly connectors: NetworkConnectors;
+  readonly volumes: VolumeService;
 
   constructor(opts: {
     db: Db;
@@ -121,6 +125,7 @@ export class MicroVmService {
     this.log = opts.log ?? (() => undefined);
     this.tokens = new IdempotencyTokens(opts.db);
     this.connectors = new NetworkConnectors(opts.db);
+    this.volumes = new VolumeService(opts.db, opts.engine, opts.cluster !== undefined);
     this.engine.on("exit", (vm: MicroVm, reason: string) => void this.onEngineExit(vm.id, reason));
   }
 
@@ -145,6 +150,7 @@ export class MicroVmService {
     // A VM the engine has but the database does not was launched by a server
     // that died before recording it: nobody owns it.
     for (const vm of this.engine.list()) if (!known.has(vm.id)) await this.engine.terminate(vm.id);
+    await this.volumes.sweep();
     this.policyTimer = setInterval(() => void this.applyPolicies(), policyIntervalMs);
   }
 
@@ -231,6 +237,7 @@ export class MicroVmService {
     }
     const appPort = req.appPort ?? image.appPort;
     if (appPort !== undefined) checkRange("appPort", appPort);
+    const volumes = await this.volumes.resolve(tenantId, req.volumes ?? []);
     // Validates the shape against the image, and builds a base snapshot of a new shape once.
     const snapshot = await image.snapshotFor(shape);
 
@@ -268,10 +275,14 @@ export class MicroVmService {
       node_epoch: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
-    await this.admitted(shape, async (tx) => {
-      const owner = this.cluster?.owner();
-      await tx.insertInto("microvms").values({ ...pending, node_id: owner?.nodeId ?? null, node_epoch: owner?.epoch ?? null }).execute();
-    }).catch(async (err: unknown) => {
+    // Its volume attachments go in with it, under the tenant's volume lock (a delete or another attach waits).
+    const admit = () =>
+      this.admitted(shape, async (tx) => {
+        const owner = this.cluster?.owner();
+        await tx.insertInto("microvms").values({ ...pending, node_id: owner?.nodeId ?? null, node_epoch: owner?.epoch ?? null }).execute();
+        await this.volumes.attach(tx, tenantId, pending.id, volumes);
+      });
+    await (volumes.length > 0 ? this.volumes.lock(tenantId, admit) : admit()).catch(async (err: unknown) => {
       // A cluster node without room offers the create to its peers (the router forwards it), for images every node has.
       if (this.cluster && err instanceof ApiError && err.code === "CapacityExceeded" && image.version === MANAGED_VERSION) {
         throw new TryPeersError(err, await this.cluster.peersWithRoom(shape));
@@ -283,7 +294,13 @@ export class MicroVmService {
     return this.locks.run(pending.id, async () => {
       let vm: MicroVm | undefined;
       try {
-        vm = await this.engine.launch(snapshot, { id: pending.id, egress, guestPorts: appPort ? [appPort] : [], diskGiB });
+        vm = await this.engine.launch(snapshot, {
+          id: pending.id,
+          egress,
+          guestPorts: appPort ? [appPort] : [],
+          diskGiB,
+          volumes: volumes.map((v) => ({ volumeId: v.volumeId, path: v.path, readOnly: v.readOnly })),
+        });
         // PUT /env replaces the base env: keep the image's ENV under the request's.
         if (req.env && Object.keys(req.env).length > 0) await vm.agent.setEnv({ ...image.env, ...req.env });
         await this.runHook(pending, "run", runHookPayload);
@@ -313,6 +330,7 @@ export class MicroVmService {
         const images = this.images.built;
         if (!images) throw new ApiError("Conflict", "this server keeps no tenant images, so it cannot keep snapshots");
         if (row.state !== "RUNNING") throw invalidState(id, row.state, "snapshot");
+        await this.refuseWithVolumes(id, "snapshot");
         const { row: image, pauseMs } = await images.createSnapshot(tenantId, { name, vm: row }, (dir) => this.engine.snapshotRunning(id, dir));
         this.observer?.observe("snapshot_pause", pauseMs / 1000);
         const message = `snapshot ${image.name} version ${image.version} (${image.id}) taken; paused ${Math.round(pauseMs)} ms`;
@@ -336,6 +354,7 @@ export class MicroVmService {
       this.locks.run(id, async () => {
         const parent = await this.getHere(tenantId, id);
         if (parent.state !== "RUNNING") throw invalidState(id, parent.state, "fork");
+        await this.refuseWithVolumes(id, "fork");
         const now = new Date();
         const children: MicroVmRow[] = Array.from({ length: count }, () => ({
           ...parent,
@@ -633,6 +652,18 @@ export class MicroVmService {
       await this.admit(shape);
       await this.db.transaction().execute(enter);
     });
+  }
+
+  /**
+   * A snapshot or fork of a VM with volumes is refused (409 naming them): its
+   * memory has them mounted, and a copy would share a read-write volume or
+   * find it gone. Detach by terminating, or snapshot a VM without volumes.
+   */
+  private async refuseWithVolumes(id: string, action: string): Promise<void> {
+    const attached = await this.volumes.ofMicroVm(id);
+    if (attached.length === 0) return;
+    const names = attached.map((v) => `${v.name} at ${v.path}${v.readOnly ? " (read-only)" : ""}`).join(", ");
+    throw new ApiError("Conflict", `cannot ${action} microVM ${id}: it has volumes attached (${names}), which a copy would share`, { volumes: attached.map((v) => v.name) });
   }
 
   /** Refuses with 503 if the host cannot take `shape` on top of live VMs and creates in flight (decideAdmission). */

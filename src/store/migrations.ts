@@ -249,4 +249,29 @@ export const migrations: Record<string, Migration> = {
       await db.schema.alterTable("microvms").addColumn("forked_from", "text").execute();
     },
   },
+  // ---- persistent volumes (issue #17) ----
+  "0018_volumes": {
+    async up(db: Kysely<unknown>) {
+      await db.schema
+        .createTable("volumes")
+        .addColumn("id", "text", (c) => c.primaryKey())
+        .addColumn("tenant_id", "text", (c) => c.notNull())
+        .addColumn("name", "text", (c) => c.notNull())
+        .addColumn("size_gib", "integer", (c) => c.notNull())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .execute();
+      await db.schema.createIndex("volumes_tenant_name").on("volumes").columns(["tenant_id", "name"]).unique().execute();
+      await db.schema
+        .createTable("volume_attachments")
+        .addColumn("volume_id", "text", (c) => c.notNull())
+        .addColumn("microvm_id", "text", (c) => c.notNull())
+        .addColumn("tenant_id", "text", (c) => c.notNull())
+        .addColumn("slot", "integer", (c) => c.notNull())
+        .addColumn("path", "text", (c) => c.notNull())
+        .addColumn("read_only", "integer", (c) => c.notNull())
+        .addPrimaryKeyConstraint("volume_attachments_pk", ["microvm_id", "slot"])
+        .execute();
+      await db.schema.createIndex("volume_attachments_volume").on("volume_attachments").columns(["volume_id"]).execute();
+    },
+  },
 };

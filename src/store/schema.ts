@@ -21,6 +21,8 @@ export interface Database {
   registry_credentials: RegistryCredentialsTable;
   base_shapes: BaseShapesTable;
   nodes: NodesTable;
+  volumes: VolumesTable;
+  volume_attachments: VolumeAttachmentsTable;
 }
 
 export interface TenantsTable {
@@ -228,3 +230,28 @@ export interface NodesTable {
 }
 
 export type NodeRow = Selectable<NodesTable>;
+
+/** A tenant's persistent volume (lifecycle/volumes.ts); its file is `volumes/<id>.raw` in the engine's data directory. */
+export interface VolumesTable {
+  id: string;
+  tenant_id: string;
+  /** Unique per tenant. */
+  name: string;
+  size_gib: number;
+  created_at: string;
+}
+
+/** A volume given to a microVM at its create; it holds the volume while the VM is neither TERMINATED nor FAILED. */
+export interface VolumeAttachmentsTable {
+  volume_id: string;
+  microvm_id: string;
+  tenant_id: string;
+  /** The VM's volume slot (vmm/qemu.ts VOLUME_SLOTS): its order in the create request. */
+  slot: number;
+  /** Where the guest mounts it. */
+  path: string;
+  read_only: number;
+}
+
+export type VolumeRow = Selectable<VolumesTable>;
+export type VolumeAttachmentRow = Selectable<VolumeAttachmentsTable>;

@@ -23,19 +23,23 @@ export function listTenants(db: Db): Promise<Tenant[]> {
  * What a tenant may hold of what outlives admission: image versions (their
  * disks and memory files stay on the host), suspended microVMs (their saved
  * memory), and base shapes, memory sizes and vCPU counts of a managed image
- * it was the first to ask for (each one cold-boots and keeps a snapshot).
+ * it was the first to ask for (each one cold-boots and keeps a snapshot),
+ * persistent volumes and their total size (each a file on the host's disk).
  */
 export interface TenantQuotas {
   images: number;
   suspendedMicroVms: number;
   baseShapes: number;
+  volumes: number;
+  volumeGiB: number;
 }
 
 export const QUOTA_LIMITS = { min: 0, max: 100_000 } as const;
 
 /**
  * The operator's defaults, COCOON_QUOTA_IMAGES (100), COCOON_QUOTA_SUSPENDED
- * (200) and COCOON_QUOTA_BASE_SHAPES (4); a bad value is an error naming the
+ * (200), COCOON_QUOTA_BASE_SHAPES (4), COCOON_QUOTA_VOLUMES (20) and
+ * COCOON_QUOTA_VOLUME_GIB (100); a bad value is an error naming the
  * variable. An admin overrides them per tenant (`quotas` in the settings).
  */
 export function defaultQuotas(env: NodeJS.ProcessEnv = process.env): TenantQuotas {
@@ -46,7 +50,13 @@ export function defaultQuotas(env: NodeJS.ProcessEnv = process.env): TenantQuota
     if (!Number.isInteger(n) || n < QUOTA_LIMITS.min || n > QUOTA_LIMITS.max) throw new Error(`${name} must be an integer between ${QUOTA_LIMITS.min} and ${QUOTA_LIMITS.max}, got "${raw}"`);
     return n;
   };
-  return { images: read("COCOON_QUOTA_IMAGES", 100), suspendedMicroVms: read("COCOON_QUOTA_SUSPENDED", 200), baseShapes: read("COCOON_QUOTA_BASE_SHAPES", 4) };
+  return {
+    images: read("COCOON_QUOTA_IMAGES", 100),
+    suspendedMicroVms: read("COCOON_QUOTA_SUSPENDED", 200),
+    baseShapes: read("COCOON_QUOTA_BASE_SHAPES", 4),
+    volumes: read("COCOON_QUOTA_VOLUMES", 20),
+    volumeGiB: read("COCOON_QUOTA_VOLUME_GIB", 100),
+  };
 }
 
 /** What an admin sets per tenant (PATCH /v1/tenants/{name}); stored as JSON in `tenants.settings`. */
@@ -87,11 +97,11 @@ export async function settingsOf(db: Db, tenantId: string): Promise<TenantSettin
 
 /**
  * Refuses (429 QuotaExceeded, naming the quota and the limit) when the tenant
- * already holds `held` of what `quota` counts and wants one more.
+ * already holds `held` of what `quota` counts and wants `adding` more.
  */
-export async function checkQuota(db: Db, tenantId: string, quota: keyof TenantQuotas, held: number, what: string): Promise<void> {
+export async function checkQuota(db: Db, tenantId: string, quota: keyof TenantQuotas, held: number, what: string, adding = 1): Promise<void> {
   const limit = (await settingsOf(db, tenantId)).quotas[quota];
-  if (held >= limit) {
+  if (held + adding > limit) {
     throw new ApiError("QuotaExceeded", `the tenant holds ${held} ${what}, its quota (${quota}) is ${limit}: free some, or ask an admin to raise it`, { quota, limit, held });
   }
 }

@@ -189,6 +189,11 @@ export class AgentClient {
     return this.json("POST", "/disk/grow", { json: { sizeBytes } });
   }
 
+  /** Mounts each disk with virtio serial `serial` at `path` (re-probing it first: vmm/volumes.ts). */
+  mountVolumes(volumes: { serial: string; path: string; readOnly: boolean }[]): Promise<unknown> {
+    return this.json("POST", "/volumes/mount", { json: { volumes }, timeoutMs: 60_000 });
+  }
+
   setEnv(env: Record<string, string>): Promise<unknown> {
     return this.json("PUT", "/env", { json: env });
   }

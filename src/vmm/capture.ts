@@ -1,6 +1,6 @@
 import { chmod, chown, link, mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import { InvalidVmStateError } from "../errors.ts";
+import { ApiError, InvalidVmStateError } from "../errors.ts";
 import { fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { run } from "../util/process.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotDisk, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
@@ -35,6 +35,12 @@ export interface VmCapture {
 export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
   const machine = vm.machine;
   if (vm.status !== "running" || !machine) throw new InvalidVmStateError(vm.id, vm.status, "snapshot");
+  const volumes = vm.record.volumes ?? [];
+  if (volumes.length > 0) {
+    // Its memory holds the volumes mounted: a copy would write them too (or find them gone).
+    const names = volumes.map((v) => `${v.volumeId} at ${v.path}`).join(", ");
+    throw new ApiError("Conflict", `microVM ${vm.id} has volumes attached (${names}): it cannot be snapshotted or forked`, { volumes: volumes.map((v) => v.volumeId) });
+  }
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const files = snapshotFiles(dir);
   const token = vm.record.token;

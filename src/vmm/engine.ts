@@ -14,17 +14,19 @@ import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { parseEgress, type Egress } from "./network/index.ts";
-import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
+import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, volumeSerial, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
 import { PhaseClock } from "./phases.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snapshot.ts";
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
 import { InvalidVmStateError, SnapshotIncompatibleError, VmNotFoundError } from "../errors.ts";
 import { MicroVm, newToken, newVmId, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
+import { createVolumeFile, listVolumeIds, removeVolumeFile, volumeFile, type VolumeAttachment } from "./volumes.ts";
 import { WarmPool } from "./warm-pool.ts";
 
 export { SNAPSHOT_FORMAT, snapshotDisk, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
-export type { DiskChain } from "./qemu.ts";
+export { VOLUME_SLOTS, type DiskChain } from "./qemu.ts";
+export type { VolumeAttachment } from "./volumes.ts";
 export type { BootOpts, GuestBootAssets, TemplateVm } from "./templates.ts";
 export { MicroVm, newVmId, VM_LIMITS, type VmRecord, type VmStatus } from "./vm.ts";
 
@@ -85,7 +87,7 @@ export class Engine extends EventEmitter {
     this.warm = new WarmPool(limits, {
       restore: async (snapshot) => {
         const clock = new PhaseClock();
-        const vm = await this.clone(snapshot, newVmId(), { pooled: true, egress: "none", extraPorts: [] }, clock);
+        const vm = await this.clone(snapshot, newVmId(), { pooled: true, egress: "none", extraPorts: [], volumes: [] }, clock);
         this.emit("phases", "warm", clock.phases);
         return vm;
       },
@@ -168,18 +170,23 @@ export class Engine extends EventEmitter {
    *
    * `diskGiB` larger than the snapshot's disk grows the VM's root disk and
    * filesystem to it once the VM runs (`growDisk`); never shrinks.
+   *
+   * `volumes` go behind the VM's volume slots, in order (vmm/volumes.ts), and
+   * the agent mounts them before the launch returns: such a VM takes the
+   * direct path too (a warm VM's slots are empty).
    */
-  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress; guestPorts?: number[]; diskGiB?: number } = {}): Promise<MicroVm> {
+  async launch(snapshot: Snapshot, opts: { id?: string; egress?: Egress; guestPorts?: number[]; diskGiB?: number; volumes?: VolumeAttachment[] } = {}): Promise<MicroVm> {
     const m = snapshot.manifest;
     // Validates the policy before anything starts. Warm VMs have egress "none".
     const egress = parseEgress(opts.egress ?? "none");
     const extraPorts = (opts.guestPorts ?? []).filter((p) => !m.guestPorts.includes(p));
     if (opts.id && this.vms.has(opts.id)) throw new Error(`microVM ${opts.id} exists already`);
     const clock = new PhaseClock();
-    const warm = egress !== "none" || extraPorts.length > 0 ? undefined : await this.warm.take(snapshot, opts.id);
+    const volumes = opts.volumes ?? [];
+    const warm = egress !== "none" || extraPorts.length > 0 || volumes.length > 0 ? undefined : await this.warm.take(snapshot, opts.id);
     if (warm) clock.mark("hand-out");
     void this.warm.fill(snapshot);
-    const vm = warm ?? (await this.clone(snapshot, opts.id ?? newVmId(), { pooled: false, egress, extraPorts }, clock));
+    const vm = warm ?? (await this.clone(snapshot, opts.id ?? newVmId(), { pooled: false, egress, extraPorts, volumes }, clock));
     this.emit("phases", "launch", clock.phases);
     if (opts.diskGiB !== undefined) {
       await this.growDisk(vm, opts.diskGiB).catch(async (err: unknown) => {
@@ -296,6 +303,23 @@ export class Engine extends EventEmitter {
     });
   }
 
+  // ---- volumes (volumes.ts) ----------------------------------------------------
+
+  /** Makes the file of a new volume (an empty ext4 of `sizeGiB`). */
+  createVolume(volumeId: string, sizeGiB: number): Promise<void> {
+    return createVolumeFile(this.config.dataDir, volumeId, sizeGiB);
+  }
+
+  /** The ids of the volume files on this host. */
+  volumeIds(): Promise<string[]> {
+    return listVolumeIds(this.config.dataDir);
+  }
+
+  /** Removes a volume's file; the caller made sure no VM has it. */
+  deleteVolume(volumeId: string): Promise<void> {
+    return removeVolumeFile(this.config.dataDir, volumeId);
+  }
+
   // ---- named snapshots and forks of a running VM (capture.ts) -------------------
 
   /**
@@ -400,7 +424,7 @@ export class Engine extends EventEmitter {
    */
   private async newVm(
     id: string,
-    from: Pick<VmRecord, "snapshotDir" | "vcpus" | "memoryMiB" | "diskBytes" | "token" | "pooled">,
+    from: Pick<VmRecord, "snapshotDir" | "vcpus" | "memoryMiB" | "diskBytes" | "token" | "pooled" | "volumes">,
     guestPorts: number[],
     egress: Egress,
   ): Promise<MicroVm> {
@@ -430,11 +454,17 @@ export class Engine extends EventEmitter {
    * pool's). Its directory is named after its process, which keeps its name
    * if a pooled VM is later handed out under another id.
    */
-  private async clone(snapshot: Snapshot, id: string, opts: { pooled: boolean; egress: Egress; extraPorts: number[] }, clock: PhaseClock): Promise<MicroVm> {
+  private async clone(
+    snapshot: Snapshot,
+    id: string,
+    opts: { pooled: boolean; egress: Egress; extraPorts: number[]; volumes: VolumeAttachment[] },
+    clock: PhaseClock,
+  ): Promise<MicroVm> {
     const m = snapshot.manifest;
+    const volumes = opts.volumes.length > 0 ? opts.volumes : undefined;
     const vm = await this.newVm(
       id,
-      { snapshotDir: snapshot.dir, vcpus: m.vcpus, memoryMiB: m.memoryMiB, diskBytes: m.diskBytes, token: m.token, pooled: opts.pooled || undefined },
+      { snapshotDir: snapshot.dir, vcpus: m.vcpus, memoryMiB: m.memoryMiB, diskBytes: m.diskBytes, token: m.token, pooled: opts.pooled || undefined, volumes },
       [...m.guestPorts, ...opts.extraPorts],
       opts.egress,
     );
@@ -452,6 +482,10 @@ export class Engine extends EventEmitter {
         // A snapshot of a running VM carries its RAM in the state (capture.ts): restored like a resume.
         const memory: GuestMemory = m.ramInState ? { kind: "anonymous" } : { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
         await this.restoreInto(vm, memory, snapshotFiles(snapshot.dir).state, clock);
+        if (volumes) {
+          await vm.agent.mountVolumes(volumes.map((v, slot) => ({ serial: volumeSerial(slot), path: v.path, readOnly: v.readOnly })));
+          clock.mark("volumes");
+        }
         return vm;
       } catch (err) {
         await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed launch of ${id}: ${e.message}`));
@@ -493,12 +527,14 @@ export class Engine extends EventEmitter {
       initramfs: snapshot.manifest.initramfs,
       cmdline: snapshot.manifest.cmdline,
       disk: { path: vmFiles(vm.dir).disk, backing: [...(vm.record.diskLayers ?? []), snapshotDisk(snapshot).path, ...snapshotDisk(snapshot).backing] },
+      volumes: (vm.record.volumes ?? []).map((v) => ({ path: volumeFile(this.config.dataDir, v.volumeId), readOnly: v.readOnly })),
       forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
       incomingState: stateFile,
     };
     const token = newToken();
     vm.process = new ReleaseStack();
     try {
+      await this.host.prepareVolumes(vm.record.uid, spec.volumes ?? []);
       const machine = await this.host.startProcess(spec, vm.record.network, vm.record.uid, vm.process, clock);
       vm.machine = machine;
       await machine.restore();

@@ -4,7 +4,7 @@ import { dirname } from "node:path";
 import { jailConfigFromEnv, Jailer, vmUidRange, type JailConfig } from "./jail/index.ts";
 import { killQemuNamed, Machine } from "./machine.ts";
 import { NetworkManager, type VmNetworkRecord } from "./network/index.ts";
-import { qemuOverheadMiB, readOnlyMemoryFile, socketPaths, type MachineSpec } from "./qemu.ts";
+import { qemuOverheadMiB, readOnlyMemoryFile, socketPaths, type MachineSpec, type VolumeDisk } from "./qemu.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
 import type { PhaseClock } from "./phases.ts";
 import type { ReleaseStack } from "./release-stack.ts";
@@ -65,6 +65,21 @@ export class HostSide {
     for (const p of writable) {
       await chown(p, uid, uid);
       await chmod(p, 0o600);
+    }
+  }
+
+  /**
+   * Gives a process's volume files to it: a read-write one is its uid's alone
+   * (at most one VM writes a volume), a read-only one root's and readable by
+   * all (several VMs read it; outside a jail the volumes directory is root's
+   * alone, and a jail mounts only its own VM's volumes).
+   */
+  async prepareVolumes(uid: number, volumes: VolumeDisk[]): Promise<void> {
+    await this.prepareFiles(uid, volumes.filter((v) => !v.readOnly).map((v) => v.path));
+    if (!this.jailer) return;
+    for (const v of volumes.filter((v) => v.readOnly)) {
+      await chown(v.path, 0, 0);
+      await chmod(v.path, 0o644);
     }
   }
 
@@ -134,8 +149,9 @@ export class HostSide {
    */
   private async prepareJail(spec: MachineSpec, uid: number) {
     if (!this.jailer) return undefined;
-    const readWrite = [spec.disk.path, socketPaths(spec.name).dir];
-    const readOnly = [spec.kernel, spec.initramfs, ...spec.disk.backing];
+    const volumes = spec.volumes ?? [];
+    const readWrite = [spec.disk.path, socketPaths(spec.name).dir, ...volumes.filter((v) => !v.readOnly).map((v) => v.path)];
+    const readOnly = [spec.kernel, spec.initramfs, ...spec.disk.backing, ...volumes.filter((v) => v.readOnly).map((v) => v.path)];
     if (spec.memory.kind === "file") (readOnlyMemoryFile(spec.memory) ? readOnly : readWrite).push(spec.memory.path);
     if (spec.net?.kind === "passt") readWrite.push(dirname(spec.net.socket));
     return this.jailer.prepare({

@@ -131,6 +131,24 @@ export interface DiskChain {
   backing: string[];
 }
 
+/**
+ * Virtio-blk slots for volumes on every machine: the microvm machine has no
+ * hotplug and a restore needs the device set of the snapshot, so every cold
+ * boot has them, empty (a zero-size placeholder), and a VM restored with
+ * volumes has their files behind the first slots (docs/volumes.md).
+ */
+export const VOLUME_SLOTS = 4;
+
+/** A volume's file behind a slot; the guest finds it by `volumeSerial(slot)`. */
+export interface VolumeDisk {
+  /** A raw file the server made (vmm/volumes.ts); never read by the host. */
+  path: string;
+  readOnly: boolean;
+}
+
+/** The virtio serial of a volume slot (0-based), by which the guest agent finds its disk. */
+export const volumeSerial = (slot: number) => `cocoon-vol${slot}`;
+
 /** Everything that decides the QEMU command line of one VM process. */
 export interface MachineSpec {
   vmDir: string;
@@ -148,6 +166,8 @@ export interface MachineSpec {
   initramfs: string;
   cmdline: string;
   disk: DiskChain;
+  /** Volumes in slots 0, 1, …; the other slots of VOLUME_SLOTS are empty. */
+  volumes?: VolumeDisk[];
   forwards: PortForward[];
   /** How `net0` reaches the host (default user-mode, restrict=on); with passt, `forwards` are passt's and ignored here. */
   net?: NetBackend;
@@ -294,6 +314,27 @@ export function readOnlyMemoryFile(memory: GuestMemory): boolean {
   return memory.kind === "file" && !memory.shared && qemuFeatures().readOnlyPrivateMapping;
 }
 
+/**
+ * The volume slots' block nodes and devices: a volume's raw file, or a
+ * zero-size null placeholder. A placeholder is writable, so a snapshot's
+ * negotiated features never include read-only and any volume may fill the
+ * slot at restore (a read-only one adds the feature, which the guest reads
+ * when it re-probes the device).
+ */
+export function volumeArgs(volumes: VolumeDisk[]): string[] {
+  if (volumes.length > VOLUME_SLOTS) throw new Error(`at most ${VOLUME_SLOTS} volumes per VM, got ${volumes.length}`);
+  const args: string[] = [];
+  for (let slot = 0; slot < VOLUME_SLOTS; slot++) {
+    const v = volumes[slot];
+    const node = `vol${slot}`;
+    const blockdev = v
+      ? { driver: "raw", "node-name": node, "read-only": v.readOnly, file: { driver: "file", filename: v.path, "read-only": v.readOnly } }
+      : { driver: "null-co", "node-name": node, size: 0 };
+    args.push("-blockdev", JSON.stringify(blockdev), "-device", `virtio-blk-device,drive=${node},serial=${volumeSerial(slot)}`);
+  }
+  return args;
+}
+
 export function qemuArgs(spec: MachineSpec): string[] {
   const features = qemuFeatures();
   const memory =
@@ -337,6 +378,7 @@ export function qemuArgs(spec: MachineSpec): string[] {
     // slirp has a migration section of its own ('slirp' 0): a passt VM keeps an
     // idle, unconnected user-mode netdev so states move between the two backends.
     ...(spec.net?.kind === "passt" ? ["-netdev", "user,id=slirp0,restrict=on,ipv6=off"] : []),
+    ...volumeArgs(spec.volumes ?? []),
     // The QMP socket is the server's, listening already; QEMU accepts on it.
     "-chardev", `socket,id=qmp,fd=${INHERITED_FD.qmp},server=on,wait=off`,
     "-mon", "chardev=qmp,mode=control",

@@ -6,6 +6,7 @@ import type { Machine } from "./machine.ts";
 import type { VmNetworkRecord } from "./network/index.ts";
 import type { PortForward } from "./qemu.ts";
 import { ReleaseStack } from "./release-stack.ts";
+import type { VolumeAttachment } from "./volumes.ts";
 
 /**
  * Where a VM's process stands on the host: the engine's own vocabulary,
@@ -39,6 +40,8 @@ export interface VmRecord {
    * they on the snapshot's disk. Absent for a VM launched from a snapshot.
    */
   diskLayers?: string[];
+  /** Volumes behind its volume slots, in slot order (vmm/volumes.ts); kept for every restore of its process. */
+  volumes?: VolumeAttachment[];
   /** A warm-pool VM not yet handed out; discarded on restart. */
   pooled?: boolean;
   /** Secret the guest's agent holds now (running) or held when suspended; rotated on every launch and resume. */

@@ -16,9 +16,10 @@ const create = (body: Record<string, unknown>, key = alice) => api.call("POST", 
 describe("tenant quotas", () => {
   it("are the operator's defaults until an admin sets them, one by one, and are shown on the tenant", async () => {
     const before = await api.call("GET", "/v1/tenants/alice", { key: api.adminKey });
-    expect(before.body.quotas).toEqual({ images: 100, suspendedMicroVms: 200, baseShapes: 4 });
-    expect((await setQuotas({ images: 0 })).body.quotas).toEqual({ images: 0, suspendedMicroVms: 200, baseShapes: 4 });
-    expect((await setQuotas({ baseShapes: 0 })).body.quotas).toEqual({ images: 0, suspendedMicroVms: 200, baseShapes: 0 });
+    const volumes = { volumes: 20, volumeGiB: 100 };
+    expect(before.body.quotas).toEqual({ images: 100, suspendedMicroVms: 200, baseShapes: 4, ...volumes });
+    expect((await setQuotas({ images: 0 })).body.quotas).toEqual({ images: 0, suspendedMicroVms: 200, baseShapes: 4, ...volumes });
+    expect((await setQuotas({ baseShapes: 0 })).body.quotas).toEqual({ images: 0, suspendedMicroVms: 200, baseShapes: 0, ...volumes });
     const bad = await setQuotas({ images: -1 });
     expect(bad.status).toBe(400);
     expect(bad.body.error.details.field).toBe("body.quotas.images");

@@ -91,6 +91,26 @@ describe("cocoon CLI against a real server", () => {
     expect((await cocoon(["vm", "ls", "--all"])).stdout).toMatch(new RegExp(`^${id}\\s+base\\s+TERMINATED`, "m"));
   });
 
+  it("creates, lists and removes volumes, and attaches one at vm create", async () => {
+    const created = await cocoon(["volume", "create", "cli-vol", "--size", "1", "--json"]);
+    expect(created.code, created.stderr).toBe(0);
+    expect(JSON.parse(created.stdout)).toMatchObject({ name: "cli-vol", sizeGiB: 1, state: "AVAILABLE" });
+    const vm = await cocoon(["vm", "create", "--json", "--volume", "cli-vol:/data"]);
+    expect(vm.code, vm.stderr).toBe(0);
+    const id = (JSON.parse(vm.stdout) as { microVmId: string }).microVmId;
+    expect((await cocoon(["vm", "exec", id, "--", "echo kept > /data/f && cat /data/f"])).stdout).toBe("kept\n");
+    const ls = await cocoon(["volume", "ls"]);
+    expect(ls.stdout.split("\n")[0]).toMatch(/^ID\s+NAME\s+SIZE\s+STATE\s+ATTACHED TO\s+CREATED$/);
+    expect(ls.stdout).toMatch(new RegExp(`^vol-[0-9a-f]+\\s+cli-vol\\s+1 GiB\\s+ATTACHED\\s+${id}`, "m"));
+    const busy = await cocoon(["volume", "rm", "cli-vol"]);
+    expect(busy.code).toBe(1);
+    expect(busy.stderr).toMatch(/^cocoon: .*cli-vol is attached/);
+    expect((await cocoon(["vm", "create", "--volume", "cli-vol"])).stderr).toContain("NAME:PATH");
+    expect((await cocoon(["vm", "rm", id])).code).toBe(0);
+    expect((await cocoon(["volume", "get", "cli-vol"])).stdout).toMatch(/^state:\s+AVAILABLE$/m);
+    expect(await cocoon(["volume", "rm", "cli-vol"])).toMatchObject({ code: 0, stdout: expect.stringMatching(/^vol-[0-9a-f]+ cli-vol deleted\n$/) });
+  });
+
   it("prints API errors as one line and exits 1", async () => {
     const missing = await cocoon(["vm", "get", "vm-nope"]);
     expect(missing.code).toBe(1);

@@ -186,6 +186,24 @@ describe("web console", () => {
     expect(pageErrors).toEqual([]);
     expect(foreignRequests).toEqual([]);
   });
+
+  it("creates a volume, shows the API's message for a bad one, and deletes it", async () => {
+    await page.getByRole("link", { name: "Volumes", exact: true }).click();
+    const form = page.getByRole("form", { name: "Create a volume" });
+    await form.getByLabel("Name").fill("Bad Name");
+    await form.getByRole("button", { name: "Create" }).click();
+    await form.getByRole("alert").filter({ hasText: "name must match" }).waitFor();
+    await form.getByLabel("Name").fill("console-vol");
+    await form.getByLabel("Size (GiB)").fill("2");
+    await form.getByRole("button", { name: "Create" }).click();
+    const row = page.locator("table.list tr", { hasText: "console-vol" });
+    await row.filter({ hasText: "AVAILABLE" }).filter({ hasText: "2 GiB" }).waitFor();
+    await shot("volumes");
+    await page.getByRole("button", { name: "Delete volume console-vol" }).click();
+    await row.waitFor({ state: "detached" });
+    expect((await fetch(`${server.url}/v1/volumes/console-vol`, { headers: { authorization: `Bearer ${server.adminKey}` } })).status).toBe(404);
+    expect(pageErrors).toEqual([]);
+  });
 });
 
 /** Types a command into the xterm and waits for `expected` in its rendered rows. */

@@ -1,4 +1,4 @@
-import { CocoonClient, CocoonError, ConnectionError, InvalidStateError, NotFoundError, TimeoutError, UnauthorizedError, ValidationError, type MicroVm } from "@cocoon/sdk";
+import { CocoonClient, CocoonError, ConflictError, ConnectionError, InvalidStateError, NotFoundError, TimeoutError, UnauthorizedError, ValidationError, type MicroVm } from "@cocoon/sdk";
 import { describe, expect, it } from "vitest";
 import { freeLoopbackPort } from "../../src/util/ports.ts";
 import { useServerProcess } from "../support/server-process.ts";
@@ -68,6 +68,16 @@ describe("@cocoon/sdk against a real server", () => {
     }
     expect(vm.info.state).toBe("TERMINATED");
     expect((await vm.refresh()).state).toBe("TERMINATED");
+  });
+
+  it("creates, lists, describes and deletes volumes", async () => {
+    const created = await client.volumes.create({ name: "sdk-vol", sizeGiB: 1 });
+    expect(created).toMatchObject({ name: "sdk-vol", sizeGiB: 1, state: "AVAILABLE", attachedTo: [] });
+    expect((await client.volumes.list()).map((v) => v.name)).toContain("sdk-vol");
+    expect((await client.volumes.get(created.volumeId)).name).toBe("sdk-vol");
+    await expect(client.volumes.create({ name: "sdk-vol", sizeGiB: 1 })).rejects.toBeInstanceOf(ConflictError);
+    expect((await client.volumes.delete("sdk-vol")).volumeId).toBe(created.volumeId);
+    await expect(client.volumes.get("sdk-vol")).rejects.toBeInstanceOf(NotFoundError);
   });
 
   it("maps API errors to typed CocoonErrors", async () => {

@@ -21,28 +21,31 @@ afterAll(async () => {
 });
 
 describe("server restart without loss", () => {
-  it("keeps VMs RUNNING across kill -9, and SUSPENDED across SIGTERM, resuming them on the next request", async () => {
+  it("keeps VMs RUNNING across kill -9, and SUSPENDED across SIGTERM, resuming them on the next request, with their volumes", async () => {
     await server.start();
-    const created = await server.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    expect((await server.call("POST", "/v1/volumes", { name: "kept", sizeGiB: 1 })).status).toBe(201);
+    const created = await server.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 }, volumes: [{ name: "kept", path: "/data" }] });
     expect(created.status).toBe(201);
     const id = created.body.microVmId as string;
-    await server.call("POST", `/v1/microvms/${id}/exec`, { command: "echo kept > /root/state; sleep 600 > /dev/null 2>&1 &" });
+    await server.call("POST", `/v1/microvms/${id}/exec`, { command: "echo kept > /root/state; echo on-volume > /data/state; sleep 600 > /dev/null 2>&1 &" });
 
     await server.stop("SIGKILL");
     await server.start();
     expect((await server.call("GET", `/v1/microvms/${id}`)).body.state).toBe("RUNNING");
-    const afterKill = await server.call("POST", `/v1/microvms/${id}/exec`, { command: "cat /root/state" });
-    expect(afterKill.body.stdout).toContain("kept");
+    const afterKill = await server.call("POST", `/v1/microvms/${id}/exec`, { command: "cat /root/state /data/state" });
+    expect(afterKill.body.stdout).toBe("kept\non-volume\n");
 
     expect(await server.stop("SIGTERM")).toBe(0);
     await server.start();
     expect((await server.call("GET", `/v1/microvms/${id}`)).body.state).toBe("SUSPENDED");
-    const afterTerm = await server.call("POST", `/v1/microvms/${id}/exec`, { command: "cat /root/state" });
-    expect(afterTerm.body.stdout).toBe("kept\n");
+    const afterTerm = await server.call("POST", `/v1/microvms/${id}/exec`, { command: "cat /root/state /data/state" });
+    expect(afterTerm.body.stdout).toBe("kept\non-volume\n");
     expect((await server.call("GET", `/v1/microvms/${id}`)).body.state).toBe("RUNNING");
     const events = (await server.call("GET", `/v1/microvms/${id}/events`)).body.events.map((e: { message: string }) => e.message);
     expect(events).toEqual(expect.arrayContaining(["suspended (server shutdown)", "resumed (exec in)"]));
     expect((await server.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
+    // The volume outlived its VM and is free again.
+    expect((await server.call("DELETE", "/v1/volumes/kept")).status).toBe(200);
   });
 
   it("keeps forked VMs, with their own memory and disk, across kill -9 and SIGTERM", async () => {

@@ -20,6 +20,7 @@ import (
 	"cocoon/agent/internal/process"
 	"cocoon/agent/internal/restore"
 	"cocoon/agent/internal/stats"
+	"cocoon/agent/internal/volume"
 )
 
 // Version is reported by GET /health.
@@ -44,6 +45,8 @@ type Options struct {
 	RootDevice string
 	// Disk defaults to disk.Real().
 	Disk *disk.System
+	// Volumes defaults to volume.Real().
+	Volumes *volume.System
 }
 
 // Server implements http.Handler.
@@ -56,6 +59,7 @@ type Server struct {
 	app       *process.Supervisor
 	disk      *disk.System
 	rootDev   string
+	volumes   *volume.System
 
 	mu        sync.RWMutex // protects tokenHash, hasToken and degraded
 	tokenHash [sha256.Size]byte
@@ -79,7 +83,10 @@ func New(o Options) *Server {
 	if o.Disk == nil {
 		o.Disk = disk.Real()
 	}
-	s := &Server{start: o.Started, restore: o.Restore, statsRoot: o.StatsRoot, base: &process.BaseEnv{}, disk: o.Disk, rootDev: o.RootDevice}
+	if o.Volumes == nil {
+		o.Volumes = volume.Real()
+	}
+	s := &Server{start: o.Started, restore: o.Restore, statsRoot: o.StatsRoot, base: &process.BaseEnv{}, disk: o.Disk, rootDev: o.RootDevice, volumes: o.Volumes}
 	s.procs = process.NewManager(o.Reaper)
 	s.app = process.NewSupervisor(s.procs, s.base)
 	s.SetToken(o.Token)
@@ -149,6 +156,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m = map[string]http.HandlerFunc{"GET": s.stats}
 	case "/disk/grow":
 		m = map[string]http.HandlerFunc{"POST": s.growDisk}
+	case "/volumes/mount":
+		m = map[string]http.HandlerFunc{"POST": s.mountVolumes}
 	case "/exec":
 		m = map[string]http.HandlerFunc{"POST": s.exec}
 	case "/files":
@@ -315,4 +324,19 @@ func (s *Server) growDisk(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, res)
+}
+
+func (s *Server) mountVolumes(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Volumes []volume.Mount `json:"volumes"`
+	}
+	if err := decodeJSON(w, r, &req, false); err != nil {
+		apierr.Write(w, err)
+		return
+	}
+	if err := s.volumes.MountAll(req.Volumes); err != nil {
+		apierr.Write(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, okBody)
 }

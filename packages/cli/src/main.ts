@@ -5,6 +5,7 @@ import { registerImageCommands } from "./commands/image.ts";
 import { registerMcpCommand } from "./commands/mcp.ts";
 import { registerServerCommand } from "./commands/server.ts";
 import { registerVmCommands } from "./commands/vm.ts";
+import { registerVolumeCommands } from "./commands/volume.ts";
 import { CliError } from "./common.ts";
 import { dataDir, resolveApiKey, type GlobalOpts } from "./config.ts";
 
@@ -22,6 +23,7 @@ const program = new Command("cocoon")
 registerServerCommand(program);
 registerImageCommands(program);
 registerVmCommands(program);
+registerVolumeCommands(program);
 registerAdminCommands(program);
 registerMcpCommand(program);
 

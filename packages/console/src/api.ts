@@ -1,7 +1,7 @@
 // The console talks to the public v1 API only (docs/api.md), on the
 // server it was loaded from, with the API key kept in sessionStorage.
 
-import type { ApiErrorCode, ErrorEnvelope, Health, ImageInfo, MicroVmEvent, MicroVmInfo, MicroVmPage, MicroVmState } from "@cocoon/sdk";
+import type { ApiErrorCode, ErrorEnvelope, Health, ImageInfo, MicroVmEvent, MicroVmInfo, MicroVmPage, MicroVmState, VolumeInfo } from "@cocoon/sdk";
 import { microVmStateValues } from "@cocoon/sdk/api";
 
 const KEY = "cocoon.apiKey";
@@ -20,6 +20,7 @@ export type Vm = MicroVmInfo;
 export type VmEvent = MicroVmEvent;
 export type Metrics = import("@cocoon/sdk/api").components["schemas"]["VmMetrics"];
 export type Image = ImageInfo;
+export type Volume = VolumeInfo;
 
 /** An error answer of the API (ErrorEnvelope), or the console's own `Connection` when the server cannot be reached. */
 export class ApiError extends Error {
@@ -106,6 +107,9 @@ export const api = {
   getImage: (id: string) => call<Image>("GET", `/v1/images/${encodeURIComponent(id)}`),
   createImage: (form: FormData) => call<Image>("POST", "/v1/images", { body: form }),
   deleteImage: (id: string, force: boolean) => call<unknown>("DELETE", `/v1/images/${encodeURIComponent(id)}${force ? "?force=true" : ""}`),
+  listVolumes: () => call<{ volumes: Volume[] }>("GET", "/v1/volumes"),
+  createVolume: (body: { name: string; sizeGiB: number }) => call<Volume>("POST", "/v1/volumes", { json: body }),
+  deleteVolume: (idOrName: string) => call<Volume>("DELETE", `/v1/volumes/${encodeURIComponent(idOrName)}`),
   vmLogsPath: (id: string) => `${vmPath(id)}/logs?follow=true`,
   buildLogPath: (id: string) => `/v1/images/${encodeURIComponent(id)}/build-log?follow=true`,
   /** The terminal's WebSocket URL with a one-time ticket (30 s, one use): the API key never goes into a URL. */

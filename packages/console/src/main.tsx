@@ -8,8 +8,9 @@ import { SignIn } from "./pages/SignIn.tsx";
 import { VmCreate } from "./pages/VmCreate.tsx";
 import { VmDetail } from "./pages/VmDetail.tsx";
 import { VmList } from "./pages/VmList.tsx";
+import { VolumesPage } from "./pages/Volumes.tsx";
 
-/** Hash routes (#/vms, #/vms/new, #/vms/{id}, #/vms/{id}/terminal, #/images): the server serves one index.html. */
+/** Hash routes (#/vms, #/vms/new, #/vms/{id}, #/vms/{id}/terminal, #/images, #/volumes): the server serves one index.html. */
 function useRoute(): string[] {
   const read = () => location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
   const [route, setRoute] = useState(read);
@@ -38,6 +39,7 @@ function App() {
   const [section, id, sub] = route;
   let page;
   if (section === "images") page = <ImagesPage selected={id} />;
+  else if (section === "volumes") page = <VolumesPage />;
   else if (section === "vms" && id === "new") page = <VmCreate image={sub} />;
   else if (section === "vms" && id) page = <VmDetail id={id} tab={sub ?? "overview"} />;
   else page = <VmList />;
@@ -52,11 +54,14 @@ function App() {
           Cocoon
         </a>
         <nav aria-label="Main">
-          <a href="#/vms" aria-current={section !== "images" ? "page" : undefined}>
+          <a href="#/vms" aria-current={section !== "images" && section !== "volumes" ? "page" : undefined}>
             MicroVMs
           </a>
           <a href="#/images" aria-current={section === "images" ? "page" : undefined}>
             Images
+          </a>
+          <a href="#/volumes" aria-current={section === "volumes" ? "page" : undefined}>
+            Volumes
           </a>
         </nav>
         <button

@@ -8,8 +8,8 @@ and asyncio (:class:`AsyncCocoon`), with no dependencies beyond the standard lib
 """
 
 from ._terminal import AsyncTerminal, Terminal
-from .aio import AsyncCocoon, AsyncFiles, AsyncImages, AsyncKeys, AsyncMicroVm, AsyncMicroVmPage, AsyncMicroVms, AsyncTenants, CreatingMicroVm
-from .client import Cocoon, Files, Images, Keys, MicroVm, MicroVmPage, MicroVms, Tenants
+from .aio import AsyncCocoon, AsyncFiles, AsyncImages, AsyncKeys, AsyncMicroVm, AsyncMicroVmPage, AsyncMicroVms, AsyncTenants, AsyncVolumes, CreatingMicroVm
+from .client import Cocoon, Files, Images, Keys, MicroVm, MicroVmPage, MicroVms, Tenants, Volumes
 from .errors import (
     BadGatewayError,
     MisdirectedRequestError,
@@ -48,6 +48,8 @@ from .types import (
     MicroVmInfo,
     MicroVmState,
     TenantInfo,
+    VolumeAttachment,
+    VolumeInfo,
     WriteInfo,
 )
 
@@ -63,6 +65,7 @@ __all__ = [
     "AsyncMicroVms",
     "AsyncTenants",
     "AsyncTerminal",
+    "AsyncVolumes",
     "BadGatewayError",
     "MisdirectedRequestError",
     "CapacityExceededError",
@@ -108,5 +111,8 @@ __all__ = [
     "TimeoutError",
     "UnauthorizedError",
     "ValidationError",
+    "VolumeAttachment",
+    "VolumeInfo",
+    "Volumes",
     "WriteInfo",
 ]

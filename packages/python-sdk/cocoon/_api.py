@@ -14,6 +14,9 @@ from .types import Command, ExecEvent, IdlePolicy, ImageInfo
 EgressArg = Union[str, Sequence[str], Dict[str, List[str]]]
 """``"none"``, ``"internet"``, an allow-list of CIDRs and host names, or the API's ``{"allow": [...]}``."""
 
+VolumeArg = Union[Dict[str, Any], Sequence[Any]]
+"""A volume to attach: ``{"name", "path", "readOnly"?}`` as the API takes it, or a ``(name, path[, read_only])`` tuple."""
+
 CodeArg = Union[bytes, str, "os.PathLike[str]"]
 """The build context as a .zip: its bytes, or the path of a .zip file."""
 
@@ -39,6 +42,7 @@ def create_microvm(
     public_endpoint: Optional[bool],
     app_port: Optional[int],
     metadata: Optional[Dict[str, Any]],
+    volumes: Optional[Sequence[VolumeArg]] = None,
 ) -> Request:
     body: Dict[str, Any] = {"image": image}
     for key, value in (("vcpus", vcpus), ("memoryMiB", memory_mib), ("diskGiB", disk_gib), ("env", env), ("maxRuntimeSeconds", max_runtime_seconds), ("appPort", app_port), ("metadata", metadata)):
@@ -50,7 +54,32 @@ def create_microvm(
         body["network"] = {"egress": egress_to_api(egress)}
     if public_endpoint is not None:
         body["endpoint"] = {"public": public_endpoint}
+    if volumes is not None:
+        body["volumes"] = [volume_to_api(v) for v in volumes]
     return Request("POST", "/v1/microvms", json=body)
+
+
+def volume_to_api(volume: VolumeArg) -> Dict[str, Any]:
+    if isinstance(volume, dict):
+        return volume
+    name, path, *rest = volume
+    return {"name": name, "path": path, "readOnly": bool(rest and rest[0])}
+
+
+def create_volume(name: str, size_gib: int) -> Request:
+    return Request("POST", "/v1/volumes", json={"name": name, "sizeGiB": size_gib})
+
+
+def list_volumes() -> Request:
+    return Request("GET", "/v1/volumes")
+
+
+def get_volume(id_or_name: str) -> Request:
+    return Request("GET", f"/v1/volumes/{quote(id_or_name, safe='')}")
+
+
+def delete_volume(id_or_name: str) -> Request:
+    return Request("DELETE", f"/v1/volumes/{quote(id_or_name, safe='')}")
 
 
 def list_microvms(state: Optional[str], image: Optional[str], limit: Optional[int], next_token: Optional[str]) -> Request:

@@ -30,6 +30,7 @@ from .types import (
     MicroVmInfo,
     MicroVmState,
     TenantInfo,
+    VolumeInfo,
     WriteInfo,
 )
 
@@ -47,6 +48,7 @@ class AsyncCocoon:
         self._http = AsyncTransport(Config.make(base_url, api_key, request_timeout_seconds))
         self.microvms = AsyncMicroVms(self._http)
         self.images = AsyncImages(self._http)
+        self.volumes = AsyncVolumes(self._http)
         self.keys = AsyncKeys(self._http)
         self.tenants = AsyncTenants(self._http)
 
@@ -99,12 +101,13 @@ class AsyncMicroVms:
         public_endpoint: Optional[bool] = None,
         app_port: Optional[int] = None,
         metadata: Optional[Dict[str, Any]] = None,
+        volumes: Optional[Sequence[_api.VolumeArg]] = None,
         request_timeout_seconds: Optional[float] = None,
     ) -> CreatingMicroVm:
         """Creates a microVM; the awaited result is RUNNING. Arguments as for :meth:`cocoon.client.MicroVms.create`."""
         req = _api.create_microvm(
             image, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, env=env, idle_policy=idle_policy, max_runtime_seconds=max_runtime_seconds,
-            egress=egress, public_endpoint=public_endpoint, app_port=app_port, metadata=metadata,
+            egress=egress, public_endpoint=public_endpoint, app_port=app_port, metadata=metadata, volumes=volumes,
         )  # fmt: skip
 
         async def create() -> AsyncMicroVm:
@@ -362,6 +365,31 @@ class AsyncImages:
             if give_up is not None and time.monotonic() >= give_up:
                 raise TimeoutError(f"image {id_or_name} was not READY within {timeout_seconds} s (state {image.state})", code="Timeout")
             await asyncio.sleep(poll_interval_seconds)
+
+
+class AsyncVolumes:
+    """``client.volumes``: persistent volumes, ext4 disks that outlive the microVMs they are attached to
+    (``microvms.create(volumes=[("data", "/data")])``; a third item ``True`` attaches read-only)."""
+
+    def __init__(self, http: AsyncTransport) -> None:
+        self._http = http
+
+    async def create(self, name: str, size_gib: int, *, request_timeout_seconds: Optional[float] = None) -> VolumeInfo:
+        """Creates an empty volume (``size_gib`` 1-32). :raises ConflictError: the name is taken. :raises QuotaExceededError: past the tenant's quotas."""
+        return VolumeInfo.from_api(await self._http.json(_api.create_volume(name, size_gib), self._http.config.timeout_for(request_timeout_seconds)))
+
+    async def get(self, id_or_name: str, *, request_timeout_seconds: Optional[float] = None) -> VolumeInfo:
+        """Describes a volume by id or name. :raises NotFoundError: there is none in the key's tenant."""
+        return VolumeInfo.from_api(await self._http.json(_api.get_volume(id_or_name), self._http.config.timeout_for(request_timeout_seconds)))
+
+    async def list(self, *, request_timeout_seconds: Optional[float] = None) -> List[VolumeInfo]:
+        """The tenant's volumes, by name, with the microVMs holding each."""
+        body = await self._http.json(_api.list_volumes(), self._http.config.timeout_for(request_timeout_seconds))
+        return [VolumeInfo.from_api(v) for v in body.get("volumes", [])]
+
+    async def delete(self, id_or_name: str, *, request_timeout_seconds: Optional[float] = None) -> None:
+        """Deletes a volume and its data. :raises ConflictError: a microVM that is neither TERMINATED nor FAILED holds it."""
+        await self._http.json(_api.delete_volume(id_or_name), self._http.config.timeout_for(request_timeout_seconds))
 
 
 class AsyncKeys:

@@ -28,6 +28,7 @@ from .types import (
     MicroVmInfo,
     MicroVmState,
     TenantInfo,
+    VolumeInfo,
     WriteInfo,
 )
 
@@ -53,6 +54,8 @@ class Cocoon:
         """MicroVMs: create, get, list, suspend, resume, terminate; exec, files and more on the returned handle."""
         self.images = Images(self._http)
         """Images built from a Dockerfile and code."""
+        self.volumes = Volumes(self._http)
+        """Persistent volumes, attached at a microVM's create."""
         self.keys = Keys(self._http)
         """API keys (admin key only)."""
         self.tenants = Tenants(self._http)
@@ -87,6 +90,7 @@ class MicroVms:
         public_endpoint: Optional[bool] = None,
         app_port: Optional[int] = None,
         metadata: Optional[Dict[str, Any]] = None,
+        volumes: Optional[Sequence[_api.VolumeArg]] = None,
         request_timeout_seconds: Optional[float] = None,
     ) -> "MicroVm":
         """Creates a microVM and returns once it is RUNNING. Unset arguments take the
@@ -100,7 +104,7 @@ class MicroVms:
         """
         req = _api.create_microvm(
             image, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib, env=env, idle_policy=idle_policy, max_runtime_seconds=max_runtime_seconds,
-            egress=egress, public_endpoint=public_endpoint, app_port=app_port, metadata=metadata,
+            egress=egress, public_endpoint=public_endpoint, app_port=app_port, metadata=metadata, volumes=volumes,
         )  # fmt: skip
         return MicroVm(self._http, MicroVmInfo.from_api(self._http.json(req, self._http.config.timeout_for(request_timeout_seconds))))
 
@@ -394,6 +398,31 @@ class Images:
             if give_up is not None and time.monotonic() >= give_up:
                 raise TimeoutError(f"image {id_or_name} was not READY within {timeout_seconds} s (state {image.state})", code="Timeout")
             time.sleep(poll_interval_seconds)
+
+
+class Volumes:
+    """``client.volumes``: persistent volumes, ext4 disks that outlive the microVMs they are attached to
+    (``microvms.create(volumes=[("data", "/data")])``; a third item ``True`` attaches read-only)."""
+
+    def __init__(self, http: SyncTransport) -> None:
+        self._http = http
+
+    def create(self, name: str, size_gib: int, *, request_timeout_seconds: Optional[float] = None) -> VolumeInfo:
+        """Creates an empty volume (``size_gib`` 1-32). :raises ConflictError: the name is taken. :raises QuotaExceededError: past the tenant's quotas."""
+        return VolumeInfo.from_api(self._http.json(_api.create_volume(name, size_gib), self._http.config.timeout_for(request_timeout_seconds)))
+
+    def get(self, id_or_name: str, *, request_timeout_seconds: Optional[float] = None) -> VolumeInfo:
+        """Describes a volume by id or name. :raises NotFoundError: there is none in the key's tenant."""
+        return VolumeInfo.from_api(self._http.json(_api.get_volume(id_or_name), self._http.config.timeout_for(request_timeout_seconds)))
+
+    def list(self, *, request_timeout_seconds: Optional[float] = None) -> List[VolumeInfo]:
+        """The tenant's volumes, by name, with the microVMs holding each."""
+        body = self._http.json(_api.list_volumes(), self._http.config.timeout_for(request_timeout_seconds))
+        return [VolumeInfo.from_api(v) for v in body.get("volumes", [])]
+
+    def delete(self, id_or_name: str, *, request_timeout_seconds: Optional[float] = None) -> None:
+        """Deletes a volume and its data. :raises ConflictError: a microVM that is neither TERMINATED nor FAILED holds it."""
+        self._http.json(_api.delete_volume(id_or_name), self._http.config.timeout_for(request_timeout_seconds))
 
 
 class Keys:

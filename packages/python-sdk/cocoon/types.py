@@ -276,6 +276,33 @@ class TenantInfo:
 
 
 @dataclass
+class VolumeAttachment:
+    """A microVM holding a volume, and where its guest mounts it."""
+
+    microvm_id: str
+    path: str
+    read_only: bool
+
+
+@dataclass
+class VolumeInfo:
+    """A persistent volume (``client.volumes``): an ext4 disk that outlives the microVMs it is attached to."""
+
+    volume_id: str
+    name: str
+    size_gib: int
+    state: str
+    """``AVAILABLE``, or ``ATTACHED`` while a microVM that is neither TERMINATED nor FAILED holds it."""
+    attached_to: List[VolumeAttachment] = field(default_factory=list)
+    created_at: str = ""
+
+    @classmethod
+    def from_api(cls, obj: Dict[str, Any]) -> "VolumeInfo":
+        attached = [VolumeAttachment(microvm_id=a["microVmId"], path=a.get("path", ""), read_only=bool(a.get("readOnly"))) for a in obj.get("attachedTo") or []]
+        return cls(volume_id=obj["volumeId"], name=obj.get("name", ""), size_gib=obj.get("sizeGiB", 0), state=obj.get("state", ""), attached_to=attached, created_at=obj.get("createdAt", ""))
+
+
+@dataclass
 class CreatedKey:
     key_id: str
     api_key: str = field(repr=False)

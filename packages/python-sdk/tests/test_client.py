@@ -211,3 +211,24 @@ def test_image_from_dockerfile_and_zip(client: Cocoon) -> None:
         client.images.get(name)
     with pytest.raises(cocoon.ValidationError):
         client.images.create(name, "FROM base\n")  # neither code nor code_uri
+
+
+def test_volumes_outlive_their_microvm(client: Cocoon) -> None:
+    name = f"py-{uuid.uuid4().hex[:8]}"
+    created = client.volumes.create(name, 1)
+    assert (created.name, created.size_gib, created.state, created.attached_to) == (name, 1, "AVAILABLE", [])
+    assert name in [v.name for v in client.volumes.list()]
+    vm = client.microvms.create("base", volumes=[(name, "/data")])
+    try:
+        assert vm.exec("echo kept > /data/note && sync").exit_code == 0
+        held = client.volumes.get(created.volume_id)
+        assert held.state == "ATTACHED" and held.attached_to[0].microvm_id == vm.id and not held.attached_to[0].read_only
+        with pytest.raises(cocoon.ConflictError):
+            client.volumes.delete(name)
+    finally:
+        vm.terminate()
+    with client.microvms.create("base", volumes=[{"name": name, "path": "/mnt/v", "readOnly": True}]) as reader:
+        assert reader.files.read_text("/mnt/v/note") == "kept\n"
+    client.volumes.delete(name)
+    with pytest.raises(cocoon.NotFoundError):
+        client.volumes.get(name)

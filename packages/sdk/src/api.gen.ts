@@ -125,6 +125,10 @@ export interface paths {
                             suspendedMicroVms?: number;
                             /** @description new shapes (vCPUs, memory) of managed images the tenant may cause to be snapshotted */
                             baseShapes?: number;
+                            /** @description persistent volumes the tenant may hold */
+                            volumes?: number;
+                            /** @description the total size in GiB of the tenant's volumes */
+                            volumeGiB?: number;
                         };
                     };
                 };
@@ -241,6 +245,10 @@ export interface paths {
                             suspendedMicroVms?: number;
                             /** @description new shapes (vCPUs, memory) of managed images the tenant may cause to be snapshotted */
                             baseShapes?: number;
+                            /** @description persistent volumes the tenant may hold */
+                            volumes?: number;
+                            /** @description the total size in GiB of the tenant's volumes */
+                            volumeGiB?: number;
                         };
                     };
                 };
@@ -1237,6 +1245,15 @@ export interface paths {
                         runHookPayload?: string;
                         /** @description idempotency: a retry with the same token and request returns the same VM */
                         clientToken?: string;
+                        /** @description persistent volumes to attach (at most 4) */
+                        volumes?: {
+                            /** @description volume name or id (POST /v1/volumes) */
+                            name: string;
+                            /** @description where the guest mounts it: an absolute path outside /proc, /sys, /dev, /run, /etc, /usr, /bin, /sbin, /lib, /lib64, /boot */
+                            path: string;
+                            /** @description default false; a volume has one read-write attachment at a time, or any number read-only */
+                            readOnly?: boolean;
+                        }[];
                     };
                 };
             };
@@ -2320,6 +2337,204 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/volumes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description Default Response */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            /** @description by name */
+                            volumes: components["schemas"]["Volume"][];
+                        };
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "4XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "5XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+            };
+        };
+        put?: never;
+        post: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody: {
+                content: {
+                    "application/json": {
+                        /** @description unique in the tenant: [a-z0-9][a-z0-9._-]* */
+                        name: string;
+                        /** @description size in GiB (1–32) */
+                        sizeGiB: number;
+                    };
+                };
+            };
+            responses: {
+                /** @description A persistent volume: an ext4 disk that outlives the microVMs it is attached to (docs/volumes.md). */
+                201: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Volume"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "4XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "5XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+            };
+        };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/volumes/{volume}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    /** @description volume id or name */
+                    volume: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description A persistent volume: an ext4 disk that outlives the microVMs it is attached to (docs/volumes.md). */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Volume"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "4XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "5XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    /** @description volume id or name */
+                    volume: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description A persistent volume: an ext4 disk that outlives the microVMs it is attached to (docs/volumes.md). */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Volume"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "4XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+                /** @description Every error answer of /v1 (and a streamed exec's last line when its stream fails). */
+                "5XX": {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["ErrorEnvelope"];
+                    };
+                };
+            };
+        };
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/microvms/{id}/terminal/tickets": {
         parameters: {
             query?: never;
@@ -2886,6 +3101,8 @@ export interface components {
                 images: number;
                 suspendedMicroVms: number;
                 baseShapes: number;
+                volumes: number;
+                volumeGiB: number;
             };
         };
         ApiKey: {
@@ -2984,6 +3201,26 @@ export interface components {
              */
             updatedAt: string;
         };
+        /** @description A persistent volume: an ext4 disk that outlives the microVMs it is attached to (docs/volumes.md). */
+        Volume: {
+            volumeId: string;
+            name: string;
+            sizeGiB: number;
+            /** @description ATTACHED while a microVM that is neither TERMINATED nor FAILED holds it */
+            state: "AVAILABLE" | "ATTACHED";
+            /** @description the microVMs holding it: one read-write, or any number read-only */
+            attachedTo: {
+                microVmId: string;
+                /** @description where the guest mounts it */
+                path: string;
+                readOnly: boolean;
+            }[];
+            /**
+             * Format: date-time
+             * @description when it was created
+             */
+            createdAt: string;
+        };
     };
     responses: never;
     parameters: never;
@@ -3026,4 +3263,6 @@ export const healthAcceleratorAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<
 export const healthJailCgroupVersionAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["Health"]["jail"]["cgroupVersion"]> = [1];
 export const healthJailCgroupVersionAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["Health"]["jail"]["cgroupVersion"]> = [2];
 export const accessGrantHeaderValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["AccessGrant"]["header"]> = ["X-aws-proxy-auth"];
+export const volumeStateAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["Volume"]["state"]> = ["AVAILABLE"];
+export const volumeStateAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["Volume"]["state"]> = ["ATTACHED"];
 export type operations = Record<string, never>;

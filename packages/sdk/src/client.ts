@@ -3,6 +3,7 @@ import { Transport, type CallOpts } from "./http.ts";
 import { Images } from "./images.ts";
 import { MicroVms } from "./microvms.ts";
 import type { Health } from "./types.ts";
+import { Volumes } from "./volumes.ts";
 
 /** Options of {@link CocoonClient}. */
 export interface CocoonClientOpts {
@@ -48,6 +49,8 @@ export class CocoonClient {
   readonly microvms: MicroVms;
   /** Images built from a Dockerfile and code. */
   readonly images: Images;
+  /** Persistent volumes, attached at a microVM's create. */
+  readonly volumes: Volumes;
   /** API keys (admin key only). */
   readonly keys: Keys;
   /** Tenants (admin key only). */
@@ -66,6 +69,7 @@ export class CocoonClient {
     });
     this.microvms = new MicroVms(this.http);
     this.images = new Images(this.http);
+    this.volumes = new Volumes(this.http);
     this.keys = new Keys(this.http);
     this.tenants = new Tenants(this.http);
   }

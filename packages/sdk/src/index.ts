@@ -5,6 +5,7 @@
 export { CocoonClient, DEFAULT_TIMEOUT_MS, type CocoonClientOpts } from "./client.ts";
 export { MicroVms, MicroVm, Files, type Command, type FileData } from "./microvms.ts";
 export { Images } from "./images.ts";
+export { Volumes } from "./volumes.ts";
 export { Keys, Tenants } from "./admin.ts";
 export type { CallOpts } from "./http.ts";
 export {

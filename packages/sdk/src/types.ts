@@ -31,6 +31,8 @@ export type WriteInfo = Schemas["FileWritten"];
 export type ImageState = Schemas["ImageState"];
 
 export type ImageInfo = Schemas["Image"];
+/** A persistent volume (`client.volumes`). */
+export type VolumeInfo = Schemas["Volume"];
 
 export type TenantInfo = Schemas["Tenant"];
 
@@ -79,3 +81,6 @@ export interface CreateImageOpts {
 /** The body of `POST /v1/keys`: permissions are e.g. `["microvm:*", "image:read"]` (docs/api.md lists the actions). */
 export type CreateKeyOpts = JsonBody<paths["/v1/keys"]["post"]>;
 
+
+/** The body of `POST /v1/volumes`. */
+export type CreateVolumeOpts = JsonBody<paths["/v1/volumes"]["post"]>;

@@ -9,8 +9,8 @@ import { ref } from "../schemas.ts";
 import type { Api } from "../server.ts";
 
 const PERMISSION = Type.String({
-  pattern: "^(admin:\\*|image:(\\*|create|read|delete)|microvm:(\\*|create|read|exec|endpoint|suspend|resume|terminate))$",
-  description: "e.g. microvm:*, image:read, admin:*; microvm:endpoint reaches the tenant's VM endpoints with the key",
+  pattern: "^(admin:\\*|image:(\\*|create|read|delete)|volume:(\\*|create|read|delete)|microvm:(\\*|create|read|exec|endpoint|suspend|resume|terminate))$",
+  description: "e.g. microvm:*, image:read, volume:*, admin:*; microvm:endpoint reaches the tenant's VM endpoints with the key",
 });
 
 const S3_ALLOW = Type.Array(Type.String({ minLength: 1, maxLength: 1100 }), {
@@ -25,6 +25,8 @@ const QUOTAS = Type.Object(
     images: quota("image versions the tenant may hold"),
     suspendedMicroVms: quota("microVMs the tenant may keep suspended"),
     baseShapes: quota("new shapes (vCPUs, memory) of managed images the tenant may cause to be snapshotted"),
+    volumes: quota("persistent volumes the tenant may hold"),
+    volumeGiB: quota("the total size in GiB of the tenant's volumes"),
   },
   { additionalProperties: false, description: "overrides of the operator's defaults (COCOON_QUOTA_*)" },
 );

@@ -6,6 +6,7 @@ import { pipeline, Transform, type Readable } from "node:stream";
 import { ApiError } from "../../errors.ts";
 import type { GuestService } from "../../lifecycle/guest.ts";
 import { LIMITS, type MicroVmService } from "../../lifecycle/microvms.ts";
+import { VOLUME_LIMITS } from "../../lifecycle/volumes.ts";
 import { GRANT_LIMITS, grantAccessToken, grantShellToken } from "../../router/access-grants.ts";
 import type { AccessTokens } from "../../router/access-tokens.ts";
 import type { Db } from "../../store/db.ts";
@@ -64,6 +65,19 @@ const CreateBody = Type.Object(
     metadata: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.Unknown(), { maxProperties: 64 })),
     runHookPayload: Type.Optional(Type.String({ maxLength: 16 * 1024, description: "body of the image's /run hook (at most 16 KiB)" })),
     clientToken: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: "idempotency: a retry with the same token and request returns the same VM" })),
+    volumes: Type.Optional(
+      Type.Array(
+        Type.Object(
+          {
+            name: Type.String({ minLength: 1, maxLength: 64, description: "volume name or id (POST /v1/volumes)" }),
+            path: Type.String({ minLength: 1, maxLength: 256, description: "where the guest mounts it: an absolute path outside /proc, /sys, /dev, /run, /etc, /usr, /bin, /sbin, /lib, /lib64, /boot" }),
+            readOnly: Type.Optional(Type.Boolean({ description: "default false; a volume has one read-write attachment at a time, or any number read-only" })),
+          },
+          { additionalProperties: false },
+        ),
+        { maxItems: VOLUME_LIMITS.perMicroVm, description: `persistent volumes to attach (at most ${VOLUME_LIMITS.perMicroVm})` },
+      ),
+    ),
   },
   { additionalProperties: false },
 );

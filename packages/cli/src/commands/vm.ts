@@ -28,6 +28,7 @@ export function registerVmCommands(program: Command): void {
     .option("--egress <policy>", "none, internet, or a comma-separated allow-list of CIDRs and host names (default none)")
     .option("--public", "serve the app's endpoint without a token")
     .option("-m, --metadata <KEY=VALUE>", "metadata label (repeatable)", keyValue)
+    .option("-v, --volume <NAME:PATH[:ro]>", "attach a persistent volume at PATH in the guest, read-only with :ro (repeatable, at most 4)", volumeOption)
     .action(async (o: CreateFlags, cmd: Command) => {
       const g = globals(cmd);
       const { client } = await makeClient(g);
@@ -242,6 +243,14 @@ interface CreateFlags {
   egress?: string;
   public?: boolean;
   metadata?: Record<string, string>;
+  volume?: NonNullable<CreateMicroVmOpts["volumes"]>;
+}
+
+/** Commander parser for a repeatable `--volume NAME:PATH[:ro]`. */
+function volumeOption(value: string, previous: CreateFlags["volume"]): NonNullable<CreateFlags["volume"]> {
+  const [name, path, mode, ...rest] = value.split(":");
+  if (!name || !path || rest.length > 0 || (mode !== undefined && mode !== "ro" && mode !== "rw")) throw new InvalidArgumentError("expected NAME:PATH, NAME:PATH:ro or NAME:PATH:rw");
+  return [...(previous ?? []), { name, path, ...(mode === "ro" ? { readOnly: true } : {}) }];
 }
 
 function createRequest(o: CreateFlags): CreateMicroVmOpts {
@@ -257,6 +266,7 @@ function createRequest(o: CreateFlags): CreateMicroVmOpts {
   if (o.egress !== undefined) req.network = { egress: parseEgress(o.egress) };
   if (o.public) req.endpoint = { public: true };
   if (o.metadata) req.metadata = o.metadata;
+  if (o.volume) req.volumes = o.volume;
   return req;
 }
 

@@ -13,9 +13,10 @@ interface Form {
   egress: "none" | "internet" | "allow";
   allow: string;
   env: string;
+  volumes: string;
 }
 
-const initial: Form = { image: "base", vcpus: "1", memoryMiB: "512", diskGiB: "", suspendAfterSeconds: "900", autoResume: true, maxRuntimeSeconds: "28800", egress: "none", allow: "", env: "" };
+const initial: Form = { image: "base", vcpus: "1", memoryMiB: "512", diskGiB: "", suspendAfterSeconds: "900", autoResume: true, maxRuntimeSeconds: "28800", egress: "none", allow: "", env: "", volumes: "" };
 
 /** Which form field an API field path (`body.memoryMiB`, `body.idlePolicy.suspendAfterSeconds`, `memoryMiB`) belongs to. */
 function fieldOf(path: string | undefined, message: string): keyof Form | undefined {
@@ -28,6 +29,7 @@ function fieldOf(path: string | undefined, message: string): keyof Form | undefi
     [/vcpus/, "vcpus"],
     [/egress|network/, "egress"],
     [/\benv\b|body\.env/, "env"],
+    [/volume/, "volumes"],
     [/image/, "image"],
   ];
   return names.find(([re]) => re.test(text))?.[1];
@@ -62,12 +64,23 @@ export function VmCreate({ image }: { image?: string }) {
       }
       env[line.slice(0, eq).trim()] = line.slice(eq + 1);
     }
+    const volumes = [];
+    for (const line of form.volumes.split("\n")) {
+      if (!line.trim()) continue;
+      const [name, path, mode, ...rest] = line.trim().split(":");
+      if (!name || !path || rest.length > 0 || (mode !== undefined && mode !== "ro")) {
+        setErrors({ volumes: `"${line}" is not name:/path or name:/path:ro` });
+        return;
+      }
+      volumes.push({ name, path, ...(mode === "ro" ? { readOnly: true } : {}) });
+    }
     const body = {
       image: form.image.trim(),
       vcpus: num(form.vcpus),
       memoryMiB: num(form.memoryMiB),
       diskGiB: num(form.diskGiB),
       ...(Object.keys(env).length ? { env } : {}),
+      ...(volumes.length ? { volumes } : {}),
       idlePolicy: { suspendAfterSeconds: num(form.suspendAfterSeconds), autoResume: form.autoResume },
       maxRuntimeSeconds: num(form.maxRuntimeSeconds),
       network: { egress: form.egress === "allow" ? { allow: form.allow.split(/[\s,]+/).filter(Boolean) } : form.egress },
@@ -170,6 +183,12 @@ export function VmCreate({ image }: { image?: string }) {
           "env",
           "Environment (NAME=value per line)",
           <textarea id="f-env" rows={3} value={form.env} onChange={(e) => set("env", e.target.value)} aria-describedby={errors.env ? "f-env-error" : undefined} />,
+        )}
+        {field(
+          "volumes",
+          "Volumes (name:/path, or name:/path:ro, per line)",
+          <textarea id="f-volumes" rows={2} value={form.volumes} onChange={(e) => set("volumes", e.target.value)} aria-describedby={errors.volumes ? "f-volumes-error" : undefined} />,
+          "persistent volumes (see Volumes) the guest mounts at each path",
         )}
         {general && (
           <p className="error" role="alert">
