@@ -249,4 +249,12 @@ export const migrations: Record<string, Migration> = {
       await db.schema.alterTable("microvms").addColumn("forked_from", "text").execute();
     },
   },
+  // ---- suspended VMs in the object store (issue #15 step 5; docs/cluster.md) ----
+  "0018_suspended_objects": {
+    async up(db: Kysely<unknown>) {
+      // The node whose disk holds a suspended VM's files, and the object-store prefix they are published under once complete.
+      await db.schema.alterTable("microvms").addColumn("suspended_node", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("suspended_object", "text").execute();
+    },
+  },
 };

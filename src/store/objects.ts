@@ -15,7 +15,7 @@ import {
 } from "@aws-sdk/client-s3";
 import { createHash, randomBytes } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
-import { rename, rm, stat } from "node:fs/promises";
+import { chmod, mkdir, rename, rm, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { Readable, Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
@@ -69,6 +69,8 @@ const MANIFEST = "manifest.json";
 export class ObjectStore {
   private readonly client: S3Client;
   readonly bucket: string;
+  /** sha256 of read-only files published as blobs, by path, size and mtime. */
+  private readonly blobHashes = new Map<string, ObjectFile>();
 
   constructor(config: ObjectStoreConfig) {
     this.bucket = config.bucket;
@@ -240,6 +242,45 @@ export class ObjectStore {
     return manifest;
   }
 
+  /**
+   * Publishes a read-only file (a disk layer) content-addressed, as
+   * `blobs/<sha256>`, unless it is there already: a layer many suspended VMs
+   * share (an image's disk) goes up once. Its hash is computed once per
+   * file (path, size, mtime) for the life of the process.
+   */
+  async putBlob(path: string): Promise<ObjectFile> {
+    const { size, mtimeMs } = await stat(path);
+    const id = `${path}\0${size}\0${mtimeMs}`;
+    let file = this.blobHashes.get(id);
+    if (!file) {
+      const hash = createHash("sha256");
+      for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+      file = { sha256: hash.digest("hex"), bytes: size };
+      this.blobHashes.set(id, file);
+    }
+    if ((await this.head(blobKey(file.sha256)))?.bytes !== file.bytes) {
+      const put = await this.putFile(blobKey(file.sha256), path);
+      if (put.sha256 !== file.sha256) throw new Error(`${path} changed while it was published: it must be read-only`);
+    }
+    return file;
+  }
+
+  /**
+   * The local copy of blob `file` in `cacheDir` (`<sha256>`, root's, 0444),
+   * downloaded and verified unless it is there already; what is in the
+   * cache was verified when it came in.
+   */
+  async getBlob(file: ObjectFile, cacheDir: string): Promise<string> {
+    if (!/^[0-9a-f]{64}$/.test(file.sha256)) throw corrupt(blobKey(file.sha256), "has no valid sha256");
+    const path = join(cacheDir, file.sha256);
+    const have = await stat(path).catch(() => undefined);
+    if (have?.size === file.bytes) return path;
+    await mkdir(cacheDir, { recursive: true, mode: 0o700 });
+    await this.getFile(blobKey(file.sha256), path, file);
+    await chmod(path, 0o444);
+    return path;
+  }
+
   destroy(): void {
     this.client.destroy();
   }
@@ -270,6 +311,8 @@ function hashed(source: Readable, hash: ReturnType<typeof createHash>): Readable
     }),
   );
 }
+
+const blobKey = (sha256: string) => `blobs/${sha256}`;
 
 function isNotFound(err: unknown): boolean {
   return err instanceof S3ServiceException && (err.$metadata.httpStatusCode === 404 || err.name === "NotFound" || err.name === "NoSuchKey" || err.name === "NoSuchBucket");
