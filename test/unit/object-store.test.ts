@@ -3,7 +3,10 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SuspendedObjects } from "../../src/lifecycle/suspended-objects.ts";
 import { ObjectStore, objectStoreConfigFromEnv, PART_BYTES, type ObjectStoreConfig } from "../../src/store/objects.ts";
+import type { MicroVmRow } from "../../src/store/schema.ts";
+import { qemuBuild } from "../../src/vmm/snapshot.ts";
 import { startSwift, type TestSwift } from "../support/swift.ts";
 
 /*
@@ -106,6 +109,45 @@ describe("object store on Swift (s3api)", () => {
     const fetched = await attempt(JSON.stringify({ format: 1, files: { state: { sha256: abc, bytes: 3 }, "../../escape": { sha256: abc, bytes: 3 } }, meta: {} }));
     expect(Object.keys(fetched!.files)).toEqual(["state"]);
     expect((await readdir(into)).sort()).toEqual(["state"]);
+  });
+
+  it("a published suspend comes back only as the VM's row allows: another VM's, oversized, or with fields out of range is refused", async () => {
+    const objects = new SuspendedObjects(store, { blobsDir: join(dir, "blobs"), accelerator: "tcg" });
+    const layer = join(dir, "layer");
+    await writeFile(layer, randomBytes(5000));
+    await writeFile(join(dir, "state"), randomBytes(3000));
+    await writeFile(join(dir, "disk"), randomBytes(2000));
+    const files = { state: join(dir, "state"), disk: join(dir, "disk"), backing: [layer], guestPorts: [8080], diskBytes: 2 ** 30, token: "t".repeat(32) };
+    const row = { id: "vm-1", memory_mib: 128, disk_gib: 1, suspended_node: "b" } as MicroVmRow;
+    const { prefix } = await objects.publish("vm-1", files);
+    const into = await mkdtemp(join(dir, "suspend-"));
+    const { meta, layers } = await objects.fetch({ ...row, suspended_object: prefix }, into);
+    expect(meta).toMatchObject({ vm: "vm-1", qemuBuild: qemuBuild(), diskBytes: 2 ** 30, guestPorts: [8080] });
+    expect(await readFile(layers[0]!)).toEqual(await readFile(layer));
+    // The same layer again comes from the node's cache; it went up once.
+    expect((await objects.fetch({ ...row, suspended_object: prefix }, await mkdtemp(join(dir, "again-")))).layers).toEqual(layers);
+    await expect(objects.fetch({ ...row, id: "vm-2", suspended_object: prefix }, into)).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another microVM") });
+    // Forged manifests: each field is checked against the row and its range.
+    const forge = async (meta: Record<string, unknown>, sizes: { state?: number } = {}) => {
+      const bad = `microvms/vm-1/forged-${randomBytes(4).toString("hex")}`;
+      const published = await store.publish(bad, { state: files.state, disk: files.disk }, { vm: "vm-1", qemuBuild: qemuBuild(), accelerator: "tcg", diskBytes: 2 ** 30, token: "t".repeat(32), guestPorts: [], layers: [], ...meta });
+      if (sizes.state !== undefined) {
+        await rawPut(`${bad}/manifest.json`, JSON.stringify({ ...published, files: { ...published.files, state: { ...published.files.state, bytes: sizes.state } } }));
+      }
+      return objects.fetch({ ...row, suspended_object: bad }, await mkdtemp(join(dir, "forged-")));
+    };
+    await expect(forge({}, { state: 2 * 2 ** 30 })).rejects.toMatchObject({ message: expect.stringContaining("more than its limit") });
+    await expect(forge({ diskBytes: 2 ** 50 })).rejects.toMatchObject({ message: expect.stringContaining("disk size out of range") });
+    await expect(forge({ token: "short" })).rejects.toMatchObject({ message: expect.stringContaining("agent secret") });
+    await expect(forge({ guestPorts: [0] })).rejects.toMatchObject({ message: expect.stringContaining("guest ports") });
+    await expect(forge({ layers: Array.from({ length: 17 }, () => ({ sha256: "0".repeat(64), bytes: 1 })) })).rejects.toMatchObject({ message: expect.stringContaining("more than 16 layers") });
+    await expect(forge({ layers: [{ sha256: "../../etc/passwd", bytes: 1 }] })).rejects.toMatchObject({ message: expect.stringContaining("invalid layer") });
+    await expect(forge({ qemuBuild: "QEMU emulator version 0.1" })).rejects.toMatchObject({ code: "Conflict" });
+    // A layer whose bytes in the store are not what the manifest says is refused, and not cached.
+    const wrong = randomBytes(5000);
+    await rawPut(`blobs/${sha256(wrong)}`, randomBytes(5000));
+    await expect(forge({ layers: [{ sha256: sha256(wrong), bytes: 5000 }] })).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("sha256") });
+    expect(await readdir(join(dir, "blobs"))).toEqual([layers[0]!.split("/").at(-1)]);
   });
 
   it("reads its configuration from COCOON_OBJECT_STORE_*, refusing what is malformed", () => {
