@@ -415,8 +415,10 @@ export class MicroVmService {
 
   /**
    * On a cluster, the URL of the live node other than this one that runs VM
-   * `id` (of `tenantId` when given), where calls on it are forwarded; undefined
-   * when it is this node's, its node is not live, or there is no such VM.
+   * `id` (of `tenantId` when given), where calls on it are forwarded; for a
+   * suspended VM that leaves its node (movable), the node every node picks to
+   * resume it (its own node too, when draining). Undefined when that is this
+   * node, its node is not live, or there is no such VM.
    */
   async ownerUrl(id: string, tenantId?: string): Promise<string | undefined> {
     if (!this.cluster) return undefined;
@@ -425,15 +427,14 @@ export class MicroVmService {
       .innerJoin("nodes", "nodes.id", "microvms.node_id")
       .selectAll("microvms")
       .select(["nodes.url", "nodes.state as node_state", "nodes.qemu_build", "nodes.accelerator"])
+      .select(sql<boolean>`nodes.state != 'dead' and nodes.lease_expires_at > now()`.as("node_live"))
       .where("microvms.id", "=", id)
       .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
-      .where("nodes.id", "!=", this.cluster.id)
-      .where("nodes.state", "!=", "dead")
-      .where("nodes.lease_expires_at", ">", sql<Date>`now()`)
       .executeTakeFirst();
-    // Its node is draining and its suspend is published: resumed where the request is (resumeLocked), not forwarded.
-    if (row && this.movable(row, { state: row.node_state, live: true, qemu_build: row.qemu_build, accelerator: row.accelerator })) return undefined;
-    return row?.url;
+    if (!row) return undefined;
+    // This node's own VM too, when it drains: it takes no VMs, a peer resumes it.
+    if (this.movable(row, { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator })) return this.moveTargetUrl(row);
+    return row.node_live && row.node_id !== this.cluster.id ? row.url : undefined;
   }
 
   /**
@@ -463,6 +464,16 @@ export class MicroVmService {
       if (claimed) return claimed;
     }
     throw new ApiError("MisdirectedRequest", `microVM ${id} is run by node ${row.node_id ?? "(none)"}${node?.live ? ` (${node.url})` : ", which is not live"}`, { node: row.node_id, url: node?.live ? node.url : undefined });
+  }
+
+  /**
+   * Where a request for a VM that leaves its node (movable) goes: the node
+   * every node picks for it (ClusterNode.moveTarget), undefined when that is
+   * this one, or none has room (this node answers: it claims it, or 503).
+   */
+  private async moveTargetUrl(row: MicroVmRow): Promise<string | undefined> {
+    const target = await this.cluster!.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+    return target && target.id !== this.cluster!.id ? target.url : undefined;
   }
 
   /**
