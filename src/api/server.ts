@@ -31,6 +31,7 @@ import { registerClusterRoutes } from "./routes/cluster.ts";
 import { registerConnectorRoutes } from "./routes/connectors.ts";
 import { registerConsoleRoutes } from "./routes/console.ts";
 import { registerImageRoutes } from "./routes/images.ts";
+import { OutputBudget } from "./output-budget.ts";
 import { registerKeyRoutes } from "./routes/keys.ts";
 import { registerMicroVmRoutes } from "./routes/microvms.ts";
 import { registerObserveRoutes } from "./routes/observe.ts";
@@ -77,6 +78,8 @@ export interface ApiDeps {
   logger?: boolean;
   logStream?: Writable;
   timeouts?: Partial<ApiTimeouts>;
+  /** What buffered exec answers may hold in memory at once (output-budget.ts; default 256 MiB). */
+  execOutputBudgetBytes?: number;
   /** Check every JSON answer against its documented schema (schemas.ts); one that differs is a 500 naming the difference. The tests' servers do. */
   checkAnswers?: boolean;
 }
@@ -251,14 +254,14 @@ export async function buildApi(deps: ApiDeps): Promise<Api> {
   // Endpoint tokens (X-aws-proxy-auth) and shell tokens, each under its own key derived from the master key.
   const accessTokens = new AccessTokens(deps.secrets.derive("endpoint-access-tokens"));
   const shellTokens = new AccessTokens(deps.secrets.derive("shell-access-tokens"));
-  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl, nodeChannel: deps.nodeChannel });
+  await registerMicroVmRoutes(app, { microvms: deps.microvms, guest, tokens: { access: accessTokens, shell: shellTokens }, db: deps.db, endpointUrl, execOutputBudget: new OutputBudget(deps.execOutputBudgetBytes ?? 256 * 2 ** 20), nodeChannel: deps.nodeChannel });
   registerConnectorRoutes(app, deps.microvms.connectors);
   await registerConsoleRoutes(app, domain); // the web console, /console/
   const apiKeyReaches = (apiKey: string, tenantId: string) => keyOfTenantGrants(deps.db, apiKey, tenantId, ENDPOINT_PERMISSION);
   await registerEndpointRoutes(app, new EndpointRouter(deps.microvms, guest, accessTokens, apiKeyReaches), domain);
   registerTerminalRoutes(app, { microvms: deps.microvms, guest, tickets, shellTokens });
   // The AWS Lambda MicroVMs API (docs/aws-api.md): the same core behind AWS's protocol.
-  await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl });
+  await registerAwsApi(app, { db: deps.db, secrets: deps.secrets, microvms: deps.microvms, images: deps.images, accessTokens, shellTokens, endpointUrl, nodeChannel: deps.nodeChannel });
   registerObserveRoutes(app, { guest, metrics: deps.metrics, metricsPublic: deps.metricsPublic ?? false });
   // MCP over streamable HTTP (packages/mcp, docs/mcp.md): its tools call this API on loopback with the caller's key.
   app.route({

@@ -39,12 +39,15 @@ export class GuestService {
     }
   }
 
-  /** Runs a command to completion; output past the agent client's cap is dropped and flagged `truncated`. */
-  async exec(tenantId: string, id: string, req: ExecRequest, signal?: AbortSignal): Promise<ExecResult> {
+  /**
+   * Runs a command to completion; output past the agent client's cap, or
+   * that `keep` refuses (the caller's memory budget), is dropped and flagged `truncated`.
+   */
+  async exec(tenantId: string, id: string, req: ExecRequest, opts: { signal?: AbortSignal; keep?: (chunk: Buffer) => boolean } = {}): Promise<ExecResult> {
     const vm = await this.microvms.runningVm(tenantId, id, "exec in");
     const active = setInterval(() => void this.microvms.touch(id), ACTIVE_EVERY_MS);
     try {
-      return await vm.agent.exec(req, signal);
+      return await vm.agent.exec(req, opts.signal, opts.keep);
     } finally {
       clearInterval(active);
     }

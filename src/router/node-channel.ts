@@ -1,6 +1,7 @@
 import { createHmac, timingSafeEqual } from "node:crypto";
 import { request as httpRequest, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from "node:http";
 import type { Socket } from "node:net";
+import { ApiError, ERROR_CODES, type ErrorCode } from "../errors.ts";
 
 /** How long a node's signature on a forwarded request is good for (clocks of a cluster's hosts agree within this). */
 const SIGNATURE_TTL_MS = 60_000;
@@ -60,6 +61,33 @@ export class NodeChannel {
     });
     const text = await res.text();
     return { status: res.status, body: text ? (JSON.parse(text) as unknown) : undefined };
+  }
+
+  /**
+   * Offers a create this node cannot take (`POST /v1/microvms` with `body`)
+   * to `peers` in turn, best first: the first that admits it, under its own
+   * row lock, makes it. Its answer as is (a 201, or its error), or undefined
+   * when none had room. A peer never offers it on (it came over this channel).
+   */
+  async offerCreate(peers: string[], tenantId: string, body: unknown): Promise<{ status: number; body: unknown } | undefined> {
+    for (const peer of peers) {
+      const answer = await this.call(peer, tenantId, "POST", "/v1/microvms", body).catch(() => undefined);
+      if (answer && answer.status !== 503) return answer;
+    }
+    return undefined;
+  }
+
+  /**
+   * A peer's answer to an offered create, for a door that answers in its own
+   * shape (the AWS one): the new VM's id, or the peer's error as an ApiError.
+   */
+  static createdId(answer: { status: number; body: unknown }): string {
+    const body = answer.body as { microVmId?: unknown; error?: { code?: unknown; message?: unknown; details?: unknown } } | undefined;
+    if (answer.status === 201 && typeof body?.microVmId === "string") return body.microVmId;
+    const code = body?.error?.code;
+    const message = typeof body?.error?.message === "string" ? body.error.message : `a peer answered the create with status ${answer.status}`;
+    const details = typeof body?.error?.details === "object" && body.error.details !== null ? (body.error.details as Record<string, unknown>) : undefined;
+    throw new ApiError(typeof code === "string" && code in ERROR_CODES ? (code as ErrorCode) : "Internal", message, details);
   }
 
   /** Forwards an HTTP request to the node at `nodeUrl` and streams its answer back. */

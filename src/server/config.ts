@@ -27,6 +27,8 @@ export interface ServerConfig {
   registryCaFile?: string;
   /** CIDRs of private addresses FROM may pull from, e.g. an internal registry (COCOON_REGISTRY_PRIVATE_ALLOW, comma-separated; none by default). */
   registryPrivateAllow: Cidr[];
+  /** What buffered exec answers may hold in memory at once (COCOON_EXEC_OUTPUT_BUDGET_MIB, default 256; docs/api.md). */
+  execOutputBudgetMiB: number;
   /** A PostgreSQL URL (COCOON_DATABASE_URL): the store many hosts share (docs/cluster.md). Unset: SQLite in the data directory. */
   databaseUrl?: string;
   /** Cluster: this node's id (COCOON_NODE_ID; default: one made at first start, kept in the data directory). */
@@ -59,6 +61,7 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     httpsCaFile: process.env.COCOON_HTTPS_CA_FILE ? resolve(process.env.COCOON_HTTPS_CA_FILE) : undefined,
     registryCaFile: process.env.COCOON_REGISTRY_CA_FILE ? resolve(process.env.COCOON_REGISTRY_CA_FILE) : undefined,
     registryPrivateAllow: RegistryEgress.allowFromEnv(),
+    execOutputBudgetMiB: envNumber("COCOON_EXEC_OUTPUT_BUDGET_MIB", 256, { min: 16, max: 65_536, integer: true }),
     databaseUrl: databaseUrlFromEnv(),
     nodeId: nodeIdFromEnv(),
     nodeUrl: process.env.COCOON_NODE_URL || `http://${listen}`,

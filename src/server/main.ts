@@ -88,7 +88,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
   // Cluster: every node derives the channel's key from the master key they share.
   const nodeChannel = cluster ? new NodeChannel(secrets.derive("cluster-node-channel")) : undefined;
-  const api = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true, nodeChannel });
+  const api = await buildApi({ db, secrets, microvms, images: imageService, accelerator: runtime.engine.accelerator, jail: runtime.engine.jailer, metrics, sampler, metricsPublic: flags.metricsPublic, logger: true, nodeChannel, execOutputBudgetBytes: config.execOutputBudgetMiB * 2 ** 20 });
   await api.listen({ host: config.listenHost, port: config.listenPort });
   log(`ready: http://${config.listenHost}:${config.listenPort} (accelerator ${runtime.engine.accelerator}, ${runtime.engine.list().length} VMs adopted)`);
   // SIGTERM/SIGINT: stop taking requests, let lifecycle operations under way

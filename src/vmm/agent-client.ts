@@ -232,23 +232,26 @@ export class AgentClient {
 
   /**
    * Runs a command to completion, keeping at most AgentLimits.execOutputBytes
-   * of each stream (the rest is read and dropped, so the command is not
-   * blocked on a full pipe, and `truncated` says so).
+   * of each stream, and of that only the chunks `keep` takes (the rest is
+   * read and dropped, so the command is not blocked on a full pipe, and
+   * `truncated` says so).
    */
-  async exec(req: ExecRequest, signal?: AbortSignal): Promise<ExecResult> {
+  async exec(req: ExecRequest, signal?: AbortSignal, keep?: (chunk: Buffer) => boolean): Promise<ExecResult> {
     const cap = this.limits.execOutputBytes;
     const kept = { stdout: [] as Buffer[], stderr: [] as Buffer[] };
     const size = { stdout: 0, stderr: 0 };
     const truncated = { stdout: false, stderr: false };
     for await (const ev of this.execStream(req, signal)) {
       if (ev.type === "stdout" || ev.type === "stderr") {
-        const room = cap - size[ev.type];
-        if (ev.data.length > room) truncated[ev.type] = true;
-        if (room > 0) {
-          const part = ev.data.subarray(0, room);
-          kept[ev.type].push(part);
-          size[ev.type] += part.length;
+        if (truncated[ev.type]) continue;
+        const part = ev.data.subarray(0, cap - size[ev.type]);
+        if (keep && !keep(part)) {
+          truncated[ev.type] = true;
+          continue;
         }
+        kept[ev.type].push(part);
+        size[ev.type] += part.length;
+        if (part.length < ev.data.length) truncated[ev.type] = true;
       } else if (ev.type === "exit") {
         return {
           exitCode: ev.exitCode,

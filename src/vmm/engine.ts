@@ -616,9 +616,10 @@ export class Engine extends EventEmitter {
         }
         if (vm.status !== "running" && vm.status !== "paused") return;
         vm.agent.close();
+        const cause = await this.jailer?.exitCause(vm.record.processName);
         await this.releaseProcess(vm).catch((e: Error) => this.config.log?.(`releasing ${vm.id} after its QEMU exited: ${e.message}`));
         const console = await readConsoleTail(vm.dir, 300);
-        await this.markFailed(vm, `QEMU process exited unexpectedly${console ? `; console: ${console}` : ""}`);
+        await this.markFailed(vm, `QEMU process exited unexpectedly${cause ? ` (${cause})` : ""}${console ? `; console: ${console}` : ""}`);
         this.emit("exit", vm, vm.record.failureReason);
       }).catch((err: Error) => this.config.log?.(`handling the exit of ${vm.id}: ${err.message}`));
     });

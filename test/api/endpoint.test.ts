@@ -2,7 +2,7 @@ import { request } from "node:http";
 import WebSocket from "ws";
 import { describe, expect, it, onTestFinished } from "vitest";
 import { useApi } from "../support/api-fixture.ts";
-import { startApp } from "../support/guest-apps.ts";
+import { startApp, webSocketApp } from "../support/guest-apps.ts";
 
 const api = await useApi({ policyIntervalMs: 250 });
 const key = await api.tenantKey("erin");
@@ -27,24 +27,8 @@ const counterApp = (port: number) => `nohup perl -MIO::Socket::INET -e '
   }' > /dev/null 2>&1 &`;
 const COUNTER_APP = counterApp(8080);
 
-/** A WebSocket echo server on port 8080 (perl-base has Digest::SHA and MIME::Base64 for the handshake). */
-const WS_ECHO_APP = `nohup perl -MIO::Socket::INET -MDigest::SHA=sha1 -MMIME::Base64 -e '
-  my $s = IO::Socket::INET->new(LocalPort => 8080, Listen => 16, ReuseAddr => 1) or die;
-  while (my $c = $s->accept) {
-    $c->autoflush(1);
-    my $key; while (my $l = <$c>) { $key = $1 if $l =~ /^Sec-WebSocket-Key:\\s*(\\S+)/i; last if $l eq "\\r\\n" }
-    next unless $key;
-    my $accept = encode_base64(sha1($key . "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"), "");
-    print $c "HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\nSec-WebSocket-Accept: $accept\\r\\n\\r\\n";
-    while (read($c, my $h, 2) == 2) {
-      my ($b0, $b1) = unpack("CC", $h); my $len = $b1 & 127;
-      read($c, my $mask, 4); my $p = ""; read($c, $p, $len) if $len;
-      $p ^= substr($mask x (1 + $len / 4), 0, $len);
-      last if ($b0 & 15) == 8;
-      my $o = "echo:$p"; print $c pack("CC", 0x81, length $o) . $o;
-    }
-    close $c;
-  }' > /dev/null 2>&1 &`;
+/** A WebSocket echo server on port 8080. */
+const WS_ECHO_APP = webSocketApp(8080, `my $o = "echo:$p"; print $c pack("CC", 0x81, length $o) . $o;`);
 
 async function createApp(body: Record<string, unknown> = {}, app = COUNTER_APP) {
   const res = await api.call("POST", "/v1/microvms", { key, body: { image: "base", appPort: 8080, idlePolicy: { suspendAfterSeconds: 0 }, ...body } });

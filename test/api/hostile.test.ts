@@ -6,7 +6,7 @@ import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
 import { machinePaths } from "../../src/vmm/qemu.ts";
 import { useApi } from "../support/api-fixture.ts";
-import { serveStatic, startApp } from "../support/guest-apps.ts";
+import { serveStatic, startApp, webSocketApp } from "../support/guest-apps.ts";
 
 /**
  * The hostile-request corpus: requests nobody should send, and guests that
@@ -18,7 +18,9 @@ const log = new PassThrough();
 let logText = "";
 log.on("data", (d: Buffer) => (logText += d.toString()));
 const TIMEOUTS = { headersMs: 2_000, requestMs: 4_000 };
-const api = await useApi({ policyIntervalMs: 500, api: { timeouts: TIMEOUTS, logger: true, logStream: log } });
+/** A small budget for buffered exec answers: one 4 MiB answer of NULs (60 MiB charged) fits, a second does not. */
+const EXEC_OUTPUT_BUDGET_MIB = 96;
+const api = await useApi({ policyIntervalMs: 500, api: { timeouts: TIMEOUTS, logger: true, logStream: log, execOutputBudgetBytes: EXEC_OUTPUT_BUDGET_MIB * 2 ** 20 } });
 const port = Number(new URL(api.url).port);
 const owner = await api.tenantKey("heidi");
 const stranger = await api.tenantKey("ivan");
@@ -52,27 +54,14 @@ await serveStatic(api, owner, ID, 8080, {
  * code (1005), on "badcode" one with code 999 (not allowed on the wire), on
  * "reason" one with code 4000 and a 122-byte UTF-8 reason; anything else is echoed.
  */
-const WS_APP = `nohup perl -MIO::Socket::INET -MDigest::SHA=sha1 -MMIME::Base64 -e '
-  my $s = IO::Socket::INET->new(LocalPort => 8081, Listen => 16, ReuseAddr => 1) or die;
-  while (my $c = $s->accept) {
-    $c->autoflush(1);
-    my $key; while (my $l = <$c>) { $key = $1 if $l =~ /^Sec-WebSocket-Key:\\s*(\\S+)/i; last if $l eq "\\r\\n" }
-    next unless $key;
-    my $accept = encode_base64(sha1($key . "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"), "");
-    print $c "HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\nSec-WebSocket-Accept: $accept\\r\\n\\r\\n";
-    while (read($c, my $h, 2) == 2) {
-      my ($b0, $b1) = unpack("CC", $h); my $len = $b1 & 127;
-      read($c, my $mask, 4); my $p = ""; read($c, $p, $len) if $len;
-      $p ^= substr($mask x (1 + $len / 4), 0, $len);
-      last if ($b0 & 15) == 8;
-      if ($p eq "drop") { last }
+const WS_APP = webSocketApp(
+  8081,
+  `if ($p eq "drop") { last }
       elsif ($p eq "nocode") { print $c pack("CC", 0x88, 0); last }
       elsif ($p eq "badcode") { print $c pack("CCn", 0x88, 2, 999); last }
       elsif ($p eq "reason") { my $r = "\\xc3\\xa9" x 60; print $c pack("CCn", 0x88, 122, 4000) . $r; last }
-      else { my $o = "echo:$p"; print $c pack("CC", 0x81, length $o) . $o }
-    }
-    close $c;
-  }' > /dev/null 2>&1 &`;
+      else { my $o = "echo:$p"; print $c pack("CC", 0x81, length $o) . $o }`,
+);
 await startApp(api, owner, ID, WS_APP, 8081);
 
 interface Answer {
@@ -397,6 +386,44 @@ describe("guests that flood", () => {
     expect(res.body.stdout.length).toBe(4 * MiB);
     expect(growthMiB).toBeLessThan(200);
     console.log(`exec flood: RSS grew ${growthMiB.toFixed(0)} MiB at most`);
+    await healthy();
+  });
+
+  it("buffered floods at once, and an answer read slowly, share one output budget: past it output is cut and flagged, and it comes back as answers are sent", { timeout: 300_000 }, async () => {
+    const nulFlood = (mib: number) => api.call("POST", `/v1/microvms/${ID}/exec`, { key: owner, body: { command: `head -c ${mib}M /dev/zero`, timeoutSeconds: 200 } });
+    // NULs are the worst case: 15 bytes charged per byte kept (answerBytes).
+    const keptAtMost = (EXEC_OUTPUT_BUDGET_MIB * MiB) / 15;
+    const floods = await Promise.all([nulFlood(8), nulFlood(8), nulFlood(8)]);
+    for (const f of floods) expect(f.body).toMatchObject({ exitCode: 0, truncated: { stdout: true } });
+    const kept = floods.map((f) => (f.body.stdout as string).length);
+    expect(kept.reduce((a, b) => a + b)).toBeLessThanOrEqual(keptAtMost);
+    // Each answer sent gave its share back: one flood alone keeps its 4 MiB.
+    expect(((await nulFlood(8)).body.stdout as string).length).toBe(4 * MiB);
+
+    // A client that stops reading its 24 MiB answer holds its charge...
+    const slow = await new Promise<{ resume(): Promise<number> }>((resolve, reject) => {
+      const req = request({ host: "127.0.0.1", port, method: "POST", path: `/v1/microvms/${ID}/exec`, headers: { authorization: `Bearer ${owner}`, "content-type": "application/json" } }, (res) => {
+        res.pause();
+        resolve({
+          resume: () =>
+            new Promise((done) => {
+              let bytes = 0;
+              res.on("data", (d: Buffer) => (bytes += d.length));
+              res.on("end", () => done(bytes));
+              res.resume();
+            }),
+        });
+      });
+      req.on("error", reject);
+      req.end(JSON.stringify({ command: "head -c 4M /dev/zero", timeoutSeconds: 200 }));
+    });
+    // ...so another answer keeps only what is left of the budget...
+    const squeezed = await nulFlood(4);
+    expect(squeezed.body).toMatchObject({ exitCode: 0, truncated: { stdout: true } });
+    expect((squeezed.body.stdout as string).length).toBeLessThan(4 * MiB);
+    // ...until the slow one is read to its end.
+    expect(await slow.resume()).toBeGreaterThan(24 * MiB);
+    expect(((await nulFlood(4)).body.stdout as string).length).toBe(4 * MiB);
     await healthy();
   });
 

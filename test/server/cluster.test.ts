@@ -1,5 +1,5 @@
 import { ListObjectsV2Command, S3Client } from "@aws-sdk/client-s3";
-import { LambdaMicrovmsClient, ResumeMicrovmCommand, SuspendMicrovmCommand } from "@aws-sdk/client-lambda-microvms";
+import { LambdaMicrovmsClient, ResumeMicrovmCommand, RunMicrovmCommand, SuspendMicrovmCommand, TerminateMicrovmCommand } from "@aws-sdk/client-lambda-microvms";
 import { execFileSync } from "node:child_process";
 import { copyFile, mkdtemp, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
@@ -226,6 +226,14 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(elsewhere.status).toBe(201);
     expect(await nodeOf(elsewhere.body.microVmId)).toMatchObject({ node_id: "a" });
     expect((await nodes.b.call("DELETE", `/v1/microvms/${elsewhere.body.microVmId}`)).body.state).toBe("TERMINATED");
+    // So does a RunMicrovm through the AWS door on B, answered in AWS's shape.
+    const key = (await nodes.a.call("POST", "/v1/keys", { tenant: "admin", permissions: ["microvm:*"] })).body as { keyId: string; apiKey: string };
+    const aws = new LambdaMicrovmsClient({ endpoint: nodes.b.url, region: "eu-west-3", credentials: { accessKeyId: key.keyId, secretAccessKey: key.apiKey } });
+    const ran = await aws.send(new RunMicrovmCommand({ imageIdentifier: "base" }));
+    expect(ran.state).toBe("RUNNING");
+    expect(await nodeOf(ran.microvmId!)).toMatchObject({ node_id: "a" });
+    await aws.send(new TerminateMicrovmCommand({ microvmIdentifier: ran.microvmId }));
+    expect(await nodeOf(ran.microvmId!)).toMatchObject({ state: "TERMINATED" });
     expect((await nodes.b.call("POST", "/v1/cluster/nodes/b/activate")).body).toMatchObject({ state: "active" });
     const states = (await nodes.b.call("GET", "/v1/cluster/nodes")).body.nodes.map((n: { nodeId: string; state: string; leaseLive: boolean }) => [n.nodeId, n.state, n.leaseLive]);
     expect(states).toEqual([["a", "active", true], ["b", "active", true], ["c", "draining", true]]);

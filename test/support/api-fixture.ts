@@ -46,7 +46,7 @@ export async function useApi(
     policyIntervalMs?: number;
     images?: Partial<Omit<ImageServiceOpts, "db" | "engine">>;
     /** API options (request timeouts, a log stream to inspect). */
-    api?: Pick<ApiDeps, "timeouts" | "logger" | "logStream">;
+    api?: Pick<ApiDeps, "timeouts" | "logger" | "logStream" | "execOutputBudgetBytes">;
   } = {},
 ): Promise<ApiContext> {
   const dataDir = await mkdtemp(join(TEST_ROOT, "api-"));

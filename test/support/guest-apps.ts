@@ -45,6 +45,32 @@ while (my $c = $s->accept) {
 }
 `;
 
+/**
+ * A WebSocket server on `port` in the background (perl-base has Digest::SHA
+ * and MIME::Base64 for the handshake): `onMessage` is perl run for each text
+ * message, with the message in `$p` and the client in `$c` (`last` ends the
+ * connection); a close frame ends it too.
+ */
+export function webSocketApp(port: number, onMessage: string): string {
+  return `nohup perl -MIO::Socket::INET -MDigest::SHA=sha1 -MMIME::Base64 -e '
+  my $s = IO::Socket::INET->new(LocalPort => ${port}, Listen => 16, ReuseAddr => 1) or die;
+  while (my $c = $s->accept) {
+    $c->autoflush(1);
+    my $key; while (my $l = <$c>) { $key = $1 if $l =~ /^Sec-WebSocket-Key:\\s*(\\S+)/i; last if $l eq "\\r\\n" }
+    next unless $key;
+    my $accept = encode_base64(sha1($key . "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"), "");
+    print $c "HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\nSec-WebSocket-Accept: $accept\\r\\n\\r\\n";
+    while (read($c, my $h, 2) == 2) {
+      my ($b0, $b1) = unpack("CC", $h); my $len = $b1 & 127;
+      read($c, my $mask, 4); my $p = ""; read($c, $p, $len) if $len;
+      $p ^= substr($mask x (1 + $len / 4), 0, $len);
+      last if ($b0 & 15) == 8;
+      ${onMessage}
+    }
+    close $c;
+  }' > /dev/null 2>&1 &`;
+}
+
 /** Uploads `files` under /srv/www-<port> and serves them on `port` in VM `id`; resolves once the port accepts. */
 export async function serveStatic(api: ApiContext, key: string, id: string, port: number, files: Record<string, string | Buffer>): Promise<void> {
   const root = `/srv/www-${port}`;

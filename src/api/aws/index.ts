@@ -4,6 +4,7 @@ import { ApiError } from "../../errors.ts";
 import type { ImageService } from "../../images/service.ts";
 import type { MicroVmService } from "../../lifecycle/microvms.ts";
 import type { AccessTokens } from "../../router/access-tokens.ts";
+import type { NodeChannel } from "../../router/node-channel.ts";
 import type { Db } from "../../store/db.ts";
 import type { ServerSecrets } from "../../store/secrets.ts";
 import { grants } from "../auth.ts";
@@ -24,6 +25,8 @@ export interface AwsApiDeps {
   shellTokens: AccessTokens;
   /** The VM's endpoint URL (`http://{id}.{domain}:{port}/`). */
   endpointUrl: (id: string) => string;
+  /** Cluster: RunMicrovm this node has no room for is offered to its peers over it. */
+  nodeChannel?: NodeChannel;
 }
 
 /** A Fastify scope of the AWS door, with the typed schemas of TypeBox. */

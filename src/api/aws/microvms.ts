@@ -1,7 +1,9 @@
 import { Type } from "@fastify/type-provider-typebox";
 import { ApiError } from "../../errors.ts";
+import { TryPeersError } from "../../lifecycle/cluster.ts";
 import type { MicroVmState } from "../../lifecycle/states.ts";
 import { grantAccessToken, grantShellToken, type PortSpec } from "../../router/access-grants.ts";
+import { NodeChannel } from "../../router/node-channel.ts";
 import type { MicroVmRow } from "../../store/schema.ts";
 import { INTERNET_CONNECTOR } from "../../lifecycle/connectors.ts";
 import type { AwsApiDeps, AwsScope } from "./index.ts";
@@ -63,7 +65,7 @@ export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): vo
   scope.post("/microvms", { config: { awsPermission: "microvm:create" }, schema: { body: RunBody } }, async (req) => {
     const b = req.body;
     const tenantId = req.aws.tenantId;
-    const row = await microvms.create(tenantId, {
+    const create = {
       image: resourceName(b.imageIdentifier, tenantId, "microvm-image", "imageIdentifier", true),
       imageVersion: b.imageVersion === undefined ? undefined : parseVersion(b.imageVersion),
       idlePolicy: b.idlePolicy && {
@@ -75,8 +77,16 @@ export function registerMicroVmOperations(scope: AwsScope, deps: AwsApiDeps): vo
       network: b.egressNetworkConnectors === undefined ? undefined : { egressConnectors: b.egressNetworkConnectors },
       runHookPayload: b.runHookPayload,
       clientToken: b.clientToken,
-    });
-    return view(row, req.aws.region);
+    };
+    try {
+      return await view(await microvms.create(tenantId, create), req.aws.region);
+    } catch (err) {
+      // Cluster: offered to the peers as /v1 offers it (the translated request is a /v1 create), answered in AWS's shape.
+      if (!(err instanceof TryPeersError) || !deps.nodeChannel) throw err;
+      const answer = await deps.nodeChannel.offerCreate(err.peers, tenantId, create);
+      if (!answer) throw err;
+      return view(await microvms.get(tenantId, NodeChannel.createdId(answer)), req.aws.region);
+    }
   });
 
   scope.get("/microvms/:microvmIdentifier", { config: { awsPermission: "microvm:read" }, schema: { params: Id } }, async (req) =>

@@ -13,6 +13,7 @@ import type { MicroVmRow } from "../../store/schema.ts";
 import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/tags.ts";
 import { drained } from "../../util/streams.ts";
 import { nonJson, ref, type MicroVmView } from "../schemas.ts";
+import type { OutputBudget } from "../output-budget.ts";
 import { errorBody, type Api } from "../server.ts";
 import { imageView } from "./images.ts";
 
@@ -100,6 +101,8 @@ export async function registerMicroVmRoutes(
     tokens: { access: AccessTokens; shell: AccessTokens };
     db: Db;
     endpointUrl: (id: string) => string;
+    /** What buffered exec answers may hold in memory at once. */
+    execOutputBudget: OutputBudget;
     /** Cluster: creates this node has no room for are offered to its peers over it. */
     nodeChannel?: NodeChannel;
   },
@@ -112,15 +115,12 @@ export async function registerMicroVmRoutes(
       const row = await microvms.create(req.tenantId, req.body);
       return reply.status(201).send(toView(row));
     } catch (err) {
-      // Cluster: not here (no room, or the image is another node's); the first peer that admits it (under its own row lock) makes it.
-      // Offered once: never from a peer's offer.
+      // Cluster: not here (no room, or the image is another node's): offered to the peers, once (never from a peer's offer).
       if (!(err instanceof TryPeersError) || !deps.nodeChannel || req.forwarded) throw err;
-      for (const peer of err.peers) {
-        const answer = await deps.nodeChannel.call(peer, req.tenantId, "POST", req.url, req.body).catch(() => undefined);
-        // Relayed as the peer answered it (the peer's own route checked its answer).
-        if (answer && answer.status !== 503) return (reply as FastifyReply).status(answer.status).send(answer.body);
-      }
-      throw err;
+      const answer = await deps.nodeChannel.offerCreate(err.peers, req.tenantId, req.body);
+      if (!answer) throw err;
+      // Relayed as the peer answered it (the peer's own route checked its answer).
+      return (reply as FastifyReply).status(answer.status).send(answer.body);
     }
   });
 
@@ -233,7 +233,14 @@ export async function registerMicroVmRoutes(
     });
     const exec = { command: body.command, env: body.env, cwd: body.cwd, user: body.user, stdin: body.stdin, timeoutMs: Math.round((body.timeoutSeconds ?? 60) * 1000) };
     if (!String(req.headers.accept).includes("application/x-ndjson")) {
-      const r = await guest.exec(req.tenantId, req.params.id, exec, abort.signal);
+      // The output's charge is held until the answer is sent or the client is gone.
+      const share = deps.execOutputBudget.hold();
+      reply.raw.once("close", share.release);
+      if (reply.raw.closed) share.release();
+      const r = await guest.exec(req.tenantId, req.params.id, exec, { signal: abort.signal, keep: share.keep }).catch((err: unknown) => {
+        share.release();
+        throw err;
+      });
       const truncated = Object.fromEntries(Object.entries(r.truncated).filter(([, cut]) => cut));
       return {
         exitCode: r.exitCode,

@@ -140,6 +140,8 @@ const DEFAULT_DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom"];
 export class Jailer {
   private readonly cgroups: Cgroups;
   private readonly memoryGuard: NodeJS.Timeout;
+  /** Why the guard killed a VM's QEMU, by cgroup name, until its exit is handled (exitCause) or its jail released. */
+  private readonly guardKills = new Map<string, string>();
 
   constructor(
     readonly config: JailConfig,
@@ -162,7 +164,10 @@ export class Jailer {
         if (!stuckAtCap(readings)) return;
         readings.length = 0;
         const killed = await this.cgroups.killBiggest();
-        if (killed) log(`memory guard: all VMs at their ${Math.round(reading.limitBytes / 2 ** 20)} MiB cap for ${GUARD_READINGS} s: killed ${killed.name} (${Math.round(killed.bytes / 2 ** 20)} MiB allocated)`);
+        if (!killed) return;
+        const why = `all VMs at their ${Math.round(reading.limitBytes / 2 ** 20)} MiB cap for ${GUARD_READINGS} s`;
+        this.guardKills.set(killed.name, `the memory guard killed it: ${why}, and it had allocated the most (${Math.round(killed.bytes / 2 ** 20)} MiB)`);
+        log(`memory guard: ${why}: killed ${killed.name} (${Math.round(killed.bytes / 2 ** 20)} MiB allocated)`);
       })()
         .catch((err: Error) => log(`memory guard: ${err.message}`))
         .finally(() => (busy = false));
@@ -257,12 +262,25 @@ export class Jailer {
   }
 
   /**
+   * Why a VM's QEMU that exited by itself was killed, when its memory is why:
+   * the memory guard, or the kernel's OOM killer (counted in the VM's cgroup,
+   * so this must be read before the cgroup is removed).
+   */
+  async exitCause(name: string): Promise<string | undefined> {
+    const guard = this.guardKills.get(name);
+    if (guard) return guard;
+    const reading = await this.cgroups.read(name).catch(() => undefined);
+    return reading?.oomKills ? "the kernel's OOM killer killed it: its memory limit, or the cap all VMs share, was reached" : undefined;
+  }
+
+  /**
    * Removes the VM's cgroup and jail files. The skeleton is only ever mounted
    * inside the jail's own namespace; should a mount show through on the host
    * (a host with shared propagation forced), removing it would descend into
    * /usr, so that is refused instead.
    */
   async release(name: string, vmDir: string): Promise<void> {
+    this.guardKills.delete(name);
     await this.cgroups.remove(name);
     const dir = Jailer.dir(vmDir);
     const mounts = await readFile("/proc/self/mountinfo", "utf8");
