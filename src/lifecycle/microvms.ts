@@ -277,6 +277,7 @@ export class MicroVmService {
       node_epoch: null,
       suspended_node: null,
       suspended_object: null,
+      suspended_manifest: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
     await this.admitted(shape, async (tx) => {
@@ -361,6 +362,7 @@ export class MicroVmService {
           suspended_at: null,
           suspended_node: null,
           suspended_object: null,
+          suspended_manifest: null,
           forked_from: parent.id,
         }));
         // Children run where their parent does: on a cluster, this node, at its current epoch.
@@ -537,7 +539,7 @@ export class MicroVmService {
           await this.transition(id, tenantId, "RUNNING", {}, "suspend-failed", (err as Error).message);
           throw err;
         }
-        const suspended = await this.transition(id, tenantId, "SUSPENDED", { suspended_at: new Date().toISOString(), suspended_node: this.cluster?.id ?? null, suspended_object: null }, "suspended", `suspended (${cause})`);
+        const suspended = await this.transition(id, tenantId, "SUSPENDED", { suspended_at: new Date().toISOString(), suspended_node: this.cluster?.id ?? null, suspended_object: null, suspended_manifest: null }, "suspended", `suspended (${cause})`);
         // After the lock is let go, queued behind it: a resume on this node waits for the upload, and reads nothing from the store.
         if (this.objects) void this.track(this.locks.run(id, () => this.publishSuspended(tenantId, id))).catch((err: Error) => this.log(`publishing ${id}: ${err.message}`));
         return suspended;
@@ -557,13 +559,13 @@ export class MicroVmService {
     const row = await this.get(tenantId, id);
     if (row.state !== "SUSPENDED" || row.node_id !== me.nodeId || row.suspended_node !== me.nodeId || row.suspended_object) return;
     const started = performance.now();
-    const { prefix, bytes } = await objects.publish(id, await this.engine.suspendedFiles(id));
+    const { prefix, manifestSha256, bytes } = await objects.publish(id, await this.engine.suspendedFiles(id));
     const seconds = (performance.now() - started) / 1000;
     const message = `published to the object store (${(bytes / 2 ** 20).toFixed(1)} MiB in ${seconds.toFixed(1)} s): resumable on any node`;
     const recorded = await this.db.transaction().execute(async (tx) => {
       const res = await tx
         .updateTable("microvms")
-        .set({ suspended_object: prefix })
+        .set({ suspended_object: prefix, suspended_manifest: manifestSha256 })
         .where("id", "=", id)
         .where("state", "=", "SUSPENDED")
         .where("suspended_node", "=", me.nodeId)
@@ -599,7 +601,7 @@ export class MicroVmService {
     }
     // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
     await this.runHook(row, "resume");
-    const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString(), suspended_node: null, suspended_object: null }, "resumed", `resumed (${cause})`);
+    const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "resumed", `resumed (${cause})`);
     // The published suspend is stale once the VM runs again.
     if (row.suspended_object) void this.objects?.remove(row.suspended_object).catch((err: Error) => this.log(`removing ${row.suspended_object}: ${err.message}`));
     return running;
@@ -658,7 +660,7 @@ export class MicroVmService {
         await this.engine.terminate(id).catch((err: Error) => {
           if (err.name !== "VmNotFoundError") throw err;
         });
-        const terminated = await this.transition(id, tenantId, "TERMINATED", { terminated_at: new Date().toISOString(), suspended_node: null, suspended_object: null }, "terminated", `terminated (${cause})`);
+        const terminated = await this.transition(id, tenantId, "TERMINATED", { terminated_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "terminated", `terminated (${cause})`);
         if (row.suspended_object) await this.objects?.remove(row.suspended_object).catch((err: Error) => this.log(`removing ${row.suspended_object}: ${err.message}`));
         return terminated;
       }),

@@ -38,17 +38,18 @@ export class SuspendedObjects {
   ) {}
 
   /** Uploads a suspended VM's files, the manifest last; returns the prefix it is published under and the bytes uploaded. */
-  async publish(id: string, files: { state: string; disk: string; backing: string[]; guestPorts: number[]; diskBytes: number; token: string }): Promise<{ prefix: string; bytes: number }> {
+  async publish(id: string, files: { state: string; disk: string; backing: string[]; guestPorts: number[]; diskBytes: number; token: string }): Promise<{ prefix: string; manifestSha256: string; bytes: number }> {
     const layers: ObjectFile[] = [];
     for (const path of files.backing) layers.push(await this.store.putBlob(path));
     const prefix = `microvms/${id}/${randomBytes(8).toString("hex")}`;
     const meta: SuspendedMeta = { vm: id, qemuBuild: qemuBuild(), accelerator: this.opts.accelerator, diskBytes: files.diskBytes, token: files.token, guestPorts: files.guestPorts, layers };
     const manifest = await this.store.publish(prefix, { state: files.state, disk: files.disk }, meta);
-    return { prefix, bytes: Object.values(manifest.files).reduce((n, f) => n + f.bytes, 0) };
+    return { prefix, manifestSha256: manifest.sha256, bytes: Object.values(manifest.files).reduce((n, f) => n + f.bytes, 0) };
   }
 
   /**
-   * Downloads the suspend `row.suspended_object` names into `dir` (`state`,
+   * Downloads the suspend `row.suspended_object` names (its manifest the one
+   * whose sha256 is `row.suspended_manifest`) into `dir` (`state`,
    * `disk`) and its layers into the node's cache; returns the checked meta
    * and the layers' local paths. Refused (BadGateway) when the store holds
    * something the row does not allow: files larger than the VM's memory and
@@ -56,9 +57,10 @@ export class SuspendedObjects {
    */
   async fetch(row: MicroVmRow, dir: string): Promise<{ meta: SuspendedMeta; layers: string[] }> {
     const prefix = row.suspended_object;
-    if (!prefix) throw new ApiError("Conflict", `microVM ${row.id} has no published suspend`);
+    if (!prefix || !row.suspended_manifest) throw new ApiError("Conflict", `microVM ${row.id} has no published suspend`);
     const limits = fileLimits(row);
-    const manifest = await this.store.fetchBundle(prefix, dir, { state: limits.stateBytes, disk: limits.diskBytes });
+    // Pinned by the row: the bundle is the one this cluster published, whoever else can write the bucket.
+    const manifest = await this.store.fetchBundle(prefix, dir, { state: limits.stateBytes, disk: limits.diskBytes }, row.suspended_manifest);
     if (!manifest) throw new ApiError("BadGateway", `the object store has no manifest under ${prefix} for microVM ${row.id}: refused`, { key: prefix });
     const meta = checkMeta(manifest.meta, row, prefix, limits.diskBytes);
     if (meta.qemuBuild !== qemuBuild() || meta.accelerator !== this.opts.accelerator) {

@@ -255,6 +255,8 @@ export const migrations: Record<string, Migration> = {
       // The node whose disk holds a suspended VM's files, and the object-store prefix they are published under once complete.
       await db.schema.alterTable("microvms").addColumn("suspended_node", "text").execute();
       await db.schema.alterTable("microvms").addColumn("suspended_object", "text").execute();
+      // The sha256 of its manifest: a bundle read back must be the one published (the bucket is not trusted).
+      await db.schema.alterTable("microvms").addColumn("suspended_manifest", "text").execute();
     },
   },
 };

@@ -46,6 +46,9 @@ export interface BundleManifest<Meta> {
   meta: Meta;
 }
 
+/** A manifest as published: `sha256` of its bytes is what a reader that trusts the publisher (its database row) pins it by. */
+export type PublishedManifest<Meta> = BundleManifest<Meta> & { sha256: string };
+
 export const BUNDLE_FORMAT = 1;
 
 /** Files up to this size go up in one PUT; bigger ones in parts of this size (S3 allows 10,000 parts). */
@@ -178,23 +181,25 @@ export class ObjectStore {
   /**
    * Publishes files under `prefix` (`<prefix>/<name>` each), then the
    * manifest with their sizes and sha256 and `meta`: a reader that finds
-   * the manifest finds every file complete.
+   * the manifest finds every file complete. Returns it with its own sha256.
    */
-  async publish<Meta>(prefix: string, files: Record<string, string>, meta: Meta): Promise<BundleManifest<Meta>> {
+  async publish<Meta>(prefix: string, files: Record<string, string>, meta: Meta): Promise<PublishedManifest<Meta>> {
     const manifest: BundleManifest<Meta> = { format: BUNDLE_FORMAT, files: {}, meta };
     for (const [name, path] of Object.entries(files)) manifest.files[name] = await this.putFile(`${prefix}/${name}`, path);
     const body = Buffer.from(JSON.stringify(manifest));
     await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key: `${prefix}/${MANIFEST}`, Body: body, ContentLength: body.length, ContentType: "application/json" }));
-    return manifest;
+    return { ...manifest, sha256: createHash("sha256").update(body).digest("hex") };
   }
 
   /**
    * The manifest of the bundle at `prefix`, checked: undefined when none was
    * published; BadGateway when it is too large, not JSON, of another
    * format, or lacks one of `names` or gives one a size past its limit.
-   * Only `names` are kept of its files.
+   * Only `names` are kept of its files. With `sha256` (what the publisher
+   * recorded where the store cannot write), a manifest of other bytes is
+   * refused before it is parsed: the whole bundle is then the publisher's.
    */
-  async manifest(prefix: string, limits: Record<string, number>): Promise<BundleManifest<unknown> | undefined> {
+  async manifest(prefix: string, limits: Record<string, number>, sha256?: string): Promise<BundleManifest<unknown> | undefined> {
     const key = `${prefix}/${MANIFEST}`;
     const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key })).catch((err: unknown) => (isNotFound(err) ? undefined : Promise.reject(err)));
     if (!res) return undefined;
@@ -212,9 +217,11 @@ export class ObjectStore {
       }
       chunks.push(chunk as Buffer);
     }
+    const raw = Buffer.concat(chunks);
+    if (sha256 !== undefined && createHash("sha256").update(raw).digest("hex") !== sha256) throw corrupt(key, `is not the manifest that was published (its sha256 is not ${sha256})`);
     let parsed: unknown;
     try {
-      parsed = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+      parsed = JSON.parse(raw.toString("utf8"));
     } catch {
       throw corrupt(key, "is not JSON");
     }
@@ -233,10 +240,11 @@ export class ObjectStore {
   /**
    * Downloads the files `names` of the bundle at `prefix` into `dir` (each
    * named as the caller names it), each checked against the manifest;
-   * undefined when the bundle was never published (no manifest).
+   * undefined when the bundle was never published (no manifest). `sha256`:
+   * as for `manifest`.
    */
-  async fetchBundle(prefix: string, dir: string, limits: Record<string, number>): Promise<BundleManifest<unknown> | undefined> {
-    const manifest = await this.manifest(prefix, limits);
+  async fetchBundle(prefix: string, dir: string, limits: Record<string, number>, sha256?: string): Promise<BundleManifest<unknown> | undefined> {
+    const manifest = await this.manifest(prefix, limits, sha256);
     if (!manifest) return undefined;
     for (const name of Object.keys(limits)) await this.getFile(`${prefix}/${name}`, join(dir, name), manifest.files[name]!);
     return manifest;

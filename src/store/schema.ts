@@ -92,6 +92,8 @@ export interface MicroVmsTable {
   suspended_node: Generated<string | null>;
   /** Cluster with an object store: the key prefix its current suspend is published under, set once its manifest is written (null: not published). */
   suspended_object: Generated<string | null>;
+  /** The sha256 of that suspend's manifest: what pins the bundle (the object store is not trusted). */
+  suspended_manifest: Generated<string | null>;
 }
 
 export interface EventsTable {

@@ -119,22 +119,31 @@ describe("object store on Swift (s3api)", () => {
     await writeFile(join(dir, "disk"), randomBytes(2000));
     const files = { state: join(dir, "state"), disk: join(dir, "disk"), backing: [layer], guestPorts: [8080], diskBytes: 2 ** 30, token: "t".repeat(32) };
     const row = { id: "vm-1", memory_mib: 128, disk_gib: 1, suspended_node: "b" } as MicroVmRow;
-    const { prefix } = await objects.publish("vm-1", files);
+    const { prefix, manifestSha256 } = await objects.publish("vm-1", files);
     const into = await mkdtemp(join(dir, "suspend-"));
-    const { meta, layers } = await objects.fetch({ ...row, suspended_object: prefix }, into);
+    const published = { ...row, suspended_object: prefix, suspended_manifest: manifestSha256 };
+    const { meta, layers } = await objects.fetch(published, into);
     expect(meta).toMatchObject({ vm: "vm-1", qemuBuild: qemuBuild(), diskBytes: 2 ** 30, guestPorts: [8080] });
     expect(await readFile(layers[0]!)).toEqual(await readFile(layer));
     // The same layer again comes from the node's cache; it went up once.
-    expect((await objects.fetch({ ...row, suspended_object: prefix }, await mkdtemp(join(dir, "again-")))).layers).toEqual(layers);
-    await expect(objects.fetch({ ...row, id: "vm-2", suspended_object: prefix }, into)).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another microVM") });
+    expect((await objects.fetch(published, await mkdtemp(join(dir, "again-")))).layers).toEqual(layers);
+    await expect(objects.fetch({ ...published, id: "vm-2" }, into)).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another microVM") });
+    // Whoever can write the bucket cannot swap in a bundle of their own: the row pins the manifest by its sha256.
+    const other = await store.publish(`microvms/vm-1/other`, { state: files.disk, disk: files.state }, { vm: "vm-1" });
+    await rawPut(`${prefix}/manifest.json`, JSON.stringify({ format: other.format, files: other.files, meta: other.meta }));
+    await expect(objects.fetch(published, await mkdtemp(join(dir, "swapped-")))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("is not the manifest that was published") });
     // Forged manifests: each field is checked against the row and its range.
     const forge = async (meta: Record<string, unknown>, sizes: { state?: number } = {}) => {
       const bad = `microvms/vm-1/forged-${randomBytes(4).toString("hex")}`;
-      const published = await store.publish(bad, { state: files.state, disk: files.disk }, { vm: "vm-1", qemuBuild: qemuBuild(), accelerator: "tcg", diskBytes: 2 ** 30, token: "t".repeat(32), guestPorts: [], layers: [], ...meta });
+      // As if the row pinned the forged manifest: the fields are checked all the same.
+      const { sha256: pinned, ...forged } = await store.publish(bad, { state: files.state, disk: files.disk }, { vm: "vm-1", qemuBuild: qemuBuild(), accelerator: "tcg", diskBytes: 2 ** 30, token: "t".repeat(32), guestPorts: [], layers: [], ...meta });
+      let manifestSha256 = pinned;
       if (sizes.state !== undefined) {
-        await rawPut(`${bad}/manifest.json`, JSON.stringify({ ...published, files: { ...published.files, state: { ...published.files.state, bytes: sizes.state } } }));
+        const body = JSON.stringify({ ...forged, files: { ...forged.files, state: { ...forged.files.state, bytes: sizes.state } } });
+        await rawPut(`${bad}/manifest.json`, body);
+        manifestSha256 = sha256(Buffer.from(body));
       }
-      return objects.fetch({ ...row, suspended_object: bad }, await mkdtemp(join(dir, "forged-")));
+      return objects.fetch({ ...row, suspended_object: bad, suspended_manifest: manifestSha256 }, await mkdtemp(join(dir, "forged-")));
     };
     await expect(forge({}, { state: 2 * 2 ** 30 })).rejects.toMatchObject({ message: expect.stringContaining("more than its limit") });
     await expect(forge({ diskBytes: 2 ** 50 })).rejects.toMatchObject({ message: expect.stringContaining("disk size out of range") });
