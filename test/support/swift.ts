@@ -1,4 +1,4 @@
-import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { userInfo } from "node:os";
 import { join } from "node:path";
@@ -24,11 +24,17 @@ const SERVERS = ["account", "container", "object", "proxy"] as const;
  * `swift-ring-builder` in a temporary directory, the account, container and
  * object servers and a proxy with tempauth and s3api, each a process of its
  * own on a loopback port. Storage is a plain directory (`mount_check =
- * false`) on /tmp, which must support user xattrs (the object server keeps
- * metadata in them).
+ * false`) under COCOON_TEST_SWIFT_DIR (default /tmp), which must support
+ * user xattrs (the object server keeps metadata in them; tmpfs before Linux
+ * 6.6 does not).
  */
 export async function startSwift(): Promise<TestSwift> {
-  const dir = mkdtempSync("/tmp/cocoon-swift-");
+  const dir = mkdtempSync(join(process.env.COCOON_TEST_SWIFT_DIR ?? "/tmp", "cocoon-swift-"));
+  const xattr = spawnSync("/usr/bin/python3", ["-c", "import os, sys; os.setxattr(sys.argv[1], 'user.cocoon-test', b'1')", dir], { encoding: "utf8" });
+  if (xattr.status !== 0) {
+    rmSync(dir, { recursive: true, force: true });
+    throw new Error(`Swift's object server needs user xattrs, which ${dir} does not support (${xattr.stderr.trim().split("\n").at(-1)}): set COCOON_TEST_SWIFT_DIR to a directory on ext4 or xfs`);
+  }
   const etc = join(dir, "etc");
   const devices = join(dir, "srv");
   mkdirSync(etc);
