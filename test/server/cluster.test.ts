@@ -298,5 +298,21 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect((await nodes.a.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
     expect((await nodes.a.call("POST", "/v1/cluster/nodes/b/activate")).body.state).toBe("active");
   });
-});
 
+  it("kill -9 of a node holding a published suspended VM: once it is reaped, a request through any node resumes the VM on a peer", async () => {
+    const created = await nodes.b.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    const id = created.body.microVmId as string;
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    await nodes.b.call("POST", `/v1/microvms/${id}/exec`, { command: ["bash", "-c", "echo survived > /root/failover.txt"] });
+    expect((await nodes.b.call("POST", `/v1/microvms/${id}/suspend`)).body.state).toBe("SUSPENDED");
+    while (!(await nodeOf(id)).suspended_object) await new Promise((r) => setTimeout(r, 200));
+    await nodes.b.stop("SIGKILL");
+    while ((await db.selectFrom("nodes").select("state").where("id", "=", "b").executeTakeFirstOrThrow()).state !== "dead") await new Promise((r) => setTimeout(r, 200));
+    // Suspended VMs are not failed with their node; published, this one moves to a (through c, drained).
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "SUSPENDED" });
+    const read = await nodes.c.call("POST", `/v1/microvms/${id}/exec`, { command: ["cat", "/root/failover.txt"] });
+    expect(read.body.stdout).toBe("survived\n");
+    expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING" });
+    expect((await nodes.c.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
+  });
+});
