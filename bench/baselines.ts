@@ -13,6 +13,7 @@ import { join } from "node:path";
 import { prepareBaseRootfs } from "../src/images/base-rootfs.ts";
 import { detectAccelerator } from "../src/vmm/accelerator.ts";
 import { Engine } from "../src/vmm/engine.ts";
+import { qemuBuild } from "../src/vmm/snapshot.ts";
 import { prepareGuestAssets } from "../src/vmm/guest/index.ts";
 import { sleep } from "../src/util/process.ts";
 import { summarize, summaryTable, timed, writeResults, type Summary } from "./stats.ts";
@@ -161,7 +162,7 @@ async function main(): Promise<void> {
     bwrap: execFileSync("bwrap", ["--version"]).toString().trim(),
     runc: execFileSync("runc", ["--version"]).toString().split("\n")[0]!.trim(),
     runsc: execFileSync("runsc", ["--version"]).toString().split("\n")[0]!.trim(),
-    qemu: execFileSync("qemu-system-x86_64", ["--version"]).toString().split("\n")[0]!.trim(),
+    qemu: qemuBuild(),
   };
   const rows: [string, Summary][] = [];
   const idleLines: string[] = [];

@@ -99,11 +99,16 @@ export class VmNotFoundError extends Error {
 /**
  * Thrown when a snapshot cannot be launched or resumed on this host: it was
  * made by another QEMU build, under another accelerator, or in an older
- * layout. The message says what differs and what to do (rebuild the image).
+ * layout. The message says what differs and `action` what to do: rebuild
+ * the image, or, for a VM suspended under another build, end it.
  */
 export class SnapshotIncompatibleError extends Error {
-  constructor(message: string) {
-    super(message);
+  constructor(
+    /** What differs. */
+    readonly reason: string,
+    readonly action = "rebuild the image (a build on this host makes a snapshot it can restore)",
+  ) {
+    super(`${reason}: ${action}`);
     this.name = "SnapshotIncompatibleError";
   }
 }

@@ -21,7 +21,7 @@ export function toApiError(err: unknown): ApiError | undefined {
   // The engine's own view lagged the lifecycle's (a race with a VM's exit, say): the same answers as the lifecycle's.
   if (err instanceof InvalidVmStateError) return new ApiError("InvalidState", err.message, { state: err.status });
   if (err instanceof VmNotFoundError) return new ApiError("NotFound", err.message);
-  // Restoring it needs a rebuild: the message says so; nothing the host can fix by retrying.
-  if (err instanceof SnapshotIncompatibleError) return new ApiError("Conflict", err.message, { action: "rebuild the image" });
+  // Restoring it needs a rebuild (or, for a VM suspended under another QEMU build, its end): nothing a retry fixes.
+  if (err instanceof SnapshotIncompatibleError) return new ApiError("Conflict", err.message, { action: err.action });
   return undefined;
 }

@@ -1,7 +1,7 @@
 import { cachedAsset, type ProgressLog } from "../util/asset-cache.ts";
 import { SNAPSHOT_FORMAT, type Engine, type GuestBootAssets, type Snapshot } from "../vmm/engine.ts";
 import { qemuBuild } from "../vmm/snapshot.ts";
-import { guestCmdline } from "../vmm/qemu.ts";
+import { guestCmdline, qemuFeatures } from "../vmm/qemu.ts";
 
 /** vCPUs and memory of a snapshot; every clone of it has the same. */
 export interface VmShape {
@@ -16,7 +16,7 @@ export const DEFAULT_SHAPE: VmShape = { vcpus: 1, memoryMiB: 512 };
  * A managed image (`base` by default, `python`, `node`): its root filesystem
  * booted once with the agent, then snapshotted, one snapshot per VM shape
  * (memory size and vCPUs are fixed in a snapshot). Rebuilt when the disk,
- * kernel, initramfs, accelerator or QEMU build changes.
+ * kernel, initramfs, accelerator or QEMU build (or what is used of it) changes.
  */
 export async function prepareBaseImage(
   engine: Engine,
@@ -35,6 +35,8 @@ export async function prepareBaseImage(
       memoryMiB: shape.memoryMiB,
       snapshotFormat: SNAPSHOT_FORMAT,
       qemu: qemuBuild(),
+      // What the engine uses of that build: it decides how the snapshot is made (its memory file's mode).
+      qemuFeatures: qemuFeatures(),
       // The guest kernel booted with it (nowatchdog, ...): the snapshot keeps that kernel's state.
       cmdline: guestCmdline({ accelerator: engine.accelerator, hostname: "" }),
     },

@@ -1,6 +1,7 @@
 import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { run } from "../util/process.ts";
+import { qemuInstall } from "../vmm/qemu.ts";
 
 /**
  * Writes `<out>/disk.qcow2`: an ext4 filesystem of `diskGiB` made with
@@ -19,7 +20,7 @@ export async function ext4DiskFromTree(out: string, diskGiB: number, fill: (tree
     // mke2fs's default is one inode per 16 KiB: enough unless a tree holds very many small files.
     const inodes = opts.inodes && opts.inodes > (diskGiB * 2 ** 30) / 16384 ? ["-N", String(opts.inodes)] : [];
     await run("mke2fs", ["-q", "-t", "ext4", "-L", "cocoon-root", ...inodes, "-d", tree, raw, `${diskGiB}G`]);
-    await run("qemu-img", ["convert", "-O", "qcow2", raw, disk]);
+    await run(qemuInstall().img, ["convert", "-O", "qcow2", raw, disk]);
   } finally {
     await rm(tree, { recursive: true, force: true });
     await rm(raw, { force: true });

@@ -3,7 +3,7 @@ import { constants } from "node:fs";
 import { access, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { writeFileAtomic } from "../util/files.ts";
-import type { Accelerator } from "./qemu.ts";
+import { qemuInstall, type Accelerator } from "./qemu.ts";
 
 /**
  * Picks KVM only where a guest really runs on it. `/dev/kvm` can exist and
@@ -41,8 +41,8 @@ export async function detectAccelerator(opts: {
 function kvmBootsGuest(kernel: string, initramfs: string, timeoutMs: number): Promise<boolean> {
   return new Promise((resolve) => {
     const qemu = spawn(
-      "qemu-system-x86_64",
-      ["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
+      qemuInstall().system,
+      [...(qemuInstall().dataDir ? ["-L", qemuInstall().dataDir!] : []), "-M", "microvm", "-bios", "qboot.rom", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-serial", "stdio", "-kernel", kernel, "-initrd", initramfs, "-append", "console=ttyS0 panic=-1"],
       { stdio: ["ignore", "pipe", "ignore"] },
     );

@@ -14,12 +14,12 @@ import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { parseEgress, type Egress } from "./network/index.ts";
-import { AGENT_PORT, machinePaths, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
+import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
 import { PhaseClock } from "./phases.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotFiles, type Snapshot } from "./snapshot.ts";
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
-import { InvalidVmStateError, VmNotFoundError } from "../errors.ts";
+import { InvalidVmStateError, SnapshotIncompatibleError, VmNotFoundError } from "../errors.ts";
 import { diskBackingOf, MicroVm, newToken, newVmId, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
 import { WarmPool } from "./warm-pool.ts";
 
@@ -107,6 +107,8 @@ export class Engine extends EventEmitter {
   /** Opens the engine over a data directory: ends orphaned templates and re-adopts every VM found there. */
   static async open(config: EngineConfig): Promise<Engine> {
     const engine = new Engine(config);
+    // Probed here, once per process, rather than on a launch's path (it runs a QEMU for ~0.1 s).
+    qemuFeatures();
     await mkdir(engine.vmsDir, { recursive: true, mode: 0o700 });
     await engine.templates.endOrphans();
     await engine.adoptAll();
@@ -279,7 +281,14 @@ export class Engine extends EventEmitter {
       const forwards = await allocateForwards([AGENT_PORT, ...vm.record.forwards.map((f) => f.guestPort)]);
       vm.record = { ...vm.record, agentPort: forwards[0]!.hostPort, forwards: forwards.slice(1) };
       const clock = new PhaseClock();
-      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock);
+      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock).catch((err: unknown) => {
+        // Its saved state is its snapshot's build's (a QEMU upgrade since): no rebuild brings it back.
+        if (!(err instanceof SnapshotIncompatibleError)) throw err;
+        throw new SnapshotIncompatibleError(
+          `microVM ${id} was suspended by a QEMU build this host no longer runs, which alone can restore its saved state (${err.reason})`,
+          "terminate it, or resume it on a host running the build that suspended it",
+        );
+      });
       this.emit("phases", "resume", clock.phases);
       // Only now: until the record said running, a restart kept the VM suspended.
       await rm(files.suspended, { force: true });
@@ -415,7 +424,7 @@ export class Engine extends EventEmitter {
         await this.saveRecord(vm);
         const disk = vmFiles(vm.dir).disk;
         // -u: the layer is not opened; the chain is the record's.
-        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
+        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
         await this.host.prepareFiles(vm.record.uid, [disk]);
         // Timed as a whole by the lifecycle (the fork metric), not by phase.
         await this.restoreInto(vm, { kind: "anonymous" }, capture.state, new PhaseClock());
@@ -512,7 +521,7 @@ export class Engine extends EventEmitter {
         await this.saveRecord(vm);
         const disk = vmFiles(vm.dir).disk;
         // -u: the snapshot's disk is not opened (its size is in the manifest), so no header is followed.
-        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
+        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
         await this.host.prepareFiles(vm.record.uid, [disk]);
         clock.mark("prepare");
         // A snapshot of a running VM carries its RAM in the state (capture.ts): restored like a resume.

@@ -4,7 +4,7 @@ import { dirname } from "node:path";
 import { jailConfigFromEnv, Jailer, vmUidRange, type JailConfig } from "./jail/index.ts";
 import { killQemuNamed, Machine } from "./machine.ts";
 import { NetworkManager, type VmNetworkRecord } from "./network/index.ts";
-import { qemuOverheadMiB, socketPaths, type MachineSpec } from "./qemu.ts";
+import { qemuOverheadMiB, readOnlyMemoryFile, socketPaths, type MachineSpec } from "./qemu.ts";
 import { freeLoopbackPort } from "../util/ports.ts";
 import type { PhaseClock } from "./phases.ts";
 import type { ReleaseStack } from "./release-stack.ts";
@@ -126,8 +126,8 @@ export class HostSide {
   }
 
   /**
-   * The jail of one QEMU process: read-write only its disk, a memory file,
-   * its passt socket directory and its socket directory (root-owned: only
+   * The jail of one QEMU process: read-write only its disk, a template's
+   * memory file (a clone's where QEMU cannot open it read-only), its passt socket directory and its socket directory (root-owned: only
    * sockets the server makes there are its); read-only the boot files and the disk's
    * backing chain (from the manifest, not the disk's header); a cgroup of the
    * VM's vCPUs and memory plus QEMU's overhead.
@@ -135,7 +135,8 @@ export class HostSide {
   private async prepareJail(spec: MachineSpec, uid: number) {
     if (!this.jailer) return undefined;
     const readWrite = [spec.disk.path, socketPaths(spec.name).dir];
-    if (spec.memory.kind === "file") readWrite.push(spec.memory.path);
+    const readOnly = [spec.kernel, spec.initramfs, ...spec.disk.backing];
+    if (spec.memory.kind === "file") (readOnlyMemoryFile(spec.memory) ? readOnly : readWrite).push(spec.memory.path);
     if (spec.net?.kind === "passt") readWrite.push(dirname(spec.net.socket));
     return this.jailer.prepare({
       name: spec.name,
@@ -144,7 +145,7 @@ export class HostSide {
       vcpus: spec.vcpus,
       memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator)) * 1024 * 1024,
       mounts: {
-        readOnly: [spec.kernel, spec.initramfs, ...spec.disk.backing],
+        readOnly,
         readWrite,
         devices: spec.accelerator === "kvm" ? ["/dev/kvm"] : [],
       },

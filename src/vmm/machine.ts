@@ -3,7 +3,7 @@ import { readdirSync } from "node:fs";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
-import { INHERITED_FD, socketPaths, startQemu, type MachineSpec } from "./qemu.ts";
+import { incomingStateSource, socketPaths, startQemu, type MachineSpec } from "./qemu.ts";
 
 /** How long a QEMU may outlive its QMP connection (it is exiting) before it is killed as out of control. */
 const QMP_LOSS_GRACE_MS = 5000;
@@ -86,7 +86,7 @@ export class Machine extends EventEmitter {
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */
   restore(): Promise<void> {
-    return restoreState(this.qmp, INHERITED_FD.incomingState);
+    return restoreState(this.qmp, incomingStateSource());
   }
 
   /** Ends the process (QMP quit, then SIGKILL if it lingers) and waits until it is gone. */

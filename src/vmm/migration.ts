@@ -10,7 +10,7 @@ import type { QmpClient } from "./qmp.ts";
  * VM state moves through QEMU's migration stream, never `exec:` URIs (no
  * shell is spawned). Saving goes over a unix socket the server owns, so a
  * jailed QEMU cannot write a state file; restoring reads a descriptor opened
- * read-only by the server (see INHERITED_FD).
+ * read-only by the server (see INHERITED_FD, incomingStateSource).
  */
 
 interface MigrationInfo {
@@ -80,11 +80,14 @@ export async function saveState(qmp: QmpClient, socketPath: string, file: string
 
 /**
  * Loads the saved state a QEMU was started with (`MachineSpec.incomingState`,
- * on descriptor `fd`) and returns when the guest can be continued.
+ * from `incomingStateSource()`) and returns when the guest can be continued.
+ * An fdset's descriptor is then closed: QEMU would hold the state file (a
+ * resumed VM's, deleted afterwards) open for its whole life.
  */
-export async function restoreState(qmp: QmpClient, fd: number, timeoutMs = 120_000): Promise<void> {
+export async function restoreState(qmp: QmpClient, source: { uri: string; fdset?: number }, timeoutMs = 120_000): Promise<void> {
   await setCapabilities(qmp);
-  await qmp.execute("migrate-incoming", { uri: `fd:${fd}` });
+  await qmp.execute("migrate-incoming", { uri: source.uri });
   // `cont` before `completed` leaves the guest's network dead (docs/architecture.md).
   await waitForMigration(qmp, 2, timeoutMs);
+  if (source.fdset !== undefined) await qmp.execute("remove-fd", { "fdset-id": source.fdset });
 }

@@ -1,4 +1,4 @@
-import { spawn, type StdioOptions } from "node:child_process";
+import { execFileSync, spawn, type StdioOptions } from "node:child_process";
 import { closeSync, constants, openSync, readFileSync } from "node:fs";
 import { chmod, readFile, rename, rm } from "node:fs/promises";
 import { createServer } from "node:net";
@@ -18,6 +18,96 @@ export const AGENT_PORT = 10789;
 export interface PortForward {
   hostPort: number;
   guestPort: number;
+}
+
+/** The QEMU binaries VMs run on, and the firmware directory that goes with them. */
+export interface QemuInstall {
+  system: string;
+  img: string;
+  /** Firmware and ROMs (`-L`); absent: the binary's own default (Debian's /usr/share/qemu). */
+  dataDir?: string;
+}
+
+/**
+ * Debian's QEMU from PATH, or the one under COCOON_QEMU_PREFIX: a prefix
+ * holding bin/qemu-system-x86_64, bin/qemu-img and share/qemu (another build
+ * unpacked beside the system's, to measure or test it). It must be under
+ * /usr: the jail mounts /usr only, read-only.
+ */
+export function qemuInstallFromEnv(env: NodeJS.ProcessEnv): QemuInstall {
+  const prefix = env.COCOON_QEMU_PREFIX;
+  if (!prefix) return { system: "qemu-system-x86_64", img: "qemu-img" };
+  if (!/^\/usr(\/[A-Za-z0-9_.+-]+)+$/.test(prefix) || prefix.split("/").some((p) => p === "." || p === "..")) {
+    throw new Error(`COCOON_QEMU_PREFIX must be an absolute path of plain names under /usr (the jail mounts /usr only), got "${prefix}"`);
+  }
+  return { system: join(prefix, "bin", "qemu-system-x86_64"), img: join(prefix, "bin", "qemu-img"), dataDir: join(prefix, "share", "qemu") };
+}
+
+let install: QemuInstall | undefined;
+
+/** This process's QEMU (`qemuInstallFromEnv`), read once. */
+export function qemuInstall(): QemuInstall {
+  return (install ??= qemuInstallFromEnv(process.env));
+}
+
+/**
+ * What the engine uses of a QEMU build when the build has it. Probed, never
+ * inferred from a version: QEMU started with no machine answers QMP's
+ * `query-migrate-capabilities` and `qom-list-properties` (`qemuFeatures`).
+ */
+export interface QemuFeatures {
+  /**
+   * Incoming migration takes `file:` URIs, so a restore reads its state
+   * descriptor from an fdset (`file:/dev/fdset/N`) instead of `fd:N`: QEMU
+   * ≥ 9.1 warns that `fd:` on a plain file is deprecated, and its removal
+   * is under way. Probed by the `mapped-ram` capability, which exists only
+   * for `file:` migration.
+   */
+  fileMigration: boolean;
+  /**
+   * memory-backend-file has `rom` (QEMU ≥ 8.2): a clone maps its snapshot's
+   * memory file with `readonly=on,rom=off` (opened read-only, guest RAM a
+   * private copy-on-write mapping), so the file needs no write permission
+   * (SECURITY.md). Without it QEMU opens even a private mapping's file read-write.
+   */
+  readOnlyPrivateMapping: boolean;
+}
+
+const probedFeatures = new Map<string, QemuFeatures>();
+
+/** This process's QEMU build's features, probed once per binary (~0.1 s). */
+export function qemuFeatures(): QemuFeatures {
+  const binary = qemuInstall().system;
+  let features = probedFeatures.get(binary);
+  if (!features) {
+    const commands = [
+      { execute: "qmp_capabilities" },
+      { execute: "query-migrate-capabilities" },
+      { execute: "qom-list-properties", arguments: { typename: "memory-backend-file" } },
+      { execute: "quit" },
+    ];
+    const output = execFileSync(binary, ["-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-qmp", "stdio"], {
+      input: commands.map((c) => JSON.stringify(c)).join("\n") + "\n",
+      encoding: "utf8",
+      timeout: 10_000,
+    });
+    // Answers come in order, after the greeting; events (the quit's SHUTDOWN) carry no `return`.
+    const answers = output
+      .split("\n")
+      .filter((line) => line.startsWith("{"))
+      .map((line) => JSON.parse(line) as { return?: unknown })
+      .filter((m) => "return" in m)
+      .map((m) => m.return);
+    const capabilities = answers[1] as { capability: string }[] | undefined;
+    const properties = answers[2] as { name: string }[] | undefined;
+    if (!Array.isArray(capabilities) || !Array.isArray(properties)) throw new Error(`${binary} did not answer the QMP feature probe: ${output.slice(0, 500)}`);
+    features = {
+      fileMigration: capabilities.some((c) => c.capability === "mapped-ram"),
+      readOnlyPrivateMapping: properties.some((p) => p.name === "rom"),
+    };
+    probedFeatures.set(binary, features);
+  }
+  return features;
 }
 
 /** Where guest RAM lives. */
@@ -161,6 +251,20 @@ function hostTscKhz(): number {
  */
 export const INHERITED_FD = { console: 3, qmp: 4, incomingState: 5 } as const;
 
+/** fdsets (`-add-fd`) QEMU opens inherited descriptors through, as `/dev/fdset/<id>`. */
+const FDSET = { console: 1, incomingState: 2 } as const;
+
+/**
+ * Where `migrate-incoming` reads a restore's state (`INHERITED_FD.incomingState`):
+ * `file:` through its fdset where the build has it (`QemuFeatures.fileMigration`),
+ * else `fd:`. The fdset holds the descriptor until it is removed (`fdset`).
+ */
+export function incomingStateSource(): { uri: string; fdset?: number } {
+  return qemuFeatures().fileMigration
+    ? { uri: `file:/dev/fdset/${FDSET.incomingState}`, fdset: FDSET.incomingState }
+    : { uri: `fd:${INHERITED_FD.incomingState}` };
+}
+
 /** `-blockdev` nodes of a disk and its chain, deepest first (a node's backing must exist before it). JSON, so no path needs escaping. */
 export function blockdevArgs(disk: DiskChain): string[] {
   const files = [disk.path, ...disk.backing];
@@ -185,16 +289,26 @@ export function blockdevArgs(disk: DiskChain): string[] {
   return args;
 }
 
+/** Whether QEMU opens this memory file read-only: a clone's private mapping, where the build can (`QemuFeatures.readOnlyPrivateMapping`). */
+export function readOnlyMemoryFile(memory: GuestMemory): boolean {
+  return memory.kind === "file" && !memory.shared && qemuFeatures().readOnlyPrivateMapping;
+}
+
 export function qemuArgs(spec: MachineSpec): string[] {
+  const features = qemuFeatures();
   const memory =
     spec.memory.kind === "file"
-      ? `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${spec.memory.path},share=${spec.memory.shared ? "on" : "off"}`
+      ? `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${spec.memory.path},share=${spec.memory.shared ? "on" : "off"}${readOnlyMemoryFile(spec.memory) ? ",readonly=on,rom=off" : ""}`
       : `memory-backend-ram,id=mem,size=${spec.memoryMiB}M`;
   const hostfwd = spec.forwards.map((f) => `,hostfwd=tcp:127.0.0.1:${f.hostPort}-${GUEST_NET.ip}:${f.guestPort}`).join("");
   return [
     "-name", `${spec.name},process=cocoon-${spec.name}`,
+    ...(qemuInstall().dataDir ? ["-L", qemuInstall().dataDir!] : []),
     // x-option-roms=off: no firmware ROMs to load; rtc=on: the guest reads wall time at boot.
     "-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem",
+    // qboot, the minimal firmware Debian's QEMU 7.2 loads for microvm: QEMU 10's package loads
+    // SeaBIOS's instead. Named, so every build boots and snapshots the same (small) firmware.
+    "-bios", "qboot.rom",
     "-accel", spec.accelerator === "tcg" ? `tcg,tb-size=${TCG_CODE_CACHE_MIB}` : "kvm",
     // la57=off: 4-level paging; a 5-level page walk costs every TCG TLB miss (~10 % on fork+exec).
     "-cpu", spec.accelerator === "kvm" ? "host" : "max,la57=off",
@@ -203,8 +317,8 @@ export function qemuArgs(spec: MachineSpec): string[] {
     "-object", memory,
     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
     // The console file is the server's, opened append-only and handed over.
-    "-add-fd", `fd=${INHERITED_FD.console},set=1`,
-    "-chardev", "file,id=console,path=/dev/fdset/1,append=on",
+    "-add-fd", `fd=${INHERITED_FD.console},set=${FDSET.console}`,
+    "-chardev", `file,id=console,path=/dev/fdset/${FDSET.console},append=on`,
     "-serial", "chardev:console",
     "-kernel", spec.kernel,
     "-initrd", spec.initramfs,
@@ -228,6 +342,8 @@ export function qemuArgs(spec: MachineSpec): string[] {
     "-mon", "chardev=qmp,mode=control",
     // QEMU's seccomp filter: no exec or fork, no privilege or scheduler changes, no obsolete syscalls.
     ...(spec.jail ? ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"] : []),
+    // Only where `file:` reads it: an fdset's descriptor that `fd:` closed could be closed again, reused, when QMP disconnects.
+    ...(spec.incomingState && features.fileMigration ? ["-add-fd", `fd=${INHERITED_FD.incomingState},set=${FDSET.incomingState}`] : []),
     ...(spec.incomingState ? ["-incoming", "defer"] : []),
   ];
 }
@@ -242,7 +358,7 @@ export function qemuArgs(spec: MachineSpec): string[] {
  */
 export async function startQemu(spec: MachineSpec): Promise<{ pid: number; qmp: QmpClient }> {
   const paths = { ...machinePaths(spec.vmDir), ...socketPaths(spec.name) };
-  const qemuArgv = ["qemu-system-x86_64", ...qemuArgs(spec)];
+  const qemuArgv = [qemuInstall().system, ...qemuArgs(spec)];
   const lastFd = spec.incomingState ? INHERITED_FD.incomingState : INHERITED_FD.qmp;
   const [command, ...args] = spec.jail ? spec.jail.command(qemuArgv, lastFd) : qemuArgv;
   const listener = await listenUnix(`${paths.qmp}.new`);

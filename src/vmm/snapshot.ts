@@ -3,7 +3,7 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { InvalidArgumentError, SnapshotIncompatibleError } from "../errors.ts";
 import { exists } from "../util/files.ts";
-import type { Accelerator, DiskChain } from "./qemu.ts";
+import { qemuInstall, type Accelerator, type DiskChain } from "./qemu.ts";
 
 
 /** Layout of snapshot directories this engine writes and reads (`SnapshotManifest.formatVersion`). */
@@ -60,7 +60,7 @@ let build: string | undefined;
 
 /** The QEMU build on this host (its `--version` line, package revision included). */
 export function qemuBuild(): string {
-  build ??= execFileSync("qemu-system-x86_64", ["--version"], { encoding: "utf8" }).split("\n")[0]!.trim();
+  build ??= execFileSync(qemuInstall().system, ["--version"], { encoding: "utf8" }).split("\n")[0]!.trim();
   return build;
 }
 
@@ -73,15 +73,14 @@ export async function loadSnapshot(dir: string, host: { accelerator: Accelerator
   const files = snapshotFiles(dir);
   if (!(await exists(files.manifest))) throw new InvalidArgumentError("snapshot", `no complete snapshot in ${dir}`);
   const manifest = JSON.parse(await readFile(files.manifest, "utf8")) as SnapshotManifest;
-  const rebuild = "rebuild the image (a build on this host makes a snapshot it can restore)";
   if (manifest.formatVersion !== SNAPSHOT_FORMAT) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} has format ${String(manifest.formatVersion)}, this server reads ${SNAPSHOT_FORMAT}: ${rebuild}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} has format ${String(manifest.formatVersion)}, this server reads ${SNAPSHOT_FORMAT}`);
   }
   if (manifest.accelerator !== host.accelerator) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made under ${manifest.accelerator} but this host runs ${host.accelerator}: ${rebuild}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made under ${manifest.accelerator} but this host runs ${host.accelerator}`);
   }
   if (manifest.qemuBuild !== qemuBuild()) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made by "${manifest.qemuBuild}" but this host runs "${qemuBuild()}": ${rebuild}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made by "${manifest.qemuBuild}" but this host runs "${qemuBuild()}"`);
   }
   return { dir, manifest };
 }

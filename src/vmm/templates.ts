@@ -9,7 +9,7 @@ import { buildCpio } from "./guest/cpio.ts";
 import { allocateForwards, type HostSide } from "./host.ts";
 import type { Machine } from "./machine.ts";
 import type { Egress, VmNetworkRecord } from "./network/index.ts";
-import { AGENT_PORT, guestCmdline, machinePaths, type Accelerator, type MachineSpec, type PortForward } from "./qemu.ts";
+import { AGENT_PORT, guestCmdline, machinePaths, qemuFeatures, qemuInstall, type Accelerator, type MachineSpec, type PortForward } from "./qemu.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
 import { checkShape, newToken } from "./vm.ts";
@@ -100,7 +100,7 @@ export class Templates {
       try {
         // -u: the backing file is not opened (its size is known), so no header is followed.
         await rm(files.disk, { force: true });
-        await run("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", opts.backingDisk, "-F", "qcow2", files.disk, String(diskBytes)]);
+        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", opts.backingDisk, "-F", "qcow2", files.disk, String(diskBytes)]);
         // The template's QEMU writes its RAM and disk: both belong to its uid until `snapshot`.
         await writeFile(files.memory, "", { mode: 0o600 });
         await truncate(files.memory, opts.memoryMiB * 1024 * 1024);
@@ -144,11 +144,12 @@ export class Templates {
    * pauses it, writes the device state, ends the process and hands the files
    * back to root. The manifest is written last.
    *
-   * Clones map the memory file privately (copy-on-write), but QEMU 7.2 opens
-   * it read-write even so (8.1+ falls back to read-only), and a jailed clone
-   * runs as a uid of its own: hence mode 0666. The snapshot directory is not
-   * reachable by VM uids on the host; inside a jail only the clone's own
-   * image's files are mounted (SECURITY.md states what this leaves open).
+   * Clones map the memory file privately (copy-on-write) and run as uids of
+   * their own. A QEMU with `readonly=on,rom=off` (QemuFeatures.readOnlyPrivateMapping)
+   * opens it read-only: mode 0444, mounted read-only in the jail. QEMU 7.2
+   * opens it read-write even so: mode 0666. Either way the snapshot directory
+   * is not reachable by VM uids on the host, and inside a jail only the
+   * clone's own image's files are mounted (SECURITY.md).
    */
   async snapshot(template: TemplateVm): Promise<Snapshot> {
     const files = snapshotFiles(template.dir);
@@ -162,7 +163,7 @@ export class Templates {
     await fsyncFile(files.memory);
     await fsyncFile(files.disk);
     for (const p of [files.memory, files.disk]) await chown(p, 0, 0);
-    await chmod(files.memory, 0o666);
+    await chmod(files.memory, qemuFeatures().readOnlyPrivateMapping ? 0o444 : 0o666);
     await chmod(files.disk, 0o444);
     await rm(join(template.dir, "initrd"), { force: true });
     const manifest: SnapshotManifest = {
@@ -229,7 +230,7 @@ async function writeSecretInitramfs(base: string, path: string, token: string): 
 
 /** A qcow2's virtual size; `qemu-img info` reads the header only, never opening a backing file. */
 export async function qcow2VirtualBytes(path: string): Promise<number> {
-  const info = JSON.parse(await run("qemu-img", ["info", "--output=json", "-U", path])) as { "virtual-size": number };
+  const info = JSON.parse(await run(qemuInstall().img, ["info", "--output=json", "-U", path])) as { "virtual-size": number };
   return info["virtual-size"];
 }
 

@@ -1,9 +1,9 @@
 import { spawn } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
-import { readdir, stat } from "node:fs/promises";
+import { link, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, expect, inject, it } from "vitest";
-import { InvalidArgumentError } from "../../src/errors.ts";
+import { InvalidArgumentError, SnapshotIncompatibleError } from "../../src/errors.ts";
 import { Engine } from "../../src/vmm/engine.ts";
 import { isAlive, processArgv } from "../../src/util/process.ts";
 import { engineConfig, useEngine } from "../support/engine-fixture.ts";
@@ -51,7 +51,8 @@ describe("suspend and resume", () => {
     const vm = await ctx.engine.launch(ctx.snapshot);
     const pid = (await vm.agent.exec({ command: COUNTER })).stdout.trim();
     // A process holding a file open and appending to it through that descriptor.
-    await vm.agent.exec({ command: `nohup sh -c 'exec 3>>/root/journal; while read line < /tmp/fifo; do echo "$line" >&3; done' >/dev/null 2>&1 & mkfifo /tmp/fifo 2>/dev/null; echo first > /tmp/fifo` });
+    // The fifo exists before the reader starts: a reader that finds none ends, and the write then waits forever.
+    await vm.agent.exec({ command: `mkfifo /tmp/fifo; nohup sh -c 'exec 3>>/root/journal; while read line < /tmp/fifo; do echo "$line" >&3; done' >/dev/null 2>&1 & echo first > /tmp/fifo` });
     await vm.agent.writeFile("/root/disk-write", Buffer.from("persisted"));
     const before = await readCounter(vm, pid);
 
@@ -68,6 +69,31 @@ describe("suspend and resume", () => {
     await vm.agent.exec({ command: "sleep 0.2" });
     expect((await vm.agent.exec({ command: ["cat", "/root/journal"] })).stdout).toBe("first\nsecond\n");
     expect((await vm.agent.exec({ command: ["cat", "/root/disk-write"] })).stdout).toBe("persisted");
+  });
+
+  it("refuse to resume a VM suspended under another QEMU build, saying what to do, and keep it suspended", async () => {
+    // A snapshot of its own (hard links, a manifest of its own), whose recorded build then "changes" as after an upgrade.
+    const dir = await mkdtemp(join(TEST_ROOT, "other-build-"));
+    try {
+      for (const name of await readdir(ctx.snapshot.dir)) await link(join(ctx.snapshot.dir, name), join(dir, name));
+      const manifestPath = join(dir, "manifest.json");
+      const manifest = JSON.parse(await readFile(manifestPath, "utf8")) as Record<string, unknown>;
+      await rm(manifestPath);
+      await writeFile(manifestPath, JSON.stringify(manifest));
+      const vm = await ctx.engine.launch(await ctx.engine.loadSnapshot(dir));
+      await ctx.engine.suspend(vm.id);
+      await rm(manifestPath);
+      await writeFile(manifestPath, JSON.stringify({ ...manifest, qemuBuild: "QEMU emulator version 1.0 (retired)" }));
+      const refused = await ctx.engine.resume(vm.id).catch((err: unknown) => err);
+      expect(refused).toBeInstanceOf(SnapshotIncompatibleError);
+      expect((refused as SnapshotIncompatibleError).message).toContain(`microVM ${vm.id} was suspended by a QEMU build this host no longer runs`);
+      expect((refused as SnapshotIncompatibleError).action).toBe("terminate it, or resume it on a host running the build that suspended it");
+      expect(vm.status).toBe("suspended");
+      expect((await stat(join(vm.dir, "suspended.state"))).size).toBeGreaterThan(0);
+      await ctx.engine.terminate(vm.id);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 
   it("refuse a second suspend or a resume of a running VM with the states named", async () => {

@@ -12,7 +12,8 @@ describe("the one mapping of errors thrown below the API", () => {
     ["the guest's own failure", new AgentError(500, "Internal", "boom"), "BadGateway", 502],
     ["an engine state race", new InvalidVmStateError("vm-1", "suspended", "exec in"), "InvalidState", 409],
     ["a VM the engine lost", new VmNotFoundError("vm-1"), "NotFound", 404],
-    ["a snapshot of another QEMU build", new SnapshotIncompatibleError("made by QEMU 7.2 but this host runs 10.0: rebuild the image"), "Conflict", 409],
+    ["a snapshot of another QEMU build", new SnapshotIncompatibleError("made by QEMU 7.2 but this host runs 10.0"), "Conflict", 409],
+    ["a VM suspended under another QEMU build", new SnapshotIncompatibleError("suspended by QEMU 7.2", "terminate it"), "Conflict", 409],
   ];
   it.each(cases)("%s", (_, err, code, status) => {
     const mapped = toApiError(err)!;
@@ -20,6 +21,8 @@ describe("the one mapping of errors thrown below the API", () => {
     expect(ERROR_CODES[mapped.code].status).toBe(status);
     // The guest's 5xx text is not trusted as the whole answer; every other message passes on.
     if (code !== "BadGateway") expect(mapped.message).toBe(err.message);
+    // What to do with an incompatible snapshot travels with it: a rebuild for an image, the end for a suspended VM.
+    if (err instanceof SnapshotIncompatibleError) expect(mapped.details).toEqual({ action: err.action });
   });
 
   it("leaves unexpected errors unmapped (a 500 whose details stay in the log)", () => {

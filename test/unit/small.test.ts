@@ -5,6 +5,7 @@ import { KeyedMutex } from "../../src/util/keyed-mutex.ts";
 import { isAlive } from "../../src/util/process.ts";
 import { buildCpio } from "../../src/vmm/guest/cpio.ts";
 import { isQemuNamed, killQemuNamed } from "../../src/vmm/machine.ts";
+import { qemuInstallFromEnv } from "../../src/vmm/qemu.ts";
 
 describe("resolveServerConfig", () => {
   it("defaults to 127.0.0.1:7070 and ~/.cocoon", () => {
@@ -27,6 +28,23 @@ describe("resolveServerConfig", () => {
 
   it.each(["7070", "host:", "h:0", "h:70000"])("rejects --listen %s", (listen) => {
     expect(() => resolveServerConfig({ listen })).toThrow("--listen must be HOST:PORT");
+  });
+});
+
+describe("qemuInstallFromEnv", () => {
+  it("runs Debian's QEMU from PATH by default, another build under /usr with its own firmware when asked", () => {
+    expect(qemuInstallFromEnv({})).toEqual({ system: "qemu-system-x86_64", img: "qemu-img" });
+    expect(qemuInstallFromEnv({ COCOON_QEMU_PREFIX: "/usr/local/lib/qemu10/usr" })).toEqual({
+      system: "/usr/local/lib/qemu10/usr/bin/qemu-system-x86_64",
+      img: "/usr/local/lib/qemu10/usr/bin/qemu-img",
+      dataDir: "/usr/local/lib/qemu10/usr/share/qemu",
+    });
+  });
+
+  it("refuses a prefix outside /usr (the jail mounts /usr only) or with relative parts, naming the variable", () => {
+    for (const bad of ["/opt/qemu", "usr/local", "/usr/../opt", "/usr/local/./q", "/usr/local/q;x", "/usr"]) {
+      expect(() => qemuInstallFromEnv({ COCOON_QEMU_PREFIX: bad })).toThrow("COCOON_QEMU_PREFIX must be");
+    }
   });
 });
 

@@ -14,8 +14,12 @@ import (
 	"unsafe"
 )
 
-// RNDADDENTROPY is _IOW('R', 0x03, int[2]); the syscall package lacks it.
-const RNDADDENTROPY = 0x40085203
+// RNDADDENTROPY is _IOW('R', 0x03, int[2]) and RNDRESEEDCRNG _IO('R', 0x07);
+// the syscall package lacks them.
+const (
+	RNDADDENTROPY = 0x40085203
+	RNDRESEEDCRNG = 0x5207
+)
 
 // MinEntropy is the least entropy /restore accepts, in bytes.
 const MinEntropy = 32
@@ -89,8 +93,12 @@ func (s *System) Apply(r *Request) error {
 	return nil
 }
 
-// AddEntropy mixes seed into the kernel pool and credits it, so the pool
-// of a restored clone diverges from its siblings' immediately.
+// AddEntropy mixes seed into the kernel pool, credits it and reseeds the
+// CRNG from it, so a restored clone's /dev/urandom diverges from its
+// siblings' immediately. Crediting alone does not reseed a CRNG that is
+// already initialized: it reseeds on its own schedule (every 60 s once up
+// for two minutes), and until then the children of one fork read the same
+// random stream.
 func AddEntropy(seed []byte) error {
 	f, err := os.OpenFile("/dev/random", os.O_WRONLY, 0)
 	if err != nil {
@@ -104,6 +112,10 @@ func AddEntropy(seed []byte) error {
 	copy(buf[8:], seed)
 	// Little-endian matches amd64 and arm64, the only guests we build for.
 	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0]))); e != 0 {
+		return e
+	}
+	// ENODATA: the CRNG is not initialized yet; it will be, from the pool that now holds the seed.
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), RNDRESEEDCRNG, 0); e != 0 && e != syscall.ENODATA {
 		return e
 	}
 	return nil
