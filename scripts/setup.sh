@@ -16,11 +16,13 @@ cd "$(dirname "$0")/.."
 # (src/images/registry); docker-registry (distribution v2) and apache2-utils
 # (htpasswd, bcrypt) for the registry the tests run on loopback; postgresql
 # (15) for the many-hosts store (docs/cluster.md; the tests start their own);
+# OpenStack Swift (its s3api middleware is in python3-swift) for the many-hosts
+# object store the tests start on loopback (test/support/swift.ts);
 # bubblewrap, runc and runsc (gVisor) for the baselines npm run bench
 # measures (bench/baselines.ts).
 PACKAGES=(mmdebstrap e2fsprogs ca-certificates passt nftables iproute2 chromium openssl busybox-static
   python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils
-  postgresql bubblewrap runc runsc)
+  postgresql swift swift-proxy swift-object swift-container swift-account python3-swift bubblewrap runc runsc)
 # From Debian's bookworm-backports: Go 1.23 (/usr/lib/go-1.23, beside bookworm's
 # 1.19) for SysProcAttr.CgroupFD, which the agent needs (agent/internal/process);
 # QEMU 10.0, whose TCG runs guest code faster than bookworm's 7.2 (the exec

@@ -20,7 +20,7 @@ export const ERROR_CODES = {
   HeadersTooLarge: { status: 431, doc: "The request's headers exceed the server's limit (16 KiB)." },
   CapacityExceeded: { status: 503, doc: "The host has no capacity for the VM right now; retry later." },
   Internal: { status: 500, doc: "A server fault; details are in the server log under the request id." },
-  BadGateway: { status: 502, doc: "A VM's app or agent answered garbage (an invalid status, a malformed response) or did not answer." },
+  BadGateway: { status: 502, doc: "A VM's app or agent answered garbage (an invalid status, a malformed response) or did not answer; or (cluster) an object from the object store failed its size or checksum." },
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

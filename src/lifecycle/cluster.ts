@@ -245,21 +245,37 @@ export class ClusterNode {
    * Each re-checks under its own row lock (admit).
    */
   async peersWithRoom(shape: { vcpus: number; memoryMiB: number }): Promise<string[]> {
-    const peers = await this.db
+    return (await this.nodesWithRoom(shape, { withSelf: false })).map((p) => p.url);
+  }
+
+  /**
+   * Where a suspended VM of `shape` that leaves its node (draining, dead) is
+   * resumed: of the live, active nodes of this QEMU build and accelerator
+   * with room, this one included, the roomiest, the lowest id on a tie.
+   * Every node picks the same one while usage stands still, so concurrent
+   * requests through any nodes meet on one node, whose per-VM lock lets one
+   * of them claim the VM and the rest wait for it. Undefined when none has room.
+   */
+  async moveTarget(shape: { vcpus: number; memoryMiB: number }): Promise<{ id: string; url: string } | undefined> {
+    return (await this.nodesWithRoom(shape, { withSelf: true }))[0];
+  }
+
+  private async nodesWithRoom(shape: { vcpus: number; memoryMiB: number }, opts: { withSelf: boolean }): Promise<{ id: string; url: string }[]> {
+    const nodes = await this.db
       .selectFrom("nodes")
       .selectAll()
-      .where("id", "!=", this.info.id)
+      .$if(!opts.withSelf, (qb) => qb.where("id", "!=", this.info.id))
       .where("state", "=", "active")
       .where("lease_expires_at", ">", sql<Date>`now()`)
       .where("qemu_build", "=", this.info.qemuBuild)
       .where("accelerator", "=", this.info.accelerator)
       .execute();
-    const withRoom: { url: string; freeMiB: number }[] = [];
-    for (const peer of peers) {
-      const used = await liveUsage(this.db, { vcpus: peer.build_vcpus, memoryMiB: peer.build_memory_mib }, peer.id);
-      if (used.vcpus + shape.vcpus <= peer.vcpus && used.memoryMiB + shape.memoryMiB <= peer.memory_mib) withRoom.push({ url: peer.url, freeMiB: peer.memory_mib - used.memoryMiB });
+    const withRoom: { id: string; url: string; freeMiB: number }[] = [];
+    for (const node of nodes) {
+      const used = await liveUsage(this.db, { vcpus: node.build_vcpus, memoryMiB: node.build_memory_mib }, node.id);
+      if (used.vcpus + shape.vcpus <= node.vcpus && used.memoryMiB + shape.memoryMiB <= node.memory_mib) withRoom.push({ id: node.id, url: node.url, freeMiB: node.memory_mib - used.memoryMiB });
     }
-    return withRoom.sort((a, b) => b.freeMiB - a.freeMiB).map((p) => p.url);
+    return withRoom.sort((a, b) => b.freeMiB - a.freeMiB || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)).map(({ id, url }) => ({ id, url }));
   }
 
   private leaseExpiry() {

@@ -19,6 +19,8 @@ import type { LifecycleObserver } from "../telemetry/metrics.ts";
 import { decideAdmission, type HostCapacity, type HostUsage } from "./admission.ts";
 import { NetworkConnectors } from "./connectors.ts";
 import { VolumeService, type VolumeRequest } from "./volumes.ts";
+import type { SuspendedObjects } from "./suspended-objects.ts";
+import { DEFAULT_SHAPE } from "../images/base-image.ts";
 import { canTransition, checkTransition, holdsHostResources, invalidState, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "./states.ts";
 
 /** A create request after validation by the API's schema (ranges are checked here). */
@@ -101,6 +103,8 @@ export class MicroVmService {
   private readonly tokens: IdempotencyTokens;
   /** On a cluster (docs/cluster.md), this server's node: it admits, runs and writes only its own VMs. */
   private readonly cluster: ClusterNode | undefined;
+  /** On a cluster with an object store: where suspends are published, so that any node can resume them. */
+  private readonly objects: SuspendedObjects | undefined;
   readonly connectors: NetworkConnectors;
   readonly volumes: VolumeService;
 
@@ -115,6 +119,8 @@ export class MicroVmService {
     log?: (line: string) => void;
     /** This server's node on a cluster, registered; none on a single host. */
     cluster?: ClusterNode;
+    /** With `cluster`: the object store suspended VMs move through (docs/cluster.md). */
+    objects?: SuspendedObjects;
   }) {
     this.db = opts.db;
     this.engine = opts.engine;
@@ -122,6 +128,7 @@ export class MicroVmService {
     this.capacity = opts.capacity ?? hostCapacity();
     this.observer = opts.observer;
     this.cluster = opts.cluster;
+    this.objects = opts.cluster ? opts.objects : undefined;
     this.log = opts.log ?? (() => undefined);
     this.tokens = new IdempotencyTokens(opts.db);
     this.connectors = new NetworkConnectors(opts.db);
@@ -180,6 +187,8 @@ export class MicroVmService {
     for (const row of rows) {
       await this.suspend(row.tenant_id, row.id, SHUTDOWN).catch((err: Error) => this.log(`suspending ${row.id} at shutdown: ${err.message}`));
     }
+    // Their uploads to the object store (publishSuspended), so that other nodes can resume them while this one is down.
+    await this.drain(120_000);
   }
 
   /**
@@ -273,6 +282,9 @@ export class MicroVmService {
       forked_from: null,
       node_id: null,
       node_epoch: null,
+      suspended_node: null,
+      suspended_object: null,
+      suspended_manifest: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
     // Its volume attachments go in with it, under the tenant's volume lock (a delete or another attach waits).
@@ -367,6 +379,9 @@ export class MicroVmService {
           last_activity_at: now.toISOString(),
           terminated_at: null,
           suspended_at: null,
+          suspended_node: null,
+          suspended_object: null,
+          suspended_manifest: null,
           forked_from: parent.id,
         }));
         // Children run where their parent does: on a cluster, this node, at its current epoch.
@@ -421,22 +436,26 @@ export class MicroVmService {
 
   /**
    * On a cluster, the URL of the live node other than this one that runs VM
-   * `id` (of `tenantId` when given), where calls on it are forwarded; undefined
-   * when it is this node's, its node is not live, or there is no such VM.
+   * `id` (of `tenantId` when given), where calls on it are forwarded; for a
+   * suspended VM that leaves its node (movable), the node every node picks to
+   * resume it (its own node too, when draining). Undefined when that is this
+   * node, its node is not live, or there is no such VM.
    */
   async ownerUrl(id: string, tenantId?: string): Promise<string | undefined> {
     if (!this.cluster) return undefined;
     const row = await this.db
       .selectFrom("microvms")
       .innerJoin("nodes", "nodes.id", "microvms.node_id")
-      .select("nodes.url")
+      .selectAll("microvms")
+      .select(["nodes.url", "nodes.state as node_state", "nodes.qemu_build", "nodes.accelerator"])
+      .select(sql<boolean>`nodes.state != 'dead' and nodes.lease_expires_at > now()`.as("node_live"))
       .where("microvms.id", "=", id)
       .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
-      .where("nodes.id", "!=", this.cluster.id)
-      .where("nodes.state", "!=", "dead")
-      .where("nodes.lease_expires_at", ">", sql<Date>`now()`)
       .executeTakeFirst();
-    return row?.url;
+    if (!row) return undefined;
+    // This node's own VM too, when it drains: it takes no VMs, a peer resumes it.
+    if (this.movable(row, { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator })) return this.moveTargetUrl(row);
+    return row.node_live && row.node_id !== this.cluster.id ? row.url : undefined;
   }
 
   /**
@@ -445,10 +464,14 @@ export class MicroVmService {
    * (terminate), a VM whose node is dead and that runs nowhere (FAILED,
    * SUSPENDED, TERMINATED) becomes this node's, in one conditional update.
    */
-  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean } = {}): Promise<MicroVmRow> {
+  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean; claimSuspended?: boolean } = {}): Promise<MicroVmRow> {
     const row = await this.get(tenantId, id);
     if (!this.cluster || row.node_id === this.cluster.id) return row;
-    const node = row.node_id ? await this.db.selectFrom("nodes").select(["id", "url", "state"]).select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("live")).where("id", "=", row.node_id).executeTakeFirst() : undefined;
+    const node = row.node_id
+      ? await this.db.selectFrom("nodes").select(["id", "url", "state", "qemu_build", "accelerator"]).select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("live")).where("id", "=", row.node_id).executeTakeFirst()
+      : undefined;
+    // A published suspend whose node takes no VMs (draining, dead) is resumed here; the claim is made with the admission (resumeLocked).
+    if (opts.claimSuspended && this.movable(row, node)) return row;
     if (opts.claimOrphan && !node?.live && ["FAILED", "SUSPENDED", "TERMINATED"].includes(row.state)) {
       const owner = this.cluster.owner();
       const claimed = await this.db
@@ -462,6 +485,27 @@ export class MicroVmService {
       if (claimed) return claimed;
     }
     throw new ApiError("MisdirectedRequest", `microVM ${id} is run by node ${row.node_id ?? "(none)"}${node?.live ? ` (${node.url})` : ", which is not live"}`, { node: row.node_id, url: node?.live ? node.url : undefined });
+  }
+
+  /**
+   * Where a request for a VM that leaves its node (movable) goes: the node
+   * every node picks for it (ClusterNode.moveTarget), undefined when that is
+   * this one, or none has room (this node answers: it claims it, or 503).
+   */
+  private async moveTargetUrl(row: MicroVmRow): Promise<string | undefined> {
+    const target = await this.cluster!.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+    return target && target.id !== this.cluster!.id ? target.url : undefined;
+  }
+
+  /**
+   * Whether another node's VM may be resumed here from the object store: it
+   * is suspended and published, its node takes no VMs now (draining, dead or
+   * cut off), and this node runs the QEMU build and accelerator that wrote it.
+   */
+  private movable(row: MicroVmRow, node: { state: string; live: boolean; qemu_build: string; accelerator: string } | undefined): boolean {
+    if (!this.objects || row.state !== "SUSPENDED" || !row.suspended_object) return false;
+    if (node && node.live && node.state === "active") return false;
+    return !node || (node.qemu_build === this.cluster!.info.qemuBuild && node.accelerator === this.cluster!.info.accelerator);
   }
 
   /**
@@ -514,9 +558,44 @@ export class MicroVmService {
           await this.transition(id, tenantId, "RUNNING", {}, "suspend-failed", (err as Error).message);
           throw err;
         }
-        return this.transition(id, tenantId, "SUSPENDED", { suspended_at: new Date().toISOString() }, "suspended", `suspended (${cause})`);
+        const suspended = await this.transition(id, tenantId, "SUSPENDED", { suspended_at: new Date().toISOString(), suspended_node: this.cluster?.id ?? null, suspended_object: null, suspended_manifest: null }, "suspended", `suspended (${cause})`);
+        // After the lock is let go, queued behind it: a resume on this node waits for the upload, and reads nothing from the store.
+        if (this.objects) void this.track(this.locks.run(id, () => this.publishSuspended(tenantId, id))).catch((err: Error) => this.log(`publishing ${id}: ${err.message}`));
+        return suspended;
       }),
     );
+  }
+
+  /**
+   * Publishes a VM suspended on this node to the object store (its state,
+   * its overlay, the layers under it; the manifest last) and records the
+   * prefix in its row, conditional on it being still suspended here: then
+   * any node can resume it. A failure leaves it resumable only here.
+   */
+  private async publishSuspended(tenantId: string, id: string): Promise<void> {
+    const objects = this.objects!;
+    const me = this.cluster!.owner();
+    const row = await this.get(tenantId, id);
+    if (row.state !== "SUSPENDED" || row.node_id !== me.nodeId || row.suspended_node !== me.nodeId || row.suspended_object) return;
+    const started = performance.now();
+    const { prefix, manifestSha256, bytes } = await objects.publish(id, await this.engine.suspendedFiles(id));
+    const seconds = (performance.now() - started) / 1000;
+    const message = `published to the object store (${(bytes / 2 ** 20).toFixed(1)} MiB in ${seconds.toFixed(1)} s): resumable on any node`;
+    const recorded = await this.db.transaction().execute(async (tx) => {
+      const res = await tx
+        .updateTable("microvms")
+        .set({ suspended_object: prefix, suspended_manifest: manifestSha256 })
+        .where("id", "=", id)
+        .where("state", "=", "SUSPENDED")
+        .where("suspended_node", "=", me.nodeId)
+        .where(ownedBy(me))
+        .executeTakeFirst();
+      if (res.numUpdatedRows === 0n) return false;
+      await tx.insertInto("events").values(event(id, tenantId, "published", message)).execute();
+      return true;
+    });
+    if (!recorded) await objects.remove(prefix);
+    else this.observer?.observe("publish", seconds);
   }
 
   resume(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
@@ -524,11 +603,15 @@ export class MicroVmService {
   }
 
   private async resumeLocked(tenantId: string, id: string, cause: string): Promise<MicroVmRow> {
-    const row = await this.getHere(tenantId, id);
+    const row = await this.getHere(tenantId, id, { claimSuspended: true });
     checkTransition(id, row.state, "RESUMING", "resume");
-    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => this.transitionIn(tx, id, tenantId, "RESUMING"));
+    // Another node's published suspend is claimed in the admission's transaction: one conditional update, which one node wins.
+    const moving = this.cluster !== undefined && row.node_id !== this.cluster.id;
+    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => (moving ? this.claimIn(tx, row) : this.transitionIn(tx, id, tenantId, "RESUMING")));
     const started = performance.now();
     try {
+      // The files of its last suspend are on another node's disk: fetched from the object store.
+      if (this.objects && row.suspended_node !== null && row.suspended_node !== this.cluster!.id) await this.fetchSuspended(row);
       await this.engine.resume(id);
       this.observer?.observe("resume", (performance.now() - started) / 1000);
     } catch (err) {
@@ -537,7 +620,51 @@ export class MicroVmService {
     }
     // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
     await this.runHook(row, "resume");
-    return this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString() }, "resumed", `resumed (${cause})`);
+    const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "resumed", `resumed (${cause})`);
+    // The published suspend is stale once the VM runs again.
+    if (row.suspended_object) void this.objects?.remove(row.suspended_object).catch((err: Error) => this.log(`removing ${row.suspended_object}: ${err.message}`));
+    return running;
+  }
+
+  /**
+   * Takes another node's VM, suspended and published, to resume it here:
+   * RESUMING on this node at its epoch, conditional on the row being as it
+   * was read (the same node, epoch and published suspend). Of concurrent
+   * claims on any nodes, one updates the row; the others are refused.
+   */
+  private async claimIn(tx: Tx, row: MicroVmRow): Promise<MicroVmRow> {
+    const owner = this.cluster!.owner();
+    const claimed = await tx
+      .updateTable("microvms")
+      .set({ state: "RESUMING", node_id: owner.nodeId, node_epoch: owner.epoch })
+      .where("id", "=", row.id)
+      .where("state", "=", "SUSPENDED")
+      .where("node_id", "=", row.node_id)
+      .where("node_epoch", "=", row.node_epoch)
+      .where("suspended_object", "=", row.suspended_object)
+      .returningAll()
+      .executeTakeFirst();
+    if (!claimed) throw new ApiError("Conflict", `microVM ${row.id} was taken by another node first; retry the request`, { microVmId: row.id });
+    await tx.insertInto("events").values(event(row.id, row.tenant_id, "moved", `claimed by node ${owner.nodeId} from node ${row.node_id ?? "(none)"} to resume from the object store`)).execute();
+    return claimed;
+  }
+
+  /**
+   * Brings a VM's published suspend onto this node: a stale local copy (from
+   * an older suspend here) is dropped, the files are downloaded and checked,
+   * and the engine takes them in. Its kernel and initramfs are this node's
+   * (its base image's); only the state, disk and layers come from the store.
+   */
+  private async fetchSuspended(row: MicroVmRow): Promise<void> {
+    const objects = this.objects!;
+    if (this.engine.list().some((v) => v.id === row.id)) await this.engine.terminate(row.id);
+    const base = await (await this.images.resolve(row.tenant_id, "base")).snapshotFor(DEFAULT_SHAPE);
+    const started = performance.now();
+    await this.engine.importSuspended(row.id, base, async (dir) => {
+      const { meta, layers } = await objects.fetch(row, dir);
+      return { layers, vcpus: row.vcpus, memoryMiB: row.memory_mib, diskBytes: meta.diskBytes, token: meta.token, guestPorts: meta.guestPorts, egress: parseEgress(JSON.parse(row.egress)) };
+    });
+    this.observer?.observe("fetch", (performance.now() - started) / 1000);
   }
 
   terminate(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
@@ -552,7 +679,9 @@ export class MicroVmService {
         await this.engine.terminate(id).catch((err: Error) => {
           if (err.name !== "VmNotFoundError") throw err;
         });
-        return this.transition(id, tenantId, "TERMINATED", { terminated_at: new Date().toISOString() }, "terminated", `terminated (${cause})`);
+        const terminated = await this.transition(id, tenantId, "TERMINATED", { terminated_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "terminated", `terminated (${cause})`);
+        if (row.suspended_object) await this.objects?.remove(row.suspended_object).catch((err: Error) => this.log(`removing ${row.suspended_object}: ${err.message}`));
+        return terminated;
       }),
     );
   }
@@ -561,13 +690,13 @@ export class MicroVmService {
   async runningVm(tenantId: string, id: string, action: string): Promise<MicroVm> {
     // Fast path without the VM's lock, so concurrent requests to a running VM
     // do not queue behind each other; only a VM that needs resuming takes it.
-    const current = await this.getHere(tenantId, id);
+    const current = await this.getHere(tenantId, id, { claimSuspended: true });
     if (current.state === "RUNNING") {
       await this.touch(id);
       return this.engine.get(id);
     }
     return this.locks.run(id, async () => {
-      let row = await this.getHere(tenantId, id);
+      let row = await this.getHere(tenantId, id, { claimSuspended: true });
       if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
       if (row.state !== "RUNNING") throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${row.state}`, { state: row.state });
       await this.touch(id);
@@ -701,6 +830,7 @@ export class MicroVmService {
 
   /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */
   private async applyPolicies(): Promise<void> {
+    if (this.objects) await this.dropMoved().catch((err: Error) => this.log(`dropping moved microVMs: ${err.message}`));
     const now = Date.now();
     const rows = await this.mine(this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"])).execute();
     for (const row of rows) {
@@ -721,6 +851,27 @@ export class MicroVmService {
         if (err instanceof ApiError && err.code === "QuotaExceeded") await this.noteQuota(row, err.message);
         else if (!(err instanceof ApiError && err.code === "InvalidState")) this.log(`policy on ${row.id}: ${(err as Error).message}`);
       }
+    }
+  }
+
+  /**
+   * Ends this node's local copies of suspended VMs another node has taken
+   * (resumed there from the object store): the row is no longer this node's
+   * to write, and the copy is older than whatever the VM is now.
+   */
+  private async dropMoved(): Promise<void> {
+    const suspended = this.engine.list().filter((vm) => vm.status === "suspended").map((vm) => vm.id);
+    if (suspended.length === 0) return;
+    const moved = await this.db.selectFrom("microvms").select("id").where("id", "in", suspended).where((eb) => eb.or([eb("node_id", "is", null), eb("node_id", "!=", this.cluster!.id)])).execute();
+    for (const { id } of moved) {
+      // Under the VM's lock: not while this node works on it.
+      await this.locks.run(id, async () => {
+        const row = await this.db.selectFrom("microvms").select("node_id").where("id", "=", id).executeTakeFirst();
+        if (row?.node_id !== this.cluster!.id && this.engine.list().some((v) => v.id === id)) {
+          await this.engine.terminate(id);
+          this.log(`dropped the local copy of ${id}: it moved to node ${row?.node_id ?? "(none)"}`);
+        }
+      });
     }
   }
 

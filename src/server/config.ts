@@ -1,6 +1,7 @@
 import { homedir } from "node:os";
 import { join, resolve } from "node:path";
 import { RegistryEgress } from "../images/registry/egress.ts";
+import { objectStoreConfigFromEnv, type ObjectStoreConfig } from "../store/objects.ts";
 import { hostMemoryBudget, type HostMemoryBudget } from "../vmm/host-memory.ts";
 import type { Cidr } from "../vmm/network/addresses.ts";
 
@@ -34,6 +35,8 @@ export interface ServerConfig {
   nodeId?: string;
   /** Cluster: the URL its peers reach it at (COCOON_NODE_URL; default http://LISTEN). */
   nodeUrl: string;
+  /** Cluster: the S3-compatible store suspended VMs move through (COCOON_OBJECT_STORE_URL, _BUCKET, _ACCESS_KEY_ID, _SECRET_ACCESS_KEY, _REGION; docs/cluster.md). Unset: they stay on their node's disk. */
+  objectStore?: ObjectStoreConfig;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (docs/api.md). */
@@ -62,6 +65,7 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     databaseUrl: databaseUrlFromEnv(),
     nodeId: nodeIdFromEnv(),
     nodeUrl: process.env.COCOON_NODE_URL || `http://${listen}`,
+    objectStore: objectStoreConfigFromEnv(),
   };
 }
 

@@ -7,6 +7,8 @@ import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
 import { ClusterNode } from "../lifecycle/cluster.ts";
+import { SuspendedObjects } from "../lifecycle/suspended-objects.ts";
+import { ObjectStore } from "../store/objects.ts";
 import { NodeChannel } from "../router/node-channel.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
 import { closeDatabase, openDatabase, openPostgres } from "../store/db.ts";
@@ -23,6 +25,7 @@ import { qemuBuild } from "../vmm/snapshot.ts";
 export async function runServer(flags: { listen?: string; dataDir?: string; metricsPublic?: boolean }): Promise<void> {
   const config = resolveServerConfig(flags);
   const log = (line: string) => console.error(`[cocoon] ${line}`);
+  if (config.objectStore && !config.databaseUrl) throw new Error("COCOON_OBJECT_STORE_URL is for a cluster: it needs COCOON_DATABASE_URL");
   // Last resort: a fault no code path handles is logged with what is known of
   // it and the server keeps serving the other requests and VMs. Known cases
   // never rely on this: each is handled (and tested) where it happens.
@@ -74,7 +77,12 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
       )
     : undefined;
   await cluster?.start();
-  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster });
+  // A cluster's object store: suspended VMs published there resume on any node (docs/cluster.md).
+  const objectStore = config.objectStore ? new ObjectStore(config.objectStore) : undefined;
+  await objectStore?.ensureBucket();
+  const objects = objectStore ? new SuspendedObjects(objectStore, { blobsDir: join(config.dataDir, "blobs"), accelerator: runtime.engine.accelerator }) : undefined;
+  if (objectStore) log(`object store: bucket ${objectStore.bucket} at ${config.objectStore!.url}`);
+  const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster, objects });
   await microvms.start();
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));

@@ -274,4 +274,14 @@ export const migrations: Record<string, Migration> = {
       await db.schema.createIndex("volume_attachments_volume").on("volume_attachments").columns(["volume_id"]).execute();
     },
   },
+  // ---- suspended VMs in the object store (issue #15 step 5; docs/cluster.md) ----
+  "0019_suspended_objects": {
+    async up(db: Kysely<unknown>) {
+      // The node whose disk holds a suspended VM's files, and the object-store prefix they are published under once complete.
+      await db.schema.alterTable("microvms").addColumn("suspended_node", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("suspended_object", "text").execute();
+      // The sha256 of its manifest: a bundle read back must be the one published (the bucket is not trusted).
+      await db.schema.alterTable("microvms").addColumn("suspended_manifest", "text").execute();
+    },
+  },
 };

@@ -90,6 +90,12 @@ export interface MicroVmsTable {
   /** Cluster (docs/cluster.md): the node that owns the VM, and its epoch then; null on a single host, and while no node owns it. */
   node_id: Generated<string | null>;
   node_epoch: Generated<number | null>;
+  /** Cluster: the node whose disk holds the files of the VM's current suspend (null while it runs, and on a single host). */
+  suspended_node: Generated<string | null>;
+  /** Cluster with an object store: the key prefix its current suspend is published under, set once its manifest is written (null: not published). */
+  suspended_object: Generated<string | null>;
+  /** The sha256 of that suspend's manifest: what pins the bundle (the object store is not trusted). */
+  suspended_manifest: Generated<string | null>;
 }
 
 export interface EventsTable {

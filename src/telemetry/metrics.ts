@@ -1,7 +1,8 @@
 import { Gauge, Histogram, Registry } from "prom-client";
 
 /** `fork`: a whole fork call (all its children running); `snapshot_pause`: how long a snapshot or fork stopped the source VM. */
-export type TimedOperation = "launch" | "suspend" | "resume" | "fork" | "snapshot_pause";
+/** publish, fetch: a suspended VM to and from the cluster's object store (docs/cluster.md). */
+export type TimedOperation = "launch" | "suspend" | "resume" | "fork" | "snapshot_pause" | "publish" | "fetch";
 
 /** Receives operation latencies from the lifecycle. */
 export interface LifecycleObserver {
@@ -25,7 +26,7 @@ export class ServerMetrics implements LifecycleObserver {
     const buckets = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30];
     const histogram = (op: TimedOperation) =>
       new Histogram({ name: `cocoon_microvm_${op}_seconds`, help: `Time to ${op} a microVM, as the API caller sees it`, buckets, registers: [this.registry] });
-    this.latency = { launch: histogram("launch"), suspend: histogram("suspend"), resume: histogram("resume"), fork: histogram("fork"), snapshot_pause: histogram("snapshot_pause") };
+    this.latency = { launch: histogram("launch"), suspend: histogram("suspend"), resume: histogram("resume"), fork: histogram("fork"), snapshot_pause: histogram("snapshot_pause"), publish: histogram("publish"), fetch: histogram("fetch") };
     new Gauge({
       name: "cocoon_microvms",
       help: "MicroVMs by state",

@@ -86,7 +86,7 @@ export async function writeCaptureManifest(capture: VmCapture, vm: MicroVm, from
     cmdline: m.cmdline,
     token: capture.token,
     guestPorts: vm.record.forwards.map((f) => f.guestPort),
-    diskBacking: [...capture.layers.slice(1), base.path, ...base.backing],
+    diskBacking: [...capture.layers.slice(1), ...(vm.record.diskLayersComplete ? [] : [base.path, ...base.backing])],
     diskBytes: vm.record.diskBytes,
     ramInState: true,
   };
@@ -115,7 +115,7 @@ async function sealLayers(layers: string[]): Promise<void> {
 }
 
 /** A hard link (layers never change, so sharing the inode is sharing the data), or a sparse copy across filesystems. */
-async function linkOrCopy(from: string, to: string): Promise<void> {
+export async function linkOrCopy(from: string, to: string): Promise<void> {
   try {
     await link(from, to);
   } catch (err) {

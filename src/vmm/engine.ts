@@ -9,7 +9,7 @@ import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { isAlive, processArgv, run } from "../util/process.ts";
 import { decideAdoption } from "./adoption.ts";
 import { AgentClient } from "./agent-client.ts";
-import { adoptCaptureLayers, captureVm, writeCaptureManifest, type VmCapture } from "./capture.ts";
+import { adoptCaptureLayers, captureVm, linkOrCopy, writeCaptureManifest, type VmCapture } from "./capture.ts";
 import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
@@ -17,10 +17,10 @@ import { parseEgress, type Egress } from "./network/index.ts";
 import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, volumeSerial, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
 import { PhaseClock } from "./phases.ts";
 import { ReleaseStack } from "./release-stack.ts";
-import { loadSnapshot, snapshotDisk, snapshotFiles, type Snapshot } from "./snapshot.ts";
+import { loadSnapshot, snapshotFiles, type Snapshot } from "./snapshot.ts";
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
 import { InvalidVmStateError, SnapshotIncompatibleError, VmNotFoundError } from "../errors.ts";
-import { MicroVm, newToken, newVmId, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
+import { diskBackingOf, MicroVm, newToken, newVmId, vmFiles, type VmRecord, type VmStatus } from "./vm.ts";
 import { createVolumeFile, listVolumeIds, removeVolumeFile, volumeFile, type VolumeAttachment } from "./volumes.ts";
 import { WarmPool } from "./warm-pool.ts";
 
@@ -320,6 +320,80 @@ export class Engine extends EventEmitter {
     return removeVolumeFile(this.config.dataDir, volumeId);
   }
 
+  // ---- suspended VMs moving between nodes (docs/cluster.md) ------------------------
+
+  /**
+   * The files a suspended VM consists of, for another node to resume it
+   * from: its device state and RAM, its disk overlay, and the overlay's
+   * backing chain (read-only layers, nearest first). They stay as they are
+   * while it is suspended; the caller reads them before any resume (the
+   * lifecycle holds the VM's lock).
+   */
+  suspendedFiles(id: string): Promise<{ state: string; disk: string; backing: string[]; guestPorts: number[]; diskBytes: number; token: string }> {
+    return this.withVm(id, async (vm) => {
+      if (vm.status !== "suspended") throw new InvalidVmStateError(id, vm.status, "export");
+      const files = vmFiles(vm.dir);
+      const snapshot = await this.loadSnapshot(vm.record.snapshotDir);
+      return {
+        state: files.suspended,
+        disk: files.disk,
+        backing: diskBackingOf(vm.record, snapshot),
+        guestPorts: vm.record.forwards.map((f) => f.guestPort),
+        diskBytes: vm.record.diskBytes,
+        token: vm.record.token,
+      };
+    });
+  }
+
+  /**
+   * Takes in a VM suspended on another node: `fetch` fills a staging
+   * directory with `state` and `disk` (verified by the caller) and returns
+   * the local paths of the disk's backing layers, nearest first (read-only,
+   * root's: hard-linked into the VM's directory), and the VM's shape, secret,
+   * guest ports and egress. The VM is recorded suspended, its layers its
+   * whole chain; `snapshot` (a local one) gives only the kernel, initramfs
+   * and command line QEMU starts with. Resume it with `resume`.
+   */
+  async importSuspended(
+    id: string,
+    snapshot: Snapshot,
+    fetch: (stagingDir: string) => Promise<{ layers: string[]; vcpus: number; memoryMiB: number; diskBytes: number; token: string; guestPorts: number[]; egress: Egress }>,
+  ): Promise<MicroVm> {
+    if (this.vms.has(id)) throw new Error(`microVM ${id} exists already`);
+    // Under vms/ (renames stay on one filesystem); without a record, a restart removes it.
+    const staging = join(this.vmsDir, `.import-${randomBytes(6).toString("hex")}`);
+    await mkdir(staging, { mode: 0o700 });
+    try {
+      const { layers, ...from } = await fetch(staging);
+      const vm = await this.newVm(id, { snapshotDir: snapshot.dir, vcpus: from.vcpus, memoryMiB: from.memoryMiB, diskBytes: from.diskBytes, token: from.token }, from.guestPorts, from.egress);
+      this.vms.set(id, vm);
+      return await this.locks.run(id, async () => {
+        try {
+          // Status starting until the files are in place: a crash before leaves a record adoption discards.
+          await this.saveRecord(vm);
+          const own: string[] = [];
+          for (const [i, layer] of layers.entries()) {
+            own.push(join(vm.dir, `layer-${i}.qcow2`));
+            await linkOrCopy(layer, own[i]!);
+          }
+          const files = vmFiles(vm.dir);
+          await rename(join(staging, "state"), files.suspended);
+          await rename(join(staging, "disk"), files.disk);
+          await this.host.prepareFiles(vm.record.uid, [files.disk]);
+          await fsyncDir(vm.dir);
+          vm.record = { ...vm.record, status: "suspended", diskLayers: own, diskLayersComplete: true };
+          await this.saveRecord(vm);
+          return vm;
+        } catch (err) {
+          await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed import of ${id}: ${e.message}`));
+          throw err;
+        }
+      });
+    } finally {
+      await rm(staging, { recursive: true, force: true });
+    }
+  }
+
   // ---- named snapshots and forks of a running VM (capture.ts) -------------------
 
   /**
@@ -369,7 +443,8 @@ export class Engine extends EventEmitter {
         // Before anything runs: a crash from here leaves a record adoption discards (status starting).
         await this.saveRecord(vm);
         const layers = await adoptCaptureLayers(capture, vm.dir);
-        vm.record = { ...vm.record, diskLayers: layers };
+        // A parent moved from another node has no snapshot disk under its layers: nor have its children.
+        vm.record = { ...vm.record, diskLayers: layers, diskLayersComplete: parent.diskLayersComplete };
         await this.saveRecord(vm);
         const disk = vmFiles(vm.dir).disk;
         // -u: the layer is not opened; the chain is the record's.
@@ -526,7 +601,7 @@ export class Engine extends EventEmitter {
       kernel: snapshot.manifest.kernel,
       initramfs: snapshot.manifest.initramfs,
       cmdline: snapshot.manifest.cmdline,
-      disk: { path: vmFiles(vm.dir).disk, backing: [...(vm.record.diskLayers ?? []), snapshotDisk(snapshot).path, ...snapshotDisk(snapshot).backing] },
+      disk: { path: vmFiles(vm.dir).disk, backing: diskBackingOf(vm.record, snapshot) },
       volumes: (vm.record.volumes ?? []).map((v) => ({ path: volumeFile(this.config.dataDir, v.volumeId), readOnly: v.readOnly })),
       forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
       incomingState: stateFile,

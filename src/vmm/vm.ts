@@ -6,6 +6,7 @@ import type { Machine } from "./machine.ts";
 import type { VmNetworkRecord } from "./network/index.ts";
 import type { PortForward } from "./qemu.ts";
 import { ReleaseStack } from "./release-stack.ts";
+import { snapshotDisk, type Snapshot } from "./snapshot.ts";
 import type { VolumeAttachment } from "./volumes.ts";
 
 /**
@@ -42,6 +43,12 @@ export interface VmRecord {
   diskLayers?: string[];
   /** Volumes behind its volume slots, in slot order (vmm/volumes.ts); kept for every restore of its process. */
   volumes?: VolumeAttachment[];
+  /**
+   * `diskLayers` is the disk's whole backing chain, with no snapshot disk
+   * under it: a VM moved from another node (`Engine.importSuspended`), whose
+   * layers came from the object store.
+   */
+  diskLayersComplete?: boolean;
   /** A warm-pool VM not yet handed out; discarded on restart. */
   pooled?: boolean;
   /** Secret the guest's agent holds now (running) or held when suspended; rotated on every launch and resume. */
@@ -66,6 +73,14 @@ export const vmFiles = (dir: string) => ({
   suspended: join(dir, "suspended.state"),
   suspending: join(dir, "suspended.state.tmp"),
 });
+
+/** The backing chain of a VM's overlay, nearest first: its own layers, then (unless they are all of it) its snapshot's disk and that disk's chain. */
+export function diskBackingOf(record: Pick<VmRecord, "diskLayers" | "diskLayersComplete">, snapshot: Snapshot): string[] {
+  const own = record.diskLayers ?? [];
+  if (record.diskLayersComplete) return own;
+  const base = snapshotDisk(snapshot);
+  return [...own, base.path, ...base.backing];
+}
 
 /** A VM the engine manages. `agent` is usable while status is "running". */
 export class MicroVm {

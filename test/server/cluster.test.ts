@@ -1,3 +1,4 @@
+import { ListObjectsV2Command, S3Client } from "@aws-sdk/client-s3";
 import { LambdaMicrovmsClient, ResumeMicrovmCommand, RunMicrovmCommand, SuspendMicrovmCommand, TerminateMicrovmCommand } from "@aws-sdk/client-lambda-microvms";
 import { execFileSync } from "node:child_process";
 import { copyFile, mkdtemp, readFile, rm } from "node:fs/promises";
@@ -10,21 +11,26 @@ import { CocoonServer } from "../support/cocoon-server.ts";
 import { STATIC_SERVER } from "../support/guest-apps.ts";
 import { TEST_ROOT } from "../support/paths.ts";
 import { startPostgres, type TestPostgres } from "../support/postgres.ts";
+import { startSwift, type TestSwift } from "../support/swift.ts";
 
 /*
  * Three real `cocoon server` processes on this box sharing a real PostgreSQL
- * 15 (docs/cluster.md): separate data directories, ports and VM uid ranges.
+ * 15 and a real OpenStack Swift with its S3 layer as the object store
+ * (docs/cluster.md): separate data directories, ports and VM uid ranges.
  * Nodes a and b admit 1 vCPU each (2 cores × COCOON_VCPU_OVERCOMMIT 0.5), so
  * one VM fills them; c is drained from the start, a front door that only
  * forwards.
  */
 let postgres: TestPostgres;
+let swift: TestSwift;
 let db: Db;
 const nodes: Record<"a" | "b" | "c", CocoonServer> = {} as never;
 
 beforeAll(async () => {
   postgres = await startPostgres();
+  swift = await startSwift();
   const url = await postgres.newDatabase();
+  const objectStore = { COCOON_OBJECT_STORE_URL: swift.url, COCOON_OBJECT_STORE_BUCKET: "cocoon-cluster", COCOON_OBJECT_STORE_ACCESS_KEY_ID: swift.accessKeyId, COCOON_OBJECT_STORE_SECRET_ACCESS_KEY: swift.secretAccessKey };
   db = await openPostgres(url);
   const uidRanges = { a: "1600000000-1600065535", b: "1600065536-1600131071", c: "1600131072-1600196607" };
   for (const id of ["a", "b", "c"] as const) {
@@ -32,7 +38,7 @@ beforeAll(async () => {
     nodes[id] = new CocoonServer({
       dataDir,
       port: await freeLoopbackPort(),
-      env: { COCOON_DATABASE_URL: url, COCOON_NODE_ID: id, COCOON_VM_UIDS: uidRanges[id], COCOON_VCPU_OVERCOMMIT: "0.5" },
+      env: { COCOON_DATABASE_URL: url, COCOON_NODE_ID: id, COCOON_VM_UIDS: uidRanges[id], COCOON_VCPU_OVERCOMMIT: "0.5", ...objectStore },
     });
   }
   // The first node makes the admin key; every node shares the master key (sealed secrets are in the database).
@@ -59,9 +65,16 @@ afterAll(async () => {
   for (const node of Object.values(nodes)) await rm(node.opts.dataDir, { recursive: true, force: true });
   await closeDatabase(db);
   await postgres?.stop();
+  await swift?.stop();
 });
 
-const nodeOf = async (id: string) => (await db.selectFrom("microvms").select(["node_id", "node_epoch", "state", "state_reason"]).where("id", "=", id).executeTakeFirstOrThrow());
+const nodeOf = async (id: string) => (await db.selectFrom("microvms").select(["node_id", "node_epoch", "state", "state_reason", "suspended_node", "suspended_object"]).where("id", "=", id).executeTakeFirstOrThrow());
+
+/** How many suspended VMs node `node` has fetched from the object store (its metrics). */
+async function fetches(node: CocoonServer): Promise<number> {
+  const text = await (await fetch(`${node.url}/metrics`, { headers: { authorization: `Bearer ${await node.adminKey()}` } })).text();
+  return Number(/^cocoon_microvm_fetch_seconds_count (\d+)/m.exec(text)?.[1] ?? "NaN");
+}
 
 /** The QEMU of VM `id` on `node`, while it runs. */
 async function qemuPid(node: CocoonServer, id: string): Promise<number | undefined> {
@@ -224,5 +237,82 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect((await nodes.b.call("POST", "/v1/cluster/nodes/b/activate")).body).toMatchObject({ state: "active" });
     const states = (await nodes.b.call("GET", "/v1/cluster/nodes")).body.nodes.map((n: { nodeId: string; state: string; leaseLive: boolean }) => [n.nodeId, n.state, n.leaseLive]);
     expect(states).toEqual([["a", "active", true], ["b", "active", true], ["c", "draining", true]]);
+  });
+
+  it("suspend on b, drain b, resume on a from the object store with memory and disk intact; a resume where the files are reads nothing from the store", async () => {
+    const created = await nodes.b.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    expect(created.status).toBe(201);
+    const id = created.body.microVmId as string;
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    // A value only a process's memory holds (served on a guest port), and a file on the disk.
+    const started = await nodes.b.call("POST", `/v1/microvms/${id}/exec`, {
+      command: ["bash", "-c", "v=mem-$RANDOM$RANDOM; nohup perl -MIO::Socket::INET -e '$v=shift; $s=IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:9000\",Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c $v; close $c}' $v >/dev/null 2>&1 & echo -n $v"],
+    });
+    const inMemory = started.body.stdout as string;
+    expect(inMemory).toMatch(/^mem-\d+$/);
+    const onDisk = `disk-${Math.random()}`;
+    const auth = { authorization: `Bearer ${await nodes.a.adminKey()}` };
+    expect((await fetch(`${nodes.b.url}/v1/microvms/${id}/files?path=/root/kept.txt`, { method: "PUT", headers: auth, body: onDisk })).status).toBe(200);
+    const readBack = (node: CocoonServer) =>
+      node.call("POST", `/v1/microvms/${id}/exec`, { command: ["bash", "-c", "for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/9000) 2>/dev/null && break; sleep 0.1; done; exec 3<>/dev/tcp/127.0.0.1/9000; cat <&3; echo; cat /root/kept.txt"] });
+    expect((await readBack(nodes.b)).body.stdout).toBe(`${inMemory}\n${onDisk}`);
+
+    // Suspended on b: durable there, then published (state, overlay, layers, the manifest last).
+    expect((await nodes.a.call("POST", `/v1/microvms/${id}/suspend`)).body.state).toBe("SUSPENDED");
+    const publishStarted = Date.now();
+    while (!(await nodeOf(id)).suspended_object) await new Promise((r) => setTimeout(r, 200));
+    const published = (await nodes.a.call("GET", `/v1/microvms/${id}/events`)).body.events.find((e: { type: string }) => e.type === "published");
+    console.log(`[figure] suspended VM published in ${((Date.now() - publishStarted) / 1000).toFixed(1)} s: ${published.message}`);
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", suspended_node: "b", state: "SUSPENDED" });
+
+    // b drains: requests through every node (b, which holds it, included) meet on a, the one node with room, which claims it
+    // once, fetches it from the object store and resumes it; all are served.
+    expect((await nodes.a.call("POST", "/v1/cluster/nodes/b/drain")).body.state).toBe("draining");
+    const fetchesBefore = await fetches(nodes.a);
+    const resumeStarted = performance.now();
+    const answers = await Promise.all(Array.from({ length: 6 }, (_, i) => readBack([nodes.a, nodes.b, nodes.c][i % 3]!)));
+    const movedMs = performance.now() - resumeStarted;
+    expect(answers.map((a) => a.body.stdout)).toEqual(Array.from({ length: 6 }, () => `${inMemory}\n${onDisk}`));
+    expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING", suspended_node: null, suspended_object: null });
+    expect(await fetches(nodes.a)).toBe(fetchesBefore + 1);
+    const types = (await nodes.a.call("GET", `/v1/microvms/${id}/events`)).body.events.map((e: { type: string }) => e.type);
+    expect(types.slice(-4)).toEqual(["suspended", "published", "moved", "resumed"]);
+    // b drops its stale copy.
+    const bDir = join(nodes.b.opts.dataDir, "vms", id);
+    while (await readFile(join(bDir, "vm.json")).then(() => true, () => false)) await new Promise((r) => setTimeout(r, 200));
+
+    // On a, where its files now are: suspended and resumed with no object-store read.
+    expect((await nodes.a.call("POST", `/v1/microvms/${id}/suspend`)).body.state).toBe("SUSPENDED");
+    while (!(await nodeOf(id)).suspended_object) await new Promise((r) => setTimeout(r, 200));
+    const localStarted = performance.now();
+    expect((await readBack(nodes.a)).body.stdout).toBe(`${inMemory}\n${onDisk}`);
+    const localMs = performance.now() - localStarted;
+    expect(await fetches(nodes.a)).toBe(fetchesBefore + 1);
+    console.log(`[figure] first request to a suspended VM answered (resume + exec): on the node holding its files ${(localMs / 1000).toFixed(2)} s; on another node, from the object store ${(movedMs / 1000).toFixed(2)} s`);
+    // The published suspends are removed once the VM runs again; the layers under them stay, shared.
+    const s3 = new S3Client({ endpoint: swift.url, region: "us-east-1", forcePathStyle: true, credentials: { accessKeyId: swift.accessKeyId, secretAccessKey: swift.secretAccessKey } });
+    const keys = async (prefix: string) => ((await s3.send(new ListObjectsV2Command({ Bucket: "cocoon-cluster", Prefix: prefix }))).Contents ?? []).map((o) => o.Key);
+    while ((await keys(`microvms/${id}/`)).length > 0) await new Promise((r) => setTimeout(r, 200));
+    expect((await keys("blobs/")).length).toBeGreaterThan(0);
+    s3.destroy();
+    expect((await nodes.a.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
+    expect((await nodes.a.call("POST", "/v1/cluster/nodes/b/activate")).body.state).toBe("active");
+  });
+
+  it("kill -9 of a node holding a published suspended VM: once it is reaped, a request through any node resumes the VM on a peer", async () => {
+    const created = await nodes.b.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    const id = created.body.microVmId as string;
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    await nodes.b.call("POST", `/v1/microvms/${id}/exec`, { command: ["bash", "-c", "echo survived > /root/failover.txt"] });
+    expect((await nodes.b.call("POST", `/v1/microvms/${id}/suspend`)).body.state).toBe("SUSPENDED");
+    while (!(await nodeOf(id)).suspended_object) await new Promise((r) => setTimeout(r, 200));
+    await nodes.b.stop("SIGKILL");
+    while ((await db.selectFrom("nodes").select("state").where("id", "=", "b").executeTakeFirstOrThrow()).state !== "dead") await new Promise((r) => setTimeout(r, 200));
+    // Suspended VMs are not failed with their node; published, this one moves to a (through c, drained).
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "SUSPENDED" });
+    const read = await nodes.c.call("POST", `/v1/microvms/${id}/exec`, { command: ["cat", "/root/failover.txt"] });
+    expect(read.body.stdout).toBe("survived\n");
+    expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING" });
+    expect((await nodes.c.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
   });
 });

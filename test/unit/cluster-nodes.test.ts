@@ -47,7 +47,7 @@ function vmRow(owner: VmOwner, state: MicroVmState, vcpus = 1): MicroVmRow {
     id: `vm-${++vmCount}`, tenant_id: "tnt-1", image_name: "base", image_id: "base", state, state_reason: null, vcpus, memory_mib: 256, disk_gib: 2, env: "{}",
     suspend_after_seconds: 0, auto_resume: 1, max_runtime_seconds: 3600, egress: "{}", endpoint_public: 0, endpoint_token: "et", app_port: null, metadata: "{}",
     created_at: now, expires_at: now, last_activity_at: now, terminated_at: null, terminate_after_suspended_seconds: 0, suspended_at: null, egress_connectors: null,
-    hooks: null, image_version: 1, forked_from: null, node_id: owner.nodeId, node_epoch: owner.epoch,
+    hooks: null, image_version: 1, forked_from: null, node_id: owner.nodeId, node_epoch: owner.epoch, suspended_node: null, suspended_object: null, suspended_manifest: null,
   };
 }
 

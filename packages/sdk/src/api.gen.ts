@@ -2829,7 +2829,7 @@ export interface components {
          *     HeadersTooLarge (431): The request's headers exceed the server's limit (16 KiB).
          *     CapacityExceeded (503): The host has no capacity for the VM right now; retry later.
          *     Internal (500): A server fault; details are in the server log under the request id.
-         *     BadGateway (502): A VM's app or agent answered garbage (an invalid status, a malformed response) or did not answer.
+         *     BadGateway (502): A VM's app or agent answered garbage (an invalid status, a malformed response) or did not answer; or (cluster) an object from the object store failed its size or checksum.
          * @enum {string}
          */
         ErrorCode: "ValidationError" | "CommandNotFound" | "Unauthorized" | "Forbidden" | "NotFound" | "RequestTimeout" | "InvalidState" | "Conflict" | "MisdirectedRequest" | "PayloadTooLarge" | "UnsupportedMediaType" | "QuotaExceeded" | "RateLimited" | "HeadersTooLarge" | "CapacityExceeded" | "Internal" | "BadGateway";

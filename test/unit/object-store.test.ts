@@ -1,0 +1,170 @@
+import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SuspendedObjects } from "../../src/lifecycle/suspended-objects.ts";
+import { ObjectStore, objectStoreConfigFromEnv, PART_BYTES, type ObjectStoreConfig } from "../../src/store/objects.ts";
+import type { MicroVmRow } from "../../src/store/schema.ts";
+import { qemuBuild } from "../../src/vmm/snapshot.ts";
+import { startSwift, type TestSwift } from "../support/swift.ts";
+
+/*
+ * The object store module against a real OpenStack Swift with its S3 layer
+ * (test/support/swift.ts), through the real AWS SDK client.
+ */
+let swift: TestSwift;
+let store: ObjectStore;
+let config: ObjectStoreConfig;
+let dir: string;
+/** The same bucket through a raw client: what a hostile or broken store could hold. */
+let raw: S3Client;
+
+beforeAll(async () => {
+  swift = await startSwift();
+  dir = await mkdtemp("/tmp/cocoon-objects-");
+  config = { url: swift.url, bucket: "cocoon-test", region: "us-east-1", accessKeyId: swift.accessKeyId, secretAccessKey: swift.secretAccessKey };
+  store = new ObjectStore(config);
+  await store.ensureBucket();
+  await store.ensureBucket(); // idempotent
+  raw = new S3Client({
+    endpoint: swift.url,
+    region: "us-east-1",
+    forcePathStyle: true,
+    credentials: { accessKeyId: swift.accessKeyId, secretAccessKey: swift.secretAccessKey },
+    requestChecksumCalculation: "WHEN_REQUIRED",
+    responseChecksumValidation: "WHEN_REQUIRED",
+  });
+}, 60_000);
+
+afterAll(async () => {
+  store?.destroy();
+  raw?.destroy();
+  await swift?.stop();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+const sha256 = (b: Buffer) => createHash("sha256").update(b).digest("hex");
+const rawPut = (key: string, body: Buffer | string) => raw.send(new PutObjectCommand({ Bucket: config.bucket, Key: key, Body: body }));
+
+describe("object store on Swift (s3api)", () => {
+  it("puts and gets a small file and a multipart one, with the sha256 of what was read", async () => {
+    const small = randomBytes(100_000);
+    // Past one part: two parts, the second short.
+    const big = Buffer.concat([randomBytes(PART_BYTES), randomBytes(1_000_000)]);
+    await writeFile(join(dir, "small"), small);
+    await writeFile(join(dir, "big"), big);
+    expect(await store.putFile("t/small", join(dir, "small"))).toEqual({ sha256: sha256(small), bytes: small.length });
+    expect(await store.putFile("t/big", join(dir, "big"))).toEqual({ sha256: sha256(big), bytes: big.length });
+    expect(await store.head("t/big")).toEqual({ bytes: big.length });
+    expect(await store.head("t/none")).toBeUndefined();
+    await store.getFile("t/big", join(dir, "big.back"), { sha256: sha256(big), bytes: big.length });
+    expect(sha256(await readFile(join(dir, "big.back")))).toBe(sha256(big));
+    await store.delete("t/big");
+    expect(await store.head("t/big")).toBeUndefined();
+  });
+
+  it("refuses a download whose checksum or size is not the expected one, and leaves no file", async () => {
+    const body = randomBytes(1000);
+    await rawPut("t/tampered", body);
+    const target = join(dir, "tampered");
+    const wrongHash = store.getFile("t/tampered", target, { sha256: sha256(randomBytes(10)), bytes: 1000 });
+    await expect(wrongHash).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("sha256") });
+    // A store that sends more than the manifest said is cut off at the limit.
+    await expect(store.getFile("t/tampered", target, { sha256: sha256(body), bytes: 999 })).rejects.toMatchObject({ message: expect.stringContaining("larger than the 999 bytes") });
+    await expect(store.getFile("t/tampered", target, { sha256: sha256(body), bytes: 1001 })).rejects.toMatchObject({ message: expect.stringContaining("has 1000 bytes") });
+    expect((await readdir(dir)).filter((f) => f.startsWith("tampered") || f.endsWith(".partial"))).toEqual([]);
+  });
+
+  it("publishes a bundle with its manifest last; without a manifest it is not published", async () => {
+    await writeFile(join(dir, "a"), "state bytes");
+    await writeFile(join(dir, "b"), "disk bytes");
+    await rawPut("bundles/half/state", "uploaded before a crash");
+    expect(await store.fetchBundle("bundles/half", dir, { state: 100 })).toBeUndefined();
+    const published = await store.publish("bundles/one", { state: join(dir, "a"), disk: join(dir, "b") }, { vm: "vm-1" });
+    const into = await mkdtemp(join(dir, "into-"));
+    const fetched = await store.fetchBundle("bundles/one", into, { state: 100, disk: 100 });
+    expect(fetched).toEqual({ format: 1, files: published.files, meta: { vm: "vm-1" } });
+    expect(await readFile(join(into, "state"), "utf8")).toBe("state bytes");
+    expect(await readFile(join(into, "disk"), "utf8")).toBe("disk bytes");
+    await store.deletePrefix("bundles/one");
+    expect(await store.head("bundles/one/state")).toBeUndefined();
+    expect(await store.fetchBundle("bundles/one", into, { state: 100 })).toBeUndefined();
+  });
+
+  it("treats a manifest as hostile: bounded, checked, sizes capped, paths never taken from it", async () => {
+    const into = await mkdtemp(join(dir, "hostile-"));
+    const attempt = (manifest: string | Buffer, limits: Record<string, number> = { state: 100 }) =>
+      rawPut("bundles/bad/manifest.json", manifest).then(() => store.fetchBundle("bundles/bad", into, limits));
+    await expect(attempt("{not json")).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("not JSON") });
+    await expect(attempt(Buffer.alloc(70_000, 32))).rejects.toMatchObject({ message: expect.stringContaining("larger than 65536 bytes") });
+    await expect(attempt(JSON.stringify({ format: 2, files: {} }))).rejects.toMatchObject({ message: expect.stringContaining("not a format 1") });
+    await expect(attempt(JSON.stringify({ format: 1, files: { state: { sha256: "x", bytes: 1 } } }))).rejects.toMatchObject({ message: expect.stringContaining("no valid size and sha256 for state") });
+    const hash = "0".repeat(64);
+    await expect(attempt(JSON.stringify({ format: 1, files: { state: { sha256: hash, bytes: 101 } } }))).rejects.toMatchObject({ message: expect.stringContaining("more than its limit of 100") });
+    await expect(attempt(JSON.stringify({ format: 1, files: { state: { sha256: hash, bytes: -1 } } }))).rejects.toMatchObject({ message: expect.stringContaining("no valid size") });
+    // A manifest naming other files ("../../etc/x") is read only for the names the caller asks for.
+    await rawPut("bundles/bad/state", "abc");
+    const abc = sha256(Buffer.from("abc"));
+    const fetched = await attempt(JSON.stringify({ format: 1, files: { state: { sha256: abc, bytes: 3 }, "../../escape": { sha256: abc, bytes: 3 } }, meta: {} }));
+    expect(Object.keys(fetched!.files)).toEqual(["state"]);
+    expect((await readdir(into)).sort()).toEqual(["state"]);
+  });
+
+  it("a published suspend comes back only as the VM's row allows: another VM's, oversized, or with fields out of range is refused", async () => {
+    const objects = new SuspendedObjects(store, { blobsDir: join(dir, "blobs"), accelerator: "tcg" });
+    const layer = join(dir, "layer");
+    await writeFile(layer, randomBytes(5000));
+    await writeFile(join(dir, "state"), randomBytes(3000));
+    await writeFile(join(dir, "disk"), randomBytes(2000));
+    const files = { state: join(dir, "state"), disk: join(dir, "disk"), backing: [layer], guestPorts: [8080], diskBytes: 2 ** 30, token: "t".repeat(32) };
+    const row = { id: "vm-1", memory_mib: 128, disk_gib: 1, suspended_node: "b" } as MicroVmRow;
+    const { prefix, manifestSha256 } = await objects.publish("vm-1", files);
+    const into = await mkdtemp(join(dir, "suspend-"));
+    const published = { ...row, suspended_object: prefix, suspended_manifest: manifestSha256 };
+    const { meta, layers } = await objects.fetch(published, into);
+    expect(meta).toMatchObject({ vm: "vm-1", qemuBuild: qemuBuild(), diskBytes: 2 ** 30, guestPorts: [8080] });
+    expect(await readFile(layers[0]!)).toEqual(await readFile(layer));
+    // The same layer again comes from the node's cache; it went up once.
+    expect((await objects.fetch(published, await mkdtemp(join(dir, "again-")))).layers).toEqual(layers);
+    await expect(objects.fetch({ ...published, id: "vm-2" }, into)).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another microVM") });
+    // Whoever can write the bucket cannot swap in a bundle of their own: the row pins the manifest by its sha256.
+    const other = await store.publish(`microvms/vm-1/other`, { state: files.disk, disk: files.state }, { vm: "vm-1" });
+    await rawPut(`${prefix}/manifest.json`, JSON.stringify({ format: other.format, files: other.files, meta: other.meta }));
+    await expect(objects.fetch(published, await mkdtemp(join(dir, "swapped-")))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("is not the manifest that was published") });
+    // Forged manifests: each field is checked against the row and its range.
+    const forge = async (meta: Record<string, unknown>, sizes: { state?: number } = {}) => {
+      const bad = `microvms/vm-1/forged-${randomBytes(4).toString("hex")}`;
+      // As if the row pinned the forged manifest: the fields are checked all the same.
+      const { sha256: pinned, ...forged } = await store.publish(bad, { state: files.state, disk: files.disk }, { vm: "vm-1", qemuBuild: qemuBuild(), accelerator: "tcg", diskBytes: 2 ** 30, token: "t".repeat(32), guestPorts: [], layers: [], ...meta });
+      let manifestSha256 = pinned;
+      if (sizes.state !== undefined) {
+        const body = JSON.stringify({ ...forged, files: { ...forged.files, state: { ...forged.files.state, bytes: sizes.state } } });
+        await rawPut(`${bad}/manifest.json`, body);
+        manifestSha256 = sha256(Buffer.from(body));
+      }
+      return objects.fetch({ ...row, suspended_object: bad, suspended_manifest: manifestSha256 }, await mkdtemp(join(dir, "forged-")));
+    };
+    await expect(forge({}, { state: 2 * 2 ** 30 })).rejects.toMatchObject({ message: expect.stringContaining("more than its limit") });
+    await expect(forge({ diskBytes: 2 ** 50 })).rejects.toMatchObject({ message: expect.stringContaining("disk size out of range") });
+    await expect(forge({ token: "short" })).rejects.toMatchObject({ message: expect.stringContaining("agent secret") });
+    await expect(forge({ guestPorts: [0] })).rejects.toMatchObject({ message: expect.stringContaining("guest ports") });
+    await expect(forge({ layers: Array.from({ length: 17 }, () => ({ sha256: "0".repeat(64), bytes: 1 })) })).rejects.toMatchObject({ message: expect.stringContaining("more than 16 layers") });
+    await expect(forge({ layers: [{ sha256: "../../etc/passwd", bytes: 1 }] })).rejects.toMatchObject({ message: expect.stringContaining("invalid layer") });
+    await expect(forge({ qemuBuild: "QEMU emulator version 0.1" })).rejects.toMatchObject({ code: "Conflict" });
+    // A layer whose bytes in the store are not what the manifest says is refused, and not cached.
+    const wrong = randomBytes(5000);
+    await rawPut(`blobs/${sha256(wrong)}`, randomBytes(5000));
+    await expect(forge({ layers: [{ sha256: sha256(wrong), bytes: 5000 }] })).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("sha256") });
+    expect(await readdir(join(dir, "blobs"))).toEqual([layers[0]!.split("/").at(-1)]);
+  });
+
+  it("reads its configuration from COCOON_OBJECT_STORE_*, refusing what is malformed", () => {
+    expect(objectStoreConfigFromEnv({})).toBeUndefined();
+    const env = { COCOON_OBJECT_STORE_URL: "http://127.0.0.1:9000", COCOON_OBJECT_STORE_ACCESS_KEY_ID: "k", COCOON_OBJECT_STORE_SECRET_ACCESS_KEY: "s" };
+    expect(objectStoreConfigFromEnv(env)).toEqual({ url: "http://127.0.0.1:9000", bucket: "cocoon", region: "us-east-1", accessKeyId: "k", secretAccessKey: "s" });
+    expect(() => objectStoreConfigFromEnv({ ...env, COCOON_OBJECT_STORE_URL: "ftp://x" })).toThrow(/COCOON_OBJECT_STORE_URL/);
+    expect(() => objectStoreConfigFromEnv({ ...env, COCOON_OBJECT_STORE_BUCKET: "Bad_Bucket" })).toThrow(/COCOON_OBJECT_STORE_BUCKET/);
+    expect(() => objectStoreConfigFromEnv({ COCOON_OBJECT_STORE_URL: "http://h:1" })).toThrow(/ACCESS_KEY_ID/);
+  });
+});
