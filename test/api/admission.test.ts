@@ -46,7 +46,9 @@ describe("admission by real memory", () => {
     // peak: the guest's own OOM killer ended such hogs part way, at sizes
     // that sometimes let two of them fit beside the idle VM.)
     const hog = `nohup perl -e 'vec($x, ${HOG_MIB} * 2**20 - 1, 8) = 1; sleep 3600' >/dev/null 2>&1 &`;
-    await Promise.all(hogs.map((id) => api.call("POST", `/v1/microvms/${id}/exec`, { key, body: { command: hog } })));
+    // Every hog must have started: a VM whose exec failed would never allocate (and would rightly keep running).
+    const started = await Promise.all(hogs.map((id) => api.call("POST", `/v1/microvms/${id}/exec`, { key, body: { command: hog } })));
+    for (const res of started) expect(res.body, JSON.stringify(res.body)).toMatchObject({ exitCode: 0 });
     const state = async (id: string) => (await api.call("GET", `/v1/microvms/${id}`, { key })).body.state as string;
     // At most one hog fits beside the idle VM: the others must be ended.
     const deadline = Date.now() + 150_000;
