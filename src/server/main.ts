@@ -8,6 +8,7 @@ import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
 import { ClusterNode } from "../lifecycle/cluster.ts";
 import { SuspendedObjects } from "../lifecycle/suspended-objects.ts";
+import { ImageObjects } from "../images/image-objects.ts";
 import { ObjectStore } from "../store/objects.ts";
 import { NodeChannel } from "../router/node-channel.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
@@ -43,6 +44,17 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const runtime = await startRuntime({ ...config, log });
   // Many hosts: this server is a node of a cluster (docs/cluster.md).
   const nodeId = config.databaseUrl ? (config.nodeId ?? (await persistentNodeId(config.dataDir))) : undefined;
+  // A cluster's object store: suspended VMs and images published there move to any node (docs/cluster.md).
+  const objectStore = config.objectStore ? new ObjectStore(config.objectStore) : undefined;
+  await objectStore?.ensureBucket();
+  const blobsDir = join(config.dataDir, "blobs");
+  const imageObjects = objectStore
+    ? new ImageObjects(objectStore, {
+        blobsDir,
+        accelerator: runtime.engine.accelerator,
+        baseSnapshot: runtime.baseImage,
+      })
+    : undefined;
   const imageService = new ImageService({
     db,
     engine: runtime.engine,
@@ -55,6 +67,8 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     registryCaFile: config.registryCaFile,
     registryPrivateAllow: config.registryPrivateAllow,
     nodeId,
+    objects: imageObjects,
+    imageCacheBytes: config.imageCacheGiB * 2 ** 30,
     log,
   });
   await imageService.start();
@@ -77,10 +91,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
       )
     : undefined;
   await cluster?.start();
-  // A cluster's object store: suspended VMs published there resume on any node (docs/cluster.md).
-  const objectStore = config.objectStore ? new ObjectStore(config.objectStore) : undefined;
-  await objectStore?.ensureBucket();
-  const objects = objectStore ? new SuspendedObjects(objectStore, { blobsDir: join(config.dataDir, "blobs"), accelerator: runtime.engine.accelerator }) : undefined;
+  const objects = objectStore ? new SuspendedObjects(objectStore, { blobsDir, accelerator: runtime.engine.accelerator }) : undefined;
   if (objectStore) log(`object store: bucket ${objectStore.bucket} at ${config.objectStore!.url}`);
   const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster, objects });
   await microvms.start();

@@ -284,4 +284,11 @@ export const migrations: Record<string, Migration> = {
       await db.schema.alterTable("microvms").addColumn("suspended_manifest", "text").execute();
     },
   },
+  "0020_image_objects": {
+    async up(db: Kysely<unknown>) {
+      // Cluster: the object-store prefix an image's snapshot is published under, and its manifest's sha256 (what a pull trusts).
+      await db.schema.alterTable("images").addColumn("snapshot_object", "text").execute();
+      await db.schema.alterTable("images").addColumn("snapshot_manifest", "text").execute();
+    },
+  },
 };

@@ -157,6 +157,10 @@ export interface ImagesTable {
   aws_fields: Generated<string | null>;
   /** Cluster (docs/cluster.md): the node that builds and holds it; null on a single host. */
   node_id: Generated<string | null>;
+  /** Cluster with an object store: the prefix its snapshot is published under (images/image-objects.ts); other nodes pull it from there. */
+  snapshot_object: Generated<string | null>;
+  /** The sha256 of that bundle's manifest: a pull takes only the bundle this cluster published. */
+  snapshot_manifest: Generated<string | null>;
 }
 
 /** clientToken idempotency: the resource an operation with this token made. */
