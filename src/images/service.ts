@@ -520,7 +520,7 @@ export class ImageService {
       await mkdir(this.dirOf(row.id), { recursive: true });
       await cache.markPulled(row.id);
       const started = performance.now();
-      await this.opts.objects!.pull(row, dir);
+      await this.opts.objects!.pull({ id: row.id, vcpus: row.vcpus, memoryMiB: row.memory_mib, diskGiB: row.disk_gib, object: row.snapshot_object, manifest: row.snapshot_manifest }, dir);
       this.opts.log?.(`image ${row.id} pulled from the object store in ${((performance.now() - started) / 1000).toFixed(1)} s`);
       await cache.evict().catch((err: Error) => this.opts.log?.(`image cache: ${err.message}`));
       return this.engine.loadSnapshot(dir);
@@ -539,7 +539,7 @@ export class ImageService {
     const job = (async () => {
       const snapshot = await this.engine.loadSnapshot(join(this.dirOf(row.id), "snapshot"));
       const started = performance.now();
-      const { prefix, manifestSha256, bytes } = await objects.publish(row, snapshot);
+      const { prefix, manifestSha256, bytes } = await objects.publish(row.id, snapshot);
       const done = await this.db.updateTable("images").set({ snapshot_object: prefix, snapshot_manifest: manifestSha256 }).where("id", "=", row.id).where("state", "=", "READY").executeTakeFirst();
       if (done.numUpdatedRows === 0n) await objects.remove(prefix);
       else this.opts.log?.(`image ${row.id} published to the object store (${mib(bytes)} MiB in ${((performance.now() - started) / 1000).toFixed(1)} s)`);

@@ -8,7 +8,6 @@ import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
 import { ClusterNode } from "../lifecycle/cluster.ts";
 import { SuspendedObjects } from "../lifecycle/suspended-objects.ts";
-import { ImageObjects } from "../images/image-objects.ts";
 import { ObjectStore } from "../store/objects.ts";
 import { NodeChannel } from "../router/node-channel.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
@@ -41,20 +40,12 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const secrets = await ServerSecrets.open(config.dataDir);
   const adminKey = await bootstrapAdminKey(db, secrets, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
-  const runtime = await startRuntime({ ...config, log });
   // Many hosts: this server is a node of a cluster (docs/cluster.md).
   const nodeId = config.databaseUrl ? (config.nodeId ?? (await persistentNodeId(config.dataDir))) : undefined;
   // A cluster's object store: suspended VMs and images published there move to any node (docs/cluster.md).
   const objectStore = config.objectStore ? new ObjectStore(config.objectStore) : undefined;
   await objectStore?.ensureBucket();
-  const blobsDir = join(config.dataDir, "blobs");
-  const imageObjects = objectStore
-    ? new ImageObjects(objectStore, {
-        blobsDir,
-        accelerator: runtime.engine.accelerator,
-        baseSnapshot: runtime.baseImage,
-      })
-    : undefined;
+  const runtime = await startRuntime({ ...config, log, cluster: objectStore && nodeId ? { db, nodeId, store: objectStore } : undefined });
   const imageService = new ImageService({
     db,
     engine: runtime.engine,
@@ -67,12 +58,12 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     registryCaFile: config.registryCaFile,
     registryPrivateAllow: config.registryPrivateAllow,
     nodeId,
-    objects: imageObjects,
+    objects: runtime.imageObjects,
     imageCacheBytes: config.imageCacheGiB * 2 ** 30,
     log,
   });
   await imageService.start();
-  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
+  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, shared: runtime.sharedSnapshots, log });
   const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit }, config.memory);
   // A node holds a lease; it registers before it reconciles its VMs.
@@ -91,7 +82,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
       )
     : undefined;
   await cluster?.start();
-  const objects = objectStore ? new SuspendedObjects(objectStore, { blobsDir, accelerator: runtime.engine.accelerator }) : undefined;
+  const objects = objectStore ? new SuspendedObjects(objectStore, { blobsDir: join(config.dataDir, "blobs"), accelerator: runtime.engine.accelerator }) : undefined;
   if (objectStore) log(`object store: bucket ${objectStore.bucket} at ${config.objectStore!.url}`);
   const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster, objects });
   await microvms.start();

@@ -23,6 +23,7 @@ export interface Database {
   nodes: NodesTable;
   volumes: VolumesTable;
   volume_attachments: VolumeAttachmentsTable;
+  cluster_snapshots: ClusterSnapshotsTable;
 }
 
 export interface TenantsTable {
@@ -215,6 +216,18 @@ export interface BaseShapesTable {
   vcpus: number;
   memory_mib: number;
   tenant_id: string;
+  created_at: string;
+}
+
+/** Cluster with an object store: a managed image's snapshot (by name and the key of its inputs), built once and published (images/cluster-snapshots.ts). */
+export interface ClusterSnapshotsTable {
+  name: string;
+  key: string;
+  /** The prefix it is published under, and its manifest's sha256 (what a pull trusts). */
+  object: string;
+  manifest: string;
+  /** The node that built it. */
+  node_id: string;
   created_at: string;
 }
 

@@ -7,7 +7,7 @@ import { SuspendedObjects } from "../../src/lifecycle/suspended-objects.ts";
 import { ObjectStore, objectStoreConfigFromEnv, PART_BYTES, type ObjectStoreConfig } from "../../src/store/objects.ts";
 import { SnapshotIncompatibleError } from "../../src/errors.ts";
 import { ImageObjects } from "../../src/images/image-objects.ts";
-import type { ImageRow, MicroVmRow } from "../../src/store/schema.ts";
+import type { MicroVmRow } from "../../src/store/schema.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, type SnapshotManifest } from "../../src/vmm/snapshot.ts";
 import { startSwift, type TestSwift } from "../support/swift.ts";
 
@@ -172,11 +172,9 @@ describe("object store on Swift (s3api)", () => {
       formatVersion: SNAPSHOT_FORMAT, createdAt: "", accelerator: "tcg", qemuBuild: qemuBuild(), vcpus: 1, memoryMiB: 128, kernel: "/theirs/vmlinuz", initramfs: "/theirs/initramfs",
       cmdline: "theirs", token: "t".repeat(32), guestPorts: [8080], diskBacking: [layer], diskBytes: 2 ** 30,
     };
-    const base = { dir: "/ours/base", manifest: { ...manifest, kernel: "/ours/vmlinuz", initramfs: "/ours/initramfs", cmdline: "ours" } };
-    const objects = new ImageObjects(store, { blobsDir: join(dir, "image-blobs"), accelerator: "tcg", baseSnapshot: base });
-    const row = { id: "img-1", vcpus: 1, memory_mib: 128, disk_gib: 1 } as ImageRow;
-    const { prefix, manifestSha256 } = await objects.publish(row, { dir: made, manifest });
-    const published = { ...row, snapshot_object: prefix, snapshot_manifest: manifestSha256 };
+    const objects = new ImageObjects(store, { blobsDir: join(dir, "image-blobs"), accelerator: "tcg", boot: { kernel: "/ours/vmlinuz", initramfs: "/ours/initramfs", cmdline: "ours" } });
+    const { prefix, manifestSha256 } = await objects.publish("img-1", { dir: made, manifest });
+    const published = { id: "img-1", vcpus: 1, memoryMiB: 128, diskGiB: 1, object: prefix, manifest: manifestSha256 };
     const pulled = join(await mkdtemp(join(dir, "pulled-")), "snapshot");
     await objects.pull(published, pulled);
     for (const f of ["disk.qcow2", "state", "memory"]) expect(await readFile(join(pulled, f))).toEqual(await readFile(join(made, f)));
@@ -190,13 +188,13 @@ describe("object store on Swift (s3api)", () => {
     await expect(objects.pull(published, tampered)).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining(`object ${prefix}/memory in the object store has sha256`) });
     expect(await readdir(join(tampered, ".."))).toEqual([]);
     // Another QEMU build's snapshot: refused before any file comes down, with the message a local one of another build gets.
-    const other = await objects.publish({ ...row, id: "img-2" }, { dir: made, manifest: { ...manifest, qemuBuild: "QEMU emulator version 0.1" } });
-    const refused = objects.pull({ ...row, id: "img-2", snapshot_object: other.prefix, snapshot_manifest: other.manifestSha256 }, join(dir, "never"));
+    const other = await objects.publish("img-2", { dir: made, manifest: { ...manifest, qemuBuild: "QEMU emulator version 0.1" } });
+    const refused = objects.pull({ ...published, id: "img-2", object: other.prefix, manifest: other.manifestSha256 }, join(dir, "never"));
     await expect(refused).rejects.toThrow(SnapshotIncompatibleError);
     await expect(refused).rejects.toThrow(/made by "QEMU emulator version 0.1"/);
     // Another image's bundle, or a shape other than the row's, is refused.
     await expect(objects.pull({ ...published, id: "img-3" }, join(dir, "never"))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another image") });
-    await expect(objects.pull({ ...published, memory_mib: 256 }, join(dir, "never"))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another shape") });
+    await expect(objects.pull({ ...published, memoryMiB: 256 }, join(dir, "never"))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another shape") });
   });
 
   it("reads its configuration from COCOON_OBJECT_STORE_*, refusing what is malformed", () => {
