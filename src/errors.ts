@@ -52,8 +52,9 @@ export class AgentError extends Error {
     readonly status: number,
     readonly code: string,
     message: string,
+    options?: ErrorOptions,
   ) {
-    super(message);
+    super(message, options);
     this.name = "AgentError";
   }
 }

@@ -170,7 +170,7 @@ export class AgentClient {
         // The first connection into a just-restored guest is occasionally reset
         // by the forwarder (passt) before an answer. The request may have
         // re-keyed the agent even so: then the new secret already works.
-        if ((err as NodeJS.ErrnoException).code !== "ECONNRESET" || attempt >= 3) throw err;
+        if (((err as Error).cause as NodeJS.ErrnoException | undefined)?.code !== "ECONNRESET" || attempt >= 3) throw err;
         this.token = opts.newToken;
         if (await this.appStatus().then(() => true, () => false)) return;
         this.token = oldToken;
@@ -229,7 +229,7 @@ export class AgentClient {
       if (deadline?.aborted && !signal?.aborted) {
         throw new AgentError(504, "Timeout", `the agent did not end the command within its timeout + ${this.limits.execGraceMs / 1000} s`);
       }
-      throw err;
+      throw lostAgent(err as Error, "while the command ran");
     } finally {
       res.destroy();
     }
@@ -426,9 +426,20 @@ export class AgentClient {
     req.once("close", done);
     req.on("error", (err) => {
       done();
-      reject(err);
+      reject(lostAgent(err, `(${method} ${path.split("?")[0]})`));
     });
   }
+}
+
+/**
+ * A broken connection to the agent (its VM ended, or its guest reset the
+ * socket) as the AgentError it is; the caller's own abort and the client's
+ * typed errors pass through as they are.
+ */
+function lostAgent(err: Error, when: string): Error {
+  if (err instanceof AgentError || err.name === "AbortError") return err;
+  const code = (err as NodeJS.ErrnoException).code;
+  return new AgentError(502, "AgentDisconnected", `the connection to the agent broke ${when}: ${code ?? err.message}`, { cause: err });
 }
 
 function queryString(query: Query): string {

@@ -98,10 +98,16 @@ describe("microVM lifecycle over HTTP", () => {
     expect(events.at(-1).message).toBe("terminated (max runtime of 2 s reached)");
   });
 
-  it("marks a VM FAILED with the reason when its QEMU process dies, and frees its capacity", async () => {
+  it("marks a VM FAILED with the reason when its QEMU process dies, answers the exec it cut short with 502, and frees its capacity", async () => {
     const { microVmId: id } = await createVm();
     const used = (await api.microvms.usage()).usedVcpus;
+    const cut = api.call("POST", `/v1/microvms/${id}/exec`, { key: alice, body: { command: "touch /tmp/started; sleep 60" } });
+    await waitFor(async () => (await api.call("GET", `/v1/microvms/${id}/files?path=/tmp/started`, { key: alice })).status === 200);
     process.kill(api.engine.get(id).machine!.pid, "SIGKILL");
+    // The connection to its agent broke: the guest's doing, not the server's (a 500).
+    const res = await cut;
+    expect(res.status, res.text).toBe(502);
+    expect(res.body.error).toMatchObject({ code: "BadGateway", message: expect.stringContaining("the connection to the agent broke while the command ran") });
     await waitFor(async () => (await api.call("GET", `/v1/microvms/${id}`, { key: alice })).body.state === "FAILED");
     const vm = (await api.call("GET", `/v1/microvms/${id}`, { key: alice })).body;
     expect(vm.stateReason).toContain("QEMU process exited unexpectedly");
