@@ -3,7 +3,7 @@
  * environment, as `cocoon server` reads them): creates idle 256 MiB base VMs
  * one after another until BENCH_DENSITY_VMS (200) or the first refusal, then
  * measures, with all of them idle, the host CPU each one's QEMU and the server
- * use over BENCH_IDLE_SECONDS (30, from /proc/<pid>/stat), host memory per VM
+ * use over BENCH_IDLE_SECONDS (30, from each thread's schedstat), host memory per VM
  * (PSS of each QEMU, /proc/<pid>/smaps_rollup) and exec round trips among
  * them. Writes bench/results/density.{json,md}.
  */
@@ -30,24 +30,19 @@ const IDLE_SECONDS = Number(process.env.BENCH_IDLE_SECONDS ?? 30);
 const EXECS = Number(process.env.BENCH_DENSITY_EXECS ?? 100);
 const MEMORY_MIB = 256;
 const log = (line: string) => console.error(`[bench] ${line}`);
-const TICKS_PER_SECOND = 100; // USER_HZ, what /proc/<pid>/stat counts in on Linux
 /** src/vmm/qemu.ts's tb-size under TCG. */
 const TCG_CODE_CACHE_MIB = 256;
 
-/** CPU time (user + system, all threads) a process has used, in seconds. */
-async function cpuSeconds(pid: number): Promise<number> {
-  const stat = await readFile(`/proc/${pid}/stat`, "utf8");
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_SECOND;
-}
-
-/** CPU time of a process's main thread (QEMU's main loop: timers, devices, slirp) and of its other threads (vCPU, RCU, I/O workers), in seconds. */
+/**
+ * CPU time of a process's main thread (QEMU's main loop: timers, devices, slirp) and of its other
+ * threads (vCPU, RCU, I/O workers), in seconds: from each thread's schedstat, in nanoseconds (an
+ * idle VM uses a few clock ticks in 30 s, below what /proc/<pid>/stat's 10 ms ticks resolve).
+ */
 async function cpuSecondsByThread(pid: number): Promise<{ main: number; other: number }> {
   const split = { main: 0, other: 0 };
-  for (const tid of await readdir(`/proc/${pid}/task`)) {
-    const stat = await readFile(`/proc/${pid}/task/${tid}/stat`, "utf8").catch(() => "");
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    split[Number(tid) === pid ? "main" : "other"] += (Number(fields[11] ?? 0) + Number(fields[12] ?? 0)) / TICKS_PER_SECOND;
+  for (const tid of await readdir(`/proc/${pid}/task`).catch(() => [] as string[])) {
+    const schedstat = await readFile(`/proc/${pid}/task/${tid}/schedstat`, "utf8").catch(() => "0");
+    split[Number(tid) === pid ? "main" : "other"] += Number(schedstat.split(" ")[0]) / 1e9;
   }
   return split;
 }
@@ -134,21 +129,19 @@ async function main(): Promise<void> {
       return Number(/^\s*LOC:\s+(\d+)/m.exec(res.body.stdout ?? "")?.[1] ?? NaN);
     };
     const locBefore = await guestTimer();
-    const qemuBefore = await Promise.all(pids.map(cpuSeconds));
     const threadsBefore = await Promise.all(pids.map(cpuSecondsByThread));
     const serverBefore = process.cpuUsage();
     const hostBefore = await hostStat();
     const t0 = performance.now();
     await sleep(IDLE_SECONDS * 1000);
     const elapsed = (performance.now() - t0) / 1000;
-    const qemuAfter = await Promise.all(pids.map(cpuSeconds));
     const threadsAfter = await Promise.all(pids.map(cpuSecondsByThread));
     const mainSeconds = threadsAfter.reduce((sum, t, i) => sum + t.main - threadsBefore[i]!.main, 0);
     const otherSeconds = threadsAfter.reduce((sum, t, i) => sum + t.other - threadsBefore[i]!.other, 0);
     const serverUsage = process.cpuUsage(serverBefore);
     const hostAfter = await hostStat();
     const guestTimerPerSecond = (await guestTimer()) - locBefore;
-    const perVmPercent = qemuAfter.map((a, i) => ((a - qemuBefore[i]!) / elapsed) * 100);
+    const perVmPercent = threadsAfter.map((a, i) => ((a.main + a.other - threadsBefore[i]!.main - threadsBefore[i]!.other) / elapsed) * 100);
     const qemuTotalPercent = perVmPercent.reduce((a, b) => a + b, 0);
     const serverPercent = ((serverUsage.user + serverUsage.system) / 1e6 / elapsed) * 100;
     const hostDelta = hostAfter.map((v, i) => v - hostBefore[i]!);

@@ -7,11 +7,11 @@ import { qemuInstall, type Accelerator, type DiskChain } from "./qemu.ts";
 
 
 /** Layout of snapshot directories this engine writes and reads (`SnapshotManifest.formatVersion`). */
-export const SNAPSHOT_FORMAT = 4;
+export const SNAPSHOT_FORMAT = 5;
 
 /** What a snapshot directory holds, written last (its presence means the snapshot is complete). */
 export interface SnapshotManifest {
-  /** `SNAPSHOT_FORMAT`: 3 has an explicit disk chain and no secret on the kernel command line; 4 has the volume slots (qemu.ts VOLUME_SLOTS). */
+  /** `SNAPSHOT_FORMAT`: 3 has an explicit disk chain and no secret on the kernel command line; 4 has the volume slots (qemu.ts VOLUME_SLOTS); 5 has no i8254 PIT (`pit=off`, qemu.ts). */
   formatVersion: typeof SNAPSHOT_FORMAT;
   createdAt: string;
   accelerator: Accelerator;

@@ -44,6 +44,13 @@ describe("clones of one snapshot", () => {
     expect(ids[0]!.stdout).not.toBe(ids[1]!.stdout);
     expect(ids[0]!.stdout.split("\n")[0]).toBe(a!.id);
   });
+
+  it("idle without the wakeups they do not need: no proactive compaction, no PIT (under TCG)", async () => {
+    const vm = (await ctx.engine.launch(ctx.snapshot))!;
+    const res = await vm.agent.exec({ command: "cat /proc/sys/vm/compaction_proactiveness" });
+    expect(res.stdout.trim()).toBe("0");
+    if (ctx.engine.accelerator === "tcg") expect(processArgv(vm.machine!.pid)!.join(" ")).toContain(",pit=off,");
+  });
 });
 
 describe("suspend and resume", () => {
