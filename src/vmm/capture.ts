@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { ApiError, InvalidVmStateError } from "../errors.ts";
 import { fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { run } from "../util/process.ts";
+import type { PhaseClock } from "./phases.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotDisk, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
 import { vmFiles, type MicroVm } from "./vm.ts";
 
@@ -32,7 +33,7 @@ export interface VmCapture {
 }
 
 /** Captures `vm` (running) into `dir`, which must not hold a capture yet. The caller holds the VM's lock. */
-export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
+export async function captureVm(vm: MicroVm, dir: string, clock?: PhaseClock): Promise<VmCapture> {
   const machine = vm.machine;
   if (vm.status !== "running" || !machine) throw new InvalidVmStateError(vm.id, vm.status, "snapshot");
   const volumes = vm.record.volumes ?? [];
@@ -45,13 +46,18 @@ export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
   const files = snapshotFiles(dir);
   const token = vm.record.token;
   const started = performance.now();
+  clock?.mark("prepare");
   await machine.pause();
+  clock?.mark("stop");
   try {
     await run("cp", ["--sparse=always", vmFiles(vm.dir).disk, files.disk]);
+    clock?.mark("disk-copy");
     await machine.saveWhilePaused(files.state);
+    clock?.mark("state-save");
   } finally {
     // The guest goes on as it was whether or not the capture worked.
     await machine.cont();
+    clock?.mark("cont");
   }
   const pauseMs = performance.now() - started;
   const layers = [files.disk];
@@ -61,8 +67,10 @@ export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
     layers.push(copy);
   }
   await sealLayers(layers);
+  clock?.mark("layers");
   await chmod(files.state, 0o600);
   await fsyncFile(files.state);
+  clock?.mark("state-fsync");
   return { dir, token, state: files.state, layers, pauseMs };
 }
 
