@@ -403,7 +403,7 @@ export class Engine extends EventEmitter {
    */
   async snapshotRunning(id: string, dir: string): Promise<{ snapshot: Snapshot; pauseMs: number }> {
     return this.withVm(id, async (vm) => {
-      const capture = await captureVm(vm, dir);
+      const capture = await captureVm(vm, dir, { durable: true });
       const snapshot = await writeCaptureManifest(capture, vm, await this.loadSnapshot(vm.record.snapshotDir));
       return { snapshot, pauseMs: capture.pauseMs };
     });
@@ -423,7 +423,7 @@ export class Engine extends EventEmitter {
     const total = new PhaseClock();
     try {
       const captureClock = new PhaseClock();
-      const { capture, parent } = await this.withVm(id, async (vm) => ({ capture: await captureVm(vm, dir, captureClock), parent: vm.record }));
+      const { capture, parent } = await this.withVm(id, async (vm) => ({ capture: await captureVm(vm, dir, { durable: false, clock: captureClock }), parent: vm.record }));
       this.emit("phases", "capture", captureClock.phases);
       total.mark("capture");
       const children = await Promise.all(childIds.map((childId) => this.forkChild(parent, capture, childId).catch((err: Error) => err)));
@@ -751,6 +751,7 @@ export class Engine extends EventEmitter {
         this.config.log?.(`discarded ${record.id} (${record.pooled ? "warm pool" : "launch cut short"})`);
         return;
       case "attach":
+        await machine!.cancelMigration();
         if (decision.cont) await machine!.cont();
         await rm(files.suspended, { force: true });
         await rm(files.suspending, { force: true });
