@@ -29,7 +29,7 @@ async function main(): Promise<void> {
   const warmPoolSize = resolveServerConfig({}).warmPoolSize;
   const { runtime, api, close } = await startApiStack({ root, dataDirName: "launch-data", warmPoolSize, log });
   const engine = runtime.engine;
-  const phases: Record<TimedOperation, Record<string, number>[]> = { launch: [], resume: [], warm: [] };
+  const phases: Record<TimedOperation, Record<string, number>[]> = { launch: [], resume: [], warm: [], capture: [], "fork-child": [], fork: [] };
   engine.on("phases", (op: TimedOperation, p: Record<string, number>) => phases[op].push(p));
   const load = [loadavg()[0]!];
 

@@ -3,16 +3,20 @@ import { join } from "node:path";
 import { ApiError, InvalidVmStateError } from "../errors.ts";
 import { fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { run } from "../util/process.ts";
+import type { PhaseClock } from "./phases.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotDisk, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
 import { vmFiles, type MicroVm } from "./vm.ts";
 
 /**
  * Captures of a running VM (named snapshots and forks): its memory, devices
- * and disk at one instant, while it keeps running. The VM is paused while
- * its overlay is copied and its device state and RAM are written (QEMU's
- * `stop` has drained and flushed its disk, so the copy is consistent with
- * the RAM); everything else (older layers, which are read-only, and making
- * the files durable) happens after it runs again.
+ * and disk at one instant, while it keeps running. Its RAM is copied while
+ * it runs (pre-copy, `Machine.saveRunning`); its vCPUs stop only for the last
+ * pass, during which its overlay is copied (QEMU has drained and flushed its
+ * disk by then, so the copy is consistent with the RAM) and its device state
+ * and the RAM dirtied since are written. Everything else (older layers, which
+ * are read-only, and making a snapshot's files durable) happens after it runs
+ * again. A fork's state is never made durable: it is removed once the
+ * children have read it, and a crash removes it too.
  *
  * A capture directory holds `state` (device state and all RAM, the stream
  * a resume reads), `disk.qcow2` (the overlay as it was) and `layer-<n>.qcow2`
@@ -32,7 +36,8 @@ export interface VmCapture {
 }
 
 /** Captures `vm` (running) into `dir`, which must not hold a capture yet. The caller holds the VM's lock. */
-export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
+export async function captureVm(vm: MicroVm, dir: string, opts: { durable: boolean; clock?: PhaseClock }): Promise<VmCapture> {
+  const clock = opts.clock;
   const machine = vm.machine;
   if (vm.status !== "running" || !machine) throw new InvalidVmStateError(vm.id, vm.status, "snapshot");
   const volumes = vm.record.volumes ?? [];
@@ -44,16 +49,13 @@ export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const files = snapshotFiles(dir);
   const token = vm.record.token;
-  const started = performance.now();
-  await machine.pause();
-  try {
+  clock?.mark("prepare");
+  const { pauseMs } = await machine.saveRunning(files.state, async () => {
+    clock?.mark("live-copy");
     await run("cp", ["--sparse=always", vmFiles(vm.dir).disk, files.disk]);
-    await machine.saveWhilePaused(files.state);
-  } finally {
-    // The guest goes on as it was whether or not the capture worked.
-    await machine.cont();
-  }
-  const pauseMs = performance.now() - started;
+    clock?.mark("disk-copy");
+  });
+  clock?.mark("last-pass");
   const layers = [files.disk];
   for (const [i, layer] of (vm.record.diskLayers ?? []).entries()) {
     const copy = join(dir, `layer-${i + 1}.qcow2`);
@@ -61,8 +63,12 @@ export async function captureVm(vm: MicroVm, dir: string): Promise<VmCapture> {
     layers.push(copy);
   }
   await sealLayers(layers);
+  clock?.mark("layers");
   await chmod(files.state, 0o600);
-  await fsyncFile(files.state);
+  if (opts.durable) {
+    await fsyncFile(files.state);
+    clock?.mark("state-fsync");
+  }
   return { dir, token, state: files.state, layers, pauseMs };
 }
 

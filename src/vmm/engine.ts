@@ -403,7 +403,7 @@ export class Engine extends EventEmitter {
    */
   async snapshotRunning(id: string, dir: string): Promise<{ snapshot: Snapshot; pauseMs: number }> {
     return this.withVm(id, async (vm) => {
-      const capture = await captureVm(vm, dir);
+      const capture = await captureVm(vm, dir, { durable: true });
       const snapshot = await writeCaptureManifest(capture, vm, await this.loadSnapshot(vm.record.snapshotDir));
       return { snapshot, pauseMs: capture.pauseMs };
     });
@@ -420,17 +420,25 @@ export class Engine extends EventEmitter {
     for (const childId of childIds) if (this.vms.has(childId)) throw new Error(`microVM ${childId} exists already`);
     // Under vms/ (so a link to its layers stays on one filesystem); without a record, a restart removes it.
     const dir = join(this.vmsDir, `.fork-${randomBytes(6).toString("hex")}`);
+    const total = new PhaseClock();
     try {
-      const { capture, parent } = await this.withVm(id, async (vm) => ({ capture: await captureVm(vm, dir), parent: vm.record }));
+      const captureClock = new PhaseClock();
+      const { capture, parent } = await this.withVm(id, async (vm) => ({ capture: await captureVm(vm, dir, { durable: false, clock: captureClock }), parent: vm.record }));
+      this.emit("phases", "capture", captureClock.phases);
+      total.mark("capture");
       const children = await Promise.all(childIds.map((childId) => this.forkChild(parent, capture, childId).catch((err: Error) => err)));
+      total.mark("children");
       return { pauseMs: capture.pauseMs, children };
     } finally {
       await rm(dir, { recursive: true, force: true });
+      total.mark("cleanup");
+      this.emit("phases", "fork", total.phases);
     }
   }
 
   /** One child of a fork: the parent's shape, ports and egress; the capture restored into anonymous memory, as a resume. */
   private async forkChild(parent: VmRecord, capture: VmCapture, id: string): Promise<MicroVm> {
+    const clock = new PhaseClock();
     const vm = await this.newVm(
       id,
       { snapshotDir: parent.snapshotDir, vcpus: parent.vcpus, memoryMiB: parent.memoryMiB, diskBytes: parent.diskBytes, token: capture.token },
@@ -438,6 +446,7 @@ export class Engine extends EventEmitter {
       parent.network.egress,
     );
     this.vms.set(id, vm);
+    clock.mark("host");
     return this.locks.run(id, async () => {
       try {
         // Before anything runs: a crash from here leaves a record adoption discards (status starting).
@@ -446,12 +455,14 @@ export class Engine extends EventEmitter {
         // A parent moved from another node has no snapshot disk under its layers: nor have its children.
         vm.record = { ...vm.record, diskLayers: layers, diskLayersComplete: parent.diskLayersComplete };
         await this.saveRecord(vm);
+        clock.mark("layers");
         const disk = vmFiles(vm.dir).disk;
         // -u: the layer is not opened; the chain is the record's.
         await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
         await this.host.prepareFiles(vm.record.uid, [disk]);
-        // Timed as a whole by the lifecycle (the fork metric), not by phase.
-        await this.restoreInto(vm, { kind: "anonymous" }, capture.state, new PhaseClock());
+        clock.mark("overlay");
+        await this.restoreInto(vm, { kind: "anonymous" }, capture.state, clock);
+        this.emit("phases", "fork-child", clock.phases);
         return vm;
       } catch (err) {
         await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed fork into ${id}: ${e.message}`));
@@ -740,6 +751,7 @@ export class Engine extends EventEmitter {
         this.config.log?.(`discarded ${record.id} (${record.pooled ? "warm pool" : "launch cut short"})`);
         return;
       case "attach":
+        await machine!.cancelMigration();
         if (decision.cont) await machine!.cont();
         await rm(files.suspended, { force: true });
         await rm(files.suspending, { force: true });

@@ -64,6 +64,15 @@ export class Machine extends EventEmitter {
     return this.qmp.execute("cont");
   }
 
+  /**
+   * Ends a migration left under way (a capture whose server died while it
+   * held the guest stopped before its last pass): QEMU continues a guest it
+   * stopped itself, and a later save can start. Nothing when none is.
+   */
+  cancelMigration(): Promise<unknown> {
+    return this.qmp.execute("migrate_cancel");
+  }
+
   /** Grows the root disk (block node `root`) to `bytes`; the guest is notified by a virtio config change. */
   resizeDisk(bytes: number): Promise<unknown> {
     return this.qmp.execute("block_resize", { "node-name": "root", size: bytes });
@@ -76,12 +85,29 @@ export class Machine extends EventEmitter {
   }
 
   /**
-   * Writes device state and all of RAM to `file` while paused (the caller
-   * pauses and continues), not yet durable: the capture of a running VM,
-   * whose pause this bounds (vmm/capture.ts).
+   * Writes device state and all of RAM to `file` (not yet durable) while the
+   * guest runs: its vCPUs stop only for the last pass, during which
+   * `whileStopped` runs (`LiveSave`), and continue afterwards whether or not
+   * the save worked. Returns how long they were stopped, from QEMU's STOP and
+   * RESUME events. The capture of a running VM (vmm/capture.ts).
    */
-  saveWhilePaused(file: string): Promise<void> {
-    return saveState(this.qmp, socketPaths(this.name).migration, file, this.uid, { durable: false });
+  async saveRunning(file: string, whileStopped: () => Promise<void>): Promise<{ pauseMs: number }> {
+    const at: Partial<Record<"STOP" | "RESUME", number>> = {};
+    const onEvent = (msg: { event: string; timestamp?: { seconds: number; microseconds: number } }) => {
+      if ((msg.event === "STOP" || msg.event === "RESUME") && msg.timestamp) at[msg.event] = msg.timestamp.seconds * 1000 + msg.timestamp.microseconds / 1000;
+    };
+    this.qmp.on("event", onEvent);
+    const started = performance.now();
+    try {
+      await saveState(this.qmp, socketPaths(this.name).migration, file, this.uid, { durable: false, live: { whileStopped } });
+    } finally {
+      // The guest goes on as it was whether or not the save worked.
+      await this.cont();
+      this.qmp.off("event", onEvent);
+    }
+    // Both events are QEMU's clock; without them (none seen), the whole save is the bound.
+    const pauseMs = at.STOP !== undefined && at.RESUME !== undefined && at.RESUME >= at.STOP ? at.RESUME - at.STOP : performance.now() - started;
+    return { pauseMs };
   }
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */

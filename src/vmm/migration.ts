@@ -22,34 +22,90 @@ interface MigrationInfo {
  * Ask for the same capabilities on both ends of every stream: with
  * x-ignore-shared, RAM mapped share=on (a snapshot template's memory file) is
  * left out of the stream, and the stream layout depends on the capability.
+ * pause-before-switchover (the source's alone; the stream is the same) is set
+ * on every save, on or off, as a QEMU keeps capabilities from one migration
+ * to the next: a suspend after a live capture must not stop half-way.
  */
-async function setCapabilities(qmp: QmpClient): Promise<void> {
+async function setCapabilities(qmp: QmpClient, live = false): Promise<void> {
   await qmp.execute("migrate-set-capabilities", {
-    capabilities: [{ capability: "x-ignore-shared", state: true }],
+    capabilities: [
+      { capability: "x-ignore-shared", state: true },
+      { capability: "pause-before-switchover", state: live },
+    ],
   });
 }
 
-async function waitForMigration(qmp: QmpClient, pollMs: number, timeoutMs: number): Promise<void> {
+/**
+ * A live save's pause budget: QEMU stops the vCPUs for the last pass once
+ * what is left to send would take less than this at the bandwidth it
+ * measured. Small, as the last pass holds the disk copy too (capture.ts).
+ */
+const LIVE_DOWNTIME_MS = 30;
+/**
+ * How long a live save copies RAM with the guest running before it gives up
+ * converging (a guest dirtying memory faster than it is sent) and stops the
+ * guest for whatever is left: the pause is then a stopped save's at worst.
+ */
+const LIVE_CONVERGE_MS = 3000;
+/** QEMU's default downtime limit, for saves of a stopped guest (it keeps parameters between migrations). */
+const STOPPED_DOWNTIME_MS = 300;
+
+/** Waits for the migration to reach `until` (a failure or cancel throws). */
+async function waitForMigration(qmp: QmpClient, pollMs: number, timeoutMs: number, until = "completed"): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const info = await qmp.execute<MigrationInfo>("query-migrate");
-    if (info.status === "completed") return;
+    if (info.status === until) return;
     if (info.status === "failed" || info.status === "cancelled") {
       throw new Error(`migration ${info.status}: ${info["error-desc"] ?? "no reason given"}`);
     }
-    if (Date.now() > deadline) throw new Error(`migration did not complete within ${timeoutMs} ms`);
+    if (Date.now() > deadline) throw new Error(`migration did not reach ${until} within ${timeoutMs} ms`);
     await sleep(pollMs);
   }
 }
 
 /**
- * Writes the paused VM's device state (and any RAM not mapped shared) to
- * `file`, durably. The VM must be stopped first so the stream is one pass.
+ * A save of a running guest (pre-copy): RAM is sent while it runs, in passes
+ * over what it dirtied, and QEMU stops the vCPUs only for the last (disks
+ * drained and flushed), where it waits (`pause-before-switchover`) while
+ * `whileStopped` runs, then sends the rest and the device state. The guest
+ * stays stopped after the save, as after any: the caller continues it.
+ */
+export interface LiveSave {
+  whileStopped: () => Promise<void>;
+}
+
+/** Drives a live save from its start to the end of `whileStopped`; then QEMU is told to finish. */
+async function switchOver(qmp: QmpClient, live: LiveSave, timeoutMs: number): Promise<void> {
+  const converge = setTimeout(() => {
+    // A large limit makes the next pass the last, whatever is left.
+    qmp.execute("migrate-set-parameters", { "downtime-limit": 60_000 }).catch(() => undefined);
+  }, LIVE_CONVERGE_MS);
+  try {
+    // A short poll: the vCPUs are stopped from the moment the state changes until `migrate-continue`.
+    await waitForMigration(qmp, 2, timeoutMs, "pre-switchover");
+  } finally {
+    clearTimeout(converge);
+  }
+  await live.whileStopped();
+  await qmp.execute("migrate-continue", { state: "pre-switchover" });
+}
+
+/**
+ * Writes the VM's device state (and any RAM not mapped shared) to `file`,
+ * durably unless told otherwise. The VM is stopped first so the stream is one
+ * pass, except for a `live` save (`LiveSave`), which stops it itself.
  * `socketPath` is in a root-owned directory (no VM can swap it for a link);
  * a jailed QEMU connects as `uid`, so the socket is made that uid's alone
  * before QEMU is told where it is.
  */
-export async function saveState(qmp: QmpClient, socketPath: string, file: string, uid: number | undefined, opts: { durable?: boolean; timeoutMs?: number } = {}): Promise<void> {
+export async function saveState(
+  qmp: QmpClient,
+  socketPath: string,
+  file: string,
+  uid: number | undefined,
+  opts: { durable?: boolean; timeoutMs?: number; live?: LiveSave } = {},
+): Promise<void> {
   const timeoutMs = opts.timeoutMs ?? 120_000;
   await rm(socketPath, { force: true });
   const server = createServer();
@@ -62,12 +118,24 @@ export async function saveState(qmp: QmpClient, socketPath: string, file: string
       pipeline(sock, createWriteStream(file)).then(resolve, reject);
     });
   });
+  // Awaited only when the migration worked; a failed one may end the stream with an error nobody waits for.
+  received.catch(() => undefined);
   try {
-    await setCapabilities(qmp);
+    await setCapabilities(qmp, opts.live !== undefined);
     // The default 128 MiB/s cap exists for live migration over networks; here the
-    // VM is paused and the stream goes to a local file, so lift it.
-    await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 1024 * 1024 * 1024 });
+    // stream goes to a local file, so lift it.
+    await qmp.execute("migrate-set-parameters", {
+      "max-bandwidth": 64 * 1024 * 1024 * 1024,
+      "downtime-limit": opts.live ? LIVE_DOWNTIME_MS : STOPPED_DOWNTIME_MS,
+    });
     await qmp.execute("migrate", { uri: `unix:${socketPath}` });
+    if (opts.live) {
+      await switchOver(qmp, opts.live, timeoutMs).catch(async (err: unknown) => {
+        // Lets a save stopped before its last pass end (QEMU continues the guest it stopped).
+        await qmp.execute("migrate_cancel").catch(() => undefined);
+        throw err;
+      });
+    }
     await waitForMigration(qmp, 5, timeoutMs);
     await received;
   } finally {
