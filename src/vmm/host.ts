@@ -169,9 +169,18 @@ export class HostSide {
   }
 }
 
-/** A free host loopback port for each guest port (the kernel picks them). */
+/**
+ * A free host loopback port for each guest port, all different (the kernel
+ * picks them: a port just released may be picked again at once, and two
+ * forwards of one port make QEMU refuse the second).
+ */
 export async function allocateForwards(guestPorts: number[]): Promise<PortForward[]> {
   const forwards: PortForward[] = [];
-  for (const guestPort of guestPorts) forwards.push({ guestPort, hostPort: await freeLoopbackPort() });
+  for (const guestPort of guestPorts) {
+    let hostPort: number;
+    do hostPort = await freeLoopbackPort();
+    while (forwards.some((f) => f.hostPort === hostPort));
+    forwards.push({ guestPort, hostPort });
+  }
   return forwards;
 }
