@@ -24,12 +24,14 @@ export async function startRuntime(opts: {
   assetsDir: string;
   /** Warm VMs kept per image (see Engine.launch). */
   warmPoolSize: number;
+  /** QEMU processes kept started for restores (see Engine's `prestartedProcesses`); default none. */
+  prestartedProcesses?: number;
   log: ProgressLog;
 }): Promise<Runtime> {
   const assets = await prepareGuestAssets(opts.assetsDir, opts.log);
   const rootfs = await prepareBaseRootfs(opts.assetsDir, opts.log);
   const accelerator = await detectAccelerator({ ...assets, cacheDir: opts.assetsDir, log: opts.log });
-  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, log: opts.log });
+  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, prestartedProcesses: opts.prestartedProcesses, log: opts.log });
   const baseImage = await prepareBaseImage(engine, { imagesDir: join(opts.dataDir, "images"), rootfs, assets, log: opts.log });
   void engine.prewarm(baseImage);
   return { engine, baseImage, rootfs, assets };
