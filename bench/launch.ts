@@ -3,8 +3,9 @@
  * benchmark measures sandbox platforms: create → first command answer through
  * the HTTP API, back to back, staggered 1.5 s apart, and a burst of 8 at once,
  * with the server's default warm pool. Then, at the engine, a direct restore
- * (no pool) → first exec and a resume → first exec, each broken down into the
- * engine's phases (`Engine` emits `phases`). Writes bench/results/launch.{json,md}.
+ * (no warm VM; in a pre-started process unless COCOON_PRESTARTED=0) → first
+ * exec and a resume → first exec, each broken down into the engine's phases
+ * (`Engine` emits `phases`). Writes bench/results/launch.{json,md}.
  */
 import { cpus, loadavg, totalmem } from "node:os";
 import { resolveServerConfig } from "../src/server/config.ts";

@@ -661,7 +661,9 @@ export class Engine extends EventEmitter {
    * it, and gives the guest a new secret (the one it holds is `record.token`:
    * the snapshot's, or the one it had when it was suspended). Recorded as
    * running, with the new secret, only once all of that has worked; on any
-   * failure the process and everything it held are released.
+   * failure the process and everything it held are released. A VM that has
+   * a process already was given one pre-started for this restore (`prestart`,
+   * started with the same `memory` and `stateFile`).
    */
   private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, clock: PhaseClock): Promise<void> {
     const token = newToken();
