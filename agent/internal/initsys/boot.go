@@ -343,10 +343,12 @@ func mountLate() error {
 // before it runs (see process.SetWorkload); the agent itself stays in the root.
 const WorkloadCgroup = "/sys/fs/cgroup/cocoon-workload"
 
-// memoryReserve is the memory the workload cannot take: an eighth, within
-// bounds, for the agent (a few MiB), the kernel's own use outside the
-// workload's account (about 25 MiB at idle, and a few KiB for every task)
-// and the network buffers that keep the agent reachable.
+// memoryReserve is what the workload must leave of the memory available when
+// it is set up: an eighth of the total, within bounds, for the agent's growth
+// (exec output it buffers, its HTTP connections), the kernel's use outside
+// the workload's account (a few KiB for every task it runs: 15 MiB for the
+// 2,500 tasks of a fork bomb in a 512 MiB guest), the page allocator's
+// watermarks and the network buffers that keep the agent reachable.
 func memoryReserve(total int64) int64 {
 	r := total / 8
 	if r < 24<<20 {
@@ -358,17 +360,31 @@ func memoryReserve(total int64) int64 {
 	return r
 }
 
+// workloadMemoryLimit is the workload's memory.max: what is available once
+// the kernel and the agent have booted, less the reserve. Counting from the
+// total instead ignored the 40 MiB the booted kernel already holds in a
+// 512 MiB guest, so a fork bomb held to its limit still ran the whole guest
+// out of memory, and the agent stalled in reclaim for over 30 s.
+func workloadMemoryLimit(total, available int64) (int64, error) {
+	limit := available - memoryReserve(total)
+	if limit < total/4 {
+		return 0, fmt.Errorf("%d bytes available of %d is too little to set %d aside", available, total, memoryReserve(total))
+	}
+	return limit, nil
+}
+
 // setupWorkload mounts the cgroup v2 hierarchy and creates dir under its root
 // with three controllers, so that nothing the guest runs can starve PID 1:
-//   - memory: the workload may use all but memoryReserve, kernel memory
-//     included, so it runs into its own OOM killer before the guest runs
-//     short: a fork bomb of thousands of small processes would otherwise
+//   - memory: the workload may use what the booted guest has available but
+//     memoryReserve, kernel memory included, so it runs into its own OOM
+//     killer before the guest runs short: a fork bomb of thousands of small processes would otherwise
 //     exhaust memory with page tables and kernel stacks, and the global OOM
 //     killer, freeing one small process at a time, stalls the whole guest
 //     (the agent's network buffers included) for minutes;
 //   - pids: the workload may hold at most 90 % of the tasks the kernel
 //     allows, so the agent can still fork and create threads (the Go runtime
-//     dies when it cannot, and PID 1 dying is a kernel panic);
+//     dies when it cannot, and PID 1 dying is a kernel panic), and at most
+//     tasksPerMiB for each MiB of its memory (workloadTaskLimit);
 //   - cpu: the whole workload weighs as much as one agent thread (the default
 //     weight), so the agent gets about half the CPU when it needs it, however
 //     many processes compete with it.
@@ -381,26 +397,46 @@ func setupWorkload(dir string) error {
 	if err != nil {
 		return err
 	}
-	mem, err := memTotal()
+	total, available, err := memInfo()
 	if err != nil {
 		return err
 	}
-	if mem <= 2*memoryReserve(mem) {
-		return fmt.Errorf("%d bytes of memory is too little to set %d aside", mem, memoryReserve(mem))
+	limit, err := workloadMemoryLimit(total, available)
+	if err != nil {
+		return err
 	}
 	if err := os.Mkdir(dir, 0o755); err != nil && !os.IsExist(err) {
 		return err
 	}
 	for _, w := range []struct{ file, value string }{
 		{filepath.Join(root, "cgroup.subtree_control"), "+cpu +memory +pids"},
-		{filepath.Join(dir, "memory.max"), strconv.FormatInt(mem-memoryReserve(mem), 10)},
-		{filepath.Join(dir, "pids.max"), strconv.Itoa(tasks * 9 / 10)},
+		{filepath.Join(dir, "memory.max"), strconv.FormatInt(limit, 10)},
+		{filepath.Join(dir, "pids.max"), strconv.FormatInt(workloadTaskLimit(tasks, limit), 10)},
 	} {
 		if err := os.WriteFile(w.file, []byte(w.value), 0); err != nil {
 			return fmt.Errorf("write %q to %s: %w", w.value, w.file, err)
 		}
 	}
 	return nil
+}
+
+// tasksPerMiB bounds the workload's tasks by its memory, so that a fork bomb
+// of small shells (about 140 KiB of kernel and user memory each) is stopped
+// by its task limit, whose failed forks cost nothing, well before its memory
+// limit: there, reclaim evicts the shells' own code pages, which they read
+// back from disk, and 2,800 thrashing shells took over a minute to die once
+// killed. 4 per MiB is 1,500 tasks in a 512 MiB guest (Lambda allows 1,024
+// per execution environment).
+const tasksPerMiB = 4
+
+// workloadTaskLimit is the workload's pids.max: 90 % of the tasks the kernel
+// allows, and at most tasksPerMiB for each MiB of its memory limit.
+func workloadTaskLimit(kernelTasks int, memoryLimit int64) int64 {
+	limit := int64(kernelTasks) * 9 / 10
+	if byMemory := memoryLimit >> 20 * tasksPerMiB; byMemory < limit {
+		limit = byMemory
+	}
+	return limit
 }
 
 // taskLimit is how many tasks (threads and processes) the kernel allows in
@@ -423,22 +459,29 @@ func taskLimit() (int, error) {
 	return limit, nil
 }
 
-// memTotal is the memory the kernel manages, in bytes (MemTotal).
-func memTotal() (int64, error) {
+// memInfo is the memory the kernel manages and the memory available for new
+// work without swapping (MemTotal and MemAvailable), in bytes.
+func memInfo() (total, available int64, err error) {
 	b, err := os.ReadFile("/proc/meminfo")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
+	fields := map[string]*int64{"MemTotal:": &total, "MemAvailable:": &available}
 	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
-			kb, err := strconv.ParseInt(f[1], 10, 64)
-			if err != nil {
-				return 0, fmt.Errorf("/proc/meminfo: %w", err)
-			}
-			return kb << 10, nil
+		f := strings.Fields(line)
+		if len(f) < 2 || fields[f[0]] == nil {
+			continue
 		}
+		kb, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("/proc/meminfo: %w", err)
+		}
+		*fields[f[0]] = kb << 10
 	}
-	return 0, errors.New("/proc/meminfo has no MemTotal")
+	if total == 0 || available == 0 {
+		return 0, 0, errors.New("/proc/meminfo lacks MemTotal or MemAvailable")
+	}
+	return total, available, nil
 }
 
 // writeResolvConf replaces /etc/resolv.conf, which in many images is a

@@ -87,3 +87,30 @@ func TestJoinErrors(t *testing.T) {
 type errString string
 
 func (e errString) Error() string { return string(e) }
+
+func TestWorkloadMemoryLimit(t *testing.T) {
+	const MiB = 1 << 20
+	// A 512 MiB guest: 470 MiB managed, 429 MiB available once booted.
+	limit, err := workloadMemoryLimit(470*MiB, 429*MiB)
+	if err != nil || limit != 429*MiB-memoryReserve(470*MiB) {
+		t.Fatalf("512 MiB guest: limit %d, %v", limit, err)
+	}
+	// The reserve comes off what is available, not off the total.
+	if limit > 470*MiB-memoryReserve(470*MiB)-40*MiB {
+		t.Fatalf("limit %d ignores the 41 MiB the booted guest holds", limit)
+	}
+	if _, err := workloadMemoryLimit(200*MiB, 60*MiB); err == nil {
+		t.Fatal("a guest with 60 of 200 MiB available got a workload limit")
+	}
+}
+
+func TestWorkloadTaskLimit(t *testing.T) {
+	// A 512 MiB guest: 3,643 kernel tasks, a 375 MiB workload.
+	if got := workloadTaskLimit(3643, 375<<20); got != 1500 {
+		t.Fatalf("512 MiB guest: %d tasks", got)
+	}
+	// The kernel's own bound wins where it is lower.
+	if got := workloadTaskLimit(1000, 375<<20); got != 900 {
+		t.Fatalf("kernel bound: %d tasks", got)
+	}
+}
