@@ -4,6 +4,7 @@ import { DEFAULT_SHAPE, prepareBaseImage, type VmShape } from "./base-image.ts";
 import type { Db } from "../store/db.ts";
 import { checkQuota } from "../store/tenants.ts";
 import { serialized } from "../store/locks.ts";
+import type { ClusterSnapshots } from "./cluster-snapshots.ts";
 import type { ImageHooks } from "./hooks.ts";
 import { MANAGED_VERSION, managedImage, managedImages, prepareManagedRootfs, type ManagedImageView } from "./managed.ts";
 import type { ImageService } from "./service.ts";
@@ -42,7 +43,17 @@ export class ImageCatalog {
 
   constructor(
     private readonly engine: Engine,
-    private readonly opts: { db: Db; imagesDir: string; assetsDir: string; rootfs: string; assets: GuestBootAssets; images?: ImageService; log?: (line: string) => void },
+    private readonly opts: {
+      db: Db;
+      imagesDir: string;
+      assetsDir: string;
+      rootfs: string;
+      assets: GuestBootAssets;
+      images?: ImageService;
+      /** Cluster with an object store: managed snapshots are built once per cluster. */
+      shared?: ClusterSnapshots;
+      log?: (line: string) => void;
+    },
   ) {
     this.built = opts.images;
   }
@@ -87,7 +98,7 @@ export class ImageCatalog {
         snapshotFor: async (shape) => {
           await this.chargeShape(tenantId, managed.name, shape);
           const rootfs = managed.name === "base" ? opts.rootfs : await prepareManagedRootfs(opts.assetsDir, managed.name, opts.log);
-          return prepareBaseImage(this.engine, { imagesDir: opts.imagesDir, rootfs, assets: opts.assets, shape, name: managed.name, log: opts.log });
+          return prepareBaseImage(this.engine, { imagesDir: opts.imagesDir, rootfs, assets: opts.assets, shape, name: managed.name, shared: opts.shared, log: opts.log });
         },
       };
     }

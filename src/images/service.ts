@@ -10,7 +10,8 @@ import type { ImageRow, ImageUpdate, MicroVmRow } from "../store/schema.ts";
 import { deleteTags, tagResource } from "../store/tags.ts";
 import { serialized } from "../store/locks.ts";
 import { checkQuota, settingsOf } from "../store/tenants.ts";
-import { sha256 } from "../util/files.ts";
+import { exists, sha256 } from "../util/files.ts";
+import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { snapshotDisk, VM_LIMITS, type DiskChain, type Engine, type Snapshot } from "../vmm/engine.ts";
 import type { Cidr } from "../vmm/network/addresses.ts";
 import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeArchive } from "./archive.ts";
@@ -28,6 +29,8 @@ import { DEFAULT_PULL_LIMITS, type PullLimits } from "./registry/layers.ts";
 import { PullError, RegistryPuller, type PulledImage } from "./registry/puller.ts";
 import { formatReference } from "./registry/reference.ts";
 import { prepareScratchDisk, SCRATCH_DISK_GIB } from "./scratch-disk.ts";
+import { ImageCache } from "./image-cache.ts";
+import type { ImageObjects } from "./image-objects.ts";
 import { checkImageTransition, imageStatesBefore, invalidImageState, isBuilding, type ImageState } from "./states.ts";
 
 export interface ImageServiceOpts {
@@ -62,6 +65,10 @@ export interface ImageServiceOpts {
   credentialsKeyFile?: string;
   /** Cluster (docs/cluster.md): this server's node; its builds are recorded as its own, and only its own are reconciled at start. */
   nodeId?: string;
+  /** Cluster with an object store: READY images are published there, and other nodes' images pulled on first use. */
+  objects?: ImageObjects;
+  /** With `objects`: the bound of this node's cache of pulled images, in bytes (COCOON_IMAGE_CACHE_GIB; default 20 GiB). */
+  imageCacheBytes?: number;
   log?: (line: string) => void;
 }
 
@@ -149,6 +156,10 @@ export class ImageService {
   readonly registries: RegistryCredentials;
   private readonly egress: RegistryEgress;
   private readonly puller: RegistryPuller;
+  /** Pulled images (cluster with an object store). */
+  private readonly cache: ImageCache | undefined;
+  /** One pull of an image at a time on this node; launches waiting for it share it. */
+  private readonly pulls = new KeyedMutex();
 
   constructor(opts: ImageServiceOpts) {
     this.opts = opts;
@@ -160,6 +171,16 @@ export class ImageService {
     this.registries = new RegistryCredentials(opts.db, opts.credentialsKeyFile ?? join(opts.imagesDir, ".credentials.key"));
     this.egress = new RegistryEgress(opts.registryPrivateAllow);
     this.puller = new RegistryPuller({ assetsDir: opts.assetsDir, egress: this.egress, caFile: opts.registryCaFile, limits: opts.pullLimits ?? DEFAULT_PULL_LIMITS });
+    this.cache = opts.objects
+      ? new ImageCache({
+          imagesDir: opts.imagesDir,
+          boundBytes: opts.imageCacheBytes ?? 20 * 2 ** 30,
+          snapshotDirsInUse: () => new Set(this.engine.list().map((vm) => vm.record.snapshotDir)),
+          exists: async (id) => (await this.db.selectFrom("images").select("id").where("id", "=", id).executeTakeFirst()) !== undefined,
+          release: (dir) => this.engine.dropWarm(dir),
+          log: opts.log,
+        })
+      : undefined;
   }
 
   get stagingDir(): string {
@@ -200,6 +221,12 @@ export class ImageService {
       await rm(join(dir, "code.zip"), { force: true });
       if (row.state === "DELETING") await this.removeRow(row);
       else await this.transition(row, "FAILED", { state_reason: "the server restarted during the build" });
+    }
+    if (this.opts.objects) {
+      // Images this node made whose publication was cut short (or made before the cluster had a store).
+      const unpublished = await this.db.selectFrom("images").selectAll().where("state", "=", "READY").where("node_id", "=", this.opts.nodeId!).where("snapshot_object", "is", null).execute();
+      for (const row of unpublished) this.publish(row);
+      await this.cache!.evict();
     }
   }
 
@@ -290,6 +317,8 @@ export class ImageService {
           egress_connectors: req.egressConnectors ? JSON.stringify(req.egressConnectors) : null,
           aws_fields: req.awsFields ? JSON.stringify(req.awsFields) : null,
           node_id: this.opts.nodeId ?? null,
+          snapshot_object: null,
+          snapshot_manifest: null,
         };
         try {
           if (req.tags) await tagResource(this.db, tenantId, { type: "microvm-image", id: req.name }, req.tags);
@@ -371,6 +400,8 @@ export class ImageService {
         aws_fields: null,
         // Its files are on this node, like a build's.
         node_id: this.opts.nodeId ?? null,
+        snapshot_object: null,
+        snapshot_manifest: null,
       };
       await mkdir(this.dirOf(newRow.id), { recursive: true });
       await this.db.insertInto("images").values(newRow).execute();
@@ -384,6 +415,7 @@ export class ImageService {
       const memoryBytes = await allocated(join(snap, "state"));
       const update = { ready_at: new Date().toISOString(), disk_bytes: diskBytes, memory_bytes: memoryBytes, size_bytes: diskBytes + memoryBytes, build_ms: Date.now() - started };
       await this.transition(row, "READY", update);
+      this.publish(row);
       return { row: { ...row, ...update, state: "READY" }, pauseMs };
     } catch (err) {
       await rm(snap, { recursive: true, force: true });
@@ -445,7 +477,6 @@ export class ImageService {
       throw new ApiError("InvalidState", `${what} has no READY build (latest is ${rows[0]!.state})`, { field: "image", state: rows[0]!.state });
     }
     const config = JSON.parse(row.config) as ImageConfig;
-    const dir = join(this.dirOf(row.id), "snapshot");
     return {
       imageId: row.id,
       name: row.name,
@@ -466,9 +497,55 @@ export class ImageService {
             });
           }
         }
-        return this.engine.loadSnapshot(dir);
+        return this.localSnapshot(row);
       },
     };
+  }
+
+  /**
+   * The image's snapshot on this node: its own build's, or, for an image
+   * another node built, the copy pulled from the object store on its first
+   * use here (then cached, LRU; `ImageCache`). Concurrent launches share
+   * one pull.
+   */
+  private async localSnapshot(row: ImageRow): Promise<Snapshot> {
+    const dir = join(this.dirOf(row.id), "snapshot");
+    const cache = this.cache;
+    if (!cache || !this.opts.objects || row.node_id === null || row.node_id === this.opts.nodeId) return this.engine.loadSnapshot(dir);
+    return this.pulls.run(row.id, async () => {
+      if ((await cache.touch(row.id)) && (await exists(join(dir, "manifest.json")))) return this.engine.loadSnapshot(dir);
+      if (!row.snapshot_object) {
+        throw new ApiError("MisdirectedRequest", `image ${row.name} version ${row.version} is on node ${row.node_id} and not in the object store yet`, { node: row.node_id });
+      }
+      await mkdir(this.dirOf(row.id), { recursive: true });
+      await cache.markPulled(row.id);
+      const started = performance.now();
+      await this.opts.objects!.pull({ id: row.id, vcpus: row.vcpus, memoryMiB: row.memory_mib, diskGiB: row.disk_gib, object: row.snapshot_object, manifest: row.snapshot_manifest }, dir);
+      this.opts.log?.(`image ${row.id} pulled from the object store in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+      await cache.evict().catch((err: Error) => this.opts.log?.(`image cache: ${err.message}`));
+      return this.engine.loadSnapshot(dir);
+    });
+  }
+
+  /**
+   * Publishes a READY image this node made to the object store, after the
+   * fact (its launches here do not wait), and records where in its row,
+   * conditional on it being still READY; a failure is logged (its VMs then
+   * launch only here) and tried again at the next start.
+   */
+  private publish(row: ImageRow): void {
+    const objects = this.opts.objects;
+    if (!objects) return;
+    const job = (async () => {
+      const snapshot = await this.engine.loadSnapshot(join(this.dirOf(row.id), "snapshot"));
+      const started = performance.now();
+      const { prefix, manifestSha256, bytes } = await objects.publish(row.id, snapshot);
+      const done = await this.db.updateTable("images").set({ snapshot_object: prefix, snapshot_manifest: manifestSha256 }).where("id", "=", row.id).where("state", "=", "READY").executeTakeFirst();
+      if (done.numUpdatedRows === 0n) await objects.remove(prefix);
+      else this.opts.log?.(`image ${row.id} published to the object store (${mib(bytes)} MiB in ${((performance.now() - started) / 1000).toFixed(1)} s)`);
+    })().catch((err: Error) => this.opts.log?.(`publishing image ${row.id}: ${err.message}`));
+    this.builds.add(job);
+    void job.finally(() => this.builds.delete(job));
   }
 
   /** One version of a name; NotFound naming both. */
@@ -577,6 +654,7 @@ export class ImageService {
           app_port: built.plan.config.appPort ?? null,
           disk_gib: built.diskGiB,
         });
+        this.publish(row);
       } catch (err) {
         const reason = controller.signal.aborted && controller.signal.reason instanceof Error ? controller.signal.reason.message : (err as Error).message;
         const userFacing = err instanceof BuildError || err instanceof PullError || (err instanceof ApiError && err.code === "ValidationError") || controller.signal.aborted;
@@ -698,8 +776,8 @@ export class ImageService {
       case "image": {
         const parent = parents.get(base.name);
         if (!parent) throw new BuildError(`FROM ${base.name}: the image is no longer READY`);
-        // Its snapshot's disk, with the chain its manifest names (never a disk header's).
-        return { disk: snapshotDisk(await this.engine.loadSnapshot(join(this.dirOf(parent.row.id), "snapshot"))), diskGiB: parent.row.disk_gib };
+        // Its snapshot's disk, with the chain its manifest names (never a disk header's); pulled if another node built it.
+        return { disk: snapshotDisk(await this.localSnapshot(parent.row)), diskGiB: parent.row.disk_gib };
       }
       case "registry": {
         const image = pulled.get(formatReference(base.ref))!;
@@ -747,7 +825,10 @@ export class ImageService {
     const snap = join(this.dirOf(row.id), "snapshot");
     await this.engine.dropWarm(snap);
     await rm(this.dirOf(row.id), { recursive: true, force: true });
+    const published = await this.db.selectFrom("images").select("snapshot_object").where("id", "=", row.id).executeTakeFirst();
     await this.db.deleteFrom("images").where("id", "=", row.id).execute();
+    // Copies pulled by other nodes go at their next pull (ImageCache.evict).
+    if (published?.snapshot_object) await this.opts.objects?.remove(published.snapshot_object).catch((err: Error) => this.opts.log?.(`removing ${published.snapshot_object}: ${err.message}`));
   }
 
   /** The only writer of images.state. */

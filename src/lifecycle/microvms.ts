@@ -212,9 +212,16 @@ export class MicroVmService {
   private async launch(tenantId: string, req: CreateMicroVmRequest): Promise<MicroVmRow> {
     const image = await this.images.resolve(tenantId, req.image, req.imageVersion);
     if (this.cluster && image.version !== MANAGED_VERSION) {
-      // A tenant's image is on the disk of the node that built it: its VMs launch there.
-      const built = await this.db.selectFrom("images").select("node_id").where("id", "=", image.imageId).executeTakeFirst();
-      if (built?.node_id && built.node_id !== this.cluster.id) {
+      // A tenant's image is on the disk of the node that built it: its VMs launch there, unless it is published
+      // to the object store and this node runs the QEMU build that made it (it pulls it on first use: images/image-cache.ts).
+      const built = await this.db
+        .selectFrom("images")
+        .leftJoin("nodes", "nodes.id", "images.node_id")
+        .select(["images.node_id", "images.snapshot_object", "nodes.qemu_build", "nodes.accelerator"])
+        .where("images.id", "=", image.imageId)
+        .executeTakeFirst();
+      const pullable = this.objects && built?.snapshot_object && built.qemu_build === this.cluster.info.qemuBuild && built.accelerator === this.cluster.info.accelerator;
+      if (built?.node_id && built.node_id !== this.cluster.id && !pullable) {
         const url = await activeNodeUrl(this.db, built.node_id);
         const why = new ApiError("MisdirectedRequest", `image ${image.name} version ${image.version} is on node ${built.node_id}${url ? "" : ", which takes no VMs now"}`, { node: built.node_id });
         throw new TryPeersError(why, url ? [url] : []);

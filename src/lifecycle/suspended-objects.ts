@@ -21,7 +21,6 @@ export interface SuspendedMeta {
 
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;
-const MAX_LAYERS = 16;
 
 /**
  * Suspended VMs in the cluster's object store (docs/cluster.md): a suspend
@@ -39,11 +38,9 @@ export class SuspendedObjects {
 
   /** Uploads a suspended VM's files, the manifest last; returns the prefix it is published under and the bytes uploaded. */
   async publish(id: string, files: { state: string; disk: string; backing: string[]; guestPorts: number[]; diskBytes: number; token: string }): Promise<{ prefix: string; manifestSha256: string; bytes: number }> {
-    const layers: ObjectFile[] = [];
-    for (const path of files.backing) layers.push(await this.store.putBlob(path));
     const prefix = `microvms/${id}/${randomBytes(8).toString("hex")}`;
-    const meta: SuspendedMeta = { vm: id, qemuBuild: qemuBuild(), accelerator: this.opts.accelerator, diskBytes: files.diskBytes, token: files.token, guestPorts: files.guestPorts, layers };
-    const manifest = await this.store.publish(prefix, { state: files.state, disk: files.disk }, meta);
+    const meta: Omit<SuspendedMeta, "layers"> = { vm: id, qemuBuild: qemuBuild(), accelerator: this.opts.accelerator, diskBytes: files.diskBytes, token: files.token, guestPorts: files.guestPorts };
+    const manifest = await this.store.publishLayered(prefix, { state: files.state, disk: files.disk }, files.backing, meta);
     return { prefix, manifestSha256: manifest.sha256, bytes: Object.values(manifest.files).reduce((n, f) => n + f.bytes, 0) };
   }
 
@@ -55,19 +52,24 @@ export class SuspendedObjects {
    * something the row does not allow: files larger than the VM's memory and
    * disk can make, another VM's bundle, fields out of range.
    */
-  async fetch(row: MicroVmRow, dir: string): Promise<{ meta: SuspendedMeta; layers: string[] }> {
+  async fetch(row: MicroVmRow, dir: string): Promise<{ meta: Omit<SuspendedMeta, "layers">; layers: string[] }> {
     const prefix = row.suspended_object;
     if (!prefix || !row.suspended_manifest) throw new ApiError("Conflict", `microVM ${row.id} has no published suspend`);
     const limits = fileLimits(row);
     // Pinned by the row: the bundle is the one this cluster published, whoever else can write the bucket.
-    const manifest = await this.store.fetchBundle(prefix, dir, { state: limits.stateBytes, disk: limits.diskBytes }, row.suspended_manifest);
-    if (!manifest) throw new ApiError("BadGateway", `the object store has no manifest under ${prefix} for microVM ${row.id}: refused`, { key: prefix });
-    const meta = checkMeta(manifest.meta, row, prefix, limits.diskBytes);
-    if (meta.qemuBuild !== qemuBuild() || meta.accelerator !== this.opts.accelerator) {
-      throw new ApiError("Conflict", `microVM ${row.id} was suspended by "${meta.qemuBuild}" under ${meta.accelerator}; this node runs "${qemuBuild()}" under ${this.opts.accelerator}`, { node: row.suspended_node });
-    }
-    const layers: string[] = [];
-    for (const layer of meta.layers) layers.push(await this.store.getBlob(layer, this.opts.blobsDir));
+    const { meta, layers } = await this.store.fetchLayered(prefix, dir, {
+      limits: { state: limits.stateBytes, disk: limits.diskBytes },
+      sha256: row.suspended_manifest,
+      blobsDir: this.opts.blobsDir,
+      layerMaxBytes: limits.diskBytes,
+      check: (raw) => {
+        const meta = checkMeta(raw, row, prefix);
+        if (meta.qemuBuild !== qemuBuild() || meta.accelerator !== this.opts.accelerator) {
+          throw new ApiError("Conflict", `microVM ${row.id} was suspended by "${meta.qemuBuild}" under ${meta.accelerator}; this node runs "${qemuBuild()}" under ${this.opts.accelerator}`, { node: row.suspended_node });
+        }
+        return meta;
+      },
+    });
     return { meta, layers };
   }
 
@@ -86,7 +88,7 @@ function fileLimits(row: MicroVmRow): { stateBytes: number; diskBytes: number } 
   return { stateBytes: Math.ceil(row.memory_mib * MiB * 1.05) + 64 * MiB, diskBytes: Math.ceil(row.disk_gib * GiB * 1.1) + 64 * MiB };
 }
 
-function checkMeta(raw: unknown, row: MicroVmRow, prefix: string, layerMaxBytes: number): SuspendedMeta {
+function checkMeta(raw: unknown, row: MicroVmRow, prefix: string): Omit<SuspendedMeta, "layers"> {
   const bad = (what: string) => new ApiError("BadGateway", `the manifest under ${prefix} in the object store ${what}: refused`, { key: prefix });
   const m = raw as Partial<SuspendedMeta> | null;
   if (!m || typeof m !== "object") throw bad("has no meta");
@@ -95,10 +97,5 @@ function checkMeta(raw: unknown, row: MicroVmRow, prefix: string, layerMaxBytes:
   if (!Number.isSafeInteger(m.diskBytes) || m.diskBytes! < MiB || m.diskBytes! > VM_LIMITS.diskGiB.max * GiB) throw bad(`gives a disk size out of range (${String(m.diskBytes)})`);
   if (typeof m.token !== "string" || !/^[A-Za-z0-9_-]{16,128}$/.test(m.token)) throw bad("gives no valid agent secret");
   if (!Array.isArray(m.guestPorts) || m.guestPorts.length > 16 || !m.guestPorts.every((p) => Number.isInteger(p) && p >= 1 && p <= 65_535)) throw bad("gives invalid guest ports");
-  if (!Array.isArray(m.layers) || m.layers.length > MAX_LAYERS) throw bad(`gives more than ${MAX_LAYERS} layers`);
-  const layers = m.layers.map((l: Partial<ObjectFile>) => {
-    if (!l || typeof l.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(l.sha256) || !Number.isSafeInteger(l.bytes) || l.bytes! < 0 || l.bytes! > layerMaxBytes) throw bad("gives an invalid layer");
-    return { sha256: l.sha256, bytes: l.bytes! };
-  });
-  return { vm: m.vm, qemuBuild: m.qemuBuild, accelerator: m.accelerator, diskBytes: m.diskBytes!, token: m.token, guestPorts: m.guestPorts, layers };
+  return { vm: m.vm, qemuBuild: m.qemuBuild, accelerator: m.accelerator, diskBytes: m.diskBytes!, token: m.token, guestPorts: m.guestPorts };
 }

@@ -39,6 +39,8 @@ export interface ServerConfig {
   nodeUrl: string;
   /** Cluster: the S3-compatible store suspended VMs move through (COCOON_OBJECT_STORE_URL, _BUCKET, _ACCESS_KEY_ID, _SECRET_ACCESS_KEY, _REGION; docs/cluster.md). Unset: they stay on their node's disk. */
   objectStore?: ObjectStoreConfig;
+  /** Cluster with an object store: the bound of the node's cache of images pulled from it (COCOON_IMAGE_CACHE_GIB, default 20). */
+  imageCacheGiB: number;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (docs/api.md). */
@@ -69,6 +71,7 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     nodeId: nodeIdFromEnv(),
     nodeUrl: process.env.COCOON_NODE_URL || `http://${listen}`,
     objectStore: objectStoreConfigFromEnv(),
+    imageCacheGiB: envNumber("COCOON_IMAGE_CACHE_GIB", 20, { min: 1, max: 65_536 }),
   };
 }
 

@@ -40,9 +40,12 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const secrets = await ServerSecrets.open(config.dataDir);
   const adminKey = await bootstrapAdminKey(db, secrets, config.dataDir);
   if (adminKey) log(`created the admin API key (also in ${config.dataDir}/admin.key; shown once): ${adminKey}`);
-  const runtime = await startRuntime({ ...config, log });
   // Many hosts: this server is a node of a cluster (docs/cluster.md).
   const nodeId = config.databaseUrl ? (config.nodeId ?? (await persistentNodeId(config.dataDir))) : undefined;
+  // A cluster's object store: suspended VMs and images published there move to any node (docs/cluster.md).
+  const objectStore = config.objectStore ? new ObjectStore(config.objectStore) : undefined;
+  await objectStore?.ensureBucket();
+  const runtime = await startRuntime({ ...config, log, cluster: objectStore && nodeId ? { db, nodeId, store: objectStore } : undefined });
   const imageService = new ImageService({
     db,
     engine: runtime.engine,
@@ -55,10 +58,12 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     registryCaFile: config.registryCaFile,
     registryPrivateAllow: config.registryPrivateAllow,
     nodeId,
+    objects: runtime.imageObjects,
+    imageCacheBytes: config.imageCacheGiB * 2 ** 30,
     log,
   });
   await imageService.start();
-  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, log });
+  const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, shared: runtime.sharedSnapshots, log });
   const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit }, config.memory);
   // A node holds a lease; it registers before it reconciles its VMs.
@@ -77,9 +82,6 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
       )
     : undefined;
   await cluster?.start();
-  // A cluster's object store: suspended VMs published there resume on any node (docs/cluster.md).
-  const objectStore = config.objectStore ? new ObjectStore(config.objectStore) : undefined;
-  await objectStore?.ensureBucket();
   const objects = objectStore ? new SuspendedObjects(objectStore, { blobsDir: join(config.dataDir, "blobs"), accelerator: runtime.engine.accelerator }) : undefined;
   if (objectStore) log(`object store: bucket ${objectStore.bucket} at ${config.objectStore!.url}`);
   const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster, objects });

@@ -284,4 +284,22 @@ export const migrations: Record<string, Migration> = {
       await db.schema.alterTable("microvms").addColumn("suspended_manifest", "text").execute();
     },
   },
+  "0020_image_objects": {
+    async up(db: Kysely<unknown>) {
+      // Cluster: the object-store prefix an image's snapshot is published under, and its manifest's sha256 (what a pull trusts).
+      await db.schema.alterTable("images").addColumn("snapshot_object", "text").execute();
+      await db.schema.alterTable("images").addColumn("snapshot_manifest", "text").execute();
+      // Managed images' snapshots built once per cluster (images/cluster-snapshots.ts): where each is published, by whom.
+      await db.schema
+        .createTable("cluster_snapshots")
+        .addColumn("name", "text", (c) => c.notNull())
+        .addColumn("key", "text", (c) => c.notNull())
+        .addColumn("object", "text", (c) => c.notNull())
+        .addColumn("manifest", "text", (c) => c.notNull())
+        .addColumn("node_id", "text", (c) => c.notNull())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .addPrimaryKeyConstraint("cluster_snapshots_pk", ["name", "key"])
+        .execute();
+    },
+  },
 };

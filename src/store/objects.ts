@@ -56,6 +56,8 @@ export const PART_BYTES = 64 * 2 ** 20;
 /** A manifest read from the store is untrusted: past this it is refused unread. */
 const MANIFEST_MAX_BYTES = 64 * 2 ** 10;
 const MANIFEST = "manifest.json";
+/** Layers under a published disk (its backing chain), at most. */
+const MAX_LAYERS = 16;
 
 /**
  * An S3-compatible object store (OpenStack Swift's s3api, MinIO, AWS S3)
@@ -199,7 +201,7 @@ export class ObjectStore {
    * recorded where the store cannot write), a manifest of other bytes is
    * refused before it is parsed: the whole bundle is then the publisher's.
    */
-  async manifest(prefix: string, limits: Record<string, number>, sha256?: string): Promise<BundleManifest<unknown> | undefined> {
+  async manifest(prefix: string, limits: Record<string, number>, sha256?: string, optional: readonly string[] = []): Promise<BundleManifest<unknown> | undefined> {
     const key = `${prefix}/${MANIFEST}`;
     const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key })).catch((err: unknown) => (isNotFound(err) ? undefined : Promise.reject(err)));
     if (!res) return undefined;
@@ -230,6 +232,7 @@ export class ObjectStore {
     const files: Record<string, ObjectFile> = {};
     for (const [name, max] of Object.entries(limits)) {
       const f = Object.hasOwn(m.files, name) ? (m.files as Record<string, unknown>)[name] as Partial<ObjectFile> : undefined;
+      if (!f && optional.includes(name)) continue;
       if (!f || typeof f.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(f.sha256) || !Number.isSafeInteger(f.bytes) || f.bytes! < 0) throw corrupt(key, `gives no valid size and sha256 for ${name}`);
       if (f.bytes! > max) throw corrupt(key, `gives ${name} ${f.bytes} bytes, more than its limit of ${max}`);
       files[name] = { sha256: f.sha256, bytes: f.bytes! };
@@ -240,14 +243,67 @@ export class ObjectStore {
   /**
    * Downloads the files `names` of the bundle at `prefix` into `dir` (each
    * named as the caller names it), each checked against the manifest;
-   * undefined when the bundle was never published (no manifest). `sha256`:
-   * as for `manifest`.
+   * undefined when the bundle was never published (no manifest). `sha256`
+   * and `optional` (names a bundle may lack): as for `manifest`; `check`
+   * sees the manifest's meta before any file comes down (a bundle the
+   * caller cannot take costs one small read) and throws to refuse it.
    */
-  async fetchBundle(prefix: string, dir: string, limits: Record<string, number>, sha256?: string): Promise<BundleManifest<unknown> | undefined> {
-    const manifest = await this.manifest(prefix, limits, sha256);
+  async fetchBundle(
+    prefix: string,
+    dir: string,
+    limits: Record<string, number>,
+    opts: { sha256?: string; optional?: readonly string[]; check?: (meta: unknown) => void } = {},
+  ): Promise<BundleManifest<unknown> | undefined> {
+    const manifest = await this.manifest(prefix, limits, opts.sha256, opts.optional);
     if (!manifest) return undefined;
-    for (const name of Object.keys(limits)) await this.getFile(`${prefix}/${name}`, join(dir, name), manifest.files[name]!);
+    opts.check?.(manifest.meta);
+    for (const [name, file] of Object.entries(manifest.files)) await this.getFile(`${prefix}/${name}`, join(dir, name), file);
     return manifest;
+  }
+
+  /**
+   * Publishes a disk-and-state bundle (a suspended VM, an image's snapshot):
+   * the read-only layers under its disk (`backing`, nearest first) as shared
+   * blobs, then its `files`, then the manifest, whose meta is `meta` with
+   * the layers. One format for everything that moves between nodes.
+   */
+  async publishLayered<Meta extends object>(prefix: string, files: Record<string, string>, backing: string[], meta: Meta): Promise<PublishedManifest<Meta & { layers: ObjectFile[] }>> {
+    const layers: ObjectFile[] = [];
+    for (const path of backing) layers.push(await this.putBlob(path));
+    return this.publish(prefix, files, { ...meta, layers });
+  }
+
+  /**
+   * Fetches a bundle `publishLayered` wrote, pinned by its manifest's
+   * `sha256`: `check` of its meta (which refuses what the caller cannot
+   * take), then its files into `dir` (each checked), then its layers into
+   * `blobsDir` (each checked); returns the checked meta and the layers'
+   * local paths, nearest first. BadGateway when there is no such bundle or
+   * it gives more than MAX_LAYERS layers, a layer past `layerMaxBytes`.
+   */
+  async fetchLayered<Meta>(
+    prefix: string,
+    dir: string,
+    opts: { limits: Record<string, number>; optional?: readonly string[]; sha256: string; blobsDir: string; layerMaxBytes: number; check: (meta: Record<string, unknown>) => Meta },
+  ): Promise<{ meta: Meta; files: Record<string, ObjectFile>; layers: string[] }> {
+    let meta: Meta | undefined;
+    const check = (raw: unknown) => {
+      if (!raw || typeof raw !== "object") throw corrupt(`${prefix}/${MANIFEST}`, "has no meta");
+      meta = opts.check(raw as Record<string, unknown>);
+    };
+    const manifest = await this.fetchBundle(prefix, dir, opts.limits, { sha256: opts.sha256, optional: opts.optional, check });
+    if (!manifest || meta === undefined) throw new ApiError("BadGateway", `the object store has no manifest under ${prefix}: refused`, { key: prefix });
+    const raw = manifest.meta as Record<string, unknown>;
+    const listed = raw.layers as Partial<ObjectFile>[] | undefined;
+    if (!Array.isArray(listed) || listed.length > MAX_LAYERS) throw corrupt(`${prefix}/${MANIFEST}`, `gives no list of layers, or more than ${MAX_LAYERS} layers`);
+    const layers: string[] = [];
+    for (const l of listed) {
+      if (!l || typeof l.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(l.sha256) || !Number.isSafeInteger(l.bytes) || l.bytes! < 0 || l.bytes! > opts.layerMaxBytes) {
+        throw corrupt(`${prefix}/${MANIFEST}`, "gives an invalid layer");
+      }
+      layers.push(await this.getBlob({ sha256: l.sha256, bytes: l.bytes! }, opts.blobsDir));
+    }
+    return { meta, files: manifest.files, layers };
   }
 
   /**

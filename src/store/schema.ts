@@ -23,6 +23,7 @@ export interface Database {
   nodes: NodesTable;
   volumes: VolumesTable;
   volume_attachments: VolumeAttachmentsTable;
+  cluster_snapshots: ClusterSnapshotsTable;
 }
 
 export interface TenantsTable {
@@ -157,6 +158,10 @@ export interface ImagesTable {
   aws_fields: Generated<string | null>;
   /** Cluster (docs/cluster.md): the node that builds and holds it; null on a single host. */
   node_id: Generated<string | null>;
+  /** Cluster with an object store: the prefix its snapshot is published under (images/image-objects.ts); other nodes pull it from there. */
+  snapshot_object: Generated<string | null>;
+  /** The sha256 of that bundle's manifest: a pull takes only the bundle this cluster published. */
+  snapshot_manifest: Generated<string | null>;
 }
 
 /** clientToken idempotency: the resource an operation with this token made. */
@@ -211,6 +216,18 @@ export interface BaseShapesTable {
   vcpus: number;
   memory_mib: number;
   tenant_id: string;
+  created_at: string;
+}
+
+/** Cluster with an object store: a managed image's snapshot (by name and the key of its inputs), built once and published (images/cluster-snapshots.ts). */
+export interface ClusterSnapshotsTable {
+  name: string;
+  key: string;
+  /** The prefix it is published under, and its manifest's sha256 (what a pull trusts). */
+  object: string;
+  manifest: string;
+  /** The node that built it. */
+  node_id: string;
   created_at: string;
 }
 

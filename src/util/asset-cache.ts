@@ -32,13 +32,18 @@ const building = new Map<string, Promise<string>>();
  * disks they were made with.
  */
 export function cachedAsset(spec: CachedAssetSpec): Promise<string> {
-  const key = sha256(JSON.stringify(spec.inputs)).slice(0, 16);
+  const key = assetKey(spec.inputs);
   const dir = join(spec.assetsDir, spec.name, key);
   const running = building.get(dir);
   if (running) return running;
   const build = buildOnce(spec, key, dir).finally(() => building.delete(dir));
   building.set(dir, build);
   return build;
+}
+
+/** The key of an asset built from `inputs`: its version directory's name. */
+export function assetKey(inputs: Record<string, unknown>): string {
+  return sha256(JSON.stringify(inputs)).slice(0, 16);
 }
 
 async function buildOnce(spec: CachedAssetSpec, key: string, dir: string): Promise<string> {

@@ -1,4 +1,4 @@
-import { ListObjectsV2Command, S3Client } from "@aws-sdk/client-s3";
+import { ListObjectsV2Command, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { LambdaMicrovmsClient, ResumeMicrovmCommand, RunMicrovmCommand, SuspendMicrovmCommand, TerminateMicrovmCommand } from "@aws-sdk/client-lambda-microvms";
 import { execFileSync } from "node:child_process";
 import { copyFile, mkdtemp, readFile, rm } from "node:fs/promises";
@@ -94,6 +94,16 @@ async function untilFailed(id: string): Promise<number> {
 describe("a cluster of nodes sharing PostgreSQL", () => {
   let onA: string;
   let onB: string;
+
+  it("builds the base image once per cluster: a, up first, built and published it; b and c pulled it", async () => {
+    expect(nodes.a.output()).toMatch(/base \([0-9a-f]{16}\) published to the object store for the cluster/);
+    for (const node of [nodes.b, nodes.c]) {
+      expect(node.output()).toMatch(/base \([0-9a-f]{16}\) pulled from the object store in [\d.]+ s: node a built it/);
+    }
+    const published = /base \(\w+\) published to the object store for the cluster \(([^)]*)\)/.exec(nodes.a.output())?.[1];
+    const pulled = /base \(\w+\) pulled from the object store in ([\d.]+ s)/.exec(nodes.b.output())?.[1];
+    console.log(`[figure] base image: built by a and published (${published}); pulled by b in ${pulled}`);
+  });
 
   it("places VMs on the node that takes the create, else on a peer with room, 503 when all are full; any node serves any VM (exec, files, endpoint HTTP and WebSocket)", async () => {
     const created = await nodes.a.call("POST", "/v1/microvms", { image: "base", appPort: 8080, idlePolicy: { suspendAfterSeconds: 0 } });
@@ -270,9 +280,9 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect((await nodes.a.call("POST", "/v1/cluster/nodes/b/drain")).body.state).toBe("draining");
     const fetchesBefore = await fetches(nodes.a);
     const resumeStarted = performance.now();
-    const answers = await Promise.all(Array.from({ length: 6 }, (_, i) => readBack([nodes.a, nodes.b, nodes.c][i % 3]!)));
+    const answers = await Promise.all(Array.from({ length: 20 }, (_, i) => readBack([nodes.a, nodes.b, nodes.c][i % 3]!)));
     const movedMs = performance.now() - resumeStarted;
-    expect(answers.map((a) => a.body.stdout)).toEqual(Array.from({ length: 6 }, () => `${inMemory}\n${onDisk}`));
+    expect(answers.map((a) => a.body.stdout)).toEqual(Array.from({ length: 20 }, () => `${inMemory}\n${onDisk}`));
     expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING", suspended_node: null, suspended_object: null });
     expect(await fetches(nodes.a)).toBe(fetchesBefore + 1);
     const types = (await nodes.a.call("GET", `/v1/microvms/${id}/events`)).body.events.map((e: { type: string }) => e.type);
@@ -297,6 +307,55 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     s3.destroy();
     expect((await nodes.a.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
     expect((await nodes.a.call("POST", "/v1/cluster/nodes/b/activate")).body.state).toBe("active");
+  });
+
+  it("an image made on a is published to the object store; b pulls it on its first launch there, every file checked (a tampered one refused by name), then launches from its cache", async () => {
+    const created = await nodes.a.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    expect(created.status).toBe(201);
+    const source = created.body.microVmId as string;
+    expect(await nodeOf(source)).toMatchObject({ node_id: "a" });
+    await nodes.a.call("POST", `/v1/microvms/${source}/exec`, { command: ["bash", "-c", "echo made-on-a > /root/image.txt; echo in-memory > /dev/shm/mem; sync"] });
+    const snapshot = await nodes.c.call("POST", `/v1/microvms/${source}/snapshots`, { name: "moved" });
+    expect(snapshot.status).toBe(201);
+    const imageId = snapshot.body.imageId as string;
+    expect((await nodes.a.call("DELETE", `/v1/microvms/${source}`)).body.state).toBe("TERMINATED");
+    // a, which made it, publishes it after the fact; its row pins the manifest.
+    const row = () => db.selectFrom("images").select(["node_id", "snapshot_object", "snapshot_manifest"]).where("id", "=", imageId).executeTakeFirstOrThrow();
+    while (!(await row()).snapshot_object) await new Promise((r) => setTimeout(r, 200));
+    const { node_id, snapshot_object: prefix, snapshot_manifest } = await row();
+    expect({ node_id, snapshot_manifest }).toMatchObject({ node_id: "a", snapshot_manifest: expect.stringMatching(/^[0-9a-f]{64}$/) });
+
+    // A file changed in the bucket: b refuses the pull, naming the object, and launches nothing.
+    const s3 = new S3Client({ endpoint: swift.url, region: "us-east-1", forcePathStyle: true, credentials: { accessKeyId: swift.accessKeyId, secretAccessKey: swift.secretAccessKey } });
+    const disk = await readFile(join(nodes.a.opts.dataDir, "images", imageId, "snapshot", "disk.qcow2"));
+    const putDisk = (body: Buffer) => s3.send(new PutObjectCommand({ Bucket: "cocoon-cluster", Key: `${prefix}/disk.qcow2`, Body: body }));
+    await putDisk(Buffer.concat([disk.subarray(0, -1), Buffer.from([disk.at(-1)! ^ 1])]));
+    const refused = await nodes.b.call("POST", "/v1/microvms", { image: "moved" });
+    expect(refused.status).toBe(502);
+    expect(refused.body.error.message).toContain(`object ${prefix}/disk.qcow2 in the object store has sha256`);
+    await putDisk(disk);
+
+    // b has room: the create stays there, pulls the image and launches it with a's memory and disk.
+    const pullStarted = performance.now();
+    const launched = await nodes.b.call("POST", "/v1/microvms", { image: "moved", idlePolicy: { suspendAfterSeconds: 0 } });
+    const pulledMs = performance.now() - pullStarted;
+    expect(launched.status, `${JSON.stringify(launched.body)}\n${nodes.b.output().slice(-4000)}`).toBe(201);
+    const first = launched.body.microVmId as string;
+    expect(await nodeOf(first)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    expect((await nodes.c.call("POST", `/v1/microvms/${first}/exec`, { command: ["cat", "/root/image.txt", "/dev/shm/mem"] })).body.stdout).toBe("made-on-a\nin-memory\n");
+    expect((await nodes.b.call("DELETE", `/v1/microvms/${first}`)).body.state).toBe("TERMINATED");
+    // Its next launch there is from the cache: no second pull.
+    const cachedStarted = performance.now();
+    const again = await nodes.b.call("POST", "/v1/microvms", { image: "moved" });
+    const cachedMs = performance.now() - cachedStarted;
+    expect(again.status).toBe(201);
+    expect(nodes.b.count(`image ${imageId} pulled from the object store`)).toBe(1);
+    console.log(`[figure] launch on another node of an image (${snapshot.body.sizeBytes ? `${(snapshot.body.sizeBytes / 2 ** 20).toFixed(0)} MiB` : "?"}): first, pulling it ${(pulledMs / 1000).toFixed(2)} s; from the node's cache ${(cachedMs / 1000).toFixed(2)} s; ${nodes.b.output().match(/image \S+ pulled from the object store in [\d.]+ s/)?.[0]}; ${nodes.a.output().match(/image \S+ published to the object store \([^)]*\)/)?.[0]}`);
+    expect((await nodes.b.call("DELETE", `/v1/microvms/${again.body.microVmId}`)).body.state).toBe("TERMINATED");
+    // Deleted (through c), it leaves the bucket.
+    expect((await nodes.c.call("DELETE", "/v1/images/moved")).status).toBe(200);
+    expect((await s3.send(new ListObjectsV2Command({ Bucket: "cocoon-cluster", Prefix: `${prefix}/` }))).Contents ?? []).toEqual([]);
+    s3.destroy();
   });
 
   it("kill -9 of a node holding a published suspended VM: once it is reaped, a request through any node resumes the VM on a peer", async () => {

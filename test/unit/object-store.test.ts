@@ -5,8 +5,10 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SuspendedObjects } from "../../src/lifecycle/suspended-objects.ts";
 import { ObjectStore, objectStoreConfigFromEnv, PART_BYTES, type ObjectStoreConfig } from "../../src/store/objects.ts";
+import { SnapshotIncompatibleError } from "../../src/errors.ts";
+import { ImageObjects } from "../../src/images/image-objects.ts";
 import type { MicroVmRow } from "../../src/store/schema.ts";
-import { qemuBuild } from "../../src/vmm/snapshot.ts";
+import { qemuBuild, SNAPSHOT_FORMAT, type SnapshotManifest } from "../../src/vmm/snapshot.ts";
 import { startSwift, type TestSwift } from "../support/swift.ts";
 
 /*
@@ -157,6 +159,42 @@ describe("object store on Swift (s3api)", () => {
     await rawPut(`blobs/${sha256(wrong)}`, randomBytes(5000));
     await expect(forge({ layers: [{ sha256: sha256(wrong), bytes: 5000 }] })).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("sha256") });
     expect(await readdir(join(dir, "blobs"))).toEqual([layers[0]!.split("/").at(-1)]);
+  });
+
+  it("an image's snapshot is published once and pulled by another node with every file checked: a tampered blob is refused by name, another QEMU build's refused", async () => {
+    const made = await mkdtemp(join(dir, "image-"));
+    const layer = join(dir, "image-layer");
+    await writeFile(layer, randomBytes(6000));
+    await writeFile(join(made, "disk.qcow2"), randomBytes(4000));
+    await writeFile(join(made, "state"), randomBytes(3000));
+    await writeFile(join(made, "memory"), randomBytes(8000));
+    const manifest: SnapshotManifest = {
+      formatVersion: SNAPSHOT_FORMAT, createdAt: "", accelerator: "tcg", qemuBuild: qemuBuild(), vcpus: 1, memoryMiB: 128, kernel: "/theirs/vmlinuz", initramfs: "/theirs/initramfs",
+      cmdline: "theirs", token: "t".repeat(32), guestPorts: [8080], diskBacking: [layer], diskBytes: 2 ** 30,
+    };
+    const objects = new ImageObjects(store, { blobsDir: join(dir, "image-blobs"), accelerator: "tcg", boot: { kernel: "/ours/vmlinuz", initramfs: "/ours/initramfs", cmdline: "ours" } });
+    const { prefix, manifestSha256 } = await objects.publish("img-1", { dir: made, manifest });
+    const published = { id: "img-1", vcpus: 1, memoryMiB: 128, diskGiB: 1, object: prefix, manifest: manifestSha256 };
+    const pulled = join(await mkdtemp(join(dir, "pulled-")), "snapshot");
+    await objects.pull(published, pulled);
+    for (const f of ["disk.qcow2", "state", "memory"]) expect(await readFile(join(pulled, f))).toEqual(await readFile(join(made, f)));
+    // Restored with this node's boot files, over the layers in its cache.
+    const local = JSON.parse(await readFile(join(pulled, "manifest.json"), "utf8")) as SnapshotManifest;
+    expect(local).toMatchObject({ kernel: "/ours/vmlinuz", initramfs: "/ours/initramfs", cmdline: "ours", token: manifest.token, guestPorts: [8080], diskBytes: 2 ** 30, qemuBuild: qemuBuild() });
+    expect(await readFile(local.diskBacking[0]!)).toEqual(await readFile(layer));
+    // A blob changed in the bucket is refused, naming the object, and nothing is left in place.
+    const tampered = join(await mkdtemp(join(dir, "tampered-")), "snapshot");
+    await rawPut(`${prefix}/memory`, randomBytes(8000));
+    await expect(objects.pull(published, tampered)).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining(`object ${prefix}/memory in the object store has sha256`) });
+    expect(await readdir(join(tampered, ".."))).toEqual([]);
+    // Another QEMU build's snapshot: refused before any file comes down, with the message a local one of another build gets.
+    const other = await objects.publish("img-2", { dir: made, manifest: { ...manifest, qemuBuild: "QEMU emulator version 0.1" } });
+    const refused = objects.pull({ ...published, id: "img-2", object: other.prefix, manifest: other.manifestSha256 }, join(dir, "never"));
+    await expect(refused).rejects.toThrow(SnapshotIncompatibleError);
+    await expect(refused).rejects.toThrow(/made by "QEMU emulator version 0.1"/);
+    // Another image's bundle, or a shape other than the row's, is refused.
+    await expect(objects.pull({ ...published, id: "img-3" }, join(dir, "never"))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another image") });
+    await expect(objects.pull({ ...published, memoryMiB: 256 }, join(dir, "never"))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another shape") });
   });
 
   it("reads its configuration from COCOON_OBJECT_STORE_*, refusing what is malformed", () => {
