@@ -20,6 +20,7 @@ export async function startApiStack(opts: {
   root: string;
   dataDirName: string;
   warmPoolSize: number;
+  prestartedProcesses?: number;
   log: (line: string) => void;
   tenantImages?: boolean;
   capacity?: HostCapacity;
@@ -30,7 +31,7 @@ export async function startApiStack(opts: {
   const db = await openDatabase(dataDir);
   const secrets = await ServerSecrets.open(dataDir);
   const adminKey = (await bootstrapAdminKey(db, secrets, dataDir))!;
-  const runtime = await startRuntime({ dataDir, assetsDir: join(opts.root, "assets"), warmPoolSize: opts.warmPoolSize, log: opts.log });
+  const runtime = await startRuntime({ dataDir, assetsDir: join(opts.root, "assets"), warmPoolSize: opts.warmPoolSize, prestartedProcesses: opts.prestartedProcesses, log: opts.log });
   const assetsDir = join(opts.root, "assets");
   const imageService = opts.tenantImages
     ? new ImageService({ db, engine: runtime.engine, imagesDir: join(dataDir, "tenant-images"), rootfs: runtime.rootfs, assetsDir, log: opts.log })

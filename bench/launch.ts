@@ -3,8 +3,9 @@
  * benchmark measures sandbox platforms: create → first command answer through
  * the HTTP API, back to back, staggered 1.5 s apart, and a burst of 8 at once,
  * with the server's default warm pool. Then, at the engine, a direct restore
- * (no pool) → first exec and a resume → first exec, each broken down into the
- * engine's phases (`Engine` emits `phases`). Writes bench/results/launch.{json,md}.
+ * (no warm VM; in a pre-started process unless COCOON_PRESTARTED=0) → first
+ * exec and a resume → first exec, each broken down into the engine's phases
+ * (`Engine` emits `phases`). Writes bench/results/launch.{json,md}.
  */
 import { cpus, loadavg, totalmem } from "node:os";
 import { resolveServerConfig } from "../src/server/config.ts";
@@ -26,10 +27,10 @@ const EXECS = count("BENCH_EXECS", 40);
 const log = (line: string) => console.error(`[bench] ${line}`);
 
 async function main(): Promise<void> {
-  const warmPoolSize = resolveServerConfig({}).warmPoolSize;
-  const { runtime, api, close } = await startApiStack({ root, dataDirName: "launch-data", warmPoolSize, log });
+  const { warmPoolSize, prestartedProcesses } = resolveServerConfig({});
+  const { runtime, api, close } = await startApiStack({ root, dataDirName: "launch-data", warmPoolSize, prestartedProcesses, log });
   const engine = runtime.engine;
-  const phases: Record<TimedOperation, Record<string, number>[]> = { launch: [], resume: [], warm: [], capture: [], "fork-child": [], fork: [] };
+  const phases: Record<TimedOperation, Record<string, number>[]> = { launch: [], resume: [], warm: [], prestart: [], capture: [], "fork-child": [], fork: [] };
   engine.on("phases", (op: TimedOperation, p: Record<string, number>) => phases[op].push(p));
   const load = [loadavg()[0]!];
 
@@ -105,6 +106,7 @@ async function main(): Promise<void> {
     await engine.terminate(vm.id);
     const resumePhases = phaseSummaries(phases.resume);
     const warmPhases = phaseSummaries(phases.warm);
+    const prestartPhases = phaseSummaries(phases.prestart);
     load.push(loadavg()[0]!);
 
     const figures = {
@@ -115,20 +117,21 @@ async function main(): Promise<void> {
       resumeToFirstExecMs: summarize(resume),
       execRoundTripMs: summarize(exec),
       guestForkExecMs,
-      phasesMs: { directLaunch: { ...directPhases, "first exec": summarize(directExec) }, resume: { ...resumePhases, "first exec": summarize(resumeExec) }, warmPool: warmPhases },
+      phasesMs: { directLaunch: { ...directPhases, "first exec": summarize(directExec) }, resume: { ...resumePhases, "first exec": summarize(resumeExec) }, warmPool: warmPhases, prestart: prestartPhases },
     };
     const results = {
       at: new Date().toISOString(),
       host: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryGiB: Math.round(totalmem() / 2 ** 30), accelerator: engine.accelerator, qemu: qemuBuild() },
       loadAverage1m: load.map((l) => Math.round(l * 100) / 100),
       warmPoolSize,
+      prestartedProcesses,
       ...figures,
     };
     const phaseRows = (name: string, byPhase: Record<string, Summary>) => Object.entries(byPhase).map(([p, s]): [string, Summary] => [`${name}: ${p}`, s]);
     const md = [
       `# Launch and resume benchmark (${results.at})`,
       "",
-      `Host: ${cpus().length} × ${cpus()[0]?.model}, accelerator **${engine.accelerator}**, ${results.host.qemu}; load average (1 min) during the run ${results.loadAverage1m.join(", ")}. Image: base, ${runtime.baseImage.manifest.vcpus} vCPU, ${runtime.baseImage.manifest.memoryMiB} MiB; warm pool ${warmPoolSize} (COCOON_WARM_POOL).`,
+      `Host: ${cpus().length} × ${cpus()[0]?.model}, accelerator **${engine.accelerator}**, ${results.host.qemu}; load average (1 min) during the run ${results.loadAverage1m.join(", ")}. Image: base, ${runtime.baseImage.manifest.vcpus} vCPU, ${runtime.baseImage.manifest.memoryMiB} MiB; warm pool ${warmPoolSize} (COCOON_WARM_POOL), pre-started processes ${prestartedProcesses} (COCOON_PRESTARTED).`,
       "",
       "ComputeSDK method: `POST /v1/microvms` → the first `POST …/exec` answer.",
       "",
@@ -149,6 +152,7 @@ async function main(): Promise<void> {
         ...phaseRows("direct launch", figures.phasesMs.directLaunch),
         ...phaseRows("resume", figures.phasesMs.resume),
         ...phaseRows("warm pool refill", figures.phasesMs.warmPool),
+        ...phaseRows("pre-start (in the background)", figures.phasesMs.prestart),
       ]),
       "",
     ].join("\n");

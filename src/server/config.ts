@@ -1,4 +1,4 @@
-import { homedir } from "node:os";
+import { cpus, homedir } from "node:os";
 import { join, resolve } from "node:path";
 import { RegistryEgress } from "../images/registry/egress.ts";
 import { objectStoreConfigFromEnv, type ObjectStoreConfig } from "../store/objects.ts";
@@ -13,6 +13,8 @@ export interface ServerConfig {
   assetsDir: string;
   /** Restored, warmed VMs kept ready per image for instant launches (COCOON_WARM_POOL, default 1). */
   warmPoolSize: number;
+  /** QEMU processes kept started and jailed for launches that restore, all images together (COCOON_PRESTARTED, default one per host CPU; 0: none). */
+  prestartedProcesses: number;
   /** An image build that takes longer fails (COCOON_BUILD_TIMEOUT_SECONDS, default 600). */
   buildTimeoutSeconds: number;
   /** vCPUs admitted per host core (COCOON_VCPU_OVERCOMMIT, default 128: sandboxes are mostly idle, each VM's cgroup weighs its share by its vCPUs and caps it at them). */
@@ -56,6 +58,7 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     dataDir,
     assetsDir: resolve(flags.assetsDir ?? process.env.COCOON_ASSETS_DIR ?? join(dataDir, "assets")),
     warmPoolSize: envNumber("COCOON_WARM_POOL", 1, { min: 0, max: 16, integer: true }),
+    prestartedProcesses: envNumber("COCOON_PRESTARTED", cpus().length, { min: 0, max: 64, integer: true }),
     buildTimeoutSeconds: envNumber("COCOON_BUILD_TIMEOUT_SECONDS", 600, { min: 10, max: 86_400, integer: true }),
     vcpuOvercommit: envNumber("COCOON_VCPU_OVERCOMMIT", 128, { min: 0.1, max: 1024 }),
     memoryOvercommit: envNumber("COCOON_MEMORY_OVERCOMMIT", 4, { min: 0.1, max: 16 }),

@@ -33,6 +33,8 @@ export async function startRuntime(opts: {
   assetsDir: string;
   /** Warm VMs kept per image (see Engine.launch). */
   warmPoolSize: number;
+  /** QEMU processes kept started for restores (see Engine's `prestartedProcesses`); default none. */
+  prestartedProcesses?: number;
   log: ProgressLog;
   /** A node of a cluster with an object store: the base image is built once per cluster (images/cluster-snapshots.ts). */
   cluster?: { db: Db; nodeId: string; store: ObjectStore };
@@ -40,7 +42,7 @@ export async function startRuntime(opts: {
   const assets = await prepareGuestAssets(opts.assetsDir, opts.log);
   const rootfs = await prepareBaseRootfs(opts.assetsDir, opts.log);
   const accelerator = await detectAccelerator({ ...assets, cacheDir: opts.assetsDir, log: opts.log });
-  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, log: opts.log });
+  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, prestartedProcesses: opts.prestartedProcesses, log: opts.log });
   // A pulled snapshot is restored with this node's boot files and command line, as a snapshot made here (Templates.boot).
   const imageObjects = opts.cluster
     ? new ImageObjects(opts.cluster.store, { blobsDir: join(opts.dataDir, "blobs"), accelerator, boot: { ...assets, cmdline: guestCmdline({ accelerator, hostname: "cocoon" }) } })

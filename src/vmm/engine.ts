@@ -14,8 +14,9 @@ import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { parseEgress, type Egress } from "./network/index.ts";
-import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, volumeSerial, type Accelerator, type GuestMemory, type MachineSpec } from "./qemu.ts";
+import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, volumeSerial, type Accelerator, type GuestMemory, type MachineSpec, type PortForward } from "./qemu.ts";
 import { PhaseClock } from "./phases.ts";
+import { PrestartPool } from "./prestart-pool.ts";
 import { ReleaseStack } from "./release-stack.ts";
 import { loadSnapshot, snapshotFiles, type Snapshot } from "./snapshot.ts";
 import { Templates, type BootOpts, type GuestBootAssets, type TemplateVm } from "./templates.ts";
@@ -41,6 +42,8 @@ export interface EngineConfig {
   warmPoolSize?: number;
   /** What runs of launches may grow a snapshot's warm pool to (default the larger of `warmPoolSize` and 8: a burst). */
   warmPoolMax?: number;
+  /** QEMU processes kept started and jailed, waiting for a launch's restore (`PrestartPool`; default 0: none). */
+  prestartedProcesses?: number;
   /** The QEMU jail; default from the environment (`jailConfigFromEnv`), `false` runs QEMU unjailed. */
   jail?: JailConfig | false;
   log?: (msg: string) => void;
@@ -74,6 +77,7 @@ export class Engine extends EventEmitter {
   private readonly host: HostSide;
   private readonly templates: Templates;
   private readonly warm: WarmPool;
+  private readonly prestarted: PrestartPool;
   private consoleWatch: NodeJS.Timeout | undefined;
 
   private constructor(private readonly config: EngineConfig) {
@@ -93,6 +97,11 @@ export class Engine extends EventEmitter {
       },
       handOut: (vm, id) => this.handOut(vm, id),
       destroy: (vm) => this.destroy(vm),
+      log: config.log,
+    });
+    this.prestarted = new PrestartPool(config.prestartedProcesses ?? 0, {
+      start: (snapshot) => this.prestart(snapshot),
+      release: (vm) => this.destroy(vm),
       log: config.log,
     });
   }
@@ -129,9 +138,9 @@ export class Engine extends EventEmitter {
     return [...this.vms.values()];
   }
 
-  /** The warm pool's QEMU pids (undefined for a restore under way): they hold host memory though no one has them yet. */
+  /** The warm pool's and the pre-started QEMU pids (undefined for one under way): they hold host memory though no one has them yet. */
   pooledPids(): (number | undefined)[] {
-    return this.warm.pids();
+    return [...this.warm.pids(), ...this.prestarted.pids()];
   }
 
   /** Reads a snapshot this host can restore (SnapshotIncompatibleError otherwise). */
@@ -220,9 +229,10 @@ export class Engine extends EventEmitter {
     return this.warm.fill(snapshot);
   }
 
-  /** Ends the warm VMs of a snapshot (its image is being deleted); later launches of it would fail anyway. */
-  dropWarm(snapshotDir: string): Promise<void> {
-    return this.warm.drop(snapshotDir);
+  /** Ends the warm VMs and pre-started processes of a snapshot (its image is being deleted); later launches of it would fail anyway. */
+  async dropWarm(snapshotDir: string): Promise<void> {
+    await this.warm.drop(snapshotDir);
+    await this.prestarted.drop(snapshotDir);
   }
 
   /**
@@ -492,6 +502,7 @@ export class Engine extends EventEmitter {
     clearInterval(this.consoleWatch);
     this.jailer?.close();
     await this.warm.close();
+    await this.prestarted.close();
     for (const vm of this.vms.values()) {
       vm.machine?.removeAllListeners("exit");
       vm.machine?.detach();
@@ -537,8 +548,9 @@ export class Engine extends EventEmitter {
 
   /**
    * Restores a new VM from a snapshot (the direct launch path, and the warm
-   * pool's). Its directory is named after its process, which keeps its name
-   * if a pooled VM is later handed out under another id.
+   * pool's), in a pre-started process of the snapshot where there is one.
+   * Its directory is named after its process, which keeps its name if a
+   * pooled VM or a pre-started process is later handed out under another id.
    */
   private async clone(
     snapshot: Snapshot,
@@ -548,26 +560,36 @@ export class Engine extends EventEmitter {
   ): Promise<MicroVm> {
     const m = snapshot.manifest;
     const volumes = opts.volumes.length > 0 ? opts.volumes : undefined;
-    const vm = await this.newVm(
-      id,
-      { snapshotDir: snapshot.dir, vcpus: m.vcpus, memoryMiB: m.memoryMiB, diskBytes: m.diskBytes, token: m.token, pooled: opts.pooled || undefined, volumes },
-      [...m.guestPorts, ...opts.extraPorts],
-      opts.egress,
-    );
+    // A pre-started process has user-mode networking and empty volume slots, bound when it started.
+    const generic = opts.egress === "none" && !volumes;
+    const prestarted = generic ? this.prestarted.take(snapshot) : undefined;
+    const guestPorts = [...m.guestPorts, ...opts.extraPorts];
+    let vm: MicroVm;
+    if (prestarted) {
+      vm = prestarted;
+      // Its ports only now: the process has none yet (`Machine.addForwards` in restoreInto).
+      const forwards = await allocateForwards([AGENT_PORT, ...guestPorts]);
+      vm.record = { ...vm.record, id, pooled: opts.pooled || undefined, agentPort: forwards[0]!.hostPort, forwards: forwards.slice(1), createdAt: new Date().toISOString() };
+      clock.mark("take");
+    } else {
+      vm = await this.newVm(
+        id,
+        { snapshotDir: snapshot.dir, vcpus: m.vcpus, memoryMiB: m.memoryMiB, diskBytes: m.diskBytes, token: m.token, pooled: opts.pooled || undefined, volumes },
+        guestPorts,
+        opts.egress,
+      );
+    }
     if (!opts.pooled) this.vms.set(id, vm);
-    return this.locks.run(id, async () => {
+    return this.locks.run(vm.record.processName, async () => {
       try {
         // Recorded before QEMU starts, so a crash mid-launch leaves a record that
         // adoption cleans up instead of an untracked process.
         await this.saveRecord(vm);
-        const disk = vmFiles(vm.dir).disk;
-        // -u: the snapshot's disk is not opened (its size is in the manifest), so no header is followed.
-        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(m.diskBytes)]);
-        await this.host.prepareFiles(vm.record.uid, [disk]);
-        clock.mark("prepare");
-        // A snapshot of a running VM carries its RAM in the state (capture.ts): restored like a resume.
-        const memory: GuestMemory = m.ramInState ? { kind: "anonymous" } : { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
-        await this.restoreInto(vm, memory, snapshotFiles(snapshot.dir).state, clock);
+        if (!prestarted) {
+          await this.createCloneDisk(vm, snapshot);
+          clock.mark("prepare");
+        }
+        await this.restoreInto(vm, cloneMemory(snapshot), snapshotFiles(snapshot.dir).state, clock);
         if (volumes) {
           await vm.agent.mountVolumes(volumes.map((v, slot) => ({ serial: volumeSerial(slot), path: v.path, readOnly: v.readOnly })));
           clock.mark("volumes");
@@ -575,6 +597,58 @@ export class Engine extends EventEmitter {
         return vm;
       } catch (err) {
         await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed launch of ${id}: ${e.message}`));
+        throw err;
+      } finally {
+        // The next launch of the snapshot finds a process again (and a run of them, more).
+        if (generic) this.prestarted.replenish(snapshot);
+      }
+    });
+  }
+
+  /** A clone's disk: a qcow2 overlay on the snapshot's, its uid's alone. */
+  private async createCloneDisk(vm: MicroVm, snapshot: Snapshot): Promise<void> {
+    const disk = vmFiles(vm.dir).disk;
+    // -u: the snapshot's disk is not opened (its size is in the manifest), so no header is followed.
+    await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", snapshotFiles(snapshot.dir).disk, "-F", "qcow2", disk, String(snapshot.manifest.diskBytes)]);
+    await this.host.prepareFiles(vm.record.uid, [disk]);
+  }
+
+  /**
+   * A QEMU process for a clone of the snapshot, started ahead of any launch
+   * (`PrestartPool`): everything a direct launch does before the restore
+   * (directory, uid, disk overlay, jail, spawn, QMP), minus the port
+   * forwards, which a launch binds when it takes it. It is a VM recorded
+   * `pooled` and `starting`, so a restart discards it (`decideAdoption`),
+   * and every release goes through its stacks as any VM's.
+   */
+  private async prestart(snapshot: Snapshot): Promise<MicroVm> {
+    const m = snapshot.manifest;
+    const clock = new PhaseClock();
+    const vm = await this.newVm(
+      newVmId(),
+      { snapshotDir: snapshot.dir, vcpus: m.vcpus, memoryMiB: m.memoryMiB, diskBytes: m.diskBytes, token: m.token, pooled: true },
+      [],
+      "none",
+    );
+    return this.locks.run(vm.record.processName, async () => {
+      try {
+        await this.saveRecord(vm);
+        await this.createCloneDisk(vm, snapshot);
+        clock.mark("prepare");
+        // In the background: its start yields to the running VMs (the launch that took the last one).
+        const machine = await this.startRestoreProcess(vm, cloneMemory(snapshot), snapshotFiles(snapshot.dir).state, [], clock, { background: true });
+        vm.record = { ...vm.record, pid: machine.pid };
+        await this.saveRecord(vm);
+        // While it waits in the pool; a launch that takes it replaces this (restoreInto).
+        machine.once("exit", () => {
+          void this.locks.run(vm.record.processName, async () => {
+            if (vm.machine === machine && this.prestarted.remove(vm)) await this.destroy(vm);
+          });
+        });
+        this.emit("phases", "prestart", clock.phases);
+        return vm;
+      } catch (err) {
+        await this.destroy(vm).catch((e: Error) => this.config.log?.(`cleaning up after a failed pre-start of ${vm.id}: ${e.message}`));
         throw err;
       }
     });
@@ -598,31 +672,22 @@ export class Engine extends EventEmitter {
    * it, and gives the guest a new secret (the one it holds is `record.token`:
    * the snapshot's, or the one it had when it was suspended). Recorded as
    * running, with the new secret, only once all of that has worked; on any
-   * failure the process and everything it held are released.
+   * failure the process and everything it held are released. A VM that has
+   * a process already was given one pre-started for this restore (`prestart`,
+   * started with the same `memory` and `stateFile`).
    */
   private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, clock: PhaseClock): Promise<void> {
-    const snapshot = await this.loadSnapshot(vm.record.snapshotDir);
-    const spec: MachineSpec = {
-      vmDir: vm.dir,
-      name: vm.record.processName,
-      accelerator: this.accelerator,
-      vcpus: vm.record.vcpus,
-      memoryMiB: vm.record.memoryMiB,
-      memory,
-      kernel: snapshot.manifest.kernel,
-      initramfs: snapshot.manifest.initramfs,
-      cmdline: snapshot.manifest.cmdline,
-      disk: { path: vmFiles(vm.dir).disk, backing: diskBackingOf(vm.record, snapshot) },
-      volumes: (vm.record.volumes ?? []).map((v) => ({ path: volumeFile(this.config.dataDir, v.volumeId), readOnly: v.readOnly })),
-      forwards: [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards],
-      incomingState: stateFile,
-    };
     const token = newToken();
-    vm.process = new ReleaseStack();
+    const forwards = [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards];
     try {
-      await this.host.prepareVolumes(vm.record.uid, spec.volumes ?? []);
-      const machine = await this.host.startProcess(spec, vm.record.network, vm.record.uid, vm.process, clock);
-      vm.machine = machine;
+      let machine = vm.machine;
+      if (machine) {
+        // Pre-started for this restore (`prestart`): only its CPU share and forwards are bound now.
+        machine.removeAllListeners("exit");
+        await this.host.foreground(machine, vm.record.vcpus);
+        await machine.addForwards(forwards);
+        clock.mark("forwards");
+      } else machine = await this.startRestoreProcess(vm, memory, stateFile, forwards, clock);
       await machine.restore();
       clock.mark("restore");
       await machine.cont();
@@ -639,6 +704,34 @@ export class Engine extends EventEmitter {
       await this.releaseProcess(vm).catch((e: Error) => this.config.log?.(`releasing ${vm.id}'s process after a failed restore: ${e.message}`));
       throw err;
     }
+  }
+
+  /**
+   * Starts the QEMU process that will restore `stateFile` over `memory`
+   * into `vm` (jailed, QMP connected, waiting: `-incoming defer`), with
+   * `forwards` bound; its releases on a new `vm.process`.
+   */
+  private async startRestoreProcess(vm: MicroVm, memory: GuestMemory, stateFile: string, forwards: PortForward[], clock: PhaseClock, opts: { background?: boolean } = {}): Promise<Machine> {
+    const snapshot = await this.loadSnapshot(vm.record.snapshotDir);
+    const spec: MachineSpec = {
+      vmDir: vm.dir,
+      name: vm.record.processName,
+      accelerator: this.accelerator,
+      vcpus: vm.record.vcpus,
+      memoryMiB: vm.record.memoryMiB,
+      memory,
+      kernel: snapshot.manifest.kernel,
+      initramfs: snapshot.manifest.initramfs,
+      cmdline: snapshot.manifest.cmdline,
+      disk: { path: vmFiles(vm.dir).disk, backing: diskBackingOf(vm.record, snapshot) },
+      volumes: (vm.record.volumes ?? []).map((v) => ({ path: volumeFile(this.config.dataDir, v.volumeId), readOnly: v.readOnly })),
+      forwards,
+      incomingState: stateFile,
+    };
+    vm.process = new ReleaseStack();
+    await this.host.prepareVolumes(vm.record.uid, spec.volumes ?? []);
+    vm.machine = await this.host.startProcess(spec, vm.record.network, vm.record.uid, vm.process, clock, opts);
+    return vm.machine;
   }
 
   /** Ends the VM's QEMU process and what it held (jail, network); the VM itself stays. */
@@ -781,6 +874,11 @@ export class Engine extends EventEmitter {
     this.vms.set(vm.id, vm);
     this.config.log?.(`adopted ${vm.id} (${vm.status})`);
   }
+}
+
+/** Where a clone's RAM comes from: the snapshot's memory file, mapped copy-on-write, or (a snapshot of a running VM, capture.ts) its state, as a resume. */
+function cloneMemory(snapshot: Snapshot): GuestMemory {
+  return snapshot.manifest.ramInState ? { kind: "anonymous" } : { kind: "file", path: snapshotFiles(snapshot.dir).memory, shared: false };
 }
 
 /** Running QEMU processes by their `-name` (one scan of /proc, at adoption). */

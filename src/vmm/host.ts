@@ -89,7 +89,7 @@ export class HostSide {
    * part-way (or a crash: see `adoptProcess`) leaves nothing behind once
    * `stack` is released.
    */
-  async startProcess(spec: MachineSpec, network: VmNetworkRecord, uid: number, stack: ReleaseStack, clock?: PhaseClock): Promise<Machine> {
+  async startProcess(spec: MachineSpec, network: VmNetworkRecord, uid: number, stack: ReleaseStack, clock?: PhaseClock, opts: { background?: boolean } = {}): Promise<Machine> {
     const identity: ProcessIdentity = { name: spec.name, vmDir: spec.vmDir, network };
     const steps = this.releaseSteps(identity);
     stack.push("sockets", steps.sockets);
@@ -98,7 +98,7 @@ export class HostSide {
     spec.net = await this.network.start(network, spec.forwards);
     clock?.mark("network");
     stack.push("jail", steps.jail);
-    spec.jail = await this.prepareJail(spec, uid);
+    spec.jail = await this.prepareJail(spec, uid, opts.background);
     spec.uid = uid;
     clock?.mark("jail");
     const started: { machine?: Machine } = {};
@@ -106,6 +106,11 @@ export class HostSide {
     started.machine = await Machine.start(spec);
     clock?.mark("spawn");
     return started.machine;
+  }
+
+  /** Gives a process started in the background (`startProcess`) its VM's share of CPU. */
+  async foreground(machine: Machine, vcpus: number): Promise<void> {
+    await this.jailer?.foreground(machine.name, vcpus);
   }
 
   /**
@@ -147,7 +152,7 @@ export class HostSide {
    * backing chain (from the manifest, not the disk's header); a cgroup of the
    * VM's vCPUs and memory plus QEMU's overhead.
    */
-  private async prepareJail(spec: MachineSpec, uid: number) {
+  private async prepareJail(spec: MachineSpec, uid: number, background = false) {
     if (!this.jailer) return undefined;
     const volumes = spec.volumes ?? [];
     const readWrite = [spec.disk.path, socketPaths(spec.name).dir, ...volumes.filter((v) => !v.readOnly).map((v) => v.path)];
@@ -159,6 +164,7 @@ export class HostSide {
       vmDir: spec.vmDir,
       uid,
       vcpus: spec.vcpus,
+      background,
       memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator)) * 1024 * 1024,
       mounts: {
         readOnly,
@@ -169,9 +175,18 @@ export class HostSide {
   }
 }
 
-/** A free host loopback port for each guest port (the kernel picks them). */
+/**
+ * A free host loopback port for each guest port, all different (the kernel
+ * picks them: a port just released may be picked again at once, and two
+ * forwards of one port make QEMU refuse the second).
+ */
 export async function allocateForwards(guestPorts: number[]): Promise<PortForward[]> {
   const forwards: PortForward[] = [];
-  for (const guestPort of guestPorts) forwards.push({ guestPort, hostPort: await freeLoopbackPort() });
+  for (const guestPort of guestPorts) {
+    let hostPort: number;
+    do hostPort = await freeLoopbackPort();
+    while (forwards.some((f) => f.hostPort === hostPort));
+    forwards.push({ guestPort, hostPort });
+  }
   return forwards;
 }

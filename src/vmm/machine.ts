@@ -3,7 +3,7 @@ import { readdirSync } from "node:fs";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
-import { incomingStateSource, socketPaths, startQemu, type MachineSpec } from "./qemu.ts";
+import { hostfwdRule, incomingStateSource, socketPaths, startQemu, type MachineSpec, type PortForward } from "./qemu.ts";
 
 /** How long a QEMU may outlive its QMP connection (it is exiting) before it is killed as out of control. */
 const QMP_LOSS_GRACE_MS = 5000;
@@ -108,6 +108,19 @@ export class Machine extends EventEmitter {
     // Both events are QEMU's clock; without them (none seen), the whole save is the bound.
     const pauseMs = at.STOP !== undefined && at.RESUME !== undefined && at.RESUME >= at.STOP ? at.RESUME - at.STOP : performance.now() - started;
     return { pauseMs };
+  }
+
+  /**
+   * Forwards host loopback ports to the guest through its user-mode netdev
+   * (`net0`), as `MachineSpec.forwards` does at start: the ports of a
+   * process started before it knew them (a pre-started one, engine.ts).
+   */
+  async addForwards(forwards: PortForward[]): Promise<void> {
+    for (const f of forwards) {
+      // An HMP command (QEMU has no QMP one): it answers an error as text, success as nothing.
+      const answer = await this.qmp.execute<string>("human-monitor-command", { "command-line": `hostfwd_add net0 ${hostfwdRule(f)}` });
+      if (answer.trim()) throw new Error(`forwarding host port ${f.hostPort} to guest port ${f.guestPort}: ${answer.trim()}`);
+    }
   }
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */

@@ -1,5 +1,5 @@
 /** One engine operation whose phases are timed (`Engine` emits `phases` when it ends). */
-export type TimedOperation = "launch" | "resume" | "warm" | "capture" | "fork-child" | "fork";
+export type TimedOperation = "launch" | "resume" | "warm" | "prestart" | "capture" | "fork-child" | "fork";
 
 /**
  * Wall time of the phases of one operation, in order: each `mark` ends the

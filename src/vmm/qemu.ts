@@ -20,6 +20,9 @@ export interface PortForward {
   guestPort: number;
 }
 
+/** A user-mode netdev's rule forwarding host loopback to the guest: `hostfwd=` at start, `hostfwd_add` later (`Machine.addForwards`). */
+export const hostfwdRule = (f: PortForward) => `tcp:127.0.0.1:${f.hostPort}-${GUEST_NET.ip}:${f.guestPort}`;
+
 /** The QEMU binaries VMs run on, and the firmware directory that goes with them. */
 export interface QemuInstall {
   system: string;
@@ -345,7 +348,7 @@ export function qemuArgs(spec: MachineSpec): string[] {
     spec.memory.kind === "file"
       ? `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${spec.memory.path},share=${spec.memory.shared ? "on" : "off"}${readOnlyMemoryFile(spec.memory) ? ",readonly=on,rom=off" : ""}`
       : `memory-backend-ram,id=mem,size=${spec.memoryMiB}M`;
-  const hostfwd = spec.forwards.map((f) => `,hostfwd=tcp:127.0.0.1:${f.hostPort}-${GUEST_NET.ip}:${f.guestPort}`).join("");
+  const hostfwd = spec.forwards.map((f) => `,hostfwd=${hostfwdRule(f)}`).join("");
   return [
     "-name", `${spec.name},process=cocoon-${spec.name}`,
     ...(qemuInstall().dataDir ? ["-L", qemuInstall().dataDir!] : []),

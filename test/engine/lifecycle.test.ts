@@ -256,3 +256,76 @@ describe("warm pool", () => {
     expect(qemuProcessesOf(dataDir)).toEqual([]);
   });
 });
+
+describe("pre-started processes", () => {
+  /** The pre-started process's QEMU pid once the engine holds one ready. */
+  async function prestartedPid(engine: Engine): Promise<number> {
+    for (;;) {
+      const pid = engine.pooledPids().find((p) => p !== undefined);
+      if (pid) return pid;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  it("launch in a process started ahead, are discarded after a SIGKILL of the server and released on shutdown", async () => {
+    const dataDir = join(ctx.dataDir, "..", `${ctx.dataDir.split("/").pop()}-prestart`);
+    const config = { ...engineConfig(dataDir), prestartedProcesses: 1 };
+    // A server whose launch leaves a process pre-started for the next one, killed with SIGKILL.
+    const script = `
+      import { Engine } from "./src/vmm/engine.ts";
+      const engine = await Engine.open(JSON.parse(process.env.CONFIG));
+      const snapshot = await engine.loadSnapshot(process.env.SNAPSHOT);
+      const vm = await engine.launch(snapshot);
+      for (;;) {
+        const pid = engine.pooledPids().find((p) => p !== undefined);
+        if (pid) { console.log(JSON.stringify({ vm: vm.id, prestarted: pid })); break; }
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      setInterval(() => {}, 1000);
+    `;
+    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      env: { ...process.env, CONFIG: JSON.stringify(config), SNAPSHOT: inject("baseSnapshotDir") },
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const killed = await new Promise<{ vm: string; prestarted: number }>((resolve, reject) => {
+      child.stdout.on("data", (d: Buffer) => resolve(JSON.parse(d.toString())));
+      child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+    });
+    child.kill("SIGKILL");
+    expect(isAlive(killed.prestarted)).toBe(true);
+
+    const engine = await Engine.open(config);
+    try {
+      // Adoption discards it (recorded pooled): its process, directory and cgroup are gone; the launched VM runs on.
+      expect(isAlive(killed.prestarted)).toBe(false);
+      expect(await readdir(join(dataDir, "vms"))).toEqual([killed.vm]);
+      expect(engine.get(killed.vm).status).toBe("running");
+      await engine.terminate(killed.vm);
+
+      // The first launch finds none and starts one; the next, with a port of its own, restores in it.
+      await engine.launch(ctx.snapshot).then((vm) => engine.terminate(vm.id));
+      const pid = await prestartedPid(engine);
+      const vm = await engine.launch(ctx.snapshot, { guestPorts: [8080] });
+      expect(vm.machine!.pid).toBe(pid);
+      // The agent answers through its port forward, bound only when the process was taken.
+      expect((await vm.agent.exec({ command: "hostname" })).stdout.trim()).toBe(vm.id);
+      expect(vm.hostPort(8080)).toBeGreaterThan(0);
+      // Its CPU share is its vCPUs' again (a pre-start runs at the lowest).
+      expect((await engine.jailer?.readCgroup(vm.record.processName))?.limits.cpuWeight ?? 100).toBe(100 * vm.record.vcpus);
+      // A VM like any other: it keeps a running process's memory across a suspend and resume.
+      const counter = (await vm.agent.exec({ command: COUNTER })).stdout.trim();
+      const before = await readCounter(vm, counter);
+      await engine.suspend(vm.id);
+      await engine.resume(vm.id);
+      expect(await readCounter(vm, counter)).toBeGreaterThanOrEqual(before);
+      await engine.terminate(vm.id);
+      // Taken, it was replaced.
+      expect(isAlive(await prestartedPid(engine))).toBe(true);
+    } finally {
+      await engine.close();
+    }
+    // Shutdown ends what was pre-started: nothing is left running or on disk.
+    expect(await readdir(join(dataDir, "vms"))).toEqual([]);
+    expect(qemuProcessesOf(dataDir)).toEqual([]);
+  });
+});

@@ -131,7 +131,7 @@ export class Cgroups {
       const dir = this.dir("cpu", name);
       await writeFile(join(dir, "cpu.max"), `${quota} ${CPU_PERIOD_US}`);
       await writeOptional(join(dir, "cpu.max.burst"), String(quota));
-      await writeFile(join(dir, "cpu.weight"), String(limits.cpuWeight));
+      await this.setCpuWeight(name, limits.cpuWeight);
       await writeFile(join(dir, "memory.max"), String(limits.memoryBytes));
       // Guest RAM pushed to swap would escape the limit in all but name.
       await writeOptional(join(dir, "memory.swap.max"), "0");
@@ -140,12 +140,18 @@ export class Cgroups {
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_period_us"), String(CPU_PERIOD_US));
       await writeFile(join(this.dir("cpu", name), "cpu.cfs_quota_us"), String(quota));
       await writeOptional(join(this.dir("cpu", name), "cpu.cfs_burst_us"), String(quota));
-      await writeFile(join(this.dir("cpu", name), "cpu.shares"), String(Math.round(limits.cpuWeight * 10.24)));
+      await this.setCpuWeight(name, limits.cpuWeight);
       await writeFile(join(this.dir("memory", name), "memory.limit_in_bytes"), String(limits.memoryBytes));
       await writeOptional(join(this.dir("memory", name), "memory.memsw.limit_in_bytes"), String(limits.memoryBytes));
       await writeFile(join(this.dir("pids", name), "pids.max"), String(limits.pids));
     }
     return this.dirs(name).map((d) => join(d, "cgroup.procs"));
+  }
+
+  /** Sets the VM's share of CPU under contention (`CgroupLimits.cpuWeight`). */
+  async setCpuWeight(name: string, weight: number): Promise<void> {
+    if (this.layout.version === 2) await writeFile(join(this.dir("cpu", name), "cpu.weight"), String(weight));
+    else await writeFile(join(this.dir("cpu", name), "cpu.shares"), String(Math.round(weight * 10.24)));
   }
 
   /** Reads the VM's limits and counters back from the kernel. */

@@ -137,6 +137,16 @@ exec env -i "PATH=$PATH" "$@"`;
 
 const DEFAULT_DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom"];
 
+/** Under contention VMs share the host's CPU by their vCPUs (the default weight, 100, per vCPU). */
+const vcpuCpuWeight = (vcpus: number) => Math.min(10_000, 100 * vcpus);
+
+/**
+ * The weight of a process started ahead of its VM (a pre-started one): its
+ * start yields to running VMs, on a host where it would otherwise slow the
+ * guest that just took the previous one.
+ */
+const BACKGROUND_CPU_WEIGHT = 1;
+
 export class Jailer {
   private readonly cgroups: Cgroups;
   private readonly memoryGuard: NodeJS.Timeout;
@@ -199,7 +209,7 @@ export class Jailer {
    * table that fills it, and a cgroup capping CPU at `vcpus` (plus
    * `cpuHeadroom`) and memory at `memoryBytes`.
    */
-  async prepare(opts: { name: string; vmDir: string; uid: number; vcpus: number; memoryBytes: number; mounts: JailMounts }): Promise<Jail> {
+  async prepare(opts: { name: string; vmDir: string; uid: number; vcpus: number; memoryBytes: number; mounts: JailMounts; background?: boolean }): Promise<Jail> {
     const dir = Jailer.dir(opts.vmDir);
     const root = join(dir, "root");
     const fstab = join(dir, "fstab");
@@ -230,8 +240,7 @@ export class Jailer {
         cpus: opts.vcpus + this.config.cpuHeadroom,
         memoryBytes: opts.memoryBytes,
         pids: this.config.maxTasks,
-        // Under contention VMs share the host's CPU by their vCPUs (the default weight, 100, per vCPU).
-        cpuWeight: Math.min(10_000, 100 * opts.vcpus),
+        cpuWeight: opts.background ? BACKGROUND_CPU_WEIGHT : vcpuCpuWeight(opts.vcpus),
       });
       const c = this.config;
       const ids = String(opts.uid);
@@ -249,6 +258,11 @@ export class Jailer {
       await release();
       throw err;
     }
+  }
+
+  /** Gives a process started in the background (`prepare`) its VM's share of CPU. */
+  foreground(name: string, vcpus: number): Promise<void> {
+    return this.cgroups.setCpuWeight(name, vcpuCpuWeight(vcpus));
   }
 
   /** The VM's cgroup directories (one per hierarchy). */
