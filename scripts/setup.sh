@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Host tools: QEMU (microvm machine) and qemu-img, mmdebstrap + mke2fs for the
+# Host tools: QEMU 10 (microvm machine) and qemu-img (BACKPORTS), mmdebstrap + mke2fs for the
 # base root filesystem, Go 1.23 for the in-guest agent (BACKPORTS), apt-get for the guest kernel;
 # passt, nftables and iproute2 for VM egress (src/vmm/network, docs/networking.md);
 # chromium for the web console's end-to-end test (test/console); openssl (a
@@ -20,16 +20,18 @@ cd "$(dirname "$0")/.."
 # object store the tests start on loopback (test/support/swift.ts);
 # bubblewrap, runc and runsc (gVisor) for the baselines npm run bench
 # measures (bench/baselines.ts).
-PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs ca-certificates passt nftables iproute2 chromium openssl busybox-static
+PACKAGES=(mmdebstrap e2fsprogs ca-certificates passt nftables iproute2 chromium openssl busybox-static
   python3 python3-venv python3-setuptools python3-wheel python3-pytest skopeo umoci docker-registry apache2-utils
   postgresql swift swift-proxy swift-object swift-container swift-account python3-swift bubblewrap runc runsc)
 # From Debian's bookworm-backports: Go 1.23 (/usr/lib/go-1.23, beside bookworm's
-# 1.19) for SysProcAttr.CgroupFD, which the agent needs (agent/internal/process).
-# QEMU stays bookworm's 7.2: the engine runs bookworm-backports' 10.0 too (its
-# features are probed; COCOON_QEMU_PREFIX selects a build), but under 10.0 a
-# guest's fork bomb kept its agent from answering for over 30 s in one of two
-# full test runs (SPECIFICATION.md "QEMU 7.2 and 10.0 side by side").
-BACKPORTS=(golang-1.23-go)
+# 1.19) for SysProcAttr.CgroupFD, which the agent needs (agent/internal/process);
+# QEMU 10.0, whose TCG runs guest code faster than bookworm's 7.2 (the exec
+# round trip x1.8; a restore's first answer is ~20 % slower) and which maps
+# snapshot memory files read-only (SPECIFICATION.md "QEMU 7.2 and 10.0 side
+# by side", SECURITY.md). Snapshots record the QEMU build (src/vmm/snapshot.ts):
+# after an upgrade the base image is rebuilt, other images and suspended VMs
+# of the old build are refused with a message saying what to do.
+BACKPORTS=(golang-1.23-go qemu-system-x86 qemu-utils)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # A backport counts only in its backports version (bookworm's own may be installed).
