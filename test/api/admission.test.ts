@@ -52,7 +52,7 @@ async function memoryReport(key: string, hogs: string[]): Promise<string> {
     lines.push(`${name}: ${await stat(join(memory, name))}`);
   }
   for (const id of hogs) {
-    const res = await api.call("POST", `/v1/microvms/${id}/exec`, { key, body: { command: `(${PERL_RUNS}) && echo perl runs || echo no perl; cat /sys/fs/cgroup/cocoon-workload/memory.current /sys/fs/cgroup/cocoon-workload/memory.events`, timeoutMs: 10_000 } }).catch((e: Error) => ({ body: e.message }));
+    const res = await api.call("POST", `/v1/microvms/${id}/exec`, { key, body: { command: `(${PERL_RUNS}) && echo perl runs || echo no perl; cat /sys/fs/cgroup/cocoon-workload/memory.current /sys/fs/cgroup/cocoon-workload/memory.events`, timeoutSeconds: 10 } }).catch((e: Error) => ({ body: e.message }));
     lines.push(`${id} guest: ${JSON.stringify(res.body).slice(0, 300)}`);
   }
   return lines.join("; ");

@@ -82,12 +82,13 @@ describe("vmUidRange", () => {
 
 describe("stuckAtCap (the VMs' memory guard)", () => {
   const MiB = 2 ** 20;
-  const reading = (s: number, o: { usageMiB?: number; hits?: number; stalledMs?: number } = {}) => ({
+  const reading = (s: number, o: { usageMiB?: number; hits?: number; stalledMs?: number; fileMiB?: number } = {}) => ({
     at: s * 1000,
     usageBytes: (o.usageMiB ?? 399) * MiB,
     limitBytes: 400 * MiB,
     limitHits: o.hits ?? s * 100,
     stallUs: (o.stalledMs ?? s * 800) * 1000,
+    fileBytes: (o.fileMiB ?? 60) * MiB,
   });
   const series = (f: (s: number) => ReturnType<typeof reading>) => Array.from({ length: GUARD_READINGS }, (_, s) => f(s));
 
@@ -95,8 +96,13 @@ describe("stuckAtCap (the VMs' memory guard)", () => {
     expect(stuckAtCap(series((s) => reading(s)))).toBe(true);
   });
 
+  it("acts, stalls or not, when the cap holds almost nothing reclaim can free (one VM crawling, seen host-wide on v1)", () => {
+    expect(stuckAtCap(series((s) => reading(s, { stalledMs: s * 100, fileMiB: 16 })))).toBe(true);
+  });
+
   it.each([
     ["too few readings", [reading(0), reading(1)]],
+    ["little page cache but below the cap once", series((s) => reading(s, { stalledMs: s * 100, fileMiB: 16, usageMiB: s === 1 ? 380 : 399 }))],
     ["below the cap once", series((s) => reading(s, { usageMiB: s === 2 ? 380 : 399 }))],
     ["the limit not hit in one interval", series((s) => reading(s, { hits: s === 2 ? 100 : s * 100 }))],
     ["a cap full of page cache reclaimed without stalls", series((s) => reading(s, { stalledMs: s * 100 }))],

@@ -52,6 +52,8 @@ export interface ParentMemoryReading {
    * "some" (the host's "full" needs every task on it stalled, the server's too).
    */
   stallUs: number;
+  /** Page cache charged to the VMs (v2 memory.stat file, v1 total_cache): what reclaim can free without killing. */
+  fileBytes: number;
 }
 
 /** Readings the guard needs in a row (one a second) before it acts. */
@@ -60,12 +62,16 @@ export const GUARD_READINGS = 4;
 /**
  * Whether all VMs together are stuck at their cap: every reading of the
  * last GUARD_READINGS within 2 % of the limit, the limit hit again between
- * each, and tasks stalled on memory for at least half that time. The
- * kernel's OOM killer acts only once reclaim makes no progress, and VMs
- * whose guest RAM and QEMU binaries are file pages (reclaimed, read back,
- * reclaimed) make just enough to escape it for minutes, all of them
- * crawling; this is the sign of it. A cap full of page cache that reclaim
- * frees without stalls is not.
+ * each, and either tasks stalled on memory for at least half that time or
+ * the cap holding almost nothing reclaim can free (page cache under 5 % of
+ * it). The kernel's OOM killer acts only once reclaim makes no progress,
+ * and VMs whose guest RAM and QEMU binaries are file pages (reclaimed, read
+ * back, reclaimed) make just enough to escape it for minutes, all of them
+ * crawling; this is the sign of it. The second arm matters on cgroup v1,
+ * where the stall can only be read host-wide: one VM crawling at a cap full
+ * of its neighbours' allocations stalls too little of the host to show
+ * (a hog held at 125 of its 200 MiB for 150 s). A cap full of page cache
+ * that reclaim frees without stalls is not stuck.
  */
 export function stuckAtCap(readings: ParentMemoryReading[]): boolean {
   if (readings.length < GUARD_READINGS) return false;
@@ -73,7 +79,8 @@ export function stuckAtCap(readings: ParentMemoryReading[]): boolean {
   const first = last[0]!;
   const end = last.at(-1)!;
   const stalledShare = (end.stallUs - first.stallUs) / 1000 / Math.max(1, end.at - first.at);
-  return stalledShare >= 0.5 && last.every((r, i) => r.usageBytes >= r.limitBytes * 0.98 && (i === 0 || r.limitHits > last[i - 1]!.limitHits));
+  const nothingToReclaim = last.every((r) => r.fileBytes < r.limitBytes * 0.05);
+  return (stalledShare >= 0.5 || nothingToReclaim) && last.every((r, i) => r.usageBytes >= r.limitBytes * 0.98 && (i === 0 || r.limitHits > last[i - 1]!.limitHits));
 }
 
 /**
@@ -226,6 +233,7 @@ export class Cgroups {
     const dir = join(this.layout.mounts.memory, this.parent);
     const num = async (file: string) => Number((await readFile(join(dir, file), "utf8")).trim());
     const stallUs = async (file: string, kind: "some" | "full") => Number(new RegExp(`^${kind} .*total=(\\d+)`, "m").exec(await readFile(file, "utf8"))?.[1] ?? 0);
+    const stat = async (key: string) => Number(new RegExp(`^${key} (\\d+)`, "m").exec(await readFile(join(dir, "memory.stat"), "utf8"))?.[1] ?? 0);
     try {
       if (this.layout.version === 2) {
         const events = await readFile(join(dir, "memory.events"), "utf8");
@@ -235,6 +243,7 @@ export class Cgroups {
           limitBytes: await num("memory.max"),
           limitHits: Number(/^max (\d+)/m.exec(events)?.[1] ?? 0),
           stallUs: await stallUs(join(dir, "memory.pressure"), "full"),
+          fileBytes: await stat("file"),
         };
       }
       return {
@@ -243,6 +252,7 @@ export class Cgroups {
         limitBytes: await num("memory.limit_in_bytes"),
         limitHits: await num("memory.failcnt"),
         stallUs: await stallUs("/proc/pressure/memory", "some"),
+        fileBytes: await stat("total_cache"),
       };
     } catch {
       return undefined;
