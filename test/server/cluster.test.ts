@@ -254,9 +254,10 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(created.status).toBe(201);
     const id = created.body.microVmId as string;
     expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "RUNNING" });
-    // A value only a process's memory holds (served on a guest port), and a file on the disk.
+    // A value only a process's memory holds (served on a guest port, with a backlog for all 20 readers below
+    // at once: past a full backlog the guest drops their connections, and they retry only after seconds), and a file on the disk.
     const started = await nodes.b.call("POST", `/v1/microvms/${id}/exec`, {
-      command: ["bash", "-c", "v=mem-$RANDOM$RANDOM; nohup perl -MIO::Socket::INET -e '$v=shift; $s=IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:9000\",Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c $v; close $c}' $v >/dev/null 2>&1 & echo -n $v"],
+      command: ["bash", "-c", "v=mem-$RANDOM$RANDOM; nohup perl -MIO::Socket::INET -e '$v=shift; $s=IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:9000\",Listen=>64,ReuseAddr=>1) or die; while($c=$s->accept){print $c $v; close $c}' $v >/dev/null 2>&1 & echo -n $v"],
     });
     const inMemory = started.body.stdout as string;
     expect(inMemory).toMatch(/^mem-\d+$/);
