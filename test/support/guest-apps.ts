@@ -13,6 +13,7 @@ import type { ApiContext } from "./api-fixture.ts";
 export const STATIC_SERVER = String.raw`
 use IO::Socket::INET; use Digest::SHA qw(sha1); use MIME::Base64;
 my ($root, $port) = @ARGV;
+$SIG{PIPE} = "IGNORE"; # a client that hangs up mid-answer (the proxy refusing a 64 KiB header) must not end the server
 my $s = IO::Socket::INET->new(LocalPort => $port, Listen => 64, ReuseAddr => 1) or die "listen: $!";
 sub slurp { my $f = shift; open(my $fh, "<", $f) or return ""; local $/; my $b = <$fh>; return $b }
 sub echo_ws {
