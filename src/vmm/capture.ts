@@ -1,11 +1,11 @@
-import { chmod, chown, link, mkdir } from "node:fs/promises";
+import { chmod, chown, link, mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { ApiError, InvalidVmStateError } from "../errors.ts";
 import { fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { run } from "../util/process.ts";
 import type { PhaseClock } from "./phases.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotDisk, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
-import { vmFiles, type MicroVm } from "./vm.ts";
+import { vmFiles, type MicroVm, type VmRecord } from "./vm.ts";
 
 /**
  * Captures of a running VM (named snapshots and forks): its memory, devices
@@ -35,21 +35,30 @@ export interface VmCapture {
   pauseMs: number;
 }
 
-/** Captures `vm` (running) into `dir`, which must not hold a capture yet. The caller holds the VM's lock. */
-export async function captureVm(vm: MicroVm, dir: string, opts: { durable: boolean; clock?: PhaseClock }): Promise<VmCapture> {
-  const clock = opts.clock;
-  const machine = vm.machine;
-  if (vm.status !== "running" || !machine) throw new InvalidVmStateError(vm.id, vm.status, "snapshot");
+/** Throws unless `vm` can be captured now: running, without volumes. */
+export function assertCapturable(vm: MicroVm): void {
+  if (vm.status !== "running" || !vm.machine) throw new InvalidVmStateError(vm.id, vm.status, "snapshot");
   const volumes = vm.record.volumes ?? [];
   if (volumes.length > 0) {
     // Its memory holds the volumes mounted: a copy would write them too (or find them gone).
     const names = volumes.map((v) => `${v.volumeId} at ${v.path}`).join(", ");
     throw new ApiError("Conflict", `microVM ${vm.id} has volumes attached (${names}): it cannot be snapshotted or forked`, { volumes: volumes.map((v) => v.volumeId) });
   }
+}
+
+/**
+ * Captures `vm` (running) into `dir`, which holds no capture yet (it may
+ * have been prepared: `prepareCapture`). The caller holds the VM's lock.
+ */
+export async function captureVm(vm: MicroVm, dir: string, opts: { durable: boolean; clock?: PhaseClock }): Promise<VmCapture> {
+  const clock = opts.clock;
+  assertCapturable(vm);
+  const machine = vm.machine!;
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const files = snapshotFiles(dir);
   const token = vm.record.token;
   clock?.mark("prepare");
+  // Both files are written in place (a fork's children hold them already: `prepareCapture`).
   const { pauseMs } = await machine.saveRunning(files.state, async () => {
     clock?.mark("live-copy");
     await run("cp", ["--sparse=always", vmFiles(vm.dir).disk, files.disk]);
@@ -100,13 +109,30 @@ export async function writeCaptureManifest(capture: VmCapture, vm: MicroVm, from
   return { dir: capture.dir, manifest };
 }
 
-/** A forked VM's own links (or copies) of a capture's layers, in its directory, nearest first. */
-export async function adoptCaptureLayers(capture: VmCapture, vmDir: string): Promise<string[]> {
-  const layers: string[] = [];
-  for (const [i, layer] of capture.layers.entries()) {
-    const own = join(vmDir, `layer-${i}.qcow2`);
-    await linkOrCopy(layer, own);
-    layers.push(own);
+/**
+ * Makes a capture's `state` and `disk.qcow2`, empty, before the capture:
+ * it writes them in place (truncated, never replaced), so a fork's children,
+ * whose processes start during the capture, link and open them already
+ * (engine.ts `fork`).
+ */
+export async function prepareCapture(dir: string): Promise<void> {
+  await mkdir(dir, { mode: 0o700 });
+  const files = snapshotFiles(dir);
+  for (const file of [files.state, files.disk]) await writeFile(file, "", { mode: 0o600, flag: "wx" });
+}
+
+/**
+ * A fork child's own links of the layers of its parent's capture into `dir`
+ * (`prepareCapture`), nearest first: the capture's disk, which the capture
+ * fills afterwards (the same file; both directories are under vms/), then
+ * the parent's older layers, read-only already.
+ */
+export async function forkLayers(dir: string, parent: VmRecord, vmDir: string): Promise<string[]> {
+  const layers = [join(vmDir, "layer-0.qcow2")];
+  await link(snapshotFiles(dir).disk, layers[0]!);
+  for (const [i, layer] of (parent.diskLayers ?? []).entries()) {
+    layers.push(join(vmDir, `layer-${i + 1}.qcow2`));
+    await linkOrCopy(layer, layers[i + 1]!);
   }
   return layers;
 }

@@ -9,7 +9,7 @@ import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { isAlive, processArgv, run } from "../util/process.ts";
 import { decideAdoption } from "./adoption.ts";
 import { AgentClient } from "./agent-client.ts";
-import { adoptCaptureLayers, captureVm, linkOrCopy, writeCaptureManifest, type VmCapture } from "./capture.ts";
+import { assertCapturable, captureVm, forkLayers, linkOrCopy, prepareCapture, writeCaptureManifest, type VmCapture } from "./capture.ts";
 import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
@@ -425,33 +425,51 @@ export class Engine extends EventEmitter {
    * read-only with its siblings and a copy-on-write overlay of its own, then
    * gets a secret, hostname, machine-id, entropy and clock of its own (the
    * agent's re-key). The parent runs on. One child's failure fails only it.
+   *
+   * The children's processes start while the parent is captured (in the
+   * background, yielding to it): each holds the capture's state and disk
+   * layer from before they are written (`prepareCapture`), and binds the
+   * layer under its disk once the capture ends (`DiskChain.backingLater`),
+   * so only the restore and the re-key follow the capture.
    */
   async fork(id: string, childIds: string[]): Promise<{ pauseMs: number; children: (MicroVm | Error)[] }> {
     for (const childId of childIds) if (this.vms.has(childId)) throw new Error(`microVM ${childId} exists already`);
+    const parent = this.get(id);
+    assertCapturable(parent);
     // Under vms/ (so a link to its layers stays on one filesystem); without a record, a restart removes it.
     const dir = join(this.vmsDir, `.fork-${randomBytes(6).toString("hex")}`);
     const total = new PhaseClock();
+    await prepareCapture(dir);
+    const captureClock = new PhaseClock();
+    const capturing = this.withVm(id, (vm) => captureVm(vm, dir, { durable: false, clock: captureClock }));
+    // Each child fails on its own (with the capture's error if it failed); awaited below either way.
+    const children = Promise.all(childIds.map((childId) => this.forkChild(parent.record, dir, capturing, childId).catch((err: Error) => err)));
     try {
-      const captureClock = new PhaseClock();
-      const { capture, parent } = await this.withVm(id, async (vm) => ({ capture: await captureVm(vm, dir, { durable: false, clock: captureClock }), parent: vm.record }));
+      const capture = await capturing;
       this.emit("phases", "capture", captureClock.phases);
       total.mark("capture");
-      const children = await Promise.all(childIds.map((childId) => this.forkChild(parent, capture, childId).catch((err: Error) => err)));
+      const done = await children;
       total.mark("children");
-      return { pauseMs: capture.pauseMs, children };
+      return { pauseMs: capture.pauseMs, children: done };
     } finally {
+      // A failed capture's children are ended before its files go.
+      await children;
       await rm(dir, { recursive: true, force: true });
       total.mark("cleanup");
       this.emit("phases", "fork", total.phases);
     }
   }
 
-  /** One child of a fork: the parent's shape, ports and egress; the capture restored into anonymous memory, as a resume. */
-  private async forkChild(parent: VmRecord, capture: VmCapture, id: string): Promise<MicroVm> {
+  /**
+   * One child of a fork: the parent's shape, ports and egress; its process
+   * started at once, its disk's chain bound and the capture restored into
+   * anonymous memory (as a resume) once `capturing` ends.
+   */
+  private async forkChild(parent: VmRecord, dir: string, capturing: Promise<VmCapture>, id: string): Promise<MicroVm> {
     const clock = new PhaseClock();
     const vm = await this.newVm(
       id,
-      { snapshotDir: parent.snapshotDir, vcpus: parent.vcpus, memoryMiB: parent.memoryMiB, diskBytes: parent.diskBytes, token: capture.token },
+      { snapshotDir: parent.snapshotDir, vcpus: parent.vcpus, memoryMiB: parent.memoryMiB, diskBytes: parent.diskBytes, token: parent.token },
       parent.forwards.map((f) => f.guestPort),
       parent.network.egress,
     );
@@ -461,16 +479,23 @@ export class Engine extends EventEmitter {
       try {
         // Before anything runs: a crash from here leaves a record adoption discards (status starting).
         await this.saveRecord(vm);
-        const layers = await adoptCaptureLayers(capture, vm.dir);
+        const layers = await forkLayers(dir, parent, vm.dir);
         // A parent moved from another node has no snapshot disk under its layers: nor have its children.
         vm.record = { ...vm.record, diskLayers: layers, diskLayersComplete: parent.diskLayersComplete };
         await this.saveRecord(vm);
         clock.mark("layers");
         const disk = vmFiles(vm.dir).disk;
-        // -u: the layer is not opened; the chain is the record's.
+        // -u: the layer is not opened (it is still empty); the chain is the record's.
         await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
         await this.host.prepareFiles(vm.record.uid, [disk]);
         clock.mark("overlay");
+        const forwards = [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards];
+        const machine = await this.startRestoreProcess(vm, { kind: "anonymous" }, snapshotFiles(dir).state, forwards, clock, { background: true, backingLater: true });
+        const capture = await capturing;
+        clock.mark("capture");
+        vm.record = { ...vm.record, token: capture.token };
+        await machine.bindBacking();
+        clock.mark("backing");
         await this.restoreInto(vm, { kind: "anonymous" }, capture.state, clock);
         this.emit("phases", "fork-child", clock.phases);
         return vm;
@@ -673,8 +698,8 @@ export class Engine extends EventEmitter {
    * the snapshot's, or the one it had when it was suspended). Recorded as
    * running, with the new secret, only once all of that has worked; on any
    * failure the process and everything it held are released. A VM that has
-   * a process already was given one pre-started for this restore (`prestart`,
-   * started with the same `memory` and `stateFile`).
+   * a process already was given one started ahead for this restore (`prestart`,
+   * a fork child: `forkChild`), with the same `memory` and `stateFile`.
    */
   private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, clock: PhaseClock): Promise<void> {
     const token = newToken();
@@ -682,10 +707,10 @@ export class Engine extends EventEmitter {
     try {
       let machine = vm.machine;
       if (machine) {
-        // Pre-started for this restore (`prestart`): only its CPU share and forwards are bound now.
+        // Started ahead for this restore (`prestart`, a fork child): its CPU share and the forwards it lacks are bound now.
         machine.removeAllListeners("exit");
         await this.host.foreground(machine, vm.record.vcpus);
-        await machine.addForwards(forwards);
+        await machine.addForwards(forwards.filter((f) => !machine!.forwards.some((has) => has.hostPort === f.hostPort && has.guestPort === f.guestPort)));
         clock.mark("forwards");
       } else machine = await this.startRestoreProcess(vm, memory, stateFile, forwards, clock);
       await machine.restore();
@@ -711,7 +736,14 @@ export class Engine extends EventEmitter {
    * into `vm` (jailed, QMP connected, waiting: `-incoming defer`), with
    * `forwards` bound; its releases on a new `vm.process`.
    */
-  private async startRestoreProcess(vm: MicroVm, memory: GuestMemory, stateFile: string, forwards: PortForward[], clock: PhaseClock, opts: { background?: boolean } = {}): Promise<Machine> {
+  private async startRestoreProcess(
+    vm: MicroVm,
+    memory: GuestMemory,
+    stateFile: string,
+    forwards: PortForward[],
+    clock: PhaseClock,
+    opts: { background?: boolean; backingLater?: boolean } = {},
+  ): Promise<Machine> {
     const snapshot = await this.loadSnapshot(vm.record.snapshotDir);
     const spec: MachineSpec = {
       vmDir: vm.dir,
@@ -723,14 +755,14 @@ export class Engine extends EventEmitter {
       kernel: snapshot.manifest.kernel,
       initramfs: snapshot.manifest.initramfs,
       cmdline: snapshot.manifest.cmdline,
-      disk: { path: vmFiles(vm.dir).disk, backing: diskBackingOf(vm.record, snapshot) },
+      disk: { path: vmFiles(vm.dir).disk, backing: diskBackingOf(vm.record, snapshot), backingLater: opts.backingLater },
       volumes: (vm.record.volumes ?? []).map((v) => ({ path: volumeFile(this.config.dataDir, v.volumeId), readOnly: v.readOnly })),
       forwards,
       incomingState: stateFile,
     };
     vm.process = new ReleaseStack();
     await this.host.prepareVolumes(vm.record.uid, spec.volumes ?? []);
-    vm.machine = await this.host.startProcess(spec, vm.record.network, vm.record.uid, vm.process, clock, opts);
+    vm.machine = await this.host.startProcess(spec, vm.record.network, vm.record.uid, vm.process, clock, { background: opts.background });
     return vm.machine;
   }
 

@@ -3,7 +3,7 @@ import { readdirSync } from "node:fs";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { restoreState, saveState } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
-import { hostfwdRule, incomingStateSource, socketPaths, startQemu, type MachineSpec, type PortForward } from "./qemu.ts";
+import { backingNodes, hostfwdRule, incomingStateSource, rootNode, socketPaths, startQemu, type DiskChain, type MachineSpec, type PortForward } from "./qemu.ts";
 
 /** How long a QEMU may outlive its QMP connection (it is exiting) before it is killed as out of control. */
 const QMP_LOSS_GRACE_MS = 5000;
@@ -17,6 +17,8 @@ const QMP_LOSS_GRACE_MS = 5000;
 export class Machine extends EventEmitter {
   private exited = false;
   private detached = false;
+  /** The host port forwards the process has: its start's and those added since (`addForwards`); unknown (none) for an attached one. */
+  readonly forwards: PortForward[] = [];
 
   private constructor(
     readonly pid: number,
@@ -25,6 +27,8 @@ export class Machine extends EventEmitter {
     private readonly qmp: QmpClient,
     /** Owner of the migration socket of a save: the jailed QEMU's uid. */
     private readonly uid: number | undefined,
+    /** A disk whose chain is bound later (`DiskChain.backingLater`, `bindBacking`). */
+    private readonly unboundDisk?: DiskChain,
   ) {
     super();
     // QEMU holds the QMP socket until it exits, so its closing is the exit signal
@@ -35,7 +39,9 @@ export class Machine extends EventEmitter {
   /** Starts a QEMU process for `spec`; it keeps running if the server dies. */
   static async start(spec: MachineSpec): Promise<Machine> {
     const { pid, qmp } = await startQemu(spec);
-    return new Machine(pid, spec.name, qmp, spec.jail ? spec.uid : undefined);
+    const machine = new Machine(pid, spec.name, qmp, spec.jail ? spec.uid : undefined, spec.disk.backingLater ? spec.disk : undefined);
+    machine.forwards.push(...spec.forwards);
+    return machine;
   }
 
   /**
@@ -120,7 +126,21 @@ export class Machine extends EventEmitter {
       // An HMP command (QEMU has no QMP one): it answers an error as text, success as nothing.
       const answer = await this.qmp.execute<string>("human-monitor-command", { "command-line": `hostfwd_add net0 ${hostfwdRule(f)}` });
       if (answer.trim()) throw new Error(`forwarding host port ${f.hostPort} to guest port ${f.guestPort}: ${answer.trim()}`);
+      this.forwards.push(f);
     }
+  }
+
+  /**
+   * Opens the backing chain of a disk started without it (`DiskChain.backingLater`)
+   * and puts it under the disk (`blockdev-reopen` with a `backing`), before the
+   * restore: the chain's files, mounted in the jail from the start, are complete
+   * only now. The chain is the spec's, never the disk's header.
+   */
+  async bindBacking(): Promise<void> {
+    const disk = this.unboundDisk;
+    if (!disk) throw new Error(`${this.name}'s disk was started with its backing chain`);
+    for (const node of backingNodes(disk)) await this.qmp.execute("blockdev-add", node);
+    await this.qmp.execute("blockdev-reopen", { options: [rootNode(disk)] });
   }
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */

@@ -132,6 +132,13 @@ export interface DiskChain {
   path: string;
   /** Its backing files, nearest first; opened read-only. */
   backing: string[];
+  /**
+   * QEMU opens only `path` at start and the chain when told (`Machine.bindBacking`,
+   * before the restore): a fork child's process starts while its parent's
+   * capture is still writing the nearest layer (engine.ts `fork`). The files
+   * exist (and the jail mounts them) from the start.
+   */
+  backingLater?: boolean;
 }
 
 /**
@@ -292,28 +299,43 @@ export function incomingStateSource(): { uri: string; fdset?: number } {
     : { uri: `fd:${INHERITED_FD.incomingState}` };
 }
 
-/** `-blockdev` nodes of a disk and its chain, deepest first (a node's backing must exist before it). JSON, so no path needs escaping. */
+/** A block node's options, as `-blockdev` and QMP's `blockdev-add` take them. */
+type BlockNode = Record<string, unknown>;
+
+const chainNodeName = (i: number) => (i === 0 ? "root" : `backing${i}`);
+
+/** The file and qcow2 nodes of the chain's `i`-th file (0: the disk QEMU writes), over `backing` (a node name, or null: none). */
+function chainNodes(disk: DiskChain, i: number, backing: string | null): BlockNode[] {
+  const top = i === 0;
+  const node = chainNodeName(i);
+  const access = top ? { discard: "unmap" } : { "read-only": true };
+  return [
+    { driver: "file", "node-name": `${node}-file`, filename: [disk.path, ...disk.backing][i], ...access },
+    { driver: "qcow2", "node-name": node, file: `${node}-file`, backing, ...access, ...(top ? { "detect-zeroes": "unmap" } : {}) },
+  ];
+}
+
+/** The nodes of a disk's backing chain, deepest first (a node's backing must exist before it). */
+export function backingNodes(disk: DiskChain): BlockNode[] {
+  const nodes: BlockNode[] = [];
+  for (let i = disk.backing.length; i >= 1; i--) nodes.push(...chainNodes(disk, i, i < disk.backing.length ? chainNodeName(i + 1) : null));
+  return nodes;
+}
+
+/** The disk's own qcow2 node (`root`) over its chain, as `blockdev-reopen` sets it once the chain is bound (`Machine.bindBacking`). */
+export function rootNode(disk: DiskChain): BlockNode {
+  return chainNodes(disk, 0, disk.backing.length > 0 ? chainNodeName(1) : null)[1]!;
+}
+
+/**
+ * `-blockdev` nodes of a disk and its chain, deepest first. JSON, so no path
+ * needs escaping. With `backingLater`, only the disk itself, over no backing:
+ * its chain is bound before the restore (`Machine.bindBacking`).
+ */
 export function blockdevArgs(disk: DiskChain): string[] {
-  const files = [disk.path, ...disk.backing];
-  const args: string[] = [];
-  for (let i = files.length - 1; i >= 0; i--) {
-    const top = i === 0;
-    const node = top ? "root" : `backing${i}`;
-    const access = top ? { discard: "unmap" } : { "read-only": true };
-    args.push("-blockdev", JSON.stringify({ driver: "file", "node-name": `${node}-file`, filename: files[i], ...access }));
-    args.push(
-      "-blockdev",
-      JSON.stringify({
-        driver: "qcow2",
-        "node-name": node,
-        file: `${node}-file`,
-        backing: i + 1 < files.length ? `backing${i + 1}` : null,
-        ...access,
-        ...(top ? { "detect-zeroes": "unmap" } : {}),
-      }),
-    );
-  }
-  return args;
+  const [file, unbound] = chainNodes(disk, 0, null);
+  const nodes = disk.backingLater ? [file!, unbound!] : [...backingNodes(disk), file!, rootNode(disk)];
+  return nodes.flatMap((n) => ["-blockdev", JSON.stringify(n)]);
 }
 
 /** Whether QEMU opens this memory file read-only: a clone's private mapping, where the build can (`QemuFeatures.readOnlyPrivateMapping`). */
