@@ -490,12 +490,19 @@ export class Engine extends EventEmitter {
         await this.host.prepareFiles(vm.record.uid, [disk]);
         clock.mark("overlay");
         const forwards = [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards];
-        const machine = await this.startRestoreProcess(vm, { kind: "anonymous" }, snapshotFiles(dir).state, forwards, clock, { background: true, backingLater: true });
-        const capture = await capturing;
+        let started = false;
+        const starting = this.startRestoreProcess(vm, { kind: "anonymous" }, snapshotFiles(dir).state, forwards, clock, { background: true, backingLater: true });
+        void starting.then(() => (started = true), () => undefined);
+        // Whatever the capture's end, the start is awaited before anything is released.
+        const captured = await capturing.then((capture) => ({ capture }), (error: unknown) => ({ error }));
         clock.mark("capture");
+        // A start still under way no longer yields to anything (restoreInto sets the share again once it has started).
+        if (!started) await this.host.foreground(vm.record.processName, vm.record.vcpus).catch(() => undefined);
+        await starting;
+        clock.mark("started");
+        if ("error" in captured) throw captured.error;
+        const capture = captured.capture;
         vm.record = { ...vm.record, token: capture.token };
-        await machine.bindBacking();
-        clock.mark("backing");
         await this.restoreInto(vm, { kind: "anonymous" }, capture.state, clock);
         this.emit("phases", "fork-child", clock.phases);
         return vm;
@@ -707,11 +714,15 @@ export class Engine extends EventEmitter {
     try {
       let machine = vm.machine;
       if (machine) {
-        // Started ahead for this restore (`prestart`, a fork child): its CPU share and the forwards it lacks are bound now.
+        // Started ahead for this restore (`prestart`, a fork child): its CPU share, the forwards it lacks and a fork child's disk chain are bound now.
         machine.removeAllListeners("exit");
-        await this.host.foreground(machine, vm.record.vcpus);
+        await this.host.foreground(machine.name, vm.record.vcpus);
         await machine.addForwards(forwards.filter((f) => !machine!.forwards.some((has) => has.hostPort === f.hostPort && has.guestPort === f.guestPort)));
         clock.mark("forwards");
+        if (machine.backingUnbound) {
+          await machine.bindBacking();
+          clock.mark("backing");
+        }
       } else machine = await this.startRestoreProcess(vm, memory, stateFile, forwards, clock);
       await machine.restore();
       clock.mark("restore");

@@ -108,9 +108,9 @@ export class HostSide {
     return started.machine;
   }
 
-  /** Gives a process started in the background (`startProcess`) its VM's share of CPU. */
-  async foreground(machine: Machine, vcpus: number): Promise<void> {
-    await this.jailer?.foreground(machine.name, vcpus);
+  /** Gives the process named `name`, started in the background (`startProcess`), its VM's share of CPU. */
+  async foreground(name: string, vcpus: number): Promise<void> {
+    await this.jailer?.foreground(name, vcpus);
   }
 
   /**

@@ -17,6 +17,7 @@ const QMP_LOSS_GRACE_MS = 5000;
 export class Machine extends EventEmitter {
   private exited = false;
   private detached = false;
+  private backingBound = false;
   /** The host port forwards the process has: its start's and those added since (`addForwards`); unknown (none) for an attached one. */
   readonly forwards: PortForward[] = [];
 
@@ -130,6 +131,11 @@ export class Machine extends EventEmitter {
     }
   }
 
+  /** Whether its disk still waits for its backing chain (`bindBacking`). */
+  get backingUnbound(): boolean {
+    return this.unboundDisk !== undefined && !this.backingBound;
+  }
+
   /**
    * Opens the backing chain of a disk started without it (`DiskChain.backingLater`)
    * and puts it under the disk (`blockdev-reopen` with a `backing`), before the
@@ -138,9 +144,10 @@ export class Machine extends EventEmitter {
    */
   async bindBacking(): Promise<void> {
     const disk = this.unboundDisk;
-    if (!disk) throw new Error(`${this.name}'s disk was started with its backing chain`);
+    if (!disk || this.backingBound) throw new Error(`${this.name}'s disk has its backing chain already`);
     for (const node of backingNodes(disk)) await this.qmp.execute("blockdev-add", node);
     await this.qmp.execute("blockdev-reopen", { options: [rootNode(disk)] });
+    this.backingBound = true;
   }
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */

@@ -1,8 +1,10 @@
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { execFileSync } from "node:child_process";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { writeCaptureManifest, type VmCapture } from "../../src/vmm/capture.ts";
+import { forkLayers, prepareCapture, writeCaptureManifest, type VmCapture } from "../../src/vmm/capture.ts";
+import { backingNodes, blockdevArgs, rootNode } from "../../src/vmm/qemu.ts";
 import { loadSnapshot, qemuBuild, SNAPSHOT_FORMAT, type Snapshot } from "../../src/vmm/snapshot.ts";
 import { MicroVm, type VmRecord } from "../../src/vmm/vm.ts";
 
@@ -47,5 +49,37 @@ describe("a snapshot of a running VM", () => {
     // Written where a launch reads it, and readable by this host.
     expect(JSON.parse(await readFile(join(dir, "manifest.json"), "utf8"))).toEqual(snapshot.manifest);
     expect((await loadSnapshot(dir, { accelerator: "tcg" })).manifest.diskBacking).toEqual(snapshot.manifest.diskBacking);
+  });
+});
+
+describe("a fork child started during its parent's capture", () => {
+  it("links the capture's layer before it is written, and sees what the capture then writes in place", async () => {
+    const capture = join(dir, ".fork-1");
+    const child = join(dir, "child");
+    await mkdir(child);
+    const older = join(dir, "parent-layer-0.qcow2");
+    await writeFile(older, "older layer");
+    await prepareCapture(capture);
+    const layers = await forkLayers(capture, { diskLayers: [older] } as VmRecord, child);
+    expect(layers).toEqual([join(child, "layer-0.qcow2"), join(child, "layer-1.qcow2")]);
+    expect(await readFile(layers[0]!, "utf8")).toBe("");
+    // The capture's disk copy (captureVm: cp onto the prepared file) lands in the child's link.
+    await writeFile(join(dir, "copied"), "captured overlay");
+    execFileSync("cp", ["--sparse=always", join(dir, "copied"), join(capture, "disk.qcow2")]);
+    expect(await readFile(layers[0]!, "utf8")).toBe("captured overlay");
+    expect(await readFile(layers[1]!, "utf8")).toBe("older layer");
+    // A second capture into the same directory is refused, not mixed.
+    await expect(prepareCapture(capture)).rejects.toThrow();
+  });
+
+  it("opens its disk over no backing, and binds the same chain a disk started with it has", () => {
+    const disk = { path: "/vms/c/disk.qcow2", backing: ["/vms/c/layer-0.qcow2", "/images/i/disk.qcow2"] };
+    const nodes = (args: string[]) => args.filter((_, i) => i % 2 === 1).map((a) => JSON.parse(a) as Record<string, unknown>);
+    const late = nodes(blockdevArgs({ ...disk, backingLater: true }));
+    expect(late.map((n) => n["node-name"])).toEqual(["root-file", "root"]);
+    expect(late[1]).toMatchObject({ backing: null });
+    // Bound later (Machine.bindBacking): the chain's nodes, then root reopened over them, as at a start with the chain.
+    expect([...backingNodes(disk), late[0], rootNode(disk)]).toEqual(nodes(blockdevArgs(disk)));
+    expect(rootNode(disk)).toMatchObject({ "node-name": "root", backing: "backing1", file: "root-file" });
   });
 });
