@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { ApiError, InvalidVmStateError } from "../errors.ts";
 import { fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { run } from "../util/process.ts";
+import type { StateLayout } from "./migration.ts";
 import type { PhaseClock } from "./phases.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotDisk, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
 import { vmFiles, type MicroVm, type VmRecord } from "./vm.ts";
@@ -48,22 +49,29 @@ export function assertCapturable(vm: MicroVm): void {
 
 /**
  * Captures `vm` (running) into `dir`, which holds no capture yet (it may
- * have been prepared: `prepareCapture`). The caller holds the VM's lock.
+ * have been prepared: `prepareCapture`). Its state goes to `dir/state` as a
+ * stream, or where `state` says in its layout (a fork's: `prepareCapture`).
+ * The caller holds the VM's lock.
  */
-export async function captureVm(vm: MicroVm, dir: string, opts: { durable: boolean; clock?: PhaseClock }): Promise<VmCapture> {
+export async function captureVm(vm: MicroVm, dir: string, opts: { durable: boolean; clock?: PhaseClock; state?: CaptureState }): Promise<VmCapture> {
   const clock = opts.clock;
   assertCapturable(vm);
   const machine = vm.machine!;
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const files = snapshotFiles(dir);
+  const state = opts.state ?? { path: files.state, layout: "stream" };
   const token = vm.record.token;
   clock?.mark("prepare");
   // Both files are written in place (a fork's children hold them already: `prepareCapture`).
-  const { pauseMs } = await machine.saveRunning(files.state, async () => {
-    clock?.mark("live-copy");
-    await run("cp", ["--sparse=always", vmFiles(vm.dir).disk, files.disk]);
-    clock?.mark("disk-copy");
-  });
+  const { pauseMs } = await machine.saveRunning(
+    state.path,
+    async () => {
+      clock?.mark("live-copy");
+      await run("cp", ["--sparse=always", vmFiles(vm.dir).disk, files.disk]);
+      clock?.mark("disk-copy");
+    },
+    state.layout,
+  );
   clock?.mark("last-pass");
   const layers = [files.disk];
   for (const [i, layer] of (vm.record.diskLayers ?? []).entries()) {
@@ -73,12 +81,12 @@ export async function captureVm(vm: MicroVm, dir: string, opts: { durable: boole
   }
   await sealLayers(layers);
   clock?.mark("layers");
-  await chmod(files.state, 0o600);
   if (opts.durable) {
-    await fsyncFile(files.state);
+    await chmod(state.path, 0o600);
+    await fsyncFile(state.path);
     clock?.mark("state-fsync");
   }
-  return { dir, token, state: files.state, layers, pauseMs };
+  return { dir, token, state: state.path, layers, pauseMs };
 }
 
 /**
@@ -109,16 +117,23 @@ export async function writeCaptureManifest(capture: VmCapture, vm: MicroVm, from
   return { dir: capture.dir, manifest };
 }
 
+/** Where a capture's state goes, and how its RAM is laid out there. */
+export interface CaptureState {
+  path: string;
+  layout: StateLayout;
+}
+
 /**
- * Makes a capture's `state` and `disk.qcow2`, empty, before the capture:
- * it writes them in place (truncated, never replaced), so a fork's children,
- * whose processes start during the capture, link and open them already
- * (engine.ts `fork`).
+ * Makes a capture's `disk.qcow2` and its state file (`state.path`: `dir/state`
+ * or, in the mapped-ram layout, a file the VM's QEMU may open), empty,
+ * before the capture: it writes them in place (truncated, never replaced),
+ * so a fork's children, whose processes start during the capture, link and
+ * open them already (engine.ts `fork`). Made root's, 0600: a state the VM's
+ * QEMU writes itself is given to its uid by the caller.
  */
-export async function prepareCapture(dir: string): Promise<void> {
+export async function prepareCapture(dir: string, state: CaptureState): Promise<void> {
   await mkdir(dir, { mode: 0o700 });
-  const files = snapshotFiles(dir);
-  for (const file of [files.state, files.disk]) await writeFile(file, "", { mode: 0o600, flag: "wx" });
+  for (const file of [snapshotFiles(dir).disk, state.path]) await writeFile(file, "", { mode: 0o600, flag: "wx" });
 }
 
 /**

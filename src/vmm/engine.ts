@@ -1,6 +1,6 @@
 import { EventEmitter } from "node:events";
 import { constants, readdirSync } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, rm, stat, truncate } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, truncate } from "node:fs/promises";
 import { cpus } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
@@ -9,12 +9,13 @@ import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { isAlive, processArgv, run } from "../util/process.ts";
 import { decideAdoption } from "./adoption.ts";
 import { AgentClient } from "./agent-client.ts";
-import { assertCapturable, captureVm, forkLayers, linkOrCopy, prepareCapture, writeCaptureManifest, type VmCapture } from "./capture.ts";
+import { assertCapturable, captureVm, forkLayers, linkOrCopy, prepareCapture, writeCaptureManifest, type CaptureState, type VmCapture } from "./capture.ts";
 import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
 import { parseEgress, type Egress } from "./network/index.ts";
-import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, volumeSerial, type Accelerator, type GuestMemory, type MachineSpec, type PortForward } from "./qemu.ts";
+import { AGENT_PORT, machinePaths, qemuFeatures, qemuInstall, socketPaths, volumeSerial, type Accelerator, type GuestMemory, type MachineSpec, type PortForward } from "./qemu.ts";
+import type { StateLayout } from "./migration.ts";
 import { PhaseClock } from "./phases.ts";
 import { PrestartPool } from "./prestart-pool.ts";
 import { ReleaseStack } from "./release-stack.ts";
@@ -437,13 +438,14 @@ export class Engine extends EventEmitter {
     const parent = this.get(id);
     assertCapturable(parent);
     // Under vms/ (so a link to its layers stays on one filesystem); without a record, a restart removes it.
-    const dir = join(this.vmsDir, `.fork-${randomBytes(6).toString("hex")}`);
+    const tag = randomBytes(6).toString("hex");
+    const dir = join(this.vmsDir, `.fork-${tag}`);
     const total = new PhaseClock();
-    await prepareCapture(dir);
+    const state = await this.forkState(parent, dir, tag);
     const captureClock = new PhaseClock();
-    const capturing = this.withVm(id, (vm) => captureVm(vm, dir, { durable: false, clock: captureClock }));
+    const capturing = this.withVm(id, (vm) => captureVm(vm, dir, { durable: false, clock: captureClock, state }));
     // Each child fails on its own (with the capture's error if it failed); awaited below either way.
-    const children = Promise.all(childIds.map((childId) => this.forkChild(parent.record, dir, capturing, childId).catch((err: Error) => err)));
+    const children = Promise.all(childIds.map((childId) => this.forkChild(parent.record, dir, state, capturing, childId).catch((err: Error) => err)));
     try {
       const capture = await capturing;
       this.emit("phases", "capture", captureClock.phases);
@@ -455,9 +457,34 @@ export class Engine extends EventEmitter {
       // A failed capture's children are ended before its files go.
       await children;
       await rm(dir, { recursive: true, force: true });
+      await rm(state.path, { force: true });
       total.mark("cleanup");
       this.emit("phases", "fork", total.phases);
     }
+  }
+
+  /**
+   * Prepares a fork's capture (`prepareCapture`) and says where its state
+   * goes: in the mapped-ram layout where the build has it, which the parent's
+   * QEMU writes itself, so into its socket directory (the one place its jail
+   * lets it open a file the server made its own; removed with the fork, or
+   * with the directory), if that filesystem (a tmpfs, usually) has room for
+   * all of the VM's RAM; else a stream into the capture directory.
+   */
+  private async forkState(parent: MicroVm, dir: string, tag: string): Promise<CaptureState> {
+    const sockets = socketPaths(parent.record.processName).dir;
+    const room = await statfs(sockets).then((s) => s.bavail * s.bsize, () => 0);
+    const mappedRam = qemuFeatures().fileMigration && room > (parent.record.memoryMiB + 64) * 2 ** 20;
+    const state: CaptureState = mappedRam ? { path: join(sockets, `capture-${tag}.ram`), layout: "mapped-ram" } : { path: snapshotFiles(dir).state, layout: "stream" };
+    await prepareCapture(dir, state);
+    if (mappedRam) await this.host.prepareFiles(parent.record.uid, [state.path]);
+    return state;
+  }
+
+  /** Removes the fork captures' states left in a process's socket directory by a server that died mid-fork (`forkState`). */
+  private async removeForkStates(processName: string): Promise<void> {
+    const dir = socketPaths(processName).dir;
+    for (const name of await readdir(dir).catch(() => [])) if (/^capture-[0-9a-f]+\.ram$/.test(name)) await rm(join(dir, name), { force: true });
   }
 
   /**
@@ -465,7 +492,7 @@ export class Engine extends EventEmitter {
    * started at once, its disk's chain bound and the capture restored into
    * anonymous memory (as a resume) once `capturing` ends.
    */
-  private async forkChild(parent: VmRecord, dir: string, capturing: Promise<VmCapture>, id: string): Promise<MicroVm> {
+  private async forkChild(parent: VmRecord, dir: string, state: CaptureState, capturing: Promise<VmCapture>, id: string): Promise<MicroVm> {
     const clock = new PhaseClock();
     const vm = await this.newVm(
       id,
@@ -491,7 +518,7 @@ export class Engine extends EventEmitter {
         clock.mark("overlay");
         const forwards = [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards];
         let started = false;
-        const starting = this.startRestoreProcess(vm, { kind: "anonymous" }, snapshotFiles(dir).state, forwards, clock, { background: true, backingLater: true });
+        const starting = this.startRestoreProcess(vm, { kind: "anonymous" }, state.path, forwards, clock, { background: true, backingLater: true, layout: state.layout });
         void starting.then(() => (started = true), () => undefined);
         // Whatever the capture's end, the start is awaited before anything is released.
         const captured = await capturing.then((capture) => ({ capture }), (error: unknown) => ({ error }));
@@ -753,7 +780,7 @@ export class Engine extends EventEmitter {
     stateFile: string,
     forwards: PortForward[],
     clock: PhaseClock,
-    opts: { background?: boolean; backingLater?: boolean } = {},
+    opts: { background?: boolean; backingLater?: boolean; layout?: StateLayout } = {},
   ): Promise<Machine> {
     const snapshot = await this.loadSnapshot(vm.record.snapshotDir);
     const spec: MachineSpec = {
@@ -770,6 +797,7 @@ export class Engine extends EventEmitter {
       volumes: (vm.record.volumes ?? []).map((v) => ({ path: volumeFile(this.config.dataDir, v.volumeId), readOnly: v.readOnly })),
       forwards,
       incomingState: stateFile,
+      incomingLayout: opts.layout,
     };
     vm.process = new ReleaseStack();
     await this.host.prepareVolumes(vm.record.uid, spec.volumes ?? []);
@@ -888,6 +916,7 @@ export class Engine extends EventEmitter {
         return;
       case "attach":
         await machine!.cancelMigration();
+        await this.removeForkStates(record.processName);
         if (decision.cont) await machine!.cont();
         await rm(files.suspended, { force: true });
         await rm(files.suspending, { force: true });

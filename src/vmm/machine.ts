@@ -1,7 +1,7 @@
 import { EventEmitter } from "node:events";
 import { readdirSync } from "node:fs";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
-import { restoreState, saveState } from "./migration.ts";
+import { restoreState, saveMappedRam, saveState, type StateLayout } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
 import { backingNodes, hostfwdRule, incomingStateSource, rootNode, socketPaths, startQemu, type DiskChain, type MachineSpec, type PortForward } from "./qemu.ts";
 
@@ -30,6 +30,8 @@ export class Machine extends EventEmitter {
     private readonly uid: number | undefined,
     /** A disk whose chain is bound later (`DiskChain.backingLater`, `bindBacking`). */
     private readonly unboundDisk?: DiskChain,
+    /** The layout of the state it restores (`MachineSpec.incomingLayout`). */
+    private readonly incomingLayout: StateLayout = "stream",
   ) {
     super();
     // QEMU holds the QMP socket until it exits, so its closing is the exit signal
@@ -40,7 +42,7 @@ export class Machine extends EventEmitter {
   /** Starts a QEMU process for `spec`; it keeps running if the server dies. */
   static async start(spec: MachineSpec): Promise<Machine> {
     const { pid, qmp } = await startQemu(spec);
-    const machine = new Machine(pid, spec.name, qmp, spec.jail ? spec.uid : undefined, spec.disk.backingLater ? spec.disk : undefined);
+    const machine = new Machine(pid, spec.name, qmp, spec.jail ? spec.uid : undefined, spec.disk.backingLater ? spec.disk : undefined, spec.incomingLayout);
     machine.forwards.push(...spec.forwards);
     return machine;
   }
@@ -96,9 +98,10 @@ export class Machine extends EventEmitter {
    * guest runs: its vCPUs stop only for the last pass, during which
    * `whileStopped` runs (`LiveSave`), and continue afterwards whether or not
    * the save worked. Returns how long they were stopped, from QEMU's STOP and
-   * RESUME events. The capture of a running VM (vmm/capture.ts).
+   * RESUME events. The capture of a running VM (vmm/capture.ts). In the
+   * mapped-ram layout, `file` is one this QEMU opens itself (`saveMappedRam`).
    */
-  async saveRunning(file: string, whileStopped: () => Promise<void>): Promise<{ pauseMs: number }> {
+  async saveRunning(file: string, whileStopped: () => Promise<void>, layout: StateLayout = "stream"): Promise<{ pauseMs: number }> {
     const at: Partial<Record<"STOP" | "RESUME", number>> = {};
     const onEvent = (msg: { event: string; timestamp?: { seconds: number; microseconds: number } }) => {
       if ((msg.event === "STOP" || msg.event === "RESUME") && msg.timestamp) at[msg.event] = msg.timestamp.seconds * 1000 + msg.timestamp.microseconds / 1000;
@@ -106,7 +109,8 @@ export class Machine extends EventEmitter {
     this.qmp.on("event", onEvent);
     const started = performance.now();
     try {
-      await saveState(this.qmp, socketPaths(this.name).migration, file, this.uid, { durable: false, live: { whileStopped } });
+      if (layout === "mapped-ram") await saveMappedRam(this.qmp, file, { live: { whileStopped } });
+      else await saveState(this.qmp, socketPaths(this.name).migration, file, this.uid, { durable: false, live: { whileStopped } });
     } finally {
       // The guest goes on as it was whether or not the save worked.
       await this.cont();
@@ -152,7 +156,7 @@ export class Machine extends EventEmitter {
 
   /** Loads the state the machine was started with (`incomingState`); still paused afterwards. */
   restore(): Promise<void> {
-    return restoreState(this.qmp, incomingStateSource());
+    return restoreState(this.qmp, incomingStateSource(), this.incomingLayout);
   }
 
   /** Ends the process (QMP quit, then SIGKILL if it lingers) and waits until it is gone. */

@@ -4,6 +4,7 @@ import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import { fsyncFile } from "../util/files.ts";
 import { sleep } from "../util/process.ts";
+import { qemuFeatures } from "./qemu.ts";
 import type { QmpClient } from "./qmp.ts";
 
 /*
@@ -19,20 +20,44 @@ interface MigrationInfo {
 }
 
 /**
+ * How RAM is laid out in a state file. `stream`: QEMU's migration stream,
+ * pages in the order sent (every suspend, snapshot and capture for a named
+ * snapshot). `mapped-ram`: each page at its own offset of the file, written
+ * and read by `MAPPED_RAM_CHANNELS` threads (`multifd`), which QEMU opens by
+ * path, so the file must be one the (jailed) QEMU may open: a fork's
+ * capture, read by its children only (capture.ts). Builds without the
+ * capability (QEMU < 9.0: `QemuFeatures.fileMigration`) write streams only.
+ */
+export type StateLayout = "stream" | "mapped-ram";
+
+/** Threads that write and read a mapped-ram state: one per host CPU here (2) beat one by 2-4× on a capture (SPECIFICATION.md). */
+const MAPPED_RAM_CHANNELS = 2;
+
+/**
  * Ask for the same capabilities on both ends of every stream: with
  * x-ignore-shared, RAM mapped share=on (a snapshot template's memory file) is
- * left out of the stream, and the stream layout depends on the capability.
- * pause-before-switchover (the source's alone; the stream is the same) is set
- * on every save, on or off, as a QEMU keeps capabilities from one migration
- * to the next: a suspend after a live capture must not stop half-way.
+ * left out of the stream, and the stream layout depends on the capability;
+ * mapped-ram has no such RAM (a fork's parent is a clone or a resumed VM:
+ * private RAM) and refuses it. pause-before-switchover (the source's alone;
+ * the stream is the same) is set on every save, on or off, as a QEMU keeps
+ * capabilities from one migration to the next: a suspend after a live
+ * capture must not stop half-way (nor write mapped-ram).
  */
-async function setCapabilities(qmp: QmpClient, live = false): Promise<void> {
+async function setCapabilities(qmp: QmpClient, layout: StateLayout, live = false): Promise<void> {
+  const mappedRam = layout === "mapped-ram";
   await qmp.execute("migrate-set-capabilities", {
     capabilities: [
-      { capability: "x-ignore-shared", state: true },
+      { capability: "x-ignore-shared", state: !mappedRam },
       { capability: "pause-before-switchover", state: live },
+      ...(qemuFeatures().fileMigration
+        ? [
+            { capability: "mapped-ram", state: mappedRam },
+            { capability: "multifd", state: mappedRam },
+          ]
+        : []),
     ],
   });
+  if (mappedRam) await qmp.execute("migrate-set-parameters", { "multifd-channels": MAPPED_RAM_CHANNELS });
 }
 
 /**
@@ -106,7 +131,6 @@ export async function saveState(
   uid: number | undefined,
   opts: { durable?: boolean; timeoutMs?: number; live?: LiveSave } = {},
 ): Promise<void> {
-  const timeoutMs = opts.timeoutMs ?? 120_000;
   await rm(socketPath, { force: true });
   const server = createServer();
   await new Promise<void>((resolve, reject) => server.once("error", reject).listen(socketPath, resolve));
@@ -121,22 +145,7 @@ export async function saveState(
   // Awaited only when the migration worked; a failed one may end the stream with an error nobody waits for.
   received.catch(() => undefined);
   try {
-    await setCapabilities(qmp, opts.live !== undefined);
-    // The default 128 MiB/s cap exists for live migration over networks; here the
-    // stream goes to a local file, so lift it.
-    await qmp.execute("migrate-set-parameters", {
-      "max-bandwidth": 64 * 1024 * 1024 * 1024,
-      "downtime-limit": opts.live ? LIVE_DOWNTIME_MS : STOPPED_DOWNTIME_MS,
-    });
-    await qmp.execute("migrate", { uri: `unix:${socketPath}` });
-    if (opts.live) {
-      await switchOver(qmp, opts.live, timeoutMs).catch(async (err: unknown) => {
-        // Lets a save stopped before its last pass end (QEMU continues the guest it stopped).
-        await qmp.execute("migrate_cancel").catch(() => undefined);
-        throw err;
-      });
-    }
-    await waitForMigration(qmp, 5, timeoutMs);
+    await migrate(qmp, `unix:${socketPath}`, "stream", opts);
     await received;
   } finally {
     server.close();
@@ -147,13 +156,44 @@ export async function saveState(
 }
 
 /**
+ * Writes the VM's state in the mapped-ram layout (`StateLayout`) to `file`,
+ * which QEMU opens itself (it exists, made its uid's by the server, in a
+ * root-owned directory) and writes in place; not made durable. Live as
+ * `saveState` can be.
+ */
+export async function saveMappedRam(qmp: QmpClient, file: string, opts: { timeoutMs?: number; live?: LiveSave } = {}): Promise<void> {
+  await migrate(qmp, `file:${file}`, "mapped-ram", opts);
+}
+
+/** Runs one outgoing migration to `uri` until it has completed. */
+async function migrate(qmp: QmpClient, uri: string, layout: StateLayout, opts: { timeoutMs?: number; live?: LiveSave }): Promise<void> {
+  const timeoutMs = opts.timeoutMs ?? 120_000;
+  await setCapabilities(qmp, layout, opts.live !== undefined);
+  // The default 128 MiB/s cap exists for live migration over networks; here the
+  // stream goes to a local file, so lift it.
+  await qmp.execute("migrate-set-parameters", {
+    "max-bandwidth": 64 * 1024 * 1024 * 1024,
+    "downtime-limit": opts.live ? LIVE_DOWNTIME_MS : STOPPED_DOWNTIME_MS,
+  });
+  await qmp.execute("migrate", { uri });
+  if (opts.live) {
+    await switchOver(qmp, opts.live, timeoutMs).catch(async (err: unknown) => {
+      // Lets a save stopped before its last pass end (QEMU continues the guest it stopped).
+      await qmp.execute("migrate_cancel").catch(() => undefined);
+      throw err;
+    });
+  }
+  await waitForMigration(qmp, 5, timeoutMs);
+}
+
+/**
  * Loads the saved state a QEMU was started with (`MachineSpec.incomingState`,
  * from `incomingStateSource()`) and returns when the guest can be continued.
  * An fdset's descriptor is then closed: QEMU would hold the state file (a
  * resumed VM's, deleted afterwards) open for its whole life.
  */
-export async function restoreState(qmp: QmpClient, source: { uri: string; fdset?: number }, timeoutMs = 120_000): Promise<void> {
-  await setCapabilities(qmp);
+export async function restoreState(qmp: QmpClient, source: { uri: string; fdset?: number }, layout: StateLayout, timeoutMs = 120_000): Promise<void> {
+  await setCapabilities(qmp, layout);
   await qmp.execute("migrate-incoming", { uri: source.uri });
   // `cont` before `completed` leaves the guest's network dead (docs/architecture.md).
   await waitForMigration(qmp, 2, timeoutMs);

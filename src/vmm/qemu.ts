@@ -5,6 +5,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Jail } from "./jail/index.ts";
+import type { StateLayout } from "./migration.ts";
 import type { NetBackend } from "./network/index.ts";
 import { QmpClient } from "./qmp.ts";
 
@@ -187,6 +188,8 @@ export interface MachineSpec {
    * read-only here. Absent: a cold boot.
    */
   incomingState?: string;
+  /** How the RAM in `incomingState` is laid out (default `stream`; `mapped-ram`: a fork's capture). */
+  incomingLayout?: StateLayout;
   /** The jail QEMU runs in (src/vmm/jail); unjailed when absent. */
   jail?: Jail;
   /** The uid a jailed QEMU runs as: its migration socket is made its own. */

@@ -59,7 +59,8 @@ describe("a fork child started during its parent's capture", () => {
     await mkdir(child);
     const older = join(dir, "parent-layer-0.qcow2");
     await writeFile(older, "older layer");
-    await prepareCapture(capture);
+    const state = { path: join(capture, "state"), layout: "stream" as const };
+    await prepareCapture(capture, state);
     const layers = await forkLayers(capture, { diskLayers: [older] } as VmRecord, child);
     expect(layers).toEqual([join(child, "layer-0.qcow2"), join(child, "layer-1.qcow2")]);
     expect(await readFile(layers[0]!, "utf8")).toBe("");
@@ -69,7 +70,7 @@ describe("a fork child started during its parent's capture", () => {
     expect(await readFile(layers[0]!, "utf8")).toBe("captured overlay");
     expect(await readFile(layers[1]!, "utf8")).toBe("older layer");
     // A second capture into the same directory is refused, not mixed.
-    await expect(prepareCapture(capture)).rejects.toThrow();
+    await expect(prepareCapture(capture, state)).rejects.toThrow();
   });
 
   it("opens its disk over no backing, and binds the same chain a disk started with it has", () => {
