@@ -465,16 +465,18 @@ export class Engine extends EventEmitter {
 
   /**
    * Prepares a fork's capture (`prepareCapture`) and says where its state
-   * goes: in the mapped-ram layout where the build has it, which the parent's
-   * QEMU writes itself, so into its socket directory (the one place its jail
-   * lets it open a file the server made its own; removed with the fork, or
-   * with the directory), if that filesystem (a tmpfs, usually) has room for
-   * all of the VM's RAM; else a stream into the capture directory.
+   * goes: in the mapped-ram layout where both the parent's QEMU and this
+   * host's (the children's) have it, which the parent's QEMU writes itself,
+   * so into its socket directory (the one place its jail lets it open a file
+   * the server made its own; removed with the fork, or with the directory),
+   * if that filesystem (a tmpfs, usually) has room for all of the VM's RAM;
+   * else a stream into the capture directory.
    */
   private async forkState(parent: MicroVm, dir: string, tag: string): Promise<CaptureState> {
     const sockets = socketPaths(parent.record.processName).dir;
     const room = await statfs(sockets).then((s) => s.bavail * s.bsize, () => 0);
-    const mappedRam = qemuFeatures().fileMigration && room > (parent.record.memoryMiB + 64) * 2 ** 20;
+    const mappedRam =
+      qemuFeatures().fileMigration && room > (parent.record.memoryMiB + 64) * 2 ** 20 && ((await parent.machine?.hasMappedRam().catch(() => false)) ?? false);
     const state: CaptureState = mappedRam ? { path: join(sockets, `capture-${tag}.ram`), layout: "mapped-ram" } : { path: snapshotFiles(dir).state, layout: "stream" };
     await prepareCapture(dir, state);
     if (mappedRam) await this.host.prepareFiles(parent.record.uid, [state.path]);

@@ -1,7 +1,7 @@
 import { EventEmitter } from "node:events";
 import { readdirSync } from "node:fs";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
-import { restoreState, saveMappedRam, saveState, type StateLayout } from "./migration.ts";
+import { hasMappedRam, restoreState, saveMappedRam, saveState, type StateLayout } from "./migration.ts";
 import { QmpClient } from "./qmp.ts";
 import { backingNodes, hostfwdRule, incomingStateSource, rootNode, socketPaths, startQemu, type DiskChain, type MachineSpec, type PortForward } from "./qemu.ts";
 
@@ -119,6 +119,11 @@ export class Machine extends EventEmitter {
     // Both events are QEMU's clock; without them (none seen), the whole save is the bound.
     const pauseMs = at.STOP !== undefined && at.RESUME !== undefined && at.RESUME >= at.STOP ? at.RESUME - at.STOP : performance.now() - started;
     return { pauseMs };
+  }
+
+  /** Whether this process can write a state in the mapped-ram layout (`StateLayout`). */
+  hasMappedRam(): Promise<boolean> {
+    return hasMappedRam(this.qmp);
   }
 
   /**

@@ -4,7 +4,6 @@ import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import { fsyncFile } from "../util/files.ts";
 import { sleep } from "../util/process.ts";
-import { qemuFeatures } from "./qemu.ts";
 import type { QmpClient } from "./qmp.ts";
 
 /*
@@ -41,7 +40,9 @@ const MAPPED_RAM_CHANNELS = 2;
  * private RAM) and refuses it. pause-before-switchover (the source's alone;
  * the stream is the same) is set on every save, on or off, as a QEMU keeps
  * capabilities from one migration to the next: a suspend after a live
- * capture must not stop half-way (nor write mapped-ram).
+ * capture must not stop half-way. mapped-ram and multifd are named only
+ * where they are wanted (a build without them refuses their names), and a
+ * mapped-ram save turns them off again when it ends (`saveMappedRam`).
  */
 async function setCapabilities(qmp: QmpClient, layout: StateLayout, live = false): Promise<void> {
   const mappedRam = layout === "mapped-ram";
@@ -49,15 +50,18 @@ async function setCapabilities(qmp: QmpClient, layout: StateLayout, live = false
     capabilities: [
       { capability: "x-ignore-shared", state: !mappedRam },
       { capability: "pause-before-switchover", state: live },
-      ...(qemuFeatures().fileMigration
-        ? [
-            { capability: "mapped-ram", state: mappedRam },
-            { capability: "multifd", state: mappedRam },
-          ]
-        : []),
+      ...(mappedRam ? MAPPED_RAM_CAPABILITIES.map((capability) => ({ capability, state: true })) : []),
     ],
   });
   if (mappedRam) await qmp.execute("migrate-set-parameters", { "multifd-channels": MAPPED_RAM_CHANNELS });
+}
+
+const MAPPED_RAM_CAPABILITIES = ["mapped-ram", "multifd"] as const;
+
+/** Whether the QEMU behind `qmp` can write and read the mapped-ram layout (a process may be of another build than this server's: one adopted across an upgrade). */
+export async function hasMappedRam(qmp: QmpClient): Promise<boolean> {
+  const capabilities = await qmp.execute<{ capability: string }[]>("query-migrate-capabilities");
+  return capabilities.some((c) => c.capability === "mapped-ram");
 }
 
 /**
@@ -162,7 +166,12 @@ export async function saveState(
  * `saveState` can be.
  */
 export async function saveMappedRam(qmp: QmpClient, file: string, opts: { timeoutMs?: number; live?: LiveSave } = {}): Promise<void> {
-  await migrate(qmp, `file:${file}`, "mapped-ram", opts);
+  try {
+    await migrate(qmp, `file:${file}`, "mapped-ram", opts);
+  } finally {
+    // The next save of this process (a suspend) is a stream again.
+    await qmp.execute("migrate-set-capabilities", { capabilities: MAPPED_RAM_CAPABILITIES.map((capability) => ({ capability, state: false })) });
+  }
 }
 
 /** Runs one outgoing migration to `uri` until it has completed. */
