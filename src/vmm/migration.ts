@@ -169,9 +169,13 @@ export async function saveMappedRam(qmp: QmpClient, file: string, opts: { timeou
   try {
     await migrate(qmp, `file:${file}`, "mapped-ram", opts);
   } finally {
-    // The next save of this process (a suspend) is a stream again.
-    await qmp.execute("migrate-set-capabilities", { capabilities: MAPPED_RAM_CAPABILITIES.map((capability) => ({ capability, state: false })) });
+    await endMappedRam(qmp);
   }
+}
+
+/** Turns mapped-ram off once a migration in that layout has ended: the process's next save (a suspend) is a stream. */
+async function endMappedRam(qmp: QmpClient): Promise<void> {
+  await qmp.execute("migrate-set-capabilities", { capabilities: MAPPED_RAM_CAPABILITIES.map((capability) => ({ capability, state: false })) });
 }
 
 /** Runs one outgoing migration to `uri` until it has completed. */
@@ -206,5 +210,6 @@ export async function restoreState(qmp: QmpClient, source: { uri: string; fdset?
   await qmp.execute("migrate-incoming", { uri: source.uri });
   // `cont` before `completed` leaves the guest's network dead (docs/architecture.md).
   await waitForMigration(qmp, 2, timeoutMs);
+  if (layout === "mapped-ram") await endMappedRam(qmp);
   if (source.fdset !== undefined) await qmp.execute("remove-fd", { "fdset-id": source.fdset });
 }
