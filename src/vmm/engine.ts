@@ -478,8 +478,14 @@ export class Engine extends EventEmitter {
     const mappedRam =
       qemuFeatures().fileMigration && room > (parent.record.memoryMiB + 64) * 2 ** 20 && ((await parent.machine?.hasMappedRam().catch(() => false)) ?? false);
     const state: CaptureState = mappedRam ? { path: join(sockets, `capture-${tag}.ram`), layout: "mapped-ram" } : { path: snapshotFiles(dir).state, layout: "stream" };
-    await prepareCapture(dir, state);
-    if (mappedRam) await this.host.prepareFiles(parent.record.uid, [state.path]);
+    try {
+      await prepareCapture(dir, state);
+      if (mappedRam) await this.host.prepareFiles(parent.record.uid, [state.path]);
+    } catch (err) {
+      await rm(dir, { recursive: true, force: true });
+      await rm(state.path, { force: true });
+      throw err;
+    }
     return state;
   }
 
