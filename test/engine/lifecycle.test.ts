@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { describe, expect, inject, it } from "vitest";
 import { InvalidArgumentError, SnapshotIncompatibleError } from "../../src/errors.ts";
 import { Engine } from "../../src/vmm/engine.ts";
+import { qemuFeatures, socketPaths } from "../../src/vmm/qemu.ts";
 import { isAlive, processArgv } from "../../src/util/process.ts";
 import { engineConfig, useEngine } from "../support/engine-fixture.ts";
 import { TEST_ROOT } from "../support/paths.ts";
@@ -326,6 +327,59 @@ describe("pre-started processes", () => {
     }
     // Shutdown ends what was pre-started: nothing is left running or on disk.
     expect(await readdir(join(dataDir, "vms"))).toEqual([]);
+    expect(qemuProcessesOf(dataDir)).toEqual([]);
+  });
+
+  it("discard a fork child whose process started during its parent's capture when the server is killed before the capture ends", async () => {
+    const dataDir = join(ctx.dataDir, "..", `${ctx.dataDir.split("/").pop()}-fork`);
+    const config = engineConfig(dataDir);
+    // A server killed with SIGKILL while a fork's capture runs (held here: it never ends) and its child's QEMU waits.
+    const script = `
+      import { Engine } from "./src/vmm/engine.ts";
+      import { Machine } from "./src/vmm/machine.ts";
+      const engine = await Engine.open(JSON.parse(process.env.CONFIG));
+      const parent = await engine.launch(await engine.loadSnapshot(process.env.SNAPSHOT));
+      Machine.prototype.saveRunning = () => new Promise(() => {});
+      void engine.fork(parent.id, ["child"]);
+      for (;;) {
+        const pid = engine.list().find((v) => v.id === "child")?.machine?.pid;
+        if (pid) { console.log(JSON.stringify({ parent: parent.id, child: pid })); break; }
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      setInterval(() => {}, 1000);
+    `;
+    const server = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      env: { ...process.env, CONFIG: JSON.stringify(config), SNAPSHOT: inject("baseSnapshotDir") },
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const killed = await new Promise<{ parent: string; child: number }>((resolve, reject) => {
+      server.stdout.on("data", (d: Buffer) => resolve(JSON.parse(d.toString())));
+      server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+    });
+    server.kill("SIGKILL");
+    expect(isAlive(killed.child)).toBe(true);
+    // Left behind: the capture's directory, and (where QEMU writes mapped-ram) its state in the parent's socket directory.
+    expect((await readdir(join(dataDir, "vms"))).filter((f) => f.startsWith(".fork-"))).toHaveLength(1);
+    const parentSockets = socketPaths(killed.parent).dir;
+    const captureStates = async () => (await readdir(parentSockets)).filter((f) => f.startsWith("capture-"));
+    expect(await captureStates()).toHaveLength(qemuFeatures().fileMigration ? 1 : 0);
+
+    const engine = await Engine.open(config);
+    try {
+      // The child was recorded starting: adoption ends its process and removes it; the capture's directory
+      // (no record) goes too, and nothing of the capture is left in the parent's socket directory.
+      expect(isAlive(killed.child)).toBe(false);
+      expect(await readdir(join(dataDir, "vms"))).toEqual([killed.parent]);
+      const parent = engine.get(killed.parent);
+      expect(parent.status).toBe("running");
+      expect(await captureStates()).toEqual([]);
+      // The parent forks again.
+      const { children } = await engine.fork(parent.id, ["child-2"]);
+      expect(children.map((c) => (c instanceof Error ? c.message : c.status))).toEqual(["running"]);
+    } finally {
+      for (const vm of engine.list()) await engine.terminate(vm.id);
+      await engine.close();
+    }
     expect(qemuProcessesOf(dataDir)).toEqual([]);
   });
 });
