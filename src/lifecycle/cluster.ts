@@ -36,6 +36,17 @@ export const DEFAULT_LEASE: LeaseTiming = { leaseSeconds: 15, renewEveryMs: 3000
 
 export type Tx = Transaction<Database>;
 
+/**
+ * What keeps a node's QEMUs from outliving its lease (the lease fence,
+ * lease-fence.ts): told of every lease that took, checked before each renewal.
+ */
+export interface LeaseGuard {
+  /** The guard runs (started again if it died); throws when it cannot be. */
+  ensure(): Promise<void>;
+  /** The lease holds `leaseSeconds` past `sentAtNs` (CLOCK_MONOTONIC, taken before its write was sent). */
+  renewed(sentAtNs: bigint, leaseSeconds: number): Promise<void>;
+}
+
 /** A VM's row is this node's at this epoch, and the node's lease is live on the database's clock. */
 export function ownedBy(owner: VmOwner) {
   return (eb: ExpressionBuilder<Database, "microvms">): Expression<SqlBool> =>
@@ -85,6 +96,8 @@ export class ClusterNode {
       builds?: () => { vcpus: number; memoryMiB: number };
       log?: (line: string) => void;
       timing?: LeaseTiming;
+      /** Cluster servers: the lease fence. Without one (tests of the protocol alone), a node's QEMUs may outlive its lease. */
+      guard?: LeaseGuard;
     },
   ) {
     this.timing = opts.timing ?? DEFAULT_LEASE;
@@ -108,6 +121,7 @@ export class ClusterNode {
   async register(): Promise<void> {
     const { info } = this;
     const lease = this.leaseExpiry();
+    const sentAt = process.hrtime.bigint();
     this.epoch = await this.db.transaction().execute(async (tx) => {
       const previous = await tx.selectFrom("nodes").selectAll().where("id", "=", info.id).forUpdate().executeTakeFirst();
       const values = {
@@ -132,6 +146,9 @@ export class ClusterNode {
       await tx.updateTable("microvms").set({ node_epoch: epoch }).where("node_id", "=", info.id).where("state", "not in", ["TERMINATED", "FAILED"]).execute();
       return epoch;
     });
+    // The deadline first: a fence started now finds the lease it guards.
+    await this.opts.guard?.renewed(sentAt, this.timing.leaseSeconds);
+    await this.opts.guard?.ensure();
     this.opts.log?.(`cluster: node ${info.id} registered at epoch ${this.epoch} (${info.url})`);
   }
 
@@ -154,6 +171,14 @@ export class ClusterNode {
 
   private async tick(): Promise<void> {
     try {
+      await this.opts.guard?.ensure();
+    } catch (err) {
+      // Renewing without the fence would let this node's guests outlive its lease: it lets the lease lapse instead.
+      this.opts.log?.(`cluster: the lease fence is not running and cannot be started (${(err as Error).message}): ending this node's VMs and renewing no more until it runs`);
+      await this.opts.onFenced().catch(() => undefined);
+      return;
+    }
+    try {
       if (!(await this.renew())) await this.fence();
       await this.reap();
     } catch (err) {
@@ -165,6 +190,7 @@ export class ClusterNode {
   /** Extends the lease; false when it updates nothing (the node was declared dead, or its lease ran out). */
   async renew(): Promise<boolean> {
     const builds = this.opts.builds?.() ?? { vcpus: 0, memoryMiB: 0 };
+    const sentAt = process.hrtime.bigint();
     const res = await this.db
       .updateTable("nodes")
       .set({ lease_expires_at: this.leaseExpiry(), build_vcpus: builds.vcpus, build_memory_mib: builds.memoryMiB })
@@ -173,7 +199,9 @@ export class ClusterNode {
       .where("state", "!=", "dead")
       .where("lease_expires_at", ">", sql<Date>`now()`)
       .executeTakeFirst();
-    return res.numUpdatedRows > 0n;
+    if (res.numUpdatedRows === 0n) return false;
+    await this.opts.guard?.renewed(sentAt, this.timing.leaseSeconds);
+    return true;
   }
 
   /** Declared dead by its peers: ends its VMs (others may act on their rows now), then rejoins under a new epoch. */

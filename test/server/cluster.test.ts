@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import { closeDatabase, openPostgres, type Db } from "../../src/store/db.ts";
 import { freeLoopbackPort } from "../../src/util/ports.ts";
+import { isAlive } from "../../src/util/process.ts";
 import { CocoonServer } from "../support/cocoon-server.ts";
 import { STATIC_SERVER } from "../support/guest-apps.ts";
 import { TEST_ROOT } from "../support/paths.ts";
@@ -38,7 +39,8 @@ beforeAll(async () => {
     nodes[id] = new CocoonServer({
       dataDir,
       port: await freeLoopbackPort(),
-      env: { COCOON_DATABASE_URL: url, COCOON_NODE_ID: id, COCOON_VM_UIDS: uidRanges[id], COCOON_VCPU_OVERCOMMIT: "0.5", ...objectStore },
+      // Nodes sharing a machine need their own VM uids and cgroups (each node's lease fence ends every QEMU in its cgroups).
+      env: { COCOON_DATABASE_URL: url, COCOON_NODE_ID: id, COCOON_VM_UIDS: uidRanges[id], COCOON_CGROUP_PARENT: `cocoon-cluster-test-${id}`, COCOON_VCPU_OVERCOMMIT: "0.5", ...objectStore },
     });
   }
   // The first node makes the admin key; every node shares the master key (sealed secrets are in the database).
@@ -55,10 +57,12 @@ afterAll(async () => {
   for (const node of Object.values(nodes)) {
     node.process?.kill("SIGCONT");
     await node.stop("SIGKILL");
-    try {
-      execFileSync("pkill", ["-9", "-f", `${node.opts.dataDir}/`], { stdio: "ignore" });
-    } catch {
-      // nothing left
+    for (const pattern of [`${node.opts.dataDir}/`, `lease-fence --data-dir ${node.opts.dataDir}`]) {
+      try {
+        execFileSync("pkill", ["-9", "-f", pattern], { stdio: "ignore" });
+      } catch {
+        // nothing left
+      }
     }
   }
   await new Promise((r) => setTimeout(r, 500));
@@ -84,11 +88,24 @@ async function qemuPid(node: CocoonServer, id: string): Promise<number | undefin
   return cmdline.includes(node.opts.dataDir) ? record.pid : undefined;
 }
 
-/** Polls until the VM's row is FAILED; returns how long that took. */
-async function untilFailed(id: string): Promise<number> {
+/** Polls until the VM's row is FAILED; returns how long that took, and when its QEMU `pid` was seen gone (undefined: it ran on). */
+async function untilFailed(id: string, pid?: number): Promise<{ failedMs: number; qemuGoneMs?: number }> {
   const started = Date.now();
-  while ((await nodeOf(id)).state !== "FAILED") await new Promise((r) => setTimeout(r, 200));
-  return Date.now() - started;
+  let qemuGoneMs: number | undefined;
+  for (;;) {
+    if (pid !== undefined && qemuGoneMs === undefined && !isAlive(pid)) qemuGoneMs = Date.now() - started;
+    if ((await nodeOf(id)).state === "FAILED") return { failedMs: Date.now() - started, qemuGoneMs };
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** The lease fences running for `node`'s data directory. */
+function fencesOf(node: CocoonServer): number[] {
+  try {
+    return execFileSync("pgrep", ["-f", `lease-fence --data-dir ${node.opts.dataDir}`], { encoding: "utf8" }).split("\n").filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
 }
 
 describe("a cluster of nodes sharing PostgreSQL", () => {
@@ -198,28 +215,53 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(forged.status).toBe(401);
   });
 
-  it("kill -9 of a node: its running VM is FAILED within ~20 s, and its QEMU is ended when the node comes back", async () => {
+  it("kill -9 of a node restarted within its lease: its fence, found running, kept its VM running, and the new server adopts it", async () => {
+    const pid = await qemuPid(nodes.a, onA);
+    expect(pid).toBeDefined();
+    const fences = fencesOf(nodes.a);
+    expect(fences).toHaveLength(1);
+    await nodes.a.stop("SIGKILL");
+    const restartStarted = Date.now();
+    await nodes.a.start();
+    console.log(`[figure] node restarted (kill -9, then ready) in ${((Date.now() - restartStarted) / 1000).toFixed(1)} s`);
+    expect(await qemuPid(nodes.a, onA)).toBe(pid);
+    expect(await nodeOf(onA)).toMatchObject({ node_id: "a", node_epoch: 2, state: "RUNNING" });
+    expect((await nodes.c.call("POST", `/v1/microvms/${onA}/exec`, { command: ["echo", "still here"] })).body.stdout).toBe("still here\n");
+    // The same fence, not a second one; it never fired.
+    expect(fencesOf(nodes.a)).toEqual(fences);
+    expect(await readFile(join(nodes.a.opts.dataDir, "lease-fence", "fence.log"), "utf8")).not.toContain("deadline passed");
+  });
+
+  it("kill -9 of a node: its fence kills its QEMU before its peers see the lease expired, and they fail its running VM within ~20 s", async () => {
     const pid = await qemuPid(nodes.a, onA);
     expect(pid).toBeDefined();
     await nodes.a.stop("SIGKILL");
-    const detectedMs = await untilFailed(onA);
-    console.log(`[figure] node failure detected ${(detectedMs / 1000).toFixed(1)} s after kill -9 (lease 15 s, renewal 3 s)`);
+    const { failedMs, qemuGoneMs } = await untilFailed(onA, pid);
+    console.log(`[figure] kill -9 of a node: its QEMU killed by its lease fence after ${((qemuGoneMs ?? NaN) / 1000).toFixed(1)} s; its VM FAILED by a peer after ${(failedMs / 1000).toFixed(1)} s (lease 15 s, renewal 3 s, fence margin 3 s)`);
+    // Dead first: no node that sees the VM FAILED (or could act on it) could find it running.
+    expect(qemuGoneMs).toBeDefined();
+    expect(qemuGoneMs!).toBeLessThanOrEqual(failedMs);
+    expect(await readFile(join(nodes.a.opts.dataDir, "lease-fence", "fence.log"), "utf8")).toContain(`killed ${pid}`);
     expect(await nodeOf(onA)).toMatchObject({ state: "FAILED", state_reason: "node a stopped renewing its lease" });
     const nodesNow = await db.selectFrom("nodes").select(["id", "state"]).orderBy("id").execute();
     expect(nodesNow).toEqual([{ id: "a", state: "dead" }, { id: "b", state: "active" }, { id: "c", state: "draining" }]);
     // The dead node's FAILED VM runs nowhere: any node may terminate it (it claims it).
     expect((await nodes.b.call("DELETE", `/v1/microvms/${onA}`)).body.state).toBe("TERMINATED");
     await nodes.a.start();
-    expect(await db.selectFrom("nodes").select(["state", "epoch"]).where("id", "=", "a").executeTakeFirstOrThrow()).toEqual({ state: "active", epoch: 2 });
-    // The orphaned QEMU of its earlier life is ended at start: no VM runs twice.
+    expect(await db.selectFrom("nodes").select(["state", "epoch"]).where("id", "=", "a").executeTakeFirstOrThrow()).toEqual({ state: "active", epoch: 3 });
     expect(await qemuPid(nodes.a, onA)).toBeUndefined();
+    expect(fencesOf(nodes.a)).toHaveLength(1);
   });
 
   it("SIGSTOP of a node past its lease: its peers fail its VM; when it wakes it changes nothing, ends its guest and rejoins", async () => {
     const pid = await qemuPid(nodes.b, onB);
     expect(pid).toBeDefined();
     nodes.b.process!.kill("SIGSTOP");
-    await untilFailed(onB);
+    const { qemuGoneMs, failedMs } = await untilFailed(onB, pid);
+    // Killed by b's fence while b is still stopped, before its peers failed the VM.
+    expect(qemuGoneMs).toBeDefined();
+    expect(qemuGoneMs!).toBeLessThanOrEqual(failedMs);
+    expect(nodes.b.process).toBeDefined();
     nodes.b.process!.kill("SIGCONT");
     await nodes.b.waitForLog("lost its lease", 1, 30_000);
     await nodes.b.waitForLog("registered at epoch 2", 1, 30_000);
