@@ -48,6 +48,7 @@ function vmRow(owner: VmOwner, state: MicroVmState, vcpus = 1): MicroVmRow {
     suspend_after_seconds: 0, auto_resume: 1, max_runtime_seconds: 3600, egress: "{}", endpoint_public: 0, endpoint_token: "et", app_port: null, metadata: "{}",
     created_at: now, expires_at: now, last_activity_at: now, terminated_at: null, terminate_after_suspended_seconds: 0, suspended_at: null, egress_connectors: null,
     hooks: null, image_version: 1, forked_from: null, node_id: owner.nodeId, node_epoch: owner.epoch, suspended_node: null, suspended_object: null, suspended_manifest: null,
+    on_node_failure: "fail", restore_object: null, restore_manifest: null, restore_point_at: null,
   };
 }
 
@@ -94,6 +95,33 @@ describe("cluster nodes", () => {
       ["b", "active", 2, true],
       ["c", "active", 1, true],
     ]);
+  });
+
+  it("a reap restores an opted-in running VM with a restore point (SUSPENDED there, no node's, an event saying what is lost) and fails the others, saying why", async () => {
+    const [dbA, dbB] = await database(2);
+    const [a, b] = [node(dbA!, "a"), node(dbB!, "b")];
+    await Promise.all([a.register(), b.register()]);
+    const at = "2026-11-25T00:00:00.000Z";
+    const point = { on_node_failure: "restore" as const, restore_object: "microvms/x/1", restore_manifest: "ab".repeat(32), restore_point_at: at };
+    const restored = { ...vmRow(b.owner(), "RUNNING"), ...point, suspended_node: null };
+    const bare = { ...vmRow(b.owner(), "RUNNING"), on_node_failure: "restore" as const };
+    const creating = { ...vmRow(b.owner(), "PENDING"), ...point };
+    const plain = { ...vmRow(b.owner(), "RUNNING"), restore_object: "microvms/y/1", restore_manifest: "cd".repeat(32), restore_point_at: at };
+    await dbB!.insertInto("microvms").values([restored, bare, creating, plain]).execute();
+    await renewing([a], 1300);
+    expect(await a.reap()).toEqual(["b"]);
+    const row = async (id: string) => dbA!.selectFrom("microvms").select(["state", "state_reason", "node_id", "node_epoch", "suspended_node", "suspended_object", "suspended_manifest", "suspended_at"]).where("id", "=", id).executeTakeFirstOrThrow();
+    const lost = `restored from its last durable suspend (${at}) after node b stopped renewing its lease: its state since ${at} is lost`;
+    expect(await row(restored.id)).toEqual({ state: "SUSPENDED", state_reason: lost, node_id: null, node_epoch: null, suspended_node: null, suspended_object: "microvms/x/1", suspended_manifest: "ab".repeat(32), suspended_at: at });
+    expect(await dbA!.selectFrom("events").select(["type", "message"]).where("microvm_id", "=", restored.id).execute()).toEqual([{ type: "restored", message: lost }]);
+    expect(await row(bare.id)).toMatchObject({ state: "FAILED", state_reason: "node b stopped renewing its lease; it has no restore point to be restored from (none of its suspends was published to the object store)" });
+    expect(await row(creating.id)).toMatchObject({ state: "FAILED", state_reason: "node b stopped renewing its lease while it was PENDING" });
+    // Not opted in: FAILED, whatever it holds.
+    expect(await row(plain.id)).toMatchObject({ state: "FAILED", state_reason: "node b stopped renewing its lease" });
+    // b comes back: the restored VM is not its own any more.
+    expect(await b.renew()).toBe(false);
+    await b.register();
+    expect(await row(restored.id)).toMatchObject({ state: "SUSPENDED", node_id: null });
   });
 
   it("a quick restart (lease still live) hands the node's VMs to its new epoch; a late one fails its live VMs", async () => {
