@@ -218,7 +218,7 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(forged.status).toBe(401);
   });
 
-  it("kill -9 of a node restarted within its lease: its fence, found running, kept its VM running, and the new server adopts it", async () => {
+  it("kill -9 of a node restarted within its lease: its fence, found running, kept its VM running, and the new server adopts it; a fence that dies is started again", async () => {
     const pid = await qemuPid(nodes.a, onA);
     expect(pid).toBeDefined();
     const fences = fencesOf(nodes.a);
@@ -233,6 +233,12 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     // The same fence, not a second one; it never fired.
     expect(fencesOf(nodes.a)).toEqual(fences);
     expect(await readFile(join(nodes.a.opts.dataDir, "lease-fence", "fence.log"), "utf8")).not.toContain("deadline passed");
+    // A fence that dies is started again before the next renewal; the VM runs on.
+    process.kill(fences[0]!, "SIGKILL");
+    await nodes.a.waitForLog("lease fence started", nodes.a.count("lease fence started") + 1, 15_000);
+    expect(fencesOf(nodes.a)).toHaveLength(1);
+    expect(fencesOf(nodes.a)).not.toEqual(fences);
+    expect(await qemuPid(nodes.a, onA)).toBe(pid);
   });
 
   it("kill -9 of a node: its fence kills its QEMU before its peers see the lease expired, and they fail its running VM within ~20 s", async () => {
