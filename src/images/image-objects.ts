@@ -144,7 +144,7 @@ export class ImageObjects {
     if (m.image !== target.id) throw bad(prefix, `is for another image (${String(m.image)})`);
     if (typeof m.qemuBuild !== "string" || m.qemuBuild.length > 256 || typeof m.accelerator !== "string" || m.accelerator.length > 16) throw bad(prefix, "names no valid QEMU build and accelerator");
     // Snapshots move only between identical QEMU builds: the message a local snapshot of another build gets.
-    if (m.accelerator !== this.opts.accelerator) throw new SnapshotIncompatibleError(`image ${target.id} in the object store was made under ${m.accelerator} but this host runs ${this.opts.accelerator}`);
+    if (m.accelerator !== this.opts.accelerator) throw new SnapshotIncompatibleError(`image ${target.id} in the object store was made under ${m.accelerator} but this host runs ${this.opts.accelerator}`, undefined, "accelerator");
     if (m.qemuBuild !== qemuBuild()) throw new SnapshotIncompatibleError(`image ${target.id} in the object store was made by "${m.qemuBuild}" but this host runs "${qemuBuild()}"`);
     if (m.vcpus !== target.vcpus || m.memoryMiB !== target.memoryMiB) throw bad(prefix, `gives another shape than the image's (${String(m.vcpus)} vCPU, ${String(m.memoryMiB)} MiB)`);
     if (!Number.isSafeInteger(m.diskBytes) || m.diskBytes! < MiB || m.diskBytes! > VM_LIMITS.diskGiB.max * GiB) throw bad(prefix, `gives a disk size out of range (${String(m.diskBytes)})`);
