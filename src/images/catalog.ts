@@ -97,7 +97,7 @@ export class ImageCatalog {
         diskGiB: managed.recipe.diskGiB,
         snapshotFor: async (shape) => {
           await this.chargeShape(tenantId, managed.name, shape);
-          const rootfs = managed.name === "base" ? opts.rootfs : await prepareManagedRootfs(opts.assetsDir, managed.name, opts.log);
+          const rootfs = managed.name === "base" ? opts.rootfs : await prepareManagedRootfs(opts.assetsDir, managed.name, opts.log, opts.shared);
           return prepareBaseImage(this.engine, { imagesDir: opts.imagesDir, rootfs, assets: opts.assets, shape, name: managed.name, shared: opts.shared, log: opts.log });
         },
       };

@@ -22,6 +22,7 @@ import type { ImageRef } from "./catalog.ts";
 import { describeBase, planDockerfile, type BaseRef, type BuildPlan, type ImageConfig, type Stage } from "./dockerfile.ts";
 import { normalizeHooks, type HooksRequest, type ImageHooks } from "./hooks.ts";
 import { fetchCode, type S3Config, type StagedCode } from "./intake.ts";
+import type { ClusterSnapshots } from "./cluster-snapshots.ts";
 import { MANAGED_IMAGES, managedImage, prepareManagedRootfs } from "./managed.ts";
 import { RegistryCredentials } from "./registry/credentials.ts";
 import { RegistryEgress } from "./registry/egress.ts";
@@ -69,6 +70,8 @@ export interface ImageServiceOpts {
   objects?: ImageObjects;
   /** With `objects`: the bound of this node's cache of pulled images, in bytes (COCOON_IMAGE_CACHE_GIB; default 20 GiB). */
   imageCacheBytes?: number;
+  /** With `objects`: the managed root filesystems a build boots on, made once per cluster. */
+  shared?: ClusterSnapshots;
   log?: (line: string) => void;
 }
 
@@ -768,7 +771,7 @@ export class ImageService {
     switch (base.kind) {
       case "managed": {
         const recipe = managedImage(base.name)!.recipe;
-        const disk = base.name === "base" ? this.opts.rootfs : await prepareManagedRootfs(this.opts.assetsDir, base.name, (l) => log.line(`==> ${l}`));
+        const disk = base.name === "base" ? this.opts.rootfs : await prepareManagedRootfs(this.opts.assetsDir, base.name, (l) => log.line(`==> ${l}`), this.opts.shared);
         return { disk: { path: disk, backing: [] }, diskGiB: recipe.diskGiB };
       }
       case "scratch":
