@@ -18,7 +18,6 @@ import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeAr
 import { BuildLog, readBuildLog } from "./build-log.ts";
 import { BuildError, buildStage } from "./builder.ts";
 import type { VmShape } from "./base-image.ts";
-import type { ImageRef } from "./catalog.ts";
 import { describeBase, planDockerfile, type BaseRef, type BuildPlan, type ImageConfig, type Stage } from "./dockerfile.ts";
 import { normalizeHooks, type HooksRequest, type ImageHooks } from "./hooks.ts";
 import { fetchCode, type S3Config, type StagedCode } from "./intake.ts";
@@ -33,6 +32,28 @@ import { prepareScratchDisk, SCRATCH_DISK_GIB } from "./scratch-disk.ts";
 import { ImageCache } from "./image-cache.ts";
 import type { ImageObjects } from "./image-objects.ts";
 import { checkImageTransition, imageStatesBefore, invalidImageState, isBuilding, type ImageState } from "./states.ts";
+
+/** What the lifecycle needs to know of an image. */
+export interface ImageRef {
+  imageId: string;
+  name: string;
+  /** The build's version (1, 2, … per name); MANAGED_VERSION for a managed image. */
+  version: number;
+  /** Lifecycle hooks its VMs get (images/hooks.ts). */
+  hooks?: ImageHooks;
+  /** Egress connectors its VMs get when the launch names none. */
+  egressConnectors?: string[];
+  /** Disk size of the image's filesystem: a VM's disk is at least this, and grows to its `diskGiB`. */
+  diskGiB: number;
+  /** The app's port (Dockerfile EXPOSE), if the image runs an app. */
+  appPort?: number;
+  /** The image's ENV (Dockerfile images): the base env of every exec and of the app. */
+  env?: Record<string, string>;
+  /** The shape a Dockerfile image was snapshotted at: the default, and the only one it launches with. */
+  shape?: VmShape;
+  /** The snapshot for VMs of this shape (built once per shape, then cached; a Dockerfile image refuses another shape with a 400 naming the field). */
+  snapshotFor(shape: VmShape): Promise<Snapshot>;
+}
 
 export interface ImageServiceOpts {
   db: Db;
