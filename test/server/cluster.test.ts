@@ -1,13 +1,14 @@
 import { ListObjectsV2Command, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { LambdaMicrovmsClient, ResumeMicrovmCommand, RunMicrovmCommand, SuspendMicrovmCommand, TerminateMicrovmCommand } from "@aws-sdk/client-lambda-microvms";
 import { execFileSync } from "node:child_process";
-import { copyFile, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { copyFile, mkdtemp, readdir, readFile, rm, rmdir } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import { closeDatabase, openPostgres, type Db } from "../../src/store/db.ts";
 import { freeLoopbackPort } from "../../src/util/ports.ts";
 import { isAlive } from "../../src/util/process.ts";
+import { detectCgroups } from "../../src/vmm/jail/index.ts";
 import { isQemuNamed } from "../../src/vmm/machine.ts";
 import { CocoonServer } from "../support/cocoon-server.ts";
 import { STATIC_SERVER } from "../support/guest-apps.ts";
@@ -68,6 +69,14 @@ afterAll(async () => {
   }
   await new Promise((r) => setTimeout(r, 500));
   for (const node of Object.values(nodes)) await rm(node.opts.dataDir, { recursive: true, force: true });
+  // The nodes' cgroup parents (their VMs' cgroups first).
+  for (const mount of new Set(Object.values(detectCgroups().mounts))) {
+    for (const id of ["a", "b", "c"]) {
+      const parent = join(mount, `cocoon-cluster-test-${id}`);
+      for (const child of await readdir(parent).catch(() => [])) await rmdir(join(parent, child)).catch(() => undefined);
+      await rmdir(parent).catch(() => undefined);
+    }
+  }
   await closeDatabase(db);
   await postgres?.stop();
   await swift?.stop();
