@@ -186,6 +186,41 @@ describe("cluster nodes", () => {
     expect(await self.peersWithRoom({ vcpus: 1, memoryMiB: 512 })).toEqual([info("small").url]);
   });
 
+  it("tells its lease guard of every lease that took, checks it before each renewal, and, when it cannot run, ends its VMs and lets its lease lapse rather than renew unguarded", async () => {
+    const [dbA, dbB] = await database(2);
+    const fenced: string[] = [];
+    const leases: { sentAtNs: bigint; leaseSeconds: number }[] = [];
+    let ensured = 0;
+    let broken = false;
+    // Records what the server's LeaseFence would be told (the real fence: test/server/lease-fence.test.ts).
+    const guard = {
+      ensure: async () => {
+        ensured++;
+        if (broken) throw new Error("cannot start the fence");
+      },
+      renewed: async (sentAtNs: bigint, leaseSeconds: number) => void leases.push({ sentAtNs, leaseSeconds }),
+    };
+    const a = new ClusterNode(dbA!, info("a"), { onFenced: async () => void fenced.push("a"), timing: SHORT, guard });
+    const b = node(dbB!, "b");
+    const before = process.hrtime.bigint();
+    await a.start();
+    await b.register();
+    expect(leases).toHaveLength(1);
+    expect(ensured).toBe(1);
+    await sleep(700);
+    // Renewed meanwhile: each lease sent after the last, before now, with the lease's length.
+    expect(leases.length).toBeGreaterThanOrEqual(2);
+    expect(leases.every((l, i) => l.leaseSeconds === 1 && l.sentAtNs > (i === 0 ? before : leases[i - 1]!.sentAtNs) && l.sentAtNs < process.hrtime.bigint())).toBe(true);
+    expect(ensured).toBeGreaterThanOrEqual(leases.length);
+    broken = true;
+    while (!fenced.includes("a")) await sleep(50);
+    const renewals = leases.length;
+    // No renewal without the guard: the lease lapses and a peer reaps the node.
+    while (!(await b.reap()).includes("a")) await sleep(100);
+    expect(leases.length).toBe(renewals);
+    await a.stop();
+  });
+
   it("renews on its own and a node that stops renewing is reaped by its peers", async () => {
     const [dbA, dbB] = await database(2);
     const fenced: string[] = [];
