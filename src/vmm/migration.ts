@@ -168,13 +168,24 @@ export async function saveState(
 export async function saveMappedRam(qmp: QmpClient, file: string, opts: { timeoutMs?: number; live?: LiveSave } = {}): Promise<void> {
   try {
     await migrate(qmp, `file:${file}`, "mapped-ram", opts);
-  } finally {
-    await endMappedRam(qmp);
+  } catch (err) {
+    await endMappedRam(qmp).catch(() => undefined);
+    throw err;
   }
+  await endMappedRam(qmp);
 }
 
-/** Turns mapped-ram off once a migration in that layout has ended: the process's next save (a suspend) is a stream. */
+/** Migration states during which QEMU refuses to change capabilities. */
+const MIGRATION_UNDER_WAY = new Set(["setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"]);
+
+/**
+ * Turns mapped-ram off once a migration in that layout has ended (a
+ * cancelled one may still be winding down): the process's next save (a
+ * suspend) is a stream.
+ */
 async function endMappedRam(qmp: QmpClient): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (MIGRATION_UNDER_WAY.has((await qmp.execute<Partial<MigrationInfo>>("query-migrate")).status ?? "") && Date.now() < deadline) await sleep(5);
   await qmp.execute("migrate-set-capabilities", { capabilities: MAPPED_RAM_CAPABILITIES.map((capability) => ({ capability, state: false })) });
 }
 
