@@ -8,7 +8,7 @@ import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import { serialized } from "../store/locks.ts";
-import { activeNodeUrl, liveUsage, ownedBy, TryPeersError, type ClusterNode, type Tx } from "./cluster.ts";
+import { activeNodeUrl, handOverSuspended, liveUsage, ownedBy, TryPeersError, type ClusterNode, type Tx } from "./cluster.ts";
 import { checkQuota } from "../store/tenants.ts";
 import type { ImageRow, MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
@@ -450,19 +450,29 @@ export class MicroVmService {
    */
   async ownerUrl(id: string, tenantId?: string): Promise<string | undefined> {
     if (!this.cluster) return undefined;
-    const row = await this.db
-      .selectFrom("microvms")
-      .innerJoin("nodes", "nodes.id", "microvms.node_id")
-      .selectAll("microvms")
-      .select(["nodes.url", "nodes.state as node_state", "nodes.qemu_build", "nodes.accelerator"])
-      .select(sql<boolean>`nodes.state != 'dead' and nodes.lease_expires_at > now()`.as("node_live"))
-      .where("microvms.id", "=", id)
-      .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
-      .executeTakeFirst();
-    if (!row) return undefined;
-    // This node's own VM too, when it drains: it takes no VMs, a peer resumes it.
-    if (this.movable(row, { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator })) return this.moveTargetUrl(row);
-    return row.node_live && row.node_id !== this.cluster.id ? row.url : undefined;
+    // A VM that leaves its node is handed over first, then routed like any other: to whichever node won it.
+    for (let handOvers = 0; ; handOvers++) {
+      const row = await this.db
+        .selectFrom("microvms")
+        .innerJoin("nodes", "nodes.id", "microvms.node_id")
+        .selectAll("microvms")
+        .select(["nodes.url", "nodes.state as node_state", "nodes.qemu_build", "nodes.accelerator"])
+        .select(sql<boolean>`nodes.state != 'dead' and nodes.lease_expires_at > now()`.as("node_live"))
+        .where("microvms.id", "=", id)
+        .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
+        .executeTakeFirst();
+      if (!row) return undefined;
+      // This node's own VM too, when it drains: it takes no VMs, a peer resumes it.
+      if (handOvers < 3 && this.movable(row, { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator })) {
+        const target = await this.cluster.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+        // None has room: this node answers (503).
+        if (!target) return undefined;
+        // Won or lost (another node handed it elsewhere meanwhile), the row now names the node to go to.
+        await handOverSuspended(this.db, row, target);
+        continue;
+      }
+      return row.node_live && row.node_id !== this.cluster.id ? row.url : undefined;
+    }
   }
 
   /**
@@ -470,15 +480,20 @@ export class MicroVmService {
    * node's (MisdirectedRequest names its node otherwise). With `claimOrphan`
    * (terminate), a VM whose node is dead and that runs nowhere (FAILED,
    * SUSPENDED, TERMINATED) becomes this node's, in one conditional update.
+   * With `resuming` (a call that resumes it), a VM that must leave its node
+   * and that no node had room for (the router hands it over otherwise) is
+   * CapacityExceeded.
    */
-  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean; claimSuspended?: boolean } = {}): Promise<MicroVmRow> {
+  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean; resuming?: boolean } = {}): Promise<MicroVmRow> {
     const row = await this.get(tenantId, id);
     if (!this.cluster || row.node_id === this.cluster.id) return row;
     const node = row.node_id
       ? await this.db.selectFrom("nodes").select(["id", "url", "state", "qemu_build", "accelerator"]).select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("live")).where("id", "=", row.node_id).executeTakeFirst()
       : undefined;
-    // A published suspend whose node takes no VMs (draining, dead) is resumed here; the claim is made with the admission (resumeLocked).
-    if (opts.claimSuspended && this.movable(row, node)) return row;
+    // A published suspend whose node takes no VMs (draining, dead) reaches here only when no node had room for it (ownerUrl hands it over otherwise).
+    if (opts.resuming && this.movable(row, node)) {
+      throw new ApiError("CapacityExceeded", `microVM ${id} must move off node ${row.node_id ?? "(none)"}, which takes no VMs now, and no node has room for it (${row.vcpus} vCPU, ${row.memory_mib} MiB)`, { node: row.node_id });
+    }
     if (opts.claimOrphan && !node?.live && ["FAILED", "SUSPENDED", "TERMINATED"].includes(row.state)) {
       const owner = this.cluster.owner();
       const claimed = await this.db
@@ -492,16 +507,6 @@ export class MicroVmService {
       if (claimed) return claimed;
     }
     throw new ApiError("MisdirectedRequest", `microVM ${id} is run by node ${row.node_id ?? "(none)"}${node?.live ? ` (${node.url})` : ", which is not live"}`, { node: row.node_id, url: node?.live ? node.url : undefined });
-  }
-
-  /**
-   * Where a request for a VM that leaves its node (movable) goes: the node
-   * every node picks for it (ClusterNode.moveTarget), undefined when that is
-   * this one, or none has room (this node answers: it claims it, or 503).
-   */
-  private async moveTargetUrl(row: MicroVmRow): Promise<string | undefined> {
-    const target = await this.cluster!.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
-    return target && target.id !== this.cluster!.id ? target.url : undefined;
   }
 
   /**
@@ -610,11 +615,9 @@ export class MicroVmService {
   }
 
   private async resumeLocked(tenantId: string, id: string, cause: string): Promise<MicroVmRow> {
-    const row = await this.getHere(tenantId, id, { claimSuspended: true });
+    const row = await this.getHere(tenantId, id, { resuming: true });
     checkTransition(id, row.state, "RESUMING", "resume");
-    // Another node's published suspend is claimed in the admission's transaction: one conditional update, which one node wins.
-    const moving = this.cluster !== undefined && row.node_id !== this.cluster.id;
-    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => (moving ? this.claimIn(tx, row) : this.transitionIn(tx, id, tenantId, "RESUMING")));
+    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => this.transitionIn(tx, id, tenantId, "RESUMING"));
     const started = performance.now();
     try {
       // The files of its last suspend are on another node's disk: fetched from the object store.
@@ -631,29 +634,6 @@ export class MicroVmService {
     // The published suspend is stale once the VM runs again.
     if (row.suspended_object) void this.objects?.remove(row.suspended_object).catch((err: Error) => this.log(`removing ${row.suspended_object}: ${err.message}`));
     return running;
-  }
-
-  /**
-   * Takes another node's VM, suspended and published, to resume it here:
-   * RESUMING on this node at its epoch, conditional on the row being as it
-   * was read (the same node, epoch and published suspend). Of concurrent
-   * claims on any nodes, one updates the row; the others are refused.
-   */
-  private async claimIn(tx: Tx, row: MicroVmRow): Promise<MicroVmRow> {
-    const owner = this.cluster!.owner();
-    const claimed = await tx
-      .updateTable("microvms")
-      .set({ state: "RESUMING", node_id: owner.nodeId, node_epoch: owner.epoch })
-      .where("id", "=", row.id)
-      .where("state", "=", "SUSPENDED")
-      .where("node_id", "=", row.node_id)
-      .where("node_epoch", "=", row.node_epoch)
-      .where("suspended_object", "=", row.suspended_object)
-      .returningAll()
-      .executeTakeFirst();
-    if (!claimed) throw new ApiError("Conflict", `microVM ${row.id} was taken by another node first; retry the request`, { microVmId: row.id });
-    await tx.insertInto("events").values(event(row.id, row.tenant_id, "moved", `claimed by node ${owner.nodeId} from node ${row.node_id ?? "(none)"} to resume from the object store`)).execute();
-    return claimed;
   }
 
   /**
@@ -697,13 +677,13 @@ export class MicroVmService {
   async runningVm(tenantId: string, id: string, action: string): Promise<MicroVm> {
     // Fast path without the VM's lock, so concurrent requests to a running VM
     // do not queue behind each other; only a VM that needs resuming takes it.
-    const current = await this.getHere(tenantId, id, { claimSuspended: true });
+    const current = await this.getHere(tenantId, id, { resuming: true });
     if (current.state === "RUNNING") {
       await this.touch(id);
       return this.engine.get(id);
     }
     return this.locks.run(id, async () => {
-      let row = await this.getHere(tenantId, id, { claimSuspended: true });
+      let row = await this.getHere(tenantId, id, { resuming: true });
       if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
       if (row.state !== "RUNNING") throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${row.state}`, { state: row.state });
       await this.touch(id);
