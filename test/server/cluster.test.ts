@@ -103,6 +103,8 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     const published = /base \(\w+\) published to the object store for the cluster \(([^)]*)\)/.exec(nodes.a.output())?.[1];
     const pulled = /base \(\w+\) pulled from the object store in ([\d.]+ s)/.exec(nodes.b.output())?.[1];
     console.log(`[figure] base image: built by a and published (${published}); pulled by b in ${pulled}`);
+    // Each node's first bucket sweep (at start, on PostgreSQL and Swift) ran without an error.
+    for (const node of Object.values(nodes)) expect(node.output()).not.toContain("bucket sweep failed");
   });
 
   it("places VMs on the node that takes the create, else on a peer with room, 503 when all are full; any node serves any VM (exec, files, endpoint HTTP and WebSocket)", async () => {
