@@ -108,6 +108,8 @@ export class SnapshotIncompatibleError extends Error {
     /** What differs. */
     readonly reason: string,
     readonly action = "rebuild the image (a build on this host makes a snapshot it can restore)",
+    /** Which of the three differs: the snapshot layout of an older Cocoon, the accelerator, or the QEMU build. */
+    readonly differs: "format" | "accelerator" | "build" = "build",
   ) {
     super(`${reason}: ${action}`);
     this.name = "SnapshotIncompatibleError";

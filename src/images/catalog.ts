@@ -1,35 +1,12 @@
 import { ApiError } from "../errors.ts";
-import type { Engine, GuestBootAssets, Snapshot } from "../vmm/engine.ts";
+import type { Engine, GuestBootAssets } from "../vmm/engine.ts";
 import { DEFAULT_SHAPE, prepareBaseImage, type VmShape } from "./base-image.ts";
 import type { Db } from "../store/db.ts";
 import { checkQuota } from "../store/tenants.ts";
 import { serialized } from "../store/locks.ts";
 import type { ClusterSnapshots } from "./cluster-snapshots.ts";
-import type { ImageHooks } from "./hooks.ts";
 import { MANAGED_VERSION, managedImage, managedImages, prepareManagedRootfs, type ManagedImageView } from "./managed.ts";
-import type { ImageService } from "./service.ts";
-
-/** What the lifecycle needs to know of an image. */
-export interface ImageRef {
-  imageId: string;
-  name: string;
-  /** The build's version (1, 2, … per name); MANAGED_VERSION for a managed image. */
-  version: number;
-  /** Lifecycle hooks its VMs get (images/hooks.ts). */
-  hooks?: ImageHooks;
-  /** Egress connectors its VMs get when the launch names none. */
-  egressConnectors?: string[];
-  /** Disk size of the image's filesystem: a VM's disk is at least this, and grows to its `diskGiB`. */
-  diskGiB: number;
-  /** The app's port (Dockerfile EXPOSE), if the image runs an app. */
-  appPort?: number;
-  /** The image's ENV (Dockerfile images): the base env of every exec and of the app. */
-  env?: Record<string, string>;
-  /** The shape a Dockerfile image was snapshotted at: the default, and the only one it launches with. */
-  shape?: VmShape;
-  /** The snapshot for VMs of this shape (built once per shape, then cached; a Dockerfile image refuses another shape with a 400 naming the field). */
-  snapshotFor(shape: VmShape): Promise<Snapshot>;
-}
+import type { ImageRef, ImageService } from "./service.ts";
 
 /**
  * The images a tenant can launch: the managed images (`base`, `python`,
@@ -97,7 +74,7 @@ export class ImageCatalog {
         diskGiB: managed.recipe.diskGiB,
         snapshotFor: async (shape) => {
           await this.chargeShape(tenantId, managed.name, shape);
-          const rootfs = managed.name === "base" ? opts.rootfs : await prepareManagedRootfs(opts.assetsDir, managed.name, opts.log);
+          const rootfs = managed.name === "base" ? opts.rootfs : await prepareManagedRootfs(opts.assetsDir, managed.name, opts.log, opts.shared);
           return prepareBaseImage(this.engine, { imagesDir: opts.imagesDir, rootfs, assets: opts.assets, shape, name: managed.name, shared: opts.shared, log: opts.log });
         },
       };

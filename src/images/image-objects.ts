@@ -127,6 +127,44 @@ export class ImageObjects {
     }
   }
 
+  /**
+   * Uploads a managed root filesystem (`rootfs/<name>-<key>`): a bundle with
+   * no files of its own whose one layer is the disk, the blob the managed
+   * snapshots' disks are layered on, so it goes up and comes down once.
+   */
+  async publishRootfs(target: { name: string; key: string }, disk: string): Promise<{ prefix: string; manifestSha256: string; bytes: number }> {
+    const prefix = `images/managed-rootfs-${target.name}-${target.key}/${randomBytes(8).toString("hex")}`;
+    const manifest = await this.store.publishLayered(prefix, {}, [disk], { rootfs: target.name, key: target.key });
+    return { prefix, manifestSha256: manifest.sha256, bytes: manifest.meta.layers[0]!.bytes };
+  }
+
+  /**
+   * The local path of a managed root filesystem `publishRootfs` wrote (the
+   * bundle at `object` whose manifest's sha256 is `manifest`): its layer in
+   * the node's blob cache, checked. BadGateway when the bundle is another
+   * filesystem's, has not exactly one layer or one past `maxBytes`.
+   */
+  async pullRootfs(target: { name: string; key: string; object: string; manifest: string; maxBytes: number }): Promise<string> {
+    const staging = join(this.opts.blobsDir, `.pulling-${randomBytes(6).toString("hex")}`);
+    await mkdir(staging, { recursive: true, mode: 0o700 });
+    try {
+      const { layers } = await this.store.fetchLayered(target.object, staging, {
+        limits: {},
+        sha256: target.manifest,
+        blobsDir: this.opts.blobsDir,
+        layerMaxBytes: target.maxBytes,
+        check: (raw) => {
+          if (raw.rootfs !== target.name || raw.key !== target.key) throw bad(target.object, `is not root filesystem ${target.name} (${target.key})`);
+          if (!Array.isArray(raw.layers) || raw.layers.length !== 1) throw bad(target.object, "gives a root filesystem of other than one layer");
+          return raw;
+        },
+      });
+      return layers[0]!;
+    } finally {
+      await rm(staging, { recursive: true, force: true });
+    }
+  }
+
   /** Removes a published image (deleted): its manifest first. Shared layers stay. */
   async remove(prefix: string): Promise<void> {
     await this.store.deletePrefix(prefix);
@@ -144,7 +182,7 @@ export class ImageObjects {
     if (m.image !== target.id) throw bad(prefix, `is for another image (${String(m.image)})`);
     if (typeof m.qemuBuild !== "string" || m.qemuBuild.length > 256 || typeof m.accelerator !== "string" || m.accelerator.length > 16) throw bad(prefix, "names no valid QEMU build and accelerator");
     // Snapshots move only between identical QEMU builds: the message a local snapshot of another build gets.
-    if (m.accelerator !== this.opts.accelerator) throw new SnapshotIncompatibleError(`image ${target.id} in the object store was made under ${m.accelerator} but this host runs ${this.opts.accelerator}`);
+    if (m.accelerator !== this.opts.accelerator) throw new SnapshotIncompatibleError(`image ${target.id} in the object store was made under ${m.accelerator} but this host runs ${this.opts.accelerator}`, undefined, "accelerator");
     if (m.qemuBuild !== qemuBuild()) throw new SnapshotIncompatibleError(`image ${target.id} in the object store was made by "${m.qemuBuild}" but this host runs "${qemuBuild()}"`);
     if (m.vcpus !== target.vcpus || m.memoryMiB !== target.memoryMiB) throw bad(prefix, `gives another shape than the image's (${String(m.vcpus)} vCPU, ${String(m.memoryMiB)} MiB)`);
     if (!Number.isSafeInteger(m.diskBytes) || m.diskBytes! < MiB || m.diskBytes! > VM_LIMITS.diskGiB.max * GiB) throw bad(prefix, `gives a disk size out of range (${String(m.diskBytes)})`);

@@ -1,5 +1,6 @@
 import type { ProgressLog } from "../util/asset-cache.ts";
 import { BASE_ROOTFS_RECIPE, prepareDebianRootfs, type DebianRecipe } from "./base-rootfs.ts";
+import type { ClusterSnapshots } from "./cluster-snapshots.ts";
 import type { ManagedName } from "./dockerfile.ts";
 
 /** An image Cocoon builds from Debian packages: always READY, shared by every tenant, launchable and usable as FROM by name. */
@@ -73,8 +74,9 @@ export function managedImageView(m: ManagedImage): ManagedImageView {
 
 /**
  * The root filesystem of a managed image, built on first use (mmdebstrap,
- * 20–60 s) and cached by recipe; `base`'s is built at server start.
+ * 20–60 s; once per cluster with `shared`) and cached by recipe; `base`'s
+ * is built at server start.
  */
-export function prepareManagedRootfs(assetsDir: string, name: ManagedName, log?: ProgressLog): Promise<string> {
-  return prepareDebianRootfs(assetsDir, MANAGED_IMAGES.find((m) => m.name === name)!.recipe, log);
+export function prepareManagedRootfs(assetsDir: string, name: ManagedName, log?: ProgressLog, shared?: ClusterSnapshots): Promise<string> {
+  return prepareDebianRootfs(assetsDir, MANAGED_IMAGES.find((m) => m.name === name)!.recipe, log, shared);
 }

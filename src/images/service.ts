@@ -18,10 +18,10 @@ import { DEFAULT_ARCHIVE_LIMITS, inspectArchive, type ArchiveLimits, type CodeAr
 import { BuildLog, readBuildLog } from "./build-log.ts";
 import { BuildError, buildStage } from "./builder.ts";
 import type { VmShape } from "./base-image.ts";
-import type { ImageRef } from "./catalog.ts";
 import { describeBase, planDockerfile, type BaseRef, type BuildPlan, type ImageConfig, type Stage } from "./dockerfile.ts";
 import { normalizeHooks, type HooksRequest, type ImageHooks } from "./hooks.ts";
 import { fetchCode, type S3Config, type StagedCode } from "./intake.ts";
+import type { ClusterSnapshots } from "./cluster-snapshots.ts";
 import { MANAGED_IMAGES, managedImage, prepareManagedRootfs } from "./managed.ts";
 import { RegistryCredentials } from "./registry/credentials.ts";
 import { RegistryEgress } from "./registry/egress.ts";
@@ -32,6 +32,28 @@ import { prepareScratchDisk, SCRATCH_DISK_GIB } from "./scratch-disk.ts";
 import { ImageCache } from "./image-cache.ts";
 import type { ImageObjects } from "./image-objects.ts";
 import { checkImageTransition, imageStatesBefore, invalidImageState, isBuilding, type ImageState } from "./states.ts";
+
+/** What the lifecycle needs to know of an image. */
+export interface ImageRef {
+  imageId: string;
+  name: string;
+  /** The build's version (1, 2, … per name); MANAGED_VERSION for a managed image. */
+  version: number;
+  /** Lifecycle hooks its VMs get (images/hooks.ts). */
+  hooks?: ImageHooks;
+  /** Egress connectors its VMs get when the launch names none. */
+  egressConnectors?: string[];
+  /** Disk size of the image's filesystem: a VM's disk is at least this, and grows to its `diskGiB`. */
+  diskGiB: number;
+  /** The app's port (Dockerfile EXPOSE), if the image runs an app. */
+  appPort?: number;
+  /** The image's ENV (Dockerfile images): the base env of every exec and of the app. */
+  env?: Record<string, string>;
+  /** The shape a Dockerfile image was snapshotted at: the default, and the only one it launches with. */
+  shape?: VmShape;
+  /** The snapshot for VMs of this shape (built once per shape, then cached; a Dockerfile image refuses another shape with a 400 naming the field). */
+  snapshotFor(shape: VmShape): Promise<Snapshot>;
+}
 
 export interface ImageServiceOpts {
   db: Db;
@@ -69,6 +91,8 @@ export interface ImageServiceOpts {
   objects?: ImageObjects;
   /** With `objects`: the bound of this node's cache of pulled images, in bytes (COCOON_IMAGE_CACHE_GIB; default 20 GiB). */
   imageCacheBytes?: number;
+  /** With `objects`: the managed root filesystems a build boots on, made once per cluster. */
+  shared?: ClusterSnapshots;
   log?: (line: string) => void;
 }
 
@@ -768,7 +792,7 @@ export class ImageService {
     switch (base.kind) {
       case "managed": {
         const recipe = managedImage(base.name)!.recipe;
-        const disk = base.name === "base" ? this.opts.rootfs : await prepareManagedRootfs(this.opts.assetsDir, base.name, (l) => log.line(`==> ${l}`));
+        const disk = base.name === "base" ? this.opts.rootfs : await prepareManagedRootfs(this.opts.assetsDir, base.name, (l) => log.line(`==> ${l}`), this.opts.shared);
         return { disk: { path: disk, backing: [] }, diskGiB: recipe.diskGiB };
       }
       case "scratch":

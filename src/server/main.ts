@@ -60,6 +60,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     registryPrivateAllow: config.registryPrivateAllow,
     nodeId,
     objects: runtime.imageObjects,
+    shared: runtime.sharedSnapshots,
     imageCacheBytes: config.imageCacheGiB * 2 ** 30,
     log,
   });

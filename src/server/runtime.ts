@@ -40,14 +40,14 @@ export async function startRuntime(opts: {
   cluster?: { db: Db; nodeId: string; store: ObjectStore };
 }): Promise<Runtime> {
   const assets = await prepareGuestAssets(opts.assetsDir, opts.log);
-  const rootfs = await prepareBaseRootfs(opts.assetsDir, opts.log);
   const accelerator = await detectAccelerator({ ...assets, cacheDir: opts.assetsDir, log: opts.log });
-  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, prestartedProcesses: opts.prestartedProcesses, log: opts.log });
   // A pulled snapshot is restored with this node's boot files and command line, as a snapshot made here (Templates.boot).
   const imageObjects = opts.cluster
     ? new ImageObjects(opts.cluster.store, { blobsDir: join(opts.dataDir, "blobs"), accelerator, boot: { ...assets, cmdline: guestCmdline({ accelerator, hostname: "cocoon" }) } })
     : undefined;
   const sharedSnapshots = opts.cluster && imageObjects ? new ClusterSnapshots(opts.cluster.db, imageObjects, { nodeId: opts.cluster.nodeId, log: opts.log }) : undefined;
+  const rootfs = await prepareBaseRootfs(opts.assetsDir, opts.log, sharedSnapshots);
+  const engine = await Engine.open({ dataDir: opts.dataDir, assets, accelerator, warmPoolSize: opts.warmPoolSize, prestartedProcesses: opts.prestartedProcesses, log: opts.log });
   const baseImage = await prepareBaseImage(engine, { imagesDir: join(opts.dataDir, "images"), rootfs, assets, log: opts.log, shared: sharedSnapshots });
   void engine.prewarm(baseImage);
   return { engine, baseImage, rootfs, assets, imageObjects, sharedSnapshots };

@@ -299,11 +299,19 @@ export class Engine extends EventEmitter {
       vm.record = { ...vm.record, agentPort: forwards[0]!.hostPort, forwards: forwards.slice(1) };
       const clock = new PhaseClock();
       await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock).catch((err: unknown) => {
-        // Its saved state is its snapshot's build's (a QEMU upgrade since): no rebuild brings it back.
+        // Its saved state is its snapshot's machine's (a QEMU or Cocoon upgrade since): no rebuild brings it back.
         if (!(err instanceof SnapshotIncompatibleError)) throw err;
+        if (err.differs === "format") {
+          throw new SnapshotIncompatibleError(
+            `microVM ${id} was suspended by an older Cocoon whose machine layout this server no longer restores (${err.reason})`,
+            "terminate it, or resume it with the Cocoon version that suspended it",
+            "format",
+          );
+        }
         throw new SnapshotIncompatibleError(
           `microVM ${id} was suspended by a QEMU build this host no longer runs, which alone can restore its saved state (${err.reason})`,
           "terminate it, or resume it on a host running the build that suspended it",
+          err.differs,
         );
       });
       this.emit("phases", "resume", clock.phases);

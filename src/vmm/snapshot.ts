@@ -74,10 +74,10 @@ export async function loadSnapshot(dir: string, host: { accelerator: Accelerator
   if (!(await exists(files.manifest))) throw new InvalidArgumentError("snapshot", `no complete snapshot in ${dir}`);
   const manifest = JSON.parse(await readFile(files.manifest, "utf8")) as SnapshotManifest;
   if (manifest.formatVersion !== SNAPSHOT_FORMAT) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} has format ${String(manifest.formatVersion)}, this server reads ${SNAPSHOT_FORMAT}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} has format ${String(manifest.formatVersion)}, this server reads ${SNAPSHOT_FORMAT}`, undefined, "format");
   }
   if (manifest.accelerator !== host.accelerator) {
-    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made under ${manifest.accelerator} but this host runs ${host.accelerator}`);
+    throw new SnapshotIncompatibleError(`snapshot in ${dir} was made under ${manifest.accelerator} but this host runs ${host.accelerator}`, undefined, "accelerator");
   }
   if (manifest.qemuBuild !== qemuBuild()) {
     throw new SnapshotIncompatibleError(`snapshot in ${dir} was made by "${manifest.qemuBuild}" but this host runs "${qemuBuild()}"`);

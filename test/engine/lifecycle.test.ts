@@ -78,8 +78,11 @@ describe("suspend and resume", () => {
     expect((await vm.agent.exec({ command: ["cat", "/root/disk-write"] })).stdout).toBe("persisted");
   });
 
-  it("refuse to resume a VM suspended under another QEMU build, saying what to do, and keep it suspended", async () => {
-    // A snapshot of its own (hard links, a manifest of its own), whose recorded build then "changes" as after an upgrade.
+  it.each([
+    { what: "another QEMU build", change: { qemuBuild: "QEMU emulator version 1.0 (retired)" }, says: "was suspended by a QEMU build this host no longer runs", action: "terminate it, or resume it on a host running the build that suspended it" },
+    { what: "an older snapshot format (the machine had the i8254 PIT before format 5)", change: { formatVersion: 4 }, says: "was suspended by an older Cocoon whose machine layout this server no longer restores", action: "terminate it, or resume it with the Cocoon version that suspended it" },
+  ])("refuse to resume a VM suspended under $what, saying what to do, and keep it suspended", async ({ change, says, action }) => {
+    // A snapshot of its own (hard links, a manifest of its own), whose recorded build or format then "changes" as after an upgrade.
     const dir = await mkdtemp(join(TEST_ROOT, "other-build-"));
     try {
       for (const name of await readdir(ctx.snapshot.dir)) await link(join(ctx.snapshot.dir, name), join(dir, name));
@@ -90,11 +93,11 @@ describe("suspend and resume", () => {
       const vm = await ctx.engine.launch(await ctx.engine.loadSnapshot(dir));
       await ctx.engine.suspend(vm.id);
       await rm(manifestPath);
-      await writeFile(manifestPath, JSON.stringify({ ...manifest, qemuBuild: "QEMU emulator version 1.0 (retired)" }));
+      await writeFile(manifestPath, JSON.stringify({ ...manifest, ...change }));
       const refused = await ctx.engine.resume(vm.id).catch((err: unknown) => err);
       expect(refused).toBeInstanceOf(SnapshotIncompatibleError);
-      expect((refused as SnapshotIncompatibleError).message).toContain(`microVM ${vm.id} was suspended by a QEMU build this host no longer runs`);
-      expect((refused as SnapshotIncompatibleError).action).toBe("terminate it, or resume it on a host running the build that suspended it");
+      expect((refused as SnapshotIncompatibleError).message).toContain(`microVM ${vm.id} ${says}`);
+      expect((refused as SnapshotIncompatibleError).action).toBe(action);
       expect(vm.status).toBe("suspended");
       expect((await stat(join(vm.dir, "suspended.state"))).size).toBeGreaterThan(0);
       await ctx.engine.terminate(vm.id);

@@ -4,11 +4,12 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { BucketSweep } from "../../src/store/bucket-sweep.ts";
-import { closeDatabase, openDatabase } from "../../src/store/db.ts";
 import { SuspendedObjects } from "../../src/lifecycle/suspended-objects.ts";
 import { BLOB_REFRESH_MS, ObjectStore, objectStoreConfigFromEnv, PART_BYTES, type ObjectStoreConfig } from "../../src/store/objects.ts";
 import { SnapshotIncompatibleError } from "../../src/errors.ts";
+import { ClusterSnapshots } from "../../src/images/cluster-snapshots.ts";
 import { ImageObjects } from "../../src/images/image-objects.ts";
+import { closeDatabase, openDatabase } from "../../src/store/db.ts";
 import type { MicroVmRow } from "../../src/store/schema.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, type SnapshotManifest } from "../../src/vmm/snapshot.ts";
 import { startSwift, type TestSwift } from "../support/swift.ts";
@@ -197,6 +198,45 @@ describe("object store on Swift (s3api)", () => {
     // Another image's bundle, or a shape other than the row's, is refused.
     await expect(objects.pull({ ...published, id: "img-3" }, join(dir, "never"))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another image") });
     await expect(objects.pull({ ...published, memoryMiB: 256 }, join(dir, "never"))).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("another shape") });
+  });
+
+  it("a managed root filesystem is made once per cluster: the first node builds and publishes it, the others link the checked blob; a tampered blob is built again", async () => {
+    const db = await openDatabase(await mkdtemp(join(dir, "rootfs-db-")));
+    try {
+      const lines: string[] = [];
+      const node = (id: string) => {
+        const objects = new ImageObjects(store, { blobsDir: join(dir, `rootfs-blobs-${id}`), accelerator: "tcg", boot: { kernel: "/k", initramfs: "/i", cmdline: "c" } });
+        return new ClusterSnapshots(db, objects, { nodeId: id, log: (l) => lines.push(`${id}: ${l}`) });
+      };
+      const target = { name: "rootfs-test", key: "0123456789abcdef", maxBytes: 64_000 };
+      const disk = randomBytes(50_000);
+      const builds: string[] = [];
+      const make = (id: string, bytes: Buffer) => async (out: string) => {
+        builds.push(id);
+        await writeFile(join(out, "disk.qcow2"), bytes);
+      };
+      const outOf = async (id: string) => mkdtemp(join(dir, `rootfs-out-${id}-`));
+      const [outA, outB] = [await outOf("a"), await outOf("b")];
+      // Two nodes at once: the lock makes one build and the other pull.
+      await Promise.all([node("a").rootfs(target, outA, make("a", disk)), node("b").rootfs(target, outB, make("b", disk))]);
+      expect(builds).toHaveLength(1);
+      for (const out of [outA, outB]) expect(await readFile(join(out, "disk.qcow2"))).toEqual(disk);
+      expect(lines.some((l) => l.includes("rootfs-test (0123456789abcdef) published to the object store for the cluster"))).toBe(true);
+      expect(lines.some((l) => /rootfs-test \(0123456789abcdef\) pulled from the object store in [\d.]+ s: node [ab] built it/.test(l))).toBe(true);
+      // The bucket's copy changed: refused by its sha256, and built here instead.
+      const row = await db.selectFrom("cluster_snapshots").selectAll().where("name", "=", target.name).executeTakeFirstOrThrow();
+      await rawPut(`blobs/${sha256(disk)}`, randomBytes(50_000));
+      const outC = await outOf("c");
+      await node("c").rootfs(target, outC, make("c", disk));
+      expect(builds).toEqual([builds[0], "c"]);
+      expect(lines.some((l) => l.startsWith(`c: pulling rootfs-test (0123456789abcdef) made by node ${row.node_id}:`) && l.includes("building it here"))).toBe(true);
+      // A bundle of another filesystem, or one past its size, is refused.
+      const objects = new ImageObjects(store, { blobsDir: join(dir, "rootfs-blobs-d"), accelerator: "tcg", boot: { kernel: "/k", initramfs: "/i", cmdline: "c" } });
+      await expect(objects.pullRootfs({ ...target, name: "rootfs-other", object: row.object, manifest: row.manifest })).rejects.toMatchObject({ code: "BadGateway", message: expect.stringContaining("is not root filesystem rootfs-other") });
+      await expect(objects.pullRootfs({ ...target, maxBytes: 1000, object: row.object, manifest: row.manifest })).rejects.toMatchObject({ code: "BadGateway" });
+    } finally {
+      await closeDatabase(db);
+    }
   });
 
   it("reads its configuration from COCOON_OBJECT_STORE_*, refusing what is malformed", () => {
