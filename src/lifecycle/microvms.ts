@@ -443,10 +443,12 @@ export class MicroVmService {
 
   /**
    * On a cluster, the URL of the live node other than this one that runs VM
-   * `id` (of `tenantId` when given), where calls on it are forwarded; for a
-   * suspended VM that leaves its node (movable), the node every node picks to
-   * resume it (its own node too, when draining). Undefined when that is this
-   * node, its node is not live, or there is no such VM.
+   * `id` (of `tenantId` when given), where calls on it are forwarded. A
+   * suspended VM that leaves its node (movable; its own node too, when
+   * draining) is first handed over to the node every node picks to resume
+   * it (handOverSuspended): whichever node wins, concurrent requests through
+   * any nodes go to it. Undefined when that is this node, its node is not
+   * live, no node has room for it, or there is no such VM.
    */
   async ownerUrl(id: string, tenantId?: string): Promise<string | undefined> {
     if (!this.cluster) return undefined;
