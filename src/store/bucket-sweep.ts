@@ -28,6 +28,8 @@ const BUNDLE_ROOTS = ["images/", "microvms/"];
 export const SWEEP_GRACE_SECONDS = 3600;
 /** Objects one pass looks at, at most, by default: a page of 1,000 keys is ~100 KiB; 50 pages bound a pass's memory and time. */
 export const SWEEP_MAX_KEYS = 50_000;
+/** Deletions in flight at once. */
+const DELETES_AT_ONCE = 16;
 
 /**
  * Collects what the database no longer references from the cluster's
@@ -125,10 +127,15 @@ export class BucketSweep {
         return;
       }
       // Unpublished first (its manifest), then its files.
-      const keys = objects.map((o) => o.key).sort((a, b) => Number(b.endsWith(`/${MANIFEST}`)) - Number(a.endsWith(`/${MANIFEST}`)));
-      for (const key of keys) await this.store.delete(key);
+      doomed.push(objects.map((o) => o.key).sort((a, b) => Number(b.endsWith(`/${MANIFEST}`)) - Number(a.endsWith(`/${MANIFEST}`))));
       result.bundlesDeleted++;
     };
+    // Deleted a page at a time, several bundles at once (one DELETE is a round trip).
+    const doomed: string[][] = [];
+    const deleteDoomed = () =>
+      eachLimited(doomed.splice(0), DELETES_AT_ONCE, async (keys) => {
+        for (const key of keys) await this.store.delete(key);
+      });
     outer: for (const root of BUNDLE_ROOTS) {
       if (startedAfter !== undefined && startedAfter >= root && !startedAfter.startsWith(root)) continue;
       let group: { prefix: string; objects: { key: string; lastModified: Date }[] } | undefined;
@@ -152,9 +159,11 @@ export class BucketSweep {
           group ??= { prefix: m[1]!, objects: [] };
           group.objects.push(o);
         }
+        await deleteDoomed();
       }
       if (group) await sweepBundle(group.prefix, group.objects);
     }
+    await deleteDoomed();
     if (!capped) this.resumeAfter = undefined;
 
     // Blobs: only with the whole mark (every referenced manifest read); the young ones are safe without it (see the class comment).
@@ -163,15 +172,18 @@ export class BucketSweep {
     if (marked) {
       let blobsSeen = 0;
       this.blobsResumeAfter = undefined;
-      blobs: for await (const page of this.store.list("blobs/", blobsAfter)) {
+      for await (const page of this.store.list("blobs/", blobsAfter)) {
+        const unreferenced: string[] = [];
         for (const o of page) {
-          if (++blobsSeen > this.opts.maxKeysPerPass) break blobs;
+          if (++blobsSeen > this.opts.maxKeysPerPass) break;
           this.blobsResumeAfter = o.key;
           const m = BLOB_KEY.exec(o.key);
           if (!m || liveLayers.has(m[1]!) || o.lastModified.getTime() > cutoff) continue;
-          await this.store.delete(blobKey(m[1]!));
-          result.blobsDeleted++;
+          unreferenced.push(blobKey(m[1]!));
         }
+        await eachLimited(unreferenced, DELETES_AT_ONCE, (key) => this.store.delete(key));
+        result.blobsDeleted += unreferenced.length;
+        if (blobsSeen > this.opts.maxKeysPerPass) break;
       }
       blobsCapped = blobsSeen > this.opts.maxKeysPerPass;
       if (!blobsCapped) this.blobsResumeAfter = undefined;
@@ -212,6 +224,16 @@ export class BucketSweep {
     if (sha256) this.layersByManifest.set(sha256, layers);
     return layers;
   }
+}
+
+/** Runs `work` on each of `items`, at most `limit` at once. */
+async function eachLimited<T>(items: T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      while (next < items.length) await work(items[next++]!);
+    }),
+  );
 }
 
 /** The database's clock (PostgreSQL's now(); SQLite's CURRENT_TIMESTAMP, UTC). */
