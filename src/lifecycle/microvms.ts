@@ -145,6 +145,11 @@ export class MicroVmService {
     const known = new Set(rows.map((r) => r.id));
     for (const row of rows) {
       const vm = this.engine.list().find((v) => v.id === row.id);
+      // Handed to this node (or its fetch cut short) before it ran here: its files are in the object store, not on this disk.
+      if (!vm && this.objects && row.suspended_object && row.suspended_node !== this.cluster?.id && (row.state === "SUSPENDED" || row.state === "RESUMING")) {
+        if (row.state === "RESUMING") await this.transition(row.id, row.tenant_id, "SUSPENDED", {}, "reconciled", "RESUMING → SUSPENDED: the server restarted while fetching it; it is still in the object store");
+        continue;
+      }
       const r = reconcileState(row.state, vm?.status, vm?.record.failureReason);
       if (r.endEngineVm) await this.engine.terminate(row.id).catch((err: Error) => this.log(`ending ${row.id} after a restart: ${err.message}`));
       if (r.state === row.state) continue;

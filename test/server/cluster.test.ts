@@ -377,4 +377,28 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING" });
     expect((await nodes.c.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
   });
+
+  it("a VM handed over to a node that restarts before resuming it stays SUSPENDED there, published, and resumes on its next request", async () => {
+    await nodes.b.start(); // killed above
+    const created = await nodes.a.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    const id = created.body.microVmId as string;
+    expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING" });
+    await nodes.a.call("POST", `/v1/microvms/${id}/exec`, { command: ["bash", "-c", "echo kept > /root/handed.txt"] });
+    expect((await nodes.a.call("POST", `/v1/microvms/${id}/suspend`)).body.state).toBe("SUSPENDED");
+    while (!(await nodeOf(id)).suspended_object) await new Promise((r) => setTimeout(r, 200));
+    expect((await nodes.c.call("POST", "/v1/cluster/nodes/a/drain")).body.state).toBe("draining");
+    // A request b refuses (a wrong endpoint token) still hands the VM, through c, to b, the one node with room; it is not resumed.
+    const refused = await fetch(`${nodes.c.url}/v1/microvms/${id}/http/?cocoon_token=wrong`, { redirect: "manual" });
+    expect(refused.status).toBe(404); // a wrong token: as if there were no such VM
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "SUSPENDED", suspended_node: "a" });
+    // b restarts before any request resumes it: its files are in the object store, not on b's disk, and the VM is kept.
+    await nodes.b.stop("SIGKILL");
+    await nodes.b.start();
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "SUSPENDED", suspended_node: "a" });
+    const read = await nodes.c.call("POST", `/v1/microvms/${id}/exec`, { command: ["cat", "/root/handed.txt"] });
+    expect(read.body.stdout).toBe("kept\n");
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    expect((await nodes.c.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
+    expect((await nodes.c.call("POST", "/v1/cluster/nodes/a/activate")).body.state).toBe("active");
+  });
 });
