@@ -38,7 +38,7 @@ export const ErrorEnvelope = Type.Object(
 export const MicroVmStateSchema = enumOf<MicroVmState>(MICROVM_STATES, {
   $id: "MicroVmState",
   description:
-    "PENDING (the create is in flight) → RUNNING → SUSPENDING → SUSPENDED → RESUMING → RUNNING; PENDING, RUNNING, SUSPENDED or FAILED → TERMINATING → TERMINATED; any but TERMINATED → FAILED (launch failed, the VM's process died, lost in a restart).",
+    "PENDING (the create is in flight) → RUNNING → SUSPENDING → SUSPENDED → RESUMING → RUNNING; PENDING, RUNNING, SUSPENDED or FAILED → TERMINATING → TERMINATED; any but TERMINATED → FAILED (launch failed, the VM's process died, lost in a restart); on a cluster, RUNNING, SUSPENDING or RESUMING → SUSPENDED at its restore point when its node fails and it opted in (onNodeFailure \"restore\").",
 });
 
 export const ImageStateSchema = enumOf<ImageState>(IMAGE_STATES, {
@@ -71,6 +71,9 @@ export const MicroVmSchema = Type.Object(
       terminateAfterSuspendedSeconds: Type.Integer({ description: "terminate after this many seconds suspended; 0 never" }),
     }),
     maxRuntimeSeconds: Type.Integer(),
+    onNodeFailure: Type.Union([Type.Literal("fail"), Type.Literal("restore")], {
+      description: 'cluster: what becomes of it when its node fails while it runs: "fail" (FAILED) or "restore" (resumed elsewhere from its last published suspend; the event "restored" says what was lost)',
+    }),
     network: Type.Object({ egress: Egress, egressConnectors: Type.Optional(Type.Array(Type.String(), { description: "the named connectors it was created with" })) }),
     endpoint: Type.Object({
       url: Type.String({ description: "http://{id}.{domain}:{port}/" }),

@@ -2,7 +2,7 @@ import { sql, type Expression, type ExpressionBuilder, type SqlBool, type Transa
 import { ApiError } from "../errors.ts";
 import type { Db } from "../store/db.ts";
 import type { Database, MicroVmRow, NodeRow } from "../store/schema.ts";
-import { holdsHostResources, statesBefore, type MicroVmState } from "./states.ts";
+import { decideNodeFailure, holdsHostResources, statesBefore, type MicroVmState } from "./states.ts";
 
 /** What a node is: where its peers reach it, and what a VM or snapshot needs of the host that runs it. */
 export interface NodeInfo {
@@ -35,6 +35,17 @@ export interface LeaseTiming {
 export const DEFAULT_LEASE: LeaseTiming = { leaseSeconds: 15, renewEveryMs: 3000 };
 
 export type Tx = Transaction<Database>;
+
+/**
+ * What keeps a node's QEMUs from outliving its lease (the lease fence,
+ * lease-fence.ts): told of every lease that took, checked before each renewal.
+ */
+export interface LeaseGuard {
+  /** The guard runs (started again if it died); throws when it cannot be. */
+  ensure(): Promise<void>;
+  /** The lease holds `leaseSeconds` past `sentAtNs` (CLOCK_MONOTONIC, taken before its write was sent). */
+  renewed(sentAtNs: bigint, leaseSeconds: number): Promise<void>;
+}
 
 /** A VM's row is this node's at this epoch, and the node's lease is live on the database's clock. */
 export function ownedBy(owner: VmOwner) {
@@ -85,6 +96,8 @@ export class ClusterNode {
       builds?: () => { vcpus: number; memoryMiB: number };
       log?: (line: string) => void;
       timing?: LeaseTiming;
+      /** Cluster servers: the lease fence. Without one (tests of the protocol alone), a node's QEMUs may outlive its lease. */
+      guard?: LeaseGuard;
     },
   ) {
     this.timing = opts.timing ?? DEFAULT_LEASE;
@@ -108,6 +121,7 @@ export class ClusterNode {
   async register(): Promise<void> {
     const { info } = this;
     const lease = this.leaseExpiry();
+    const sentAt = process.hrtime.bigint();
     this.epoch = await this.db.transaction().execute(async (tx) => {
       const previous = await tx.selectFrom("nodes").selectAll().where("id", "=", info.id).forUpdate().executeTakeFirst();
       const values = {
@@ -126,12 +140,16 @@ export class ClusterNode {
         return 1;
       }
       const live = await tx.selectFrom("nodes").select("id").where("id", "=", info.id).where("state", "!=", "dead").where("lease_expires_at", ">", sql<Date>`now()`).executeTakeFirst();
-      if (!live) await failLiveVms(tx, [previous], `node ${info.id} stopped renewing its lease`);
+      // Its lease expired: its fence ended its QEMUs first, so opted-in VMs may be restored elsewhere.
+      if (!live) await failLiveVms(tx, [previous], `node ${info.id} stopped renewing its lease`, { restore: true });
       const epoch = previous.epoch + 1;
       await tx.updateTable("nodes").set({ ...values, epoch, registered_at: sql<Date>`now()` }).where("id", "=", info.id).execute();
       await tx.updateTable("microvms").set({ node_epoch: epoch }).where("node_id", "=", info.id).where("state", "not in", ["TERMINATED", "FAILED"]).execute();
       return epoch;
     });
+    // The deadline first: a fence started now finds the lease it guards.
+    await this.opts.guard?.renewed(sentAt, this.timing.leaseSeconds);
+    await this.opts.guard?.ensure();
     this.opts.log?.(`cluster: node ${info.id} registered at epoch ${this.epoch} (${info.url})`);
   }
 
@@ -154,6 +172,14 @@ export class ClusterNode {
 
   private async tick(): Promise<void> {
     try {
+      await this.opts.guard?.ensure();
+    } catch (err) {
+      // Renewing without the fence would let this node's guests outlive its lease: it lets the lease lapse instead.
+      this.opts.log?.(`cluster: the lease fence is not running and cannot be started (${(err as Error).message}): ending this node's VMs and renewing no more until it runs`);
+      await this.opts.onFenced().catch(() => undefined);
+      return;
+    }
+    try {
       if (!(await this.renew())) await this.fence();
       await this.reap();
     } catch (err) {
@@ -165,6 +191,7 @@ export class ClusterNode {
   /** Extends the lease; false when it updates nothing (the node was declared dead, or its lease ran out). */
   async renew(): Promise<boolean> {
     const builds = this.opts.builds?.() ?? { vcpus: 0, memoryMiB: 0 };
+    const sentAt = process.hrtime.bigint();
     const res = await this.db
       .updateTable("nodes")
       .set({ lease_expires_at: this.leaseExpiry(), build_vcpus: builds.vcpus, build_memory_mib: builds.memoryMiB })
@@ -173,7 +200,9 @@ export class ClusterNode {
       .where("state", "!=", "dead")
       .where("lease_expires_at", ">", sql<Date>`now()`)
       .executeTakeFirst();
-    return res.numUpdatedRows > 0n;
+    if (res.numUpdatedRows === 0n) return false;
+    await this.opts.guard?.renewed(sentAt, this.timing.leaseSeconds);
+    return true;
   }
 
   /** Declared dead by its peers: ends its VMs (others may act on their rows now), then rejoins under a new epoch. */
@@ -193,7 +222,7 @@ export class ClusterNode {
         .where("lease_expires_at", "<=", sql<Date>`now()`)
         .returningAll()
         .execute();
-      for (const node of dead) await failLiveVms(tx, [node], `node ${node.id} stopped renewing its lease`);
+      for (const node of dead) await failLiveVms(tx, [node], `node ${node.id} stopped renewing its lease`, { restore: true });
       if (dead.length > 0) this.opts.log?.(`cluster: reaped ${dead.map((n) => n.id).join(", ")}`);
       return dead.map((n) => n.id);
     });
@@ -204,7 +233,8 @@ export class ClusterNode {
     await this.stop();
     await this.db.transaction().execute(async (tx) => {
       const left = await tx.updateTable("nodes").set({ state: "dead", state_reason: "stopped" }).where("id", "=", this.info.id).where("epoch", "=", this.epoch).returningAll().execute();
-      await failLiveVms(tx, left, `node ${this.info.id} stopped`);
+      // Its QEMUs may still run (its fence ends them after this): failed, never restored elsewhere.
+      await failLiveVms(tx, left, `node ${this.info.id} stopped`, { restore: false });
     });
   }
 
@@ -349,20 +379,51 @@ export async function listNodes(db: Db): Promise<(NodeRow & { lease_live: boolea
     .execute();
 }
 
-/** Fails the VMs a dead node was running (its suspended ones keep their state on its disk), with an event each. */
-async function failLiveVms(tx: Tx, nodes: NodeRow[], reason: string): Promise<void> {
+/**
+ * The live VMs of dead nodes (`reason`: why they died): each is FAILED or,
+ * with `restore` (a lease that expired: the node's fence ended its QEMUs
+ * before), restored from its restore point when it opted in
+ * (decideNodeFailure): SUSPENDED at its last published suspend, owned by
+ * no node, which any node may resume (the one every node picks resumes it
+ * at once: MicroVmService's policy loop). An event each. Suspended VMs keep
+ * their state (on the node's disk, or published).
+ */
+async function failLiveVms(tx: Tx, nodes: NodeRow[], reason: string, opts: { restore: boolean }): Promise<void> {
   const live: MicroVmState[] = ["PENDING", "RUNNING", "SUSPENDING", "RESUMING", "TERMINATING"];
   for (const node of nodes) {
-    const failed = await tx
-      .updateTable("microvms")
-      .set({ state: "FAILED", state_reason: reason })
+    const vms = await tx
+      .selectFrom("microvms")
+      .select(["id", "tenant_id", "state", "on_node_failure", "restore_object", "restore_manifest", "restore_point_at"])
       .where("node_id", "=", node.id)
       .where("node_epoch", "=", node.epoch)
-      .where("state", "in", live.filter((s) => statesBefore("FAILED").includes(s)))
-      .returning(["id", "tenant_id"])
+      .where("state", "in", live)
       .execute();
     const at = new Date().toISOString();
-    for (const vm of failed) await tx.insertInto("events").values({ microvm_id: vm.id, tenant_id: vm.tenant_id, type: "failed", message: reason, at }).execute();
+    for (const vm of vms) {
+      const restorable = opts.restore && vm.restore_object !== null && vm.restore_manifest !== null;
+      const outcome = decideNodeFailure({ state: vm.state, onNodeFailure: vm.on_node_failure, restorePointAt: restorable ? vm.restore_point_at : null }, reason);
+      if (!outcome) continue;
+      const write = tx.updateTable("microvms").where("id", "=", vm.id).where("node_id", "=", node.id).where("node_epoch", "=", node.epoch).where("state", "=", vm.state);
+      if (outcome.action === "fail") {
+        if (!statesBefore("FAILED").includes(vm.state)) continue;
+        const res = await write.set({ state: "FAILED", state_reason: outcome.reason }).executeTakeFirst();
+        if (res.numUpdatedRows > 0n) await tx.insertInto("events").values({ microvm_id: vm.id, tenant_id: vm.tenant_id, type: "failed", message: outcome.reason, at }).execute();
+      } else {
+        const res = await write
+          .set({
+            state: "SUSPENDED",
+            state_reason: outcome.message,
+            node_id: null,
+            node_epoch: null,
+            suspended_node: null,
+            suspended_object: vm.restore_object,
+            suspended_manifest: vm.restore_manifest,
+            suspended_at: vm.restore_point_at,
+          })
+          .executeTakeFirst();
+        if (res.numUpdatedRows > 0n) await tx.insertInto("events").values({ microvm_id: vm.id, tenant_id: vm.tenant_id, type: "restored", message: outcome.message, at }).execute();
+      }
+    }
   }
 }
 

@@ -10,7 +10,7 @@ import { IdempotencyTokens } from "../store/idempotency.ts";
 import { serialized } from "../store/locks.ts";
 import { activeNodeUrl, handOverSuspended, liveUsage, ownedBy, TryPeersError, type ClusterNode, type Tx } from "./cluster.ts";
 import { checkQuota } from "../store/tenants.ts";
-import type { ImageRow, MicroVmRow, MicroVmUpdate } from "../store/schema.ts";
+import { NODE_FAILURE_POLICIES, type ImageRow, type MicroVmRow, type MicroVmUpdate, type NodeFailurePolicy } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
 import { hostMemoryBudget, memAvailableMiB, pssMiB, type HostMemoryBudget } from "../vmm/host-memory.ts";
@@ -34,6 +34,8 @@ export interface CreateMicroVmRequest {
   env?: Record<string, string>;
   /** terminateAfterSuspendedSeconds: a VM suspended this long is terminated (0, the default, never). */
   idlePolicy?: { suspendAfterSeconds?: number; autoResume?: boolean; terminateAfterSuspendedSeconds?: number };
+  /** Cluster (docs/cluster.md): a running VM whose node fails is FAILED ("fail", the default) or restored from its last published suspend ("restore"). */
+  onNodeFailure?: NodeFailurePolicy;
   maxRuntimeSeconds?: number;
   /** `egress` directly, or named connectors (lifecycle/connectors.ts); default: the image's connectors, else "none". */
   network?: { egress?: Egress; egressConnectors?: string[] };
@@ -105,6 +107,8 @@ export class MicroVmService {
   private readonly cluster: ClusterNode | undefined;
   /** On a cluster with an object store: where suspends are published, so that any node can resume them. */
   private readonly objects: SuspendedObjects | undefined;
+  /** Restored VMs this node is resuming now (resumeRestored). */
+  private readonly restoring = new Set<string>();
   readonly connectors: NetworkConnectors;
   readonly volumes: VolumeService;
 
@@ -258,6 +262,10 @@ export class MicroVmService {
     }
     const appPort = req.appPort ?? image.appPort;
     if (appPort !== undefined) checkRange("appPort", appPort);
+    const onNodeFailure = req.onNodeFailure ?? "fail";
+    if (!NODE_FAILURE_POLICIES.includes(onNodeFailure)) {
+      throw new ApiError("ValidationError", `onNodeFailure must be one of ${NODE_FAILURE_POLICIES.map((p) => `"${p}"`).join(", ")}, got ${JSON.stringify(onNodeFailure).slice(0, 64)}`, { field: "onNodeFailure" });
+    }
     const volumes = await this.volumes.resolve(tenantId, req.volumes ?? []);
     // Validates the shape against the image, and builds a base snapshot of a new shape once.
     const snapshot = await image.snapshotFor(shape);
@@ -297,6 +305,10 @@ export class MicroVmService {
       suspended_node: null,
       suspended_object: null,
       suspended_manifest: null,
+      on_node_failure: onNodeFailure,
+      restore_object: null,
+      restore_manifest: null,
+      restore_point_at: null,
     };
     // Admission and the PENDING row in one critical section: the row is what the next admission counts.
     // Its volume attachments go in with it, under the tenant's volume lock (a delete or another attach waits).
@@ -394,6 +406,10 @@ export class MicroVmService {
           suspended_node: null,
           suspended_object: null,
           suspended_manifest: null,
+          // A child keeps its parent's choice, not its restore point: it has none until its own first published suspend.
+          restore_object: null,
+          restore_manifest: null,
+          restore_point_at: null,
           forked_from: parent.id,
         }));
         // Children run where their parent does: on a cluster, this node, at its current epoch.
@@ -461,16 +477,18 @@ export class MicroVmService {
     for (let handOvers = 0; ; handOvers++) {
       const row = await this.db
         .selectFrom("microvms")
-        .innerJoin("nodes", "nodes.id", "microvms.node_id")
+        .leftJoin("nodes", "nodes.id", "microvms.node_id")
         .selectAll("microvms")
         .select(["nodes.url", "nodes.state as node_state", "nodes.qemu_build", "nodes.accelerator"])
-        .select(sql<boolean>`nodes.state != 'dead' and nodes.lease_expires_at > now()`.as("node_live"))
+        .select(sql<boolean>`coalesce(nodes.state != 'dead' and nodes.lease_expires_at > now(), false)`.as("node_live"))
         .where("microvms.id", "=", id)
         .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
         .executeTakeFirst();
       if (!row) return undefined;
       // This node's own VM too, when it drains: it takes no VMs, a peer resumes it.
-      if (handOvers < 3 && this.movable(row, { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator })) {
+      // (No node: a VM restored after its node failed.)
+      const node = row.node_state !== null && row.qemu_build !== null && row.accelerator !== null ? { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator } : undefined;
+      if (handOvers < 3 && this.movable(row, node)) {
         const target = await this.cluster.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
         // None has room: this node answers (503).
         if (!target) return undefined;
@@ -478,7 +496,7 @@ export class MicroVmService {
         await handOverSuspended(this.db, row, target);
         continue;
       }
-      return row.node_live && row.node_id !== this.cluster.id ? row.url : undefined;
+      return row.node_live && row.node_id !== this.cluster.id ? (row.url ?? undefined) : undefined;
     }
   }
 
@@ -488,8 +506,8 @@ export class MicroVmService {
    * (terminate), a VM whose node is dead and that runs nowhere (FAILED,
    * SUSPENDED, TERMINATED) becomes this node's, in one conditional update.
    * With `resuming` (a call that resumes it), a VM that must leave its node
-   * and that no node had room for (the router hands it over otherwise) is
-   * CapacityExceeded.
+   * is handed over to the node every node picks for it (handOverSuspended):
+   * returned when that is this one, CapacityExceeded when none has room.
    */
   private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean; resuming?: boolean } = {}): Promise<MicroVmRow> {
     const row = await this.get(tenantId, id);
@@ -497,9 +515,16 @@ export class MicroVmService {
     const node = row.node_id
       ? await this.db.selectFrom("nodes").select(["id", "url", "state", "qemu_build", "accelerator"]).select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("live")).where("id", "=", row.node_id).executeTakeFirst()
       : undefined;
-    // A published suspend whose node takes no VMs (draining, dead) reaches here only when no node had room for it (ownerUrl hands it over otherwise).
+    // A published suspend whose node takes no VMs (draining, dead, none) is handed over first, as the router does (ownerUrl):
+    // a request reaches here so only when no node had room; a resume of this node's own choosing (resumeRestored) takes it here.
     if (opts.resuming && this.movable(row, node)) {
-      throw new ApiError("CapacityExceeded", `microVM ${id} must move off node ${row.node_id ?? "(none)"}, which takes no VMs now, and no node has room for it (${row.vcpus} vCPU, ${row.memory_mib} MiB)`, { node: row.node_id });
+      const target = await this.cluster.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+      if (!target) {
+        throw new ApiError("CapacityExceeded", `microVM ${id} must move off node ${row.node_id ?? "(none)"}, which takes no VMs now, and no node has room for it (${row.vcpus} vCPU, ${row.memory_mib} MiB)`, { node: row.node_id });
+      }
+      const handed = (await handOverSuspended(this.db, row, target)) ?? (await this.get(tenantId, id));
+      if (handed.node_id === this.cluster.id) return handed;
+      throw new ApiError("MisdirectedRequest", `microVM ${id} was handed to node ${handed.node_id ?? "(none)"} to resume it`, { node: handed.node_id });
     }
     if (opts.claimOrphan && !node?.live && ["FAILED", "SUSPENDED", "TERMINATED"].includes(row.state)) {
       const owner = this.cluster.owner();
@@ -599,11 +624,13 @@ export class MicroVmService {
     const started = performance.now();
     const { prefix, manifestSha256, bytes } = await objects.publish(id, await this.engine.suspendedFiles(id));
     const seconds = (performance.now() - started) / 1000;
-    const message = `published to the object store (${(bytes / 2 ** 20).toFixed(1)} MiB in ${seconds.toFixed(1)} s): resumable on any node`;
+    // An opted-in VM keeps it as its restore point (what a failure of its node restores), in place of the one before.
+    const restorePoint = row.on_node_failure === "restore" ? { restore_object: prefix, restore_manifest: manifestSha256, restore_point_at: row.suspended_at } : {};
+    const message = `published to the object store (${(bytes / 2 ** 20).toFixed(1)} MiB in ${seconds.toFixed(1)} s): resumable on any node${row.on_node_failure === "restore" ? "; kept as its restore point" : ""}`;
     const recorded = await this.db.transaction().execute(async (tx) => {
       const res = await tx
         .updateTable("microvms")
-        .set({ suspended_object: prefix, suspended_manifest: manifestSha256 })
+        .set({ suspended_object: prefix, suspended_manifest: manifestSha256, ...restorePoint })
         .where("id", "=", id)
         .where("state", "=", "SUSPENDED")
         .where("suspended_node", "=", me.nodeId)
@@ -614,7 +641,10 @@ export class MicroVmService {
       return true;
     });
     if (!recorded) await objects.remove(prefix);
-    else this.observer?.observe("publish", seconds);
+    else {
+      this.observer?.observe("publish", seconds);
+      if (row.on_node_failure === "restore" && row.restore_object) await this.removeObject(row.restore_object);
+    }
   }
 
   resume(tenantId: string, id: string, cause = "request"): Promise<MicroVmRow> {
@@ -628,7 +658,8 @@ export class MicroVmService {
     const started = performance.now();
     try {
       // The files of its last suspend are on another node's disk: fetched from the object store.
-      if (this.objects && row.suspended_node !== null && row.suspended_node !== this.cluster!.id) await this.fetchSuspended(row);
+      // (None: a VM restored after its node failed, whose files are only in the store.)
+      if (this.objects && row.suspended_object && row.suspended_node !== this.cluster!.id) await this.fetchSuspended(row);
       await this.engine.resume(id);
       this.observer?.observe("resume", (performance.now() - started) / 1000);
     } catch (err) {
@@ -638,8 +669,8 @@ export class MicroVmService {
     // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
     await this.runHook(row, "resume");
     const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "resumed", `resumed (${cause})`);
-    // The published suspend is stale once the VM runs again.
-    if (row.suspended_object) void this.objects?.remove(row.suspended_object).catch((err: Error) => this.log(`removing ${row.suspended_object}: ${err.message}`));
+    // The published suspend is stale once the VM runs again, unless it is the VM's restore point.
+    if (row.suspended_object && row.suspended_object !== running.restore_object) void this.removeObject(row.suspended_object);
     return running;
   }
 
@@ -673,8 +704,15 @@ export class MicroVmService {
         await this.engine.terminate(id).catch((err: Error) => {
           if (err.name !== "VmNotFoundError") throw err;
         });
-        const terminated = await this.transition(id, tenantId, "TERMINATED", { terminated_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "terminated", `terminated (${cause})`);
-        if (row.suspended_object) await this.objects?.remove(row.suspended_object).catch((err: Error) => this.log(`removing ${row.suspended_object}: ${err.message}`));
+        const terminated = await this.transition(
+          id,
+          tenantId,
+          "TERMINATED",
+          { terminated_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null, restore_object: null, restore_manifest: null, restore_point_at: null },
+          "terminated",
+          `terminated (${cause})`,
+        );
+        for (const prefix of new Set([row.suspended_object, row.restore_object])) if (prefix) await this.removeObject(prefix);
         return terminated;
       }),
     );
@@ -825,6 +863,7 @@ export class MicroVmService {
   /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */
   private async applyPolicies(): Promise<void> {
     if (this.objects) await this.dropMoved().catch((err: Error) => this.log(`dropping moved microVMs: ${err.message}`));
+    if (this.objects) await this.resumeRestored().catch((err: Error) => this.log(`resuming restored microVMs: ${err.message}`));
     const now = Date.now();
     const rows = await this.mine(this.db.selectFrom("microvms").selectAll().where("state", "in", ["RUNNING", "SUSPENDED"])).execute();
     for (const row of rows) {
@@ -845,6 +884,39 @@ export class MicroVmService {
         if (err instanceof ApiError && err.code === "QuotaExceeded") await this.noteQuota(row, err.message);
         else if (!(err instanceof ApiError && err.code === "InvalidState")) this.log(`policy on ${row.id}: ${(err as Error).message}`);
       }
+    }
+  }
+
+  /** Removes a published suspend or restore point from the object store; a failure is logged (the object stays until the bucket's sweep). */
+  private async removeObject(prefix: string): Promise<void> {
+    await this.objects?.remove(prefix).catch((err: Error) => this.log(`removing ${prefix}: ${err.message}`));
+  }
+
+  /**
+   * Resumes the VMs restored after their node failed (SUSPENDED at their
+   * restore point, no node's) for which this node is the one every node
+   * picks (ClusterNode.moveTarget): a VM that opted in runs again without
+   * waiting for a request. The hand-over in resume() lets one node win; with no
+   * room anywhere, it waits for its next request (auto-resume).
+   */
+  private async resumeRestored(): Promise<void> {
+    const restored = await this.db
+      .selectFrom("microvms")
+      .select(["id", "tenant_id", "vcpus", "memory_mib"])
+      .where("state", "=", "SUSPENDED")
+      .where("node_id", "is", null)
+      .where("on_node_failure", "=", "restore")
+      .where("suspended_object", "is not", null)
+      .execute();
+    for (const vm of restored) {
+      if (this.restoring.has(vm.id)) continue;
+      const target = await this.cluster!.moveTarget({ vcpus: vm.vcpus, memoryMiB: vm.memory_mib });
+      if (target?.id !== this.cluster!.id) continue;
+      // Not awaited: the other policies go on meanwhile; the next rounds skip it.
+      this.restoring.add(vm.id);
+      void this.resume(vm.tenant_id, vm.id, "restored after its node failed")
+        .catch((err: Error) => this.log(`resuming ${vm.id}, restored after its node failed: ${err.message}`))
+        .finally(() => this.restoring.delete(vm.id));
     }
   }
 

@@ -1,5 +1,5 @@
 import { ApiError } from "../errors.ts";
-import { MICROVM_STATES, type MicroVmState } from "../store/schema.ts";
+import { MICROVM_STATES, type MicroVmState, type NodeFailurePolicy } from "../store/schema.ts";
 import type { VmStatus } from "../vmm/engine.ts";
 
 export { MICROVM_STATES, type MicroVmState };
@@ -10,6 +10,7 @@ export { MICROVM_STATES, type MicroVmState };
  *   PENDING ──launched──> RUNNING ──suspend──> SUSPENDING ──> SUSPENDED ──resume──> RESUMING ──> RUNNING
  *   PENDING | RUNNING | SUSPENDED | FAILED ──terminate──> TERMINATING ──> TERMINATED
  *   any but TERMINATED ──(launch failed, process died, lost in a restart)──> FAILED
+ *   RUNNING | SUSPENDING | RESUMING ──(its node failed; opted in, with a restore point)──> SUSPENDED
  *
  * A failed suspend leaves the guest running; a failed resume leaves it
  * suspended. `MicroVmService.transition` is the only writer of the state
@@ -43,6 +44,37 @@ export function checkTransition(id: string, from: MicroVmState, to: MicroVmState
 
 export function invalidState(id: string, from: MicroVmState, action: string): ApiError {
   return new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${from}`, { state: from, action });
+}
+
+/** The live states a VM may be restored from when its node fails (decideNodeFailure): not one being created or ended. */
+export const RESTORABLE_STATES: readonly MicroVmState[] = ["RUNNING", "SUSPENDING", "RESUMING"];
+
+/** What a VM of a failed node knows of itself. */
+export interface NodeFailureFacts {
+  state: MicroVmState;
+  onNodeFailure: NodeFailurePolicy;
+  /** When its restore point (its last published suspend) was suspended; null: it has none. */
+  restorePointAt: string | null;
+}
+
+export type NodeFailureOutcome = { action: "fail"; reason: string } | { action: "restore"; message: string };
+
+/**
+ * What becomes of a VM of a node that failed (`reason`: why, naming the
+ * node), undefined for one that is not live (suspended VMs keep their files
+ * on the node, or in the object store; ended ones stay so). A live VM is
+ * FAILED unless it opted in (`onNodeFailure: "restore"`), is running (or
+ * suspending or resuming) and has a restore point: then it is SUSPENDED at
+ * that point, and the event says what is lost. Pure; unit-tested
+ * (test/unit/lifecycle-states.test.ts). Only for a node whose lease expired:
+ * its lease fence ended its QEMUs before that (lease-fence.ts).
+ */
+export function decideNodeFailure(vm: NodeFailureFacts, reason: string): NodeFailureOutcome | undefined {
+  if (!holdsHostResources(vm.state) && vm.state !== "TERMINATING") return undefined;
+  if (vm.onNodeFailure !== "restore") return { action: "fail", reason };
+  if (!RESTORABLE_STATES.includes(vm.state)) return { action: "fail", reason: `${reason} while it was ${vm.state}` };
+  if (vm.restorePointAt === null) return { action: "fail", reason: `${reason}; it has no restore point to be restored from (none of its suspends was published to the object store)` };
+  return { action: "restore", message: `restored from its last durable suspend (${vm.restorePointAt}) after ${reason}: its state since ${vm.restorePointAt} is lost` };
 }
 
 /** States in which a VM holds host CPU and memory (counted by admission control). */

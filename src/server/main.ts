@@ -7,6 +7,7 @@ import { ImageCatalog } from "../images/catalog.ts";
 import { s3ConfigFromEnv } from "../images/intake.ts";
 import { ImageService } from "../images/service.ts";
 import { ClusterNode } from "../lifecycle/cluster.ts";
+import { LeaseFence } from "../lifecycle/lease-fence.ts";
 import { SuspendedObjects } from "../lifecycle/suspended-objects.ts";
 import { BucketSweep, SWEEP_GRACE_SECONDS, SWEEP_MAX_KEYS } from "../store/bucket-sweep.ts";
 import { ObjectStore } from "../store/objects.ts";
@@ -68,6 +69,10 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   const images = new ImageCatalog(runtime.engine, { db, imagesDir: join(config.dataDir, "images"), assetsDir: config.assetsDir, rootfs: runtime.rootfs, assets: runtime.assets, images: imageService, shared: runtime.sharedSnapshots, log });
   const metrics: ServerMetrics = new ServerMetrics({ vmsByState: () => microvms.countByState(), capacity: () => microvms.usage() });
   const capacity = hostCapacity({ vcpu: config.vcpuOvercommit, memory: config.memoryOvercommit }, config.memory);
+  // A node's QEMUs must not outlive its lease: the fence finds them by the jail's cgroups.
+  const jail = runtime.engine.jailer;
+  if (nodeId && !jail) throw new Error("a cluster node (COCOON_DATABASE_URL) needs the QEMU jail (run as root, COCOON_JAIL not off): its lease fence ends its QEMUs through the jail's cgroups");
+  const fence = nodeId && jail ? new LeaseFence({ dataDir: config.dataDir, cgroupParent: jail.config.cgroupParent, log }) : undefined;
   // A node holds a lease; it registers before it reconciles its VMs.
   const cluster = nodeId
     ? new ClusterNode(
@@ -80,7 +85,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
           cpuSignature: cpus()[0]?.model ?? "unknown",
           ...capacity,
         },
-        { onFenced: () => microvms.endRunningVms(), builds: () => images.buildsInFlight(), log },
+        { onFenced: () => microvms.endRunningVms(), builds: () => images.buildsInFlight(), log, guard: fence },
       )
     : undefined;
   await cluster?.start();
@@ -113,6 +118,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     await bucketSweep?.stop();
     await microvms.suspendAll();
     await cluster?.leave();
+    await fence?.release();
     await runtime.engine.close();
     await closeDatabase(db);
     process.exit(0);

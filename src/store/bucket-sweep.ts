@@ -39,8 +39,9 @@ const DELETES_AT_ONCE = 16;
  * One node of the cluster sweeps at a time (an advisory lock; the others
  * skip), every interval and once at start.
  *
- * Mark: the prefixes the database references (a suspended VM's, an image's,
- * a managed image's snapshot's), read first, and the layers their manifests
+ * Mark: the prefixes the database references (a suspended VM's, a VM's
+ * restore point, an image's, a managed image's snapshot's or root
+ * filesystem's), read first, and the layers their manifests
  * name (and, listing the bucket, the layers of bundles younger than the
  * grace period). Sweep: every other bundle and blob older than the grace
  * period (the store's LastModified against the database's now()).
@@ -138,26 +139,32 @@ export class BucketSweep {
       });
     outer: for (const root of BUNDLE_ROOTS) {
       if (startedAfter !== undefined && startedAfter >= root && !startedAfter.startsWith(root)) continue;
-      let group: { prefix: string; objects: { key: string; lastModified: Date }[] } | undefined;
+      let group: { prefix: string; objects: { key: string; lastModified: Date }[]; lastKey: string } | undefined;
       for await (const page of this.store.list(root, startedAfter?.startsWith(root) ? startedAfter : undefined)) {
         for (const o of page) {
           // Every key counts, Cocoon's or not: a bucket full of others' keys cannot make a pass unbounded.
           if (++seen > this.opts.maxKeysPerPass) {
             capped = true;
+            // One "bundle" of more keys than a pass looks at (others' keys under its prefix): passed over, so later ones are swept.
+            if (group && this.resumeAfter === startedAfter) this.resumeAfter = group.lastKey;
             break outer;
+          }
+          // A key past the open bundle closes it; the next pass goes on after it.
+          if (group && !o.key.startsWith(`${group.prefix}/`)) {
+            await sweepBundle(group.prefix, group.objects);
+            this.resumeAfter = group.lastKey;
+            group = undefined;
           }
           const m = BUNDLE_KEY.exec(o.key);
           if (!m) {
-            if (!group) this.resumeAfter = o.key;
+            // Not Cocoon's (inside a bundle's prefix or not): left alone.
+            if (group) group.lastKey = o.key;
+            else this.resumeAfter = o.key;
             continue;
           }
-          if (group && group.prefix !== m[1]) {
-            await sweepBundle(group.prefix, group.objects);
-            this.resumeAfter = group.objects.at(-1)!.key;
-            group = undefined;
-          }
-          group ??= { prefix: m[1]!, objects: [] };
+          group ??= { prefix: m[1]!, objects: [], lastKey: o.key };
           group.objects.push(o);
+          group.lastKey = o.key;
         }
         await deleteDoomed();
       }
@@ -210,9 +217,11 @@ export class BucketSweep {
   private async referenced(): Promise<Map<string, string | null>> {
     const refs = new Map<string, string | null>();
     const vms = await this.db.selectFrom("microvms").select(["suspended_object as object", "suspended_manifest as manifest"]).where("suspended_object", "is not", null).execute();
+    // A VM that opted in to restore keeps its last published suspend while it runs (its restore point).
+    const restorePoints = await this.db.selectFrom("microvms").select(["restore_object as object", "restore_manifest as manifest"]).where("restore_object", "is not", null).execute();
     const images = await this.db.selectFrom("images").select(["snapshot_object as object", "snapshot_manifest as manifest"]).where("snapshot_object", "is not", null).execute();
     const managed = await this.db.selectFrom("cluster_snapshots").select(["object", "manifest"]).execute();
-    for (const r of [...vms, ...images, ...managed]) if (r.object) refs.set(r.object, r.manifest);
+    for (const r of [...vms, ...restorePoints, ...images, ...managed]) if (r.object) refs.set(r.object, r.manifest);
     return refs;
   }
 

@@ -302,4 +302,15 @@ export const migrations: Record<string, Migration> = {
         .execute();
     },
   },
+  // ---- restore from the last durable suspend when a node fails (issue #15 item 6; docs/cluster.md) ----
+  "0021_restore_points": {
+    async up(db: Kysely<unknown>) {
+      // What becomes of a running VM whose node fails: "fail" (FAILED) or "restore" (from its restore point).
+      await db.schema.alterTable("microvms").addColumn("on_node_failure", "text", (c) => c.notNull().defaultTo("fail")).execute();
+      // An opted-in VM's last published suspend, kept while it runs: the prefix, its manifest's sha256, and when it was suspended.
+      await db.schema.alterTable("microvms").addColumn("restore_object", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("restore_manifest", "text").execute();
+      await db.schema.alterTable("microvms").addColumn("restore_point_at", "text").execute();
+    },
+  },
 };

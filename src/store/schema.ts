@@ -97,7 +97,16 @@ export interface MicroVmsTable {
   suspended_object: Generated<string | null>;
   /** The sha256 of that suspend's manifest: what pins the bundle (the object store is not trusted). */
   suspended_manifest: Generated<string | null>;
+  /** What becomes of it, running, when its node fails (docs/cluster.md): FAILED, or restored from its restore point. */
+  on_node_failure: Generated<NodeFailurePolicy>;
+  /** "restore" VMs: their last published suspend, kept after they resume (prefix, manifest sha256, when it was suspended); null: none yet. */
+  restore_object: Generated<string | null>;
+  restore_manifest: Generated<string | null>;
+  restore_point_at: Generated<string | null>;
 }
+
+export const NODE_FAILURE_POLICIES = ["fail", "restore"] as const;
+export type NodeFailurePolicy = (typeof NODE_FAILURE_POLICIES)[number];
 
 export interface EventsTable {
   id: Generated<number>;

@@ -1,12 +1,15 @@
 import { ListObjectsV2Command, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { LambdaMicrovmsClient, ResumeMicrovmCommand, RunMicrovmCommand, SuspendMicrovmCommand, TerminateMicrovmCommand } from "@aws-sdk/client-lambda-microvms";
 import { execFileSync } from "node:child_process";
-import { copyFile, mkdtemp, readFile, rm } from "node:fs/promises";
+import { copyFile, mkdtemp, readdir, readFile, rm, rmdir } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import { closeDatabase, openPostgres, type Db } from "../../src/store/db.ts";
 import { freeLoopbackPort } from "../../src/util/ports.ts";
+import { isAlive } from "../../src/util/process.ts";
+import { detectCgroups } from "../../src/vmm/jail/index.ts";
+import { isQemuNamed } from "../../src/vmm/machine.ts";
 import { CocoonServer } from "../support/cocoon-server.ts";
 import { STATIC_SERVER } from "../support/guest-apps.ts";
 import { TEST_ROOT } from "../support/paths.ts";
@@ -38,7 +41,8 @@ beforeAll(async () => {
     nodes[id] = new CocoonServer({
       dataDir,
       port: await freeLoopbackPort(),
-      env: { COCOON_DATABASE_URL: url, COCOON_NODE_ID: id, COCOON_VM_UIDS: uidRanges[id], COCOON_VCPU_OVERCOMMIT: "0.5", ...objectStore },
+      // Nodes sharing a machine need their own VM uids and cgroups (each node's lease fence ends every QEMU in its cgroups).
+      env: { COCOON_DATABASE_URL: url, COCOON_NODE_ID: id, COCOON_VM_UIDS: uidRanges[id], COCOON_CGROUP_PARENT: `cocoon-cluster-test-${id}`, COCOON_VCPU_OVERCOMMIT: "0.5", ...objectStore },
     });
   }
   // The first node makes the admin key; every node shares the master key (sealed secrets are in the database).
@@ -55,14 +59,24 @@ afterAll(async () => {
   for (const node of Object.values(nodes)) {
     node.process?.kill("SIGCONT");
     await node.stop("SIGKILL");
-    try {
-      execFileSync("pkill", ["-9", "-f", `${node.opts.dataDir}/`], { stdio: "ignore" });
-    } catch {
-      // nothing left
+    for (const pattern of [`${node.opts.dataDir}/`, `lease-fence --data-dir ${node.opts.dataDir}`]) {
+      try {
+        execFileSync("pkill", ["-9", "-f", pattern], { stdio: "ignore" });
+      } catch {
+        // nothing left
+      }
     }
   }
   await new Promise((r) => setTimeout(r, 500));
   for (const node of Object.values(nodes)) await rm(node.opts.dataDir, { recursive: true, force: true });
+  // The nodes' cgroup parents (their VMs' cgroups first).
+  for (const mount of new Set(Object.values(detectCgroups().mounts))) {
+    for (const id of ["a", "b", "c"]) {
+      const parent = join(mount, `cocoon-cluster-test-${id}`);
+      for (const child of await readdir(parent).catch(() => [])) await rmdir(join(parent, child)).catch(() => undefined);
+      await rmdir(parent).catch(() => undefined);
+    }
+  }
   await closeDatabase(db);
   await postgres?.stop();
   await swift?.stop();
@@ -76,19 +90,34 @@ async function fetches(node: CocoonServer): Promise<number> {
   return Number(/^cocoon_microvm_fetch_seconds_count (\d+)/m.exec(text)?.[1] ?? "NaN");
 }
 
-/** The QEMU of VM `id` on `node`, while it runs. */
+/** The QEMU of VM `id` on `node`, while it runs: its record's pid, still a QEMU of its process's name (a VM handed a pre-started process has that process's directory). */
 async function qemuPid(node: CocoonServer, id: string): Promise<number | undefined> {
-  const record = JSON.parse(await readFile(join(node.opts.dataDir, "vms", id, "vm.json"), "utf8").catch(() => "{}")) as { pid?: number };
-  if (!record.pid) return undefined;
-  const cmdline = await readFile(`/proc/${record.pid}/cmdline`, "utf8").catch(() => "");
-  return cmdline.includes(node.opts.dataDir) ? record.pid : undefined;
+  const vmsDir = join(node.opts.dataDir, "vms");
+  for (const dir of await readdir(vmsDir).catch(() => [])) {
+    const record = JSON.parse(await readFile(join(vmsDir, dir, "vm.json"), "utf8").catch(() => "{}")) as { id?: string; pid?: number; processName?: string };
+    if (record.id === id) return record.pid && record.processName && isQemuNamed(record.pid, record.processName) ? record.pid : undefined;
+  }
+  return undefined;
 }
 
-/** Polls until the VM's row is FAILED; returns how long that took. */
-async function untilFailed(id: string): Promise<number> {
+/** Polls until the VM's row is FAILED; returns how long that took, and when its QEMU `pid` was seen gone (undefined: it ran on). */
+async function untilFailed(id: string, pid?: number): Promise<{ failedMs: number; qemuGoneMs?: number }> {
   const started = Date.now();
-  while ((await nodeOf(id)).state !== "FAILED") await new Promise((r) => setTimeout(r, 200));
-  return Date.now() - started;
+  let qemuGoneMs: number | undefined;
+  for (;;) {
+    if (pid !== undefined && qemuGoneMs === undefined && !isAlive(pid)) qemuGoneMs = Date.now() - started;
+    if ((await nodeOf(id)).state === "FAILED") return { failedMs: Date.now() - started, qemuGoneMs };
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** The lease fences running for `node`'s data directory. */
+function fencesOf(node: CocoonServer): number[] {
+  try {
+    return execFileSync("pgrep", ["-f", `lease-fence --data-dir ${node.opts.dataDir}`], { encoding: "utf8" }).split("\n").filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
 }
 
 describe("a cluster of nodes sharing PostgreSQL", () => {
@@ -200,28 +229,59 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(forged.status).toBe(401);
   });
 
-  it("kill -9 of a node: its running VM is FAILED within ~20 s, and its QEMU is ended when the node comes back", async () => {
+  it("kill -9 of a node restarted within its lease: its fence, found running, kept its VM running, and the new server adopts it; a fence that dies is started again", async () => {
+    const pid = await qemuPid(nodes.a, onA);
+    expect(pid).toBeDefined();
+    const fences = fencesOf(nodes.a);
+    expect(fences).toHaveLength(1);
+    await nodes.a.stop("SIGKILL");
+    const restartStarted = Date.now();
+    await nodes.a.start();
+    console.log(`[figure] node restarted (kill -9, then ready) in ${((Date.now() - restartStarted) / 1000).toFixed(1)} s`);
+    expect(await qemuPid(nodes.a, onA)).toBe(pid);
+    expect(await nodeOf(onA)).toMatchObject({ node_id: "a", node_epoch: 2, state: "RUNNING" });
+    expect((await nodes.c.call("POST", `/v1/microvms/${onA}/exec`, { command: ["echo", "still here"] })).body.stdout).toBe("still here\n");
+    // The same fence, not a second one; it never fired.
+    expect(fencesOf(nodes.a)).toEqual(fences);
+    expect(await readFile(join(nodes.a.opts.dataDir, "lease-fence", "fence.log"), "utf8")).not.toContain("deadline passed");
+    // A fence that dies is started again before the next renewal; the VM runs on.
+    process.kill(fences[0]!, "SIGKILL");
+    await nodes.a.waitForLog("lease fence started", nodes.a.count("lease fence started") + 1, 15_000);
+    expect(fencesOf(nodes.a)).toHaveLength(1);
+    expect(fencesOf(nodes.a)).not.toEqual(fences);
+    expect(await qemuPid(nodes.a, onA)).toBe(pid);
+  });
+
+  it("kill -9 of a node: its fence kills its QEMU before its peers see the lease expired, and they fail its running VM within ~20 s", async () => {
     const pid = await qemuPid(nodes.a, onA);
     expect(pid).toBeDefined();
     await nodes.a.stop("SIGKILL");
-    const detectedMs = await untilFailed(onA);
-    console.log(`[figure] node failure detected ${(detectedMs / 1000).toFixed(1)} s after kill -9 (lease 15 s, renewal 3 s)`);
+    const { failedMs, qemuGoneMs } = await untilFailed(onA, pid);
+    console.log(`[figure] kill -9 of a node: its QEMU killed by its lease fence after ${((qemuGoneMs ?? NaN) / 1000).toFixed(1)} s; its VM FAILED by a peer after ${(failedMs / 1000).toFixed(1)} s (lease 15 s, renewal 3 s, fence margin 3 s)`);
+    // Dead first: no node that sees the VM FAILED (or could act on it) could find it running.
+    expect(qemuGoneMs).toBeDefined();
+    expect(qemuGoneMs!).toBeLessThanOrEqual(failedMs);
+    expect(await readFile(join(nodes.a.opts.dataDir, "lease-fence", "fence.log"), "utf8")).toContain(`killed ${pid}`);
     expect(await nodeOf(onA)).toMatchObject({ state: "FAILED", state_reason: "node a stopped renewing its lease" });
     const nodesNow = await db.selectFrom("nodes").select(["id", "state"]).orderBy("id").execute();
     expect(nodesNow).toEqual([{ id: "a", state: "dead" }, { id: "b", state: "active" }, { id: "c", state: "draining" }]);
     // The dead node's FAILED VM runs nowhere: any node may terminate it (it claims it).
     expect((await nodes.b.call("DELETE", `/v1/microvms/${onA}`)).body.state).toBe("TERMINATED");
     await nodes.a.start();
-    expect(await db.selectFrom("nodes").select(["state", "epoch"]).where("id", "=", "a").executeTakeFirstOrThrow()).toEqual({ state: "active", epoch: 2 });
-    // The orphaned QEMU of its earlier life is ended at start: no VM runs twice.
+    expect(await db.selectFrom("nodes").select(["state", "epoch"]).where("id", "=", "a").executeTakeFirstOrThrow()).toEqual({ state: "active", epoch: 3 });
     expect(await qemuPid(nodes.a, onA)).toBeUndefined();
+    expect(fencesOf(nodes.a)).toHaveLength(1);
   });
 
   it("SIGSTOP of a node past its lease: its peers fail its VM; when it wakes it changes nothing, ends its guest and rejoins", async () => {
     const pid = await qemuPid(nodes.b, onB);
     expect(pid).toBeDefined();
     nodes.b.process!.kill("SIGSTOP");
-    await untilFailed(onB);
+    const { qemuGoneMs, failedMs } = await untilFailed(onB, pid);
+    // Killed by b's fence while b is still stopped, before its peers failed the VM.
+    expect(qemuGoneMs).toBeDefined();
+    expect(qemuGoneMs!).toBeLessThanOrEqual(failedMs);
+    expect(nodes.b.process).toBeDefined();
     nodes.b.process!.kill("SIGCONT");
     await nodes.b.waitForLog("lost its lease", 1, 30_000);
     await nodes.b.waitForLog("registered at epoch 2", 1, 30_000);
@@ -361,16 +421,77 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     s3.destroy();
   });
 
-  it("kill -9 of a node holding a published suspended VM: once it is reaped, a request through any node resumes the VM on a peer", async () => {
+  it("kill -9 of a node: its opted-in running VM is restored on a peer from its last durable suspend at once (what was lost said in an event); its published suspended VM resumes on a peer at the next request", async () => {
+    // onNodeFailure is checked at create, naming the field; a VM describes its choice.
+    const bad = await nodes.b.call("POST", "/v1/microvms", { image: "base", onNodeFailure: "sometimes" });
+    expect(bad.status).toBe(400);
+    expect(bad.body.error).toMatchObject({ code: "ValidationError", details: { field: "body.onNodeFailure" } });
+
+    // A VM suspended on b and published; it does not run, so it is not restored: it moves at its next request.
     const created = await nodes.b.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
     const id = created.body.microVmId as string;
+    expect(created.body.onNodeFailure).toBe("fail");
     expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "RUNNING" });
     await nodes.b.call("POST", `/v1/microvms/${id}/exec`, { command: ["bash", "-c", "echo survived > /root/failover.txt"] });
     expect((await nodes.b.call("POST", `/v1/microvms/${id}/suspend`)).body.state).toBe("SUSPENDED");
     while (!(await nodeOf(id)).suspended_object) await new Promise((r) => setTimeout(r, 200));
+
+    // An opted-in VM on b: a value in memory (tmpfs), suspended and published (its restore point), resumed; then a second value.
+    const opted = await nodes.b.call("POST", "/v1/microvms", { image: "base", onNodeFailure: "restore", idlePolicy: { suspendAfterSeconds: 0 } });
+    expect(opted.status).toBe(201);
+    const restoredId = opted.body.microVmId as string;
+    expect(opted.body.onNodeFailure).toBe("restore");
+    expect(await nodeOf(restoredId)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    const shm = (command: string) => nodes.c.call("POST", `/v1/microvms/${restoredId}/exec`, { command: ["bash", "-c", command] });
+    await shm("echo first > /dev/shm/value");
+    expect((await nodes.b.call("POST", `/v1/microvms/${restoredId}/suspend`)).body.state).toBe("SUSPENDED");
+    const restoreRow = () => db.selectFrom("microvms").select(["restore_object", "restore_point_at", "suspended_at"]).where("id", "=", restoredId).executeTakeFirstOrThrow();
+    while (!(await restoreRow()).restore_object) await new Promise((r) => setTimeout(r, 200));
+    const point = await restoreRow();
+    expect(point.restore_point_at).toBe(point.suspended_at);
+    expect((await nodes.b.call("POST", `/v1/microvms/${restoredId}/resume`)).body.state).toBe("RUNNING");
+    await shm("echo second > /dev/shm/value");
+    expect((await shm("cat /dev/shm/value")).body.stdout).toBe("second\n");
+    // Kept in the bucket while it runs: its restore point.
+    const s3 = new S3Client({ endpoint: swift.url, region: "us-east-1", forcePathStyle: true, credentials: { accessKeyId: swift.accessKeyId, secretAccessKey: swift.secretAccessKey } });
+    const keys = async (prefix: string) => ((await s3.send(new ListObjectsV2Command({ Bucket: "cocoon-cluster", Prefix: prefix }))).Contents ?? []).map((o) => o.Key);
+    expect(await keys(`${point.restore_object}/`)).toContain(`${point.restore_object}/manifest.json`);
+    const pid = await qemuPid(nodes.b, restoredId);
+    expect(pid).toBeDefined();
+
     await nodes.b.stop("SIGKILL");
-    while ((await db.selectFrom("nodes").select("state").where("id", "=", "b").executeTakeFirstOrThrow()).state !== "dead") await new Promise((r) => setTimeout(r, 200));
+    const killed = Date.now();
+    let qemuGoneMs: number | undefined;
+    for (;;) {
+      if (qemuGoneMs === undefined && !isAlive(pid!)) qemuGoneMs = Date.now() - killed;
+      const row = await nodeOf(restoredId);
+      if (row.state === "RUNNING" && row.node_id !== "b") break;
+      expect(row.state, row.state_reason ?? "").not.toBe("FAILED");
+      expect(Date.now() - killed).toBeLessThan(90_000);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const runningMs = Date.now() - killed;
+    const events = (await nodes.c.call("GET", `/v1/microvms/${restoredId}/events`)).body.events as { type: string; message: string; at: string }[];
+    const restoredMs = Date.parse(events.find((e) => e.type === "restored")!.at) - killed;
+    console.log(`[figure] kill -9 of a node: its QEMU killed by its fence after ${((qemuGoneMs ?? NaN) / 1000).toFixed(1)} s; its opted-in VM restored by a peer's reap after ${(restoredMs / 1000).toFixed(1)} s and RUNNING again on a peer after ${(runningMs / 1000).toFixed(1)} s`);
+    // It ran nowhere twice: b's QEMU was dead before the VM was restored, let alone resumed.
+    expect(qemuGoneMs).toBeDefined();
+    expect(qemuGoneMs!).toBeLessThanOrEqual(restoredMs);
+    expect(await nodeOf(restoredId)).toMatchObject({ node_id: "a", state: "RUNNING" });
+    // The memory of its last durable suspend: the first value, not the second.
+    expect((await shm("cat /dev/shm/value")).body.stdout).toBe("first\n");
+    expect(events.map((e) => e.type).slice(-3)).toEqual(["restored", "moved", "resumed"]);
+    expect(events.find((e) => e.type === "restored")!.message).toBe(
+      `restored from its last durable suspend (${point.restore_point_at}) after node b stopped renewing its lease: its state since ${point.restore_point_at} is lost`,
+    );
+    expect(events.filter((e) => e.type === "resumed").at(-1)!.message).toBe("resumed (restored after its node failed)");
+    // Terminated, it leaves nothing in the bucket.
+    expect((await nodes.c.call("DELETE", `/v1/microvms/${restoredId}`)).body.state).toBe("TERMINATED");
+    expect(await keys(`microvms/${restoredId}/`)).toEqual([]);
+    s3.destroy();
+
     // Suspended VMs are not failed with their node; published, this one moves to a (through c, drained).
+    expect(await db.selectFrom("nodes").select("state").where("id", "=", "b").executeTakeFirstOrThrow()).toEqual({ state: "dead" });
     expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "SUSPENDED" });
     const read = await nodes.c.call("POST", `/v1/microvms/${id}/exec`, { command: ["cat", "/root/failover.txt"] });
     expect(read.body.stdout).toBe("survived\n");

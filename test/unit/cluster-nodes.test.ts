@@ -48,6 +48,7 @@ function vmRow(owner: VmOwner, state: MicroVmState, vcpus = 1): MicroVmRow {
     suspend_after_seconds: 0, auto_resume: 1, max_runtime_seconds: 3600, egress: "{}", endpoint_public: 0, endpoint_token: "et", app_port: null, metadata: "{}",
     created_at: now, expires_at: now, last_activity_at: now, terminated_at: null, terminate_after_suspended_seconds: 0, suspended_at: null, egress_connectors: null,
     hooks: null, image_version: 1, forked_from: null, node_id: owner.nodeId, node_epoch: owner.epoch, suspended_node: null, suspended_object: null, suspended_manifest: null,
+    on_node_failure: "fail", restore_object: null, restore_manifest: null, restore_point_at: null,
   };
 }
 
@@ -94,6 +95,33 @@ describe("cluster nodes", () => {
       ["b", "active", 2, true],
       ["c", "active", 1, true],
     ]);
+  });
+
+  it("a reap restores an opted-in running VM with a restore point (SUSPENDED there, no node's, an event saying what is lost) and fails the others, saying why", async () => {
+    const [dbA, dbB] = await database(2);
+    const [a, b] = [node(dbA!, "a"), node(dbB!, "b")];
+    await Promise.all([a.register(), b.register()]);
+    const at = "2026-11-25T00:00:00.000Z";
+    const point = { on_node_failure: "restore" as const, restore_object: "microvms/x/1", restore_manifest: "ab".repeat(32), restore_point_at: at };
+    const restored = { ...vmRow(b.owner(), "RUNNING"), ...point, suspended_node: null };
+    const bare = { ...vmRow(b.owner(), "RUNNING"), on_node_failure: "restore" as const };
+    const creating = { ...vmRow(b.owner(), "PENDING"), ...point };
+    const plain = { ...vmRow(b.owner(), "RUNNING"), restore_object: "microvms/y/1", restore_manifest: "cd".repeat(32), restore_point_at: at };
+    await dbB!.insertInto("microvms").values([restored, bare, creating, plain]).execute();
+    await renewing([a], 1300);
+    expect(await a.reap()).toEqual(["b"]);
+    const row = async (id: string) => dbA!.selectFrom("microvms").select(["state", "state_reason", "node_id", "node_epoch", "suspended_node", "suspended_object", "suspended_manifest", "suspended_at"]).where("id", "=", id).executeTakeFirstOrThrow();
+    const lost = `restored from its last durable suspend (${at}) after node b stopped renewing its lease: its state since ${at} is lost`;
+    expect(await row(restored.id)).toEqual({ state: "SUSPENDED", state_reason: lost, node_id: null, node_epoch: null, suspended_node: null, suspended_object: "microvms/x/1", suspended_manifest: "ab".repeat(32), suspended_at: at });
+    expect(await dbA!.selectFrom("events").select(["type", "message"]).where("microvm_id", "=", restored.id).execute()).toEqual([{ type: "restored", message: lost }]);
+    expect(await row(bare.id)).toMatchObject({ state: "FAILED", state_reason: "node b stopped renewing its lease; it has no restore point to be restored from (none of its suspends was published to the object store)" });
+    expect(await row(creating.id)).toMatchObject({ state: "FAILED", state_reason: "node b stopped renewing its lease while it was PENDING" });
+    // Not opted in: FAILED, whatever it holds.
+    expect(await row(plain.id)).toMatchObject({ state: "FAILED", state_reason: "node b stopped renewing its lease" });
+    // b comes back: the restored VM is not its own any more.
+    expect(await b.renew()).toBe(false);
+    await b.register();
+    expect(await row(restored.id)).toMatchObject({ state: "SUSPENDED", node_id: null });
   });
 
   it("a quick restart (lease still live) hands the node's VMs to its new epoch; a late one fails its live VMs", async () => {
@@ -179,6 +207,41 @@ describe("cluster nodes", () => {
     expect(events).toEqual([{ type: "moved", message: `handed to node ${row.node_id} from node holder to resume from the object store` }]);
     // The row as read is gone: a late hand-over (or one from a stale read) changes nothing.
     expect(await handOverSuspended(dbA!, vm, { id: "a", epoch: a.owner().epoch })).toBeUndefined();
+  });
+
+  it("tells its lease guard of every lease that took, checks it before each renewal, and, when it cannot run, ends its VMs and lets its lease lapse rather than renew unguarded", async () => {
+    const [dbA, dbB] = await database(2);
+    const fenced: string[] = [];
+    const leases: { sentAtNs: bigint; leaseSeconds: number }[] = [];
+    let ensured = 0;
+    let broken = false;
+    // Records what the server's LeaseFence would be told (the real fence: test/server/lease-fence.test.ts).
+    const guard = {
+      ensure: async () => {
+        ensured++;
+        if (broken) throw new Error("cannot start the fence");
+      },
+      renewed: async (sentAtNs: bigint, leaseSeconds: number) => void leases.push({ sentAtNs, leaseSeconds }),
+    };
+    const a = new ClusterNode(dbA!, info("a"), { onFenced: async () => void fenced.push("a"), timing: SHORT, guard });
+    const b = node(dbB!, "b");
+    const before = process.hrtime.bigint();
+    await a.start();
+    await b.register();
+    expect(leases).toHaveLength(1);
+    expect(ensured).toBe(1);
+    await sleep(700);
+    // Renewed meanwhile: each lease sent after the last, before now, with the lease's length.
+    expect(leases.length).toBeGreaterThanOrEqual(2);
+    expect(leases.every((l, i) => l.leaseSeconds === 1 && l.sentAtNs > (i === 0 ? before : leases[i - 1]!.sentAtNs) && l.sentAtNs < process.hrtime.bigint())).toBe(true);
+    expect(ensured).toBeGreaterThanOrEqual(leases.length);
+    broken = true;
+    while (!fenced.includes("a")) await sleep(50);
+    const renewals = leases.length;
+    // No renewal without the guard: the lease lapses and a peer reaps the node.
+    while (!(await b.reap()).includes("a")) await sleep(100);
+    expect(leases.length).toBe(renewals);
+    await a.stop();
   });
 
   it("renews on its own and a node that stops renewing is reaped by its peers", async () => {

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { canTransition, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "../../src/lifecycle/states.ts";
+import { canTransition, decideNodeFailure, MICROVM_STATES, reconcileState, statesBefore, type MicroVmState } from "../../src/lifecycle/states.ts";
 import type { VmStatus } from "../../src/vmm/vm.ts";
 
 describe("the MicroVM state machine", () => {
@@ -55,5 +55,38 @@ describe("reconcileState", () => {
         if (r.state === "FAILED") expect(r.reason).toBeTruthy();
       });
     }
+  }
+});
+
+describe("decideNodeFailure: the VMs of a node whose lease expired", () => {
+  const REASON = "node b stopped renewing its lease";
+  const AT = "2026-11-25T00:00:00.000Z";
+  const LOST = `restored from its last durable suspend (${AT}) after ${REASON}: its state since ${AT} is lost`;
+  // Per state: without opting in; opted in with a restore point; opted in without one.
+  const table: Record<MicroVmState, [string | undefined, string | undefined, string | undefined]> = {
+    PENDING: [REASON, `${REASON} while it was PENDING`, `${REASON} while it was PENDING`],
+    RUNNING: [REASON, LOST, `${REASON}; it has no restore point to be restored from (none of its suspends was published to the object store)`],
+    SUSPENDING: [REASON, LOST, `${REASON}; it has no restore point to be restored from (none of its suspends was published to the object store)`],
+    RESUMING: [REASON, LOST, `${REASON}; it has no restore point to be restored from (none of its suspends was published to the object store)`],
+    TERMINATING: [REASON, `${REASON} while it was TERMINATING`, `${REASON} while it was TERMINATING`],
+    SUSPENDED: [undefined, undefined, undefined],
+    TERMINATED: [undefined, undefined, undefined],
+    FAILED: [undefined, undefined, undefined],
+  };
+  for (const state of MICROVM_STATES) {
+    const [fail, restore, none] = table[state];
+    it(`${state}: ${fail === undefined ? "left as it is" : restore === LOST ? "restored when opted in with a restore point, else FAILED" : "FAILED"}`, () => {
+      const outcome = (onNodeFailure: "fail" | "restore", restorePointAt: string | null) => {
+        const o = decideNodeFailure({ state, onNodeFailure, restorePointAt }, REASON);
+        return o === undefined ? undefined : o.action === "fail" ? o.reason : o.message;
+      };
+      expect(outcome("fail", null)).toBe(fail);
+      expect(outcome("fail", AT)).toBe(fail);
+      expect(outcome("restore", AT)).toBe(restore);
+      expect(outcome("restore", null)).toBe(none);
+      const restored = decideNodeFailure({ state, onNodeFailure: "restore", restorePointAt: AT }, REASON);
+      // Restored only from a live state that holds a guest, never from one being created or ended.
+      expect(restored?.action === "restore").toBe(["RUNNING", "SUSPENDING", "RESUMING"].includes(state));
+    });
   }
 });

@@ -270,6 +270,21 @@ describe("object store on Swift (s3api)", () => {
       const referenced = "images/managed-base-k1/0123456789abcdef";
       const kept = await bucket.publishLayered(referenced, { state: await file("r-state") }, [referencedOnly], { image: "managed-base-k1" });
       await db.insertInto("cluster_snapshots").values({ name: "base", key: "k1", object: referenced, manifest: kept.sha256, node_id: "a", created_at: "" }).execute();
+      // A running VM's restore point (it opted in to be restored from it should its node fail): referenced while it runs.
+      const restorePoint = "microvms/vm-restore/dddddddddddddddd";
+      const point = await bucket.publishLayered(restorePoint, { state: await file("p-state") }, [referencedOnly], { vm: "vm-restore" });
+      const now = new Date().toISOString();
+      await db.insertInto("tenants").values({ id: "tnt-1", name: "acme", created_at: now }).execute();
+      await db
+        .insertInto("microvms")
+        .values({
+          id: "vm-restore", tenant_id: "tnt-1", image_name: "base", image_id: "base", state: "RUNNING", state_reason: null, vcpus: 1, memory_mib: 256, disk_gib: 2, env: "{}",
+          suspend_after_seconds: 0, auto_resume: 1, max_runtime_seconds: 3600, egress: "{}", endpoint_public: 0, endpoint_token: "et", app_port: null, metadata: "{}",
+          created_at: now, expires_at: now, last_activity_at: now, terminated_at: null, terminate_after_suspended_seconds: 0, suspended_at: null, egress_connectors: null,
+          hooks: null, image_version: 1, forked_from: null, node_id: "a", node_epoch: 1, suspended_node: null, suspended_object: null, suspended_manifest: null,
+          on_node_failure: "restore", restore_object: restorePoint, restore_manifest: point.sha256, restore_point_at: now,
+        })
+        .execute();
       // An orphan (its deletion failed), on a layer only it uses and one a later publish reuses.
       const orphan = "microvms/vm-orphan/aaaaaaaaaaaaaaaa";
       await bucket.publishLayered(orphan, { state: await file("o-state"), disk: await file("o-disk") }, [orphanOnly, shared], { vm: "vm-orphan" });
@@ -293,6 +308,8 @@ describe("object store on Swift (s3api)", () => {
           ...foreign,
           `${referenced}/manifest.json`,
           `${referenced}/state`,
+          `${restorePoint}/manifest.json`,
+          `${restorePoint}/state`,
           await blobOf(referencedOnly),
           await blobOf(shared),
           `${young}/manifest.json`,
@@ -303,12 +320,13 @@ describe("object store on Swift (s3api)", () => {
       expect(await bucket.head(stray)).toBeUndefined();
       // Nothing more to take; at a cap of a few keys a pass, passes go on where the last stopped until the bucket is swept.
       await db.deleteFrom("cluster_snapshots").execute();
+      await db.updateTable("microvms").set({ restore_object: null, restore_manifest: null }).execute();
       await new Promise((r) => setTimeout(r, 3000));
       const capped = new BucketSweep(db, bucket, { graceSeconds: 2, maxKeysPerPass: 3 });
       const passes = [];
       for (let i = 0; i < 8; i++) passes.push(await capped.pass());
       expect(passes[0]).toMatchObject({ complete: false });
-      expect(passes.reduce((n, p) => n + p.bundlesDeleted, 0)).toBe(2);
+      expect(passes.reduce((n, p) => n + p.bundlesDeleted, 0)).toBe(3);
       expect(passes.reduce((n, p) => n + p.blobsDeleted, 0)).toBe(2);
       expect(await keys()).toEqual([...foreign].sort());
       expect(log.filter((l) => l.includes("failed"))).toEqual([]);

@@ -29,7 +29,7 @@ const externalDependencies = {
   name: "external-dependencies",
   setup(b) {
     // Go regular expressions (esbuild's) have no lookahead: bare specifiers are filtered here.
-    b.onResolve({ filter: /^[^./]/ }, (args) => (args.path.startsWith("@cocoon/") || args.path === "cocoon/server" ? undefined : { path: args.path, external: true }));
+    b.onResolve({ filter: /^[^./]/ }, (args) => (args.path.startsWith("@cocoon/") || args.path === "cocoon/server" || args.path === "cocoon/lease-fence" ? undefined : { path: args.path, external: true }));
   },
 };
 
@@ -48,7 +48,7 @@ export async function compile() {
     platform: "node",
     target: "node20",
     plugins: [externalDependencies],
-    alias: { "cocoon/server": join(root, "src/server/main.ts") },
+    alias: { "cocoon/server": join(root, "src/server/main.ts"), "cocoon/lease-fence": join(root, "src/lifecycle/lease-fence.ts") },
     sourcemap: true,
     logLevel: "error",
   });

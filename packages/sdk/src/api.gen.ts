@@ -1226,6 +1226,8 @@ export interface paths {
                         };
                         /** @description the VM ends this long after creation (default and ceiling 28800) */
                         maxRuntimeSeconds?: number;
+                        /** @description cluster: when its node fails while it runs, "fail" (FAILED; the default) or "restore" (resumed elsewhere from its last published suspend, losing what it did since) */
+                        onNodeFailure?: "fail" | "restore";
                         network?: {
                             egress?: "none" | "internet" | {
                                 allow: string[];
@@ -2846,7 +2848,7 @@ export interface components {
             };
         };
         /**
-         * @description PENDING (the create is in flight) → RUNNING → SUSPENDING → SUSPENDED → RESUMING → RUNNING; PENDING, RUNNING, SUSPENDED or FAILED → TERMINATING → TERMINATED; any but TERMINATED → FAILED (launch failed, the VM's process died, lost in a restart).
+         * @description PENDING (the create is in flight) → RUNNING → SUSPENDING → SUSPENDED → RESUMING → RUNNING; PENDING, RUNNING, SUSPENDED or FAILED → TERMINATING → TERMINATED; any but TERMINATED → FAILED (launch failed, the VM's process died, lost in a restart); on a cluster, RUNNING, SUSPENDING or RESUMING → SUSPENDED at its restore point when its node fails and it opted in (onNodeFailure "restore").
          * @enum {string}
          */
         MicroVmState: "PENDING" | "RUNNING" | "SUSPENDING" | "SUSPENDED" | "RESUMING" | "TERMINATING" | "TERMINATED" | "FAILED";
@@ -2898,6 +2900,8 @@ export interface components {
                 terminateAfterSuspendedSeconds: number;
             };
             maxRuntimeSeconds: number;
+            /** @description cluster: what becomes of it when its node fails while it runs: "fail" (FAILED) or "restore" (resumed elsewhere from its last published suspend; the event "restored" says what was lost) */
+            onNodeFailure: "fail" | "restore";
             network: {
                 /** @description outbound access: "none", "internet" (public addresses only), or {allow: [CIDR or host name, …]} */
                 egress: "none" | "internet" | {
@@ -3245,11 +3249,15 @@ export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf
 export const pathsV1ImagesPostRequestBodyContentApplicationJsonHooksEnabledAnyOf5Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["hooks"]["enabled"]> = ["terminate"];
 export const pathsV1ImagesIdPatchRequestBodyContentApplicationJsonStatusAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images/{id}"]["patch"]["requestBody"]["content"]["application/json"]["status"]> = ["ACTIVE"];
 export const pathsV1ImagesIdPatchRequestBodyContentApplicationJsonStatusAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/images/{id}"]["patch"]["requestBody"]["content"]["application/json"]["status"]> = ["INACTIVE"];
+export const pathsV1MicrovmsPostRequestBodyContentApplicationJsonOnNodeFailureAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/microvms"]["post"]["requestBody"]["content"]["application/json"]["onNodeFailure"]> = ["fail"];
+export const pathsV1MicrovmsPostRequestBodyContentApplicationJsonOnNodeFailureAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/microvms"]["post"]["requestBody"]["content"]["application/json"]["onNodeFailure"]> = ["restore"];
 export const pathsV1MicrovmsPostRequestBodyContentApplicationJsonNetworkEgressAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/microvms"]["post"]["requestBody"]["content"]["application/json"]["network"]["egress"]> = ["none"];
 export const pathsV1MicrovmsPostRequestBodyContentApplicationJsonNetworkEgressAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<paths>["/v1/microvms"]["post"]["requestBody"]["content"]["application/json"]["network"]["egress"]> = ["internet"];
 export const errorCodeValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["ErrorCode"]> = ["ValidationError", "CommandNotFound", "Unauthorized", "Forbidden", "NotFound", "RequestTimeout", "InvalidState", "Conflict", "MisdirectedRequest", "PayloadTooLarge", "UnsupportedMediaType", "QuotaExceeded", "RateLimited", "HeadersTooLarge", "CapacityExceeded", "Internal", "BadGateway"];
 export const microVmStateValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["MicroVmState"]> = ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED", "FAILED"];
 export const imageStateValues: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["ImageState"]> = ["PENDING", "BUILDING", "READY", "FAILED", "DELETING"];
+export const microVmOnNodeFailureAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["MicroVm"]["onNodeFailure"]> = ["fail"];
+export const microVmOnNodeFailureAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["MicroVm"]["onNodeFailure"]> = ["restore"];
 export const microVmNetworkEgressAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["MicroVm"]["network"]["egress"]> = ["none"];
 export const microVmNetworkEgressAnyOf1Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["MicroVm"]["network"]["egress"]> = ["internet"];
 export const fileListingEntriesTypeAnyOf0Values: ReadonlyArray<FlattenedDeepRequired<components>["schemas"]["FileListing"]["entries"]["type"]> = ["file"];

@@ -43,6 +43,11 @@ const CreateBody = Type.Object(
       ),
     ),
     maxRuntimeSeconds: Type.Optional(int(LIMITS.maxRuntimeSeconds, "the VM ends this long after creation (default and ceiling 28800)")),
+    onNodeFailure: Type.Optional(
+      Type.Union([Type.Literal("fail"), Type.Literal("restore")], {
+        description: 'cluster: when its node fails while it runs, "fail" (FAILED; the default) or "restore" (resumed elsewhere from its last published suspend, losing what it did since)',
+      }),
+    ),
     network: Type.Optional(
       Type.Object(
         {
@@ -376,6 +381,7 @@ function microVmView(row: MicroVmRow, url: string): MicroVmView {
     ...(row.image_version !== null ? { imageVersion: row.image_version } : {}),
     idlePolicy: { suspendAfterSeconds: row.suspend_after_seconds, autoResume: row.auto_resume === 1, terminateAfterSuspendedSeconds: row.terminate_after_suspended_seconds },
     maxRuntimeSeconds: row.max_runtime_seconds,
+    onNodeFailure: row.on_node_failure,
     network: { egress: JSON.parse(row.egress) as MicroVmView["network"]["egress"], ...(row.egress_connectors ? { egressConnectors: JSON.parse(row.egress_connectors) as string[] } : {}) },
     endpoint: { url, token: row.endpoint_token, public: row.endpoint_public === 1, ...(row.app_port ? { appPort: row.app_port } : {}) },
     metadata: JSON.parse(row.metadata) as Record<string, unknown>,

@@ -278,6 +278,23 @@ export class Cgroups {
     return biggest;
   }
 
+  /**
+   * Kills every process in every VM cgroup under the parent (the lease
+   * fence, src/lifecycle/lease-fence.ts: a node's QEMUs must not outlive its
+   * lease); returns their pids. Every QEMU of the node is in one, whatever
+   * its command line, including one whose pid was never recorded.
+   */
+  async killAll(): Promise<number[]> {
+    const killed = new Set<number>();
+    for (const mount of new Set(Object.values(this.layout.mounts))) {
+      const parent = join(mount, this.parent);
+      for (const entry of await readdir(parent, { withFileTypes: true }).catch(() => [])) {
+        if (entry.isDirectory()) for (const pid of await killMembers(join(parent, entry.name))) killed.add(pid);
+      }
+    }
+    return [...killed];
+  }
+
   /** v2 only: a controller limits a child only if every ancestor delegates it. */
   private async enableV2Controllers(): Promise<void> {
     const root = this.layout.mounts.cpu;
@@ -292,15 +309,19 @@ export class Cgroups {
 }
 
 /** SIGKILLs every process in a cgroup (its `cgroup.procs`); they leave it as they die. */
-async function killMembers(dir: string): Promise<void> {
+/** SIGKILLs the cgroup's processes; returns the pids it signalled. */
+async function killMembers(dir: string): Promise<number[]> {
   const procs = await readFile(join(dir, "cgroup.procs"), "utf8").catch(() => "");
+  const killed: number[] = [];
   for (const pid of procs.split("\n").filter(Boolean).map(Number)) {
     try {
       process.kill(pid, "SIGKILL");
+      killed.push(pid);
     } catch {
       // gone already
     }
   }
+  return killed;
 }
 
 async function writeOptional(file: string, value: string): Promise<void> {

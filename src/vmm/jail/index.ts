@@ -3,7 +3,7 @@ import { dirname, isAbsolute, join } from "node:path";
 import { Cgroups, detectCgroups, GUARD_READINGS, stuckAtCap, type CgroupReading, type ParentMemoryReading } from "./cgroups.ts";
 import { hostMemoryBudget } from "../host-memory.ts";
 
-export { detectCgroups, type CgroupReading } from "./cgroups.ts";
+export { Cgroups, detectCgroups, type CgroupReading } from "./cgroups.ts";
 
 /**
  * Every QEMU process runs in a jail of its own (SECURITY.md), in the spirit of

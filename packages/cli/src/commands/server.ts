@@ -20,6 +20,15 @@ export function registerServerCommand(program: Command): void {
       const { runServer } = await import("cocoon/server");
       await runServer(opts);
     });
+  // Started by a cluster node's server, detached (docs/cluster.md, the lease fence); not for users.
+  program
+    .command("lease-fence", { hidden: true })
+    .requiredOption("--data-dir <dir>")
+    .requiredOption("--cgroup-parent <path>")
+    .action(async (opts: { dataDir: string; cgroupParent: string }) => {
+      const { runLeaseFence } = await import("cocoon/lease-fence");
+      await runLeaseFence(opts);
+    });
 }
 
 /** First restart delay; doubled (up to the max) while the server keeps dying before it has run a minute. */

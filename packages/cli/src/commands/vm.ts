@@ -4,7 +4,7 @@ import { basename, join } from "node:path";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import type { ReadableStream as NodeReadableStream } from "node:stream/web";
-import { InvalidArgumentError, type Command } from "commander";
+import { InvalidArgumentError, Option, type Command } from "commander";
 import type { CreateMicroVmOpts, Egress, MicroVm, MicroVmInfo, MicroVmState } from "@cocoon/sdk";
 import { makeClient, resolveApiKey } from "../config.ts";
 import { openShell } from "../shell.ts";
@@ -25,6 +25,7 @@ export function registerVmCommands(program: Command): void {
     .option("--idle-suspend <seconds>", "suspend after this many idle seconds, 0 never (default 900)", intOption)
     .option("--no-auto-resume", "do not resume a suspended VM on the next request or exec")
     .option("--max-runtime <seconds>", "terminate this long after creation, at most 28800 (default 28800)", intOption)
+    .addOption(new Option("--on-node-failure <policy>", "cluster: when its node fails while it runs, fail it, or restore it elsewhere from its last published suspend (default fail)").choices(["fail", "restore"]))
     .option("--egress <policy>", "none, internet, or a comma-separated allow-list of CIDRs and host names (default none)")
     .option("--public", "serve the app's endpoint without a token")
     .option("-m, --metadata <KEY=VALUE>", "metadata label (repeatable)", keyValue)
@@ -240,6 +241,7 @@ interface CreateFlags {
   idleSuspend?: number;
   autoResume: boolean;
   maxRuntime?: number;
+  onNodeFailure?: "fail" | "restore";
   egress?: string;
   public?: boolean;
   metadata?: Record<string, string>;
@@ -263,6 +265,7 @@ function createRequest(o: CreateFlags): CreateMicroVmOpts {
     req.idlePolicy = { ...(o.idleSuspend !== undefined ? { suspendAfterSeconds: o.idleSuspend } : {}), ...(o.autoResume ? {} : { autoResume: false }) };
   }
   if (o.maxRuntime !== undefined) req.maxRuntimeSeconds = o.maxRuntime;
+  if (o.onNodeFailure !== undefined) req.onNodeFailure = o.onNodeFailure;
   if (o.egress !== undefined) req.network = { egress: parseEgress(o.egress) };
   if (o.public) req.endpoint = { public: true };
   if (o.metadata) req.metadata = o.metadata;
