@@ -66,6 +66,8 @@ export class BucketSweep {
   private readonly layersByManifest = new Map<string, string[]>();
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<void> | undefined;
+  /** Set by stop(): a pass under way ends at its next page (a server stopping does not wait for a backlog). */
+  private stopped = false;
 
   constructor(
     private readonly db: Db,
@@ -92,6 +94,7 @@ export class BucketSweep {
   }
 
   async stop(): Promise<void> {
+    this.stopped = true;
     clearInterval(this.timer);
     this.timer = undefined;
     await this.running;
@@ -141,6 +144,10 @@ export class BucketSweep {
       if (startedAfter !== undefined && startedAfter >= root && !startedAfter.startsWith(root)) continue;
       let group: { prefix: string; objects: { key: string; lastModified: Date }[]; lastKey: string } | undefined;
       for await (const page of this.store.list(root, startedAfter?.startsWith(root) ? startedAfter : undefined)) {
+        if (this.stopped) {
+          capped = true;
+          break outer;
+        }
         for (const o of page) {
           // Every key counts, Cocoon's or not: a bucket full of others' keys cannot make a pass unbounded.
           if (++seen > this.opts.maxKeysPerPass) {
@@ -176,7 +183,7 @@ export class BucketSweep {
     // Blobs: only with the whole mark (every referenced manifest read); the young ones are safe without it (see the class comment).
     let blobsCapped = true;
     const blobsAfter = this.blobsResumeAfter;
-    if (marked) {
+    if (marked && !this.stopped) {
       let blobsSeen = 0;
       this.blobsResumeAfter = undefined;
       for await (const page of this.store.list("blobs/", blobsAfter)) {
@@ -190,14 +197,14 @@ export class BucketSweep {
         }
         await eachLimited(unreferenced, DELETES_AT_ONCE, (key) => this.store.delete(key));
         result.blobsDeleted += unreferenced.length;
-        if (blobsSeen > this.opts.maxKeysPerPass) break;
+        if (blobsSeen > this.opts.maxKeysPerPass || this.stopped) break;
       }
       blobsCapped = blobsSeen > this.opts.maxKeysPerPass;
       if (!blobsCapped) this.blobsResumeAfter = undefined;
     }
     result.complete = !capped && startedAfter === undefined && !blobsCapped && blobsAfter === undefined;
     // Multipart uploads a dead node never completed nor aborted.
-    for (const root of [...BUNDLE_ROOTS, "blobs/"]) result.uploadsAborted += await this.store.abortUploads(root, new Date(cutoff));
+    if (!this.stopped) for (const root of [...BUNDLE_ROOTS, "blobs/"]) result.uploadsAborted += await this.store.abortUploads(root, new Date(cutoff));
     return result;
   }
 
