@@ -1,7 +1,7 @@
 import { sql, type Expression, type ExpressionBuilder, type SqlBool, type Transaction } from "kysely";
 import { ApiError } from "../errors.ts";
 import type { Db } from "../store/db.ts";
-import type { Database, NodeRow } from "../store/schema.ts";
+import type { Database, MicroVmRow, NodeRow } from "../store/schema.ts";
 import { decideNodeFailure, holdsHostResources, statesBefore, type MicroVmState } from "./states.ts";
 
 /** What a node is: where its peers reach it, and what a VM or snapshot needs of the host that runs it. */
@@ -286,11 +286,11 @@ export class ClusterNode {
    * requests through any nodes meet on one node, whose per-VM lock lets one
    * of them claim the VM and the rest wait for it. Undefined when none has room.
    */
-  async moveTarget(shape: { vcpus: number; memoryMiB: number }): Promise<{ id: string; url: string } | undefined> {
+  async moveTarget(shape: { vcpus: number; memoryMiB: number }): Promise<{ id: string; url: string; epoch: number } | undefined> {
     return (await this.nodesWithRoom(shape, { withSelf: true }))[0];
   }
 
-  private async nodesWithRoom(shape: { vcpus: number; memoryMiB: number }, opts: { withSelf: boolean }): Promise<{ id: string; url: string }[]> {
+  private async nodesWithRoom(shape: { vcpus: number; memoryMiB: number }, opts: { withSelf: boolean }): Promise<{ id: string; url: string; epoch: number }[]> {
     const nodes = await this.db
       .selectFrom("nodes")
       .selectAll()
@@ -300,12 +300,12 @@ export class ClusterNode {
       .where("qemu_build", "=", this.info.qemuBuild)
       .where("accelerator", "=", this.info.accelerator)
       .execute();
-    const withRoom: { id: string; url: string; freeMiB: number }[] = [];
+    const withRoom: { id: string; url: string; epoch: number; freeMiB: number }[] = [];
     for (const node of nodes) {
       const used = await liveUsage(this.db, { vcpus: node.build_vcpus, memoryMiB: node.build_memory_mib }, node.id);
-      if (used.vcpus + shape.vcpus <= node.vcpus && used.memoryMiB + shape.memoryMiB <= node.memory_mib) withRoom.push({ id: node.id, url: node.url, freeMiB: node.memory_mib - used.memoryMiB });
+      if (used.vcpus + shape.vcpus <= node.vcpus && used.memoryMiB + shape.memoryMiB <= node.memory_mib) withRoom.push({ id: node.id, url: node.url, epoch: node.epoch, freeMiB: node.memory_mib - used.memoryMiB });
     }
-    return withRoom.sort((a, b) => b.freeMiB - a.freeMiB || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)).map(({ id, url }) => ({ id, url }));
+    return withRoom.sort((a, b) => b.freeMiB - a.freeMiB || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)).map(({ id, url, epoch }) => ({ id, url, epoch }));
   }
 
   private leaseExpiry() {
@@ -425,4 +425,46 @@ async function failLiveVms(tx: Tx, nodes: NodeRow[], reason: string, opts: { res
       }
     }
   }
+}
+
+/**
+ * Hands a suspended, published VM whose node takes no VMs (draining, dead)
+ * to node `target`, the one every node picks for it (moveTarget), with one
+ * conditional update: the VM as it was read (suspended, on the same node
+ * and epoch, the same published suspend) becomes `target`'s at its epoch,
+ * while `target` is live and active; still SUSPENDED, it is resumed there
+ * (from the object store) by the request that follows. Whichever nodes
+ * hand it over at once, and to whichever targets, one update matches: the
+ * others find the VM on the winner and forward their requests there. The
+ * VM as handed over, or undefined when the row had changed.
+ */
+export async function handOverSuspended(db: Db, row: MicroVmRow, target: { id: string; epoch: number }): Promise<MicroVmRow | undefined> {
+  return db.transaction().execute(async (tx) => {
+    const moved = await tx
+      .updateTable("microvms")
+      .set({ node_id: target.id, node_epoch: target.epoch })
+      .where("id", "=", row.id)
+      .where("state", "=", "SUSPENDED")
+      .where("node_id", row.node_id === null ? "is" : "=", row.node_id)
+      .where("node_epoch", row.node_epoch === null ? "is" : "=", row.node_epoch)
+      .where("suspended_object", "=", row.suspended_object)
+      .where((eb) =>
+        eb.exists(
+          eb
+            .selectFrom("nodes")
+            .select("nodes.id")
+            .where("nodes.id", "=", target.id)
+            .where("nodes.epoch", "=", target.epoch)
+            .where("nodes.state", "=", "active")
+            .where("nodes.lease_expires_at", ">", sql<Date>`now()`),
+        ),
+      )
+      .returningAll()
+      .executeTakeFirst();
+    if (moved) {
+      const message = `handed to node ${target.id} from node ${row.node_id ?? "(none)"} to resume from the object store`;
+      await tx.insertInto("events").values({ microvm_id: row.id, tenant_id: row.tenant_id, type: "moved", message, at: new Date().toISOString() }).execute();
+    }
+    return moved;
+  });
 }

@@ -8,7 +8,7 @@ import { callHook, HOOK_LIMITS, type HookName, type ImageHooks } from "../images
 import type { Db } from "../store/db.ts";
 import { IdempotencyTokens } from "../store/idempotency.ts";
 import { serialized } from "../store/locks.ts";
-import { activeNodeUrl, liveUsage, ownedBy, TryPeersError, type ClusterNode, type Tx } from "./cluster.ts";
+import { activeNodeUrl, handOverSuspended, liveUsage, ownedBy, TryPeersError, type ClusterNode, type Tx } from "./cluster.ts";
 import { checkQuota } from "../store/tenants.ts";
 import { NODE_FAILURE_POLICIES, type ImageRow, type MicroVmRow, type MicroVmUpdate, type NodeFailurePolicy } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
@@ -149,6 +149,11 @@ export class MicroVmService {
     const known = new Set(rows.map((r) => r.id));
     for (const row of rows) {
       const vm = this.engine.list().find((v) => v.id === row.id);
+      // Handed to this node (or its fetch cut short) before it ran here: its files are in the object store, not on this disk.
+      if (!vm && this.objects && row.suspended_object && row.suspended_node !== this.cluster?.id && (row.state === "SUSPENDED" || row.state === "RESUMING")) {
+        if (row.state === "RESUMING") await this.transition(row.id, row.tenant_id, "SUSPENDED", {}, "reconciled", "RESUMING → SUSPENDED: the server restarted while fetching it; it is still in the object store");
+        continue;
+      }
       const r = reconcileState(row.state, vm?.status, vm?.record.failureReason);
       if (r.endEngineVm) await this.engine.terminate(row.id).catch((err: Error) => this.log(`ending ${row.id} after a restart: ${err.message}`));
       if (r.state === row.state) continue;
@@ -459,28 +464,40 @@ export class MicroVmService {
 
   /**
    * On a cluster, the URL of the live node other than this one that runs VM
-   * `id` (of `tenantId` when given), where calls on it are forwarded; for a
-   * suspended VM that leaves its node (movable), the node every node picks to
-   * resume it (its own node too, when draining). Undefined when that is this
-   * node, its node is not live, or there is no such VM.
+   * `id` (of `tenantId` when given), where calls on it are forwarded. A
+   * suspended VM that leaves its node (movable; its own node too, when
+   * draining) is first handed over to the node every node picks to resume
+   * it (handOverSuspended): whichever node wins, concurrent requests through
+   * any nodes go to it. Undefined when that is this node, its node is not
+   * live, no node has room for it, or there is no such VM.
    */
   async ownerUrl(id: string, tenantId?: string): Promise<string | undefined> {
     if (!this.cluster) return undefined;
-    const row = await this.db
-      .selectFrom("microvms")
-      .leftJoin("nodes", "nodes.id", "microvms.node_id")
-      .selectAll("microvms")
-      .select(["nodes.url", "nodes.state as node_state", "nodes.qemu_build", "nodes.accelerator"])
-      .select(sql<boolean>`coalesce(nodes.state != 'dead' and nodes.lease_expires_at > now(), false)`.as("node_live"))
-      .where("microvms.id", "=", id)
-      .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
-      .executeTakeFirst();
-    if (!row) return undefined;
-    // This node's own VM too, when it drains: it takes no VMs, a peer resumes it.
-    // (No node: a VM restored after its node failed.)
-    const node = row.node_state !== null && row.qemu_build !== null && row.accelerator !== null ? { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator } : undefined;
-    if (this.movable(row, node)) return this.moveTargetUrl(row);
-    return row.node_live && row.node_id !== this.cluster.id ? (row.url ?? undefined) : undefined;
+    // A VM that leaves its node is handed over first, then routed like any other: to whichever node won it.
+    for (let handOvers = 0; ; handOvers++) {
+      const row = await this.db
+        .selectFrom("microvms")
+        .leftJoin("nodes", "nodes.id", "microvms.node_id")
+        .selectAll("microvms")
+        .select(["nodes.url", "nodes.state as node_state", "nodes.qemu_build", "nodes.accelerator"])
+        .select(sql<boolean>`coalesce(nodes.state != 'dead' and nodes.lease_expires_at > now(), false)`.as("node_live"))
+        .where("microvms.id", "=", id)
+        .$if(tenantId !== undefined, (qb) => qb.where("microvms.tenant_id", "=", tenantId!))
+        .executeTakeFirst();
+      if (!row) return undefined;
+      // This node's own VM too, when it drains: it takes no VMs, a peer resumes it.
+      // (No node: a VM restored after its node failed.)
+      const node = row.node_state !== null && row.qemu_build !== null && row.accelerator !== null ? { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator } : undefined;
+      if (handOvers < 3 && this.movable(row, node)) {
+        const target = await this.cluster.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+        // None has room: this node answers (503).
+        if (!target) return undefined;
+        // Won or lost (another node handed it elsewhere meanwhile), the row now names the node to go to.
+        await handOverSuspended(this.db, row, target);
+        continue;
+      }
+      return row.node_live && row.node_id !== this.cluster.id ? (row.url ?? undefined) : undefined;
+    }
   }
 
   /**
@@ -488,15 +505,27 @@ export class MicroVmService {
    * node's (MisdirectedRequest names its node otherwise). With `claimOrphan`
    * (terminate), a VM whose node is dead and that runs nowhere (FAILED,
    * SUSPENDED, TERMINATED) becomes this node's, in one conditional update.
+   * With `resuming` (a call that resumes it), a VM that must leave its node
+   * is handed over to the node every node picks for it (handOverSuspended):
+   * returned when that is this one, CapacityExceeded when none has room.
    */
-  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean; claimSuspended?: boolean } = {}): Promise<MicroVmRow> {
+  private async getHere(tenantId: string, id: string, opts: { claimOrphan?: boolean; resuming?: boolean } = {}): Promise<MicroVmRow> {
     const row = await this.get(tenantId, id);
     if (!this.cluster || row.node_id === this.cluster.id) return row;
     const node = row.node_id
       ? await this.db.selectFrom("nodes").select(["id", "url", "state", "qemu_build", "accelerator"]).select(sql<boolean>`state != 'dead' and lease_expires_at > now()`.as("live")).where("id", "=", row.node_id).executeTakeFirst()
       : undefined;
-    // A published suspend whose node takes no VMs (draining, dead) is resumed here; the claim is made with the admission (resumeLocked).
-    if (opts.claimSuspended && this.movable(row, node)) return row;
+    // A published suspend whose node takes no VMs (draining, dead, none) is handed over first, as the router does (ownerUrl):
+    // a request reaches here so only when no node had room; a resume of this node's own choosing (resumeRestored) takes it here.
+    if (opts.resuming && this.movable(row, node)) {
+      const target = await this.cluster.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+      if (!target) {
+        throw new ApiError("CapacityExceeded", `microVM ${id} must move off node ${row.node_id ?? "(none)"}, which takes no VMs now, and no node has room for it (${row.vcpus} vCPU, ${row.memory_mib} MiB)`, { node: row.node_id });
+      }
+      const handed = (await handOverSuspended(this.db, row, target)) ?? (await this.get(tenantId, id));
+      if (handed.node_id === this.cluster.id) return handed;
+      throw new ApiError("MisdirectedRequest", `microVM ${id} was handed to node ${handed.node_id ?? "(none)"} to resume it`, { node: handed.node_id });
+    }
     if (opts.claimOrphan && !node?.live && ["FAILED", "SUSPENDED", "TERMINATED"].includes(row.state)) {
       const owner = this.cluster.owner();
       const claimed = await this.db
@@ -510,16 +539,6 @@ export class MicroVmService {
       if (claimed) return claimed;
     }
     throw new ApiError("MisdirectedRequest", `microVM ${id} is run by node ${row.node_id ?? "(none)"}${node?.live ? ` (${node.url})` : ", which is not live"}`, { node: row.node_id, url: node?.live ? node.url : undefined });
-  }
-
-  /**
-   * Where a request for a VM that leaves its node (movable) goes: the node
-   * every node picks for it (ClusterNode.moveTarget), undefined when that is
-   * this one, or none has room (this node answers: it claims it, or 503).
-   */
-  private async moveTargetUrl(row: MicroVmRow): Promise<string | undefined> {
-    const target = await this.cluster!.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
-    return target && target.id !== this.cluster!.id ? target.url : undefined;
   }
 
   /**
@@ -633,11 +652,9 @@ export class MicroVmService {
   }
 
   private async resumeLocked(tenantId: string, id: string, cause: string): Promise<MicroVmRow> {
-    const row = await this.getHere(tenantId, id, { claimSuspended: true });
+    const row = await this.getHere(tenantId, id, { resuming: true });
     checkTransition(id, row.state, "RESUMING", "resume");
-    // Another node's published suspend is claimed in the admission's transaction: one conditional update, which one node wins.
-    const moving = this.cluster !== undefined && row.node_id !== this.cluster.id;
-    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => (moving ? this.claimIn(tx, row) : this.transitionIn(tx, id, tenantId, "RESUMING")));
+    await this.admitted({ vcpus: row.vcpus, memoryMiB: row.memory_mib }, (tx) => this.transitionIn(tx, id, tenantId, "RESUMING"));
     const started = performance.now();
     try {
       // The files of its last suspend are on another node's disk: fetched from the object store.
@@ -655,30 +672,6 @@ export class MicroVmService {
     // The published suspend is stale once the VM runs again, unless it is the VM's restore point.
     if (row.suspended_object && row.suspended_object !== running.restore_object) void this.removeObject(row.suspended_object);
     return running;
-  }
-
-  /**
-   * Takes another node's VM, suspended and published, to resume it here:
-   * RESUMING on this node at its epoch, conditional on the row being as it
-   * was read (the same node, epoch and published suspend). Of concurrent
-   * claims on any nodes, one updates the row; the others are refused.
-   */
-  private async claimIn(tx: Tx, row: MicroVmRow): Promise<MicroVmRow> {
-    const owner = this.cluster!.owner();
-    const claimed = await tx
-      .updateTable("microvms")
-      .set({ state: "RESUMING", node_id: owner.nodeId, node_epoch: owner.epoch })
-      .where("id", "=", row.id)
-      .where("state", "=", "SUSPENDED")
-      // A VM restored after its node failed is no node's.
-      .where((eb) => (row.node_id === null ? eb("node_id", "is", null) : eb("node_id", "=", row.node_id)))
-      .where((eb) => (row.node_epoch === null ? eb("node_epoch", "is", null) : eb("node_epoch", "=", row.node_epoch)))
-      .where("suspended_object", "=", row.suspended_object)
-      .returningAll()
-      .executeTakeFirst();
-    if (!claimed) throw new ApiError("Conflict", `microVM ${row.id} was taken by another node first; retry the request`, { microVmId: row.id });
-    await tx.insertInto("events").values(event(row.id, row.tenant_id, "moved", `claimed by node ${owner.nodeId} from node ${row.node_id ?? "(none)"} to resume from the object store`)).execute();
-    return claimed;
   }
 
   /**
@@ -729,13 +722,13 @@ export class MicroVmService {
   async runningVm(tenantId: string, id: string, action: string): Promise<MicroVm> {
     // Fast path without the VM's lock, so concurrent requests to a running VM
     // do not queue behind each other; only a VM that needs resuming takes it.
-    const current = await this.getHere(tenantId, id, { claimSuspended: true });
+    const current = await this.getHere(tenantId, id, { resuming: true });
     if (current.state === "RUNNING") {
       await this.touch(id);
       return this.engine.get(id);
     }
     return this.locks.run(id, async () => {
-      let row = await this.getHere(tenantId, id, { claimSuspended: true });
+      let row = await this.getHere(tenantId, id, { resuming: true });
       if (row.state === "SUSPENDED" && row.auto_resume) row = await this.resumeLocked(tenantId, id, action);
       if (row.state !== "RUNNING") throw new ApiError("InvalidState", `cannot ${action} microVM ${id}: it is ${row.state}`, { state: row.state });
       await this.touch(id);
@@ -894,7 +887,7 @@ export class MicroVmService {
     }
   }
 
-  /** Removes a published suspend or restore point from the object store; a failure is logged (the object stays, unswept). */
+  /** Removes a published suspend or restore point from the object store; a failure is logged (the object stays until the bucket's sweep). */
   private async removeObject(prefix: string): Promise<void> {
     await this.objects?.remove(prefix).catch((err: Error) => this.log(`removing ${prefix}: ${err.message}`));
   }
@@ -903,7 +896,7 @@ export class MicroVmService {
    * Resumes the VMs restored after their node failed (SUSPENDED at their
    * restore point, no node's) for which this node is the one every node
    * picks (ClusterNode.moveTarget): a VM that opted in runs again without
-   * waiting for a request. The claim in resume() lets one node win; with no
+   * waiting for a request. The hand-over in resume() lets one node win; with no
    * room anywhere, it waits for its next request (auto-resume).
    */
   private async resumeRestored(): Promise<void> {

@@ -41,6 +41,8 @@ export interface ServerConfig {
   objectStore?: ObjectStoreConfig;
   /** Cluster with an object store: the bound of the node's cache of images pulled from it (COCOON_IMAGE_CACHE_GIB, default 20). */
   imageCacheGiB: number;
+  /** Cluster with an object store: how often a node sweeps the bucket of what nothing references (COCOON_BUCKET_SWEEP_MINUTES, default 10; one node at a time). */
+  bucketSweepMinutes: number;
 }
 
 /** Flags win over COCOON_* environment variables, which win over defaults (docs/api.md). */
@@ -72,6 +74,7 @@ export function resolveServerConfig(flags: { listen?: string; dataDir?: string; 
     nodeUrl: process.env.COCOON_NODE_URL || `http://${listen}`,
     objectStore: objectStoreConfigFromEnv(),
     imageCacheGiB: envNumber("COCOON_IMAGE_CACHE_GIB", 20, { min: 1, max: 65_536 }),
+    bucketSweepMinutes: envNumber("COCOON_BUCKET_SWEEP_MINUTES", 10, { min: 1, max: 10_080 }),
   };
 }
 

@@ -9,6 +9,7 @@ import { ImageService } from "../images/service.ts";
 import { ClusterNode } from "../lifecycle/cluster.ts";
 import { LeaseFence } from "../lifecycle/lease-fence.ts";
 import { SuspendedObjects } from "../lifecycle/suspended-objects.ts";
+import { BucketSweep, SWEEP_GRACE_SECONDS, SWEEP_MAX_KEYS } from "../store/bucket-sweep.ts";
 import { ObjectStore } from "../store/objects.ts";
 import { NodeChannel } from "../router/node-channel.ts";
 import { hostCapacity, MicroVmService } from "../lifecycle/microvms.ts";
@@ -92,6 +93,9 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
   if (objectStore) log(`object store: bucket ${objectStore.bucket} at ${config.objectStore!.url}`);
   const microvms: MicroVmService = new MicroVmService({ db, engine: runtime.engine, images, capacity, observer: metrics, log, cluster, objects });
   await microvms.start();
+  // What nothing in the database references any more leaves the bucket (one node at a time).
+  const bucketSweep = objectStore && cluster ? new BucketSweep(db, objectStore, { graceSeconds: SWEEP_GRACE_SECONDS, maxKeysPerPass: SWEEP_MAX_KEYS, log }) : undefined;
+  bucketSweep?.start(config.bucketSweepMinutes * 60_000);
   const sampler = new VmSampler();
   sampler.start(async () => runtime.engine.list().filter((vm) => vm.status === "running"));
   // Cluster: every node derives the channel's key from the master key they share.
@@ -111,6 +115,7 @@ export async function runServer(flags: { listen?: string; dataDir?: string; metr
     await Promise.race([api.close(), new Promise((resolve) => setTimeout(resolve, 10_000))]);
     await microvms.drain(60_000);
     await imageService.close();
+    await bucketSweep?.stop();
     await microvms.suspendAll();
     await cluster?.leave();
     await fence?.release();

@@ -3,11 +3,11 @@ import type pg from "pg";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 
 /** Per database: the mutex of this process and, on PostgreSQL, the pool advisory locks are taken on. */
-const registry = new WeakMap<Kysely<any>, { local: KeyedMutex; pool?: pg.Pool }>();
+const registry = new WeakMap<Kysely<any>, { local: KeyedMutex; held: Set<string>; pool?: pg.Pool }>();
 
 function entry(db: Kysely<any>) {
   let e = registry.get(db);
-  if (!e) registry.set(db, (e = { local: new KeyedMutex() }));
+  if (!e) registry.set(db, (e = { local: new KeyedMutex(), held: new Set() }));
   return e;
 }
 
@@ -52,4 +52,45 @@ export function serialized<T>(db: Kysely<any>, key: string, fn: () => Promise<T>
       client.release(!unlocked);
     }
   });
+}
+
+/**
+ * Runs `fn` unless another holder of `key` runs now, wherever it runs
+ * (`serialized`'s lock, not waited for): work one node of a cluster does
+ * at a time and the others skip. True when `fn` ran.
+ */
+export async function trySerialized(db: Kysely<any>, key: string, fn: () => Promise<void>): Promise<boolean> {
+  const { held, pool } = entry(db);
+  if (held.has(key)) return false;
+  held.add(key);
+  try {
+    if (!pool) {
+      await fn();
+      return true;
+    }
+    const client = await pool.connect();
+    let locked: boolean;
+    try {
+      locked = (await client.query<{ locked: boolean }>("SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS locked", [key])).rows[0]?.locked === true;
+    } catch (err) {
+      client.release(true);
+      throw err;
+    }
+    if (!locked) {
+      client.release();
+      return false;
+    }
+    try {
+      await fn();
+      return true;
+    } finally {
+      const unlocked = await client.query("SELECT pg_advisory_unlock(hashtextextended($1, 0))", [key]).then(
+        () => true,
+        () => false,
+      );
+      client.release(!unlocked);
+    }
+  } finally {
+    held.delete(key);
+  }
 }

@@ -1,12 +1,14 @@
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
+  CopyObjectCommand,
   CreateBucketCommand,
   CreateMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
   HeadBucketCommand,
   HeadObjectCommand,
+  ListMultipartUploadsCommand,
   ListObjectsV2Command,
   PutObjectCommand,
   S3Client,
@@ -55,9 +57,16 @@ export const BUNDLE_FORMAT = 1;
 export const PART_BYTES = 64 * 2 ** 20;
 /** A manifest read from the store is untrusted: past this it is refused unread. */
 const MANIFEST_MAX_BYTES = 64 * 2 ** 10;
-const MANIFEST = "manifest.json";
+export const MANIFEST = "manifest.json";
 /** Layers under a published disk (its backing chain), at most. */
 const MAX_LAYERS = 16;
+/**
+ * A blob a publish finds in the bucket but last written longer ago than
+ * this is written again (a copy onto itself) before the publish relies on
+ * it: the bucket's sweep (BucketSweep) collects only blobs older than its
+ * grace period, so a publish in progress never loses a layer it reused.
+ */
+export const BLOB_REFRESH_MS = 10 * 60_000;
 
 /**
  * An S3-compatible object store (OpenStack Swift's s3api, MinIO, AWS S3)
@@ -158,15 +167,57 @@ export class ObjectStore {
   }
 
   /** The object's size, or undefined when there is none. */
-  async head(key: string): Promise<{ bytes: number } | undefined> {
+  async head(key: string): Promise<{ bytes: number; lastModified?: Date } | undefined> {
     return this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key })).then(
-      (res) => ({ bytes: res.ContentLength ?? 0 }),
+      (res) => ({ bytes: res.ContentLength ?? 0, lastModified: res.LastModified }),
       (err: unknown) => (isNotFound(err) ? undefined : Promise.reject(err)),
     );
   }
 
   async delete(key: string): Promise<void> {
     await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }));
+  }
+
+  /**
+   * The objects under `prefix` in key order, after `startAfter`, a page
+   * (at most 1,000) at a time: what the bucket's sweep walks.
+   */
+  async *list(prefix: string, startAfter?: string): AsyncGenerator<{ key: string; lastModified: Date; bytes: number }[]> {
+    let token: string | undefined;
+    do {
+      const page = await this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: prefix, StartAfter: token ? undefined : startAfter, ContinuationToken: token }));
+      yield (page.Contents ?? []).filter((o) => o.Key !== undefined && o.LastModified !== undefined).map((o) => ({ key: o.Key!, lastModified: o.LastModified!, bytes: o.Size ?? 0 }));
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  /** Aborts the multipart uploads under `prefix` begun before `before` (a publish cut short), at most 1,000; returns how many. */
+  async abortUploads(prefix: string, before: Date): Promise<number> {
+    const page = await this.client.send(new ListMultipartUploadsCommand({ Bucket: this.bucket, Prefix: prefix }));
+    let aborted = 0;
+    for (const u of page.Uploads ?? []) {
+      if (!u.Key || !u.UploadId || !u.Initiated || u.Initiated >= before) continue;
+      await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: u.Key, UploadId: u.UploadId }));
+      aborted++;
+    }
+    return aborted;
+  }
+
+  /**
+   * The sha256 of the layers the bundle at `prefix` stands on (its
+   * manifest's meta), undefined when it has no manifest; BadGateway when
+   * the manifest is not one `publishLayered` wrote (or not the one whose
+   * sha256 is `sha256`, when given).
+   */
+  async layersOf(prefix: string, sha256?: string): Promise<string[] | undefined> {
+    const manifest = await this.manifest(prefix, {}, sha256);
+    if (!manifest) return undefined;
+    const listed = (manifest.meta as { layers?: unknown } | null)?.layers;
+    if (!Array.isArray(listed) || listed.length > MAX_LAYERS) throw corrupt(`${prefix}/${MANIFEST}`, `gives no list of layers, or more than ${MAX_LAYERS} layers`);
+    return listed.map((l: Partial<ObjectFile> | null) => {
+      if (!l || typeof l.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(l.sha256)) throw corrupt(`${prefix}/${MANIFEST}`, "gives an invalid layer");
+      return l.sha256;
+    });
   }
 
   /** Deletes every object under `prefix` (a bundle), its manifest first so it is unpublished before its files go. */
@@ -322,9 +373,14 @@ export class ObjectStore {
       file = { sha256: hash.digest("hex"), bytes: size };
       this.blobHashes.set(id, file);
     }
-    if ((await this.head(blobKey(file.sha256)))?.bytes !== file.bytes) {
-      const put = await this.putFile(blobKey(file.sha256), path);
+    const key = blobKey(file.sha256);
+    const there = await this.head(key);
+    if (there?.bytes !== file.bytes) {
+      const put = await this.putFile(key, path);
       if (put.sha256 !== file.sha256) throw new Error(`${path} changed while it was published: it must be read-only`);
+    } else if (!there.lastModified || Date.now() - there.lastModified.getTime() > BLOB_REFRESH_MS) {
+      // Written long ago: made young again (server-side) so the sweep's grace period covers this publish.
+      await this.client.send(new CopyObjectCommand({ Bucket: this.bucket, Key: key, CopySource: `${this.bucket}/${key}`, MetadataDirective: "REPLACE" }));
     }
     return file;
   }
@@ -376,7 +432,7 @@ function hashed(source: Readable, hash: ReturnType<typeof createHash>): Readable
   );
 }
 
-const blobKey = (sha256: string) => `blobs/${sha256}`;
+export const blobKey = (sha256: string) => `blobs/${sha256}`;
 
 function isNotFound(err: unknown): boolean {
   return err instanceof S3ServiceException && (err.$metadata.httpStatusCode === 404 || err.name === "NotFound" || err.name === "NoSuchKey" || err.name === "NoSuchBucket");

@@ -132,6 +132,8 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     const published = /base \(\w+\) published to the object store for the cluster \(([^)]*)\)/.exec(nodes.a.output())?.[1];
     const pulled = /base \(\w+\) pulled from the object store in ([\d.]+ s)/.exec(nodes.b.output())?.[1];
     console.log(`[figure] base image: built by a and published (${published}); pulled by b in ${pulled}`);
+    // Each node's first bucket sweep (at start, on PostgreSQL and Swift) ran without an error.
+    for (const node of Object.values(nodes)) expect(node.output()).not.toContain("bucket sweep failed");
   });
 
   it("places VMs on the node that takes the create, else on a peer with room, 503 when all are full; any node serves any VM (exec, files, endpoint HTTP and WebSocket)", async () => {
@@ -495,5 +497,29 @@ describe("a cluster of nodes sharing PostgreSQL", () => {
     expect(read.body.stdout).toBe("survived\n");
     expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING" });
     expect((await nodes.c.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
+  });
+
+  it("a VM handed over to a node that restarts before resuming it stays SUSPENDED there, published, and resumes on its next request", async () => {
+    await nodes.b.start(); // killed above
+    const created = await nodes.a.call("POST", "/v1/microvms", { image: "base", idlePolicy: { suspendAfterSeconds: 0 } });
+    const id = created.body.microVmId as string;
+    expect(await nodeOf(id)).toMatchObject({ node_id: "a", state: "RUNNING" });
+    await nodes.a.call("POST", `/v1/microvms/${id}/exec`, { command: ["bash", "-c", "echo kept > /root/handed.txt"] });
+    expect((await nodes.a.call("POST", `/v1/microvms/${id}/suspend`)).body.state).toBe("SUSPENDED");
+    while (!(await nodeOf(id)).suspended_object) await new Promise((r) => setTimeout(r, 200));
+    expect((await nodes.c.call("POST", "/v1/cluster/nodes/a/drain")).body.state).toBe("draining");
+    // A request b refuses (a wrong endpoint token) still hands the VM, through c, to b, the one node with room; it is not resumed.
+    const refused = await fetch(`${nodes.c.url}/v1/microvms/${id}/http/?cocoon_token=wrong`, { redirect: "manual" });
+    expect(refused.status).toBe(404); // a wrong token: as if there were no such VM
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "SUSPENDED", suspended_node: "a" });
+    // b restarts before any request resumes it: its files are in the object store, not on b's disk, and the VM is kept.
+    await nodes.b.stop("SIGKILL");
+    await nodes.b.start();
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "SUSPENDED", suspended_node: "a" });
+    const read = await nodes.c.call("POST", `/v1/microvms/${id}/exec`, { command: ["cat", "/root/handed.txt"] });
+    expect(read.body.stdout).toBe("kept\n");
+    expect(await nodeOf(id)).toMatchObject({ node_id: "b", state: "RUNNING" });
+    expect((await nodes.c.call("DELETE", `/v1/microvms/${id}`)).body.state).toBe("TERMINATED");
+    expect((await nodes.c.call("POST", "/v1/cluster/nodes/a/activate")).body.state).toBe("active");
   });
 });

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ClusterNode, listNodes, ownedBy, setNodeDraining, type NodeInfo, type VmOwner } from "../../src/lifecycle/cluster.ts";
+import { ClusterNode, handOverSuspended, listNodes, ownedBy, setNodeDraining, type NodeInfo, type VmOwner } from "../../src/lifecycle/cluster.ts";
 import { closeDatabase, openPostgres, type Db } from "../../src/store/db.ts";
 import type { MicroVmRow, MicroVmState } from "../../src/store/schema.ts";
 import { startPostgres, type TestPostgres } from "../support/postgres.ts";
@@ -184,6 +184,29 @@ describe("cluster nodes", () => {
     await building.register();
     expect(await building.renew()).toBe(true);
     expect(await self.peersWithRoom({ vcpus: 1, memoryMiB: 512 })).toEqual([info("small").url]);
+  });
+
+  it("hands a suspended VM leaving its node to one node, whichever nodes hand it over at once and to whichever targets; the others find it there", async () => {
+    const [dbA, dbB] = await database(2);
+    const make = (db: Db, id: string) => new ClusterNode(db, info(id), { onFenced: async () => undefined, timing: LONG });
+    const [holder, a, b, drained] = [make(dbA!, "holder"), make(dbA!, "a"), make(dbB!, "b"), make(dbA!, "drained")];
+    for (const n of [holder, a, b, drained]) await n.register();
+    const vm = { ...vmRow(holder.owner(), "SUSPENDED"), suspended_node: "holder", suspended_object: "microvms/vm/0123456789abcdef", suspended_manifest: "f".repeat(64) };
+    await dbA!.insertInto("microvms").values(vm).execute();
+    await setNodeDraining(dbA!, "holder", true);
+    await setNodeDraining(dbA!, "drained", true);
+    // A node that takes no VMs is no target.
+    expect(await handOverSuspended(dbA!, vm, { id: "drained", epoch: drained.owner().epoch })).toBeUndefined();
+    // Two servers whose usage reads differed pick different targets at the same moment: one update matches.
+    const results = await Promise.all([handOverSuspended(dbA!, vm, { id: "a", epoch: a.owner().epoch }), handOverSuspended(dbB!, vm, { id: "b", epoch: b.owner().epoch })]);
+    const won = results.filter((r) => r !== undefined);
+    expect(won).toHaveLength(1);
+    const row = await dbA!.selectFrom("microvms").selectAll().where("id", "=", vm.id).executeTakeFirstOrThrow();
+    expect(row).toMatchObject({ state: "SUSPENDED", node_id: won[0]!.node_id, suspended_node: "holder", suspended_object: vm.suspended_object });
+    const events = await dbA!.selectFrom("events").select(["type", "message"]).where("microvm_id", "=", vm.id).execute();
+    expect(events).toEqual([{ type: "moved", message: `handed to node ${row.node_id} from node holder to resume from the object store` }]);
+    // The row as read is gone: a late hand-over (or one from a stale read) changes nothing.
+    expect(await handOverSuspended(dbA!, vm, { id: "a", epoch: a.owner().epoch })).toBeUndefined();
   });
 
   it("tells its lease guard of every lease that took, checks it before each renewal, and, when it cannot run, ends its VMs and lets its lease lapse rather than renew unguarded", async () => {

@@ -1,10 +1,11 @@
-import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
+import { CreateMultipartUploadCommand, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { createHash, randomBytes } from "node:crypto";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { BucketSweep } from "../../src/store/bucket-sweep.ts";
 import { SuspendedObjects } from "../../src/lifecycle/suspended-objects.ts";
-import { ObjectStore, objectStoreConfigFromEnv, PART_BYTES, type ObjectStoreConfig } from "../../src/store/objects.ts";
+import { BLOB_REFRESH_MS, ObjectStore, objectStoreConfigFromEnv, PART_BYTES, type ObjectStoreConfig } from "../../src/store/objects.ts";
 import { SnapshotIncompatibleError } from "../../src/errors.ts";
 import { ClusterSnapshots } from "../../src/images/cluster-snapshots.ts";
 import { ImageObjects } from "../../src/images/image-objects.ts";
@@ -60,7 +61,7 @@ describe("object store on Swift (s3api)", () => {
     await writeFile(join(dir, "big"), big);
     expect(await store.putFile("t/small", join(dir, "small"))).toEqual({ sha256: sha256(small), bytes: small.length });
     expect(await store.putFile("t/big", join(dir, "big"))).toEqual({ sha256: sha256(big), bytes: big.length });
-    expect(await store.head("t/big")).toEqual({ bytes: big.length });
+    expect(await store.head("t/big")).toMatchObject({ bytes: big.length });
     expect(await store.head("t/none")).toBeUndefined();
     await store.getFile("t/big", join(dir, "big.back"), { sha256: sha256(big), bytes: big.length });
     expect(sha256(await readFile(join(dir, "big.back")))).toBe(sha256(big));
@@ -245,5 +246,111 @@ describe("object store on Swift (s3api)", () => {
     expect(() => objectStoreConfigFromEnv({ ...env, COCOON_OBJECT_STORE_URL: "ftp://x" })).toThrow(/COCOON_OBJECT_STORE_URL/);
     expect(() => objectStoreConfigFromEnv({ ...env, COCOON_OBJECT_STORE_BUCKET: "Bad_Bucket" })).toThrow(/COCOON_OBJECT_STORE_BUCKET/);
     expect(() => objectStoreConfigFromEnv({ COCOON_OBJECT_STORE_URL: "http://h:1" })).toThrow(/ACCESS_KEY_ID/);
+  });
+
+  it("the bucket's sweep removes what nothing references once past its grace period: orphaned and cut-short bundles, unreferenced blobs; keeps referenced and young ones, and others' keys", async () => {
+    const sweepDir = await mkdtemp(join(dir, "sweep-"));
+    const db = await openDatabase(sweepDir);
+    const bucket = new ObjectStore({ ...config, bucket: "cocoon-sweep" });
+    await bucket.ensureBucket();
+    const put = (key: string, body: string) => raw.send(new PutObjectCommand({ Bucket: "cocoon-sweep", Key: key, Body: body }));
+    const keys = async () => {
+      const all: string[] = [];
+      for await (const page of bucket.list("")) all.push(...page.map((o) => o.key));
+      return all.sort();
+    };
+    const file = async (name: string) => {
+      await writeFile(join(sweepDir, name), `${name} ${randomBytes(8).toString("hex")}`);
+      return join(sweepDir, name);
+    };
+    const blobOf = async (path: string) => `blobs/${sha256(await readFile(path))}`;
+    const [shared, orphanOnly, referencedOnly] = [await file("shared-layer"), await file("orphan-layer"), await file("referenced-layer")];
+    try {
+      // Referenced by the database (a managed image's snapshot), on a layer of its own.
+      const referenced = "images/managed-base-k1/0123456789abcdef";
+      const kept = await bucket.publishLayered(referenced, { state: await file("r-state") }, [referencedOnly], { image: "managed-base-k1" });
+      await db.insertInto("cluster_snapshots").values({ name: "base", key: "k1", object: referenced, manifest: kept.sha256, node_id: "a", created_at: "" }).execute();
+      // A running VM's restore point (it opted in to be restored from it should its node fail): referenced while it runs.
+      const restorePoint = "microvms/vm-restore/dddddddddddddddd";
+      const point = await bucket.publishLayered(restorePoint, { state: await file("p-state") }, [referencedOnly], { vm: "vm-restore" });
+      const now = new Date().toISOString();
+      await db.insertInto("tenants").values({ id: "tnt-1", name: "acme", created_at: now }).execute();
+      await db
+        .insertInto("microvms")
+        .values({
+          id: "vm-restore", tenant_id: "tnt-1", image_name: "base", image_id: "base", state: "RUNNING", state_reason: null, vcpus: 1, memory_mib: 256, disk_gib: 2, env: "{}",
+          suspend_after_seconds: 0, auto_resume: 1, max_runtime_seconds: 3600, egress: "{}", endpoint_public: 0, endpoint_token: "et", app_port: null, metadata: "{}",
+          created_at: now, expires_at: now, last_activity_at: now, terminated_at: null, terminate_after_suspended_seconds: 0, suspended_at: null, egress_connectors: null,
+          hooks: null, image_version: 1, forked_from: null, node_id: "a", node_epoch: 1, suspended_node: null, suspended_object: null, suspended_manifest: null,
+          on_node_failure: "restore", restore_object: restorePoint, restore_manifest: point.sha256, restore_point_at: now,
+        })
+        .execute();
+      // An orphan (its deletion failed), on a layer only it uses and one a later publish reuses.
+      const orphan = "microvms/vm-orphan/aaaaaaaaaaaaaaaa";
+      await bucket.publishLayered(orphan, { state: await file("o-state"), disk: await file("o-disk") }, [orphanOnly, shared], { vm: "vm-orphan" });
+      // An upload cut short (files, no manifest), a blob nothing names, and keys that are not Cocoon's.
+      await put("microvms/vm-cut/bbbbbbbbbbbbbbbb/state", "half");
+      const stray = `blobs/${"e".repeat(64)}`;
+      await put(stray, "stray");
+      const foreign = ["images/weird key", "microvms/vm-x/not-hex/state", "microvms/../../etc/passwd", "other/thing", "blobs/not-a-hash", "images/img-1/0123456789abcdef/nested/deep"];
+      for (const key of foreign) await put(key, "not ours");
+      // A multipart upload its node never completed nor aborted (it died).
+      await raw.send(new CreateMultipartUploadCommand({ Bucket: "cocoon-sweep", Key: "microvms/vm-cut/bbbbbbbbbbbbbbbb/disk" }));
+      // Past the grace period, a publish in flight: its files young, not yet referenced, reusing the shared layer (old now).
+      await new Promise((r) => setTimeout(r, 4000));
+      const young = "microvms/vm-young/cccccccccccccccc";
+      await bucket.publishLayered(young, { state: await file("y-state") }, [shared], { vm: "vm-young" });
+      const log: string[] = [];
+      const sweep = new BucketSweep(db, bucket, { graceSeconds: 2, maxKeysPerPass: 1000, log: (l) => log.push(l) });
+      expect(await sweep.pass()).toEqual({ bundlesDeleted: 2, blobsDeleted: 2, uploadsAborted: 1, complete: true });
+      expect(await keys()).toEqual(
+        [
+          ...foreign,
+          `${referenced}/manifest.json`,
+          `${referenced}/state`,
+          `${restorePoint}/manifest.json`,
+          `${restorePoint}/state`,
+          await blobOf(referencedOnly),
+          await blobOf(shared),
+          `${young}/manifest.json`,
+          `${young}/state`,
+        ].sort(),
+      );
+      expect(await bucket.head(await blobOf(orphanOnly))).toBeUndefined();
+      expect(await bucket.head(stray)).toBeUndefined();
+      // Nothing more to take; at a cap of a few keys a pass, passes go on where the last stopped until the bucket is swept.
+      await db.deleteFrom("cluster_snapshots").execute();
+      await db.updateTable("microvms").set({ restore_object: null, restore_manifest: null }).execute();
+      await new Promise((r) => setTimeout(r, 3000));
+      const capped = new BucketSweep(db, bucket, { graceSeconds: 2, maxKeysPerPass: 3 });
+      const passes = [];
+      for (let i = 0; i < 8; i++) passes.push(await capped.pass());
+      expect(passes[0]).toMatchObject({ complete: false });
+      expect(passes.reduce((n, p) => n + p.bundlesDeleted, 0)).toBe(3);
+      expect(passes.reduce((n, p) => n + p.blobsDeleted, 0)).toBe(2);
+      expect(await keys()).toEqual([...foreign].sort());
+      expect(log.filter((l) => l.includes("failed"))).toEqual([]);
+    } finally {
+      await closeDatabase(db);
+      bucket.destroy();
+    }
+  }, 30_000);
+
+  it("a blob a publish reuses, written long ago, is written again (server-side) so the sweep's grace period covers the publish", async () => {
+    const layer = join(dir, "refreshed-layer");
+    await writeFile(layer, randomBytes(3000));
+    const { sha256: hash } = await store.putBlob(layer);
+    const before = (await store.head(`blobs/${hash}`))!.lastModified!;
+    await new Promise((r) => setTimeout(r, 1100));
+    await store.putBlob(layer);
+    expect((await store.head(`blobs/${hash}`))!.lastModified).toEqual(before);
+    vi.useFakeTimers({ toFake: ["Date"], now: Date.now() + BLOB_REFRESH_MS + 60_000 });
+    try {
+      await store.putBlob(layer);
+    } finally {
+      vi.useRealTimers();
+    }
+    expect((await store.head(`blobs/${hash}`))!.lastModified!.getTime()).toBeGreaterThan(before.getTime());
+    expect(await store.getBlob({ sha256: hash, bytes: 3000 }, join(dir, "refreshed-blobs")).then((p) => readFile(p))).toEqual(await readFile(layer));
   });
 });

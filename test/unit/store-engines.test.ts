@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { closeDatabase, isPostgres, openDatabase, openPostgres, type Db } from "../../src/store/db.ts";
 import { IdempotencyTokens } from "../../src/store/idempotency.ts";
-import { serialized } from "../../src/store/locks.ts";
+import { serialized, trySerialized } from "../../src/store/locks.ts";
 import { migrations } from "../../src/store/migrations.ts";
 import { ServerSecrets } from "../../src/store/secrets.ts";
 import { listTags, tagResource } from "../../src/store/tags.ts";
@@ -124,6 +124,25 @@ describe("PostgreSQL shared by several servers", () => {
       await Promise.all([section(a, "a1"), section(b, "b1"), section(a, "a2"), section(b, "b2")]);
       expect(trace).toHaveLength(8);
       for (let i = 0; i < trace.length; i += 2) expect(trace[i + 1]).toBe(trace[i]!.replace("in", "out"));
+    } finally {
+      await Promise.all([closeDatabase(a), closeDatabase(b)]);
+    }
+  });
+
+  it("lets one server run a section the others skip while it runs (trySerialized), and any once it is done", async () => {
+    const url = await postgres.newDatabase();
+    const [a, b] = await Promise.all([openPostgres(url), openPostgres(url)]);
+    try {
+      let release!: () => void;
+      const held = new Promise<void>((r) => (release = r));
+      const first = trySerialized(a, "bucket-sweep", () => held);
+      await new Promise((r) => setTimeout(r, 100));
+      // Elsewhere and on the same server: skipped, not waited for.
+      expect(await trySerialized(b, "bucket-sweep", async () => undefined)).toBe(false);
+      expect(await trySerialized(a, "bucket-sweep", async () => undefined)).toBe(false);
+      release();
+      expect(await first).toBe(true);
+      expect(await trySerialized(b, "bucket-sweep", async () => undefined)).toBe(true);
     } finally {
       await Promise.all([closeDatabase(a), closeDatabase(b)]);
     }
