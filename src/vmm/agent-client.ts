@@ -157,12 +157,13 @@ export class AgentClient {
    * clock stepped to now, its hostname, and a new secret (the old one, shared
    * with every clone of the snapshot, stops working).
    */
-  async restore(opts: { newToken: string; hostname: string }): Promise<void> {
+  /** Re-keys the guest after a restore; `sameMachine` (a resume) keeps its machine-id, a launch or fork gets a new one. */
+  async restore(opts: { newToken: string; hostname: string; sameMachine?: boolean }): Promise<void> {
     const oldToken = this.token;
     for (let attempt = 1; ; attempt++) {
       try {
         await this.json("POST", "/restore", {
-          json: { token: opts.newToken, entropy: randomBytes(64).toString("base64"), unixTimeNs: Date.now() * 1e6, hostname: opts.hostname },
+          json: { token: opts.newToken, entropy: randomBytes(64).toString("base64"), unixTimeNs: Date.now() * 1e6, hostname: opts.hostname, keepMachineId: opts.sameMachine === true },
         });
         this.token = opts.newToken;
         return;

@@ -299,7 +299,7 @@ export class Engine extends EventEmitter {
       const forwards = await allocateForwards([AGENT_PORT, ...vm.record.forwards.map((f) => f.guestPort)]);
       vm.record = { ...vm.record, agentPort: forwards[0]!.hostPort, forwards: forwards.slice(1) };
       const clock = new PhaseClock();
-      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock).catch((err: unknown) => {
+      await this.restoreInto(vm, { kind: "anonymous" }, files.suspended, clock, { sameMachine: true }).catch((err: unknown) => {
         // Its saved state is its snapshot's machine's (a QEMU or Cocoon upgrade since): no rebuild brings it back.
         if (!(err instanceof SnapshotIncompatibleError)) throw err;
         if (err.differs === "format") {
@@ -750,8 +750,10 @@ export class Engine extends EventEmitter {
    * failure the process and everything it held are released. A VM that has
    * a process already was given one started ahead for this restore (`prestart`,
    * a fork child: `forkChild`), with the same `memory` and `stateFile`.
+   * A resume is the same machine (`sameMachine`: its machine-id is kept); a
+   * launch or fork child is a new one.
    */
-  private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, clock: PhaseClock): Promise<void> {
+  private async restoreInto(vm: MicroVm, memory: GuestMemory, stateFile: string, clock: PhaseClock, opts: { sameMachine?: boolean } = {}): Promise<void> {
     const token = newToken();
     const forwards = [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards];
     try {
@@ -773,7 +775,7 @@ export class Engine extends EventEmitter {
       clock.mark("cont");
       vm.agent.close();
       vm.agent = new AgentClient(vm.record.agentPort, vm.record.token);
-      await vm.agent.restore({ newToken: token, hostname: vm.id });
+      await vm.agent.restore({ newToken: token, hostname: vm.id, sameMachine: opts.sameMachine });
       clock.mark("re-key");
       vm.record = { ...vm.record, status: "running", pid: machine.pid, token };
       await this.saveRecord(vm);

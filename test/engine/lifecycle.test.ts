@@ -63,6 +63,8 @@ describe("suspend and resume", () => {
     await vm.agent.exec({ command: `mkfifo /tmp/fifo; nohup sh -c 'exec 3>>/root/journal; while read line < /tmp/fifo; do echo "$line" >&3; done' >/dev/null 2>&1 & echo first > /tmp/fifo` });
     await vm.agent.writeFile("/root/disk-write", Buffer.from("persisted"));
     const before = await readCounter(vm, pid);
+    const machineId = (await vm.agent.exec({ command: ["cat", "/etc/machine-id"] })).stdout;
+    expect(machineId).toMatch(/^[0-9a-f]{32}\n$/);
 
     await ctx.engine.suspend(vm.id);
     expect(vm.status).toBe("suspended");
@@ -77,6 +79,8 @@ describe("suspend and resume", () => {
     await vm.agent.exec({ command: "sleep 0.2" });
     expect((await vm.agent.exec({ command: ["cat", "/root/journal"] })).stdout).toBe("first\nsecond\n");
     expect((await vm.agent.exec({ command: ["cat", "/root/disk-write"] })).stdout).toBe("persisted");
+    // The same machine resumed: its machine-id is kept (a launch or a fork child gets a new one).
+    expect((await vm.agent.exec({ command: ["cat", "/etc/machine-id"] })).stdout).toBe(machineId);
   });
 
   it.each([

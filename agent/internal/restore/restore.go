@@ -49,6 +49,8 @@ type Request struct {
 	Entropy    []byte `json:"entropy"` // base64 in JSON
 	UnixTimeNs int64  `json:"unixTimeNs"`
 	Hostname   string `json:"hostname"`
+	// KeepMachineID: the same machine running on (a resume), not a new clone of it.
+	KeepMachineID bool `json:"keepMachineId"`
 }
 
 // Validate rejects a request before anything is changed.
@@ -69,8 +71,9 @@ func (r *Request) Validate() error {
 }
 
 // Apply reseeds, steps the clock (unless UnixTimeNs is 0), sets the
-// hostname (unless empty) and rewrites machine-id (if present). The token
-// swap is left to the caller, to be done only when Apply succeeded.
+// hostname (unless empty) and rewrites machine-id (if present, unless
+// KeepMachineID). The token swap is left to the caller, to be done only when
+// Apply succeeded.
 func (s *System) Apply(r *Request) error {
 	if err := s.AddEntropy(r.Entropy); err != nil {
 		return fmt.Errorf("reseed RNG: %w", err)
@@ -85,7 +88,7 @@ func (s *System) Apply(r *Request) error {
 			return fmt.Errorf("set hostname: %w", err)
 		}
 	}
-	if s.MachineIDPath != "" {
+	if s.MachineIDPath != "" && !r.KeepMachineID {
 		if err := RewriteMachineID(s.MachineIDPath); err != nil {
 			return fmt.Errorf("machine-id: %w", err)
 		}

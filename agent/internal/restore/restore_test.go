@@ -41,3 +41,21 @@ func TestRewriteMachineID(t *testing.T) {
 		t.Fatalf("%q %v", b, fi.Mode())
 	}
 }
+
+func TestApplyKeepsMachineIDOfTheSameMachine(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "machine-id")
+	os.WriteFile(p, []byte("0123456789abcdef0123456789abcdef\n"), 0o444)
+	sys := &System{AddEntropy: func([]byte) error { return nil }, SetTime: func(int64) error { return nil }, SetHostname: func(string) error { return nil }, MachineIDPath: p}
+	if err := sys.Apply(&Request{Token: "t", Entropy: make([]byte, 32), KeepMachineID: true}); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(p); string(b) != "0123456789abcdef0123456789abcdef\n" {
+		t.Fatalf("a resume rewrote machine-id: %q", b)
+	}
+	if err := sys.Apply(&Request{Token: "t", Entropy: make([]byte, 32)}); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(p); string(b) == "0123456789abcdef0123456789abcdef\n" || len(b) != 33 {
+		t.Fatalf("a clone kept machine-id: %q", b)
+	}
+}
