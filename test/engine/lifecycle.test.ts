@@ -21,6 +21,24 @@ async function readCounter(vm: Awaited<ReturnType<Engine["launch"]>>, pid: strin
 }
 
 /** Live processes whose command line mentions `dir` (a VM's QEMU names its files there). */
+/**
+ * Runs `script` (an engine over `config` on the base snapshot) as a server
+ * of its own, waits for the first JSON line it prints, then kills it with
+ * SIGKILL and returns that line.
+ */
+async function serverKilledAfter<T>(script: string, config: object): Promise<T> {
+  const server = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+    env: { ...process.env, CONFIG: JSON.stringify(config), SNAPSHOT: inject("baseSnapshotDir") },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const said = await new Promise<T>((resolve, reject) => {
+    server.stdout.on("data", (d: Buffer) => resolve(JSON.parse(d.toString()) as T));
+    server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  server.kill("SIGKILL");
+  return said;
+}
+
 function qemuProcessesOf(dir: string): number[] {
   return readdirSync("/proc")
     .filter((n) => /^\d+$/.test(n))
@@ -171,15 +189,7 @@ describe("server restart", () => {
       console.log(JSON.stringify({ running: a.id, suspended: b.id }));
       setInterval(() => {}, 1000);
     `;
-    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
-      env: { ...process.env, CONFIG: JSON.stringify(engineConfig(ctx.dataDir)), SNAPSHOT: inject("baseSnapshotDir") },
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    const ids = await new Promise<{ running: string; suspended: string }>((resolve, reject) => {
-      child.stdout.on("data", (d: Buffer) => resolve(JSON.parse(d.toString())));
-      child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
-    });
-    child.kill("SIGKILL");
+    const ids = await serverKilledAfter<{ running: string; suspended: string }>(script, engineConfig(ctx.dataDir));
 
     const engine = await ctx.reopen();
     const running = engine.get(ids.running);
@@ -291,15 +301,7 @@ describe("pre-started processes", () => {
       }
       setInterval(() => {}, 1000);
     `;
-    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
-      env: { ...process.env, CONFIG: JSON.stringify(config), SNAPSHOT: inject("baseSnapshotDir") },
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    const killed = await new Promise<{ vm: string; prestarted: number }>((resolve, reject) => {
-      child.stdout.on("data", (d: Buffer) => resolve(JSON.parse(d.toString())));
-      child.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
-    });
-    child.kill("SIGKILL");
+    const killed = await serverKilledAfter<{ vm: string; prestarted: number }>(script, config);
     expect(isAlive(killed.prestarted)).toBe(true);
 
     const engine = await Engine.open(config);
@@ -355,15 +357,7 @@ describe("pre-started processes", () => {
       }
       setInterval(() => {}, 1000);
     `;
-    const server = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
-      env: { ...process.env, CONFIG: JSON.stringify(config), SNAPSHOT: inject("baseSnapshotDir") },
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    const killed = await new Promise<{ parent: string; child: number }>((resolve, reject) => {
-      server.stdout.on("data", (d: Buffer) => resolve(JSON.parse(d.toString())));
-      server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
-    });
-    server.kill("SIGKILL");
+    const killed = await serverKilledAfter<{ parent: string; child: number }>(script, config);
     expect(isAlive(killed.child)).toBe(true);
     // Left behind: the capture's directory, and (where QEMU writes mapped-ram) its state in the parent's socket directory.
     expect((await readdir(join(dataDir, "vms"))).filter((f) => f.startsWith(".fork-"))).toHaveLength(1);
