@@ -47,22 +47,23 @@ export interface LeaseGuard {
   renewed(sentAtNs: bigint, leaseSeconds: number): Promise<void>;
 }
 
+/** Node `nodeId` is at `epoch` with its lease live on the database's clock: not dead, or (`takingVms`) active. */
+function nodeLiveAt(eb: ExpressionBuilder<Database, "microvms">, nodeId: string, epoch: number, opts: { takingVms?: boolean } = {}): Expression<SqlBool> {
+  return eb.exists(
+    eb
+      .selectFrom("nodes")
+      .select("nodes.id")
+      .where("nodes.id", "=", nodeId)
+      .where("nodes.epoch", "=", epoch)
+      .where("nodes.state", opts.takingVms ? "=" : "!=", opts.takingVms ? "active" : "dead")
+      .where("nodes.lease_expires_at", ">", sql<Date>`now()`),
+  );
+}
+
 /** A VM's row is this node's at this epoch, and the node's lease is live on the database's clock. */
 export function ownedBy(owner: VmOwner) {
   return (eb: ExpressionBuilder<Database, "microvms">): Expression<SqlBool> =>
-    eb.and([
-      eb("microvms.node_id", "=", owner.nodeId),
-      eb("microvms.node_epoch", "=", owner.epoch),
-      eb.exists(
-        eb
-          .selectFrom("nodes")
-          .select("nodes.id")
-          .where("nodes.id", "=", owner.nodeId)
-          .where("nodes.epoch", "=", owner.epoch)
-          .where("nodes.state", "!=", "dead")
-          .where("nodes.lease_expires_at", ">", sql<Date>`now()`),
-      ),
-    ]);
+    eb.and([eb("microvms.node_id", "=", owner.nodeId), eb("microvms.node_epoch", "=", owner.epoch), nodeLiveAt(eb, owner.nodeId, owner.epoch)]);
 }
 
 /**
@@ -448,17 +449,7 @@ export async function handOverSuspended(db: Db, row: MicroVmRow, target: { id: s
       .where("node_id", row.node_id === null ? "is" : "=", row.node_id)
       .where("node_epoch", row.node_epoch === null ? "is" : "=", row.node_epoch)
       .where("suspended_object", "=", row.suspended_object)
-      .where((eb) =>
-        eb.exists(
-          eb
-            .selectFrom("nodes")
-            .select("nodes.id")
-            .where("nodes.id", "=", target.id)
-            .where("nodes.epoch", "=", target.epoch)
-            .where("nodes.state", "=", "active")
-            .where("nodes.lease_expires_at", ">", sql<Date>`now()`),
-        ),
-      )
+      .where((eb) => nodeLiveAt(eb, target.id, target.epoch, { takingVms: true }))
       .returningAll()
       .executeTakeFirst();
     if (moved) {

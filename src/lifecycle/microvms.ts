@@ -489,11 +489,9 @@ export class MicroVmService {
       // (No node: a VM restored after its node failed.)
       const node = row.node_state !== null && row.qemu_build !== null && row.accelerator !== null ? { state: row.node_state, live: row.node_live, qemu_build: row.qemu_build, accelerator: row.accelerator } : undefined;
       if (handOvers < 3 && this.movable(row, node)) {
-        const target = await this.cluster.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
-        // None has room: this node answers (503).
-        if (!target) return undefined;
-        // Won or lost (another node handed it elsewhere meanwhile), the row now names the node to go to.
-        await handOverSuspended(this.db, row, target);
+        // None has room: this node answers (503). Won or lost (another node handed it elsewhere
+        // meanwhile), the row now names the node to go to.
+        if (!(await this.handOver(row))) return undefined;
         continue;
       }
       return row.node_live && row.node_id !== this.cluster.id ? (row.url ?? undefined) : undefined;
@@ -518,11 +516,10 @@ export class MicroVmService {
     // A published suspend whose node takes no VMs (draining, dead, none) is handed over first, as the router does (ownerUrl):
     // a request reaches here so only when no node had room; a resume of this node's own choosing (resumeRestored) takes it here.
     if (opts.resuming && this.movable(row, node)) {
-      const target = await this.cluster.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
-      if (!target) {
+      if (!(await this.handOver(row))) {
         throw new ApiError("CapacityExceeded", `microVM ${id} must move off node ${row.node_id ?? "(none)"}, which takes no VMs now, and no node has room for it (${row.vcpus} vCPU, ${row.memory_mib} MiB)`, { node: row.node_id });
       }
-      const handed = (await handOverSuspended(this.db, row, target)) ?? (await this.get(tenantId, id));
+      const handed = await this.get(tenantId, id);
       if (handed.node_id === this.cluster.id) return handed;
       throw new ApiError("MisdirectedRequest", `microVM ${id} was handed to node ${handed.node_id ?? "(none)"} to resume it`, { node: handed.node_id });
     }
@@ -539,6 +536,18 @@ export class MicroVmService {
       if (claimed) return claimed;
     }
     throw new ApiError("MisdirectedRequest", `microVM ${id} is run by node ${row.node_id ?? "(none)"}${node?.live ? ` (${node.url})` : ", which is not live"}`, { node: row.node_id, url: node?.live ? node.url : undefined });
+  }
+
+  /**
+   * Hands `row`, a suspended VM that must leave its node (movable), to the
+   * node every node picks to resume it (handOverSuspended: one of concurrent
+   * hand-overs wins, the row then names its node). False when no node has room.
+   */
+  private async handOver(row: MicroVmRow): Promise<boolean> {
+    const target = await this.cluster!.moveTarget({ vcpus: row.vcpus, memoryMiB: row.memory_mib });
+    if (!target) return false;
+    await handOverSuspended(this.db, row, target);
+    return true;
   }
 
   /**
