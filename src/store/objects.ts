@@ -212,23 +212,13 @@ export class ObjectStore {
   async layersOf(prefix: string, sha256?: string): Promise<string[] | undefined> {
     const manifest = await this.manifest(prefix, {}, sha256);
     if (!manifest) return undefined;
-    const listed = (manifest.meta as { layers?: unknown } | null)?.layers;
-    if (!Array.isArray(listed) || listed.length > MAX_LAYERS) throw corrupt(`${prefix}/${MANIFEST}`, `gives no list of layers, or more than ${MAX_LAYERS} layers`);
-    return listed.map((l: Partial<ObjectFile> | null) => {
-      if (!l || typeof l.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(l.sha256)) throw corrupt(`${prefix}/${MANIFEST}`, "gives an invalid layer");
-      return l.sha256;
-    });
+    return listedLayers(prefix, manifest.meta, Number.MAX_SAFE_INTEGER).map((l) => l.sha256);
   }
 
   /** Deletes every object under `prefix` (a bundle), its manifest first so it is unpublished before its files go. */
   async deletePrefix(prefix: string): Promise<void> {
     await this.delete(`${prefix}/${MANIFEST}`);
-    let token: string | undefined;
-    do {
-      const page = await this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: `${prefix}/`, ContinuationToken: token }));
-      for (const o of page.Contents ?? []) if (o.Key) await this.delete(o.Key);
-      token = page.IsTruncated ? page.NextContinuationToken : undefined;
-    } while (token);
+    for await (const page of this.list(`${prefix}/`)) for (const o of page) await this.delete(o.key);
   }
 
   /**
@@ -344,16 +334,8 @@ export class ObjectStore {
     };
     const manifest = await this.fetchBundle(prefix, dir, opts.limits, { sha256: opts.sha256, optional: opts.optional, check });
     if (!manifest || meta === undefined) throw new ApiError("BadGateway", `the object store has no manifest under ${prefix}: refused`, { key: prefix });
-    const raw = manifest.meta as Record<string, unknown>;
-    const listed = raw.layers as Partial<ObjectFile>[] | undefined;
-    if (!Array.isArray(listed) || listed.length > MAX_LAYERS) throw corrupt(`${prefix}/${MANIFEST}`, `gives no list of layers, or more than ${MAX_LAYERS} layers`);
     const layers: string[] = [];
-    for (const l of listed) {
-      if (!l || typeof l.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(l.sha256) || !Number.isSafeInteger(l.bytes) || l.bytes! < 0 || l.bytes! > opts.layerMaxBytes) {
-        throw corrupt(`${prefix}/${MANIFEST}`, "gives an invalid layer");
-      }
-      layers.push(await this.getBlob({ sha256: l.sha256, bytes: l.bytes! }, opts.blobsDir));
-    }
+    for (const l of listedLayers(prefix, manifest.meta, opts.layerMaxBytes)) layers.push(await this.getBlob(l, opts.blobsDir));
     return { meta, files: manifest.files, layers };
   }
 
@@ -433,6 +415,18 @@ function hashed(source: Readable, hash: ReturnType<typeof createHash>): Readable
 }
 
 export const blobKey = (sha256: string) => `blobs/${sha256}`;
+
+/** The layers a `publishLayered` manifest's meta lists (untrusted), each checked; BadGateway for a list past MAX_LAYERS or a layer past `layerMaxBytes`. */
+function listedLayers(prefix: string, meta: unknown, layerMaxBytes: number): ObjectFile[] {
+  const listed = (meta as { layers?: unknown } | null)?.layers;
+  if (!Array.isArray(listed) || listed.length > MAX_LAYERS) throw corrupt(`${prefix}/${MANIFEST}`, `gives no list of layers, or more than ${MAX_LAYERS} layers`);
+  return listed.map((l: Partial<ObjectFile> | null) => {
+    if (!l || typeof l.sha256 !== "string" || !/^[0-9a-f]{64}$/.test(l.sha256) || !Number.isSafeInteger(l.bytes) || l.bytes! < 0 || l.bytes! > layerMaxBytes) {
+      throw corrupt(`${prefix}/${MANIFEST}`, "gives an invalid layer");
+    }
+    return { sha256: l.sha256, bytes: l.bytes! };
+  });
+}
 
 function isNotFound(err: unknown): boolean {
   return err instanceof S3ServiceException && (err.$metadata.httpStatusCode === 404 || err.name === "NotFound" || err.name === "NoSuchKey" || err.name === "NoSuchBucket");
