@@ -1,7 +1,8 @@
 import { spawn } from "node:child_process";
 import { closeSync, openSync, readFileSync } from "node:fs";
-import { chmod, mkdir, readFile, rename, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
+import { writeFileAtomic } from "../util/files.ts";
 import { isAlive, processArgv, sleep } from "../util/process.ts";
 import { REPO_ROOT } from "../util/repo-root.ts";
 import { Cgroups, detectCgroups } from "../vmm/jail/index.ts";
@@ -88,12 +89,6 @@ const runningFenceOrNone = (dataDir: string) => {
   }
 };
 
-/** Written whole or not at all: the fence never reads half an order. */
-async function writeAtomically(path: string, text: string): Promise<void> {
-  const tmp = `${path}.${process.pid}.tmp`;
-  await writeFile(tmp, text, { mode: 0o600 });
-  await rename(tmp, path);
-}
 
 /** The server's side: starts or finds the node's fence and writes its deadlines (ClusterNode's LeaseGuard). */
 export class LeaseFence {
@@ -140,7 +135,8 @@ export class LeaseFence {
   }
 
   private async order(order: FenceOrder): Promise<void> {
-    await writeAtomically((await this.prepare()).order, JSON.stringify(order));
+    // Whole or not at all: the fence never reads half an order. Not synced: a deadline means nothing after a reboot.
+    await writeFileAtomic((await this.prepare()).order, JSON.stringify(order), 0o600, { durable: false });
   }
 
   private async prepare(): Promise<ReturnType<typeof fencePaths>> {
@@ -162,7 +158,7 @@ export async function runLeaseFence(opts: { dataDir: string; cgroupParent: strin
     log(`fence ${other} already guards ${dataDir}: exiting`);
     process.exit(0);
   }
-  await writeAtomically(paths.pid, `${process.pid}\n`);
+  await writeFileAtomic(paths.pid, `${process.pid}\n`, 0o600, { durable: false });
   const cgroups = new Cgroups(detectCgroups(), opts.cgroupParent);
   const boot = bootId();
   log(`guarding ${dataDir} (cgroups under ${opts.cgroupParent})`);

@@ -3,18 +3,23 @@ import { createReadStream } from "node:fs";
 import { open, rename, readdir, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 
-/** Writes a file so that a crash leaves either the old or the new content, never a mix. */
-export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o644): Promise<void> {
+/**
+ * Writes a file so that a crash leaves either the old or the new content,
+ * never a mix; with `durable: false` (what no reboot needs) readers still
+ * see it whole or not at all, but it is not synced to disk.
+ */
+export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o644, opts: { durable?: boolean } = {}): Promise<void> {
+  const durable = opts.durable ?? true;
   const tmp = `${path}.${process.pid}.tmp`;
   const fh = await open(tmp, "w", mode);
   try {
     await fh.writeFile(data);
-    await fh.sync();
+    if (durable) await fh.sync();
   } finally {
     await fh.close();
   }
   await rename(tmp, path);
-  await fsyncDir(dirname(path));
+  if (durable) await fsyncDir(dirname(path));
 }
 
 /** Makes a rename or create in `dir` durable. */

@@ -308,8 +308,7 @@ export class Cgroups {
   }
 }
 
-/** SIGKILLs every process in a cgroup (its `cgroup.procs`); they leave it as they die. */
-/** SIGKILLs the cgroup's processes; returns the pids it signalled. */
+/** SIGKILLs every process in a cgroup (its `cgroup.procs`; they leave it as they die); returns the pids it signalled. */
 async function killMembers(dir: string): Promise<number[]> {
   const procs = await readFile(join(dir, "cgroup.procs"), "utf8").catch(() => "");
   const killed: number[] = [];
