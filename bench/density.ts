@@ -30,8 +30,6 @@ const IDLE_SECONDS = Number(process.env.BENCH_IDLE_SECONDS ?? 30);
 const EXECS = Number(process.env.BENCH_DENSITY_EXECS ?? 100);
 const MEMORY_MIB = 256;
 const log = (line: string) => console.error(`[bench] ${line}`);
-/** src/vmm/qemu.ts's tb-size under TCG. */
-const TCG_CODE_CACHE_MIB = 256;
 
 /**
  * CPU time of a process's main thread (QEMU's main loop: timers, devices, slirp) and of its other
@@ -49,18 +47,18 @@ async function cpuSecondsByThread(pid: number): Promise<{ main: number; other: n
 
 /**
  * Where a QEMU's PSS lies, in MiB: guest RAM (the snapshot's memory file,
- * mapped copy-on-write), TCG's translated-code cache (the anonymous mapping of
- * TCG_CODE_CACHE_MIB) and the rest (QEMU's heap, libraries, device buffers).
+ * mapped copy-on-write), TCG's translated-code cache (the one anonymous
+ * mapping that is writable and executable: src/vmm/qemu.ts's tcgCodeCacheMiB)
+ * and the rest (QEMU's heap, TCG's TLBs, libraries, device buffers).
  */
 async function pssBreakdownMiB(pid: number): Promise<{ guestRam: number; codeCache: number; rest: number }> {
   const split = { guestRam: 0, codeCache: 0, rest: 0 };
   let kind: keyof typeof split = "rest";
   for (const line of (await readFile(`/proc/${pid}/smaps`, "utf8")).split("\n")) {
-    const mapping = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
+    const mapping = /^[0-9a-f]+-[0-9a-f]+ (\S+) \S+ \S+ \S+\s*(.*)$/.exec(line);
     if (mapping) {
-      const sizeMiB = (parseInt(mapping[2]!, 16) - parseInt(mapping[1]!, 16)) / 2 ** 20;
-      const name = mapping[3] ?? "";
-      kind = name.endsWith("/memory") ? "guestRam" : !name && Math.abs(sizeMiB - TCG_CODE_CACHE_MIB) < 1 ? "codeCache" : "rest";
+      const [, perms, name] = mapping;
+      kind = name!.endsWith("/memory") ? "guestRam" : !name && perms === "rwxp" ? "codeCache" : "rest";
       continue;
     }
     const pss = /^Pss:\s+(\d+) kB/.exec(line);

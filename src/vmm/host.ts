@@ -148,7 +148,7 @@ export class HostSide {
   /**
    * The jail of one QEMU process: read-write only its disk, a template's
    * memory file (a clone's where QEMU cannot open it read-only), its passt socket directory and its socket directory (root-owned: only
-   * sockets the server makes there are its); read-only the boot files and the disk's
+   * sockets the server makes there are its); read-only the boot files (a cold boot only) and the disk's
    * backing chain (from the manifest, not the disk's header); a cgroup of the
    * VM's vCPUs and memory plus QEMU's overhead.
    */
@@ -156,7 +156,7 @@ export class HostSide {
     if (!this.jailer) return undefined;
     const volumes = spec.volumes ?? [];
     const readWrite = [spec.disk.path, socketPaths(spec.name).dir, ...volumes.filter((v) => !v.readOnly).map((v) => v.path)];
-    const readOnly = [spec.kernel, spec.initramfs, ...spec.disk.backing, ...volumes.filter((v) => v.readOnly).map((v) => v.path)];
+    const readOnly = [...(spec.incomingState ? [] : [spec.kernel, spec.initramfs]), ...spec.disk.backing, ...volumes.filter((v) => v.readOnly).map((v) => v.path)];
     if (spec.memory.kind === "file") (readOnlyMemoryFile(spec.memory) ? readOnly : readWrite).push(spec.memory.path);
     if (spec.net?.kind === "passt") readWrite.push(dirname(spec.net.socket));
     return this.jailer.prepare({
@@ -165,7 +165,7 @@ export class HostSide {
       uid,
       vcpus: spec.vcpus,
       background,
-      memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator)) * 1024 * 1024,
+      memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator, spec.vcpus)) * 1024 * 1024,
       mounts: {
         readOnly,
         readWrite,

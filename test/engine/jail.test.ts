@@ -7,7 +7,7 @@ import type { MicroVm } from "../../src/vmm/engine.ts";
 import { Jailer, vmUidRange } from "../../src/vmm/jail/index.ts";
 import { vmObjects } from "../../src/vmm/network/nft.ts";
 import { passtDir } from "../../src/vmm/network/passt.ts";
-import { machinePaths, qemuFeatures, qemuOverheadMiB, socketPaths } from "../../src/vmm/qemu.ts";
+import { machinePaths, qemuFeatures, qemuOverheadMiB, socketPaths, tcgCodeCacheMiB } from "../../src/vmm/qemu.ts";
 import { sleep } from "../../src/util/process.ts";
 import { useEngine } from "../support/engine-fixture.ts";
 
@@ -92,13 +92,16 @@ describe("a jailed QEMU process", () => {
     expect(inJail("etc")).toBe(false);
     expect(inJail("root")).toBe(false);
     expect(inJail("proc/self")).toBe(false);
-    // Its own disk and boot files are there; its record, console, other VMs and the server's data are not.
+    // Its own disk is there; its record, console, other VMs and the server's data are not.
     expect(inJail(join(vm.dir, "disk.qcow2"))).toBe(true);
     // Its socket directory is there (a save's socket is made in it), but the QMP socket is root's alone.
     const connect = `import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])`;
     expect(asUid(vm.record.uid, ["/usr/bin/python3", "-c", connect, socketPaths(vm.record.processName).qmp], { inMountNsOf: pid }).output).toMatch(/Permission denied/);
     expect(inJail(machinePaths(vm.dir).console)).toBe(false);
-    expect(inJail(ctx.snapshot.manifest.kernel)).toBe(true);
+    // A restored QEMU never reads the boot files (only a cold boot is given them): not in its jail.
+    expect(inJail(ctx.snapshot.manifest.kernel)).toBe(false);
+    expect(inJail(ctx.snapshot.manifest.initramfs)).toBe(false);
+    expect(readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")).not.toContain("-kernel");
     expect(inJail(join(vm.dir, "vm.json"))).toBe(false);
     expect(inJail(other.dir)).toBe(false);
     expect(readdirSync(join(root, ctx.dataDir, "vms"))).toEqual([vm.id]);
@@ -153,10 +156,12 @@ describe("a jailed QEMU process", () => {
     const reading = await jailer().readCgroup(vm.id);
     expect(reading.limits).toEqual({
       cpus: vm.record.vcpus + jailer().config.cpuHeadroom,
-      memoryBytes: (vm.record.memoryMiB + qemuOverheadMiB(ctx.engine.accelerator)) * 1024 * 1024,
+      memoryBytes: (vm.record.memoryMiB + qemuOverheadMiB(ctx.engine.accelerator, vm.record.vcpus)) * 1024 * 1024,
       pids: jailer().config.maxTasks,
       cpuWeight: 100 * vm.record.vcpus,
     });
+    // The memory cap counts TCG's code cache at the size QEMU was given.
+    if (ctx.engine.accelerator === "tcg") expect(readFileSync(`/proc/${vm.record.pid}/cmdline`, "utf8").split("\0")).toContain(`tcg,tb-size=${tcgCodeCacheMiB(vm.record.vcpus)}`);
     const parent = dirname(jailer().cgroupDirs(vm.id).find((d) => existsSync(join(d, "memory.max")) || existsSync(join(d, "memory.limit_in_bytes")))!);
     const parentLimit = existsSync(join(parent, "memory.max")) ? join(parent, "memory.max") : join(parent, "memory.limit_in_bytes");
     expect(Number(readFileSync(parentLimit, "utf8"))).toBe(jailer().config.vmMemoryBytes);
