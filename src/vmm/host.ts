@@ -165,7 +165,7 @@ export class HostSide {
       uid,
       vcpus: spec.vcpus,
       background,
-      memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator, spec.vcpus)) * 1024 * 1024,
+      memoryBytes: (spec.memoryMiB + qemuOverheadMiB(spec.accelerator)) * 1024 * 1024,
       mounts: {
         readOnly,
         readWrite,

@@ -226,23 +226,17 @@ export const socketPaths = (name: string) => {
 };
 
 /**
- * TCG's translated-code cache (`tb-size`), in MiB: 16 per vCPU, at most 256.
- * QEMU fills it lazily but never gives a page back, so an idle VM holds as
- * much of it as it ever filled: the ~28 MiB that a restore and its first exec
- * translate with a larger cache, 16 MiB with this one (issue #14). 16 MiB per
- * vCPU cost nothing measurable on a code-heavy workload (md5sum, tar | gzip,
- * perl, 20 coreutils: 18 s either way), where 8 MiB was 1.7x slower. Per vCPU
- * because QEMU hands each vCPU thread regions of the cache of its own (2 MiB
- * each) and flushes it all when none is left: a fixed size shared by more
- * vCPUs would flush sooner.
+ * TCG's translated-code cache, in MiB. QEMU's default is an eighth of host RAM
+ * (up to 1 GiB), filled lazily: bounded here so a VM's memory cap is known.
+ * Not smaller: a restore and its first exec translate ~28 MiB, and with
+ * 16 MiB an exec round trip took 261 ms instead of 24 (the cache flushed and
+ * retranslated on every exec; SPECIFICATION.md, issue #14).
  */
-export function tcgCodeCacheMiB(vcpus: number): number {
-  return Math.min(256, 16 * vcpus);
-}
+const TCG_CODE_CACHE_MIB = 256;
 
-/** Host memory a VM's QEMU process may use beyond guest RAM: device emulation, buffers, TCG's TLBs and code cache. */
-export function qemuOverheadMiB(accelerator: Accelerator, vcpus: number): number {
-  return 128 + (accelerator === "tcg" ? tcgCodeCacheMiB(vcpus) : 0);
+/** Host memory a VM's QEMU process uses beyond guest RAM: device emulation, buffers, and TCG's code cache. */
+export function qemuOverheadMiB(accelerator: Accelerator): number {
+  return 128 + (accelerator === "tcg" ? TCG_CODE_CACHE_MIB : 0);
 }
 
 /**
@@ -394,7 +388,7 @@ export function qemuArgs(spec: MachineSpec): string[] {
     // qboot, the minimal firmware Debian's QEMU 7.2 loads for microvm: QEMU 10's package loads
     // SeaBIOS's instead. Named, so every build boots and snapshots the same (small) firmware.
     "-bios", "qboot.rom",
-    "-accel", spec.accelerator === "tcg" ? `tcg,tb-size=${tcgCodeCacheMiB(spec.vcpus)}` : "kvm",
+    "-accel", spec.accelerator === "tcg" ? `tcg,tb-size=${TCG_CODE_CACHE_MIB}` : "kvm",
     // la57=off: 4-level paging; a 5-level page walk costs every TCG TLB miss (~10 % on fork+exec).
     "-cpu", spec.accelerator === "kvm" ? "host" : "max,la57=off",
     "-smp", String(spec.vcpus),

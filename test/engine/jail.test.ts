@@ -7,7 +7,7 @@ import type { MicroVm } from "../../src/vmm/engine.ts";
 import { Jailer, vmUidRange } from "../../src/vmm/jail/index.ts";
 import { vmObjects } from "../../src/vmm/network/nft.ts";
 import { passtDir } from "../../src/vmm/network/passt.ts";
-import { machinePaths, qemuFeatures, qemuOverheadMiB, socketPaths, tcgCodeCacheMiB } from "../../src/vmm/qemu.ts";
+import { machinePaths, qemuFeatures, qemuOverheadMiB, socketPaths } from "../../src/vmm/qemu.ts";
 import { sleep } from "../../src/util/process.ts";
 import { useEngine } from "../support/engine-fixture.ts";
 
@@ -156,12 +156,10 @@ describe("a jailed QEMU process", () => {
     const reading = await jailer().readCgroup(vm.id);
     expect(reading.limits).toEqual({
       cpus: vm.record.vcpus + jailer().config.cpuHeadroom,
-      memoryBytes: (vm.record.memoryMiB + qemuOverheadMiB(ctx.engine.accelerator, vm.record.vcpus)) * 1024 * 1024,
+      memoryBytes: (vm.record.memoryMiB + qemuOverheadMiB(ctx.engine.accelerator)) * 1024 * 1024,
       pids: jailer().config.maxTasks,
       cpuWeight: 100 * vm.record.vcpus,
     });
-    // The memory cap counts TCG's code cache at the size QEMU was given.
-    if (ctx.engine.accelerator === "tcg") expect(readFileSync(`/proc/${vm.record.pid}/cmdline`, "utf8").split("\0")).toContain(`tcg,tb-size=${tcgCodeCacheMiB(vm.record.vcpus)}`);
     const parent = dirname(jailer().cgroupDirs(vm.id).find((d) => existsSync(join(d, "memory.max")) || existsSync(join(d, "memory.limit_in_bytes")))!);
     const parentLimit = existsSync(join(parent, "memory.max")) ? join(parent, "memory.max") : join(parent, "memory.limit_in_bytes");
     expect(Number(readFileSync(parentLimit, "utf8"))).toBe(jailer().config.vmMemoryBytes);
