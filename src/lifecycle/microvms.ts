@@ -677,7 +677,10 @@ export class MicroVmService {
     }
     // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
     await this.runHook(row, "resume");
-    const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "resumed", `resumed (${cause})`);
+    const resumedAt = Date.now();
+    const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date(resumedAt).toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "resumed", `resumed (${cause})`);
+    // That write is this second's activity: the request that resumed it (runningVm) writes none of its own (touch).
+    this.lastTouch.set(id, resumedAt);
     // The published suspend is stale once the VM runs again, unless it is the VM's restore point.
     if (row.suspended_object && row.suspended_object !== running.restore_object) void this.removeObject(row.suspended_object);
     return running;
