@@ -8,7 +8,7 @@ import type { NodeChannel } from "../../router/node-channel.ts";
 import type { Db } from "../../store/db.ts";
 import type { ServerSecrets } from "../../store/secrets.ts";
 import { grants } from "../auth.ts";
-import type { Api } from "../server.ts";
+import { BODY_LIMIT_BYTES, type Api } from "../fastify.ts";
 import { AwsError, toAwsError } from "./errors.ts";
 import { registerImageOperations } from "./images.ts";
 import { registerMicroVmOperations } from "./microvms.ts";
@@ -32,8 +32,6 @@ export interface AwsApiDeps {
 /** A Fastify scope of the AWS door, with the typed schemas of TypeBox. */
 export type AwsScope = FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawReplyDefaultExpression, FastifyBaseLogger, TypeBoxTypeProvider>;
 
-/** The largest JSON body an operation takes (CreateMicrovmImage with its environment and tags). */
-const BODY_LIMIT_BYTES = 1024 * 1024;
 
 /**
  * The AWS Lambda MicroVMs API (`lambda-microvms-2025-09-09`, REST-JSON,
