@@ -31,6 +31,8 @@ export interface HostUsage {
     memAvailableMiB: number;
     /** Each live VM's QEMU private memory (host-memory.ts privateMemoryMiB); undefined where there is no reading yet (it is starting). */
     vmPrivateMiB: (number | undefined)[];
+    /** The file pages they map (snapshots' memory files, libraries): shared, counted once. */
+    vmsMappedFileMiB: number;
     /** Image builds' VMs, counted at their full size: a build allocates. */
     buildsMiB: number;
   };
@@ -63,7 +65,7 @@ export function decideAdmission(shape: { vcpus: number; memoryMiB: number }, usa
   const r = usage.real;
   const starting = startingVmMiB(r.vmPrivateMiB);
   const unmeasured = r.vmPrivateMiB.filter((v) => v === undefined).length * starting;
-  const vmsUse = Math.ceil(r.vmPrivateMiB.reduce<number>((sum, v) => sum + (v ?? starting), 0) + r.buildsMiB);
+  const vmsUse = Math.ceil(r.vmPrivateMiB.reduce<number>((sum, v) => sum + (v ?? starting), 0) + r.vmsMappedFileMiB + r.buildsMiB);
   if (shape.memoryMiB > vmMemoryMiB) {
     return refuse("vmMemoryMiB", vmsUse, vmMemoryMiB, `a VM of ${shape.memoryMiB} MiB could never fit in the ${vmMemoryMiB} MiB all VMs may use`);
   }

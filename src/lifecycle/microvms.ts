@@ -852,7 +852,7 @@ export class MicroVmService {
     // Warm-pool VMs are in the VMs' cgroup too: unanswered, a pool grown by a burst let admission overfill it.
     const vmPids = [...live.filter((r) => holdsHostResources(r.state)).map((r) => pids.get(r.id)), ...this.engine.pooledPids()];
     const vmPrivateMiB = await Promise.all(vmPids.map((pid) => (pid === undefined ? undefined : privateMemoryMiB(pid))));
-    return { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB, real: { memAvailableMiB: await memAvailableMiB(), vmPrivateMiB, buildsMiB: this.images.buildsInFlight().memoryMiB } };
+    return { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB, real: { memAvailableMiB: await memAvailableMiB(), vmPrivateMiB, vmsMappedFileMiB: await this.engine.vmsMappedFileMiB(), buildsMiB: this.images.buildsInFlight().memoryMiB } };
   }
 
   /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */

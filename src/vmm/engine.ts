@@ -144,6 +144,15 @@ export class Engine extends EventEmitter {
     return [...this.warm.pids(), ...this.prestarted.pids()];
   }
 
+  /**
+   * The file pages VMs map (snapshots' memory files, QEMU's libraries),
+   * counted once: their QEMUs share them, so per-process private memory
+   * leaves them out. 0 when QEMU runs unjailed (no parent cgroup to read).
+   */
+  vmsMappedFileMiB(): Promise<number> {
+    return this.jailer?.vmsMappedFileMiB() ?? Promise.resolve(0);
+  }
+
   /** Reads a snapshot this host can restore (SnapshotIncompatibleError otherwise). */
   loadSnapshot(dir: string): Promise<Snapshot> {
     return loadSnapshot(dir, { accelerator: this.accelerator });

@@ -8,7 +8,7 @@ const idle = (n: number, pss = 45) => Array.from({ length: n }, () => pss);
 const usage = (over: { vcpus?: number; memoryMiB?: number; real?: Partial<NonNullable<HostUsage["real"]>> } = {}): HostUsage => ({
   vcpus: over.vcpus ?? 10,
   memoryMiB: over.memoryMiB ?? 2560,
-  real: { memAvailableMiB: 20_000, vmPrivateMiB: idle(10), buildsMiB: 0, ...over.real },
+  real: { memAvailableMiB: 20_000, vmPrivateMiB: idle(10), vmsMappedFileMiB: 0, buildsMiB: 0, ...over.real },
 });
 
 describe("decideAdmission", () => {
@@ -36,6 +36,17 @@ describe("decideAdmission", () => {
       resource: "hostMemoryMiB",
     });
     expect(decideAdmission(shape, usage({ real: { memAvailableMiB: 4500, vmPrivateMiB: [...idle(10), ...starting] } }), capacity)).toEqual({ admitted: true });
+  });
+
+  it("counts the file pages VMs map once, beside each VM's private memory", () => {
+    // 390 VMs holding 54 MiB each alone (21,060 MiB) fit with room for one more; the 600 MiB of
+    // snapshot memory files they share fill the budget.
+    expect(decideAdmission(shape, usage({ real: { vmPrivateMiB: idle(390, 54) } }), capacity)).toEqual({ admitted: true });
+    expect(decideAdmission(shape, usage({ real: { vmPrivateMiB: idle(390, 54), vmsMappedFileMiB: 600 } }), capacity)).toMatchObject({
+      admitted: false,
+      resource: "vmMemoryMiB",
+      used: 21_660,
+    });
   });
 
   it("counts image builds at their full size and refuses a VM bigger than all VMs may use", () => {
