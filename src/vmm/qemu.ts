@@ -274,7 +274,7 @@ export function guestCmdline(opts: { accelerator: Accelerator; hostname: string 
     // the other barriers protect nothing and only cost translated code on
     // every indirect call and context switch. The host's own mitigations
     // (its kernel's, QEMU's) are untouched; under KVM the guest keeps its
-    // defaults (SECURITY.md "Guest kernel").
+    // defaults (SECURITY.md "Known limits").
     params.push("mitigations=off");
   }
   return params.join(" ");
