@@ -14,14 +14,6 @@ import (
 // chunkSize bounds one stdout/stderr event (before base64).
 const chunkSize = 32 << 10
 
-// FlushDelay bounds how long an event of a running exec waits in the
-// stream's buffer. Each flush is a write to the host through the guest's TCP
-// stack and virtio-net, on the vCPU the child runs on; a short command (true,
-// echo) ends well within it under TCG, so its whole answer (started, output,
-// exit) goes out as one write. 20 ms is below what a person or a client
-// notices in a stream, and a long-running exec's lines still arrive that fast.
-const FlushDelay = 20 * time.Millisecond
-
 // drainGrace is how long output is still collected after the process exits.
 // A background grandchild may hold the pipes open forever; data already in
 // the pipe is read well within it.
@@ -129,26 +121,16 @@ func (m *Manager) Kill(pid int, sig syscall.Signal) error {
 	return nil
 }
 
-// Output receives an exec's events, in order, from Run's goroutine only.
-// Its writes may be buffered; Flush sends what is buffered.
-type Output interface {
-	Started(pid int) error
-	Data(stream string, data []byte) error
-	Flush() error
-}
-
 type chunk struct {
 	stream string
 	data   []byte
 }
 
-// Run streams the start and the output to out until the process has exited
-// and its output is drained, flushing out at most FlushDelay after an event
-// was written; what is still buffered at the end is the caller's to flush
-// (with the exit). The group is SIGKILLed on timeout (0 = none), when ctx
-// ends (client gone) or when out fails; output is then no longer written but
-// the exit is still awaited.
-func (e *Exec) Run(ctx context.Context, timeout time.Duration, out Output) Result {
+// Run streams output to emit (called from this goroutine only, in order)
+// until the process has exited and its output is drained. The group is
+// SIGKILLed on timeout (0 = none), when ctx ends (client gone) or when emit
+// fails; output is then no longer emitted but the exit is still awaited.
+func (e *Exec) Run(ctx context.Context, timeout time.Duration, emit func(stream string, data []byte) error) Result {
 	defer recoverLog("exec")
 	chunks := make(chan chunk)
 	var readers sync.WaitGroup
@@ -182,34 +164,14 @@ func (e *Exec) Run(ctx context.Context, timeout time.Duration, out Output) Resul
 			_ = syscall.Kill(-e.Pid, syscall.SIGKILL)
 		}
 	}
-	// One timer, armed by the first event written after a flush.
-	flushTimer := time.NewTimer(FlushDelay)
-	defer flushTimer.Stop()
-	var flush <-chan time.Time = flushTimer.C
-	// An event written: a failed write ends the output, a good one is sent by the next flush.
-	written := func(err error) {
-		if err != nil {
-			emitting = false
-			kill()
-		} else if flush == nil {
-			flushTimer.Reset(FlushDelay)
-			flush = flushTimer.C
-		}
-	}
-	if err := out.Started(e.Pid); err != nil {
-		written(err)
-	}
 	for !exited || !drained {
 		select {
 		case c := <-chunks:
 			if emitting {
-				written(out.Data(c.stream, c.data))
-			}
-		case <-flush:
-			flush = nil
-			if emitting && out.Flush() != nil {
-				emitting = false
-				kill()
+				if err := emit(c.stream, c.data); err != nil {
+					emitting = false
+					kill()
+				}
 			}
 		case <-readersDone:
 			drained, readersDone = true, nil

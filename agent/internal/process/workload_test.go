@@ -56,8 +56,11 @@ func TestWorkloadCgroup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out collected
-	res := e.Run(context.Background(), 10*time.Second, &out)
+	var out strings.Builder
+	res := e.Run(context.Background(), 10*time.Second, func(stream string, data []byte) error {
+		out.Write(data)
+		return nil
+	})
 	want := strconv.Itoa(e.Pid) + "\n0::/" + filepath.Base(dir) + "\nin"
 	if res.ExitCode != 3 || out.String() != want {
 		t.Fatalf("exit %d, output %q, want %q", res.ExitCode, out.String(), want)
@@ -92,10 +95,3 @@ func TestWorkloadCgroup(t *testing.T) {
 		t.Fatal("a missing workload cgroup was accepted")
 	}
 }
-
-// collected keeps an exec's output (both streams) in order.
-type collected struct{ strings.Builder }
-
-func (c *collected) Started(int) error                { return nil }
-func (c *collected) Data(_ string, data []byte) error { _, err := c.Write(data); return err }
-func (c *collected) Flush() error                     { return nil }
