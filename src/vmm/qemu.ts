@@ -271,13 +271,6 @@ export function guestCmdline(opts: { accelerator: Accelerator; hostname: string 
     // TSC races the emulator and can hang. TCG's TSC ticks at the host TSC rate,
     // so tell the guest that rate instead of letting it measure.
     params.push(`tsc_early_khz=${hostTscKhz()}`, "tsc=reliable", "no_timer_check");
-    // No speculation mitigations in the guest: under TCG its code never runs
-    // on the CPU as it is, QEMU translates it, so retpolines, RSB filling and
-    // the other barriers protect nothing and only cost translated code on
-    // every indirect call and context switch. The host's own mitigations
-    // (its kernel's, QEMU's) are untouched; under KVM the guest keeps its
-    // defaults (SECURITY.md "Known limits").
-    params.push("mitigations=off");
   }
   return params.join(" ");
 }

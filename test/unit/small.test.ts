@@ -5,7 +5,7 @@ import { KeyedMutex } from "../../src/util/keyed-mutex.ts";
 import { isAlive } from "../../src/util/process.ts";
 import { buildCpio } from "../../src/vmm/guest/cpio.ts";
 import { isQemuNamed, killQemuNamed } from "../../src/vmm/machine.ts";
-import { guestCmdline, qemuInstallFromEnv } from "../../src/vmm/qemu.ts";
+import { qemuInstallFromEnv } from "../../src/vmm/qemu.ts";
 
 describe("resolveServerConfig", () => {
   it("defaults to 127.0.0.1:7070 and ~/.cocoon", () => {
@@ -45,14 +45,6 @@ describe("qemuInstallFromEnv", () => {
     for (const bad of ["/opt/qemu", "usr/local", "/usr/../opt", "/usr/local/./q", "/usr/local/q;x", "/usr"]) {
       expect(() => qemuInstallFromEnv({ COCOON_QEMU_PREFIX: bad })).toThrow("COCOON_QEMU_PREFIX must be");
     }
-  });
-});
-
-describe("guestCmdline", () => {
-  it("turns the guest's speculation mitigations off under TCG only (translated code), KVM keeps the kernel's defaults", () => {
-    const params = (accelerator: "tcg" | "kvm") => guestCmdline({ accelerator, hostname: "h" }).split(" ");
-    expect(params("tcg")).toContain("mitigations=off");
-    expect(params("kvm").filter((p) => p.startsWith("mitigations"))).toEqual([]);
   });
 });
 

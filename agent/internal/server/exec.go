@@ -91,16 +91,12 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	}
 
 	flusher, _ := w.(http.Flusher)
-	write := func(v interface{}) error {
+	line := func(v interface{}) error {
 		b, err := json.Marshal(v)
 		if err != nil {
 			return err
 		}
-		_, err = w.Write(append(b, '\n'))
-		return err
-	}
-	line := func(v interface{}) error {
-		if err := write(v); err != nil {
+		if _, err := w.Write(append(b, '\n')); err != nil {
 			return err
 		}
 		if flusher != nil {
@@ -115,12 +111,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) {
 	res := e.Run(r.Context(), time.Duration(req.TimeoutMs)*time.Millisecond, func(stream string, data []byte) error {
 		return line(dataEvent{Type: stream, Data: data})
 	})
-	// The exit line is not flushed on its own: the handler's return ends the
-	// response and flushes it with the chunked stream's end, one write to
-	// the host instead of two. (The started line and output are flushed at
-	// once: the host reads them while the command runs; holding them back to
-	// send a short command's answer in one write measured ~1 ms slower.)
-	_ = write(exitEvent{Type: "exit", ExitCode: res.ExitCode, Signal: res.Signal, TimedOut: res.TimedOut, DurationMs: res.DurationMs})
+	_ = line(exitEvent{Type: "exit", ExitCode: res.ExitCode, Signal: res.Signal, TimedOut: res.TimedOut, DurationMs: res.DurationMs})
 }
 
 func (s *Server) execKill(w http.ResponseWriter, r *http.Request) {
