@@ -138,10 +138,10 @@ func SetHostname(name string) error { return syscall.Sethostname([]byte(name)) }
 // image has one (its absence means the image does not want one). The new id
 // overwrites the old in place (one write at offset 0, the file's mode and
 // inode kept) rather than going through a temporary file and a rename: under
-// TCG, a fresh clone runs the filesystem's create and rename paths for the
-// first time, ~50 ms of translation on every fork child, where a write to a
-// file's existing block is a few ms. A torn write is no concern: the file is
-// rewritten by every restore, and a clone that dies mid-write is gone.
+// TCG, every new clone's QEMU translates the filesystem's create and rename
+// paths anew, and the in-place write took ~50 ms off a fork child's re-key
+// (SPECIFICATION.md). A torn write is no concern: the file is rewritten by
+// every restore, and a clone that dies mid-write is gone.
 func RewriteMachineID(path string) error {
 	// O_NONBLOCK: a FIFO put there by the image fails at once instead of hanging the restore.
 	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0)
