@@ -63,5 +63,5 @@ export async function startApiStack(opts: {
     await runtime.engine.close();
     await db.destroy();
   };
-  return { runtime, port, api, close };
+  return { runtime, microvms, port, api, close };
 }

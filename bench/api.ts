@@ -4,6 +4,8 @@
  * through the router, and resume-on-request. Writes bench/results/api.{json,md}.
  */
 import { request } from "node:http";
+import type { MicroVmService } from "../src/lifecycle/microvms.ts";
+import type { Engine } from "../src/vmm/engine.ts";
 import { startApiStack } from "./api-stack.ts";
 import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
 
@@ -32,6 +34,58 @@ function get(port: number, path: string, headers: Record<string, string>): Promi
   });
 }
 
+/**
+ * One request to a SUSPENDED VM, step by step (ms): the router up to the
+ * lifecycle, the lifecycle's lock and admission up to the engine, each phase
+ * of the engine's resume (its `phases` event) and the rest of its call, the
+ * lifecycle's work after it (hook, RUNNING recorded), then the connection to
+ * the app and its first byte, and the rest of the body. The lifecycle's and
+ * the engine's calls are timed by wrapping them for this one request.
+ */
+async function traceResumeOnRequest(engine: Engine, microvms: MicroVmService, send: () => Promise<{ firstByteMs: number; totalMs: number }>): Promise<Record<string, number>> {
+  const at: Record<string, number> = {};
+  let phases: Record<string, number> = {};
+  const onPhases = (operation: string, p: Record<string, number>) => operation === "resume" && (phases = p);
+  const runningVm = microvms.runningVm;
+  const resume = engine.resume;
+  microvms.runningVm = async (...args) => {
+    at.lifecycle ??= performance.now();
+    try {
+      return await runningVm.apply(microvms, args);
+    } finally {
+      at.running ??= performance.now();
+    }
+  };
+  engine.resume = async (...args) => {
+    at.engine = performance.now();
+    try {
+      return await resume.apply(engine, args);
+    } finally {
+      at.resumed = performance.now();
+    }
+  };
+  engine.on("phases", onPhases);
+  const sent = performance.now();
+  try {
+    const r = await send();
+    const phaseSum = Object.values(phases).reduce((a, b) => a + b, 0);
+    return {
+      "router → lifecycle": at.lifecycle! - sent,
+      "lifecycle → engine (lock, admission, RESUMING)": at.engine! - at.lifecycle!,
+      ...Object.fromEntries(Object.entries(phases).map(([k, v]) => [`engine: ${k}`, v])),
+      "engine: rest (ports, files)": at.resumed! - at.engine! - phaseSum,
+      "lifecycle after engine (hook, RUNNING)": at.running! - at.resumed!,
+      "connect → app's first byte": r.firstByteMs - (at.running! - sent),
+      "rest of the answer": r.totalMs - r.firstByteMs,
+      total: r.totalMs,
+    };
+  } finally {
+    delete (microvms as Partial<MicroVmService>).runningVm;
+    delete (engine as Partial<Engine>).resume;
+    engine.off("phases", onPhases);
+  }
+}
+
 /** Requests per second with `concurrency` clients for `durationMs`. */
 async function throughput(port: number, path: string, headers: Record<string, string>, concurrency = 8, durationMs = 5000): Promise<number> {
   let done = 0;
@@ -47,7 +101,7 @@ async function throughput(port: number, path: string, headers: Record<string, st
 }
 
 async function main(): Promise<void> {
-  const { runtime, port, api, close } = await startApiStack({ root, dataDirName: "api-data", warmPoolSize: 1, log });
+  const { runtime, microvms, port, api, close } = await startApiStack({ root, dataDirName: "api-data", warmPoolSize: 1, log });
   try {
     log(`POST /v1/microvms → RUNNING ×${CREATES} (warm pool of 1, refilled between creates)`);
     const create: number[] = [];
@@ -76,15 +130,19 @@ async function main(): Promise<void> {
       firstByte.push(r.firstByteMs);
       direct.push((await get(directPort, "/", {})).totalMs);
     }
+    // BENCH_REQUESTS=0 (with BENCH_CREATES=0): the resume on request alone.
     log("throughput, 8 clients × 5 s, routed and direct");
-    const rpsRouter = await throughput(port, routed, auth);
-    const rpsDirect = await throughput(directPort, "/", {});
+    const rpsRouter = REQUESTS ? await throughput(port, routed, auth) : NaN;
+    const rpsDirect = REQUESTS ? await throughput(directPort, "/", {}) : NaN;
 
     log(`resume on request ×${RESUMES}`);
     const resumeOnRequest: number[] = [];
+    const resumeSteps: Record<string, number[]> = {};
     for (let i = 0; i < RESUMES; i++) {
       await api("POST", `/v1/microvms/${vm.microVmId}/suspend`);
-      resumeOnRequest.push((await get(port, routed, auth)).totalMs);
+      const steps = await traceResumeOnRequest(runtime.engine, microvms, () => get(port, routed, auth));
+      resumeOnRequest.push(steps.total!);
+      for (const [step, ms] of Object.entries(steps)) (resumeSteps[step] ??= []).push(ms);
     }
     await api("DELETE", `/v1/microvms/${vm.microVmId}`);
 
@@ -97,6 +155,8 @@ async function main(): Promise<void> {
       routerAddedLatencyP50Ms: addedP50,
       requestsPerSecond: { router: rpsRouter, direct: rpsDirect, concurrency: 8 },
       resumeOnRequestMs: summarize(resumeOnRequest),
+      resumeOnRequestStepsMs: Object.fromEntries(Object.entries(resumeSteps).map(([k, v]) => [k, summarize(v)])),
+      resumeOnRequestRawMs: resumeSteps,
     };
     const md = [
       `# API and router benchmark (${new Date().toISOString()})`,
@@ -113,6 +173,10 @@ async function main(): Promise<void> {
       "",
       `- Router's added latency (p50): **${addedP50} ms**`,
       `- Requests/s with 8 clients: **${rpsRouter}** through the router, ${rpsDirect} direct`,
+      "",
+      "Where a request to a SUSPENDED VM spends its time:",
+      "",
+      ...summaryTable("ms", Object.entries(figures.resumeOnRequestStepsMs)),
       "",
     ].join("\n");
     await writeResults("api", { at: new Date().toISOString(), accelerator: runtime.engine.accelerator, ...figures }, md);

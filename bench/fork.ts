@@ -4,6 +4,7 @@
  * 512 MiB filled), and POST /fork → 201 with 1 and with 10 children RUNNING.
  * Writes bench/results/fork.{json,md}.
  */
+import { readFile } from "node:fs/promises";
 import type { TimedOperation } from "../src/vmm/phases.ts";
 import { startApiStack } from "./api-stack.ts";
 import { summarize, summaryTable, timed, writeResults } from "./stats.ts";
@@ -29,6 +30,27 @@ async function main(): Promise<void> {
   runtime.engine.on("phases", (op: TimedOperation, p: Record<string, number>) => phases.push({ op, p }));
   /** One row per fork call: the API's wall time and the engine's phases; the lifecycle's own work is the rest. */
   const breakdown: Record<string, Record<string, number>[]> = { fork1: [], fork10: [] };
+  /** A process's CPU time so far (user + system, all its threads), ms; 0 once it is gone. */
+  const processCpuMs = async (pid: number | undefined) => {
+    const stat = pid ? await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "") : "";
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th, in clock ticks (100 a second).
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11] ?? 0) + Number(fields[12] ?? 0)) * 10;
+  };
+  /**
+   * CPU spent on one fork call: the server's (this process: API, lifecycle,
+   * engine) and each child's QEMU up to the 201 (its jail's shell and tools
+   * exec'd into it, its restore and the guest's re-key).
+   */
+  const cpu: Record<string, Record<string, number>[]> = { fork1: [], fork10: [] };
+  const forkCpu = async (into: string, call: () => Promise<any>) => {
+    const before = process.cpuUsage();
+    const [res, ms] = await timed(call);
+    const server = process.cpuUsage(before);
+    const children = await Promise.all((res.microVms as { microVmId: string }[]).map((c) => processCpuMs(runtime.engine.get(c.microVmId).record.pid)));
+    cpu[into]!.push({ server: (server.user + server.system) / 1000, "child QEMU (mean)": children.reduce((a, b) => a + b, 0) / children.length, "children QEMU (sum)": children.reduce((a, b) => a + b, 0) });
+    return [res, ms] as const;
+  };
   const record = (into: string, apiMs: number) => {
     const fork = phases.find((x) => x.op === "fork")!.p;
     const capture = phases.find((x) => x.op === "capture")!.p;
@@ -64,7 +86,7 @@ async function main(): Promise<void> {
     const fork1: number[] = [];
     for (let i = 0; i < FORKS; i++) {
       phases = [];
-      const [res, ms] = await timed(() => api("POST", `/v1/microvms/${id}/fork`, { count: 1 }));
+      const [res, ms] = await forkCpu("fork1", () => api("POST", `/v1/microvms/${id}/fork`, { count: 1 }));
       fork1.push(ms);
       record("fork1", ms);
       for (const c of res.microVms) await api("DELETE", `/v1/microvms/${c.microVmId}`);
@@ -73,7 +95,7 @@ async function main(): Promise<void> {
     const fork10: number[] = [];
     for (let i = 0; i < WIDE_FORKS; i++) {
       phases = [];
-      const [res, ms] = await timed(() => api("POST", `/v1/microvms/${id}/fork`, { count: 10 }));
+      const [res, ms] = await forkCpu("fork10", () => api("POST", `/v1/microvms/${id}/fork`, { count: 10 }));
       fork10.push(ms);
       record("fork10", ms);
       for (const c of res.microVms) await api("DELETE", `/v1/microvms/${c.microVmId}`);
@@ -94,6 +116,7 @@ async function main(): Promise<void> {
       fork1Ms: summarize(fork1),
       fork10Ms: summarize(fork10),
       breakdown: Object.fromEntries(Object.entries(breakdown).map(([k, rows]) => [k, phaseSummary(rows)])),
+      cpuMs: Object.fromEntries(Object.entries(cpu).map(([k, rows]) => [k, phaseSummary(rows)])),
     };
     const md = [
       `# Snapshot and fork benchmark (${new Date().toISOString()})`,
@@ -116,6 +139,14 @@ async function main(): Promise<void> {
       "| phase | fork ×1 | fork ×10 |",
       "|---|---|---|",
       ...Object.keys(figures.breakdown.fork1 ?? {}).map((k) => `| ${k} | ${figures.breakdown.fork1![k]} | ${figures.breakdown.fork10?.[k] ?? "—"} |`),
+      "",
+      "CPU time of a fork call (p50 over the calls, ms; a process's figure has a 10 ms granularity): `server` this process (API, lifecycle,",
+      "engine), `child QEMU` each child's QEMU process up to the 201 (the jail's shell and tools it was exec'd from, its start, restore and",
+      "the guest's re-key).",
+      "",
+      "| CPU | fork ×1 | fork ×10 |",
+      "|---|---|---|",
+      ...Object.keys(figures.cpuMs.fork1 ?? {}).map((k) => `| ${k} | ${figures.cpuMs.fork1![k]} | ${figures.cpuMs.fork10?.[k] ?? "—"} |`),
     ].join("\n");
     console.log(md);
     await writeResults("fork", figures, md);

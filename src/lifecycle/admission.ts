@@ -1,8 +1,8 @@
 /**
  * Admission control, pure: whether the host takes one more VM. Two kinds of
  * limit: committed (vCPUs and guest memory as requested, with overcommit) and
- * real (what the live VMs' QEMUs use now, their PSS, and the host's
- * MemAvailable above a reserve). Idle sandboxes use a fraction of their
+ * real (what the live VMs' QEMUs hold now, their private memory, and the
+ * host's MemAvailable above a reserve). Idle sandboxes use a fraction of their
  * nominal memory, so the real limits are what let a host hold hundreds of
  * them; the VMs' parent cgroup (vmMemoryMiB) keeps the server safe when they
  * all start allocating at once.
@@ -29,8 +29,10 @@ export interface HostUsage {
   /** Readings of real use (with HostCapacity.real). */
   real?: {
     memAvailableMiB: number;
-    /** Each live VM's QEMU PSS; undefined where there is no reading yet (it is starting). */
-    vmPssMiB: (number | undefined)[];
+    /** Each live VM's QEMU private memory (host-memory.ts privateMemoryMiB); undefined where there is no reading yet (it is starting). */
+    vmPrivateMiB: (number | undefined)[];
+    /** The file pages they map (snapshots' memory files, libraries): shared, counted once. */
+    vmsMappedFileMiB: number;
     /** Image builds' VMs, counted at their full size: a build allocates. */
     buildsMiB: number;
   };
@@ -44,8 +46,8 @@ export type Admission = { admitted: true } | { admitted: false; resource: string
  */
 export const IDLE_VM_FLOOR_MIB = 64;
 
-export function startingVmMiB(vmPssMiB: (number | undefined)[]): number {
-  const measured = vmPssMiB.filter((v): v is number => v !== undefined).sort((a, b) => a - b);
+export function startingVmMiB(vmPrivateMiB: (number | undefined)[]): number {
+  const measured = vmPrivateMiB.filter((v): v is number => v !== undefined).sort((a, b) => a - b);
   const median = measured.length ? measured[Math.floor(measured.length / 2)]! : 0;
   return Math.max(IDLE_VM_FLOOR_MIB, Math.ceil(median));
 }
@@ -61,9 +63,9 @@ export function decideAdmission(shape: { vcpus: number; memoryMiB: number }, usa
   if (!capacity.real || !usage.real) return { admitted: true };
   const { reserveMiB, vmMemoryMiB } = capacity.real;
   const r = usage.real;
-  const starting = startingVmMiB(r.vmPssMiB);
-  const unmeasured = r.vmPssMiB.filter((v) => v === undefined).length * starting;
-  const vmsUse = Math.ceil(r.vmPssMiB.reduce<number>((sum, v) => sum + (v ?? starting), 0) + r.buildsMiB);
+  const starting = startingVmMiB(r.vmPrivateMiB);
+  const unmeasured = r.vmPrivateMiB.filter((v) => v === undefined).length * starting;
+  const vmsUse = Math.ceil(r.vmPrivateMiB.reduce<number>((sum, v) => sum + (v ?? starting), 0) + r.vmsMappedFileMiB + r.buildsMiB);
   if (shape.memoryMiB > vmMemoryMiB) {
     return refuse("vmMemoryMiB", vmsUse, vmMemoryMiB, `a VM of ${shape.memoryMiB} MiB could never fit in the ${vmMemoryMiB} MiB all VMs may use`);
   }

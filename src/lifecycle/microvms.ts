@@ -13,7 +13,7 @@ import { checkQuota } from "../store/tenants.ts";
 import { NODE_FAILURE_POLICIES, type ImageRow, type MicroVmRow, type MicroVmUpdate, type NodeFailurePolicy } from "../store/schema.ts";
 import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { newVmId, VM_LIMITS, type Engine, type MicroVm } from "../vmm/engine.ts";
-import { hostMemoryBudget, memAvailableMiB, pssMiB, type HostMemoryBudget } from "../vmm/host-memory.ts";
+import { hostMemoryBudget, memAvailableMiB, privateMemoryMiB, type HostMemoryBudget } from "../vmm/host-memory.ts";
 import { parseEgress, type Egress } from "../vmm/network/policy.ts";
 import type { LifecycleObserver } from "../telemetry/metrics.ts";
 import { decideAdmission, type HostCapacity, type HostUsage } from "./admission.ts";
@@ -71,8 +71,6 @@ export function hostCapacity(overcommit: { vcpu: number; memory: number } = { vc
 
 export type { HostCapacity } from "./admission.ts";
 
-/** How long a QEMU's PSS reading is used for admission before it is read again. */
-const PSS_TTL_MS = 5000;
 
 export interface MicroVmEvent {
   type: string;
@@ -93,8 +91,6 @@ export class MicroVmService {
   private policyTimer: NodeJS.Timeout | undefined;
   /** When each VM's activity was last written (see touch). */
   private readonly lastTouch = new Map<string, number>();
-  /** Recent PSS readings by QEMU pid (readPss). */
-  private readonly pss = new Map<number, { at: number; mib: number }>();
 
   private readonly db: Db;
   private readonly engine: Engine;
@@ -677,7 +673,10 @@ export class MicroVmService {
     }
     // Before RUNNING is recorded: requests waiting on the resume reach an app that has run its /resume hook.
     await this.runHook(row, "resume");
-    const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date().toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "resumed", `resumed (${cause})`);
+    const resumedAt = Date.now();
+    const running = await this.transition(id, tenantId, "RUNNING", { last_activity_at: new Date(resumedAt).toISOString(), suspended_node: null, suspended_object: null, suspended_manifest: null }, "resumed", `resumed (${cause})`);
+    // That write is this second's activity: the request that resumed it (runningVm) writes none of its own (touch).
+    this.lastTouch.set(id, resumedAt);
     // The published suspend is stale once the VM runs again, unless it is the VM's restore point.
     if (row.suspended_object && row.suspended_object !== running.restore_object) void this.removeObject(row.suspended_object);
     return running;
@@ -844,7 +843,7 @@ export class MicroVmService {
     }
   }
 
-  /** What live VMs and builds commit, and, with real limits, what their QEMUs use now (PSS) and the host's MemAvailable. */
+  /** What live VMs and builds commit, and, with real limits, what their QEMUs hold now (private memory) and the host's MemAvailable. */
   private async hostUsage(): Promise<HostUsage> {
     const u = await this.usage();
     if (!this.capacity.real) return { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB };
@@ -852,21 +851,8 @@ export class MicroVmService {
     const pids = new Map(this.engine.list().map((vm) => [vm.id, vm.status === "running" ? vm.record.pid : undefined]));
     // Warm-pool VMs are in the VMs' cgroup too: unanswered, a pool grown by a burst let admission overfill it.
     const vmPids = [...live.filter((r) => holdsHostResources(r.state)).map((r) => pids.get(r.id)), ...this.engine.pooledPids()];
-    const vmPssMiB = await Promise.all(vmPids.map((pid) => this.readPss(pid)));
-    return { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB, real: { memAvailableMiB: await memAvailableMiB(), vmPssMiB, buildsMiB: this.images.buildsInFlight().memoryMiB } };
-  }
-
-  /** A QEMU's PSS, read at most every PSS_TTL_MS per process: reading 200 of them at every create would cost more than the create. */
-  private async readPss(pid: number | undefined): Promise<number | undefined> {
-    if (pid === undefined) return undefined;
-    const now = Date.now();
-    const cached = this.pss.get(pid);
-    if (cached && now - cached.at < PSS_TTL_MS) return cached.mib;
-    const mib = await pssMiB(pid);
-    if (mib === undefined) this.pss.delete(pid);
-    else this.pss.set(pid, { at: now, mib });
-    if (this.pss.size > 4096) for (const [p, c] of this.pss) if (now - c.at >= PSS_TTL_MS) this.pss.delete(p);
-    return mib;
+    const vmPrivateMiB = await Promise.all(vmPids.map((pid) => (pid === undefined ? undefined : privateMemoryMiB(pid))));
+    return { vcpus: u.usedVcpus, memoryMiB: u.usedMemoryMiB, real: { memAvailableMiB: await memAvailableMiB(), vmPrivateMiB, vmsMappedFileMiB: await this.engine.vmsMappedFileMiB(), buildsMiB: this.images.buildsInFlight().memoryMiB } };
   }
 
   /** Idle suspend, termination after a long suspension and max runtime, checked once per interval. */

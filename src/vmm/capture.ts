@@ -4,6 +4,7 @@ import { ApiError, InvalidVmStateError } from "../errors.ts";
 import { fsyncFile, writeFileAtomic } from "../util/files.ts";
 import { run } from "../util/process.ts";
 import type { StateLayout } from "./migration.ts";
+import { qemuInstall } from "./qemu.ts";
 import type { PhaseClock } from "./phases.ts";
 import { qemuBuild, SNAPSHOT_FORMAT, snapshotDisk, snapshotFiles, type Snapshot, type SnapshotManifest } from "./snapshot.ts";
 import { vmFiles, type MicroVm, type VmRecord } from "./vm.ts";
@@ -136,6 +137,24 @@ export async function prepareCapture(dir: string, state: CaptureState): Promise<
   for (const file of [snapshotFiles(dir).disk, state.path]) await writeFile(file, "", { mode: 0o600, flag: "wx" });
 }
 
+/** A fork child's link of the capture's disk, in its directory beside its own disk. */
+const CHILD_NEAREST_LAYER = "layer-0.qcow2";
+
+/**
+ * The overlay every child of a fork copies as its disk, made once into the
+ * capture's directory `dir`. Its backing is named relative to it (the
+ * child's link of the capture's disk beside it: `forkLayers`), so one file
+ * serves every child, where a `qemu-img` per child cost the server a fork of
+ * its whole process each (~10 ms of its CPU, ten at once in a fork of ten).
+ * -u: nothing is opened (the capture's disk is still empty); a chain is the
+ * record's, never a header's.
+ */
+export async function makeChildOverlay(dir: string, diskBytes: number): Promise<string> {
+  const overlay = join(dir, "child-disk.qcow2");
+  await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", CHILD_NEAREST_LAYER, "-F", "qcow2", overlay, String(diskBytes)]);
+  return overlay;
+}
+
 /**
  * A fork child's own links of the layers of its parent's capture into `dir`
  * (`prepareCapture`), nearest first: the capture's disk, which the capture
@@ -143,7 +162,7 @@ export async function prepareCapture(dir: string, state: CaptureState): Promise<
  * the parent's older layers, read-only already.
  */
 export async function forkLayers(dir: string, parent: VmRecord, vmDir: string): Promise<string[]> {
-  const layers = [join(vmDir, "layer-0.qcow2")];
+  const layers = [join(vmDir, CHILD_NEAREST_LAYER)];
   await link(snapshotFiles(dir).disk, layers[0]!);
   for (const [i, layer] of (parent.diskLayers ?? []).entries()) {
     layers.push(join(vmDir, `layer-${i + 1}.qcow2`));

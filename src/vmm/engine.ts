@@ -1,6 +1,6 @@
 import { EventEmitter } from "node:events";
 import { constants, readdirSync } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, truncate } from "node:fs/promises";
+import { copyFile, mkdir, open, readdir, readFile, rename, rm, stat, statfs, truncate } from "node:fs/promises";
 import { cpus } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
@@ -9,7 +9,7 @@ import { KeyedMutex } from "../util/keyed-mutex.ts";
 import { isAlive, processArgv, run } from "../util/process.ts";
 import { decideAdoption } from "./adoption.ts";
 import { AgentClient } from "./agent-client.ts";
-import { assertCapturable, captureVm, forkLayers, linkOrCopy, prepareCapture, writeCaptureManifest, type CaptureState, type VmCapture } from "./capture.ts";
+import { assertCapturable, captureVm, forkLayers, linkOrCopy, makeChildOverlay, prepareCapture, writeCaptureManifest, type CaptureState, type VmCapture } from "./capture.ts";
 import { allocateForwards, HostSide } from "./host.ts";
 import type { JailConfig } from "./jail/index.ts";
 import { Machine } from "./machine.ts";
@@ -142,6 +142,15 @@ export class Engine extends EventEmitter {
   /** The warm pool's and the pre-started QEMU pids (undefined for one under way): they hold host memory though no one has them yet. */
   pooledPids(): (number | undefined)[] {
     return [...this.warm.pids(), ...this.prestarted.pids()];
+  }
+
+  /**
+   * The file pages VMs map (snapshots' memory files, QEMU's libraries),
+   * counted once: their QEMUs share them, so per-process private memory
+   * leaves them out. 0 when QEMU runs unjailed (no parent cgroup to read).
+   */
+  vmsMappedFileMiB(): Promise<number> {
+    return this.jailer?.vmsMappedFileMiB() ?? Promise.resolve(0);
   }
 
   /** Reads a snapshot this host can restore (SnapshotIncompatibleError otherwise). */
@@ -450,10 +459,13 @@ export class Engine extends EventEmitter {
     const dir = join(this.vmsDir, `.fork-${tag}`);
     const total = new PhaseClock();
     const state = await this.forkState(parent, dir, tag);
+    // Made beside the capture; awaited by every child (each fails with its error) and before the directory goes.
+    const childDisk = makeChildOverlay(dir, parent.record.diskBytes);
+    childDisk.catch(() => undefined);
     const captureClock = new PhaseClock();
     const capturing = this.withVm(id, (vm) => captureVm(vm, dir, { durable: false, clock: captureClock, state }));
     // Each child fails on its own (with the capture's error if it failed); awaited below either way.
-    const children = Promise.all(childIds.map((childId) => this.forkChild(parent.record, dir, state, capturing, childId).catch((err: Error) => err)));
+    const children = Promise.all(childIds.map((childId) => this.forkChild(parent.record, dir, state, childDisk, capturing, childId).catch((err: Error) => err)));
     try {
       const capture = await capturing;
       this.emit("phases", "capture", captureClock.phases);
@@ -464,6 +476,7 @@ export class Engine extends EventEmitter {
     } finally {
       // A failed capture's children are ended before its files go.
       await children;
+      await childDisk.catch(() => undefined);
       await rm(dir, { recursive: true, force: true });
       await rm(state.path, { force: true });
       total.mark("cleanup");
@@ -508,7 +521,7 @@ export class Engine extends EventEmitter {
    * started at once, its disk's chain bound and the capture restored into
    * anonymous memory (as a resume) once `capturing` ends.
    */
-  private async forkChild(parent: VmRecord, dir: string, state: CaptureState, capturing: Promise<VmCapture>, id: string): Promise<MicroVm> {
+  private async forkChild(parent: VmRecord, dir: string, state: CaptureState, childDisk: Promise<string>, capturing: Promise<VmCapture>, id: string): Promise<MicroVm> {
     const clock = new PhaseClock();
     const vm = await this.newVm(
       id,
@@ -528,8 +541,7 @@ export class Engine extends EventEmitter {
         await this.saveRecord(vm);
         clock.mark("layers");
         const disk = vmFiles(vm.dir).disk;
-        // -u: the layer is not opened (it is still empty); the chain is the record's.
-        await run(qemuInstall().img, ["create", "-q", "-f", "qcow2", "-u", "-b", layers[0]!, "-F", "qcow2", disk, String(parent.diskBytes)]);
+        await copyFile(await childDisk, disk);
         await this.host.prepareFiles(vm.record.uid, [disk]);
         clock.mark("overlay");
         const forwards = [{ hostPort: vm.record.agentPort, guestPort: AGENT_PORT }, ...vm.record.forwards];

@@ -6,7 +6,6 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Jail } from "./jail/index.ts";
 import type { StateLayout } from "./migration.ts";
-import type { NetBackend } from "./network/index.ts";
 import { QmpClient } from "./qmp.ts";
 
 export type Accelerator = "kvm" | "tcg";
@@ -20,6 +19,9 @@ export interface PortForward {
   hostPort: number;
   guestPort: number;
 }
+
+/** How QEMU attaches `net0`: user-mode (no egress; hostfwd) or a passt socket. */
+export type NetBackend = { kind: "user" } | { kind: "passt"; socket: string };
 
 /** A user-mode netdev's rule forwarding host loopback to the guest: `hostfwd=` at start, `hostfwd_add` later (`Machine.addForwards`). */
 export const hostfwdRule = (f: PortForward) => `tcp:127.0.0.1:${f.hostPort}-${GUEST_NET.ip}:${f.guestPort}`;

@@ -1,7 +1,8 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, inject } from "vitest";
-import { buildApi, type Api, type ApiDeps } from "../../src/api/server.ts";
+import type { Api } from "../../src/api/fastify.ts";
+import { buildApi, type ApiDeps } from "../../src/api/server.ts";
 import { ImageCatalog } from "../../src/images/catalog.ts";
 import { ImageService, type ImageServiceOpts } from "../../src/images/service.ts";
 import { MicroVmService, type HostCapacity } from "../../src/lifecycle/microvms.ts";

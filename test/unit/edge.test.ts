@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { redactUrl } from "../../src/api/server.ts";
+import { redactUrl } from "../../src/api/fastify.ts";
 import { TerminalTickets } from "../../src/api/tickets.ts";
 import { AccessTokens } from "../../src/router/access-tokens.ts";
 import { endpointHostPattern, splitToken } from "../../src/router/endpoint.ts";

@@ -89,6 +89,7 @@ describe("stuckAtCap (the VMs' memory guard)", () => {
     limitHits: o.hits ?? s * 100,
     stallUs: (o.stalledMs ?? s * 800) * 1000,
     fileBytes: (o.fileMiB ?? 60) * MiB,
+    mappedFileBytes: 0,
   });
   const series = (f: (s: number) => ReturnType<typeof reading>) => Array.from({ length: GUARD_READINGS }, (_, s) => f(s));
 

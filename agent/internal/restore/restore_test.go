@@ -3,6 +3,8 @@ package restore
 import (
 	"os"
 	"path/filepath"
+	"regexp"
+	"syscall"
 	"testing"
 )
 
@@ -30,15 +32,30 @@ func TestRewriteMachineID(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "absent")); !os.IsNotExist(err) {
 		t.Fatal("created a machine-id that did not exist")
 	}
-	p := filepath.Join(dir, "machine-id")
-	os.WriteFile(p, []byte("x\n"), 0o444)
-	if err := RewriteMachineID(p); err != nil {
+	// Shorter than an id, an id, and longer (an image's own): each ends as one new id, in place.
+	for _, before := range []string{"x\n", "0123456789abcdef0123456789abcdef\n", "0123456789abcdef0123456789abcdef\ntrailing junk\n"} {
+		p := filepath.Join(dir, "machine-id")
+		os.Remove(p)
+		os.WriteFile(p, []byte(before), 0o444)
+		was, _ := os.Stat(p)
+		if err := RewriteMachineID(p); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(p)
+		fi, _ := os.Stat(p)
+		if !regexp.MustCompile(`^[0-9a-f]{32}\n$`).Match(b) || string(b) == before || fi.Mode().Perm() != 0o444 || !os.SameFile(was, fi) {
+			t.Fatalf("from %q: %q %v (same inode: %v)", before, b, fi.Mode(), os.SameFile(was, fi))
+		}
+	}
+}
+
+func TestRewriteMachineIDRefusesAFIFOWithoutHanging(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "machine-id")
+	if err := syscall.Mkfifo(p, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	b, _ := os.ReadFile(p)
-	fi, _ := os.Stat(p)
-	if len(b) != 33 || b[32] != '\n' || fi.Mode().Perm() != 0o444 {
-		t.Fatalf("%q %v", b, fi.Mode())
+	if err := RewriteMachineID(p); err == nil {
+		t.Fatal("wrote a machine-id into a FIFO")
 	}
 }
 

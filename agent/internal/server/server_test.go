@@ -167,13 +167,17 @@ func TestExecStartErrors(t *testing.T) {
 func TestExecKillAndDisconnect(t *testing.T) {
 	h := newHarness(t)
 
-	// Kill through the API.
-	j, _ := json.Marshal(map[string]interface{}{"shell": "sleep 30"})
+	// Kill through the API. The start and the output of a running exec reach
+	// the client while it runs (buffered for at most process.FlushDelay).
+	j, _ := json.Marshal(map[string]interface{}{"shell": "echo first; sleep 30"})
 	resp := h.req("POST", "/exec", bytes.NewReader(j), testToken)
 	dec := json.NewDecoder(resp.Body)
-	var started event
+	var started, first event
 	if err := dec.Decode(&started); err != nil || started.Type != "started" {
 		t.Fatalf("started: %+v %v", started, err)
+	}
+	if err := dec.Decode(&first); err != nil || first.Type != "stdout" || string(first.Data) != "first\n" {
+		t.Fatalf("first output: %+v %v", first, err)
 	}
 	if st := h.do("POST", "/exec/"+itoa(started.Pid)+"/kill", map[string]string{"signal": "SIGTERM"}, nil); st != 200 {
 		t.Fatalf("kill: %d", st)

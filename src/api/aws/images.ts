@@ -6,7 +6,7 @@ import type { ImageState } from "../../images/states.ts";
 import type { ImageRow } from "../../store/schema.ts";
 import { listTags } from "../../store/tags.ts";
 import { grants } from "../auth.ts";
-import type { AwsApiDeps, AwsScope } from "./index.ts";
+import type { AwsApiDeps, AwsScope } from "./scope.ts";
 import { epochSeconds, imageArn, MANAGED_ACCOUNT, managedImageArn, PAGE, paginate, parseArn, parseVersion, resourceName } from "./protocol.ts";
 import { CodeArtifact, EnvironmentVariables, Hooks, Logging, Tags } from "./shapes.ts";
 

@@ -1,39 +1,13 @@
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
-import type { FastifyBaseLogger, FastifyError, FastifyInstance, RawReplyDefaultExpression, RawRequestDefaultExpression, RawServerDefault } from "fastify";
+import type { FastifyError } from "fastify";
 import { ApiError } from "../../errors.ts";
-import type { ImageService } from "../../images/service.ts";
-import type { MicroVmService } from "../../lifecycle/microvms.ts";
-import type { AccessTokens } from "../../router/access-tokens.ts";
-import type { NodeChannel } from "../../router/node-channel.ts";
-import type { Db } from "../../store/db.ts";
-import type { ServerSecrets } from "../../store/secrets.ts";
-import { grants } from "../auth.ts";
-import type { Api } from "../server.ts";
+import { BODY_LIMIT_BYTES, type Api } from "../fastify.ts";
 import { AwsError, toAwsError } from "./errors.ts";
 import { registerImageOperations } from "./images.ts";
 import { registerMicroVmOperations } from "./microvms.ts";
+import { requirePermission, type AwsApiDeps } from "./scope.ts";
 import { verifySigV4, type AwsCaller } from "./sigv4.ts";
 import { registerTagOperations } from "./tags.ts";
-
-export interface AwsApiDeps {
-  db: Db;
-  secrets: ServerSecrets;
-  microvms: MicroVmService;
-  /** Without it (no image builds), the image operations answer for managed images only. */
-  images?: ImageService;
-  accessTokens: AccessTokens;
-  shellTokens: AccessTokens;
-  /** The VM's endpoint URL (`http://{id}.{domain}:{port}/`). */
-  endpointUrl: (id: string) => string;
-  /** Cluster: RunMicrovm this node has no room for is offered to its peers over it. */
-  nodeChannel?: NodeChannel;
-}
-
-/** A Fastify scope of the AWS door, with the typed schemas of TypeBox. */
-export type AwsScope = FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawReplyDefaultExpression, FastifyBaseLogger, TypeBoxTypeProvider>;
-
-/** The largest JSON body an operation takes (CreateMicrovmImage with its environment and tags). */
-const BODY_LIMIT_BYTES = 1024 * 1024;
 
 /**
  * The AWS Lambda MicroVMs API (`lambda-microvms-2025-09-09`, REST-JSON,
@@ -91,18 +65,3 @@ export async function registerAwsApi(app: Api, deps: AwsApiDeps): Promise<void> 
   }
 }
 
-/** The key's permissions apply exactly as on `/v1` (api/auth.ts `grants`). */
-export function requirePermission(caller: AwsCaller, permission: string): void {
-  if (!grants(caller.permissions, permission)) throw new ApiError("Forbidden", `this key lacks the ${permission} permission`, { permission });
-}
-
-declare module "fastify" {
-  interface FastifyRequest {
-    /** The SigV4 signer of a request to the AWS door. */
-    aws: AwsCaller;
-  }
-  interface FastifyContextConfig {
-    /** Permission an AWS operation needs, checked once its signature is. */
-    awsPermission?: string;
-  }
-}

@@ -6,7 +6,7 @@ import { grantAccessToken, grantShellToken, type PortSpec } from "../../router/a
 import { NodeChannel } from "../../router/node-channel.ts";
 import type { MicroVmRow } from "../../store/schema.ts";
 import { INTERNET_CONNECTOR } from "../../lifecycle/connectors.ts";
-import type { AwsApiDeps, AwsScope } from "./index.ts";
+import type { AwsApiDeps, AwsScope } from "./scope.ts";
 import { awsMicroVmState, decodePageToken, encodePageToken, epochSeconds, imageArn, managedImageArn, PAGE, parseVersion, resourceName } from "./protocol.ts";
 import { Logging } from "./shapes.ts";
 

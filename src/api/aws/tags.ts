@@ -1,7 +1,7 @@
 import { Type } from "@fastify/type-provider-typebox";
 import { ApiError } from "../../errors.ts";
 import { listTags, tagResource, untagResource, type TaggedResource } from "../../store/tags.ts";
-import { requirePermission, type AwsApiDeps, type AwsScope } from "./index.ts";
+import { requirePermission, type AwsApiDeps, type AwsScope } from "./scope.ts";
 import type { AwsCaller } from "./sigv4.ts";
 import { accountOf, parseArn } from "./protocol.ts";
 import { Tags } from "./shapes.ts";

@@ -3,7 +3,7 @@ import { ApiError } from "../../errors.ts";
 import { listNodes, setNodeDraining } from "../../lifecycle/cluster.ts";
 import type { Db } from "../../store/db.ts";
 import type { NodeRow } from "../../store/schema.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 
 const NodeParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 63, description: "node id (COCOON_NODE_ID)" }) });
 

@@ -1,7 +1,7 @@
 import { Type } from "@fastify/type-provider-typebox";
 import type { NetworkConnectors } from "../../lifecycle/connectors.ts";
 import { ref } from "../schemas.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 
 /**
  * Named egress connectors (admin): allow lists an operator defines once and

@@ -3,7 +3,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { endpointHostPattern } from "../../router/endpoint.ts";
 import { REPO_ROOT } from "../../util/repo-root.ts";
-import { errorBody, type Api } from "../server.ts";
+import { errorBody, type Api } from "../fastify.ts";
 
 /** The web console's build output (packages/console, built by scripts/setup.sh). */
 export const CONSOLE_DIST = join(REPO_ROOT, "packages/console/dist");

@@ -14,7 +14,7 @@ import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/ta
 import { findLiveKey } from "../../store/tenants.ts";
 import { grants } from "../auth.ts";
 import { nonJson, ref, type ImageView } from "../schemas.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 import { registerRegistryRoutes } from "./registries.ts";
 
 const BuildArgs = Type.Record(Type.String({ pattern: "^[A-Za-z_][A-Za-z0-9_]*$", maxLength: 256 }), Type.String({ maxLength: 32768 }), { maxProperties: 128 });

@@ -6,7 +6,7 @@ import type { Tenant } from "../../store/schema.ts";
 import type { ServerSecrets } from "../../store/secrets.ts";
 import { createApiKey, createTenant, findTenant, listKeys, listTenants, QUOTA_LIMITS, revokeKey, tenantSettings, updateTenantSettings } from "../../store/tenants.ts";
 import { ref } from "../schemas.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 
 const PERMISSION = Type.String({
   pattern: "^(admin:\\*|image:(\\*|create|read|delete)|volume:(\\*|create|read|delete)|microvm:(\\*|create|read|exec|endpoint|suspend|resume|terminate))$",

@@ -15,7 +15,7 @@ import { listTags, TAG_LIMITS, tagResource, untagResource } from "../../store/ta
 import { drained } from "../../util/streams.ts";
 import { nonJson, ref, type MicroVmView } from "../schemas.ts";
 import type { OutputBudget } from "../output-budget.ts";
-import { errorBody, type Api } from "../server.ts";
+import { errorBody, type Api } from "../fastify.ts";
 import { imageView } from "./images.ts";
 
 /** The largest upload (`PUT …/files`), streamed to the guest; JSON and text bodies keep the 1 MiB limit. */

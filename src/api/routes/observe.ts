@@ -2,7 +2,7 @@ import { Type } from "@fastify/type-provider-typebox";
 import type { GuestService } from "../../lifecycle/guest.ts";
 import type { ServerMetrics } from "../../telemetry/metrics.ts";
 import { nonJson, ref } from "../schemas.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 
 const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 64 }) });
 

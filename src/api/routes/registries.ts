@@ -1,7 +1,7 @@
 import { Type } from "@fastify/type-provider-typebox";
 import type { RegistryCredentials } from "../../images/registry/credentials.ts";
 import { ref } from "../schemas.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 
 const HostParams = Type.Object({ host: Type.String({ minLength: 1, maxLength: 255, description: "registry host[:port], e.g. ghcr.io, docker.io, registry.example.com:5000" }) });
 

@@ -6,7 +6,7 @@ import type { MicroVmService } from "../../lifecycle/microvms.ts";
 import type { AccessTokens } from "../../router/access-tokens.ts";
 import { BoundedSender, closeWebSocket } from "../../router/websocket.ts";
 import { ref } from "../schemas.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 import type { TerminalTickets } from "../tickets.ts";
 
 const IdParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 64 }) });

@@ -1,7 +1,7 @@
 import { Type } from "@fastify/type-provider-typebox";
 import { VOLUME_LIMITS, type VolumeService, type VolumeState } from "../../lifecycle/volumes.ts";
 import { ref, type VolumeView } from "../schemas.ts";
-import type { Api } from "../server.ts";
+import type { Api } from "../fastify.ts";
 
 const IdOrName = Type.Object({ volume: Type.String({ minLength: 1, maxLength: 64, description: "volume id or name" }) });
 

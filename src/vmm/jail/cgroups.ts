@@ -54,6 +54,8 @@ export interface ParentMemoryReading {
   stallUs: number;
   /** Page cache charged to the VMs (v2 memory.stat file, v1 total_cache): what reclaim can free without killing. */
   fileBytes: number;
+  /** Of it, the pages QEMUs map (v2 file_mapped, v1 total_mapped_file): snapshots' memory files and the like, shared among VMs. */
+  mappedFileBytes: number;
 }
 
 /** Readings the guard needs in a row (one a second) before it acts. */
@@ -244,6 +246,7 @@ export class Cgroups {
           limitHits: Number(/^max (\d+)/m.exec(events)?.[1] ?? 0),
           stallUs: await stallUs(join(dir, "memory.pressure"), "full"),
           fileBytes: await stat("file"),
+          mappedFileBytes: await stat("file_mapped"),
         };
       }
       return {
@@ -253,6 +256,7 @@ export class Cgroups {
         limitHits: await num("memory.failcnt"),
         stallUs: await stallUs("/proc/pressure/memory", "some"),
         fileBytes: await stat("total_cache"),
+        mappedFileBytes: await stat("total_mapped_file"),
       };
     } catch {
       return undefined;

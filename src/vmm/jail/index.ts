@@ -184,6 +184,11 @@ export class Jailer {
     }, 1000).unref();
   }
 
+  /** The file pages all VMs' QEMUs map, charged to their parent cgroup, in MiB (0 without a reading). */
+  async vmsMappedFileMiB(): Promise<number> {
+    return ((await this.cgroups.readParentMemory())?.mappedFileBytes ?? 0) / 2 ** 20;
+  }
+
   /** Stops watching the VMs' memory cap. */
   close(): void {
     clearInterval(this.memoryGuard);

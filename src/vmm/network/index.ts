@@ -1,4 +1,4 @@
-import type { PortForward } from "../qemu.ts";
+import type { NetBackend, PortForward } from "../qemu.ts";
 import { DnsBudget, DnsFilter, DNS_LIMITS } from "./dns.ts";
 import { ensureTable, hostNets, installVm, refreshHostNets, removeVm, ResolvedSet, TABLE } from "./nft.ts";
 import { passtPaths, startPasst, stopPasst } from "./passt.ts";
@@ -12,9 +12,6 @@ export interface VmNetworkRecord {
   /** uid of the VM's passt (egress other than "none"): the VM's own uid, which its QEMU runs as too. */
   uid?: number;
 }
-
-/** How QEMU attaches `net0`: user-mode (no egress; hostfwd) or a passt socket. */
-export type NetBackend = { kind: "user" } | { kind: "passt"; socket: string };
 
 /**
  * Per-VM networking on the host (see docs/networking.md):
