@@ -98,6 +98,8 @@ async function main(): Promise<void> {
       const [res, ms] = await forkCpu("fork10", () => api("POST", `/v1/microvms/${id}/fork`, { count: 10 }));
       fork10.push(ms);
       record("fork10", ms);
+      const row = breakdown.fork10!.at(-1)!;
+      log(`fork ×10 call ${i + 1}: ${Math.round(ms)} ms; slowest child: spawn ${row["slowest child.spawn"]}, restore ${row["slowest child.restore"]}, re-key ${row["slowest child.re-key"]} ms; children's CPU ${cpu.fork10!.at(-1)!["children QEMU (sum)"]} ms`);
       for (const c of res.microVms) await api("DELETE", `/v1/microvms/${c.microVmId}`);
     }
     const forkPause = (await pauses(id)).slice(freshPause.length);
@@ -117,6 +119,8 @@ async function main(): Promise<void> {
       fork10Ms: summarize(fork10),
       breakdown: Object.fromEntries(Object.entries(breakdown).map(([k, rows]) => [k, phaseSummary(rows)])),
       cpuMs: Object.fromEntries(Object.entries(cpu).map(([k, rows]) => [k, phaseSummary(rows)])),
+      /** Every call's own figures, in order: a p50 of five hides how they spread. */
+      calls: { breakdown, cpu },
     };
     const md = [
       `# Snapshot and fork benchmark (${new Date().toISOString()})`,
