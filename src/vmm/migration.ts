@@ -93,7 +93,7 @@ const BACKSTOP_POLL_MS = 50;
  * QEMU's MIGRATION event (the `events` capability, set with every
  * migration's capabilities) wakes the wait at each change of state.
  */
-async function waitForMigration(qmp: QmpClient, pollMs: number, timeoutMs: number, until = "completed"): Promise<void> {
+async function waitForMigration(qmp: QmpClient, timeoutMs: number, until = "completed"): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let changed: boolean;
   let wake = () => undefined as void;
@@ -114,7 +114,7 @@ async function waitForMigration(qmp: QmpClient, pollMs: number, timeoutMs: numbe
       if (Date.now() > deadline) throw new Error(`migration did not reach ${until} within ${timeoutMs} ms`);
       // An event that came with the answer above has set `changed` already.
       if (!changed) await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, pollMs);
+        const timer = setTimeout(resolve, BACKSTOP_POLL_MS);
         wake = () => {
           clearTimeout(timer);
           resolve();
@@ -146,7 +146,7 @@ async function switchOver(qmp: QmpClient, live: LiveSave, timeoutMs: number): Pr
   }, LIVE_CONVERGE_MS);
   try {
     // The vCPUs are stopped from the moment the state changes until `migrate-continue`: its event ends the wait at once.
-    await waitForMigration(qmp, BACKSTOP_POLL_MS, timeoutMs, "pre-switchover");
+    await waitForMigration(qmp, timeoutMs, "pre-switchover");
   } finally {
     clearTimeout(converge);
   }
@@ -241,7 +241,7 @@ async function migrate(qmp: QmpClient, uri: string, layout: StateLayout, opts: {
       throw err;
     });
   }
-  await waitForMigration(qmp, BACKSTOP_POLL_MS, timeoutMs);
+  await waitForMigration(qmp, timeoutMs);
 }
 
 /**
@@ -254,7 +254,7 @@ export async function restoreState(qmp: QmpClient, source: { uri: string; fdset?
   await setCapabilities(qmp, layout);
   await qmp.execute("migrate-incoming", { uri: source.uri });
   // `cont` before `completed` leaves the guest's network dead (docs/architecture.md).
-  await waitForMigration(qmp, BACKSTOP_POLL_MS, timeoutMs);
+  await waitForMigration(qmp, timeoutMs);
   if (layout === "mapped-ram") await endMappedRam(qmp);
   if (source.fdset !== undefined) await qmp.execute("remove-fd", { "fdset-id": source.fdset });
 }
