@@ -235,8 +235,10 @@ export class Cgroups {
     const dir = join(this.layout.mounts.memory, this.parent);
     const num = async (file: string) => Number((await readFile(join(dir, file), "utf8")).trim());
     const stallUs = async (file: string, kind: "some" | "full") => Number(new RegExp(`^${kind} .*total=(\\d+)`, "m").exec(await readFile(file, "utf8"))?.[1] ?? 0);
-    const stat = async (key: string) => Number(new RegExp(`^${key} (\\d+)`, "m").exec(await readFile(join(dir, "memory.stat"), "utf8"))?.[1] ?? 0);
     try {
+      // Read once for every field this reading takes from it.
+      const memoryStat = await readFile(join(dir, "memory.stat"), "utf8");
+      const stat = (key: string) => Number(new RegExp(`^${key} (\\d+)`, "m").exec(memoryStat)?.[1] ?? 0);
       if (this.layout.version === 2) {
         const events = await readFile(join(dir, "memory.events"), "utf8");
         return {
@@ -245,8 +247,8 @@ export class Cgroups {
           limitBytes: await num("memory.max"),
           limitHits: Number(/^max (\d+)/m.exec(events)?.[1] ?? 0),
           stallUs: await stallUs(join(dir, "memory.pressure"), "full"),
-          fileBytes: await stat("file"),
-          mappedFileBytes: await stat("file_mapped"),
+          fileBytes: stat("file"),
+          mappedFileBytes: stat("file_mapped"),
         };
       }
       return {
@@ -255,8 +257,8 @@ export class Cgroups {
         limitBytes: await num("memory.limit_in_bytes"),
         limitHits: await num("memory.failcnt"),
         stallUs: await stallUs("/proc/pressure/memory", "some"),
-        fileBytes: await stat("total_cache"),
-        mappedFileBytes: await stat("total_mapped_file"),
+        fileBytes: stat("total_cache"),
+        mappedFileBytes: stat("total_mapped_file"),
       };
     } catch {
       return undefined;
