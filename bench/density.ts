@@ -48,7 +48,7 @@ async function cpuSecondsByThread(pid: number): Promise<{ main: number; other: n
 /**
  * Where a QEMU's PSS lies, in MiB: guest RAM (the snapshot's memory file,
  * mapped copy-on-write), TCG's translated-code cache (the one anonymous
- * mapping that is writable and executable: src/vmm/qemu.ts's tcgCodeCacheMiB)
+ * mapping that is writable and executable: src/vmm/qemu.ts's TCG_CODE_CACHE_MIB)
  * and the rest (QEMU's heap, TCG's TLBs, libraries, device buffers).
  */
 async function pssBreakdownMiB(pid: number): Promise<{ guestRam: number; codeCache: number; rest: number }> {

@@ -89,7 +89,6 @@ const runningFenceOrNone = (dataDir: string) => {
   }
 };
 
-
 /** The server's side: starts or finds the node's fence and writes its deadlines (ClusterNode's LeaseGuard). */
 export class LeaseFence {
   private readonly dataDir: string;

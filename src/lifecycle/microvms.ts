@@ -71,7 +71,6 @@ export function hostCapacity(overcommit: { vcpu: number; memory: number } = { vc
 
 export type { HostCapacity } from "./admission.ts";
 
-
 export interface MicroVmEvent {
   type: string;
   message: string;

@@ -155,9 +155,9 @@ export class AgentClient {
   /**
    * Makes a restored guest unique and current: fresh kernel entropy, wall
    * clock stepped to now, its hostname, and a new secret (the old one, shared
-   * with every clone of the snapshot, stops working).
+   * with every clone of the snapshot, stops working). A resume
+   * (`sameMachine`) keeps its machine-id; a launch or fork child gets a new one.
    */
-  /** Re-keys the guest after a restore; `sameMachine` (a resume) keeps its machine-id, a launch or fork gets a new one. */
   async restore(opts: { newToken: string; hostname: string; sameMachine?: boolean }): Promise<void> {
     const oldToken = this.token;
     for (let attempt = 1; ; attempt++) {

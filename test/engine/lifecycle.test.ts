@@ -20,7 +20,6 @@ async function readCounter(vm: Awaited<ReturnType<Engine["launch"]>>, pid: strin
   return Number((await vm.agent.exec({ command: ["cat", "/tmp/count"] })).stdout);
 }
 
-/** Live processes whose command line mentions `dir` (a VM's QEMU names its files there). */
 /**
  * Runs `script` (an engine over `config` on the base snapshot) as a server
  * of its own, waits for the first JSON line it prints, then kills it with
@@ -39,6 +38,7 @@ async function serverKilledAfter<T>(script: string, config: object): Promise<T> 
   return said;
 }
 
+/** Live processes whose command line mentions `dir` (a VM's QEMU names its files there). */
 function qemuProcessesOf(dir: string): number[] {
   return readdirSync("/proc")
     .filter((n) => /^\d+$/.test(n))
